@@ -1,0 +1,155 @@
+"""The registry of backbones: constructor, default size and feature layer, where their ImageNet
+weights come from, their preprocessing; and the frozen feature extractor built from an entry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.errors import PipelineError
+from pipeline.precision import dtype_policy
+from pipeline.weights import KerasWeightsFile, ResolvedWeights, load_weights
+
+POOLINGS = ("none", "avg", "max")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    constructor: Callable[..., keras.Model]
+    default_image_size: int
+    default_layers: tuple[str, ...]
+    pretrained_default: str  # the source `--weights imagenet` means: "torchvision" or "keras"
+    keras_weights: KerasWeightsFile | None
+    min_image_size: int = 32
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg16": BackboneSpec(
+        name="vgg16",
+        constructor=keras.applications.VGG16,
+        default_image_size=150,  # 150x150 gives the classic 4x4x512 bottleneck
+        default_layers=("block5_pool",),
+        pretrained_default="torchvision",
+        keras_weights=KerasWeightsFile(
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "6d6bbae143d832006294945121d1f1fc",
+        ),
+    ),
+    "resnet50": BackboneSpec(
+        name="resnet50",
+        constructor=keras.applications.ResNet50,
+        default_image_size=224,
+        default_layers=("conv5_block3_out",),
+        pretrained_default="keras",
+        keras_weights=KerasWeightsFile(
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "4d473c1dd8becc155b73f8504c6f6626",
+        ),
+    ),
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise PipelineError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") from None
+
+
+# --- preprocessing: belongs to the weights, never to the caller ----------------------------------
+
+_TORCH_MEAN = tf.constant([0.485, 0.456, 0.406], tf.float32)
+_TORCH_STD = tf.constant([0.229, 0.224, 0.225], tf.float32)
+_CAFFE_BGR_MEAN = tf.constant([103.939, 116.779, 123.68], tf.float32)
+
+
+def _torch_preprocessing(images: tf.Tensor) -> tf.Tensor:
+    return (images / 255.0 - _TORCH_MEAN) / _TORCH_STD
+
+
+def _caffe_preprocessing(images: tf.Tensor) -> tf.Tensor:
+    return images[..., ::-1] - _CAFFE_BGR_MEAN
+
+
+PREPROCESSING: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "torch": _torch_preprocessing,  # RGB, /255, ImageNet mean and std (torchvision weights)
+    "caffe": _caffe_preprocessing,  # BGR, minus the ImageNet mean in 0..255 (Keras' own weights)
+}
+
+
+def preprocess(images: tf.Tensor, mode: str) -> tf.Tensor:
+    """RGB float32 images in 0..255 -> the input the weights were trained on."""
+    return PREPROCESSING[mode](tf.cast(images, tf.float32))
+
+
+# --- the frozen feature extractor ----------------------------------------------------------------
+
+
+def build_backbone(spec: BackboneSpec, image_size: int, precision: str, weights: ResolvedWeights) -> keras.Model:
+    """The convolutional base (no top) with its weights, frozen, under the precision's policy."""
+    if image_size < spec.min_image_size:
+        raise PipelineError(f"{spec.name} needs images of at least {spec.min_image_size} pixels, not {image_size}")
+    with dtype_policy(precision):
+        model = spec.constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    load_weights(model, weights)
+    model.trainable = False
+    return model
+
+
+class FeatureExtractor:
+    """A frozen backbone that maps preprocessed image batches to float32 features per layer.
+
+    The backbone is always called with training=False, so BatchNormalization uses its moving
+    statistics and never updates them. `batches` and `images` count the forward passes made.
+    """
+
+    def __init__(self, backbone: keras.Model, layers: Sequence[str], pooling: str) -> None:
+        if pooling not in POOLINGS:
+            raise PipelineError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        known = [layer.name for layer in backbone.layers]
+        missing = [name for name in layers if name not in known]
+        if missing:
+            outputs = [n for n in known if n.endswith(("_pool", "_out", "_conv3", "_conv2", "_conv1"))]
+            raise PipelineError(
+                f"{backbone.name} has no layer {', '.join(missing)}; layers with features include "
+                f"{', '.join(outputs[-12:])}"
+            )
+        self.layers = tuple(layers)
+        self.pooling = pooling
+        self.model = keras.Model(backbone.input, {name: backbone.get_layer(name).output for name in layers})
+        self.batches = 0
+        self.images = 0
+        self._forward = tf.function(self._features, reduce_retracing=True)
+
+    def _features(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        maps = self.model(images, training=False)
+        features = {}
+        for name in self.layers:
+            values = tf.cast(maps[name], tf.float32)
+            if self.pooling == "avg":
+                values = tf.reduce_mean(values, axis=(1, 2))
+            elif self.pooling == "max":
+                values = tf.reduce_max(values, axis=(1, 2))
+            features[name] = values
+        return features
+
+    def __call__(self, images: tf.Tensor) -> dict[str, np.ndarray]:
+        self.batches += 1
+        self.images += int(images.shape[0])
+        return {name: value.numpy() for name, value in self._forward(images).items()}
+
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for name in self.layers:
+            shape = tuple(self.model.output[name].shape[1:])
+            shapes[name] = shape if self.pooling == "none" else shape[-1:]
+        return shapes

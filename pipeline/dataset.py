@@ -1,0 +1,196 @@
+"""Scan an image folder into records (path, label, split, content hash) with stable stratified
+splits, and decode images for tf.data."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tensorflow as tf
+
+from pipeline.errors import PipelineError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
+SPLITS = ("train", "validation", "test")
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+RESIZE_METHOD = "bilinear-antialias"  # part of the fingerprint
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str  # relative to the dataset root, with forward slashes
+    label: int
+    split: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a flat DIR/<class>/ folder is split. A file's split depends only on its name, the seed
+    and the fractions, so adding images never moves existing ones."""
+
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        fractions = (self.validation_fraction, self.test_fraction)
+        if min(fractions) < 0 or sum(fractions) >= 1:
+            raise PipelineError(
+                "validation and test fractions must be >= 0 and leave some images for training"
+            )
+
+
+@dataclass
+class ScannedDataset:
+    root: Path
+    layout: str  # "class-folders" | "split-folders"
+    class_names: list[str]
+    records: list[ImageRecord]
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def split_counts(self) -> dict[str, int]:
+        return {split: sum(r.split == split for r in self.records) for split in SPLITS}
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def _images_below(folder: Path, ignored: list[tuple[str, str]], root: Path) -> list[Path]:
+    """Image files in `folder` and its visible subfolders, sorted. Links to folders are not
+    followed (no loops); links to files are read like files."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if _visible(d))
+        for name in sorted(files):
+            path = Path(directory) / name
+            if not _visible(name):
+                continue
+            if not is_image_file(path):
+                ignored.append((path.relative_to(root).as_posix(), "not an image file extension"))
+            elif not path.is_file():
+                ignored.append((path.relative_to(root).as_posix(), "broken link"))
+            else:
+                found.append(path)
+    return found
+
+
+_NOHASH = re.compile(r"_nohash_.*$")
+
+
+def split_position(relative_to_class: str, seed: int) -> float:
+    """A stable number in [0, 1) for a file. Everything after `_nohash_` in the file name is
+    ignored, so variants of one object (`cat1_nohash_a.jpg`, `cat1_nohash_b.jpg`) share a split."""
+    stem, suffix = os.path.splitext(relative_to_class)
+    key = _NOHASH.sub("", stem) + suffix.lower()
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _assign_splits(names: Sequence[str], config: SplitConfig) -> list[str]:
+    """Split one class by position thresholds; a class of three or more images gets at least one
+    image in each split that has a non-zero fraction."""
+    positions = [split_position(name, config.seed) for name in names]
+    test_cut = config.test_fraction
+    validation_cut = test_cut + config.validation_fraction
+    splits = ["test" if p < test_cut else "validation" if p < validation_cut else "train" for p in positions]
+    if len(names) >= 3:
+        for split, wanted in (("test", config.test_fraction), ("validation", config.validation_fraction)):
+            if wanted > 0 and split not in splits:
+                train = [i for i, s in enumerate(splits) if s == "train"]
+                if len(train) > 1:
+                    splits[min(train, key=lambda i: positions[i])] = split
+    return splits
+
+
+HashFunction = Callable[[Path], str]
+
+
+def sha256_of_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hash_file: HashFunction = sha256_of_file) -> ScannedDataset:
+    """Read DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image> into records.
+
+    Class names are sorted, so labels do not depend on the file system's order.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"data folder {root} does not exist or is not a folder")
+    top = _subfolders(root)
+    split_folders = [p for p in top if p.name in SPLIT_FOLDERS]
+    ignored: list[tuple[str, str]] = []
+    files: list[tuple[Path, str, str]] = []  # (path, class name, split)
+    if split_folders and "train" in {p.name for p in split_folders}:
+        layout = "split-folders"
+        seen = [SPLIT_FOLDERS[p.name] for p in split_folders]
+        if len(seen) != len(set(seen)):
+            raise PipelineError(f"{root} has both val/ and validation/: keep one")
+        for split_folder in split_folders:
+            for class_folder in _subfolders(split_folder):
+                for path in _images_below(class_folder, ignored, root):
+                    files.append((path, class_folder.name, SPLIT_FOLDERS[split_folder.name]))
+    else:
+        layout = "class-folders"
+        for class_folder in top:
+            images = _images_below(class_folder, ignored, root)
+            names = [p.relative_to(class_folder).as_posix() for p in images]
+            for path, split in zip(images, _assign_splits(names, splits)):
+                files.append((path, class_folder.name, split))
+
+    class_names = sorted({name for _, name, _ in files} | _class_folder_names(root, layout))
+    counts = {name: 0 for name in class_names}
+    for _, name, _ in files:
+        counts[name] += 1
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise PipelineError(
+            f"class folder(s) {', '.join(empty)} in {root} hold no images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}): add images or remove the folder"
+        )
+    if len(class_names) < 2:
+        found = f"only the class {class_names[0]!r}" if class_names else "no class folders with images"
+        raise PipelineError(f"{root} has {found}: a classifier needs at least two DIR/<class>/ folders")
+
+    label_of = {name: index for index, name in enumerate(class_names)}
+    records = [
+        ImageRecord(path.relative_to(root).as_posix(), label_of[name], split, hash_file(path))
+        for path, name, split in files
+    ]
+    return ScannedDataset(root, layout, class_names, records, ignored)
+
+
+def _class_folder_names(root: Path, layout: str) -> set[str]:
+    if layout == "class-folders":
+        return {p.name for p in _subfolders(root)}
+    return {c.name for s in _subfolders(root) if s.name in SPLIT_FOLDERS for c in _subfolders(s)}
+
+
+# --- decoding for tf.data --------------------------------------------------------------------------
+
+
+def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Read one file into a float32 RGB image of image_size x image_size in 0..255.
+
+    Any format TensorFlow decodes (JPEG, PNG, BMP, GIF: its first frame); grayscale and RGBA
+    become RGB. The image is squashed to a square, as the classic recipe does.
+    """
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)

