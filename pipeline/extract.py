@@ -54,7 +54,8 @@ class ExtractSummary:
     skipped: list[dict[str, str]]  # images that could not be decoded: path, reason
     seconds: float
     backbone_seconds: float
-    backbone_batches: int
+    backbone_batches: int  # forward passes of the backbone in this run
+    backbone_images: int  # images in those passes
 
     @property
     def images_per_second(self) -> float:
@@ -71,6 +72,7 @@ class ExtractSummary:
             "backbone_seconds": round(self.backbone_seconds, 2),
             "images_per_second": round(self.images_per_second, 1),
             "backbone_batches": self.backbone_batches,
+            "backbone_images": self.backbone_images,
         }
 
 
@@ -245,6 +247,7 @@ class _Extraction:
             seconds=time.perf_counter() - started,
             backbone_seconds=self.backbone_seconds,
             backbone_batches=self.extractor.batches if self.extractor else 0,
+            backbone_images=self.extractor.images if self.extractor else 0,
         )
         self._write_manifest(directory, dataset, summary)
         return summary

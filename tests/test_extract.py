@@ -1,0 +1,243 @@
+"""Stage one as a user sees it: a folder in, a cache out, reused and updated incrementally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_image_folder, tiny_options, write_image
+from pipeline import backbones, extract
+from pipeline.backbones import build_backbone, get_backbone
+from pipeline.errors import PipelineError
+from pipeline.extract import extract_features
+from pipeline.store import FeatureStore, shard_paths
+from pipeline.weights import resolve_weights
+
+
+def _forbid_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was built although the cache holds every image")
+
+    monkeypatch.setattr(extract, "build_backbone", refuse)
+
+
+def _by_path(store: FeatureStore) -> dict[str, np.ndarray]:
+    everything = store.read()
+    layer = store.layers[0]
+    return dict(zip(everything.paths, everything.features[layer]))
+
+
+def test_cache_holds_every_image_with_labels_splits_and_features(image_folder: Path, tmp_path: Path) -> None:
+    summary = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    store = FeatureStore(summary.cache_dir)
+    everything = store.read()
+    assert summary.images == summary.new == summary.backbone_images == 12
+    assert store.class_names == ["cats", "dogs"]
+    assert sorted(everything.paths) == sorted(p.relative_to(image_folder).as_posix()
+                                              for p in image_folder.rglob("*.png"))
+    assert everything.features["block5_pool"].shape == (12, 1, 1, 512)
+    for path, label in zip(everything.paths, everything.labels):
+        assert store.class_names[label] == path.split("/")[0]
+    split_sizes = [len(store.read(split).paths) for split in ("train", "validation", "test")]
+    assert sum(split_sizes) == 12 and min(split_sizes) >= 1
+    assert len(shard_paths(summary.cache_dir)) == 2  # 12 rows, 8 per shard
+
+
+def test_cached_features_equal_the_backbones_direct_output(image_folder: Path, tmp_path: Path) -> None:
+    options = tiny_options(image_folder, tmp_path / "cache", pooling="avg", layers=["block4_pool", "block5_conv3"])
+    store = FeatureStore(extract_features(options).cache_dir)
+    cached = store.read()
+
+    spec = get_backbone("vgg16")
+    weights = resolve_weights("vgg16", "none", spec.keras_weights, spec.pretrained_default)
+    model = build_backbone(spec, 32, "fp32", weights)
+    probe = tf.keras.Model(model.input, [model.get_layer("block4_pool").output, model.get_layer("block5_conv3").output])
+    images = []
+    for path in cached.paths:  # decoded and preprocessed here by hand, torch-style
+        pixels = tf.io.decode_png(tf.io.read_file(str(image_folder / path)), channels=3)
+        resized = tf.image.resize(pixels, (32, 32), method="bilinear", antialias=True)
+        images.append((resized.numpy() / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])
+    block4, block5 = probe(np.stack(images).astype(np.float32), training=False)
+
+    np.testing.assert_allclose(cached.features["block4_pool"], block4.numpy().mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cached.features["block5_conv3"], block5.numpy().mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_second_run_makes_no_backbone_pass(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    before = _by_path(FeatureStore(first.cache_dir))
+    _forbid_backbone(monkeypatch)
+
+    second = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    assert (second.new, second.reused, second.backbone_batches, second.backbone_images) == (0, 12, 0, 0)
+    assert second.cache_dir == first.cache_dir
+    after = _by_path(FeatureStore(second.cache_dir))
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[p], before[p]) for p in before)
+
+
+def test_added_images_alone_go_through_the_backbone(image_folder: Path, tmp_path: Path) -> None:
+    extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    write_image(image_folder / "cats" / "new1.png", seed=991)
+    write_image(image_folder / "dogs" / "new2.png", seed=992)
+
+    summary = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    assert (summary.new, summary.backbone_images, summary.reused, summary.images) == (2, 2, 12, 14)
+    assert {"cats/new1.png", "dogs/new2.png"} <= set(FeatureStore(summary.cache_dir).read().paths)
+
+
+def test_changed_bytes_are_extracted_again(image_folder: Path, tmp_path: Path) -> None:
+    first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    before = _by_path(FeatureStore(first.cache_dir))
+    write_image(image_folder / "cats" / "img002.png", seed=4242)  # same name, other bytes
+
+    summary = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    assert (summary.new, summary.backbone_images, summary.images) == (1, 1, 12)
+    after = _by_path(FeatureStore(summary.cache_dir))
+    assert not np.array_equal(after["cats/img002.png"], before["cats/img002.png"])
+    assert all(np.array_equal(after[p], before[p]) for p in before if p != "cats/img002.png")
+
+
+def test_removed_image_drops_out_of_what_a_reader_returns(image_folder: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    (image_folder / "dogs" / "img001.png").unlink()
+    _forbid_backbone(monkeypatch)
+
+    summary = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    store = FeatureStore(summary.cache_dir)
+    assert summary.images == 11 and summary.new == 0
+    assert "dogs/img001.png" not in store.read().paths
+    assert sum(store.manifest["counts"].values()) == 11
+
+
+def test_renamed_image_and_new_class_reuse_cached_features(image_folder: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    before = _by_path(FeatureStore(first.cache_dir))
+    (image_folder / "cats" / "img000.png").rename(image_folder / "cats" / "renamed.png")
+    (image_folder / "ants").mkdir()  # a new first class shifts every label
+    (image_folder / "dogs" / "img003.png").rename(image_folder / "ants" / "img003.png")
+    _forbid_backbone(monkeypatch)
+
+    summary = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    store = FeatureStore(summary.cache_dir)
+    everything = store.read()
+    assert summary.new == 0 and summary.images == 12
+    assert store.class_names == ["ants", "cats", "dogs"]
+    for path, label in zip(everything.paths, everything.labels):
+        assert store.class_names[label] == path.split("/")[0]
+    after = dict(zip(everything.paths, everything.features["block5_pool"]))
+    assert np.array_equal(after["cats/renamed.png"], before["cats/img000.png"])
+    assert np.array_equal(after["ants/img003.png"], before["dogs/img003.png"])
+
+
+@pytest.mark.parametrize("change", [
+    {"image_size": 48},
+    {"pooling": "avg"},
+    {"precision": "bf16"},
+    {"layers": ["block4_pool"]},
+    {"backbone": "resnet50"},
+    {"weights": "FILE"},
+])
+def test_another_fingerprint_never_reuses_a_cache(image_folder: Path, tmp_path: Path, change: dict) -> None:
+    if change.get("weights") == "FILE":  # other weights, same architecture, from a file
+        model = tf.keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+        change = {"weights": str(tmp_path / "other.weights.h5"), "preprocessing": "torch"}
+        model.save_weights(change["weights"])
+    base = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    other = extract_features(tiny_options(image_folder, tmp_path / "cache", **change))
+
+    assert other.cache_dir != base.cache_dir
+    assert other.new == other.backbone_images == 12 and other.reused == 0
+    assert FeatureStore(base.cache_dir).fingerprint != FeatureStore(other.cache_dir).fingerprint
+    # A shard carried over by hand into the other cache is refused, never mixed in.
+    stray = shard_paths(base.cache_dir)[0]
+    (other.cache_dir / "shard-09999.h5").write_bytes(stray.read_bytes())
+    with pytest.raises(PipelineError, match="another feature fingerprint"):
+        extract_features(tiny_options(image_folder, tmp_path / "cache", **change))
+
+
+def test_resnet50_batchnorm_runs_in_inference_mode(image_folder: Path, tmp_path: Path) -> None:
+    spec = get_backbone("resnet50")
+    weights = resolve_weights("resnet50", "none", spec.keras_weights, spec.pretrained_default)
+    model = build_backbone(spec, 32, "fp32", weights)
+    bn = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    rng = np.random.default_rng(1)
+    for layer in bn:  # moving statistics far from what a batch would give
+        gamma, beta, mean, variance = layer.get_weights()
+        layer.set_weights([gamma, beta, rng.normal(size=mean.shape) * 3, rng.uniform(2, 5, size=variance.shape)])
+    model.trainable = True  # worst case: even an unfrozen backbone must extract in inference mode
+    moving_before = [np.array(layer.moving_mean) for layer in bn]
+    extractor = backbones.FeatureExtractor(model, ["conv5_block3_out"], "avg")
+    images = tf.constant(rng.normal(size=(4, 32, 32, 3)).astype(np.float32))
+
+    features = extractor(images)["conv5_block3_out"]
+
+    for layer, before in zip(bn, moving_before):
+        np.testing.assert_array_equal(np.array(layer.moving_mean), before)
+    inference = model(images, training=False).numpy().mean(axis=(1, 2))
+    np.testing.assert_allclose(features, inference, rtol=1e-4, atol=1e-5)
+    batch_statistics = model(images, training=True).numpy().mean(axis=(1, 2))
+    assert not np.allclose(features, batch_statistics, rtol=1e-2, atol=1e-3)
+
+
+def test_resnet50_extract_end_to_end(image_folder: Path, tmp_path: Path) -> None:
+    summary = extract_features(tiny_options(image_folder, tmp_path / "cache", backbone="resnet50", pooling="avg"))
+    store = FeatureStore(summary.cache_dir)
+    assert store.read().features["conv5_block3_out"].shape == (12, 2048)
+    assert store.manifest["weights"]["pretrained"] is False
+    assert "random initialisation" in store.manifest["weights"]["note"]
+
+
+def test_undecodable_files_are_skipped_and_listed(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "cats" / "empty.png").write_bytes(b"")
+    (image_folder / "dogs" / "text.jpg").write_text("not a picture")
+
+    summary = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    again = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+
+    reasons = {item["path"]: item["reason"] for item in summary.skipped}
+    assert reasons == {"cats/empty.png": "empty file", "dogs/text.jpg": reasons["dogs/text.jpg"]}
+    assert "cannot decode" in reasons["dogs/text.jpg"]
+    assert summary.images == 12 and summary.new == 12
+    assert again.backbone_batches == 0 and len(again.skipped) == 2
+    assert len(FeatureStore(summary.cache_dir).manifest["skipped"]) == 2
+
+
+def test_unknown_layer_is_a_clear_error_and_leaves_no_cache(image_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="no layer block9_pool"):
+        extract_features(tiny_options(image_folder, tmp_path / "cache", layers=["block9_pool"]))
+    assert not any((tmp_path / "cache").glob("*/shard-*"))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_grayscale_and_rgba_images_become_rgb(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        write_image(data / "gray" / f"g{i}.png", seed=i, channels=1)
+        write_image(data / "rgba" / f"a{i}.png", seed=10 + i, channels=4)
+        write_image(data / "jpeg" / f"j{i}.jpg", seed=20 + i, fmt="jpeg")
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+    assert summary.images == 9 and not summary.skipped
+
+
+def test_split_folders_are_taken_as_given(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=4)
+    make_image_folder(data / "val", per_class=2, seed=1)
+    make_image_folder(data / "test", per_class=2, seed=2)
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+    store = FeatureStore(summary.cache_dir)
+    assert store.manifest["counts"] == {"train": 8, "validation": 4, "test": 4}
+    assert all(p.startswith("val/") for p in store.read("validation").paths)
