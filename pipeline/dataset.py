@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 SPLITS = ("train", "validation", "test")
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-RESIZE_METHOD = "bilinear-antialias"  # part of the fingerprint
+RESIZE_METHOD = "area-down-bilinear-up"  # part of the fingerprint
 
 
 @dataclass(frozen=True)
@@ -185,9 +185,16 @@ def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """Read one file into a float32 RGB image of image_size x image_size in 0..255.
 
     Any format TensorFlow decodes (JPEG, PNG, BMP, GIF: its first frame); grayscale and RGBA
-    become RGB. The image is squashed to a square, as the classic recipe does.
+    become RGB. The image is squashed to a square, as the classic recipe does: by area averaging
+    when it shrinks (anti-aliased and about twice as fast as anti-aliased bilinear, which matters
+    on a CPU where decoding shares the cores with the backbone), bilinear when it grows.
     """
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, 3])
-    return tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, None])
+    size = (image_size, image_size)
+    shrinks = tf.reduce_all(tf.shape(image)[:2] >= image_size)
+    image = tf.cond(shrinks,
+                    lambda: tf.image.resize(image, size, method="area"),
+                    lambda: tf.image.resize(image, size, method="bilinear"))
+    channels = tf.shape(image)[-1]  # resized before this, so gray images cost a third
+    return tf.cond(channels < 3, lambda: tf.repeat(image[..., :1], 3, axis=-1), lambda: image[..., :3])

@@ -257,8 +257,11 @@ class _Extraction:
         store.remove_temporaries(directory)
         shards = [store.read_shard_index(p, self.fingerprint) for p in store.shard_paths(directory)]
         present = {(r.path, r.sha256) for r in dataset.records}
-        earlier_failures = [s for s in store.read_manifest(directory).get("skipped", [])
-                            if (s["path"], s["sha256"]) in present]
+        try:
+            earlier = store.read_manifest(directory)
+        except PipelineError:
+            earlier = {}  # only a summary: this run rewrites it; failed images are simply retried
+        earlier_failures = [s for s in earlier.get("skipped", []) if (s["path"], s["sha256"]) in present]
         plan = plan_update(dataset, shards, {(s["path"], s["sha256"]) for s in earlier_failures})
         sequence = _ShardSequence(directory)
         self._copy_cached(plan, dataset, sequence)

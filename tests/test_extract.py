@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options, write_image
-from pipeline import backbones, extract
+from pipeline import backbones, extract, store
 from pipeline.backbones import build_backbone, get_backbone
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
@@ -59,7 +59,7 @@ def test_cached_features_equal_the_backbones_direct_output(image_folder: Path, t
     images = []
     for path in cached.paths:  # decoded and preprocessed here by hand, torch-style
         pixels = tf.io.decode_png(tf.io.read_file(str(image_folder / path)), channels=3)
-        resized = tf.image.resize(pixels, (32, 32), method="bilinear", antialias=True)
+        resized = tf.image.resize(pixels, (32, 32), method="area")  # 40 px shrinks: area
         images.append((resized.numpy() / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])
     block4, block5 = probe(np.stack(images).astype(np.float32), training=False)
 
@@ -241,3 +241,31 @@ def test_split_folders_are_taken_as_given(tmp_path: Path) -> None:
     store = FeatureStore(summary.cache_dir)
     assert store.manifest["counts"] == {"train": 8, "validation": 4, "test": 4}
     assert all(p.startswith("val/") for p in store.read("validation").paths)
+
+
+def test_a_second_writer_on_the_same_cache_stops_with_a_message(image_folder: Path, tmp_path: Path) -> None:
+    first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    write_image(image_folder / "cats" / "late.png", seed=77)
+    with store.exclusive_lock(first.cache_dir):  # as if another extract were running
+        with pytest.raises(PipelineError, match="another extract is writing"):
+            extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    assert extract_features(tiny_options(image_folder, tmp_path / "cache")).new == 1
+
+
+def test_a_damaged_manifest_is_rewritten_by_the_next_extract(image_folder: Path, tmp_path: Path) -> None:
+    first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    (first.cache_dir / "manifest.json").write_text("{ not json")
+    with pytest.raises(PipelineError, match="manifest.json is damaged"):
+        FeatureStore(first.cache_dir)
+    again = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    assert again.new == 0 and len(FeatureStore(first.cache_dir).read().paths) == 12
+
+
+def test_a_damaged_shard_is_named_with_the_way_out(image_folder: Path, tmp_path: Path) -> None:
+    first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    shard = shard_paths(first.cache_dir)[0]
+    shard.write_bytes(shard.read_bytes()[:2000])  # truncated by hand
+    with pytest.raises(PipelineError, match=f"{shard.name} is damaged.*delete it and rerun extract"):
+        extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    shard.unlink()
+    assert extract_features(tiny_options(image_folder, tmp_path / "cache")).new == 8
