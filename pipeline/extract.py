@@ -328,6 +328,9 @@ class _Extraction:
                     write(self.shard_size)
             if len(buffer):
                 write(len(buffer))
+            if len(decoded) < len(records):
+                bar.set_postfix(skipped=len(records) - len(decoded))
+                bar.update(len(records) - len(decoded))  # undecodable files end the bar too
         self.backbone_seconds += time.perf_counter() - started
         return [
             {"path": r.path, "sha256": r.sha256, "reason": _failure_reason(dataset.root / r.path)}
