@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess  # noqa: E402
-from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
+from pipeline.extract import ExtractOptions, ExtractSummary, extract_features  # noqa: E402
 from pipeline.weights import resolve_weights  # noqa: E402
 
 
@@ -40,11 +40,10 @@ def backbone_limit(precision: str, image_size: int, batch_size: int, images: int
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def pipeline_rate(data: Path, precision: str, image_size: int, batch_size: int) -> tuple[float, int]:
+def pipeline_run(data: Path, precision: str, image_size: int, batch_size: int) -> ExtractSummary:
     with tempfile.TemporaryDirectory() as cache:
-        summary = extract_features(ExtractOptions(data=data, precision=precision, image_size=image_size,
-                                                  batch_size=batch_size, cache_root=Path(cache), progress=False))
-    return summary.images_per_second, summary.new
+        return extract_features(ExtractOptions(data=data, precision=precision, image_size=image_size,
+                                               batch_size=batch_size, cache_root=Path(cache), progress=False))
 
 
 def main() -> None:
@@ -58,11 +57,14 @@ def main() -> None:
           f"TensorFlow {tf.__version__}, GPU: {bool(tf.config.list_physical_devices('GPU'))}")
     rates = {}
     for precision in args.precision:
-        pipeline, images = pipeline_rate(args.data, precision, args.image_size, args.batch_size)
-        limit = backbone_limit(precision, args.image_size, args.batch_size, min(images, 1024))
+        summary = pipeline_run(args.data, precision, args.image_size, args.batch_size)
+        pipeline = summary.images_per_second
+        limit = backbone_limit(precision, args.image_size, args.batch_size, min(summary.new, 1024))
         rates[precision] = pipeline
+        waited = summary.input_wait_seconds / summary.backbone_seconds
         print(f"vgg16 {args.image_size}px {precision}: limit {limit:.1f} img/s, extract {pipeline:.1f} img/s "
-              f"({images} images), extract/limit {pipeline / limit:.2f}")
+              f"({summary.new} images), extract/limit {pipeline / limit:.2f}, "
+              f"backbone waited for input {waited:.1%} of the time")
     if {"fp32", "bf16"} <= rates.keys():
         print(f"bf16/fp32 extract speed-up: {rates['bf16'] / rates['fp32']:.1f}x")
 

@@ -56,6 +56,7 @@ class ExtractSummary:
     backbone_seconds: float
     backbone_batches: int  # forward passes of the backbone in this run
     backbone_images: int  # images in those passes
+    input_wait_seconds: float  # part of backbone_seconds spent waiting for decoded images
 
     @property
     def images_per_second(self) -> float:
@@ -73,6 +74,7 @@ class ExtractSummary:
             "images_per_second": round(self.images_per_second, 1),
             "backbone_batches": self.backbone_batches,
             "backbone_images": self.backbone_images,
+            "input_wait_seconds": round(self.input_wait_seconds, 2),
         }
 
 
@@ -231,6 +233,7 @@ class _Extraction:
         self.shard_size = batches_per_shard * options.batch_size
         self.extractor: FeatureExtractor | None = None
         self.backbone_seconds = 0.0
+        self.input_wait_seconds = 0.0  # time the backbone waited for decoded images
 
     def feature_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
@@ -280,6 +283,7 @@ class _Extraction:
             backbone_seconds=self.backbone_seconds,
             backbone_batches=self.extractor.batches if self.extractor else 0,
             backbone_images=self.extractor.images if self.extractor else 0,
+            input_wait_seconds=self.input_wait_seconds,
         )
         self._write_manifest(directory, dataset, summary)
         return summary
@@ -319,7 +323,14 @@ class _Extraction:
         started = time.perf_counter()
         with tqdm(total=len(records), unit="img", desc="extract", disable=not self.options.progress,
                   dynamic_ncols=True) as bar:
-            for index, images in batches:
+            iterator = iter(batches)
+            while True:
+                waiting = time.perf_counter()
+                try:
+                    index, images = next(iterator)
+                except StopIteration:
+                    break
+                self.input_wait_seconds += time.perf_counter() - waiting
                 index = index.numpy()
                 buffer.add(index, extractor(images))
                 decoded.update(index.tolist())
