@@ -269,3 +269,26 @@ def test_a_damaged_shard_is_named_with_the_way_out(image_folder: Path, tmp_path:
         extract_features(tiny_options(image_folder, tmp_path / "cache"))
     shard.unlink()
     assert extract_features(tiny_options(image_folder, tmp_path / "cache")).new == 8
+
+
+def test_bmp_and_the_first_frame_of_an_animated_gif(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    frames = [Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).convert("P") for _ in range(3)]
+    data = tmp_path / "data"
+    (data / "gif").mkdir(parents=True)
+    (data / "png").mkdir()
+    (data / "bmp").mkdir()
+    frames[0].save(data / "gif" / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].convert("RGB").save(data / "png" / "first.png")  # the GIF's first frame, losslessly
+    frames[1].convert("RGB").save(data / "png" / "second.png")
+    frames[0].convert("RGB").save(data / "bmp" / "first.BMP")
+
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+
+    assert summary.images == 4 and not summary.skipped
+    features = _by_path(FeatureStore(summary.cache_dir))
+    np.testing.assert_allclose(features["gif/anim.gif"], features["png/first.png"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features["bmp/first.BMP"], features["png/first.png"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(features["gif/anim.gif"], features["png/second.png"])
