@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--val-fraction", type=float, default=0.15, help="for DIR/<class>/ layouts")
     extract.add_argument("--test-fraction", type=float, default=0.15, help="for DIR/<class>/ layouts")
     extract.add_argument("--split-seed", type=int, default=0, help="for DIR/<class>/ layouts")
+    extract.add_argument("--rehash", action="store_true",
+                         help="hash every file again instead of trusting remembered size and mtime")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.add_argument("--json", action="store_true", help="print the summary as JSON")
     extract.set_defaults(handler=_extract)
@@ -82,6 +84,7 @@ def _extract(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         cache_root=args.cache,
         splits=SplitConfig(args.val_fraction, args.test_fraction, args.split_seed),
+        rehash=args.rehash,
         progress=not args.no_progress,
     ))
     if args.json:

@@ -4,8 +4,10 @@ splits, and decode images for tf.data."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +123,55 @@ def sha256_of_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def scan_dataset(root: Path, splits: SplitConfig = SplitConfig()) -> ScannedDataset:
+class HashIndex:
+    """Content hashes remembered by (size, mtime) so that rescanning a large unchanged folder
+    reads no image bytes.
+
+    Like git's index, an entry is trusted only if the file's mtime is at least RACY_SECONDS older
+    than the moment the index was saved: a file rewritten with the same size within the same
+    clock tick as the save is hashed again rather than taken for unchanged.
+    """
+
+    RACY_SECONDS = 2
+
+    def __init__(self, path: Path | None = None, trusted: bool = True) -> None:
+        """`path`: where the index lives (None: nowhere); `trusted=False` hashes every file again."""
+        self.path = path
+        self.saved_at_ns = 0
+        self.entries: dict[str, tuple[int, int, str]] = {}
+        if trusted and path is not None and path.is_file():
+            try:
+                content = json.loads(path.read_text())
+                self.saved_at_ns = int(content["saved_at_ns"])
+                self.entries = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in content["files"].items()}
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                self.saved_at_ns, self.entries = 0, {}  # only a speed-up: start afresh
+        self.hashed = 0  # files read in full by this scan
+        self._seen: dict[str, tuple[int, int, str]] = {}
+
+    def sha256(self, path: Path, key: str) -> str:
+        stat = path.stat()
+        known = self.entries.get(key)
+        trusted_before = self.saved_at_ns - self.RACY_SECONDS * 1_000_000_000
+        if known and known[:2] == (stat.st_size, stat.st_mtime_ns) and stat.st_mtime_ns < trusted_before:
+            digest = known[2]
+        else:
+            digest = sha256_of_file(path)
+            self.hashed += 1
+        self._seen[key] = (stat.st_size, stat.st_mtime_ns, digest)
+        return digest
+
+    def save(self) -> None:
+        """Keep the entries of this scan (removed files drop out)."""
+        if self.path is None:
+            return
+        content = {"saved_at_ns": time.time_ns(), "files": self._seen}
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(content, separators=(",", ":")))
+        os.replace(temporary, self.path)
+
+
+def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIndex | None = None) -> ScannedDataset:
     """Read DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image> into records.
 
     Class names are sorted, so labels do not depend on the file system's order.
@@ -165,10 +215,11 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig()) -> ScannedData
         raise PipelineError(f"{root} has {found}: a classifier needs at least two DIR/<class>/ folders")
 
     label_of = {name: index for index, name in enumerate(class_names)}
-    records = [
-        ImageRecord(path.relative_to(root).as_posix(), label_of[name], split, sha256_of_file(path))
-        for path, name, split in files
-    ]
+    hashes = hashes or HashIndex()
+    records = []
+    for path, name, split in files:
+        relative = path.relative_to(root).as_posix()
+        records.append(ImageRecord(relative, label_of[name], split, hashes.sha256(path, relative)))
     return ScannedDataset(root, layout, class_names, records, ignored)
 
 

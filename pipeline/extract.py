@@ -19,7 +19,15 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess
-from pipeline.dataset import RESIZE_METHOD, ImageRecord, ScannedDataset, SplitConfig, decode_and_resize, scan_dataset
+from pipeline.dataset import (
+    RESIZE_METHOD,
+    HashIndex,
+    ImageRecord,
+    ScannedDataset,
+    SplitConfig,
+    decode_and_resize,
+    scan_dataset,
+)
 from pipeline.errors import PipelineError
 from pipeline.precision import resolve_precision
 from pipeline.store import Fingerprint, Rows, ShardIndex
@@ -42,6 +50,7 @@ class ExtractOptions:
     shard_size: int = DEFAULT_SHARD_SIZE  # rounded up to a multiple of batch_size
     cache_root: Path = Path("features")
     splits: SplitConfig = field(default_factory=SplitConfig)
+    rehash: bool = False  # read every file instead of trusting remembered (size, mtime) hashes
     progress: bool = True
 
 
@@ -245,12 +254,15 @@ class _Extraction:
         started = time.perf_counter()
         if len(set(self.layers)) != len(self.layers):
             raise PipelineError("--layer names must be distinct")
-        dataset = scan_dataset(self.options.data, self.options.splits)
-        directory = Path(self.options.cache_root) / store.cache_directory_name(self.fingerprint, dataset.root)
+        directory = Path(self.options.cache_root) / store.cache_directory_name(self.fingerprint, self.options.data)
+        hashes = HashIndex(directory / store.HASH_INDEX_NAME, trusted=not self.options.rehash)
+        dataset = scan_dataset(self.options.data, self.options.splits, hashes)
         created = not directory.exists()
         try:
             with store.exclusive_lock(directory):
-                return self._update(directory, dataset, started)
+                summary = self._update(directory, dataset, started)
+                hashes.save()
+                return summary
         except BaseException:
             if created and not store.shard_paths(directory):
                 shutil.rmtree(directory, ignore_errors=True)  # leave no empty cache behind

@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+HASH_INDEX_NAME = "file_hashes.json"  # a speed-up for rescans, not part of the contract
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".h5"
 TEMPORARY_MARK = ".tmp"

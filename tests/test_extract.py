@@ -292,3 +292,28 @@ def test_bmp_and_the_first_frame_of_an_animated_gif(tmp_path: Path) -> None:
     np.testing.assert_allclose(features["gif/anim.gif"], features["png/first.png"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(features["bmp/first.BMP"], features["png/first.png"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(features["gif/anim.gif"], features["png/second.png"])
+
+
+def test_rescan_of_an_unchanged_folder_reads_no_image_bytes(image_folder: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pipeline import dataset
+
+    for path in image_folder.rglob("*.png"):  # older than the racy window
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**10))
+    extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    read = []
+    original = dataset.sha256_of_file
+    monkeypatch.setattr(dataset, "sha256_of_file", lambda path: read.append(path) or original(path))
+
+    unchanged = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    assert read == [] and unchanged.new == 0
+
+    write_image(image_folder / "cats" / "img004.png", seed=31337)  # new bytes, new mtime
+    changed = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    assert [p.name for p in read] == ["img004.png"] and changed.new == 1
+
+    read.clear()
+    forced = extract_features(tiny_options(image_folder, tmp_path / "cache", rehash=True))
+    assert len(read) == 12 and forced.new == 0
