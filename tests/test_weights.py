@@ -115,3 +115,24 @@ def test_resnet50_from_a_local_weights_file(tmp_path: Path) -> None:
     assert weights.source == "file" and weights.preprocessing == "caffe"
     np.testing.assert_array_equal(model.get_layer("conv1_conv").get_weights()[0],
                                   donor.get_layer("conv1_conv").get_weights()[0])
+
+
+def test_keras_imagenet_weights_are_taken_from_the_keras_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file in Keras' own legacy .h5 layout, where keras.applications caches it."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    spec = get_backbone("resnet50")
+    cached = tmp_path / "keras-home" / "models" / spec.keras_weights.file_name
+    cached.parent.mkdir(parents=True)
+    donor = tf.keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
+    with h5py.File(cached, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, donor)
+
+    weights = resolve_weights("resnet50", "imagenet", spec.keras_weights, spec.pretrained_default)
+    model = build_backbone(spec, 32, "fp32", weights)
+
+    assert (weights.source, weights.preprocessing, weights.path) == ("keras", "caffe", cached)
+    np.testing.assert_array_equal(model.get_layer("conv5_block3_3_conv").get_weights()[0],
+                                  donor.get_layer("conv5_block3_3_conv").get_weights()[0])
