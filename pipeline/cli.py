@@ -95,8 +95,11 @@ def _extract(args: argparse.Namespace) -> int:
         f"{len(summary.skipped)} skipped; {summary.seconds:.1f} s"
         + (f", {summary.images_per_second:.1f} images/s through the backbone" if summary.new else "")
     )
-    for item in summary.skipped:
+    shown = 20
+    for item in summary.skipped[:shown]:
         print(f"  skipped {item['path']}: {item['reason']}")
+    if len(summary.skipped) > shown:
+        print(f"  ... and {len(summary.skipped) - shown} more: see skipped in {summary.cache_dir / 'manifest.json'}")
     print(f"cache: {summary.cache_dir}")
     return 0
 
