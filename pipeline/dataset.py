@@ -146,7 +146,6 @@ class HashIndex:
                 self.entries = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in content["files"].items()}
             except (OSError, ValueError, KeyError, TypeError, IndexError):
                 self.saved_at_ns, self.entries = 0, {}  # only a speed-up: start afresh
-        self.hashed = 0  # files read in full by this scan
         self._seen: dict[str, tuple[int, int, str]] = {}
 
     def sha256(self, path: Path, key: str) -> str:
@@ -157,7 +156,6 @@ class HashIndex:
             digest = known[2]
         else:
             digest = sha256_of_file(path)
-            self.hashed += 1
         self._seen[key] = (stat.st_size, stat.st_mtime_ns, digest)
         return digest
 
