@@ -93,7 +93,7 @@ class UpdatePlan:
 
     keep: dict[Path, list[int]]  # shard -> rows still live (path and bytes unchanged)
     rewrite: set[Path]  # shards that lose rows or whose labels/splits/classes change
-    copy: list[tuple[ImageRecord, Path, int]]  # images whose bytes are cached under another path
+    copy: list[tuple[ImageRecord, Path, int]]  # images whose bytes are cached under another path (shard, row)
     extract: list[ImageRecord]  # images that need the backbone
 
 
@@ -278,6 +278,8 @@ class _Extraction:
             earlier = {}  # only a summary: this run rewrites it; failed images are simply retried
         earlier_failures = [s for s in earlier.get("skipped", []) if (s["path"], s["sha256"]) in present]
         plan = plan_update(dataset, shards, {(s["path"], s["sha256"]) for s in earlier_failures})
+        if plan.extract:
+            self._reuse_from_sibling_caches(plan, directory)
         sequence = _ShardSequence(directory)
         self._copy_cached(plan, dataset, sequence)
         new_failures = self._extract_new(plan.extract, dataset, sequence)
@@ -299,6 +301,27 @@ class _Extraction:
         )
         self._write_manifest(directory, dataset, summary)
         return summary
+
+    def _reuse_from_sibling_caches(self, plan: UpdatePlan, directory: Path) -> None:
+        """Images cached under the same fingerprint for another data folder (a copy, a moved
+        folder, a subset) are copied from there: one backbone pass per image per fingerprint."""
+        wanted = {record.sha256 for record in plan.extract}
+        found: dict[str, tuple[Path, int]] = {}
+        for sibling in sorted(directory.parent.iterdir()):
+            if sibling == directory or not sibling.is_dir():
+                continue
+            try:
+                if store.read_manifest(sibling).get("fingerprint_digest") != self.fingerprint.digest():
+                    continue
+                for shard_path in store.shard_paths(sibling):
+                    index = store.read_shard_index(shard_path, self.fingerprint)
+                    for row, digest in enumerate(index.sha256):
+                        if digest in wanted:
+                            found.setdefault(digest, (shard_path, row))
+            except PipelineError:
+                continue  # a damaged or foreign cache is simply not a source
+        plan.copy += [(record, *found[record.sha256]) for record in plan.extract if record.sha256 in found]
+        plan.extract = [record for record in plan.extract if record.sha256 not in found]
 
     def _copy_cached(self, plan: UpdatePlan, dataset: ScannedDataset, sequence: _ShardSequence) -> None:
         """Images whose bytes are cached under another path (renamed, moved, duplicated)."""

@@ -317,3 +317,21 @@ def test_rescan_of_an_unchanged_folder_reads_no_image_bytes(image_folder: Path, 
     read.clear()
     forced = extract_features(tiny_options(image_folder, tmp_path / "cache", rehash=True))
     assert len(read) == 12 and forced.new == 0
+
+
+def test_a_copied_data_folder_reuses_the_features_of_the_first(image_folder: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
+    copy = tmp_path / "copy-of-data"
+    shutil.copytree(image_folder, copy)
+    write_image(copy / "dogs" / "only-here.png", seed=4040)
+    before = _by_path(FeatureStore(first.cache_dir))
+
+    second = extract_features(tiny_options(copy, tmp_path / "cache"))
+
+    assert second.cache_dir != first.cache_dir
+    assert (second.new, second.backbone_images, second.reused) == (1, 1, 12)
+    after = _by_path(FeatureStore(second.cache_dir))
+    assert all(np.array_equal(after[p], before[p]) for p in before)
