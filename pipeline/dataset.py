@@ -15,9 +15,9 @@ from pathlib import Path
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
+from pipeline.store import SPLITS
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
-SPLITS = ("train", "validation", "test")
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 RESIZE_METHOD = "area-down-bilinear-up"  # part of the fingerprint
 

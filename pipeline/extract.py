@@ -402,22 +402,14 @@ class _Extraction:
 
     def _write_manifest(self, directory: Path, dataset: ScannedDataset, summary: ExtractSummary) -> None:
         shards = [store.read_shard_index(p, self.fingerprint) for p in store.shard_paths(directory)]
-        splits = [s for shard in shards for s in shard.splits]
-        shapes = self.feature_shapes(shards)
-        manifest = {
-            "format_version": store.FORMAT_VERSION,
-            "fingerprint": self.fingerprint.as_dict(),
-            "fingerprint_digest": self.fingerprint.digest(),
+        manifest = store.manifest_core(self.fingerprint, dataset.class_names, shards, self.feature_shapes(shards))
+        manifest |= {
             "weights": self.weights.describe(),
             "dataset": {
                 "root": str(dataset.root.resolve()),
                 "layout": dataset.layout,
                 "split": vars(self.options.splits) if dataset.layout == "class-folders" else "as given by folders",
             },
-            "class_names": dataset.class_names,
-            "feature_shapes": {name: list(shape) for name, shape in shapes.items()},
-            "counts": {split: splits.count(split) for split in ("train", "validation", "test")},
-            "shards": [{"file": s.path.name, "uuid": s.uuid, "rows": len(s)} for s in shards],
             "skipped": summary.skipped,
             "ignored": [{"path": p, "reason": r} for p, r in dataset.ignored],
             "last_run": summary.as_dict() | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},

@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
 MANIFEST_NAME = "manifest.json"
 HASH_INDEX_NAME = "file_hashes.json"  # a speed-up for rescans, not part of the contract
 SHARD_PREFIX = "shard-"
@@ -339,6 +340,16 @@ class FeatureStore:
                 rows = read_shard_rows(path, layers, chosen)
                 yield FeatureSet(rows.features, rows.labels, rows.paths, rows.sha256)
 
+    def index(self, split: str | None = None) -> tuple[np.ndarray, list[str]]:
+        """Labels and paths of `split` in the order iter_shards yields them, without features."""
+        labels, paths = [], []
+        for path in self.shards:
+            shard = read_shard_index(path, self.fingerprint)
+            chosen = [i for i, s in enumerate(shard.splits) if split is None or s == split]
+            labels.append(shard.labels[chosen])
+            paths.extend(shard.paths[i] for i in chosen)
+        return (np.concatenate(labels) if labels else np.zeros(0, np.int32)), paths
+
     def read(self, split: str | None = None, layers: Sequence[str] | None = None) -> FeatureSet:
         """All rows of `split` (every split if None) in memory."""
         layers = tuple(layers or self.layers)
@@ -354,6 +365,23 @@ class FeatureStore:
             [path for p in parts for path in p.paths],
             [digest for p in parts for digest in p.sha256],
         )
+
+
+def manifest_core(
+    fingerprint: Fingerprint, class_names: Sequence[str], shards: Sequence[ShardIndex],
+    shapes: Mapping[str, Sequence[int]],
+) -> dict[str, Any]:
+    """The part of manifest.json a reader relies on; extract adds its run report beside it."""
+    splits = [s for shard in shards for s in shard.splits]
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint.as_dict(),
+        "fingerprint_digest": fingerprint.digest(),
+        "class_names": list(class_names),
+        "feature_shapes": {name: list(shape) for name, shape in shapes.items()},
+        "counts": {split: splits.count(split) for split in SPLITS},
+        "shards": [{"file": s.path.name, "uuid": s.uuid, "rows": len(s)} for s in shards],
+    }
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
