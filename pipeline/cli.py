@@ -59,6 +59,58 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--json", action="store_true", help="print the summary as JSON")
     extract.set_defaults(handler=_extract)
 
+    train = commands.add_parser("train-head", help="stage two: fit a head on cached features")
+    train.add_argument("--head", default="logreg", help="dense or logreg (default)")
+    train.add_argument("--features", type=Path, default=None,
+                       help="a cache directory from extract, or its name under --cache (default: the latest)")
+    train.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
+    train.add_argument("--models", type=Path, default=Path("models"), help="runs root (default models/)")
+    train.add_argument("--name", default=None, help="run name (default: from dataset, head, features, settings)")
+    train.add_argument("--layer", type=_layers, default=None, metavar="NAME[,NAME...]",
+                       help="cached layer(s) to use, concatenated (default: all the cache holds)")
+    train.add_argument("--pooling", default=None, choices=("none", "avg", "max"),
+                       help="pool spatial features at read time (default: as extracted; none flattens)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--class-weight", default=None, choices=("none", "balanced"),
+                       help="weigh classes inversely to their frequency (default none)")
+    dense = train.add_argument_group("dense head")
+    dense.add_argument("--units", type=_positive_int, default=None, help="hidden units (256)")
+    dense.add_argument("--dropout", type=float, default=None, help="dropout rate (0.5)")
+    dense.add_argument("--batch-norm", action="store_true", default=None, help="BatchNormalization after Dense")
+    dense.add_argument("--optimizer", default=None, help="rmsprop (default), adam or sgd")
+    dense.add_argument("--lr", type=float, default=None, help="learning rate (1e-3)")
+    dense.add_argument("--epochs", type=_positive_int, default=None, help="at most this many epochs (50)")
+    dense.add_argument("--batch-size", type=_positive_int, default=None, help="(32)")
+    dense.add_argument("--patience", type=_positive_int, default=None,
+                       help="epochs without val_loss improvement before stopping (8)")
+    logreg = train.add_argument_group("logreg head")
+    logreg.add_argument("--c-grid", default=None, metavar="LOW:HIGH:COUNT",
+                        help="log-spaced C values, or C1,C2,... (1e-6:1e5:45)")
+    logreg.add_argument("--max-iter", type=_positive_int, default=None, help="L-BFGS iterations per fit (1000)")
+    logreg.add_argument("--n-jobs", type=int, default=None, help="parallel fits (-1: all cores)")
+    train.add_argument("--memory-budget", type=_positive_int, default=None, metavar="MB",
+                       help="read features into memory up to this size, stream by shard above (default: "
+                            "a quarter of physical memory)")
+    train.add_argument("--stream", action="store_true", help="stream features by shard even when they fit")
+    train.add_argument("--assert-accuracy-at-least", type=float, default=None, metavar="X",
+                       help="exit non-zero if validation accuracy is below X (0..1), e.g. to gate CI")
+    train.add_argument("--no-progress", action="store_true", help="no progress output")
+    train.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    train.set_defaults(handler=_train_head)
+
+    runs = commands.add_parser("runs", help="every run side by side, best validation accuracy first")
+    runs.add_argument("--models", type=Path, default=Path("models"))
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(handler=_runs)
+
+    evaluate = commands.add_parser("evaluate", help="recompute a run's metrics and reports from the cache")
+    evaluate.add_argument("--model", type=Path, required=True, help="a run directory, e.g. models/NAME")
+    evaluate.add_argument("--split", default="test", help="whose reports to write: train, validation, test")
+    evaluate.add_argument("--features", type=Path, default=None,
+                          help="the cache to read (default: the one the run was trained on)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=_evaluate)
+
     demo = commands.add_parser("demo-data", help="export the ELPV solar-cell images into DIR/<class>/")
     demo.add_argument("--out", type=Path, default=Path("data/elpv"))
     demo.add_argument("--classes", default="binary", choices=("binary", "4class"),
@@ -101,6 +153,74 @@ def _extract(args: argparse.Namespace) -> int:
     if len(summary.skipped) > shown:
         print(f"  ... and {len(summary.skipped) - shown} more: see skipped in {summary.cache_dir / 'manifest.json'}")
     print(f"cache: {summary.cache_dir}")
+    return 0
+
+
+_HEAD_FLAGS = ("units", "dropout", "batch_norm", "optimizer", "lr", "epochs", "batch_size", "patience",
+               "c_grid", "max_iter", "n_jobs", "class_weight")
+
+
+def _train_head(args: argparse.Namespace) -> int:
+    from pipeline.train import TrainOptions, train_head
+
+    summary = train_head(TrainOptions(
+        head=args.head,
+        features=args.features,
+        cache_root=args.cache,
+        models=args.models,
+        name=args.name,
+        layers=args.layer,
+        pooling=args.pooling,
+        seed=args.seed,
+        head_params={flag: getattr(args, flag) for flag in _HEAD_FLAGS if getattr(args, flag) is not None},
+        memory_budget=None if args.memory_budget is None else args.memory_budget << 20,
+        stream=args.stream,
+        progress=not args.no_progress,
+    ))
+    _print_run(summary, args.json, f"trained {summary.config['head']['kind']} head in {summary.seconds:.1f} s "
+               f"({summary.config['read']})")
+    return _accuracy_gate(summary.metrics, args.assert_accuracy_at_least)
+
+
+def _print_run(summary, as_json: bool, headline: str) -> None:
+    if as_json:
+        print(json.dumps({"run": str(summary.directory), "seconds": summary.seconds, "metrics": summary.metrics},
+                         indent=2))
+        return
+    print(summary.report)
+    print(headline)
+    for split, values in summary.metrics.items():
+        if values.get("images"):
+            print(f"  {split:<10} accuracy {values['accuracy']:.2%}  "
+                  f"mean per-class {values['mean_per_class_accuracy']:.2%}  macro F1 {values['macro_f1']:.4f}  "
+                  f"loss {values['loss']:.4f}  ({values['images']} images)")
+    print(f"run: {summary.directory}")
+
+
+def _accuracy_gate(metrics: dict, threshold: float | None) -> int:
+    if threshold is None:
+        return 0
+    accuracy = metrics["validation"]["accuracy"]
+    if accuracy < threshold:
+        print(f"error: validation accuracy {accuracy:.4f} is below --assert-accuracy-at-least {threshold}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from pipeline.report import collect_runs, runs_table
+
+    rows = collect_runs(args.models)
+    print(json.dumps(rows, indent=2) if args.json else runs_table(rows))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.train import evaluate_run
+
+    summary = evaluate_run(args.model, args.split, args.features)
+    _print_run(summary, args.json, f"evaluated {summary.directory.name} ({args.split} reports written)")
     return 0
 
 

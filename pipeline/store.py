@@ -340,15 +340,32 @@ class FeatureStore:
                 rows = read_shard_rows(path, layers, chosen)
                 yield FeatureSet(rows.features, rows.labels, rows.paths, rows.sha256)
 
-    def index(self, split: str | None = None) -> tuple[np.ndarray, list[str]]:
-        """Labels and paths of `split` in the order iter_shards yields them, without features."""
-        labels, paths = [], []
-        for path in self.shards:
+    def index(self, split: str | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Labels, paths and (shard number, row) locations of `split`, in the order iter_shards
+        yields the rows, without reading features."""
+        labels, paths, locations = [], [], []
+        for number, path in enumerate(self.shards):
             shard = read_shard_index(path, self.fingerprint)
-            chosen = [i for i, s in enumerate(shard.splits) if split is None or s == split]
+            chosen = np.array([i for i, s in enumerate(shard.splits) if split is None or s == split], np.int64)
             labels.append(shard.labels[chosen])
             paths.extend(shard.paths[i] for i in chosen)
-        return (np.concatenate(labels) if labels else np.zeros(0, np.int32)), paths
+            locations.append(np.stack([np.full(len(chosen), number), chosen], axis=1))
+        if not labels:
+            return np.zeros(0, np.int32), [], np.zeros((0, 2), np.int64)
+        return np.concatenate(labels), paths, np.concatenate(locations)
+
+    def read_rows(self, locations: np.ndarray, layers: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Features of the rows at `locations` (from index()), in that order, reading only those rows."""
+        layers = tuple(layers or self.layers)
+        out: dict[str, np.ndarray] = {}
+        for number in np.unique(locations[:, 0]):
+            where = np.flatnonzero(locations[:, 0] == number)
+            rows = read_shard_rows(self.shards[number], layers, locations[where, 1])
+            for name in layers:
+                if name not in out:
+                    out[name] = np.empty((len(locations), *rows.features[name].shape[1:]), np.float32)
+                out[name][where] = rows.features[name]
+        return out
 
     def read(self, split: str | None = None, layers: Sequence[str] | None = None) -> FeatureSet:
         """All rows of `split` (every split if None) in memory."""

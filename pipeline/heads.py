@@ -1,0 +1,452 @@
+"""Classifier heads trained on cached feature vectors, behind one small interface.
+
+A head is made with its class names and parameters, `fit(train, validation)` returns one history
+row per epoch (dense) or per C tried (logreg), `predict_proba(data)` gives (n, classes)
+probabilities, and `save(dir)` / `load(dir)` round-trip it with a JSON sidecar that loading checks.
+Adding a head is adding a class to HEADS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.reader import SplitData
+
+SIDECAR = "head.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def class_weights(labels: np.ndarray, classes: int, mode: str | None) -> np.ndarray:
+    """Weight per class: ones, or scikit-learn's "balanced" n / (classes * count)."""
+    if mode in (None, "none"):
+        return np.ones(classes)
+    counts = np.bincount(labels, minlength=classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return weights
+
+
+class Head(ABC):
+    kind: ClassVar[str]
+    DEFAULTS: ClassVar[dict[str, Any]]
+
+    def __init__(self, class_names: list[str], params: Mapping[str, Any] | None = None) -> None:
+        unknown = sorted(set(params or {}) - set(self.DEFAULTS))
+        if unknown:
+            flag = "--" + unknown[0].replace("_", "-")
+            raise PipelineError(f"{flag} does not apply to --head {self.kind}")
+        self.class_names = list(class_names)
+        self.params = dict(self.DEFAULTS) | {k: v for k, v in (params or {}).items() if v is not None}
+        self.input_dimension: int | None = None
+
+    @abstractmethod
+    def fit(self, train: SplitData, validation: SplitData, progress: bool = True) -> list[dict[str, float]]:
+        ...
+
+    @abstractmethod
+    def predict_proba(self, data: SplitData) -> np.ndarray:
+        ...
+
+    @abstractmethod
+    def _save_model(self, directory: Path) -> dict[str, Any]:
+        """Write the model's files; return what the sidecar should record about them."""
+
+    @abstractmethod
+    def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
+        ...
+
+    @staticmethod
+    @abstractmethod
+    def versions() -> dict[str, str]:
+        ...
+
+    def save(self, directory: Path) -> None:
+        sidecar = {
+            "kind": self.kind,
+            "class_names": self.class_names,
+            "input_dimension": self.input_dimension,
+            "params": self.params,
+            "versions": self.versions(),
+        }
+        sidecar |= self._save_model(Path(directory))
+        (Path(directory) / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> Head:
+        sidecar_path = Path(directory) / SIDECAR
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+            kind = sidecar["kind"]
+        except FileNotFoundError:
+            raise PipelineError(f"{sidecar_path} is missing: {directory} is not a complete head run") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise PipelineError(f"{sidecar_path} is damaged ({error}): train the head again") from None
+        head_class = HEADS.get(kind)
+        if head_class is None or (cls is not Head and head_class is not cls):
+            raise PipelineError(f"{sidecar_path} describes an unknown head kind {kind!r}")
+        head = head_class(sidecar["class_names"], sidecar["params"])
+        head.input_dimension = sidecar["input_dimension"]
+        head._load_model(Path(directory), sidecar)
+        return head
+
+    def _check_input(self, data: SplitData) -> None:
+        if self.input_dimension is not None and data.dimension != self.input_dimension:
+            raise PipelineError(
+                f"this head takes {self.input_dimension} features per image, the data have {data.dimension}: "
+                "use the feature cache, layers and pooling it was trained with"
+            )
+
+
+# --- scikit-learn logistic regression -------------------------------------------------------------
+
+
+def log_grid(text: str) -> tuple[float, ...]:
+    """'1e-6:1e5:45' -> 45 log-spaced values from 1e-6 to 1e5; or a comma-separated list."""
+    try:
+        if ":" in text:
+            low, high, count = text.split(":")
+            return tuple(float(c) for c in np.logspace(np.log10(float(low)), np.log10(float(high)), int(count)))
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise PipelineError(f"--c-grid {text!r}: write LOW:HIGH:COUNT (e.g. 1e-6:1e5:45) or C1,C2,...") from None
+
+
+def _score_one_c(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, C: float,
+                 class_weight: str | None, max_iter: int, tol: float) -> dict[str, float]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, tol=tol).fit(x, y)
+    labels = list(range(int(max(y.max(), vy.max())) + 1))
+    return _c_row(C, model.score(x, y), model.predict_proba(vx), vy, labels, int(model.n_iter_[0]) < max_iter,
+                  log_loss)
+
+
+def _c_row(C: float, train_accuracy: float, proba: np.ndarray, labels: np.ndarray, classes: list[int],
+           converged: bool, log_loss: Any) -> dict[str, float]:
+    return {
+        "C": C,
+        "train_accuracy": float(train_accuracy),
+        "validation_accuracy": float(np.mean(proba.argmax(axis=1) == labels)),
+        "validation_loss": float(log_loss(labels, proba, labels=classes)),
+        "converged": bool(converged),
+    }
+
+
+def _best_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Highest validation accuracy; ties go to the lower validation loss, then the smaller C."""
+    return min(rows, key=lambda r: (-r["validation_accuracy"], r["validation_loss"], r["C"]))
+
+
+class LogRegHead(Head):
+    """StandardScaler + multinomial LogisticRegression (L-BFGS), C chosen on the validation split
+    from a log grid (the linear-probe protocol), fits in parallel, then refit at the chosen C."""
+
+    kind = "logreg"
+    DEFAULTS = {
+        "c_grid": "1e-6:1e5:45",
+        "class_weight": "none",
+        "max_iter": 1000,
+        "tol": 1e-4,
+        "n_jobs": -1,
+    }
+    MODEL_FILE = "head.joblib"
+    PORTABLE_FILE = "head.npz"
+
+    def __init__(self, class_names: list[str], params: Mapping[str, Any] | None = None) -> None:
+        super().__init__(class_names, params)
+        self.grid = log_grid(str(self.params["c_grid"]))
+        self.model = None
+        self.chosen_c: float | None = None
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        import sklearn
+
+        return {"scikit-learn": sklearn.__version__, "numpy": np.__version__}
+
+    def _sklearn_class_weight(self) -> str | None:
+        return None if self.params["class_weight"] in (None, "none") else self.params["class_weight"]
+
+    def fit(self, train: SplitData, validation: SplitData, progress: bool = True) -> list[dict[str, float]]:
+        self.input_dimension = train.dimension
+        if train.in_memory and validation.in_memory:
+            rows = self._search_in_memory(train, validation, progress)
+        else:
+            rows = self._search_streamed(train, validation, progress)
+        self.chosen_c = _best_row(rows)["C"]
+        if train.in_memory:
+            self._refit_in_memory(train)
+        return rows
+
+    def _search_in_memory(self, train: SplitData, validation: SplitData, progress: bool) -> list[dict[str, float]]:
+        from joblib import Parallel, delayed
+        from sklearn.preprocessing import StandardScaler
+        from tqdm import tqdm
+
+        scaler = StandardScaler().fit(train.matrix)
+        x = scaler.transform(train.matrix).astype(np.float32)
+        vx = scaler.transform(validation.matrix).astype(np.float32)
+        jobs = (delayed(_score_one_c)(x, train.labels, vx, validation.labels, C, self._sklearn_class_weight(),
+                                      self.params["max_iter"], self.params["tol"]) for C in self.grid)
+        results = Parallel(n_jobs=self.params["n_jobs"], return_as="generator")(jobs)
+        return list(tqdm(results, total=len(self.grid), desc="C search", unit="fit", disable=not progress,
+                         file=sys.stderr))
+
+    def _refit_in_memory(self, train: SplitData) -> None:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.model = make_pipeline(
+                StandardScaler(),
+                LogisticRegression(C=self.chosen_c, class_weight=self._sklearn_class_weight(),
+                                   max_iter=self.params["max_iter"], tol=self.params["tol"]),
+            ).fit(train.matrix, train.labels)
+
+    def _search_streamed(self, train: SplitData, validation: SplitData, progress: bool) -> list[dict[str, float]]:
+        """The same objective solved by pipeline.linear over shards, C ascending with warm starts."""
+        from sklearn.metrics import log_loss
+        from sklearn.preprocessing import StandardScaler
+        from tqdm import tqdm
+
+        from pipeline.linear import fit_logistic
+
+        scaler = StandardScaler()
+        for vectors, _ in train.chunks():
+            scaler.partial_fit(vectors)
+        classes = len(self.class_names)
+        weights = class_weights(train.labels, classes, self.params["class_weight"])
+        weight_sum = float(weights[train.labels].sum())
+        scaled = lambda data: (lambda: ((scaler.transform(v), y) for v, y in data.chunks()))  # noqa: E731
+        rows, solutions, solution = [], {}, None
+        for C in tqdm(sorted(self.grid), desc="C search (streamed)", unit="fit", disable=not progress,
+                      file=sys.stderr):
+            solution = fit_logistic(scaled(train), train.dimension, classes, C, weights, weight_sum,
+                                    self.params["tol"], self.params["max_iter"], start=solution)
+            self.model = self._pipeline_from(scaler, solution, C)
+            train_accuracy = np.mean(self.predict_proba(train).argmax(axis=1) == train.labels)
+            rows.append(_c_row(C, train_accuracy, self.predict_proba(validation), validation.labels,
+                               list(range(classes)), solution.converged, log_loss))
+            solutions[C] = solution
+        best = _best_row(rows)["C"]
+        self.model = self._pipeline_from(scaler, solutions[best], best)
+        return rows
+
+    def _pipeline_from(self, scaler: Any, solution: Any, C: float) -> Any:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        model = LogisticRegression(C=C, class_weight=self._sklearn_class_weight(),
+                                   max_iter=self.params["max_iter"], tol=self.params["tol"])
+        model.classes_ = np.arange(len(self.class_names))
+        model.coef_ = solution.coef
+        model.intercept_ = solution.intercept
+        model.n_features_in_ = solution.coef.shape[1]
+        model.n_iter_ = np.array([solution.iterations], dtype=np.int32)
+        return make_pipeline(scaler, model)
+
+    def predict_proba(self, data: SplitData) -> np.ndarray:
+        self._check_input(data)
+        classes = len(self.class_names)
+        parts = [self.model.predict_proba(vectors) for vectors, _ in data.chunks()]
+        return np.concatenate(parts) if parts else np.zeros((0, classes))
+
+    def linear_parameters(self) -> dict[str, np.ndarray]:
+        scaler, model = self.model[0], self.model[-1]
+        return {"mean": scaler.mean_, "scale": scaler.scale_, "coef": model.coef_, "intercept": model.intercept_,
+                "classes": model.classes_, "C": np.array(self.chosen_c)}
+
+    def _save_model(self, directory: Path) -> dict[str, Any]:
+        import joblib
+
+        joblib.dump(self.model, directory / self.MODEL_FILE)
+        np.savez(directory / self.PORTABLE_FILE, **self.linear_parameters())
+        return {"C": self.chosen_c, "files": {name: _sha256(directory / name)
+                                              for name in (self.MODEL_FILE, self.PORTABLE_FILE)}}
+
+    def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
+        """The joblib pickle when this scikit-learn wrote it; otherwise the portable arrays, so a
+        head survives upgrades (pickled estimators break across versions)."""
+        import joblib
+
+        for name, digest in sidecar["files"].items():
+            path = directory / name
+            if not path.is_file():
+                raise PipelineError(f"{path} is missing: train the head again")
+            if _sha256(path) != digest:
+                raise PipelineError(f"{path} does not match the checksum in {SIDECAR} (damaged?): train the head again")
+        self.chosen_c = sidecar["C"]
+        if sidecar["versions"]["scikit-learn"] == self.versions()["scikit-learn"]:
+            self.model = joblib.load(directory / self.MODEL_FILE)
+            return
+        from sklearn.preprocessing import StandardScaler
+
+        from pipeline.linear import LinearSolution
+
+        with np.load(directory / self.PORTABLE_FILE) as arrays:
+            scaler = StandardScaler()
+            scaler.mean_, scaler.scale_ = arrays["mean"], arrays["scale"]
+            scaler.var_ = arrays["scale"] ** 2
+            scaler.n_features_in_ = len(arrays["mean"])
+            solution = LinearSolution(arrays["coef"], arrays["intercept"], 0, True)
+        self.model = self._pipeline_from(scaler, solution, self.chosen_c)
+
+
+# --- Keras dense head -----------------------------------------------------------------------------
+
+
+class DenseHead(Head):
+    """Dense(units) -> [BatchNorm] -> ReLU -> Dropout -> Dense(classes, softmax), the seeds' head,
+    with early stopping on validation loss (best weights restored) and learning-rate decay; the
+    learning rate of every epoch lands in the history (ReduceLROnPlateau logs it)."""
+
+    kind = "dense"
+    DEFAULTS = {
+        "units": 256,
+        "batch_norm": False,
+        "dropout": 0.5,
+        "optimizer": "rmsprop",
+        "lr": 1e-3,
+        "epochs": 50,
+        "batch_size": 32,
+        "patience": 8,
+        "class_weight": "none",
+        "seed": 0,
+    }
+    OPTIMIZERS = ("rmsprop", "adam", "sgd")
+    MODEL_FILE = "head.keras"
+
+    def __init__(self, class_names: list[str], params: Mapping[str, Any] | None = None) -> None:
+        super().__init__(class_names, params)
+        if self.params["optimizer"] not in self.OPTIMIZERS:
+            choices = ", ".join(self.OPTIMIZERS)
+            raise PipelineError(f"unknown optimizer {self.params['optimizer']!r}: choose from {choices}")
+        self.model = None
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        import keras
+        import tensorflow as tf
+
+        return {"tensorflow": tf.__version__, "keras": keras.__version__}
+
+    def build(self, dimension: int) -> Any:
+        import keras
+
+        keras.utils.set_random_seed(int(self.params["seed"]))
+        inputs = keras.Input((dimension,), name="features")
+        x = keras.layers.Dense(self.params["units"], name="dense")(inputs)
+        if self.params["batch_norm"]:
+            x = keras.layers.BatchNormalization(name="batch_norm")(x)
+        x = keras.layers.ReLU(name="relu")(x)
+        x = keras.layers.Dropout(self.params["dropout"], name="dropout")(x)
+        outputs = keras.layers.Dense(len(self.class_names), activation="softmax", name="probabilities",
+                                     dtype="float32")(x)
+        return keras.Model(inputs, outputs, name="dense_head")
+
+    def _optimizer(self) -> Any:
+        import keras
+
+        lr = float(self.params["lr"])
+        return {
+            "rmsprop": lambda: keras.optimizers.RMSprop(lr),
+            "adam": lambda: keras.optimizers.Adam(lr),
+            "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9),
+        }[self.params["optimizer"]]()
+
+    def _dataset(self, data: SplitData, shuffle: bool) -> Any:
+        """A streamed split as tf.data. Training rows come in a fresh global order each epoch,
+        read a shard's worth at a time from whichever shards hold them, so memory stays bounded by
+        the shard size even when the shards were written class by class."""
+        import tensorflow as tf
+
+        seed = int(self.params["seed"])
+        epoch = iter(range(1 << 30))
+
+        def blocks():
+            order = np.random.default_rng(seed + next(epoch)).permutation(len(data)) if shuffle else None
+            yield from data.chunks(rows=data.shard_rows, order=order)
+
+        signature = (tf.TensorSpec((None, data.dimension), tf.float32), tf.TensorSpec((None,), tf.int32))
+        dataset = tf.data.Dataset.from_generator(blocks, output_signature=signature)
+        return dataset.rebatch(int(self.params["batch_size"])).prefetch(2)
+
+    def fit(self, train: SplitData, validation: SplitData, progress: bool = True) -> list[dict[str, float]]:
+        import keras
+
+        self.input_dimension = train.dimension
+        self.model = self.build(train.dimension)
+        self.model.compile(optimizer=self._optimizer(), loss="sparse_categorical_crossentropy",
+                           metrics=["accuracy"])
+        weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
+        patience = int(self.params["patience"])
+        callbacks = [
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3),
+                                              min_lr=1e-6),
+        ]
+        verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
+        common = dict(epochs=int(self.params["epochs"]), callbacks=callbacks, verbose=verbose,
+                      class_weight=None if self.params["class_weight"] == "none" else dict(enumerate(weights)))
+        if train.in_memory and validation.in_memory:
+            history = self.model.fit(train.matrix, train.labels, validation_data=(validation.matrix, validation.labels),
+                                     batch_size=int(self.params["batch_size"]), shuffle=True, **common)
+        else:
+            history = self.model.fit(self._dataset(train, shuffle=True),
+                                     validation_data=self._dataset(validation, shuffle=False), **common)
+        epochs = len(history.history["loss"])
+        return [{"epoch": i + 1} | {k: float(v[i]) for k, v in history.history.items()} for i in range(epochs)]
+
+    def predict_proba(self, data: SplitData) -> np.ndarray:
+        self._check_input(data)
+        parts = [self.model.predict_on_batch(vectors) if len(vectors) else np.zeros((0, len(self.class_names)))
+                 for vectors, _ in data.chunks(rows=1024)]
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, len(self.class_names)))
+
+    def _save_model(self, directory: Path) -> dict[str, Any]:
+        self.model.save(directory / self.MODEL_FILE)
+        return {"files": {self.MODEL_FILE: _sha256(directory / self.MODEL_FILE)}}
+
+    def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
+        import keras
+
+        path = directory / self.MODEL_FILE
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing: train the head again")
+        if _sha256(path) != sidecar["files"][self.MODEL_FILE]:
+            raise PipelineError(f"{path} does not match the checksum in {SIDECAR} (damaged?): train the head again")
+        self.model = keras.models.load_model(path, compile=False)
+
+
+HEADS: dict[str, type[Head]] = {head.kind: head for head in (DenseHead, LogRegHead)}
+
+
+def make_head(kind: str, class_names: list[str], params: Mapping[str, Any] | None = None) -> Head:
+    if kind not in HEADS:
+        raise PipelineError(f"unknown head {kind!r}: choose from {', '.join(sorted(HEADS))}")
+    return HEADS[kind](class_names, params)

@@ -1,0 +1,205 @@
+"""Head inputs read from a feature cache.
+
+Each chosen layer is pooled (or flattened) at read time and the layers are concatenated into one
+vector per image, so one extract serves flattened and pooled heads. A split is held in memory when
+the features fit the memory budget and streamed shard by shard when they do not; either way the
+labels and paths are in memory and the vectors come in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.store import MANIFEST_NAME, SPLITS, FeatureStore
+
+POOLINGS = ("none", "avg", "max")
+DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the features of all splits together
+
+
+def latest_cache(cache_root: Path) -> Path:
+    """The cache directory under `cache_root` whose manifest was written last."""
+    manifests = list(Path(cache_root).glob(f"*/{MANIFEST_NAME}"))
+    if not manifests:
+        raise PipelineError(
+            f"no feature cache under {cache_root}/: run `run_pipeline.py extract --data DIR` first, "
+            "or pass --features DIR"
+        )
+    return max(manifests, key=lambda p: p.stat().st_mtime).parent
+
+
+def open_cache(features: Path | None, cache_root: Path) -> FeatureStore:
+    """--features as given (a directory, or a name under the cache root), else the latest cache."""
+    if features is None:
+        return FeatureStore(latest_cache(cache_root))
+    candidates = [Path(features), Path(cache_root) / features]
+    directory = next((c for c in candidates if c.is_dir()), None)
+    if directory is None:
+        raise PipelineError(
+            f"features directory {features} does not exist: pass a directory made by extract "
+            f"(see `ls {cache_root}`)"
+        )
+    return FeatureStore(directory)
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """Which cached layers a head sees and how spatial maps become vectors: "none" flattens them
+    (row-major, as keras Flatten does), "avg" and "max" pool over height and width."""
+
+    layers: tuple[str, ...]
+    pooling: str
+
+    @classmethod
+    def for_cache(cls, store: FeatureStore, layers: Sequence[str] | None = None,
+                  pooling: str | None = None) -> FeatureView:
+        chosen = tuple(layers or store.layers)
+        unknown = [name for name in chosen if name not in store.layers]
+        if unknown:
+            raise PipelineError(
+                f"layer {unknown[0]} is not in this cache (it holds {', '.join(store.layers)}): "
+                "extract it with --layer, or choose one of those"
+            )
+        cached = store.fingerprint.pooling
+        if pooling is None:
+            pooling = cached
+        if pooling not in POOLINGS:
+            raise PipelineError(f"unknown pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
+        if cached != "none" and pooling != cached:
+            raise PipelineError(
+                f"this cache holds {cached}-pooled vectors, so --pooling {pooling} cannot be applied: "
+                "extract with --pooling none to pool at read time"
+            )
+        return cls(chosen, pooling)
+
+    def vectors(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        parts = []
+        for name in self.layers:
+            values = np.asarray(features[name], dtype=np.float32)
+            if values.ndim == 4 and self.pooling == "avg":
+                values = values.mean(axis=(1, 2))
+            elif values.ndim == 4 and self.pooling == "max":
+                values = values.max(axis=(1, 2))
+            parts.append(values.reshape(len(values), -1))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def dimension(self, shapes: Mapping[str, Sequence[int]]) -> int:
+        total = 0
+        for name in self.layers:
+            shape = tuple(shapes[name])
+            total += shape[-1] if len(shape) == 3 and self.pooling != "none" else int(np.prod(shape))
+        return total
+
+    def as_dict(self) -> dict:
+        return {"layers": list(self.layers), "pooling": self.pooling}
+
+
+class SplitData:
+    """One split's head inputs: `labels` and `paths` in memory; the vectors in `matrix` when held
+    in memory, otherwise read one shard at a time by `chunks()`."""
+
+    def __init__(self, name: str, labels: np.ndarray, paths: list[str], dimension: int,
+                 matrix: np.ndarray | None = None, store: FeatureStore | None = None,
+                 view: FeatureView | None = None, locations: np.ndarray | None = None) -> None:
+        self.name = name
+        self.labels = labels
+        self.paths = paths
+        self.dimension = dimension
+        self.matrix = matrix
+        self._store = store
+        self._view = view
+        self._locations = locations
+
+    @classmethod
+    def from_arrays(cls, name: str, vectors: np.ndarray, labels: np.ndarray,
+                    paths: list[str] | None = None) -> SplitData:
+        paths = paths if paths is not None else [f"row{i}" for i in range(len(labels))]
+        return cls(name, np.asarray(labels, np.int32), paths, vectors.shape[1], np.asarray(vectors, np.float32))
+
+    @property
+    def in_memory(self) -> bool:
+        return self.matrix is not None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows of the largest shard: the natural block size for streaming."""
+        if self._locations is None or not len(self._locations):
+            return 4096
+        return max(int(np.bincount(self._locations[:, 0]).max()), 1)
+
+    def chunks(self, rows: int = 4096, order: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(vectors, labels) pieces. Without `order`: in split order, slices in memory or one shard
+        at a time when streamed. With `order` (a permutation of the split's rows): in that order,
+        `rows` at a time, a streamed block reading just its rows from whichever shards hold them."""
+        if self.matrix is not None:
+            for start in range(0, len(self), rows):
+                if order is None:
+                    yield self.matrix[start:start + rows], self.labels[start:start + rows]
+                else:
+                    block = order[start:start + rows]
+                    yield self.matrix[block], self.labels[block]
+            return
+        if order is None:
+            for part in self._store.iter_shards(self.name, self._view.layers):
+                yield self._view.vectors(part.features), part.labels
+            return
+        for start in range(0, len(self), rows):
+            block = order[start:start + rows]
+            features = self._store.read_rows(self._locations[block], self._view.layers)
+            yield self._view.vectors(features), self.labels[block]
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def default_memory_budget() -> int:
+    return int(physical_memory_bytes() * DEFAULT_MEMORY_FRACTION)
+
+
+def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | None = None,
+                stream: bool = False) -> dict[str, SplitData]:
+    """Train, validation and test inputs: in memory when all of them fit `memory_budget` bytes
+    (and `stream` is off), streamed by shard otherwise."""
+    if len(store.class_names) < 2:
+        raise PipelineError(
+            f"{store.directory} has one class ({', '.join(store.class_names)}): a classifier needs at least two"
+        )
+    dimension = view.dimension(store.manifest["feature_shapes"])
+    indexes = {split: store.index(split) for split in SPLITS}
+    for split in ("train", "validation"):
+        if len(indexes[split][0]) == 0:
+            raise PipelineError(
+                f"the {split} split of {store.directory} has no images: add images, or extract with "
+                "--val-fraction/--test-fraction above 0 (or a validation folder)"
+            )
+    present = np.unique(indexes["train"][0])
+    if len(present) < 2:
+        raise PipelineError(
+            f"the train split of {store.directory} holds one class only ({store.class_names[present[0]]}): "
+            "a classifier needs examples of at least two"
+        )
+    total_bytes = sum(len(labels) for labels, _, _ in indexes.values()) * dimension * 4
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    in_memory = not stream and total_bytes <= budget
+    splits = {}
+    for split, (labels, paths, locations) in indexes.items():
+        data = SplitData(split, labels, paths, dimension, store=store, view=view, locations=locations)
+        if in_memory and len(labels):
+            parts = [vectors for vectors, _ in data.chunks()]
+            data.matrix = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        elif in_memory:
+            data.matrix = np.zeros((0, dimension), np.float32)
+        splits[split] = data
+    return splits

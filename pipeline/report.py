@@ -1,0 +1,220 @@
+"""What a run tells its reader: metrics, per-class report, confusion matrix, curves, mistakes, and
+the table of all runs side by side. Pictures beside machine-readable CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+
+
+def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, mean per-class accuracy (over classes present), macro F1 and log loss."""
+    from sklearn.metrics import f1_score, log_loss
+
+    if len(labels) == 0:
+        return {"images": 0}
+    predicted = proba.argmax(axis=1)
+    classes = list(range(len(class_names)))
+    present = np.unique(labels)
+    per_class = [float(np.mean(predicted[labels == c] == c)) for c in present]
+    return {
+        "images": int(len(labels)),
+        "accuracy": float(np.mean(predicted == labels)),
+        "mean_per_class_accuracy": float(np.mean(per_class)),
+        "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+        "loss": float(log_loss(labels, _normalised(proba), labels=classes)),
+    }
+
+
+def _normalised(proba: np.ndarray) -> np.ndarray:
+    """float32 softmax outputs sum to one only within float32 rounding; log_loss wants float64 rows."""
+    proba = np.asarray(proba, np.float64)
+    return proba / proba.sum(axis=1, keepdims=True)
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    matrix = np.zeros((classes, classes), np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
+def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, paths: Sequence[str],
+                        class_names: Sequence[str], title: str) -> str:
+    """classification_report.txt, confusion_matrix.csv/.png and misclassified.csv for one split;
+    returns the text report (per-class table and confusion matrix) for the terminal."""
+    from sklearn.metrics import classification_report
+
+    directory.mkdir(parents=True, exist_ok=True)
+    predicted = proba.argmax(axis=1)
+    classes = list(range(len(class_names)))
+    report = classification_report(labels, predicted, labels=classes, target_names=list(class_names),
+                                   digits=4, zero_division=0)
+    matrix = confusion(labels, predicted, len(class_names))
+    matrix_text = _confusion_text(matrix, class_names)
+    (directory / "classification_report.txt").write_text(f"{title}\n\n{report}\n{matrix_text}")
+    with open(directory / "confusion_matrix.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *class_names, "images", "class_accuracy"])
+        for name, row in zip(class_names, matrix):
+            total = int(row.sum())
+            accuracy = row[class_names.index(name)] / total if total else float("nan")
+            writer.writerow([name, *map(int, row), total, f"{accuracy:.4f}"])
+    _confusion_picture(directory / "confusion_matrix.png", matrix, class_names, title)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")]  # most confident first
+    with open(directory / "misclassified.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "true_label", "predicted_label", "probability", "probability_of_true"])
+        for i in wrong:
+            writer.writerow([paths[i], class_names[labels[i]], class_names[predicted[i]],
+                             f"{proba[i, predicted[i]]:.4f}", f"{proba[i, labels[i]]:.4f}"])
+    return f"{report}\n{matrix_text}"
+
+
+def _confusion_text(matrix: np.ndarray, class_names: Sequence[str]) -> str:
+    width = max(8, *(len(n) for n in class_names))
+    lines = ["confusion matrix (rows: true, columns: predicted)",
+             " " * width + "".join(f"{n[:width]:>{width + 2}}" for n in class_names) + "   class accuracy"]
+    for c, (name, row) in enumerate(zip(class_names, matrix)):
+        total = row.sum()
+        accuracy = f"{row[c] / total:.1%}" if total else "-"
+        lines.append(f"{name:<{width}}" + "".join(f"{int(v):>{width + 2}}" for v in row) + f"   {accuracy:>8}")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _confusion_picture(path: Path, matrix: np.ndarray, class_names: Sequence[str], title: str) -> None:
+    plt = _pyplot()
+    size = max(4.0, 0.9 * len(class_names) + 2.5)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), count in np.ndenumerate(matrix):
+        axes.text(column, row, f"{count}\n{shares[row, column]:.0%}", ha="center", va="center",
+                  color="white" if shares[row, column] > 0.5 else "black", fontsize=9)
+    row_labels = [f"{name}\n{shares[i, i]:.1%} correct" if totals[i, 0] else name
+                  for i, name in enumerate(class_names)]
+    axes.set_xticks(range(len(class_names)), list(class_names), rotation=45, ha="right")
+    axes.set_yticks(range(len(class_names)), row_labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) -> None:
+    """history.csv and curves.png: per epoch for dense heads, per C tried for logistic regression."""
+    if not rows:
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(directory / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    plt = _pyplot()
+    if kind == "epochs":
+        panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
+                  ("learning rate", ["learning_rate"])]
+        x_key, x_label, log_x = "epoch", "epoch", False
+    else:
+        panels = [("accuracy", ["train_accuracy", "validation_accuracy"]), ("validation loss", ["validation_loss"])]
+        x_key, x_label, log_x = "C", "C (inverse regularisation)", True
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    x = [row[x_key] for row in rows]
+    for ax, (title, keys) in zip(np.atleast_1d(axes), panels):
+        for key in keys:
+            if key in columns:
+                ax.plot(x, [row.get(key, math.nan) for row in rows], marker="." if len(rows) < 60 else None,
+                        label=key)
+        ax.set_title(title)
+        ax.set_xlabel(x_label)
+        if log_x:
+            ax.set_xscale("log")
+        if title == "learning rate":
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(directory / "curves.png", dpi=110)
+    plt.close(figure)
+
+
+# --- all runs side by side ------------------------------------------------------------------------
+
+
+def collect_runs(models_root: Path) -> list[dict[str, Any]]:
+    """One row per finished run under `models_root`, best validation accuracy first."""
+    rows = []
+    for config_path in sorted(Path(models_root).glob(f"*/{CONFIG}")):
+        directory = config_path.parent
+        try:
+            config = json.loads(config_path.read_text())
+            metrics = json.loads((directory / METRICS).read_text())
+        except (OSError, ValueError):
+            rows.append({"name": directory.name, "problem": "config.json or metrics.json missing or damaged"})
+            continue
+        fingerprint = config.get("features", {}).get("fingerprint", {})
+        rows.append({
+            "name": directory.name,
+            "kind": config.get("kind", "head"),
+            "head": config.get("head", {}).get("kind"),
+            "backbone": fingerprint.get("backbone"),
+            "image_size": fingerprint.get("image_size"),
+            "layers": ",".join(config.get("view", {}).get("layers", [])),
+            "pooling": config.get("view", {}).get("pooling"),
+            "pretrained": config.get("features", {}).get("pretrained"),
+            "validation_accuracy": metrics.get("validation", {}).get("accuracy"),
+            "test_accuracy": metrics.get("test", {}).get("accuracy"),
+            "test_mean_per_class_accuracy": metrics.get("test", {}).get("mean_per_class_accuracy"),
+            "seconds": config.get("seconds"),
+            "created": config.get("created"),
+        })
+    return sorted(rows, key=lambda r: (-(r.get("validation_accuracy") or -1.0), r["name"]))
+
+
+def runs_table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "no runs yet: train one with `run_pipeline.py train-head --head logreg`"
+    columns = [("name", "name"), ("head", "head"), ("backbone", "backbone"), ("image_size", "size"),
+               ("pooling", "pooling"), ("validation_accuracy", "val acc"), ("test_accuracy", "test acc"),
+               ("seconds", "seconds")]
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return row.get("problem", "-") if key == "head" else "-"
+        if key.endswith("accuracy"):
+            return f"{value:.2%}"
+        if key == "seconds":
+            return f"{value:.1f}"
+        return str(value)
+
+    table = [[title for _, title in columns]] + [[cell(row, key) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(text.ljust(width) if i == 0 else text.rjust(width) for i, (text, width)
+                       in enumerate(zip(line, widths))) for line in table]
+    untrained = [row["name"] for row in rows if row.get("pretrained") is False]
+    if untrained:
+        lines.append(f"note: {', '.join(untrained)} used randomly initialised backbone weights (--weights none)")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""Stage two: fit a head on cached features and leave a complete run directory; score a run again.
+
+Never builds or calls a backbone: everything comes from the feature cache. A run directory is
+written under a temporary name and renamed when complete, so `runs` never lists half a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import report
+from pipeline.errors import PipelineError
+from pipeline.heads import HEADS, Head, make_head
+from pipeline.reader import FeatureView, SplitData, load_splits, open_cache
+from pipeline.store import SPLITS, FeatureStore
+
+LABELS_FILE = "labels.txt"
+REPORTED_SPLIT = "test"  # whose reports sit at the top of a run directory
+
+
+@dataclass
+class TrainOptions:
+    head: str = "logreg"
+    features: Path | None = None  # a cache directory (or its name under cache_root); default: the latest
+    cache_root: Path = Path("features")
+    models: Path = Path("models")
+    name: str | None = None
+    layers: list[str] | None = None
+    pooling: str | None = None  # default: as extracted
+    seed: int = 0
+    head_params: dict[str, Any] = field(default_factory=dict)
+    memory_budget: int | None = None  # bytes; default a quarter of physical memory
+    stream: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    directory: Path
+    metrics: dict[str, Any]
+    seconds: float
+    report: str
+    in_memory: bool
+    config: dict[str, Any]
+
+
+def _dataset_name(store: FeatureStore) -> str:
+    root = store.manifest.get("dataset", {}).get("root")
+    return Path(root).name if root else store.directory.name.split("-")[0]
+
+
+def default_run_name(kind: str, store: FeatureStore, view: FeatureView, params: Mapping[str, Any], seed: int) -> str:
+    """Readable and unique per configuration: the same command replaces its own run."""
+    fingerprint = store.fingerprint
+    key = json.dumps([fingerprint.digest(), str(store.directory.resolve()), view.as_dict(), dict(params), seed],
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:6]
+    layers = "" if view.layers == fingerprint.layers else "-" + "+".join(view.layers)
+    return (f"{_dataset_name(store)}-{kind}-{fingerprint.backbone}-{fingerprint.image_size}"
+            f"{layers}-{view.pooling}-{digest}")
+
+
+def _check_run_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
+        raise PipelineError(
+            f"run name {name!r}: use letters, digits and . _ + = - (no slashes, not starting with a dot)"
+        )
+    return name
+
+
+@contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def score_run(directory: Path, head: Head, splits: Mapping[str, SplitData], class_names: list[str],
+              title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
+    """metrics.json for every split, and the reports of `report_split` (at the top of the run
+    directory for the test split, in a subfolder named after any other). Returns the metrics and
+    the report text."""
+    metrics: dict[str, Any] = {}
+    text = ""
+    for split, data in splits.items():
+        proba = head.predict_proba(data)
+        metrics[split] = report.split_metrics(data.labels, proba, class_names)
+        if split == report_split and len(data):
+            target = directory if split == REPORTED_SPLIT else directory / split
+            text = report.write_split_reports(target, data.labels, proba, data.paths, class_names,
+                                              f"{title}: {split} split, {len(data)} images")
+        elif split == report_split:
+            text = f"the {split} split has no images: no report for it"
+    report_path = directory / report.METRICS
+    earlier = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report_path.write_text(json.dumps(earlier | metrics, indent=2) + "\n")
+    return metrics, text
+
+
+def train_head(options: TrainOptions) -> RunSummary:
+    store = open_cache(options.features, options.cache_root)
+    view = FeatureView.for_cache(store, options.layers, options.pooling)
+    params = dict(options.head_params)
+    if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
+        params["seed"] = options.seed
+    head = make_head(options.head, store.class_names, params)
+    name = _check_run_name(options.name or default_run_name(head.kind, store, view, head.params, options.seed))
+    splits = load_splits(store, view, options.memory_budget, options.stream)
+    train, validation = splits["train"], splits["validation"]
+
+    started = time.perf_counter()
+    history = head.fit(train, validation, progress=options.progress)
+    seconds = time.perf_counter() - started
+
+    config = {
+        "name": name,
+        "kind": "head",
+        "head": {"kind": head.kind, "params": head.params} | _head_outcome(head, history),
+        "features": {
+            "directory": str(store.directory.resolve()),
+            "fingerprint": store.fingerprint.as_dict(),
+            "fingerprint_digest": store.fingerprint.digest(),
+            "pretrained": store.manifest.get("weights", {}).get("pretrained", True),
+            "class_names": store.class_names,
+            "counts": {split: len(data) for split, data in splits.items()},
+        },
+        "view": view.as_dict(),
+        "input_dimension": train.dimension,
+        "read": "in memory" if train.in_memory else "streamed by shard",
+        "seed": options.seed,
+        "seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    final = Path(options.models) / name
+    with staged_directory(final) as directory:
+        head.save(directory)
+        (directory / report.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (directory / LABELS_FILE).write_text("".join(f"{n}\n" for n in store.class_names))
+        report.write_history(directory, history, "epochs" if head.kind == "dense" else "C")
+        metrics, text = score_run(directory, head, splits, store.class_names, name)
+    return RunSummary(final, metrics, seconds, text, train.in_memory, config)
+
+
+def _head_outcome(head: Head, history: list[dict[str, Any]]) -> dict[str, Any]:
+    if head.kind == "logreg":
+        return {"chosen_C": head.chosen_c, "C_tried": len(history)}
+    best = min(range(len(history)), key=lambda i: history[i].get("val_loss", float("inf"))) if history else None
+    return {"epochs_run": len(history), "best_epoch": None if best is None else best + 1}
+
+
+# --- evaluate an existing run ---------------------------------------------------------------------
+
+
+def read_run_config(run: Path) -> dict[str, Any]:
+    path = Path(run) / report.CONFIG
+    if not Path(run).is_dir():
+        raise PipelineError(f"run {run} does not exist: see `run_pipeline.py runs` for the runs there are")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: {run} is not a complete run; train it again") from None
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{path} is damaged ({error}): train the run again") from None
+
+
+def open_run_features(config: dict[str, Any], features: Path | None = None,
+                      cache_root: Path = Path("features")) -> tuple[FeatureStore, FeatureView]:
+    """The feature cache a run was trained on (or `features`, which must have the same fingerprint)."""
+    recorded = config["features"]
+    store = open_cache(features or Path(recorded["directory"]), cache_root)
+    if store.fingerprint.digest() != recorded["fingerprint_digest"]:
+        raise PipelineError(
+            f"{store.directory} holds features of another fingerprint than run {config['name']} was "
+            f"trained on ({recorded['fingerprint']['backbone']} {recorded['fingerprint']['image_size']} px, "
+            f"{recorded['fingerprint']['precision']}): use that cache, or train a new head"
+        )
+    if store.class_names != recorded["class_names"]:
+        raise PipelineError(
+            f"{store.directory} now has classes {store.class_names}, run {config['name']} was trained on "
+            f"{recorded['class_names']}: train a new head"
+        )
+    view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
+    return store, view
+
+
+def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None = None,
+                 cache_root: Path = Path("features"), memory_budget: int | None = None) -> RunSummary:
+    if split not in SPLITS:
+        raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    run = Path(run)
+    config = read_run_config(run)
+    store, view = open_run_features(config, features, cache_root)
+    head = Head.load(run)
+    splits = load_splits(store, view, memory_budget)
+    metrics, text = score_run(run, head, splits, store.class_names, config["name"], split)
+    return RunSummary(run, metrics, config.get("seconds", 0.0), text, splits["train"].in_memory, config)
