@@ -394,7 +394,9 @@ class DenseHead(Head):
 
         signature = (tf.TensorSpec((None, data.dimension), tf.float32), tf.TensorSpec((None,), tf.int32))
         dataset = tf.data.Dataset.from_generator(blocks, output_signature=signature)
-        return dataset.rebatch(int(self.params["batch_size"])).prefetch(2)
+        batch = int(self.params["batch_size"])
+        batches = -(-len(data) // batch)
+        return dataset.rebatch(batch).apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)
 
     def fit(self, train: SplitData, validation: SplitData, progress: bool = True) -> list[dict[str, float]]:
         import keras
@@ -417,7 +419,7 @@ class DenseHead(Head):
             history = self.model.fit(train.matrix, train.labels, validation_data=(validation.matrix, validation.labels),
                                      batch_size=int(self.params["batch_size"]), shuffle=True, **common)
         else:
-            history = self.model.fit(self._dataset(train, shuffle=True),
+            history = self.model.fit(self._dataset(train, shuffle=True), shuffle=False,
                                      validation_data=self._dataset(validation, shuffle=False), **common)
         epochs = len(history.history["loss"])
         return [{"epoch": i + 1} | {k: float(v[i]) for k, v in history.history.items()} for i in range(epochs)]

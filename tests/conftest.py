@@ -55,3 +55,42 @@ def image_folder(tmp_path: Path) -> Path:
 def _isolated_weights_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Converted weights go to a per-session folder, not the user's cache."""
     monkeypatch.setenv("PIPELINE_WEIGHTS_DIR", str(tmp_path_factory.getbasetemp() / "weights"))
+
+
+def write_feature_cache(directory: Path, features: np.ndarray, labels: np.ndarray, splits: list[str],
+                        class_names: list[str], shard_size: int = 64, layer: str = "block5_pool",
+                        pooling: str = "none") -> Path:
+    """A feature cache written straight through the store, without a backbone: synthetic features
+    with a known structure for the head tests."""
+    from pipeline import store
+
+    fingerprint = store.Fingerprint("vgg16", "none", "synthetic", 32, "area-down-bilinear-up", "torch",
+                                    (layer,), pooling, "fp32", "2.21")
+    directory.mkdir(parents=True, exist_ok=True)
+    indexes = []
+    for number, start in enumerate(range(0, len(labels), shard_size)):
+        part = slice(start, start + shard_size)
+        paths = [f"{class_names[y]}/img{start + i:05d}.png" for i, y in enumerate(labels[part])]
+        rows = store.Rows(paths, [f"{start + i:064x}" for i in range(len(paths))], np.asarray(labels[part], np.int32),
+                          list(splits[part]), {layer: features[part]})
+        path = directory / store.shard_name(number)
+        store.write_shard(path, rows, class_names, fingerprint)
+        indexes.append(store.read_shard_index(path, fingerprint))
+    manifest = store.manifest_core(fingerprint, class_names, indexes, {layer: features.shape[1:]})
+    manifest["weights"] = {"source": "none", "pretrained": False}
+    manifest["dataset"] = {"root": str(directory.parent / "synthetic")}
+    store.write_json_atomic(directory / store.MANIFEST_NAME, manifest)
+    return directory
+
+
+def clustered_features(n: int, classes: int, seed: int = 0, shape: tuple[int, ...] = (2, 2, 8),
+                       separation: float = 3.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Gaussian clusters, one per class, in feature maps of `shape`; splits 60/20/20, interleaved
+    so every shard holds every split and class."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    rng.shuffle(labels)
+    centres = rng.normal(size=(classes, *shape)) * separation
+    features = (centres[labels] + rng.normal(size=(n, *shape))).astype(np.float32)
+    splits = [("train", "train", "train", "validation", "test")[i % 5] for i in range(n)]
+    return features, labels.astype(np.int32), splits

@@ -1,0 +1,281 @@
+"""Stage two: heads on cached features, run directories, runs, evaluate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
+from pipeline import report
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.extract import extract_features
+from pipeline.heads import Head, LogRegHead, make_head
+from pipeline.reader import FeatureView, SplitData, load_splits, open_cache
+from pipeline.store import FeatureStore
+from pipeline.train import TrainOptions, evaluate_run, train_head
+
+CLASSES = ["ant", "bee", "cat"]
+FAST_DENSE = {"epochs": 40, "units": 32, "patience": 5}
+FAST_LOGREG = {"c_grid": "1e-3:1e1:5", "n_jobs": 1}
+
+
+@pytest.fixture
+def separable_cache(tmp_path: Path) -> Path:
+    features, labels, splits = clustered_features(450, len(CLASSES), seed=1)
+    return write_feature_cache(tmp_path / "features" / "clusters", features, labels, splits, CLASSES)
+
+
+def _options(cache: Path, models: Path, head: str, **overrides) -> TrainOptions:
+    params = FAST_DENSE if head == "dense" else FAST_LOGREG
+    values = dict(head=head, features=cache, models=models, head_params=dict(params), progress=False)
+    values.update(overrides)
+    return TrainOptions(**values)
+
+
+@pytest.mark.parametrize("head", ["logreg", "dense"])
+def test_heads_learn_a_known_separation_and_stay_at_chance_on_shuffled_labels(
+        tmp_path: Path, separable_cache: Path, head: str) -> None:
+    run = train_head(_options(separable_cache, tmp_path / "models", head))
+    assert run.metrics["test"]["accuracy"] >= 0.95
+    assert run.metrics["validation"]["accuracy"] >= 0.95
+
+    features, labels, splits = clustered_features(450, len(CLASSES), seed=1)
+    shuffled = np.random.default_rng(7).permutation(labels)
+    noise = write_feature_cache(tmp_path / "features" / "shuffled", features, shuffled, splits, CLASSES)
+    chance = train_head(_options(noise, tmp_path / "models", head))
+    assert chance.metrics["test"]["accuracy"] < 0.5  # chance is 1/3 with 90 test images
+
+
+def test_a_run_directory_holds_every_report(tmp_path: Path, separable_cache: Path) -> None:
+    for head in ("dense", "logreg"):
+        run = train_head(_options(separable_cache, tmp_path / "models", head))
+        names = {p.name for p in run.directory.iterdir()}
+        assert {"config.json", "labels.txt", "metrics.json", "classification_report.txt", "confusion_matrix.csv",
+                "confusion_matrix.png", "history.csv", "curves.png", "misclassified.csv", "head.json"} <= names
+        metrics = json.loads((run.directory / "metrics.json").read_text())
+        for split in ("train", "validation", "test"):
+            assert {"accuracy", "mean_per_class_accuracy", "macro_f1", "loss"} <= set(metrics[split])
+        config = json.loads((run.directory / "config.json").read_text())
+        assert config["features"]["fingerprint"]["backbone"] == "vgg16" and config["head"]["kind"] == head
+        assert (run.directory / "labels.txt").read_text().split() == CLASSES
+        matrix = (run.directory / "confusion_matrix.csv").read_text().splitlines()
+        assert len(matrix) == 1 + len(CLASSES) and matrix[0].endswith("class_accuracy")
+        history = (run.directory / "history.csv").read_text().splitlines()[0]
+        assert ("learning_rate" in history) if head == "dense" else ("validation_accuracy" in history)
+        mistakes = (run.directory / "misclassified.csv").read_text().splitlines()
+        wrong = round((1 - metrics["test"]["accuracy"]) * metrics["test"]["images"])
+        assert len(mistakes) == 1 + wrong
+    assert not list((tmp_path / "models").glob(".*")), "no staging directories left behind"
+
+
+def _fitted(head_kind: str, cache: Path) -> tuple[Head, dict[str, SplitData]]:
+    store = FeatureStore(cache)
+    splits = load_splits(store, FeatureView.for_cache(store))
+    head = make_head(head_kind, CLASSES, FAST_DENSE if head_kind == "dense" else FAST_LOGREG)
+    head.fit(splits["train"], splits["validation"], progress=False)
+    return head, splits
+
+
+@pytest.mark.parametrize("head_kind", ["logreg", "dense"])
+def test_saved_and_loaded_heads_predict_identically(tmp_path: Path, separable_cache: Path, head_kind: str) -> None:
+    head, splits = _fitted(head_kind, separable_cache)
+    before = head.predict_proba(splits["test"])
+    head.save(tmp_path)
+    after = Head.load(tmp_path).predict_proba(splits["test"])
+    np.testing.assert_array_equal(before, after)
+
+
+def test_logreg_loads_from_portable_arrays_under_another_scikit_learn(tmp_path: Path, separable_cache: Path) -> None:
+    head, splits = _fitted("logreg", separable_cache)
+    head.save(tmp_path)
+    sidecar = json.loads((tmp_path / "head.json").read_text())
+    sidecar["versions"]["scikit-learn"] = "0.0.1"
+    unreadable = b"a pickle this version cannot read"
+    (tmp_path / LogRegHead.MODEL_FILE).write_bytes(unreadable)
+    sidecar["files"][LogRegHead.MODEL_FILE] = hashlib.sha256(unreadable).hexdigest()
+    (tmp_path / "head.json").write_text(json.dumps(sidecar))
+    loaded = Head.load(tmp_path)
+    np.testing.assert_allclose(loaded.predict_proba(splits["test"]), head.predict_proba(splits["test"]), rtol=1e-10)
+
+
+def test_a_damaged_head_file_is_refused(tmp_path: Path, separable_cache: Path) -> None:
+    head, _ = _fitted("logreg", separable_cache)
+    head.save(tmp_path)
+    with open(tmp_path / LogRegHead.PORTABLE_FILE, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    with pytest.raises(PipelineError, match="checksum"):
+        Head.load(tmp_path)
+
+
+@pytest.mark.parametrize("classes", [CLASSES, CLASSES[:2]])
+def test_streamed_and_in_memory_logistic_regression_agree(tmp_path: Path, classes: list[str]) -> None:
+    features, labels, splits = clustered_features(400, len(classes), seed=3, separation=0.4)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, splits, classes, shard_size=48)
+    params = {"c_grid": "1e-3:1e1:9", "n_jobs": 1, "tol": 1e-8}
+    in_memory = train_head(_options(cache, tmp_path / "models", "logreg", name="memory", head_params=params))
+    streamed = train_head(_options(cache, tmp_path / "models", "logreg", name="streamed", head_params=params,
+                                   stream=True))
+    assert in_memory.in_memory and not streamed.in_memory
+    assert streamed.config["head"]["chosen_C"] == in_memory.config["head"]["chosen_C"]
+    memory_head, streamed_head = Head.load(in_memory.directory), Head.load(streamed.directory)
+    memory_params, streamed_params = memory_head.linear_parameters(), streamed_head.linear_parameters()
+    np.testing.assert_allclose(streamed_params["mean"], memory_params["mean"], rtol=1e-5, atol=1e-6)
+    # scikit-learn solves in the data's float32, the streamed solver in float64: equal to float32 precision
+    np.testing.assert_allclose(streamed_params["coef"], memory_params["coef"], atol=1e-3)
+    np.testing.assert_allclose(streamed_params["intercept"], memory_params["intercept"], atol=1e-3)
+    test = load_splits(FeatureStore(cache), FeatureView.for_cache(FeatureStore(cache)))["test"]
+    memory_proba, streamed_proba = memory_head.predict_proba(test), streamed_head.predict_proba(test)
+    np.testing.assert_allclose(streamed_proba, memory_proba, atol=1e-3)
+    np.testing.assert_array_equal(streamed_proba.argmax(axis=1), memory_proba.argmax(axis=1))
+    for split in ("train", "validation", "test"):
+        assert streamed.metrics[split] == pytest.approx(in_memory.metrics[split], rel=1e-3)
+
+
+def test_streamed_dense_head_learns_and_a_small_memory_budget_streams(tmp_path: Path, separable_cache: Path) -> None:
+    run = train_head(_options(separable_cache, tmp_path / "models", "dense", memory_budget=1024))
+    assert not run.in_memory and run.config["read"] == "streamed by shard"
+    assert run.metrics["test"]["accuracy"] >= 0.95
+
+
+def test_streamed_blocks_mix_every_shard(tmp_path: Path) -> None:
+    """Shards written class by class still give mixed training blocks when streamed."""
+    features, labels, splits = clustered_features(200, 2, seed=0)
+    order = np.argsort(labels, kind="stable")
+    cache = write_feature_cache(tmp_path / "cache", features[order], labels[order], [splits[i] for i in order],
+                                ["a", "b"], shard_size=50)
+    train = load_splits(FeatureStore(cache), FeatureView.for_cache(FeatureStore(cache)), stream=True)["train"]
+    permutation = np.random.default_rng(0).permutation(len(train))
+    blocks = list(train.chunks(rows=train.shard_rows, order=permutation))
+    assert all(len(np.unique(block_labels)) == 2 for _, block_labels in blocks)
+    vectors = np.concatenate([v for v, _ in blocks])
+    in_memory = load_splits(FeatureStore(cache), FeatureView.for_cache(FeatureStore(cache)))["train"]
+    np.testing.assert_array_equal(vectors, in_memory.matrix[permutation])
+
+
+def test_pooling_at_read_time(tmp_path: Path, separable_cache: Path) -> None:
+    store = FeatureStore(separable_cache)
+    maps = store.read("test").features["block5_pool"]
+    for pooling, expected in (("avg", maps.mean(axis=(1, 2))), ("max", maps.max(axis=(1, 2))),
+                              ("none", maps.reshape(len(maps), -1))):
+        view = FeatureView.for_cache(store, pooling=pooling)
+        test = load_splits(store, view)["test"]
+        np.testing.assert_allclose(test.matrix, expected, rtol=1e-6)
+        assert test.dimension == view.dimension(store.manifest["feature_shapes"])
+    features, labels, splits = clustered_features(60, 2, shape=(8,))
+    pooled = write_feature_cache(tmp_path / "pooled", features, labels, splits, ["a", "b"], pooling="avg")
+    with pytest.raises(PipelineError, match="avg-pooled"):
+        FeatureView.for_cache(FeatureStore(pooled), pooling="max")
+
+
+def test_a_head_run_builds_and_calls_no_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    import keras
+
+    from pipeline import backbones
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    cache = extract_features(tiny_options(data, tmp_path / "features", pooling="avg")).cache_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a head run must not touch the backbone")
+
+    monkeypatch.setattr(backbones, "build_backbone", refuse)
+    monkeypatch.setattr(backbones, "FeatureExtractor", refuse)
+    monkeypatch.setattr(keras.applications, "VGG16", refuse)
+    monkeypatch.setattr(keras.applications, "ResNet50", refuse)
+    models = tmp_path / "models"
+    for head in ("logreg", "dense"):
+        extra = ["--epochs", "2"] if head == "dense" else ["--c-grid", "0.1,1"]
+        code = main(["train-head", "--head", head, "--cache", str(tmp_path / "features"), "--models", str(models),
+                     "--no-progress", *extra])
+        assert code == 0
+    assert code == main(["runs", "--models", str(models)]) == 0
+    assert len(report.collect_runs(models)) == 2
+    assert str(cache.name) in json.loads(next(models.glob("*/config.json")).read_text())["features"]["directory"]
+
+
+def test_runs_table_and_evaluate(tmp_path: Path, separable_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    models = tmp_path / "models"
+    dense = train_head(_options(separable_cache, models, "dense", name="the-dense"))
+    logreg = train_head(_options(separable_cache, models, "logreg", name="the-logreg"))
+    rows = report.collect_runs(models)
+    assert [r["name"] for r in rows] == sorted(
+        ["the-dense", "the-logreg"], key=lambda n: -{"the-dense": dense, "the-logreg": logreg}[n]
+        .metrics["validation"]["accuracy"])
+    capsys.readouterr()
+    assert main(["runs", "--models", str(models), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in listed} == {"the-dense", "the-logreg"}
+    assert main(["runs", "--models", str(models)]) == 0
+    table = capsys.readouterr().out
+    assert "the-dense" in table and "val acc" in table and "randomly initialised" in table
+
+    (logreg.directory / "metrics.json").unlink()
+    (logreg.directory / "classification_report.txt").unlink()
+    again = evaluate_run(logreg.directory)
+    assert again.metrics == logreg.metrics
+    assert (logreg.directory / "classification_report.txt").is_file()
+    evaluate_run(dense.directory, split="validation")
+    assert (dense.directory / "validation" / "confusion_matrix.csv").is_file()
+
+
+def test_evaluate_refuses_a_cache_of_another_fingerprint(tmp_path: Path, separable_cache: Path) -> None:
+    run = train_head(_options(separable_cache, tmp_path / "models", "logreg"))
+    features, labels, splits = clustered_features(450, len(CLASSES), seed=1, shape=(8,))
+    other = write_feature_cache(tmp_path / "other", features, labels, splits, CLASSES, pooling="avg")
+    with pytest.raises(PipelineError, match="another fingerprint"):
+        evaluate_run(run.directory, features=other)
+
+
+def test_the_default_features_are_the_latest_cache(tmp_path: Path) -> None:
+    features, labels, splits = clustered_features(60, 2)
+    write_feature_cache(tmp_path / "older", features, labels, splits, ["a", "b"])
+    newer = write_feature_cache(tmp_path / "newer", features, labels, splits, ["a", "b"])
+    assert open_cache(None, tmp_path).directory == newer
+    assert open_cache(Path("older"), tmp_path).directory == tmp_path / "older"
+
+
+def test_accuracy_gate(tmp_path: Path, separable_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    common = ["train-head", "--head", "logreg", "--features", str(separable_cache), "--models",
+              str(tmp_path / "models"), "--c-grid", "0.1,1", "--no-progress"]
+    assert main([*common, "--assert-accuracy-at-least", "0.9"]) == 0
+    assert main([*common, "--assert-accuracy-at-least", "1.01"]) == 1
+    assert "below --assert-accuracy-at-least 1.01" in capsys.readouterr().err
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], expected: str) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_clear_errors(tmp_path: Path, separable_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    train = ["train-head", "--models", str(tmp_path / "models"), "--no-progress"]
+    _one_line_error(capsys, [*train, "--features", str(tmp_path / "nowhere")], "does not exist")
+    (tmp_path / "plain").mkdir()
+    _one_line_error(capsys, [*train, "--features", str(tmp_path / "plain")], "not a feature cache")
+    _one_line_error(capsys, [*train, "--cache", str(tmp_path / "plain")], "no feature cache under")
+    _one_line_error(capsys, [*train, "--features", str(separable_cache), "--head", "svm"], "unknown head 'svm'")
+    _one_line_error(capsys, [*train, "--features", str(separable_cache), "--units", "8"],
+                    "--units does not apply to --head logreg")
+    _one_line_error(capsys, [*train, "--features", str(separable_cache), "--layer", "block4_pool"],
+                    "not in this cache")
+
+    features, labels, splits = clustered_features(60, 2)
+    one_class = write_feature_cache(tmp_path / "one", features, np.zeros_like(labels), splits, ["a", "b"])
+    _one_line_error(capsys, [*train, "--features", str(one_class)], "one class only")
+    only = write_feature_cache(tmp_path / "only", features, np.zeros_like(labels), splits, ["a"])
+    _one_line_error(capsys, [*train, "--features", str(only)], "has one class")
+    no_validation = write_feature_cache(tmp_path / "noval", features, labels,
+                                        ["test" if s == "validation" else s for s in splits], ["a", "b"])
+    _one_line_error(capsys, [*train, "--features", str(no_validation)], "validation split")
+    _one_line_error(capsys, ["evaluate", "--model", str(tmp_path / "models" / "nothing")], "does not exist")
+    run = train_head(_options(separable_cache, tmp_path / "models", "logreg", name="broken"))
+    (run.directory / "head.json").unlink()
+    _one_line_error(capsys, ["evaluate", "--model", str(run.directory)], "head.json is missing")
