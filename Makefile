@@ -22,12 +22,15 @@ $(STAMP): requirements.txt
 demo: setup
 	$(PY) run_pipeline.py demo-data --out data/elpv
 	$(PY) run_pipeline.py extract --data data/elpv
+	$(PY) run_pipeline.py train-head --head logreg
+	$(PY) run_pipeline.py train-head --head dense
+	$(PY) run_pipeline.py runs
 
 test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline tests run_pipeline.py
+	$(VENV)/bin/ruff check pipeline tests bench run_pipeline.py
 
 clean-cache:
 	rm -rf features/*/ models/*/

@@ -147,9 +147,12 @@ class SplitData:
                     block = order[start:start + rows]
                     yield self.matrix[block], self.labels[block]
             return
-        if order is None:
-            for part in self._store.iter_shards(self.name, self._view.layers):
-                yield self._view.vectors(part.features), part.labels
+        if order is None:  # shard by shard; the rows of a split are grouped by shard already
+            shards = self._locations[:, 0]
+            for number in np.unique(shards):
+                block = np.flatnonzero(shards == number)
+                features = self._store.read_rows(self._locations[block], self._view.layers)
+                yield self._view.vectors(features), self.labels[block]
             return
         for start in range(0, len(self), rows):
             block = order[start:start + rows]

@@ -189,11 +189,30 @@ def read_shard_rows(path: Path, layers: Sequence[str], indices: Sequence[int] | 
                 _decode(handle["sha256"][selection]),
                 handle["labels"][selection].astype(np.int32),
                 _decode(handle["splits"][selection]),
-                {name: handle["features"][name][selection] for name in layers},
+                {name: _read_selection(handle["features"][name], selection) for name in layers},
             )
     except (OSError, KeyError) as error:
         raise _damaged(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     return rows if order is None else rows.take(order)
+
+
+def read_shard_features(path: Path, layers: Sequence[str], indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Features of `layers` at row `indices` (any order) of a shard, without its text columns."""
+    wanted = np.asarray(indices, dtype=np.int64)
+    selection, order = np.unique(wanted, return_inverse=True)
+    try:
+        with h5py.File(path, "r") as handle:
+            return {name: _read_selection(handle["features"][name], selection)[order] for name in layers}
+    except (OSError, KeyError) as error:
+        raise _damaged(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+
+
+def _read_selection(dataset: h5py.Dataset, selection: Any) -> np.ndarray:
+    """Rows of a dataset. h5py reads a long list of indices row by row, which is far slower than
+    reading the whole (shard-sized) dataset and selecting in memory; few rows are read directly."""
+    if isinstance(selection, slice) or len(selection) * 8 < dataset.shape[0]:
+        return dataset[selection]
+    return dataset[()][selection]
 
 
 def write_shard(path: Path, rows: Rows, class_names: Sequence[str], fingerprint: Fingerprint) -> str:
@@ -325,16 +344,19 @@ class FeatureStore:
         self.shards = [self.directory / name for name in sorted(listed)]
         self._uuids = listed
 
+    def _check_uuid(self, shard: ShardIndex) -> None:
+        if shard.uuid != self._uuids[shard.path.name]:
+            raise PipelineError(
+                f"{shard.path} changed after the manifest was written (interrupted extract?): "
+                "rerun the same extract command"
+            )
+
     def iter_shards(self, split: str | None = None, layers: Sequence[str] | None = None) -> Iterator[FeatureSet]:
         """One FeatureSet per shard: memory stays bounded by the shard size."""
         layers = tuple(layers or self.layers)
         for path in self.shards:
             index = read_shard_index(path, self.fingerprint)
-            if index.uuid != self._uuids[path.name]:
-                raise PipelineError(
-                    f"{path} changed after the manifest was written (interrupted extract?): "
-                    "rerun the same extract command"
-                )
+            self._check_uuid(index)
             chosen = [i for i, s in enumerate(index.splits) if split is None or s == split]
             if chosen:
                 rows = read_shard_rows(path, layers, chosen)
@@ -346,6 +368,7 @@ class FeatureStore:
         labels, paths, locations = [], [], []
         for number, path in enumerate(self.shards):
             shard = read_shard_index(path, self.fingerprint)
+            self._check_uuid(shard)
             chosen = np.array([i for i, s in enumerate(shard.splits) if split is None or s == split], np.int64)
             labels.append(shard.labels[chosen])
             paths.extend(shard.paths[i] for i in chosen)
@@ -360,11 +383,11 @@ class FeatureStore:
         out: dict[str, np.ndarray] = {}
         for number in np.unique(locations[:, 0]):
             where = np.flatnonzero(locations[:, 0] == number)
-            rows = read_shard_rows(self.shards[number], layers, locations[where, 1])
+            features = read_shard_features(self.shards[number], layers, locations[where, 1])
             for name in layers:
                 if name not in out:
-                    out[name] = np.empty((len(locations), *rows.features[name].shape[1:]), np.float32)
-                out[name][where] = rows.features[name]
+                    out[name] = np.empty((len(locations), *features[name].shape[1:]), np.float32)
+                out[name][where] = features[name]
         return out
 
     def read(self, split: str | None = None, layers: Sequence[str] | None = None) -> FeatureSet:
