@@ -111,6 +111,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
 
+    tune = commands.add_parser("finetune", help="stage three: train the best head end to end with its backbone")
+    tune.add_argument("--from", dest="source", default="best",
+                      help="a head run directory, or best (highest validation accuracy; default)")
+    tune.add_argument("--models", type=Path, default=Path("models"))
+    tune.add_argument("--name", default=None, help="run name (default: <head run>-finetuned-<unfreeze>)")
+    tune.add_argument("--unfreeze", default="block5",
+                      help="train from this block (block5, conv5) or layer index on; see `inspect`")
+    tune.add_argument("--epochs", type=_positive_int, default=3, help="(3: CPUs are slow; more on a GPU)")
+    tune.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (1e-4)")
+    tune.add_argument("--momentum", type=float, default=0.9)
+    tune.add_argument("--batch-size", type=_positive_int, default=16)
+    tune.add_argument("--patience", type=_positive_int, default=3, help="early stopping on val_loss")
+    tune.add_argument("--precision", default=None, choices=("fp32", "mixed-bf16", "mixed-fp16"),
+                      help="default: as the features were extracted (bf16 trains in mixed bfloat16)")
+    tune.add_argument("--augment", default="default", choices=("default", "none"),
+                      help="none switches every augmentation off")
+    tune.add_argument("--flip", default="horizontal", choices=("none", "horizontal", "vertical",
+                                                             "horizontal_and_vertical"))
+    tune.add_argument("--rotation", type=float, default=0.05, help="fraction of a full turn (0.05)")
+    tune.add_argument("--zoom", type=float, default=0.1)
+    tune.add_argument("--translation", type=float, default=0.05)
+    tune.add_argument("--contrast", type=float, default=0.1)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--no-progress", action="store_true")
+    tune.add_argument("--json", action="store_true")
+    tune.set_defaults(handler=_finetune)
+
+    guess = commands.add_parser("predict", help="top-k labels of images with any run")
+    guess.add_argument("--model", type=Path, required=True, help="a run directory, e.g. models/NAME")
+    guess.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
+    guess.add_argument("--top", type=_positive_int, default=3, help="labels per image (3)")
+    guess.add_argument("--output", type=Path, default=None, help="also write FILE.csv or FILE.json")
+    guess.set_defaults(handler=_predict)
+
+    inspect = commands.add_parser("inspect", help="a backbone's layers with indices, types and blocks")
+    inspect.add_argument("--backbone", default="vgg16")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(handler=_inspect)
+
     demo = commands.add_parser("demo-data", help="export the ELPV solar-cell images into DIR/<class>/")
     demo.add_argument("--out", type=Path, default=Path("data/elpv"))
     demo.add_argument("--classes", default="binary", choices=("binary", "4class"),
@@ -221,6 +260,52 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate_run(args.model, args.split, args.features)
     _print_run(summary, args.json, f"evaluated {summary.directory.name} ({args.split} reports written)")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from pipeline.finetune import Augmentation, FinetuneOptions, finetune
+
+    augmentation = Augmentation.off() if args.augment == "none" else Augmentation(
+        args.flip, args.rotation, args.zoom, args.translation, args.contrast)
+    summary = finetune(FinetuneOptions(
+        source=args.source, models=args.models, name=args.name, unfreeze=args.unfreeze, epochs=args.epochs,
+        lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, patience=args.patience,
+        augmentation=augmentation, precision=args.precision, seed=args.seed, progress=not args.no_progress,
+    ))
+    before = summary.config["test_before_finetune"]
+    headline = (f"fine-tuned {summary.config['from']} for {summary.config['finetune']['epochs_run']} epochs in "
+                f"{summary.seconds / 60:.1f} min; test accuracy before {before.get('accuracy', float('nan')):.2%}, "
+                f"after {summary.metrics['test'].get('accuracy', float('nan')):.2%}")
+    _print_run(summary, args.json, headline)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import predict, predictions_table, write_predictions
+
+    results = predict(args.model, args.images, args.top)
+    print(predictions_table(results))
+    if args.output:
+        write_predictions(results, args.output)
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        print(f"error: {failed} of {len(results)} files could not be read as images", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.classifier import describe_layers
+
+    rows = describe_layers(args.backbone)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'index':>5}  {'name':<28} {'type':<22} {'block':<8} {'parameters':>10}  output")
+    for row in rows:
+        print(f"{row['index']:>5}  {row['name']:<28} {row['type']:<22} {row['block']:<8} {row['parameters']:>10}  "
+              f"{row['output_shape']}")
     return 0
 
 

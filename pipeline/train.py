@@ -12,16 +12,18 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import report
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, Head, make_head
-from pipeline.reader import FeatureView, SplitData, load_splits, open_cache
+from pipeline.reader import FeatureView, load_splits, open_cache
 from pipeline.store import SPLITS, FeatureStore
 
 LABELS_FILE = "labels.txt"
@@ -70,7 +72,7 @@ def default_run_name(kind: str, store: FeatureStore, view: FeatureView, params: 
             f"{layers}-{view.pooling}-{digest}")
 
 
-def _check_run_name(name: str) -> str:
+def check_run_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
         raise PipelineError(
             f"run name {name!r}: use letters, digits and . _ + = - (no slashes, not starting with a dot)"
@@ -97,15 +99,16 @@ def staged_directory(final: Path) -> Iterator[Path]:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def score_run(directory: Path, head: Head, splits: Mapping[str, SplitData], class_names: list[str],
-              title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
-    """metrics.json for every split, and the reports of `report_split` (at the top of the run
-    directory for the test split, in a subfolder named after any other). Returns the metrics and
-    the report text."""
+def score_run(directory: Path, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any],
+              class_names: list[str], title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
+    """metrics.json for every split (`splits` maps a split to something with labels and paths;
+    `predict(split)` gives its probabilities), and the reports of `report_split` (at the top of the
+    run directory for the test split, in a subfolder named after any other). Returns the metrics
+    and the report text."""
     metrics: dict[str, Any] = {}
     text = ""
     for split, data in splits.items():
-        proba = head.predict_proba(data)
+        proba = predict(split)
         metrics[split] = report.split_metrics(data.labels, proba, class_names)
         if split == report_split and len(data):
             target = directory if split == REPORTED_SPLIT else directory / split
@@ -126,7 +129,7 @@ def train_head(options: TrainOptions) -> RunSummary:
     if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
         params["seed"] = options.seed
     head = make_head(options.head, store.class_names, params)
-    name = _check_run_name(options.name or default_run_name(head.kind, store, view, head.params, options.seed))
+    name = check_run_name(options.name or default_run_name(head.kind, store, view, head.params, options.seed))
     splits = load_splits(store, view, options.memory_budget, options.stream)
     train, validation = splits["train"], splits["validation"]
 
@@ -143,6 +146,7 @@ def train_head(options: TrainOptions) -> RunSummary:
             "fingerprint": store.fingerprint.as_dict(),
             "fingerprint_digest": store.fingerprint.digest(),
             "pretrained": store.manifest.get("weights", {}).get("pretrained", True),
+            "weights": store.manifest.get("weights", {}),
             "class_names": store.class_names,
             "counts": {split: len(data) for split, data in splits.items()},
         },
@@ -159,7 +163,8 @@ def train_head(options: TrainOptions) -> RunSummary:
         (directory / report.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (directory / LABELS_FILE).write_text("".join(f"{n}\n" for n in store.class_names))
         report.write_history(directory, history, "epochs" if head.kind == "dense" else "C")
-        metrics, text = score_run(directory, head, splits, store.class_names, name)
+        metrics, text = score_run(directory, lambda split: head.predict_proba(splits[split]), splits,
+                                  store.class_names, name)
     return RunSummary(final, metrics, seconds, text, train.in_memory, config)
 
 
@@ -211,8 +216,11 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     run = Path(run)
     config = read_run_config(run)
+    if config.get("kind") != "head":
+        raise PipelineError(f"{run} is a {config.get('kind')} run: evaluate re-scores head runs; its reports are in it")
     store, view = open_run_features(config, features, cache_root)
     head = Head.load(run)
     splits = load_splits(store, view, memory_budget)
-    metrics, text = score_run(run, head, splits, store.class_names, config["name"], split)
+    metrics, text = score_run(run, lambda name: head.predict_proba(splits[name]), splits, store.class_names,
+                              config["name"], split)
     return RunSummary(run, metrics, config.get("seconds", 0.0), text, splits["train"].in_memory, config)

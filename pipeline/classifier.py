@@ -1,0 +1,161 @@
+"""One Keras model from raw pixels to class probabilities: the run's preprocessing, its backbone
+rebuilt exactly as its feature cache was made, the cached layers pooled or flattened as the head
+read them, and the head (a logistic regression becomes an equivalent Dense softmax layer).
+
+Used by finetune (to train it end to end) and predict (to run any head run on images).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.backbones import PREPROCESSING, build_backbone, get_backbone
+from pipeline.errors import PipelineError
+from pipeline.heads import DenseHead, Head, LogRegHead
+from pipeline.reader import FeatureView
+from pipeline.store import Fingerprint
+from pipeline.weights import ResolvedWeights, resolve_weights
+
+TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
+
+
+@keras.saving.register_keras_serializable(package="bottleneck")
+class ImagePreprocessing(keras.layers.Layer):
+    """Pixels 0..255 of any size (RGB) -> the backbone's input: squashed to a square by area
+    averaging when shrinking and bilinear when growing (as extract does), then the weights'
+    normalisation. Lives inside exported models so serving cannot preprocess differently."""
+
+    def __init__(self, image_size: int, mode: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING:
+            raise PipelineError(f"unknown preprocessing {mode!r}")
+        self.image_size = int(image_size)
+        self.mode = mode
+
+    def call(self, images: tf.Tensor) -> tf.Tensor:
+        images = tf.cast(images, tf.float32)
+        size = (self.image_size, self.image_size)
+        shape = tf.shape(images)
+        shrinks = tf.logical_and(shape[1] >= self.image_size, shape[2] >= self.image_size)
+        images = tf.cond(shrinks, lambda: tf.image.resize(images, size, method="area"),
+                         lambda: tf.image.resize(images, size, method="bilinear"))
+        return PREPROCESSING[self.mode](images)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], self.image_size, self.image_size, 3)
+
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config() | {"image_size": self.image_size, "mode": self.mode}
+
+
+def weights_for(fingerprint: Fingerprint, recorded_path: str | None) -> ResolvedWeights:
+    """The weights a cache was made with, found again and checked against its checksum."""
+    spec = get_backbone(fingerprint.backbone)
+    choice = {"torchvision": "torchvision", "keras": "keras", "none": "none"}.get(
+        fingerprint.weights_source, recorded_path or "")
+    weights = resolve_weights(fingerprint.backbone, choice, spec.keras_weights, spec.pretrained_default,
+                              fingerprint.preprocessing)
+    if weights.identity != fingerprint.weights_identity:
+        raise PipelineError(
+            f"the {fingerprint.backbone} weights found now ({weights.describe()['path']}) differ from those the "
+            "features were extracted with (checksum mismatch): restore them, or extract and train again"
+        )
+    return weights
+
+
+def logistic_as_dense(head: LogRegHead) -> keras.layers.Dense:
+    """A Dense softmax layer computing the same probabilities as scaler + logistic regression:
+    z = ((x - mean) / scale) W + b = x (W / scale) + (b - (mean / scale) W). Two classes (one
+    binomial row w) become the softmax over (0, z), since sigmoid(z) = softmax(0, z)[1]."""
+    parameters = head.linear_parameters()
+    coef = np.asarray(parameters["coef"], np.float64)
+    intercept = np.asarray(parameters["intercept"], np.float64)
+    if coef.shape[0] == 1:
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    mean, scale = np.asarray(parameters["mean"], np.float64), np.asarray(parameters["scale"], np.float64)
+    kernel = (coef / scale).T
+    bias = intercept - (mean / scale) @ coef.T
+    layer = keras.layers.Dense(len(head.class_names), activation="softmax", name="logistic_regression",
+                               dtype="float32")
+    layer.build((None, kernel.shape[0]))
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return layer
+
+
+def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
+    """The Keras twin of FeatureView.vectors: each map pooled or flattened, then concatenated."""
+    parts = []
+    for name, tensor in zip(view.layers, outputs):
+        tensor = keras.layers.Activation("linear", dtype="float32", name=f"{name}_float32")(tensor)
+        if len(tensor.shape) == 4:
+            pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D,
+                    "none": keras.layers.Flatten}[view.pooling]
+            tensor = pool(name=f"{name}_{view.pooling}")(tensor)
+        parts.append(tensor)
+    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
+
+
+def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: FeatureView, head: Head,
+                     precision: str | None = None) -> tuple[keras.Model, keras.Model]:
+    """(classifier, backbone). The classifier takes (batch, height, width, 3) pixels in 0..255 and
+    returns probabilities; the backbone inside is frozen and always called with training=False, so
+    BatchNormalization keeps its moving statistics even when layers are unfrozen later."""
+    spec = get_backbone(fingerprint.backbone)
+    backbone = build_backbone(spec, fingerprint.image_size, precision or fingerprint.precision, weights)
+    extractor = keras.Model(backbone.input, [backbone.get_layer(name).output for name in view.layers],
+                            name=f"{spec.name}_features")
+    pixels = keras.Input((None, None, 3), name="pixels", dtype="float32")
+    images = ImagePreprocessing(fingerprint.image_size, fingerprint.preprocessing, name="preprocessing")(pixels)
+    outputs = extractor(images, training=False)
+    outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+    vector = feature_vector(list(outputs), view)  # a pooled cache has view.pooling == its pooling
+    if isinstance(head, LogRegHead):
+        probabilities = logistic_as_dense(head)(vector)
+    elif isinstance(head, DenseHead):
+        probabilities = head.model(vector)
+    else:
+        raise PipelineError(f"cannot put a {head.kind} head on a backbone")
+    return keras.Model(pixels, probabilities, name="classifier"), backbone
+
+
+def unfreeze(backbone: keras.Model, point: str) -> list[str]:
+    """Make the backbone trainable from `point` on: a block name (block5, conv5) or a layer index
+    (as in the seeds: 15 for VGG16's block5). BatchNormalization layers stay frozen. Returns the
+    names of the layers that now train."""
+    layers = backbone.layers
+    if point.isdigit():
+        start = int(point)
+        if not 0 < start < len(layers):
+            raise PipelineError(f"--unfreeze {point}: {backbone.name} has layers 0..{len(layers) - 1}")
+    else:
+        matches = [i for i, layer in enumerate(layers) if layer.name == point or layer.name.startswith(point + "_")]
+        if not matches:
+            blocks = sorted({block_name(layer.name) for layer in layers})
+            raise PipelineError(f"--unfreeze {point}: {backbone.name} has no such block; blocks: {', '.join(blocks)}")
+        start = matches[0]
+    backbone.trainable = True
+    trained = []
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable and layer.weights:
+            trained.append(layer.name)
+    return trained
+
+
+def block_name(layer_name: str) -> str:
+    return layer_name.split("_")[0]
+
+
+def describe_layers(backbone_name: str) -> list[dict[str, Any]]:
+    """Index, name, type, block and parameter count of every layer of a backbone (random weights)."""
+    spec = get_backbone(backbone_name)
+    model = spec.constructor(include_top=False, weights=None,
+                             input_shape=(spec.default_image_size, spec.default_image_size, 3))
+    return [{"index": i, "name": layer.name, "type": type(layer).__name__, "block": block_name(layer.name),
+             "parameters": int(sum(np.prod(w.shape) for w in layer.weights)),
+             "output_shape": str(tuple(layer.output.shape[1:]))} for i, layer in enumerate(model.layers)]

@@ -1,0 +1,203 @@
+"""Stage three: put a trained head back on its backbone, unfreeze the top block, train end to end
+with augmentation on the training split, and export a model that takes raw images."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import report
+from pipeline.classifier import TRAINING_POLICY, build_classifier, unfreeze, weights_for
+from pipeline.dataset import decode_and_resize
+from pipeline.errors import PipelineError
+from pipeline.heads import Head
+from pipeline.store import SPLITS, FeatureStore
+from pipeline.train import (
+    LABELS_FILE,
+    RunSummary,
+    check_run_name,
+    open_run_features,
+    read_run_config,
+    score_run,
+    staged_directory,
+)
+
+MODEL_FILE = "model.keras"
+
+
+@dataclass
+class Augmentation:
+    """Keras preprocessing layers applied to training batches only; zero switches one off."""
+
+    flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
+    rotation: float = 0.05  # fraction of a full turn
+    zoom: float = 0.1
+    translation: float = 0.05
+    contrast: float = 0.1
+
+    @classmethod
+    def off(cls) -> Augmentation:
+        return cls("none", 0.0, 0.0, 0.0, 0.0)
+
+    def layers(self, seed: int) -> list[keras.layers.Layer]:
+        layers: list[keras.layers.Layer] = []
+        if self.flip != "none":
+            layers.append(keras.layers.RandomFlip(self.flip, seed=seed))
+        if self.rotation:
+            layers.append(keras.layers.RandomRotation(self.rotation, fill_mode="reflect", seed=seed))
+        if self.zoom:
+            layers.append(keras.layers.RandomZoom(self.zoom, fill_mode="reflect", seed=seed))
+        if self.translation:
+            layers.append(keras.layers.RandomTranslation(self.translation, self.translation, fill_mode="reflect",
+                                                         seed=seed))
+        if self.contrast:
+            layers.append(keras.layers.RandomContrast(self.contrast, value_range=(0, 255), seed=seed))
+        return layers
+
+
+@dataclass
+class FinetuneOptions:
+    source: str = "best"  # a run directory, or "best": the head run with the highest validation accuracy
+    models: Path = Path("models")
+    name: str | None = None
+    unfreeze: str = "block5"
+    epochs: int = 3
+    lr: float = 1e-4
+    momentum: float = 0.9
+    batch_size: int = 16
+    patience: int = 3
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    precision: str | None = None  # default: as the cache (bf16 caches train in mixed bfloat16)
+    seed: int = 0
+    progress: bool = True
+
+
+def best_head_run(models: Path) -> Path:
+    rows = [r for r in report.collect_runs(models) if r.get("kind") == "head" and r.get("validation_accuracy")]
+    if not rows:
+        raise PipelineError(f"no head run under {models}/: train one with `run_pipeline.py train-head` first")
+    return Path(models) / rows[0]["name"]
+
+
+def image_records(store: FeatureStore, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """Absolute file paths, labels and cache-relative paths of a split's images."""
+    root = Path(store.manifest.get("dataset", {}).get("root", ""))
+    labels, paths, _ = store.index(split)
+    files = [str(root / p) for p in paths]
+    missing = [f for f in files[:50] if not Path(f).is_file()]
+    if missing:
+        raise PipelineError(
+            f"the images of {store.directory} are no longer under {root} ({missing[0]} is missing): "
+            "move them back, or extract from their new place and train a head on that cache"
+        )
+    return files, labels, paths
+
+
+def image_dataset(files: list[str], labels: np.ndarray, image_size: int, batch_size: int,
+                  augmentation: list[keras.layers.Layer] | None = None, shuffle_seed: int | None = None) -> Any:
+    """Decoded, squashed images (pixels 0..255) with labels, as extract decodes them."""
+    dataset = tf.data.Dataset.from_tensor_slices((files, labels.astype(np.int32)))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(lambda f, y: (decode_and_resize(f, image_size), y), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
+    if augmentation:
+        pipeline = keras.Sequential(augmentation)
+        dataset = dataset.map(lambda x, y: (pipeline(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _predict(model: keras.Model, files: list[str], image_size: int, batch_size: int) -> np.ndarray:
+    if not files:
+        return np.zeros((0, model.output_shape[-1]))
+    dataset = image_dataset(files, np.zeros(len(files), np.int32), image_size, batch_size).map(lambda x, y: x)
+    return np.asarray(model.predict(dataset, verbose=0), np.float64)
+
+
+class _Labelled:
+    def __init__(self, labels: np.ndarray, paths: list[str]) -> None:
+        self.labels, self.paths = labels, paths
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def finetune(options: FinetuneOptions) -> RunSummary:
+    source = best_head_run(options.models) if options.source == "best" else Path(options.source)
+    config = read_run_config(source)
+    if config.get("kind") != "head":
+        raise PipelineError(f"{source} is a {config.get('kind')} run: fine-tune starts from a head run")
+    store, view = open_run_features(config)
+    fingerprint = store.fingerprint
+    head = Head.load(source)
+    weights = weights_for(fingerprint, store.manifest.get("weights", {}).get("path"))
+    precision = options.precision or TRAINING_POLICY[fingerprint.precision]
+    keras.utils.set_random_seed(options.seed)
+    model, backbone = build_classifier(fingerprint, weights, view, head, precision)
+    records = {split: image_records(store, split) for split in SPLITS}
+    size, batch = fingerprint.image_size, options.batch_size
+    name = check_run_name(options.name or f"{source.name}-finetuned-{options.unfreeze}")
+
+    before = _predict(model, records["test"][0], size, batch)
+    test_before = report.split_metrics(records["test"][1], before, store.class_names)
+
+    trained_layers = unfreeze(backbone, options.unfreeze)
+    for layer in model.layers:  # the head layers train too
+        if layer is not backbone and not layer.name.endswith("_features"):
+            layer.trainable = True
+    model.compile(optimizer=keras.optimizers.SGD(options.lr, momentum=options.momentum),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
+    augmentation = options.augmentation.layers(options.seed)
+    train = image_dataset(*records["train"][:2], size, batch, augmentation, shuffle_seed=options.seed)
+    validation = image_dataset(*records["validation"][:2], size, batch)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, options.patience // 2),
+                                          min_lr=1e-7),
+    ]
+    started = time.perf_counter()
+    history = model.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks, shuffle=False,
+                        verbose=(1 if sys.stdout.isatty() else 2) if options.progress else 0)
+    seconds = time.perf_counter() - started
+    rows = [{"epoch": i + 1} | {k: float(v[i]) for k, v in history.history.items()}
+            for i in range(len(history.history["loss"]))]
+
+    probabilities = {split: _predict(model, records[split][0], size, batch) for split in SPLITS}
+    run_config = {
+        "name": name,
+        "kind": "finetune",
+        "from": str(source.resolve()),
+        "head": config["head"],
+        "features": config["features"],
+        "view": config["view"],
+        "finetune": {
+            "unfreeze": options.unfreeze, "trained_layers": trained_layers, "epochs": options.epochs,
+            "epochs_run": len(rows), "optimizer": "sgd", "lr": options.lr, "momentum": options.momentum,
+            "batch_size": batch, "patience": options.patience, "precision": precision,
+            "augmentation": vars(options.augmentation), "batch_norm": "frozen, inference mode",
+        },
+        "test_before_finetune": test_before,
+        "seed": options.seed,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(records["train"][0]) * len(rows) / seconds, 2) if seconds else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    final = Path(options.models) / name
+    with staged_directory(final) as directory:
+        model.save(directory / MODEL_FILE)
+        (directory / report.CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
+        (directory / LABELS_FILE).write_text("".join(f"{n}\n" for n in store.class_names))
+        report.write_history(directory, rows, "epochs")
+        splits = {split: _Labelled(records[split][1], records[split][2]) for split in SPLITS}
+        metrics, text = score_run(directory, lambda split: probabilities[split], splits, store.class_names, name)
+        metrics["test_before_finetune"] = test_before
+        (directory / report.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    return RunSummary(final, metrics, seconds, text, True, run_config)

@@ -1,0 +1,133 @@
+"""Inference with any run: a head run (its backbone rebuilt with the head on top) or a fine-tuned
+run (its exported model). Top-k labels per image; unreadable files are reported, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+BATCH = 32
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str]
+    probabilities: list[float]
+    error: str | None = None
+
+
+def load_run_model(run: Path) -> tuple[Any, list[str], int]:
+    """(model taking pixels 0..255, class names, image size) for a head or fine-tuned run."""
+    import keras
+
+    from pipeline import classifier
+    from pipeline.finetune import MODEL_FILE
+    from pipeline.heads import Head
+    from pipeline.reader import FeatureView
+    from pipeline.store import Fingerprint
+    from pipeline.train import LABELS_FILE, read_run_config
+
+    config = read_run_config(run)
+    labels_path = Path(run) / LABELS_FILE
+    if not labels_path.is_file():
+        raise PipelineError(f"{labels_path} is missing: train the run again")
+    class_names = labels_path.read_text().split("\n")[:-1]
+    fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
+    if config.get("kind") == "finetune":
+        path = Path(run) / MODEL_FILE
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except (OSError, ValueError) as error:
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise PipelineError(f"{path} is missing or damaged ({why}): fine-tune again") from None
+    else:
+        weights = classifier.weights_for(fingerprint, config["features"].get("weights", {}).get("path"))
+        view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
+        model, _ = classifier.build_classifier(fingerprint, weights, view, Head.load(run))  # as extracted
+    if model.output_shape[-1] != len(class_names):
+        raise PipelineError(f"{labels_path} lists {len(class_names)} classes, the model has {model.output_shape[-1]}")
+    return model, class_names, fingerprint.image_size
+
+
+def image_files(targets: list[Path]) -> list[Path]:
+    """Files as given, and the images under directories (recursively, hidden entries skipped)."""
+    from pipeline.dataset import IMAGE_EXTENSIONS
+
+    files = []
+    for target in targets:
+        if target.is_dir():
+            files.extend(sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                                and not any(part.startswith(".") for part in p.relative_to(target).parts)))
+        else:
+            files.append(target)
+    return files
+
+
+def predict(run: Path, targets: list[Path], top_k: int = 3) -> list[Prediction]:
+    import tensorflow as tf
+
+    from pipeline.dataset import decode_and_resize
+
+    model, class_names, size = load_run_model(run)
+    files = image_files(targets)
+    if not files:
+        raise PipelineError(f"no images found in {', '.join(map(str, targets))}")
+    results: list[Prediction] = []
+    batch: list[tuple[int, Any]] = []
+
+    def flush() -> None:
+        if batch:
+            proba = np.asarray(model.predict_on_batch(tf.stack([image for _, image in batch])), np.float64)
+            for (index, _), row in zip(batch, proba):
+                top = np.argsort(-row, kind="stable")[:top_k]
+                results[index] = Prediction(results[index].path, [class_names[i] for i in top],
+                                            [float(row[i]) for i in top])
+            batch.clear()
+
+    for path in files:
+        results.append(Prediction(str(path), [], []))
+        try:
+            if not path.is_file():
+                raise OSError("no such file")
+            batch.append((len(results) - 1, decode_and_resize(tf.constant(str(path)), size)))
+        except (tf.errors.OpError, OSError, ValueError) as error:
+            message = getattr(error, "message", None) or str(error)
+            results[-1].error = f"not a readable image: {message.splitlines()[0] if message else type(error).__name__}"
+            continue
+        if len(batch) == BATCH:
+            flush()
+    flush()
+    return results
+
+
+def write_predictions(results: list[Prediction], output: Path) -> None:
+    if output.suffix.lower() == ".json":
+        output.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
+        return
+    if output.suffix.lower() != ".csv":
+        raise PipelineError(f"--output {output}: write .csv or .json")
+    k = max((len(r.labels) for r in results), default=0)
+    with open(output, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", *[f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")], "error"])
+        for r in results:
+            cells = [c for label, p in zip(r.labels, r.probabilities) for c in (label, f"{p:.6f}")]
+            writer.writerow([r.path, *cells, *[""] * (2 * k - len(cells)), r.error or ""])
+
+
+def predictions_table(results: list[Prediction]) -> str:
+    lines = []
+    for r in results:
+        if r.error:
+            lines.append(f"{r.path}  error: {r.error}")
+        else:
+            lines.append(f"{r.path}  " + "  ".join(f"{label} {p:.4f}" for label, p in zip(r.labels, r.probabilities)))
+    return "\n".join(lines)

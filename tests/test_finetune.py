@@ -1,0 +1,172 @@
+"""Stage three: backbone + head as one model, fine-tuning, predict, inspect."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_image_folder, tiny_options
+from pipeline import report
+from pipeline.classifier import build_classifier, unfreeze, weights_for
+from pipeline.cli import main
+from pipeline.extract import extract_features
+from pipeline.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.heads import Head
+from pipeline.predict import predict
+from pipeline.reader import load_splits
+from pipeline.train import TrainOptions, open_run_features, read_run_config, train_head
+
+
+@pytest.fixture(scope="module")
+def head_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stage3")
+    data = make_image_folder(root / "data", per_class=10)
+    runs = {"data": data, "models": root / "models"}
+    for pooling in ("none", "avg"):
+        cache = extract_features(tiny_options(data, root / "features", pooling=pooling)).cache_dir
+        for kind, params in (("logreg", {"c_grid": "0.01,0.1,1", "n_jobs": 1}), ("dense", {"epochs": 3})):
+            run = train_head(TrainOptions(head=kind, features=cache, models=root / "models", head_params=params,
+                                          progress=False))
+            runs[f"{kind}-{pooling}"] = run.directory
+    return runs
+
+
+def _pixels(data: Path, paths: list[str]) -> np.ndarray:
+    return np.stack([tf.io.decode_image(tf.io.read_file(str(data / p)), expand_animations=False).numpy()
+                     for p in paths]).astype(np.float32)
+
+
+@pytest.mark.parametrize("run", ["logreg-none", "logreg-avg", "dense-none", "dense-avg"])
+def test_backbone_plus_head_reproduces_the_head_on_raw_images(head_runs: dict[str, Path], run: str) -> None:
+    """Before any training, the combined model (a logistic regression converted into a Dense
+    softmax with the scaler folded in) gives the head's predictions from raw pixels."""
+    directory = head_runs[run]
+    store, view = open_run_features(read_run_config(directory))
+    head = Head.load(directory)
+    model, _ = build_classifier(store.fingerprint, weights_for(store.fingerprint, None), view, head)
+    for split in ("train", "test"):
+        data = load_splits(store, view)[split]
+        expected = head.predict_proba(data)
+        got = model.predict(_pixels(head_runs["data"], data.paths), verbose=0)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_unfreeze_by_block_or_index_keeps_batch_norm_frozen() -> None:
+    from pipeline.backbones import BACKBONES, build_backbone
+    from pipeline.weights import ResolvedWeights
+
+    random = ResolvedWeights("none", "torch", "random-seed-0")
+    vgg = build_backbone(BACKBONES["vgg16"], 32, "fp32", random)
+    assert unfreeze(vgg, "block5") == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert unfreeze(vgg, "15") == ["block5_conv1", "block5_conv2", "block5_conv3"]  # the seeds' layers[15:]
+    resnet = build_backbone(BACKBONES["resnet50"], 32, "fp32", ResolvedWeights("none", "caffe", "random-seed-0"))
+    trained = unfreeze(resnet, "conv5")
+    assert trained and all(name.startswith("conv5") for name in trained)
+    assert all(not layer.trainable for layer in resnet.layers if isinstance(layer, keras.layers.BatchNormalization))
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="no such block"):
+        unfreeze(vgg, "block9")
+
+
+def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path) -> None:
+    """Fine-tuning ResNet50's top block: convolution weights change, moving statistics do not."""
+    from pipeline.backbones import BACKBONES, build_backbone
+    from pipeline.classifier import ImagePreprocessing
+    from pipeline.weights import ResolvedWeights
+
+    backbone = build_backbone(BACKBONES["resnet50"], 32, "fp32", ResolvedWeights("none", "caffe", "random-seed-0"))
+    pixels = keras.Input((None, None, 3))
+    features = backbone(ImagePreprocessing(32, "caffe")(pixels), training=False)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(features))
+    model = keras.Model(pixels, outputs)
+    unfreeze(backbone, "conv5")
+    model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9), loss="sparse_categorical_crossentropy")
+    bn = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)
+          and layer.name.startswith("conv5")][0]
+    conv = backbone.get_layer("conv5_block3_3_conv")
+    stats_before = [np.array(w) for w in bn.non_trainable_weights]
+    kernel_before = np.array(conv.kernel)
+    rng = np.random.default_rng(0)
+    model.fit(rng.uniform(0, 255, (16, 40, 40, 3)).astype(np.float32), rng.integers(0, 2, 16), epochs=2,
+              batch_size=8, verbose=0)
+    for before, after in zip(stats_before, bn.non_trainable_weights):
+        np.testing.assert_array_equal(before, np.array(after))
+    assert not np.allclose(kernel_before, np.array(conv.kernel))
+
+
+def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs: dict[str, Path]) -> None:
+    models = head_runs["models"]
+    summary = finetune(FinetuneOptions(source=str(head_runs["logreg-none"]), models=models, epochs=2, batch_size=4,
+                                       progress=False, augmentation=Augmentation(rotation=0.1)))
+    names = {p.name for p in summary.directory.iterdir()}
+    assert {"model.keras", "labels.txt", "config.json", "metrics.json", "classification_report.txt",
+            "confusion_matrix.csv", "confusion_matrix.png", "history.csv", "curves.png", "misclassified.csv"} <= names
+    config = json.loads((summary.directory / "config.json").read_text())
+    assert config["kind"] == "finetune" and config["finetune"]["augmentation"]["rotation"] == 0.1
+    assert config["finetune"]["trained_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    head_test = json.loads((head_runs["logreg-none"] / "metrics.json").read_text())["test"]
+    assert config["test_before_finetune"]["accuracy"] == head_test["accuracy"]
+    assert config["test_before_finetune"]["loss"] == pytest.approx(head_test["loss"], abs=1e-4)
+    assert "learning_rate" in (summary.directory / "history.csv").read_text().splitlines()[0]
+    assert any(r["name"] == summary.directory.name and r["kind"] == "finetune" for r in report.collect_runs(models))
+
+    # the exported model takes raw images: predict through it gives the test report's probabilities
+    misclassified = list(csv.DictReader(open(summary.directory / "misclassified.csv")))
+    test_paths = read_run_config(head_runs["logreg-none"])
+    store, view = open_run_features(test_paths)
+    test = load_splits(store, view)["test"]
+    results = predict(summary.directory, [head_runs["data"] / p for p in test.paths], top_k=2)
+    wrong = {Path(r.path).relative_to(head_runs["data"]).as_posix(): r for r in results
+             if r.labels[0] != Path(r.path).parent.name}
+    assert set(wrong) == {row["path"] for row in misclassified}
+    for row in misclassified:
+        assert wrong[row["path"]].probabilities[0] == pytest.approx(float(row["probability"]), abs=1e-4)
+    accuracy = np.mean([r.labels[0] == Path(r.path).parent.name for r in results])
+    assert accuracy == pytest.approx(summary.metrics["test"]["accuracy"])
+
+
+def test_predict_with_a_head_run_matches_the_cached_features(head_runs: dict[str, Path]) -> None:
+    run = head_runs["dense-avg"]
+    store, view = open_run_features(read_run_config(run))
+    test = load_splits(store, view)["test"]
+    expected = Head.load(run).predict_proba(test)
+    results = predict(run, [head_runs["data"] / p for p in test.paths], top_k=2)
+    classes = store.class_names
+    for result, row in zip(results, expected):
+        got = dict(zip(result.labels, result.probabilities))
+        np.testing.assert_allclose([got[c] for c in classes], row, atol=1e-4)
+
+
+def test_predict_reports_unreadable_files_and_carries_on(head_runs: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes((head_runs["data"] / "cats" / "img000.png").read_bytes())
+    (folder / "broken.jpg").write_text("not an image")
+    (folder / ".hidden.png").write_text("skipped")
+    output = tmp_path / "out.csv"
+    code = main(["predict", "--model", str(head_runs["logreg-avg"]), str(folder), "--top", "1", "--output",
+                 str(output)])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 of 3 files could not be read" in captured.err
+    rows = list(csv.DictReader(open(output)))
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png", "broken.jpg"]
+    assert rows[0]["label_1"] == rows[1]["label_1"] and rows[2]["error"].startswith("not a readable image")
+    assert main(["predict", "--model", str(head_runs["logreg-avg"]), str(folder / "a.png"), "--output",
+                 str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text())[0]["error"] is None
+
+
+def test_inspect_lists_layers_with_indices(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", "--backbone", "vgg16", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert layers[15]["name"] == "block5_conv1" and layers[15]["block"] == "block5"
+    assert layers[15]["type"] == "Conv2D"
