@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(handler=_finetune)
 
     guess = commands.add_parser("predict", help="top-k labels of images with any run")
-    guess.add_argument("--model", type=Path, required=True, help="a run directory, e.g. models/NAME")
+    guess.add_argument("--model", type=Path, required=True,
+                       help="a run directory, e.g. models/NAME, or best (highest validation accuracy)")
+    guess.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
     guess.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     guess.add_argument("--top", type=_positive_int, default=3, help="labels per image (3)")
     guess.add_argument("--output", type=Path, default=None, help="also write FILE.csv or FILE.json")
@@ -284,7 +286,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.predict import predict, predictions_table, write_predictions
 
-    results = predict(args.model, args.images, args.top)
+    results = predict(args.model, args.images, args.top, args.models)
     print(predictions_table(results))
     if args.output:
         write_predictions(results, args.output)

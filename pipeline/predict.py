@@ -71,11 +71,23 @@ def image_files(targets: list[Path]) -> list[Path]:
     return files
 
 
-def predict(run: Path, targets: list[Path], top_k: int = 3) -> list[Prediction]:
+def best_run(models: Path) -> Path:
+    """The run with the highest validation accuracy, head or fine-tuned."""
+    from pipeline.report import collect_runs
+
+    rows = [r for r in collect_runs(models) if r.get("validation_accuracy") is not None]
+    if not rows:
+        raise PipelineError(f"no runs under {models}/: train one with `run_pipeline.py train-head` first")
+    return Path(models) / rows[0]["name"]
+
+
+def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models")) -> list[Prediction]:
     import tensorflow as tf
 
     from pipeline.dataset import decode_and_resize
 
+    if str(run) == "best":
+        run = best_run(models)
     model, class_names, size = load_run_model(run)
     files = image_files(targets)
     if not files:
