@@ -7,6 +7,7 @@ Used by finetune (to train it end to end) and predict (to run any head run on im
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -121,6 +122,15 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
     else:
         raise PipelineError(f"cannot put a {head.kind} head on a backbone")
     return keras.Model(pixels, probabilities, name="classifier"), backbone
+
+
+def classifier_for_run(run: Path, config: dict[str, Any],
+                       precision: str | None = None) -> tuple[keras.Model, keras.Model]:
+    """build_classifier for a head run, from its config.json alone (the feature cache need not exist)."""
+    fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
+    weights = weights_for(fingerprint, config["features"].get("weights", {}).get("path"))
+    view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
+    return build_classifier(fingerprint, weights, view, Head.load(run), precision)
 
 
 def unfreeze(backbone: keras.Model, point: str) -> list[str]:

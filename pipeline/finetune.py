@@ -15,10 +15,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import report
-from pipeline.classifier import TRAINING_POLICY, build_classifier, unfreeze, weights_for
+from pipeline.classifier import TRAINING_POLICY, classifier_for_run, unfreeze
 from pipeline.dataset import decode_and_resize
 from pipeline.errors import PipelineError
-from pipeline.heads import Head
 from pipeline.store import SPLITS, FeatureStore
 from pipeline.train import (
     LABELS_FILE,
@@ -87,18 +86,20 @@ def best_head_run(models: Path) -> Path:
     return Path(models) / rows[0]["name"]
 
 
-def image_records(store: FeatureStore, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """Absolute file paths, labels and cache-relative paths of a split's images."""
+def image_records(store: FeatureStore) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
+    """For every split: absolute file paths, labels and cache-relative paths of its images."""
     root = Path(store.manifest.get("dataset", {}).get("root", ""))
-    labels, paths, _ = store.index(split)
-    files = [str(root / p) for p in paths]
-    missing = [f for f in files[:50] if not Path(f).is_file()]
-    if missing:
-        raise PipelineError(
-            f"the images of {store.directory} are no longer under {root} ({missing[0]} is missing): "
-            "move them back, or extract from their new place and train a head on that cache"
-        )
-    return files, labels, paths
+    records = {}
+    for split, (labels, paths, _) in store.split_indexes().items():
+        files = [str(root / p) for p in paths]
+        missing = [f for f in files[:50] if not Path(f).is_file()]
+        if missing:
+            raise PipelineError(
+                f"the images of {store.directory} are no longer under {root} ({missing[0]} is missing): "
+                "move them back, or extract from their new place and train a head on that cache"
+            )
+        records[split] = (files, labels, paths)
+    return records
 
 
 def image_dataset(files: list[str], labels: np.ndarray, image_size: int, batch_size: int,
@@ -135,24 +136,19 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     config = read_run_config(source)
     if config.get("kind") != "head":
         raise PipelineError(f"{source} is a {config.get('kind')} run: fine-tune starts from a head run")
-    store, view = open_run_features(config)
+    store, _ = open_run_features(config)
     fingerprint = store.fingerprint
-    head = Head.load(source)
-    weights = weights_for(fingerprint, store.manifest.get("weights", {}).get("path"))
     precision = options.precision or TRAINING_POLICY[fingerprint.precision]
     keras.utils.set_random_seed(options.seed)
-    model, backbone = build_classifier(fingerprint, weights, view, head, precision)
-    records = {split: image_records(store, split) for split in SPLITS}
+    model, backbone = classifier_for_run(source, config, precision)
+    records = image_records(store)
     size, batch = fingerprint.image_size, options.batch_size
     name = check_run_name(options.name or f"{source.name}-finetuned-{options.unfreeze}")
 
     before = _predict(model, records["test"][0], size, batch)
     test_before = report.split_metrics(records["test"][1], before, store.class_names)
 
-    trained_layers = unfreeze(backbone, options.unfreeze)
-    for layer in model.layers:  # the head layers train too
-        if layer is not backbone and not layer.name.endswith("_features"):
-            layer.trainable = True
+    trained_layers = unfreeze(backbone, options.unfreeze)  # the head's layers are trainable already
     model.compile(optimizer=keras.optimizers.SGD(options.lr, momentum=options.momentum),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
     augmentation = options.augmentation.layers(options.seed)

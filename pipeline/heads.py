@@ -129,27 +129,26 @@ def log_grid(text: str) -> tuple[float, ...]:
         raise PipelineError(f"--c-grid {text!r}: write LOW:HIGH:COUNT (e.g. 1e-6:1e5:45) or C1,C2,...") from None
 
 
-def _score_one_c(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, C: float,
+def _score_one_c(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, classes: int, C: float,
                  class_weight: str | None, max_iter: int, tol: float) -> dict[str, float]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, tol=tol).fit(x, y)
-    labels = list(range(int(max(y.max(), vy.max())) + 1))
-    return _c_row(C, model.score(x, y), model.predict_proba(vx), vy, labels, int(model.n_iter_[0]) < max_iter,
-                  log_loss)
+    return _c_row(C, model.score(x, y), model.predict_proba(vx), vy, classes, int(model.n_iter_[0]) < max_iter)
 
 
-def _c_row(C: float, train_accuracy: float, proba: np.ndarray, labels: np.ndarray, classes: list[int],
-           converged: bool, log_loss: Any) -> dict[str, float]:
+def _c_row(C: float, train_accuracy: float, proba: np.ndarray, labels: np.ndarray, classes: int,
+           converged: bool) -> dict[str, float]:
+    from sklearn.metrics import log_loss
+
     return {
         "C": C,
         "train_accuracy": float(train_accuracy),
         "validation_accuracy": float(np.mean(proba.argmax(axis=1) == labels)),
-        "validation_loss": float(log_loss(labels, proba, labels=classes)),
+        "validation_loss": float(log_loss(labels, proba, labels=list(range(classes)))),
         "converged": bool(converged),
     }
 
@@ -208,7 +207,8 @@ class LogRegHead(Head):
         scaler = StandardScaler().fit(train.matrix)
         x = scaler.transform(train.matrix).astype(np.float32)
         vx = scaler.transform(validation.matrix).astype(np.float32)
-        jobs = (delayed(_score_one_c)(x, train.labels, vx, validation.labels, C, self._sklearn_class_weight(),
+        jobs = (delayed(_score_one_c)(x, train.labels, vx, validation.labels, len(self.class_names), C,
+                                      self._sklearn_class_weight(),
                                       self.params["max_iter"], self.params["tol"]) for C in self.grid)
         results = Parallel(n_jobs=self.params["n_jobs"], return_as="generator")(jobs)
         return list(tqdm(results, total=len(self.grid), desc="C search", unit="fit", disable=not progress,
@@ -230,7 +230,6 @@ class LogRegHead(Head):
 
     def _search_streamed(self, train: SplitData, validation: SplitData, progress: bool) -> list[dict[str, float]]:
         """The same objective solved by pipeline.linear over shards, C ascending with warm starts."""
-        from sklearn.metrics import log_loss
         from sklearn.preprocessing import StandardScaler
         from tqdm import tqdm
 
@@ -250,8 +249,8 @@ class LogRegHead(Head):
                                     self.params["tol"], self.params["max_iter"], start=solution)
             self.model = self._pipeline_from(scaler, solution, C)
             train_accuracy = np.mean(self.predict_proba(train).argmax(axis=1) == train.labels)
-            rows.append(_c_row(C, train_accuracy, self.predict_proba(validation), validation.labels,
-                               list(range(classes)), solution.converged, log_loss))
+            rows.append(_c_row(C, train_accuracy, self.predict_proba(validation), validation.labels, classes,
+                               solution.converged))
             solutions[C] = solution
         best = _best_row(rows)["C"]
         self.model = self._pipeline_from(scaler, solutions[best], best)

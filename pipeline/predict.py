@@ -30,8 +30,6 @@ def load_run_model(run: Path) -> tuple[Any, list[str], int]:
 
     from pipeline import classifier
     from pipeline.finetune import MODEL_FILE
-    from pipeline.heads import Head
-    from pipeline.reader import FeatureView
     from pipeline.store import Fingerprint
     from pipeline.train import LABELS_FILE, read_run_config
 
@@ -49,9 +47,7 @@ def load_run_model(run: Path) -> tuple[Any, list[str], int]:
             why = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise PipelineError(f"{path} is missing or damaged ({why}): fine-tune again") from None
     else:
-        weights = classifier.weights_for(fingerprint, config["features"].get("weights", {}).get("path"))
-        view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
-        model, _ = classifier.build_classifier(fingerprint, weights, view, Head.load(run))  # as extracted
+        model, _ = classifier.classifier_for_run(Path(run), config)  # at the precision the features had
     if model.output_shape[-1] != len(class_names):
         raise PipelineError(f"{labels_path} lists {len(class_names)} classes, the model has {model.output_shape[-1]}")
     return model, class_names, fingerprint.image_size

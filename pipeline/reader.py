@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import MANIFEST_NAME, SPLITS, FeatureStore
+from pipeline.store import MANIFEST_NAME, FeatureStore
 
 POOLINGS = ("none", "avg", "max")
 DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the features of all splits together
@@ -115,12 +115,6 @@ class SplitData:
         self._view = view
         self._locations = locations
 
-    @classmethod
-    def from_arrays(cls, name: str, vectors: np.ndarray, labels: np.ndarray,
-                    paths: list[str] | None = None) -> SplitData:
-        paths = paths if paths is not None else [f"row{i}" for i in range(len(labels))]
-        return cls(name, np.asarray(labels, np.int32), paths, vectors.shape[1], np.asarray(vectors, np.float32))
-
     @property
     def in_memory(self) -> bool:
         return self.matrix is not None
@@ -180,7 +174,7 @@ def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | Non
             f"{store.directory} has one class ({', '.join(store.class_names)}): a classifier needs at least two"
         )
     dimension = view.dimension(store.manifest["feature_shapes"])
-    indexes = {split: store.index(split) for split in SPLITS}
+    indexes = store.split_indexes()
     for split in ("train", "validation"):
         if len(indexes[split][0]) == 0:
             raise PipelineError(

@@ -362,23 +362,26 @@ class FeatureStore:
                 rows = read_shard_rows(path, layers, chosen)
                 yield FeatureSet(rows.features, rows.labels, rows.paths, rows.sha256)
 
-    def index(self, split: str | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """Labels, paths and (shard number, row) locations of `split`, in the order iter_shards
-        yields the rows, without reading features."""
-        labels, paths, locations = [], [], []
+    def split_indexes(self) -> dict[str, tuple[np.ndarray, list[str], np.ndarray]]:
+        """For every split: labels, paths and (shard number, row) locations, in shard order,
+        reading each shard's metadata once and no features."""
+        parts: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split in SPLITS}
         for number, path in enumerate(self.shards):
             shard = read_shard_index(path, self.fingerprint)
             self._check_uuid(shard)
-            chosen = np.array([i for i, s in enumerate(shard.splits) if split is None or s == split], np.int64)
-            labels.append(shard.labels[chosen])
-            paths.extend(shard.paths[i] for i in chosen)
-            locations.append(np.stack([np.full(len(chosen), number), chosen], axis=1))
-        if not labels:
-            return np.zeros(0, np.int32), [], np.zeros((0, 2), np.int64)
-        return np.concatenate(labels), paths, np.concatenate(locations)
+            for split, (labels, paths, locations) in parts.items():
+                chosen = np.array([i for i, s in enumerate(shard.splits) if s == split], np.int64)
+                labels.append(shard.labels[chosen])
+                paths.extend(shard.paths[i] for i in chosen)
+                locations.append(np.stack([np.full(len(chosen), number), chosen], axis=1))
+        return {
+            split: (np.concatenate(labels) if labels else np.zeros(0, np.int32), paths,
+                    np.concatenate(locations) if locations else np.zeros((0, 2), np.int64))
+            for split, (labels, paths, locations) in parts.items()
+        }
 
     def read_rows(self, locations: np.ndarray, layers: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Features of the rows at `locations` (from index()), in that order, reading only those rows."""
+        """Features of the rows at `locations` (from split_indexes()), in that order, reading only those rows."""
         layers = tuple(layers or self.layers)
         out: dict[str, np.ndarray] = {}
         for number in np.unique(locations[:, 0]):
