@@ -1,6 +1,6 @@
 """One Keras model from raw pixels to class probabilities: the run's preprocessing, its backbone
 rebuilt exactly as its feature cache was made, the cached layers pooled or flattened as the head
-read them, and the head (a logistic regression becomes an equivalent Dense softmax layer).
+read them, and the head (a logistic regression becomes a fixed standardisation and an equivalent Dense softmax layer).
 
 Used by finetune (to train it end to end) and predict (to run any head run on images).
 """
@@ -68,10 +68,13 @@ def weights_for(fingerprint: Fingerprint, recorded_path: str | None) -> Resolved
     return weights
 
 
-def logistic_as_dense(head: LogRegHead) -> keras.layers.Dense:
-    """A Dense softmax layer computing the same probabilities as scaler + logistic regression:
-    z = ((x - mean) / scale) W + b = x (W / scale) + (b - (mean / scale) W). Two classes (one
-    binomial row w) become the softmax over (0, z), since sigmoid(z) = softmax(0, z)[1]."""
+def logistic_as_layers(head: LogRegHead) -> keras.Sequential:
+    """The scaler and the logistic regression as Keras layers computing the same probabilities:
+    a fixed (non-trainable) standardisation (x - mean) / scale, then a Dense softmax with the
+    regression's coefficients. Two classes (one binomial row w) become the softmax over (0, z),
+    since sigmoid(z) = softmax(0, z)[1]. The scaler stays a separate layer rather than being folded
+    into the kernel: folded, the kernel's entries span the features' scales (1e-3..1e3 for VGG16
+    maps) and a single SGD step at fine-tuning's learning rate throws the model off."""
     parameters = head.linear_parameters()
     coef = np.asarray(parameters["coef"], np.float64)
     intercept = np.asarray(parameters["intercept"], np.float64)
@@ -79,13 +82,13 @@ def logistic_as_dense(head: LogRegHead) -> keras.layers.Dense:
         coef = np.concatenate([np.zeros_like(coef), coef])
         intercept = np.concatenate([[0.0], intercept])
     mean, scale = np.asarray(parameters["mean"], np.float64), np.asarray(parameters["scale"], np.float64)
-    kernel = (coef / scale).T
-    bias = intercept - (mean / scale) @ coef.T
-    layer = keras.layers.Dense(len(head.class_names), activation="softmax", name="logistic_regression",
+    standardise = keras.layers.Normalization(mean=mean.astype(np.float32), variance=(scale ** 2).astype(np.float32),
+                                             name="standardise", dtype="float32")
+    dense = keras.layers.Dense(len(head.class_names), activation="softmax", name="logistic_regression",
                                dtype="float32")
-    layer.build((None, kernel.shape[0]))
-    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    return layer
+    layers = keras.Sequential([keras.Input((coef.shape[1],)), standardise, dense], name="logistic_regression_head")
+    dense.set_weights([coef.T.astype(np.float32), intercept.astype(np.float32)])
+    return layers
 
 
 def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
@@ -116,7 +119,7 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
     vector = feature_vector(list(outputs), view)  # a pooled cache has view.pooling == its pooling
     if isinstance(head, LogRegHead):
-        probabilities = logistic_as_dense(head)(vector)
+        probabilities = logistic_as_layers(head)(vector)
     elif isinstance(head, DenseHead):
         probabilities = head.model(vector)
     else:

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--split-seed", type=int, default=0, help="for DIR/<class>/ layouts")
     extract.add_argument("--rehash", action="store_true",
                          help="hash every file again instead of trusting remembered size and mtime")
+    extract.add_argument("--strict", action="store_true",
+                         help="stop at the first file that cannot be decoded (default: skip and list it)")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.add_argument("--json", action="store_true", help="print the summary as JSON")
     extract.set_defaults(handler=_extract)
@@ -178,6 +180,7 @@ def _extract(args: argparse.Namespace) -> int:
         cache_root=args.cache,
         splits=SplitConfig(args.val_fraction, args.test_fraction, args.split_seed),
         rehash=args.rehash,
+        strict=args.strict,
         progress=not args.no_progress,
     ))
     if args.json:
@@ -276,8 +279,10 @@ def _finetune(args: argparse.Namespace) -> int:
         augmentation=augmentation, precision=args.precision, seed=args.seed, progress=not args.no_progress,
     ))
     before = summary.config["test_before_finetune"]
-    headline = (f"fine-tuned {summary.config['from']} for {summary.config['finetune']['epochs_run']} epochs in "
-                f"{summary.seconds / 60:.1f} min; test accuracy before {before.get('accuracy', float('nan')):.2%}, "
+    tuned = summary.config["finetune"]
+    headline = (f"fine-tuned {summary.config['from']} for {tuned['epochs_run']} epochs in "
+                f"{summary.seconds / 60:.1f} min (kept epoch {tuned['kept_epoch']}, chosen on validation accuracy; "
+                f"0 = unchanged); test accuracy before {before.get('accuracy', float('nan')):.2%}, "
                 f"after {summary.metrics['test'].get('accuracy', float('nan')):.2%}")
     _print_run(summary, args.json, headline)
     return 0

@@ -7,6 +7,8 @@ only images the cache does not hold yet go through the backbone.
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -51,6 +53,7 @@ class ExtractOptions:
     cache_root: Path = Path("features")
     splits: SplitConfig = field(default_factory=SplitConfig)
     rehash: bool = False  # read every file instead of trusting remembered (size, mtime) hashes
+    strict: bool = False  # stop at the first image that cannot be decoded instead of skipping it
     progress: bool = True
 
 
@@ -210,6 +213,29 @@ def _image_batches(dataset: ScannedDataset, records: Sequence[ImageRecord], imag
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
+class _StopRequest:
+    """The first Ctrl-C (SIGINT) asks the extraction to stop after the batch in progress, once its
+    rows are safely in a shard; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nstopping after the current batch (Ctrl-C again to stop at once)", flush=True)
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None and not self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class _Extraction:
     """One run of stage one over one cache directory."""
 
@@ -277,6 +303,10 @@ class _Extraction:
         except PipelineError:
             earlier = {}  # only a summary: this run rewrites it; failed images are simply retried
         earlier_failures = [s for s in earlier.get("skipped", []) if (s["path"], s["sha256"]) in present]
+        if self.options.strict and earlier_failures:
+            first = earlier_failures[0]
+            raise PipelineError(f"{dataset.root / first['path']}: {first['reason']} (--strict): fix or remove it "
+                                "and rerun")
         plan = plan_update(dataset, shards, {(s["path"], s["sha256"]) for s in earlier_failures})
         if plan.extract:
             self._reuse_from_sibling_caches(plan, directory)
@@ -355,9 +385,18 @@ class _Extraction:
             rows = _records_to_rows([records[i] for i in index], features)
             store.write_shard(sequence.new_path(), rows, dataset.class_names, self.fingerprint)
 
+        def failed(index: int) -> PipelineError:
+            record = records[index]
+            done = len(decoded)
+            return PipelineError(
+                f"{dataset.root / record.path}: {_failure_reason(dataset.root / record.path)} (--strict): fix or "
+                f"remove it and rerun; the {done} images extracted before it are kept"
+            )
+
         started = time.perf_counter()
+        expected = 0  # the next record index; batches arrive in record order, failures leave gaps
         with tqdm(total=len(records), unit="img", desc="extract", disable=not self.options.progress,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, _StopRequest() as stop:
             iterator = iter(batches)
             while True:
                 waiting = time.perf_counter()
@@ -370,10 +409,21 @@ class _Extraction:
                 buffer.add(index, extractor(images))
                 decoded.update(index.tolist())
                 bar.update(len(index))
+                gaps = sorted(set(range(expected, int(index[-1]) + 1)) - decoded)
+                expected = int(index[-1]) + 1
+                if self.options.strict and gaps:
+                    write(len(buffer))
+                    raise failed(gaps[0])
                 while len(buffer) >= self.shard_size:
                     write(self.shard_size)
+                if stop.requested:
+                    if len(buffer):
+                        write(len(buffer))
+                    raise KeyboardInterrupt
             if len(buffer):
                 write(len(buffer))
+            if self.options.strict and expected < len(records):
+                raise failed(expected)
             if len(decoded) < len(records):
                 bar.set_postfix(skipped=len(records) - len(decoded))
                 bar.update(len(records) - len(decoded))  # undecodable files end the bar too

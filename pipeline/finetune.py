@@ -123,6 +123,30 @@ def _predict(model: keras.Model, files: list[str], image_size: int, batch_size: 
     return np.asarray(model.predict(dataset, verbose=0), np.float64)
 
 
+class KeepBest(keras.callbacks.Callback):
+    """Ends training with the weights of the epoch with the highest validation accuracy (ties:
+    lower validation loss), counting the model before fine-tuning as epoch 0: fine-tuning can
+    leave a model unchanged, never worse on validation. Accuracy is what `runs` ranks by;
+    EarlyStopping's restore_best_weights only compares the epochs it trained."""
+
+    def __init__(self, initial_accuracy: float, initial_loss: float) -> None:
+        super().__init__()
+        self.best = (initial_accuracy, -initial_loss)
+        self.best_epoch, self.best_weights = 0, None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.best_weights = self.model.get_weights()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if "val_accuracy" in logs and (logs["val_accuracy"], -logs["val_loss"]) > self.best:
+            self.best = (float(logs["val_accuracy"]), -float(logs["val_loss"]))
+            self.best_epoch, self.best_weights = epoch + 1, self.model.get_weights()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.model.set_weights(self.best_weights)
+
+
 class _Labelled:
     def __init__(self, labels: np.ndarray, paths: list[str]) -> None:
         self.labels, self.paths = labels, paths
@@ -154,8 +178,11 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     augmentation = options.augmentation.layers(options.seed)
     train = image_dataset(*records["train"][:2], size, batch, augmentation, shuffle_seed=options.seed)
     validation = image_dataset(*records["validation"][:2], size, batch)
+    initial_loss, initial_accuracy = model.evaluate(validation, verbose=0)
+    keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience, restore_best_weights=True),
+        keep_best,
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, options.patience // 2),
                                           min_lr=1e-7),
     ]
@@ -176,7 +203,9 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "view": config["view"],
         "finetune": {
             "unfreeze": options.unfreeze, "trained_layers": trained_layers, "epochs": options.epochs,
-            "epochs_run": len(rows), "optimizer": "sgd", "lr": options.lr, "momentum": options.momentum,
+            "epochs_run": len(rows), "kept_epoch": keep_best.best_epoch,
+            "validation_before": {"accuracy": float(initial_accuracy), "loss": float(initial_loss)},
+            "optimizer": "sgd", "lr": options.lr, "momentum": options.momentum,
             "batch_size": batch, "patience": options.patience, "precision": precision,
             "augmentation": vars(options.augmentation), "batch_norm": "frozen, inference mode",
         },

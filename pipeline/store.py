@@ -238,10 +238,21 @@ def write_shard(path: Path, rows: Rows, class_names: Sequence[str], fingerprint:
             os.fsync(handle.id.get_vfd_handle())
         os.replace(temporary, path)
         _fsync_directory(path.parent)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from error
         raise
     return shard_uuid
+
+
+def _write_error(path: Path, error: OSError) -> PipelineError:
+    """A failed write (disk full, quota, permissions) as a one-line error with the way out."""
+    reason = error.strerror or str(error)
+    return PipelineError(
+        f"could not write {path}: {reason}; nothing half-written was left and earlier shards are intact: "
+        "free some space (or use another --cache) and rerun the same command to resume"
+    )
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -254,8 +265,12 @@ def _fsync_directory(directory: Path) -> None:
 
 def write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}")
-    temporary.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise _write_error(path, error) from error
 
 
 def shard_paths(directory: Path) -> list[Path]:
