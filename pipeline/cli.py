@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.augmentation import Augmentation
 from pipeline.errors import PipelineError
 
 
@@ -129,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: as the features were extracted (bf16 trains in mixed bfloat16)")
     tune.add_argument("--augment", default="default", choices=("default", "none"),
                       help="none switches every augmentation off")
-    tune.add_argument("--flip", default="horizontal", choices=("none", "horizontal", "vertical",
-                                                             "horizontal_and_vertical"))
-    tune.add_argument("--rotation", type=float, default=0.05, help="fraction of a full turn (0.05)")
-    tune.add_argument("--zoom", type=float, default=0.1)
-    tune.add_argument("--translation", type=float, default=0.05)
-    tune.add_argument("--contrast", type=float, default=0.1)
+    defaults = Augmentation()  # a plain dataclass: no TensorFlow import for --help
+    tune.add_argument("--flip", default=defaults.flip, choices=("none", "horizontal", "vertical",
+                                                              "horizontal_and_vertical"))
+    tune.add_argument("--rotation", type=float, default=defaults.rotation,
+                      help="fraction of a full turn, e.g. 0.05 (default 0: off)")
+    tune.add_argument("--zoom", type=float, default=defaults.zoom, help="e.g. 0.1 (default 0: off)")
+    tune.add_argument("--translation", type=float, default=defaults.translation, help="e.g. 0.05 (default 0: off)")
+    tune.add_argument("--contrast", type=float, default=defaults.contrast, help="e.g. 0.1 (default 0: off)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--no-progress", action="store_true")
     tune.add_argument("--json", action="store_true")
@@ -269,7 +272,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from pipeline.finetune import Augmentation, FinetuneOptions, finetune
+    from pipeline.finetune import FinetuneOptions, finetune
 
     augmentation = Augmentation.off() if args.augment == "none" else Augmentation(
         args.flip, args.rotation, args.zoom, args.translation, args.contrast)

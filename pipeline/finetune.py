@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import report
+from pipeline.augmentation import Augmentation
 from pipeline.classifier import TRAINING_POLICY, classifier_for_run, unfreeze
 from pipeline.dataset import decode_and_resize
 from pipeline.errors import PipelineError
@@ -30,36 +31,6 @@ from pipeline.train import (
 )
 
 MODEL_FILE = "model.keras"
-
-
-@dataclass
-class Augmentation:
-    """Keras preprocessing layers applied to training batches only; zero switches one off."""
-
-    flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
-    rotation: float = 0.05  # fraction of a full turn
-    zoom: float = 0.1
-    translation: float = 0.05
-    contrast: float = 0.1
-
-    @classmethod
-    def off(cls) -> Augmentation:
-        return cls("none", 0.0, 0.0, 0.0, 0.0)
-
-    def layers(self, seed: int) -> list[keras.layers.Layer]:
-        layers: list[keras.layers.Layer] = []
-        if self.flip != "none":
-            layers.append(keras.layers.RandomFlip(self.flip, seed=seed))
-        if self.rotation:
-            layers.append(keras.layers.RandomRotation(self.rotation, fill_mode="reflect", seed=seed))
-        if self.zoom:
-            layers.append(keras.layers.RandomZoom(self.zoom, fill_mode="reflect", seed=seed))
-        if self.translation:
-            layers.append(keras.layers.RandomTranslation(self.translation, self.translation, fill_mode="reflect",
-                                                         seed=seed))
-        if self.contrast:
-            layers.append(keras.layers.RandomContrast(self.contrast, value_range=(0, 255), seed=seed))
-        return layers
 
 
 @dataclass

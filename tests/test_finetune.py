@@ -44,8 +44,8 @@ def _pixels(data: Path, paths: list[str]) -> np.ndarray:
 
 @pytest.mark.parametrize("run", ["logreg-none", "logreg-avg", "dense-none", "dense-avg"])
 def test_backbone_plus_head_reproduces_the_head_on_raw_images(head_runs: dict[str, Path], run: str) -> None:
-    """Before any training, the combined model (a logistic regression converted into a Dense
-    softmax with the scaler folded in) gives the head's predictions from raw pixels."""
+    """Before any training, the combined model (a logistic regression converted into a fixed
+    standardisation and a Dense softmax) gives the head's predictions from raw pixels."""
     directory = head_runs[run]
     store, view = open_run_features(read_run_config(directory))
     head = Head.load(directory)
@@ -101,6 +101,31 @@ def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path
     assert not np.allclose(kernel_before, np.array(conv.kernel))
 
 
+def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them() -> None:
+    """A model right on validation, trained towards the opposite labels: every epoch gets worse
+    on validation, so the run ends with exactly the weights it started from (epoch 0)."""
+    from pipeline.finetune import KeepBest
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.layers[0].set_weights([np.array([[-5, 5], [0, 0], [0, 0], [0, 0]], np.float32), np.zeros(2, np.float32)])
+    model.compile(keras.optimizers.SGD(1.0), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    start = [w.copy() for w in model.get_weights()]
+    loss, accuracy = model.evaluate(x, y, verbose=0)
+    assert accuracy == 1.0
+    keep = KeepBest(accuracy, loss)
+    history = model.fit(x, 1 - y, validation_data=(x, y), epochs=3, callbacks=[keep], verbose=0)
+    assert max(history.history["val_accuracy"]) < 1.0 and keep.best_epoch == 0
+    for before, after in zip(start, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+    improving = KeepBest(0.0, 10.0)  # any trained epoch beats a useless start: the best one is kept
+    model.fit(x, y, validation_data=(x, y), epochs=3, callbacks=[improving], verbose=0)
+    assert improving.best_epoch >= 1
+
+
 def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs: dict[str, Path]) -> None:
     models = head_runs["models"]
     summary = finetune(FinetuneOptions(source=str(head_runs["logreg-none"]), models=models, epochs=2, batch_size=4,
@@ -114,6 +139,9 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
     head_test = json.loads((head_runs["logreg-none"] / "metrics.json").read_text())["test"]
     assert config["test_before_finetune"]["accuracy"] == head_test["accuracy"]
     assert config["test_before_finetune"]["loss"] == pytest.approx(head_test["loss"], abs=1e-4)
+    kept = config["finetune"]["kept_epoch"]
+    assert 0 <= kept <= config["finetune"]["epochs_run"]
+    assert summary.metrics["validation"]["accuracy"] >= config["finetune"]["validation_before"]["accuracy"] - 1e-9
     assert "learning_rate" in (summary.directory / "history.csv").read_text().splitlines()[0]
     assert any(r["name"] == summary.directory.name and r["kind"] == "finetune" for r in report.collect_runs(models))
 
