@@ -36,7 +36,7 @@ bench: setup
 	$(PY) run_pipeline.py demo-data --out data/elpv
 	$(PY) bench/extract.py
 	$(PY) bench/heads.py
-	$(PY) bench/accuracy.py
+	$(PY) bench/accuracy.py --finetune-epochs 4
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench run_pipeline.py
