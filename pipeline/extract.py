@@ -390,7 +390,7 @@ class _Extraction:
             done = len(decoded)
             return PipelineError(
                 f"{dataset.root / record.path}: {_failure_reason(dataset.root / record.path)} (--strict): fix or "
-                f"remove it and rerun; the {done} images extracted before it are kept"
+                f"remove it and rerun; the {done} images extracted so far are kept"
             )
 
         started = time.perf_counter()
