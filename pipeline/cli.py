@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--epochs", type=_positive_int, default=3, help="(3: CPUs are slow; more on a GPU)")
     tune.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (1e-4)")
     tune.add_argument("--momentum", type=float, default=0.9)
+    tune.add_argument("--clipnorm", type=float, default=1.0, help="clip gradients to this norm (0: off; default 1)")
     tune.add_argument("--batch-size", type=_positive_int, default=16)
     tune.add_argument("--patience", type=_positive_int, default=3, help="early stopping on val_loss")
     tune.add_argument("--precision", default=None, choices=("fp32", "mixed-bf16", "mixed-fp16"),
@@ -278,7 +279,7 @@ def _finetune(args: argparse.Namespace) -> int:
         args.flip, args.rotation, args.zoom, args.translation, args.contrast)
     summary = finetune(FinetuneOptions(
         source=args.source, models=args.models, name=args.name, unfreeze=args.unfreeze, epochs=args.epochs,
-        lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, patience=args.patience,
+        lr=args.lr, momentum=args.momentum, clipnorm=args.clipnorm, batch_size=args.batch_size, patience=args.patience,
         augmentation=augmentation, precision=args.precision, seed=args.seed, progress=not args.no_progress,
     ))
     before = summary.config["test_before_finetune"]

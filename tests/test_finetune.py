@@ -135,6 +135,7 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
             "confusion_matrix.csv", "confusion_matrix.png", "history.csv", "curves.png", "misclassified.csv"} <= names
     config = json.loads((summary.directory / "config.json").read_text())
     assert config["kind"] == "finetune" and config["finetune"]["augmentation"]["rotation"] == 0.1
+    assert config["finetune"]["clipnorm"] == 1.0
     assert config["finetune"]["trained_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
     head_test = json.loads((head_runs["logreg-none"] / "metrics.json").read_text())["test"]
     assert config["test_before_finetune"]["accuracy"] == head_test["accuracy"]
