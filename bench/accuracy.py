@@ -169,9 +169,10 @@ def report(result: dict) -> str:
     counts = result["counts"]
     lines = [f"ELPV {task}: train {counts['train']} / validation {counts['validation']} / test {counts['test']} "
              "images; chosen on validation accuracy", ""]
-    table = [[("**" if r is best else "") + r["configuration"] + ("**" if r is best else ""),
+    chosen = [r["configuration"] == best["configuration"] for r in result["rows"]]
+    table = [[("**" if bold else "") + r["configuration"] + ("**" if bold else ""),
               f"{r['validation_accuracy']:.2%}", f"{r['test_accuracy']:.2%}", f"{r['test_mean_per_class']:.2%}",
-              f"{r['seconds']}"] for r in result["rows"]]
+              f"{r['seconds']}"] for r, bold in zip(result["rows"], chosen)]
     lines.append(markdown_table(["configuration", "validation", "test", "test mean per-class", "seconds"], table))
     target = result["targets"]["head"]
     gap = best["test_accuracy"] - target
