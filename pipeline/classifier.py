@@ -1,6 +1,7 @@
 """One Keras model from raw pixels to class probabilities: the run's preprocessing, its backbone
 rebuilt exactly as its feature cache was made, the cached layers pooled or flattened as the head
-read them, and the head (a logistic regression becomes a fixed standardisation and an equivalent Dense softmax layer).
+read them, and the head (a logistic regression becomes a fixed standardisation and an equivalent
+Dense softmax layer).
 
 Used by finetune (to train it end to end) and predict (to run any head run on images).
 """
@@ -73,8 +74,9 @@ def logistic_as_layers(head: LogRegHead) -> keras.Sequential:
     a fixed (non-trainable) standardisation (x - mean) / scale, then a Dense softmax with the
     regression's coefficients. Two classes (one binomial row w) become the softmax over (0, z),
     since sigmoid(z) = softmax(0, z)[1]. The scaler stays a separate layer rather than being folded
-    into the kernel: folded, the kernel's entries span the features' scales (1e-3..1e3 for VGG16
-    maps) and a single SGD step at fine-tuning's learning rate throws the model off."""
+    into the kernel: folded, the kernel's entries span the inverse of the features' scales (6e-6 to
+    3 on ELPV's flattened VGG16 maps), and one epoch of SGD at fine-tuning's learning rate took
+    test accuracy from 84% to 67%."""
     parameters = head.linear_parameters()
     coef = np.asarray(parameters["coef"], np.float64)
     intercept = np.asarray(parameters["intercept"], np.float64)
