@@ -257,9 +257,10 @@ def _accuracy_gate(metrics: dict, threshold: float | None) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from pipeline.report import collect_runs, runs_table
+    from pipeline.report import runs_table
+    from pipeline.runs import list_runs
 
-    rows = collect_runs(args.models)
+    rows = list_runs(args.models)
     print(json.dumps(rows, indent=2) if args.json else runs_table(rows))
     return 0
 

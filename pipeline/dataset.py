@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from pipeline import atomic
 from pipeline.errors import PipelineError
 from pipeline.store import SPLITS
 
@@ -163,10 +164,7 @@ class HashIndex:
         """Keep the entries of this scan (removed files drop out)."""
         if self.path is None:
             return
-        content = {"saved_at_ns": time.time_ns(), "files": self._seen}
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(content, separators=(",", ":")))
-        os.replace(temporary, self.path)
+        atomic.write_json(self.path, {"saved_at_ns": time.time_ns(), "files": self._seen}, compact=True)
 
 
 def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIndex | None = None) -> ScannedDataset:

@@ -3,7 +3,6 @@ with augmentation on the training split, and export a model that takes raw image
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,23 +13,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import report
+from pipeline import report, runs
 from pipeline.augmentation import Augmentation
 from pipeline.classifier import TRAINING_POLICY, classifier_for_run, unfreeze
 from pipeline.dataset import decode_and_resize
 from pipeline.errors import PipelineError
 from pipeline.store import SPLITS, FeatureStore
-from pipeline.train import (
-    LABELS_FILE,
-    RunSummary,
-    check_run_name,
-    open_run_features,
-    read_run_config,
-    score_run,
-    staged_directory,
-)
-
-MODEL_FILE = "model.keras"
+from pipeline.train import RunSummary, open_run_features, score_run
 
 
 @dataclass
@@ -53,13 +42,6 @@ class FinetuneOptions:
     precision: str | None = None  # default: as the cache (bf16 caches train in mixed bfloat16)
     seed: int = 0
     progress: bool = True
-
-
-def best_head_run(models: Path) -> Path:
-    rows = [r for r in report.collect_runs(models) if r.get("kind") == "head" and r.get("validation_accuracy")]
-    if not rows:
-        raise PipelineError(f"no head run under {models}/: train one with `run_pipeline.py train-head` first")
-    return Path(models) / rows[0]["name"]
 
 
 def image_records(store: FeatureStore) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
@@ -132,8 +114,8 @@ class _Labelled:
 
 
 def finetune(options: FinetuneOptions) -> RunSummary:
-    source = best_head_run(options.models) if options.source == "best" else Path(options.source)
-    config = read_run_config(source)
+    source = runs.resolve(options.source, options.models, kind="head")
+    config = runs.read_config(source)
     if config.get("kind") != "head":
         raise PipelineError(f"{source} is a {config.get('kind')} run: fine-tune starts from a head run")
     store, _ = open_run_features(config)
@@ -143,7 +125,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     model, backbone = classifier_for_run(source, config, precision)
     records = image_records(store)
     size, batch = fingerprint.image_size, options.batch_size
-    name = check_run_name(options.name or f"{source.name}-finetuned-{options.unfreeze}")
+    name = runs.check_run_name(options.name or f"{source.name}-finetuned-{options.unfreeze}")
 
     before = _predict(model, records["test"][0], size, batch)
     test_before = report.split_metrics(records["test"][1], before, store.class_names)
@@ -194,13 +176,13 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     final = Path(options.models) / name
-    with staged_directory(final) as directory:
-        model.save(directory / MODEL_FILE)
-        (directory / report.CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
-        (directory / LABELS_FILE).write_text("".join(f"{n}\n" for n in store.class_names))
+    with runs.staged(final) as directory:
+        model.save(directory / runs.MODEL_FILE)
+        runs.write_config(directory, run_config)
+        runs.write_labels(directory, store.class_names)
         report.write_history(directory, rows, "epochs")
         splits = {split: _Labelled(records[split][1], records[split][2]) for split in SPLITS}
         metrics, text = score_run(directory, lambda split: probabilities[split], splits, store.class_names, name)
         metrics["test_before_finetune"] = test_before
-        (directory / report.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        runs.write_metrics(directory, metrics)
     return RunSummary(final, metrics, seconds, text, True, run_config)

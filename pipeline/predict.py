@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import runs
 from pipeline.errors import PipelineError
 
 BATCH = 32
@@ -29,18 +30,14 @@ def load_run_model(run: Path) -> tuple[Any, list[str], int]:
     import keras
 
     from pipeline import classifier
-    from pipeline.finetune import MODEL_FILE
     from pipeline.store import Fingerprint
-    from pipeline.train import LABELS_FILE, read_run_config
 
-    config = read_run_config(run)
-    labels_path = Path(run) / LABELS_FILE
-    if not labels_path.is_file():
-        raise PipelineError(f"{labels_path} is missing: train the run again")
-    class_names = labels_path.read_text().split("\n")[:-1]
+    config = runs.read_config(run)
+    labels_path = Path(run) / runs.LABELS_FILE
+    class_names = runs.read_labels(run)
     fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
     if config.get("kind") == "finetune":
-        path = Path(run) / MODEL_FILE
+        path = Path(run) / runs.MODEL_FILE
         try:
             model = keras.models.load_model(path, compile=False)
         except (OSError, ValueError) as error:
@@ -67,23 +64,12 @@ def image_files(targets: list[Path]) -> list[Path]:
     return files
 
 
-def best_run(models: Path) -> Path:
-    """The run with the highest validation accuracy, head or fine-tuned."""
-    from pipeline.report import collect_runs
-
-    rows = [r for r in collect_runs(models) if r.get("validation_accuracy") is not None]
-    if not rows:
-        raise PipelineError(f"no runs under {models}/: train one with `run_pipeline.py train-head` first")
-    return Path(models) / rows[0]["name"]
-
-
 def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models")) -> list[Prediction]:
     import tensorflow as tf
 
     from pipeline.dataset import decode_and_resize
 
-    if str(run) == "best":
-        run = best_run(models)
+    run = runs.resolve(run, models)
     model, class_names, size = load_run_model(run)
     files = image_files(targets)
     if not files:

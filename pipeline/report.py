@@ -4,16 +4,12 @@ the table of all runs side by side. Pictures beside machine-readable CSV and JSO
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-CONFIG = "config.json"
-METRICS = "metrics.json"
 
 
 def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -161,36 +157,6 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
 
 
 # --- all runs side by side ------------------------------------------------------------------------
-
-
-def collect_runs(models_root: Path) -> list[dict[str, Any]]:
-    """One row per finished run under `models_root`, best validation accuracy first."""
-    rows = []
-    for config_path in sorted(Path(models_root).glob(f"*/{CONFIG}")):
-        directory = config_path.parent
-        try:
-            config = json.loads(config_path.read_text())
-            metrics = json.loads((directory / METRICS).read_text())
-        except (OSError, ValueError):
-            rows.append({"name": directory.name, "problem": "config.json or metrics.json missing or damaged"})
-            continue
-        fingerprint = config.get("features", {}).get("fingerprint", {})
-        rows.append({
-            "name": directory.name,
-            "kind": config.get("kind", "head"),
-            "head": config.get("head", {}).get("kind"),
-            "backbone": fingerprint.get("backbone"),
-            "image_size": fingerprint.get("image_size"),
-            "layers": ",".join(config.get("view", {}).get("layers", [])),
-            "pooling": config.get("view", {}).get("pooling"),
-            "pretrained": config.get("features", {}).get("pretrained"),
-            "validation_accuracy": metrics.get("validation", {}).get("accuracy"),
-            "test_accuracy": metrics.get("test", {}).get("accuracy"),
-            "test_mean_per_class_accuracy": metrics.get("test", {}).get("mean_per_class_accuracy"),
-            "seconds": config.get("seconds"),
-            "created": config.get("created"),
-        })
-    return sorted(rows, key=lambda r: (-(r.get("validation_accuracy") or -1.0), r["name"]))
 
 
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:

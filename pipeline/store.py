@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline import atomic
 from pipeline.errors import PipelineError
 
 FORMAT_VERSION = 1
@@ -32,7 +32,7 @@ MANIFEST_NAME = "manifest.json"
 HASH_INDEX_NAME = "file_hashes.json"  # a speed-up for rescans, not part of the contract
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".h5"
-TEMPORARY_MARK = ".tmp"
+TEMPORARY_MARK = atomic.TEMPORARY_MARK
 _TEXT = h5py.string_dtype(encoding="utf-8")
 
 
@@ -219,58 +219,27 @@ def write_shard(path: Path, rows: Rows, class_names: Sequence[str], fingerprint:
     """Write all columns of `rows` under a temporary name, then rename: a reader sees the whole
     shard or none of it. Replaces an existing shard of that name atomically. Returns its uuid."""
     shard_uuid = uuid.uuid4().hex
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}")
-    try:
-        with h5py.File(temporary, "w") as handle:
-            handle.attrs["format_version"] = FORMAT_VERSION
-            handle.attrs["shard_uuid"] = shard_uuid
-            handle.attrs["fingerprint"] = json.dumps(fingerprint.as_dict(), sort_keys=True)
-            handle.attrs["fingerprint_digest"] = fingerprint.digest()
-            handle.attrs["class_names"] = json.dumps(list(class_names))
-            handle.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_TEXT)
-            handle.create_dataset("sha256", data=np.array(rows.sha256, dtype=object), dtype=_TEXT)
-            handle.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
-            handle.create_dataset("splits", data=np.array(rows.splits, dtype=object), dtype=_TEXT)
-            group = handle.create_group("features")
-            for name, values in rows.features.items():
-                group.create_dataset(name, data=np.asarray(values, dtype=np.float32))
-            handle.flush()
-            os.fsync(handle.id.get_vfd_handle())
-        os.replace(temporary, path)
-        _fsync_directory(path.parent)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _write_error(path, error) from error
-        raise
+    with atomic.replacing(path, durable=True, after=_KEPT) as temporary, h5py.File(temporary, "w") as handle:
+        handle.attrs["format_version"] = FORMAT_VERSION
+        handle.attrs["shard_uuid"] = shard_uuid
+        handle.attrs["fingerprint"] = json.dumps(fingerprint.as_dict(), sort_keys=True)
+        handle.attrs["fingerprint_digest"] = fingerprint.digest()
+        handle.attrs["class_names"] = json.dumps(list(class_names))
+        handle.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_TEXT)
+        handle.create_dataset("sha256", data=np.array(rows.sha256, dtype=object), dtype=_TEXT)
+        handle.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
+        handle.create_dataset("splits", data=np.array(rows.splits, dtype=object), dtype=_TEXT)
+        group = handle.create_group("features")
+        for name, values in rows.features.items():
+            group.create_dataset(name, data=np.asarray(values, dtype=np.float32))
     return shard_uuid
 
 
-def _write_error(path: Path, error: OSError) -> PipelineError:
-    """A failed write (disk full, quota, permissions) as a one-line error with the way out."""
-    reason = error.strerror or str(error)
-    return PipelineError(
-        f"could not write {path}: {reason}; nothing half-written was left and earlier shards are intact: "
-        "free some space (or use another --cache) and rerun the same command to resume"
-    )
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+_KEPT = "nothing half-written was left and earlier shards are intact"
 
 
 def write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}")
-    try:
-        temporary.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise _write_error(path, error) from error
+    atomic.write_json(path, content)
 
 
 def shard_paths(directory: Path) -> list[Path]:

@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import report
+from pipeline import report, runs
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, Head, make_head
 from pipeline.reader import FeatureView, load_splits, open_cache
 from pipeline.store import SPLITS, FeatureStore
 
-LABELS_FILE = "labels.txt"
 REPORTED_SPLIT = "test"  # whose reports sit at the top of a run directory
 
 
@@ -72,33 +67,6 @@ def default_run_name(kind: str, store: FeatureStore, view: FeatureView, params: 
             f"{layers}-{view.pooling}-{digest}")
 
 
-def check_run_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
-        raise PipelineError(
-            f"run name {name!r}: use letters, digits and . _ + = - (no slashes, not starting with a dot)"
-        )
-    return name
-
-
-@contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, retired)
-    os.replace(staging, final)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def score_run(directory: Path, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any],
               class_names: list[str], title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
     """metrics.json for every split (`splits` maps a split to something with labels and paths;
@@ -116,9 +84,7 @@ def score_run(directory: Path, predict: Callable[[str], np.ndarray], splits: Map
                                               f"{title}: {split} split, {len(data)} images")
         elif split == report_split:
             text = f"the {split} split has no images: no report for it"
-    report_path = directory / report.METRICS
-    earlier = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report_path.write_text(json.dumps(earlier | metrics, indent=2) + "\n")
+    runs.write_metrics(directory, runs.read_metrics(directory) | metrics)
     return metrics, text
 
 
@@ -129,7 +95,7 @@ def train_head(options: TrainOptions) -> RunSummary:
     if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
         params["seed"] = options.seed
     head = make_head(options.head, store.class_names, params)
-    name = check_run_name(options.name or default_run_name(head.kind, store, view, head.params, options.seed))
+    name = runs.check_run_name(options.name or default_run_name(head.kind, store, view, head.params, options.seed))
     splits = load_splits(store, view, options.memory_budget, options.stream)
     train, validation = splits["train"], splits["validation"]
 
@@ -158,10 +124,10 @@ def train_head(options: TrainOptions) -> RunSummary:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     final = Path(options.models) / name
-    with staged_directory(final) as directory:
+    with runs.staged(final) as directory:
         head.save(directory)
-        (directory / report.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (directory / LABELS_FILE).write_text("".join(f"{n}\n" for n in store.class_names))
+        runs.write_config(directory, config)
+        runs.write_labels(directory, store.class_names)
         report.write_history(directory, history, "epochs" if head.kind == "dense" else "C")
         metrics, text = score_run(directory, lambda split: head.predict_proba(splits[split]), splits,
                                   store.class_names, name)
@@ -176,18 +142,6 @@ def _head_outcome(head: Head, history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- evaluate an existing run ---------------------------------------------------------------------
-
-
-def read_run_config(run: Path) -> dict[str, Any]:
-    path = Path(run) / report.CONFIG
-    if not Path(run).is_dir():
-        raise PipelineError(f"run {run} does not exist: see `run_pipeline.py runs` for the runs there are")
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path} is missing: {run} is not a complete run; train it again") from None
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"{path} is damaged ({error}): train the run again") from None
 
 
 def open_run_features(config: dict[str, Any], features: Path | None = None,
@@ -215,7 +169,7 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     if split not in SPLITS:
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     run = Path(run)
-    config = read_run_config(run)
+    config = runs.read_config(run)
     if config.get("kind") != "head":
         raise PipelineError(f"{run} is a {config.get('kind')} run: evaluate re-scores head runs; its reports are in it")
     store, view = open_run_features(config, features, cache_root)

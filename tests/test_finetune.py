@@ -12,7 +12,6 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options
-from pipeline import report
 from pipeline.classifier import build_classifier, unfreeze, weights_for
 from pipeline.cli import main
 from pipeline.extract import extract_features
@@ -20,7 +19,9 @@ from pipeline.finetune import Augmentation, FinetuneOptions, finetune
 from pipeline.heads import Head
 from pipeline.predict import predict
 from pipeline.reader import load_splits
-from pipeline.train import TrainOptions, open_run_features, read_run_config, train_head
+from pipeline.runs import list_runs
+from pipeline.runs import read_config as read_run_config
+from pipeline.train import TrainOptions, open_run_features, train_head
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
     assert 0 <= kept <= config["finetune"]["epochs_run"]
     assert summary.metrics["validation"]["accuracy"] >= config["finetune"]["validation_before"]["accuracy"] - 1e-9
     assert "learning_rate" in (summary.directory / "history.csv").read_text().splitlines()[0]
-    assert any(r["name"] == summary.directory.name and r["kind"] == "finetune" for r in report.collect_runs(models))
+    assert any(r["name"] == summary.directory.name and r["kind"] == "finetune" for r in list_runs(models))
 
     # the exported model takes raw images: predict through it gives the test report's probabilities
     misclassified = list(csv.DictReader(open(summary.directory / "misclassified.csv")))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
-from pipeline import report
+from pipeline import runs
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
@@ -196,7 +196,7 @@ def test_a_head_run_builds_and_calls_no_backbone(tmp_path: Path, monkeypatch: py
                      "--no-progress", *extra])
         assert code == 0
     assert code == main(["runs", "--models", str(models)]) == 0
-    assert len(report.collect_runs(models)) == 2
+    assert len(runs.list_runs(models)) == 2
     assert str(cache.name) in json.loads(next(models.glob("*/config.json")).read_text())["features"]["directory"]
 
 
@@ -204,7 +204,7 @@ def test_runs_table_and_evaluate(tmp_path: Path, separable_cache: Path, capsys: 
     models = tmp_path / "models"
     dense = train_head(_options(separable_cache, models, "dense", name="the-dense"))
     logreg = train_head(_options(separable_cache, models, "logreg", name="the-logreg"))
-    rows = report.collect_runs(models)
+    rows = runs.list_runs(models)
     assert [r["name"] for r in rows] == sorted(
         ["the-dense", "the-logreg"], key=lambda n: -{"the-dense": dense, "the-logreg": logreg}[n]
         .metrics["validation"]["accuracy"])

@@ -1,0 +1,99 @@
+"""Files that appear whole or not at all, and OS-level failures as one line with the way out.
+
+Every file the pipeline writes or rewrites goes through `replacing`: it is written under a hidden
+temporary name beside its final place and renamed over it when complete, so a killed process,
+a full disk or a read-only folder never leaves a half-written file under a real name.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+TEMPORARY_MARK = ".tmp"  # `.<name>.<pid>.tmp`: never a visible name, removed by the next writer
+
+_WAY_OUT = {
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is exceeded: free some space",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.EACCES: "permission denied: choose a location you can write to",
+    errno.EPERM: "permission denied: choose a location you can write to",
+    errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter one",
+    errno.ENOENT: "a folder on the way does not exist: create it or fix the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+}
+
+
+def one_line(message: object) -> str:
+    """A library message folded into one line (HDF5 and Keras messages span several)."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text or type(message).__name__
+
+
+def os_error_message(error: OSError, action: str = "could not write") -> str:
+    """`could not write PATH: reason; what to do`, one line."""
+    target = error.filename if error.filename is not None else ""
+    reason = error.strerror or one_line(error)
+    way_out = _WAY_OUT.get(error.errno or -1)
+    return one_line(f"{action} {target}: {reason}" + (f" ({way_out})" if way_out else ""))
+
+
+def write_error(path: Path, error: OSError, after: str = "nothing half-written was left") -> PipelineError:
+    reason = error.strerror or one_line(error)
+    way_out = _WAY_OUT.get(error.errno or -1, "check the location")
+    return PipelineError(one_line(f"could not write {path}: {reason}; {after}: {way_out} and rerun"))
+
+
+def temporary_name(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}{suffix}")
+
+
+@contextmanager
+def replacing(path: Path, durable: bool = False, after: str = "nothing half-written was left",
+              suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path` in one rename. `durable`
+    syncs the file and its folder to disk first (for cache shards); `suffix` ends the temporary
+    name for writers that insist on one (Keras' `.weights.h5`). An OSError becomes a one-line
+    PipelineError and the temporary file is removed."""
+    path = Path(path)
+    temporary = temporary_name(path, suffix)
+    try:
+        yield temporary
+        if durable:
+            _fsync(temporary, os.O_RDONLY)
+        os.replace(temporary, path)
+        if durable:
+            _fsync(path.parent, os.O_RDONLY)
+    except BaseException as error:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise write_error(path, error, after) from error
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with replacing(path) as temporary:
+        temporary.write_text(text)
+
+
+def write_json(path: Path, content: Any, compact: bool = False) -> None:
+    text = json.dumps(content, separators=(",", ":")) if compact else json.dumps(content, indent=2) + "\n"
+    write_text(path, text)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
