@@ -6,6 +6,7 @@ Errors a user can cause print one line on stderr and exit non-zero; --debug show
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.augmentation import Augmentation
+from pipeline.chatter import native_chatter_filtered
 from pipeline.errors import PipelineError
 
 
@@ -333,12 +335,27 @@ def _demo_data(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    with contextlib.ExitStack() as cleanup:
+        if not args.debug:
+            cleanup.enter_context(native_chatter_filtered())
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.atomic import one_line, os_error_message
+
     try:
         return args.handler(args)
     except PipelineError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk, a read-only folder, a name too long: the user's to fix
+        if args.debug:
+            raise
+        print(f"error: {os_error_message(error, 'could not use')}; rerun with --debug for details",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.atomic import one_line
 from pipeline.errors import PipelineError
 from pipeline.reader import SplitData
 
@@ -281,39 +282,46 @@ class LogRegHead(Head):
                 "classes": model.classes_, "C": np.array(self.chosen_c)}
 
     def _save_model(self, directory: Path) -> dict[str, Any]:
+        """head.npz (plain arrays: what the pipeline loads) and head.joblib (the fitted scikit-learn
+        pipeline, for scikit-learn users who trust the run's author; never loaded here)."""
         import joblib
 
-        joblib.dump(self.model, directory / self.MODEL_FILE)
         np.savez(directory / self.PORTABLE_FILE, **self.linear_parameters())
+        joblib.dump(self.model, directory / self.MODEL_FILE)
         return {"C": self.chosen_c, "files": {name: _sha256(directory / name)
                                               for name in (self.MODEL_FILE, self.PORTABLE_FILE)}}
 
     def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
-        """The joblib pickle when this scikit-learn wrote it; otherwise the portable arrays, so a
-        head survives upgrades (pickled estimators break across versions)."""
-        import joblib
-
-        for name, digest in sidecar["files"].items():
-            path = directory / name
-            if not path.is_file():
-                raise PipelineError(f"{path} is missing: train the head again")
-            if _sha256(path) != digest:
-                raise PipelineError(f"{path} does not match the checksum in {SIDECAR} (damaged?): train the head again")
-        self.chosen_c = sidecar["C"]
-        if sidecar["versions"]["scikit-learn"] == self.versions()["scikit-learn"]:
-            self.model = joblib.load(directory / self.MODEL_FILE)
-            return
+        """From the plain arrays of head.npz, read without pickles: a run directory from someone
+        else cannot run code here. head.joblib is never opened (a checksum stored beside a pickle
+        protects nothing)."""
         from sklearn.preprocessing import StandardScaler
 
         from pipeline.linear import LinearSolution
 
-        with np.load(directory / self.PORTABLE_FILE) as arrays:
-            scaler = StandardScaler()
-            scaler.mean_, scaler.scale_ = arrays["mean"], arrays["scale"]
-            scaler.var_ = arrays["scale"] ** 2
-            scaler.n_features_in_ = len(arrays["mean"])
-            solution = LinearSolution(arrays["coef"], arrays["intercept"], 0, True)
-        self.model = self._pipeline_from(scaler, solution, self.chosen_c)
+        path = directory / self.PORTABLE_FILE
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing: train the head again")
+        recorded = sidecar.get("files", {}).get(self.PORTABLE_FILE)
+        if recorded is not None and _sha256(path) != recorded:
+            raise PipelineError(f"{path} does not match the checksum in {SIDECAR} (damaged?): train the head again")
+        self.chosen_c = sidecar["C"]
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                mean, scale, coef, intercept = (arrays[key] for key in ("mean", "scale", "coef", "intercept"))
+        except (OSError, ValueError, KeyError) as error:
+            raise PipelineError(f"{path} is damaged ({one_line(error)}): train the head again") from None
+        classes = len(self.class_names)
+        dimension = self.input_dimension if self.input_dimension is not None else len(mean)
+        rows = 1 if classes == 2 else classes
+        if (coef.shape != (rows, dimension) or intercept.shape != (rows,) or mean.shape != (dimension,)
+                or scale.shape != (dimension,) or coef.dtype.kind != "f" or not np.isfinite(coef).all()):
+            raise PipelineError(f"{path} holds arrays of the wrong shape or type for {classes} classes and "
+                                f"{dimension} features (damaged?): train the head again")
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_, scaler.var_ = mean, scale, scale ** 2
+        scaler.n_features_in_ = dimension
+        self.model = self._pipeline_from(scaler, LinearSolution(coef, intercept, 0, True), self.chosen_c)
 
 
 # --- Keras dense head -----------------------------------------------------------------------------
@@ -434,14 +442,26 @@ class DenseHead(Head):
         return {"files": {self.MODEL_FILE: _sha256(directory / self.MODEL_FILE)}}
 
     def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
-        import keras
-
         path = directory / self.MODEL_FILE
         if not path.is_file():
             raise PipelineError(f"{path} is missing: train the head again")
         if _sha256(path) != sidecar["files"][self.MODEL_FILE]:
             raise PipelineError(f"{path} does not match the checksum in {SIDECAR} (damaged?): train the head again")
-        self.model = keras.models.load_model(path, compile=False)
+        self.model = load_keras_model(path, "train the head again")
+
+
+def load_keras_model(path: Path, way_out: str) -> Any:
+    """A .keras file in Keras' safe mode: a Lambda layer or any other serialised Python code is
+    refused, not run. Every failure is one line naming the file."""
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises ValueError, TypeError, OSError, zipfile errors...
+        reason = one_line(error)
+        if "safe_mode" in reason or "Lambda" in reason:
+            reason = "it holds Python code (a Lambda layer or a custom function), which is never run here"
+        raise PipelineError(f"cannot load {path}: {reason[:300]}: {way_out}") from None
 
 
 HEADS: dict[str, type[Head]] = {head.kind: head for head in (DenseHead, LogRegHead)}

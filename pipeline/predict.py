@@ -27,9 +27,8 @@ class Prediction:
 
 def load_run_model(run: Path) -> tuple[Any, list[str], int]:
     """(model taking pixels 0..255, class names, image size) for a head or fine-tuned run."""
-    import keras
-
     from pipeline import classifier
+    from pipeline.heads import load_keras_model
     from pipeline.store import Fingerprint
 
     config = runs.read_config(run)
@@ -38,11 +37,7 @@ def load_run_model(run: Path) -> tuple[Any, list[str], int]:
     fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
     if config.get("kind") == "finetune":
         path = Path(run) / runs.MODEL_FILE
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except (OSError, ValueError) as error:
-            why = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise PipelineError(f"{path} is missing or damaged ({why}): fine-tune again") from None
+        model = load_keras_model(path, "fine-tune again")
     else:
         model, _ = classifier.classifier_for_run(Path(run), config)  # at the precision the features had
     if model.output_shape[-1] != len(class_names):

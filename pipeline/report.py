@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import atomic
+
 
 def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, mean per-class accuracy (over classes present), macro F1 and log loss."""
@@ -56,8 +58,8 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
                                    digits=4, zero_division=0)
     matrix = confusion(labels, predicted, len(class_names))
     matrix_text = _confusion_text(matrix, class_names)
-    (directory / "classification_report.txt").write_text(f"{title}\n\n{report}\n{matrix_text}")
-    with open(directory / "confusion_matrix.csv", "w", newline="") as handle:
+    atomic.write_text(directory / "classification_report.txt", f"{title}\n\n{report}\n{matrix_text}")
+    with atomic.replacing(directory / "confusion_matrix.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["true \\ predicted", *class_names, "images", "class_accuracy"])
         for name, row in zip(class_names, matrix):
@@ -67,7 +69,7 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     _confusion_picture(directory / "confusion_matrix.png", matrix, class_names, title)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")]  # most confident first
-    with open(directory / "misclassified.csv", "w", newline="") as handle:
+    with atomic.replacing(directory / "misclassified.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true_label", "predicted_label", "probability", "probability_of_true"])
         for i in wrong:
@@ -115,8 +117,15 @@ def _confusion_picture(path: Path, matrix: np.ndarray, class_names: Sequence[str
     axes.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save_figure(figure, path)
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    try:
+        with atomic.replacing(path) as temporary:
+            figure.savefig(temporary, dpi=110, format="png")
+    finally:
+        _pyplot().close(figure)
 
 
 def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) -> None:
@@ -124,7 +133,7 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
     if not rows:
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(directory / "history.csv", "w", newline="") as handle:
+    with atomic.replacing(directory / "history.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -152,8 +161,7 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(directory / "curves.png", dpi=110)
-    plt.close(figure)
+    _save_figure(figure, directory / "curves.png")
 
 
 # --- all runs side by side ------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Keep TensorFlow's native start-up chatter off the user's terminal.
+
+TensorFlow 2.21 and absl write lines such as `I0000 00:00:... cudart_stub.cc:31] Could not find
+cuda drivers` from C++ straight to file descriptor 2, some before TF_CPP_MIN_LOG_LEVEL is read.
+While a command runs, descriptor 2 is a pipe read by a thread that drops those lines and passes
+every other line on; Python's own `sys.stderr` (the pipeline's messages, progress bars) writes
+to the terminal directly. `--debug` shows everything.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+CHATTER = re.compile(
+    r"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]"  # absl: I0000 00:00:1795... 12426 port.cc:153]
+    r"|E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ cuda_\w+\.cc:\d+\]"  # absl errors of the CUDA stubs on a CPU machine
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] "  # TensorFlow's own: 2026-11-22 18:00:00.0: I tensorflow/...
+    r"|To enable the following instructions:.*rebuild TensorFlow"
+    r")"
+)
+
+
+def is_chatter(line: str) -> bool:
+    return CHATTER.match(line) is not None
+
+
+@contextmanager
+def native_chatter_filtered() -> Iterator[None]:
+    """Filter descriptor 2 for the duration; a no-op when sys.stderr is not the process's own
+    (under a test's capture) or when descriptor 2 cannot be duplicated."""
+    if sys.stderr is not sys.__stderr__:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        terminal = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:
+        yield
+        return
+    previous = sys.stderr
+    sys.stderr = io.TextIOWrapper(io.FileIO(os.dup(terminal), "w"), encoding=previous.encoding,
+                                  errors="backslashreplace", line_buffering=True)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    forwarder = threading.Thread(target=_forward, args=(read_end, terminal), daemon=True, name="stderr-filter")
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # closes this process's write end of the pipe
+        forwarder.join(timeout=2)  # children (joblib workers) may hold the pipe open: don't wait on them
+        sys.stderr.close()
+        sys.stderr = previous
+
+
+def _forward(read_end: int, terminal: int) -> None:
+    pending = b""
+    with open(read_end, "rb", buffering=0) as pipe:
+        while True:
+            block = pipe.read(65536)
+            if not block:
+                break
+            *lines, pending = (pending + block).split(b"\n")
+            _write(terminal, lines)
+    if pending:
+        _write(terminal, [pending])
+    os.close(terminal)
+
+
+def _write(terminal: int, lines: list[bytes]) -> None:
+    kept = [line for line in lines if not is_chatter(line.decode("utf-8", "replace"))]
+    if kept:
+        try:
+            os.write(terminal, b"".join(line + b"\n" for line in kept))
+        except OSError:
+            pass
