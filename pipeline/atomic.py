@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 TEMPORARY_MARK = ".tmp"  # `.<name>.<pid>.tmp`: never a visible name, removed by the next writer
 
 _WAY_OUT = {
-    errno.ENOSPC: "the disk is full: free some space",
+    errno.ENOSPC: "the disk is full: free some space (or write elsewhere)",
     errno.EDQUOT: "the disk quota is exceeded: free some space",
     errno.EROFS: "the file system is read-only: choose a writable location",
     errno.EACCES: "permission denied: choose a location you can write to",
@@ -48,7 +48,8 @@ def os_error_message(error: OSError, action: str = "could not write") -> str:
 def write_error(path: Path, error: OSError, after: str = "nothing half-written was left") -> PipelineError:
     reason = error.strerror or one_line(error)
     way_out = _WAY_OUT.get(error.errno or -1, "check the location")
-    return PipelineError(one_line(f"could not write {path}: {reason}; {after}: {way_out} and rerun"))
+    return PipelineError(one_line(f"could not write {path}: {reason}; {after}: {way_out}, then rerun the same "
+                                  "command to resume"))
 
 
 def temporary_name(path: Path, suffix: str = "") -> Path:

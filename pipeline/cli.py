@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,23 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
     return value
 
 
@@ -53,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=_positive_int, default=32)
     extract.add_argument("--shard-size", type=_positive_int, default=1024, help="images per HDF5 shard")
     extract.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
-    extract.add_argument("--val-fraction", type=float, default=0.15, help="for DIR/<class>/ layouts")
-    extract.add_argument("--test-fraction", type=float, default=0.15, help="for DIR/<class>/ layouts")
+    extract.add_argument("--val-fraction", type=_finite_float, default=0.15, help="for DIR/<class>/ layouts")
+    extract.add_argument("--test-fraction", type=_finite_float, default=0.15, help="for DIR/<class>/ layouts")
     extract.add_argument("--split-seed", type=int, default=0, help="for DIR/<class>/ layouts")
     extract.add_argument("--rehash", action="store_true",
                          help="hash every file again instead of trusting remembered size and mtime")
     extract.add_argument("--strict", action="store_true",
                          help="stop at the first file that cannot be decoded (default: skip and list it)")
+    extract.add_argument("--max-megapixels", type=_positive_float, default=128,
+                         help="images larger than this (decoded) are held back with an error (default 128)")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.add_argument("--json", action="store_true", help="print the summary as JSON")
     extract.set_defaults(handler=_extract)
@@ -80,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weigh classes inversely to their frequency (default none)")
     dense = train.add_argument_group("dense head")
     dense.add_argument("--units", type=_positive_int, default=None, help="hidden units (256)")
-    dense.add_argument("--dropout", type=float, default=None, help="dropout rate (0.5)")
+    dense.add_argument("--dropout", type=_finite_float, default=None, help="dropout rate (0.5)")
     dense.add_argument("--batch-norm", action="store_true", default=None, help="BatchNormalization after Dense")
     dense.add_argument("--optimizer", default=None, help="rmsprop (default), adam or sgd")
-    dense.add_argument("--lr", type=float, default=None, help="learning rate (1e-3)")
+    dense.add_argument("--lr", type=_finite_float, default=None, help="learning rate (1e-3)")
     dense.add_argument("--epochs", type=_positive_int, default=None, help="at most this many epochs (50)")
     dense.add_argument("--batch-size", type=_positive_int, default=None, help="(32)")
     dense.add_argument("--patience", type=_positive_int, default=None,
@@ -97,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read features into memory up to this size, stream by shard above (default: "
                             "a quarter of physical memory)")
     train.add_argument("--stream", action="store_true", help="stream features by shard even when they fit")
-    train.add_argument("--assert-accuracy-at-least", type=float, default=None, metavar="X",
+    train.add_argument("--assert-accuracy-at-least", type=_finite_float, default=None, metavar="X",
                        help="exit non-zero if validation accuracy is below X (0..1), e.g. to gate CI")
     train.add_argument("--no-progress", action="store_true", help="no progress output")
     train.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -124,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--unfreeze", default="block5",
                       help="train from this block (block5, conv5) or layer index on; see `inspect`")
     tune.add_argument("--epochs", type=_positive_int, default=3, help="(3: CPUs are slow; more on a GPU)")
-    tune.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (1e-4)")
-    tune.add_argument("--momentum", type=float, default=0.9)
-    tune.add_argument("--clipnorm", type=float, default=1.0, help="clip gradients to this norm (0: off; default 1)")
+    tune.add_argument("--lr", type=_finite_float, default=1e-4, help="SGD learning rate (1e-4)")
+    tune.add_argument("--momentum", type=_finite_float, default=0.9)
+    tune.add_argument("--clipnorm", type=_finite_float, default=1.0,
+                      help="clip gradients to this norm (0: off; default 1)")
     tune.add_argument("--batch-size", type=_positive_int, default=16)
     tune.add_argument("--patience", type=_positive_int, default=3, help="early stopping on val_loss")
     tune.add_argument("--precision", default=None, choices=("fp32", "mixed-bf16", "mixed-fp16"),
@@ -136,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Augmentation()  # a plain dataclass: no TensorFlow import for --help
     tune.add_argument("--flip", default=defaults.flip, choices=("none", "horizontal", "vertical",
                                                               "horizontal_and_vertical"))
-    tune.add_argument("--rotation", type=float, default=defaults.rotation,
+    tune.add_argument("--rotation", type=_finite_float, default=defaults.rotation,
                       help="fraction of a full turn, e.g. 0.05 (default 0: off)")
-    tune.add_argument("--zoom", type=float, default=defaults.zoom, help="e.g. 0.1 (default 0: off)")
-    tune.add_argument("--translation", type=float, default=defaults.translation, help="e.g. 0.05 (default 0: off)")
-    tune.add_argument("--contrast", type=float, default=defaults.contrast, help="e.g. 0.1 (default 0: off)")
+    tune.add_argument("--zoom", type=_finite_float, default=defaults.zoom, help="e.g. 0.1 (default 0: off)")
+    tune.add_argument("--translation", type=_finite_float, default=defaults.translation,
+                      help="e.g. 0.05 (default 0: off)")
+    tune.add_argument("--contrast", type=_finite_float, default=defaults.contrast, help="e.g. 0.1 (default 0: off)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--no-progress", action="store_true")
     tune.add_argument("--json", action="store_true")
@@ -187,6 +209,7 @@ def _extract(args: argparse.Namespace) -> int:
         splits=SplitConfig(args.val_fraction, args.test_fraction, args.split_seed),
         rehash=args.rehash,
         strict=args.strict,
+        max_pixels=int(args.max_megapixels * 2**20),
         progress=not args.no_progress,
     ))
     if args.json:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import struct
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,9 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         fractions = (self.validation_fraction, self.test_fraction)
+        if not all(math.isfinite(f) for f in fractions):
+            raise PipelineError(f"validation and test fractions must be finite numbers, not {fractions[0]} and "
+                                f"{fractions[1]}: e.g. --val-fraction 0.15 --test-fraction 0.15")
         if min(fractions) < 0 or sum(fractions) >= 1:
             raise PipelineError(
                 "validation and test fractions must be >= 0 and leave some images for training"
@@ -70,6 +76,16 @@ def _visible(name: str) -> bool:
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def check_class_name(folder: Path) -> str:
+    """Class names are written one per line (labels.txt) and shown in reports: a name holding a
+    newline or another control character would break them, so such a folder is refused here."""
+    name = folder.name
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise PipelineError(f"class folder {str(folder)!r} has a control character (newline, tab...) in its "
+                            "name: rename it")
+    return name
 
 
 def _images_below(folder: Path, ignored: list[tuple[str, str]], root: Path) -> list[Path]:
@@ -160,6 +176,10 @@ class HashIndex:
         self._seen[key] = (stat.st_size, stat.st_mtime_ns, digest)
         return digest
 
+    def forget(self, key: str) -> None:
+        """Drop a file whose bytes changed after it was hashed: the next scan reads it again."""
+        self._seen.pop(key, None)
+
     def save(self) -> None:
         """Keep the entries of this scan (removed files drop out)."""
         if self.path is None:
@@ -186,15 +206,17 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIn
             raise PipelineError(f"{root} has both val/ and validation/: keep one")
         for split_folder in split_folders:
             for class_folder in _subfolders(split_folder):
+                name = check_class_name(class_folder)
                 for path in _images_below(class_folder, ignored, root):
-                    files.append((path, class_folder.name, SPLIT_FOLDERS[split_folder.name]))
+                    files.append((path, name, SPLIT_FOLDERS[split_folder.name]))
     else:
         layout = "class-folders"
         for class_folder in top:
+            class_name = check_class_name(class_folder)
             images = _images_below(class_folder, ignored, root)
             names = [p.relative_to(class_folder).as_posix() for p in images]
             for path, split in zip(images, _assign_splits(names, splits)):
-                files.append((path, class_folder.name, split))
+                files.append((path, class_name, split))
 
     class_names = sorted({name for _, name, _ in files} | _class_folder_names(root, layout))
     counts = {name: 0 for name in class_names}
@@ -229,14 +251,20 @@ def _class_folder_names(root: Path, layout: str) -> set[str]:
 
 
 def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read one file into a float32 RGB image of image_size x image_size in 0..255.
+    """Read one file into a float32 RGB image of image_size x image_size in 0..255 (see
+    decode_bytes_and_resize)."""
+    return decode_bytes_and_resize(tf.io.read_file(path), image_size)
+
+
+def decode_bytes_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded image bytes -> a float32 RGB image of image_size x image_size in 0..255.
 
     Any format TensorFlow decodes (JPEG, PNG, BMP, GIF: its first frame); grayscale and RGBA
     become RGB. The image is squashed to a square, as the classic recipe does: by area averaging
     when it shrinks (anti-aliased and about twice as fast as anti-aliased bilinear, which matters
     on a CPU where decoding shares the cores with the backbone), bilinear when it grows.
     """
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False, dtype=tf.uint8)
+    image = tf.io.decode_image(data, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, None])
     size = (image_size, image_size)
     shrinks = tf.reduce_all(tf.shape(image)[:2] >= image_size)
@@ -245,3 +273,44 @@ def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
                     lambda: tf.image.resize(image, size, method="bilinear"))
     channels = tf.shape(image)[-1]  # resized before this, so gray images cost a third
     return tf.cond(channels < 3, lambda: tf.repeat(image[..., :1], 3, axis=-1), lambda: image[..., :3])
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from a PNG, GIF, BMP or JPEG header without decoding, or None where
+    the header does not say (the decoder then decides). Used to refuse decompression bombs."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            return struct.unpack(">II", data[16:24])
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data[:2] == b"BM":
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_dimensions(data)
+    except struct.error:
+        return None
+    return None
+
+
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            position += 2
+            continue
+        length = struct.unpack(">H", data[position + 2:position + 4])[0]
+        if marker in _JPEG_FRAMES:
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        position += 2 + length
+    return None

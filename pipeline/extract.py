@@ -6,6 +6,8 @@ only images the cache does not hold yet go through the backbone.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 import signal
 import threading
@@ -20,6 +22,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from pipeline import store
+from pipeline.atomic import one_line
 from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess
 from pipeline.dataset import (
     RESIZE_METHOD,
@@ -27,7 +30,8 @@ from pipeline.dataset import (
     ImageRecord,
     ScannedDataset,
     SplitConfig,
-    decode_and_resize,
+    decode_bytes_and_resize,
+    image_dimensions,
     scan_dataset,
 )
 from pipeline.errors import PipelineError
@@ -36,6 +40,8 @@ from pipeline.store import Fingerprint, Rows, ShardIndex
 from pipeline.weights import ResolvedWeights, resolve_weights
 
 DEFAULT_SHARD_SIZE = 1024
+MAX_IMAGE_SIZE = 2048  # --image-size above this needs tens of GB per batch in the first convolution
+DEFAULT_MAX_PIXELS = 128 * 2**20  # decoded pixels per image (a 10000 x 10000 image is 100 M)
 
 
 @dataclass
@@ -54,6 +60,7 @@ class ExtractOptions:
     splits: SplitConfig = field(default_factory=SplitConfig)
     rehash: bool = False  # read every file instead of trusting remembered (size, mtime) hashes
     strict: bool = False  # stop at the first image that cannot be decoded instead of skipping it
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are held back with an error, never decoded
     progress: bool = True
 
 
@@ -189,28 +196,89 @@ def _records_to_rows(records: Sequence[ImageRecord], features: dict[str, np.ndar
     )
 
 
-def _failure_reason(path: Path) -> str:
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        return f"unreadable: {error.strerror}"
-    if size == 0:
-        return "empty file"
-    return "TensorFlow cannot decode it (corrupt, truncated or not an image)"
+class _ImageSource:
+    """Reads each image's bytes once, hashes those bytes and hands the same bytes to the decoder,
+    so a row's sha256 is always the hash of the bytes whose features it holds, even when the file
+    is overwritten between the scan and the decode. Images whose header announces more than
+    `max_pixels` are held back (never decoded) and reported."""
 
+    def __init__(self, root: Path, records: Sequence[ImageRecord], max_pixels: int) -> None:
+        self.root = root
+        self.records = records
+        self.max_pixels = max_pixels
+        self.sha256: dict[int, str] = {}  # record index -> hash of the bytes that were decoded
+        self.too_large: dict[int, tuple[int, int]] = {}
+        self.unreadable: dict[int, str] = {}
 
-def _image_batches(dataset: ScannedDataset, records: Sequence[ImageRecord], image_size: int,
-                   preprocessing: str, batch_size: int) -> tf.data.Dataset:
-    """(record index, preprocessed batch): decoding and resizing in parallel, ahead of the
-    backbone. Files that fail to decode are dropped here and reported by their missing index."""
-    paths = [str(dataset.root / r.path) for r in records]
-    images = tf.data.Dataset.from_tensor_slices((np.arange(len(records), dtype=np.int64), paths))
-    images = images.map(lambda i, p: (i, decode_and_resize(p, image_size)),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    images = images.ignore_errors()
-    batches = images.batch(batch_size).map(lambda i, x: (i, preprocess(x, preprocessing)),
-                                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    def _encoded(self) -> Iterator[tuple[int, bytes]]:
+        for index, record in enumerate(self.records):
+            try:
+                data = (self.root / record.path).read_bytes()
+            except OSError as error:
+                self.unreadable[index] = f"unreadable: {error.strerror or error}"
+                continue
+            self.sha256[index] = hashlib.sha256(data).hexdigest()
+            dimensions = image_dimensions(data)
+            if dimensions and dimensions[0] * dimensions[1] > self.max_pixels:
+                self.too_large[index] = dimensions
+                continue
+            yield index, data
+
+    def batches(self, image_size: int, preprocessing: str, batch_size: int) -> tf.data.Dataset:
+        """(record index, preprocessed batch): decoding and resizing in parallel, ahead of the
+        backbone. Files that fail to decode are dropped here and reported by their missing index."""
+        encoded = tf.data.Dataset.from_generator(self._encoded, output_signature=(
+            tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
+        images = encoded.map(lambda i, data: (i, decode_bytes_and_resize(data, image_size)),
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        images = images.ignore_errors()
+        batches = images.batch(batch_size).map(lambda i, x: (i, preprocess(x, preprocessing)),
+                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return batches.prefetch(tf.data.AUTOTUNE)
+
+    def record(self, index: int) -> ImageRecord:
+        """The record as it was read: with the hash of the bytes decoded."""
+        record = self.records[index]
+        digest = self.sha256.get(index, record.sha256)
+        return record if digest == record.sha256 else dataclasses.replace(record, sha256=digest)
+
+    def changed(self) -> list[ImageRecord]:
+        """Records whose bytes changed between the scan and the read."""
+        return [self.records[i] for i, digest in self.sha256.items() if digest != self.records[i].sha256]
+
+    def failure_reason(self, index: int, image_size: int) -> str:
+        """Why an image gave no features, when its bytes cannot be decoded; raises PipelineError
+        when the cause is anything else (memory, a pixel limit), so that it is never recorded as
+        a damaged image."""
+        path = self.root / self.records[index].path
+        if index in self.too_large:
+            width, height = self.too_large[index]
+            raise PipelineError(
+                f"{path} is {width} x {height} pixels, above the limit of {self.max_pixels / 1e6:.0f} megapixels "
+                "(--max-megapixels): raise the limit if the machine has the memory, or shrink the image; the "
+                "other images were extracted and kept"
+            )
+        if index in self.unreadable:
+            return self.unreadable[index]
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            return f"unreadable: {error.strerror or error}"
+        if not data:
+            return "empty file"
+        try:
+            decode_bytes_and_resize(tf.constant(data), image_size)
+        except tf.errors.InvalidArgumentError:
+            return "TensorFlow cannot decode it (corrupt, truncated or not an image)"
+        except tf.errors.OpError as error:
+            raise PipelineError(
+                f"{path}: decoding failed for lack of resources ({one_line(error.message)[:160]}), not because "
+                "the image is damaged: lower --batch-size or --image-size and rerun; finished shards are kept"
+            ) from None
+        raise PipelineError(
+            f"{path} failed to decode in the pipeline but decodes on its own (the file changed while being read, "
+            "or memory ran short): rerun the same command; finished shards are kept"
+        )
 
 
 class _StopRequest:
@@ -243,6 +311,12 @@ class _Extraction:
         self.options = options
         self.spec = get_backbone(options.backbone)
         self.image_size = options.image_size or self.spec.default_image_size
+        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            raise PipelineError(f"--image-size {self.image_size}: use 1 to {MAX_IMAGE_SIZE} pixels (a backbone's "
+                                "activations at larger sizes need tens of GB per batch)")
+        if options.max_pixels < 1:
+            raise PipelineError("--max-megapixels must be positive")
+        self.max_pixels = options.max_pixels
         self.layers = tuple(options.layers or self.spec.default_layers)
         self.precision = resolve_precision(options.precision)
         if options.batch_size < 1 or options.shard_size < 1:
@@ -269,6 +343,8 @@ class _Extraction:
         self.extractor: FeatureExtractor | None = None
         self.backbone_seconds = 0.0
         self.input_wait_seconds = 0.0  # time the backbone waited for decoded images
+        self.changed_while_read: list[ImageRecord] = []  # bytes changed between the scan and the read
+        self.held_back: list[str] = []  # images neither extracted nor skipped, with the reason (an error)
 
     def feature_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
@@ -287,12 +363,18 @@ class _Extraction:
         try:
             with store.exclusive_lock(directory):
                 summary = self._update(directory, dataset, started)
+                for record in self.changed_while_read:
+                    hashes.forget(record.path)
                 hashes.save()
-                return summary
         except BaseException:
             if created and not store.shard_paths(directory):
                 shutil.rmtree(directory, ignore_errors=True)  # leave no empty cache behind
             raise
+        if self.held_back:
+            more = f" ({len(self.held_back) - 1} more images like it, listed by the next run)" if len(
+                self.held_back) > 1 else ""
+            raise PipelineError(self.held_back[0] + more)
+        return summary
 
     def _update(self, directory: Path, dataset: ScannedDataset, started: float) -> ExtractSummary:
         store.remove_temporaries(directory)
@@ -315,8 +397,8 @@ class _Extraction:
         new_failures = self._extract_new(plan.extract, dataset, sequence)
         self._rewrite_changed(plan, dataset, shards)
         skipped = earlier_failures + new_failures
-        new = len(plan.extract) - len(new_failures)
-        images = len(dataset.records) - len(skipped)
+        new = len(plan.extract) - len(new_failures) - len(self.held_back)
+        images = len(dataset.records) - len(skipped) - len(self.held_back)
         summary = ExtractSummary(
             cache_dir=directory,
             images=images,
@@ -375,22 +457,21 @@ class _Extraction:
         if not records:
             return []
         extractor = self.feature_extractor()
-        batches = _image_batches(dataset, records, self.image_size, self.weights.preprocessing,
-                                 self.options.batch_size)
+        source = _ImageSource(dataset.root, records, self.max_pixels)
+        batches = source.batches(self.image_size, self.weights.preprocessing, self.options.batch_size)
         buffer = _RowBuffer()
         decoded: set[int] = set()
 
         def write(count: int) -> None:
             index, features = buffer.take(count)
-            rows = _records_to_rows([records[i] for i in index], features)
+            rows = _records_to_rows([source.record(i) for i in index], features)
             store.write_shard(sequence.new_path(), rows, dataset.class_names, self.fingerprint)
 
         def failed(index: int) -> PipelineError:
-            record = records[index]
-            done = len(decoded)
+            reason = source.failure_reason(index, self.image_size)  # raises for what is not a damaged image
             return PipelineError(
-                f"{dataset.root / record.path}: {_failure_reason(dataset.root / record.path)} (--strict): fix or "
-                f"remove it and rerun; the {done} images extracted so far are kept"
+                f"{dataset.root / records[index].path}: {reason} (--strict): fix or remove it and rerun; the "
+                f"{len(decoded)} images extracted so far are kept"
             )
 
         started = time.perf_counter()
@@ -428,10 +509,16 @@ class _Extraction:
                 bar.set_postfix(skipped=len(records) - len(decoded))
                 bar.update(len(records) - len(decoded))  # undecodable files end the bar too
         self.backbone_seconds += time.perf_counter() - started
-        return [
-            {"path": r.path, "sha256": r.sha256, "reason": _failure_reason(dataset.root / r.path)}
-            for i, r in enumerate(records) if i not in decoded
-        ]
+        self.changed_while_read += source.changed()
+        failures = []
+        for index in sorted(set(range(len(records))) - decoded):
+            try:
+                reason = source.failure_reason(index, self.image_size)
+            except PipelineError as error:  # not a damaged image: not recorded, tried again next run
+                self.held_back.append(str(error))
+                continue
+            failures.append({"path": records[index].path, "sha256": source.record(index).sha256, "reason": reason})
+        return failures
 
     def _rewrite_changed(self, plan: UpdatePlan, dataset: ScannedDataset, shards: Sequence[ShardIndex]) -> None:
         """Drop rows of removed or changed images and apply new labels, splits and class names,

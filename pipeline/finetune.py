@@ -180,6 +180,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         model.save(directory / runs.MODEL_FILE)
         runs.write_config(directory, run_config)
         runs.write_labels(directory, store.class_names)
+        runs.write_split_record(directory, {split: records[split][2] for split in SPLITS})
         report.write_history(directory, rows, "epochs")
         splits = {split: _Labelled(records[split][1], records[split][2]) for split in SPLITS}
         metrics, text = score_run(directory, lambda split: probabilities[split], splits, store.class_names, name)

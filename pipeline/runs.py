@@ -9,6 +9,7 @@ directory is ever unpickled or executed.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -160,6 +161,48 @@ def read_metrics(run: Path) -> dict[str, Any]:
 
 def write_metrics(directory: Path, metrics: dict[str, Any]) -> None:
     atomic.write_json(Path(directory) / METRICS, metrics)
+
+
+def write_split_record(directory: Path, paths_by_split: dict[str, Sequence[str]]) -> None:
+    """splits.csv: the split of every image the run was trained, validated and tested on."""
+    with atomic.replacing(Path(directory) / SPLIT_RECORD) as temporary, \
+            open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "split"])
+        for split, paths in paths_by_split.items():
+            writer.writerows((path, split) for path in paths)
+
+
+def read_split_record(run: Path) -> dict[str, str] | None:
+    """path -> split as the run saw them; None for runs made before the record existed."""
+    path = Path(run) / SPLIT_RECORD
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = csv.reader(handle)
+            if next(rows, None) != ["path", "split"]:
+                raise ValueError("unexpected header")
+            return {row[0]: row[1] for row in rows}
+    except (OSError, ValueError, IndexError, csv.Error) as error:
+        raise PipelineError(f"{path} is damaged ({atomic.one_line(error)}): train the run again") from None
+
+
+def check_same_splits(run: Path, current: dict[str, Sequence[str]], cache: Path) -> None:
+    """Refuse to score a run on a cache that moved images between splits since it was trained
+    (a re-split would put training images into "test")."""
+    recorded = read_split_record(run)
+    if recorded is None:
+        return
+    moved = [(path, recorded[path], split) for split, paths in current.items() for path in paths
+             if path in recorded and recorded[path] != split]
+    if moved:
+        path, was, now = moved[0]
+        raise PipelineError(
+            f"{cache} assigns {len(moved)} images to other splits than run {Path(run).name} was trained with "
+            f"(e.g. {path}: {was} then, {now} now), so its scores would count images it was trained on: "
+            "extract again with the split settings the run used, or train a new head on this cache"
+        )
 
 
 # --- all runs -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from pipeline import atomic
+from pipeline.atomic import one_line
 from pipeline.errors import PipelineError
 
 FORMAT_VERSION = 1
@@ -153,7 +154,10 @@ def _check_shard_attributes(handle: h5py.File, path: Path, fingerprint: Fingerpr
         )
 
 
-def read_shard_index(path: Path, fingerprint: Fingerprint) -> ShardIndex:
+def read_shard_index(path: Path, fingerprint: Fingerprint,
+                     shapes: Mapping[str, Sequence[int]] | None = None) -> ShardIndex:
+    """A shard's metadata, checked: its fingerprint, columns of one length, labels within its
+    classes, known split names, and float features of every layer (of `shapes` when given)."""
     try:
         with h5py.File(path, "r") as handle:
             _check_shard_attributes(handle, path, fingerprint)
@@ -166,18 +170,70 @@ def read_shard_index(path: Path, fingerprint: Fingerprint) -> ShardIndex:
                 handle["labels"][()].astype(np.int32),
                 _decode(handle["splits"][()]),
             )
-            lengths = {len(shard)} | {handle["features"][name].shape[0] for name in fingerprint.layers}
-    except (OSError, KeyError, ValueError) as error:
-        raise _damaged(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+            datasets = {name: handle["features"][name] for name in fingerprint.layers}
+            problem = _feature_problem(datasets, shapes)
+            lengths = {len(shard)} | {dataset.shape[0] for dataset in datasets.values() if dataset.shape}
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise _damaged(path, one_line(error)) from None
+    if problem:
+        raise _damaged(path, problem)
     if len({len(shard.sha256), len(shard.labels), len(shard.splits)} | lengths) != 1:
         raise _damaged(path, "columns of different lengths")
+    if len(shard.labels) and (shard.labels.min() < 0 or shard.labels.max() >= len(shard.class_names)):
+        raise _damaged(path, f"labels outside 0..{len(shard.class_names) - 1}")
+    unknown = set(shard.splits) - set(SPLITS)
+    if unknown:
+        raise _damaged(path, f"unknown split {sorted(unknown)[0]!r}")
     return shard
 
 
-def read_shard_rows(path: Path, layers: Sequence[str], indices: Sequence[int] | None = None) -> Rows:
+def _feature_problem(datasets: Mapping[str, h5py.Dataset], shapes: Mapping[str, Sequence[int]] | None) -> str | None:
+    for name, dataset in datasets.items():
+        if dataset.dtype.kind != "f":
+            return f"features {name} are {dataset.dtype}, not floating point"
+        if len(dataset.shape) < 2:
+            return f"features {name} have shape {dataset.shape}, not one row per image"
+        if shapes is not None and name in shapes and tuple(dataset.shape[1:]) != tuple(shapes[name]):
+            expected = ", ".join(map(str, shapes[name]))
+            return f"features {name} have shape {tuple(dataset.shape)}, the cache's are (n, {expected})"
+    return None
+
+
+def _open_checked(path: Path, expected_uuid: str | None) -> h5py.File:
+    """Open a shard for reading; with `expected_uuid`, the very version a reader indexed (extract
+    replaces shards atomically, so an open file is one whole version)."""
+    try:
+        handle = h5py.File(path, "r")
+    except FileNotFoundError:
+        if expected_uuid is not None:
+            raise _changed(path) from None
+        raise
+    if expected_uuid is not None and str(handle.attrs.get("shard_uuid")) != expected_uuid:
+        handle.close()
+        raise _changed(path)
+    return handle
+
+
+def _changed(path: Path) -> PipelineError:
+    return PipelineError(
+        f"{path} changed while it was being read (an extract rewrote the cache): rerun this command when the "
+        "extract has finished"
+    )
+
+
+def _finite(path: Path, name: str, values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind != "f":
+        raise _damaged(path, f"features {name} are {values.dtype}, not floating point")
+    if not np.isfinite(values).all():
+        raise _damaged(path, f"features {name} hold NaN or infinite values")
+    return values
+
+
+def read_shard_rows(path: Path, layers: Sequence[str], indices: Sequence[int] | None = None,
+                    expected_uuid: str | None = None) -> Rows:
     """Rows of a shard with features of `layers`; all rows, or `indices` (any order)."""
     try:
-        with h5py.File(path, "r") as handle:
+        with _open_checked(path, expected_uuid) as handle:
             if indices is None:
                 selection: Any = slice(None)
                 order = None
@@ -189,22 +245,24 @@ def read_shard_rows(path: Path, layers: Sequence[str], indices: Sequence[int] | 
                 _decode(handle["sha256"][selection]),
                 handle["labels"][selection].astype(np.int32),
                 _decode(handle["splits"][selection]),
-                {name: _read_selection(handle["features"][name], selection) for name in layers},
+                {name: _finite(path, name, _read_selection(handle["features"][name], selection)) for name in layers},
             )
-    except (OSError, KeyError) as error:
-        raise _damaged(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as error:
+        raise _damaged(path, one_line(error)) from None
     return rows if order is None else rows.take(order)
 
 
-def read_shard_features(path: Path, layers: Sequence[str], indices: Sequence[int]) -> dict[str, np.ndarray]:
+def read_shard_features(path: Path, layers: Sequence[str], indices: Sequence[int],
+                        expected_uuid: str | None = None) -> dict[str, np.ndarray]:
     """Features of `layers` at row `indices` (any order) of a shard, without its text columns."""
     wanted = np.asarray(indices, dtype=np.int64)
     selection, order = np.unique(wanted, return_inverse=True)
     try:
-        with h5py.File(path, "r") as handle:
-            return {name: _read_selection(handle["features"][name], selection)[order] for name in layers}
-    except (OSError, KeyError) as error:
-        raise _damaged(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+        with _open_checked(path, expected_uuid) as handle:
+            return {name: _finite(path, name, _read_selection(handle["features"][name], selection))[order]
+                    for name in layers}
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as error:
+        raise _damaged(path, one_line(error)) from None
 
 
 def _read_selection(dataset: h5py.Dataset, selection: Any) -> np.ndarray:
@@ -315,6 +373,7 @@ class FeatureStore:
         self.fingerprint = Fingerprint.from_dict(self.manifest["fingerprint"])
         self.class_names: list[str] = list(self.manifest["class_names"])
         self.layers: tuple[str, ...] = self.fingerprint.layers
+        self.feature_shapes = {name: tuple(shape) for name, shape in self.manifest.get("feature_shapes", {}).items()}
         self._check_shards_match_manifest()
 
     def _check_shards_match_manifest(self) -> None:
@@ -339,11 +398,11 @@ class FeatureStore:
         """One FeatureSet per shard: memory stays bounded by the shard size."""
         layers = tuple(layers or self.layers)
         for path in self.shards:
-            index = read_shard_index(path, self.fingerprint)
+            index = read_shard_index(path, self.fingerprint, self.feature_shapes)
             self._check_uuid(index)
             chosen = [i for i, s in enumerate(index.splits) if split is None or s == split]
             if chosen:
-                rows = read_shard_rows(path, layers, chosen)
+                rows = read_shard_rows(path, layers, chosen, expected_uuid=index.uuid)
                 yield FeatureSet(rows.features, rows.labels, rows.paths, rows.sha256)
 
     def split_indexes(self) -> dict[str, tuple[np.ndarray, list[str], np.ndarray]]:
@@ -351,7 +410,7 @@ class FeatureStore:
         reading each shard's metadata once and no features."""
         parts: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split in SPLITS}
         for number, path in enumerate(self.shards):
-            shard = read_shard_index(path, self.fingerprint)
+            shard = read_shard_index(path, self.fingerprint, self.feature_shapes)
             self._check_uuid(shard)
             for split, (labels, paths, locations) in parts.items():
                 chosen = np.array([i for i, s in enumerate(shard.splits) if s == split], np.int64)
@@ -370,7 +429,8 @@ class FeatureStore:
         out: dict[str, np.ndarray] = {}
         for number in np.unique(locations[:, 0]):
             where = np.flatnonzero(locations[:, 0] == number)
-            features = read_shard_features(self.shards[number], layers, locations[where, 1])
+            path = self.shards[number]
+            features = read_shard_features(path, layers, locations[where, 1], expected_uuid=self._uuids[path.name])
             for name in layers:
                 if name not in out:
                     out[name] = np.empty((len(locations), *features[name].shape[1:]), np.float32)

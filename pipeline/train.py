@@ -128,6 +128,7 @@ def train_head(options: TrainOptions) -> RunSummary:
         head.save(directory)
         runs.write_config(directory, config)
         runs.write_labels(directory, store.class_names)
+        runs.write_split_record(directory, {split: data.paths for split, data in splits.items()})
         report.write_history(directory, history, "epochs" if head.kind == "dense" else "C")
         metrics, text = score_run(directory, lambda split: head.predict_proba(splits[split]), splits,
                                   store.class_names, name)
@@ -175,6 +176,7 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     store, view = open_run_features(config, features, cache_root)
     head = Head.load(run)
     splits = load_splits(store, view, memory_budget)
+    runs.check_same_splits(run, {name: data.paths for name, data in splits.items()}, store.directory)
     metrics, text = score_run(run, lambda name: head.predict_proba(splits[name]), splits, store.class_names,
                               config["name"], split)
     return RunSummary(run, metrics, config.get("seconds", 0.0), text, splits["train"].in_memory, config)

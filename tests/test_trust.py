@@ -21,6 +21,7 @@ import pytest
 from conftest import ROOT, clustered_features, make_image_folder, tiny_options, write_feature_cache, write_image
 from pipeline import runs, store
 from pipeline.cli import main
+from pipeline.dataset import SplitConfig
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
 from pipeline.reader import FeatureView, load_splits
@@ -197,3 +198,186 @@ def test_stderr_carries_only_the_pipelines_own_lines(tmp_path: Path) -> None:
     noisy = _cli("--debug", *args, "--cache", str(tmp_path / "other"))
     assert noisy.returncode == 0
     assert "I0000" in noisy.stderr or "cuda" in noisy.stderr, "--debug shows TensorFlow's lines"
+
+
+def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    cache_root, models = tmp_path / "features", tmp_path / "models"
+    common = ["--data", str(data), "--cache", str(cache_root), "--weights", "none", "--image-size", "32",
+              "--precision", "fp32", "--no-progress"]
+    assert main(["extract", *common]) == 0
+    assert main(["train-head", "--head", "logreg", "--cache", str(cache_root), "--models", str(models),
+                 "--c-grid", "0.1,1", "--n-jobs", "1", "--name", "run", "--no-progress"]) == 0
+    before = (models / "run" / "metrics.json").read_text()
+    assert (models / "run" / runs.SPLIT_RECORD).is_file()
+    assert main(["extract", *common, "--val-fraction", "0.05", "--test-fraction", "0.6"]) == 0
+    result = _cli("evaluate", "--model", str(models / "run"))
+    line = _one_error_line(result)
+    assert "other splits than run run was trained with" in line
+    assert (models / "run" / "metrics.json").read_text() == before, "the run's metrics are untouched"
+    assert main(["extract", *common]) == 0  # the split the run was trained with: evaluate works again
+    assert main(["evaluate", "--model", str(models / "run")]) == 0
+
+
+# --- the cache: features always belong to the bytes whose hash the row records -----------------------
+
+
+def _rows_by_path(cache: Path) -> dict[str, tuple[str, np.ndarray]]:
+    rows = {}
+    for shard in store.shard_paths(cache):
+        with h5py.File(shard, "r") as handle:
+            for path, digest, values in zip(handle["paths"][()], handle["sha256"][()],
+                                            handle["features/block5_pool"][()]):
+                rows[path.decode()] = (digest.decode(), values)
+    return rows
+
+
+def test_an_image_overwritten_between_scan_and_decode_gets_the_hash_of_the_bytes_decoded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    victim = data / "cats" / "img001.png"
+    old_bytes = victim.read_bytes()
+    new_bytes = write_image(tmp_path / "other.png", seed=999).read_bytes()
+    reference = extract_features(tiny_options(data, tmp_path / "reference")).cache_dir
+    old_features = _rows_by_path(reference)["cats/img001.png"][1]
+
+    import pipeline.extract as extract_module
+
+    real_scan = extract_module.scan_dataset
+
+    def scan_then_overwrite(*args, **kwargs):
+        scanned = real_scan(*args, **kwargs)
+        victim.write_bytes(new_bytes)  # after the scan hashed the old bytes, before the decode
+        return scanned
+
+    monkeypatch.setattr(extract_module, "scan_dataset", scan_then_overwrite)
+    cache = extract_features(tiny_options(data, tmp_path / "cache")).cache_dir
+    monkeypatch.undo()
+    digest, features = _rows_by_path(cache)["cats/img001.png"]
+    assert digest == hashlib.sha256(new_bytes).hexdigest(), "the row records the bytes it was computed from"
+    new_features = _rows_by_path(extract_features(tiny_options(data, tmp_path / "fresh")).cache_dir)[
+        "cats/img001.png"][1]
+    np.testing.assert_array_equal(features, new_features)
+
+    victim.write_bytes(old_bytes)  # the old bytes come back: that image must be extracted again
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+    assert summary.new == 1
+    digest, features = _rows_by_path(cache)["cats/img001.png"]
+    assert digest == hashlib.sha256(old_bytes).hexdigest()
+    np.testing.assert_array_equal(features, old_features)
+
+
+def test_a_reader_of_a_cache_being_rewritten_stops_with_a_clear_message(tmp_path: Path) -> None:
+    features, labels, splits = clustered_features(160, 3, seed=5)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, splits, CLASSES, shard_size=40)
+    feature_store = store.FeatureStore(cache)
+    data = load_splits(feature_store, FeatureView.for_cache(feature_store), stream=True)["train"]
+    # extract rewrites a shard (other rows, same name) while a streamed head is reading
+    shard = store.shard_paths(cache)[1]
+    fingerprint = feature_store.fingerprint
+    rows = store.read_shard_rows(shard, fingerprint.layers, list(range(10)))
+    store.write_shard(shard, rows, CLASSES, fingerprint)
+    with pytest.raises(PipelineError, match="changed while it was being read"):
+        for _ in data.chunks(rows=16, order=np.random.default_rng(0).permutation(len(data))):
+            pass
+    with pytest.raises(PipelineError, match="changed while it was being read"):
+        list(data.chunks())
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan", "strings", "labels", "splits"])
+def test_a_shard_with_damaged_content_is_refused_naming_the_file(tmp_path: Path, damage: str) -> None:
+    features, labels, splits = clustered_features(120, 3, seed=6)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, splits, CLASSES, shard_size=60)
+    shard = store.shard_paths(cache)[1]
+    with h5py.File(shard, "r+") as handle:
+        rows = handle["labels"].shape[0]
+        if damage == "shape":
+            del handle["features/block5_pool"]
+            handle["features/block5_pool"] = np.zeros((rows, 7), np.float32)
+        elif damage == "nan":
+            values = handle["features/block5_pool"][()]
+            values[3, 0] = np.nan
+            handle["features/block5_pool"][...] = values
+        elif damage == "strings":
+            del handle["features/block5_pool"]
+            handle.create_dataset("features/block5_pool", data=np.array([b"x"] * rows, dtype=object),
+                                  dtype=h5py.string_dtype())
+        elif damage == "labels":
+            handle["labels"][0] = 7
+        else:
+            del handle["splits"]
+            handle.create_dataset("splits", data=np.array([b"holdout"] * rows, dtype=object),
+                                  dtype=h5py.string_dtype())
+    result = _cli("train-head", "--head", "logreg", "--features", str(cache), "--models", str(tmp_path / "m"),
+                  "--c-grid", "1", "--n-jobs", "1", "--no-progress")
+    line = _one_error_line(result)
+    assert shard.name in line and "damaged" in line and "delete it and rerun extract" in line
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+# --- inputs and errors ------------------------------------------------------------------------------
+
+
+def test_resource_failures_are_errors_not_skipped_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow as tf
+
+    import pipeline.extract as extract_module
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    victim = hashlib.sha256((data / "dogs" / "img002.png").read_bytes()).hexdigest()
+    real = extract_module.decode_bytes_and_resize
+
+    def exhausting(encoded, size):
+        def check(value):
+            if hashlib.sha256(value.numpy()).hexdigest() == victim:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+            return np.int32(0)
+
+        done = tf.py_function(check, [encoded], tf.int32)
+        with tf.control_dependencies([done]):
+            return real(encoded, size)
+
+    monkeypatch.setattr(extract_module, "decode_bytes_and_resize", exhausting)
+    with pytest.raises(PipelineError, match="lack of resources"):
+        extract_features(tiny_options(data, tmp_path / "cache"))
+    monkeypatch.undo()
+    manifest = json.loads(next((tmp_path / "cache").glob("*/manifest.json")).read_text())
+    assert manifest["skipped"] == [] and manifest["counts"]["train"] + manifest["counts"]["validation"] + \
+        manifest["counts"]["test"] == 7
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+    assert (summary.new, summary.images, summary.skipped) == (1, 8, [])
+
+
+def test_image_size_and_pixel_count_are_bounded(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    line = _one_error_line(_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                                "--image-size", "100000", "--no-progress"))
+    assert "--image-size 100000" in line
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    write_image(data / "cats" / "big.png", seed=5, size=1200)
+    result = _cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                  "--image-size", "32", "--precision", "fp32", "--no-progress", "--max-megapixels", "1")
+    line = _one_error_line(result)
+    assert "big.png is 1200 x 1200 pixels" in line and "--max-megapixels" in line
+    manifest = json.loads(next((tmp_path / "c").glob("*/manifest.json")).read_text())
+    assert sum(manifest["counts"].values()) == 6 and manifest["skipped"] == []
+    result = _cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                  "--image-size", "32", "--precision", "fp32", "--no-progress")
+    assert result.returncode == 0 and "1 new, 6 reused" in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--val-fraction", "--test-fraction"])
+def test_fractions_must_be_finite(tmp_path: Path, flag: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    result = _cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), flag, "nan")
+    assert result.returncode != 0 and "finite" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(PipelineError, match="finite"):
+        extract_features(tiny_options(data, tmp_path / "c", splits=SplitConfig(float("nan"), 0.2, 0)))
+
+
+def test_a_class_folder_with_a_control_character_is_refused_by_name(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "dogs").rename(data / "dogs\nand wolves")
+    line = _one_error_line(_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                                "--image-size", "32", "--no-progress"))
+    assert "dogs\\nand wolves" in line and "control character" in line
