@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -250,8 +251,8 @@ def _train_head(args: argparse.Namespace) -> int:
         stream=args.stream,
         progress=not args.no_progress,
     ))
-    _print_run(summary, args.json, f"trained {summary.config['head']['kind']} head in {summary.seconds:.1f} s "
-               f"({summary.config['read']})")
+    _print_run(summary, args.json, f"trained {summary.config['head']['kind']} head: {_elapsed(args):.1f} s in all, "
+               f"{summary.seconds:.1f} s fitting ({summary.config['read']})")
     return _accuracy_gate(summary.metrics, args.assert_accuracy_at_least)
 
 
@@ -310,17 +311,20 @@ def _finetune(args: argparse.Namespace) -> int:
     ))
     before = summary.config["test_before_finetune"]
     tuned = summary.config["finetune"]
-    headline = (f"fine-tuned {summary.config['from']} for {tuned['epochs_run']} epochs in "
-                f"{summary.seconds / 60:.1f} min (kept epoch {tuned['kept_epoch']}, chosen on validation accuracy; "
-                f"0 = unchanged); test accuracy before {before.get('accuracy', float('nan')):.2%}, "
+    headline = (f"fine-tuned {summary.config['from']} for {tuned['epochs_run']} epochs: "
+                f"{_elapsed(args) / 60:.1f} min in all, {summary.seconds / 60:.1f} min training (kept epoch "
+                f"{tuned['kept_epoch']}, chosen on validation accuracy; 0 = unchanged); "
+                f"test accuracy before {before.get('accuracy', float('nan')):.2%}, "
                 f"after {summary.metrics['test'].get('accuracy', float('nan')):.2%}")
     _print_run(summary, args.json, headline)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import predict, predictions_table, write_predictions
+    from pipeline.predict import check_output, predict, predictions_table, write_predictions
 
+    if args.output:
+        check_output(args.output)  # before the work, not after
     results = predict(args.model, args.images, args.top, args.models)
     print(predictions_table(results))
     if args.output:
@@ -355,9 +359,16 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _elapsed(args: argparse.Namespace) -> float:
+    """Seconds since the command started: what a summary line reports as the time it took."""
+    return time.perf_counter() - args.started
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    args.started = started
     with contextlib.ExitStack() as cleanup:
         if not args.debug:
             cleanup.enter_context(native_chatter_filtered())

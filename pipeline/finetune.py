@@ -114,6 +114,7 @@ class _Labelled:
 
 
 def finetune(options: FinetuneOptions) -> RunSummary:
+    runs.check_writable(options.models)  # before the work, not after
     source = runs.resolve(options.source, options.models, kind="head")
     config = runs.read_config(source)
     if config.get("kind") != "head":

@@ -4,14 +4,13 @@ run (its exported model). Top-k labels per image; unreadable files are reported,
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import runs
+from pipeline import atomic, runs
 from pipeline.errors import PipelineError
 
 BATCH = 32
@@ -97,14 +96,23 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     return results
 
 
-def write_predictions(results: list[Prediction], output: Path) -> None:
-    if output.suffix.lower() == ".json":
-        output.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
-        return
-    if output.suffix.lower() != ".csv":
+def check_output(output: Path) -> None:
+    """--output must be a .csv or .json file in a folder that exists."""
+    if output.suffix.lower() not in (".csv", ".json"):
         raise PipelineError(f"--output {output}: write .csv or .json")
+    if not output.parent.is_dir():
+        raise PipelineError(f"--output {output}: the folder {output.parent} does not exist; create it first")
+    if output.is_dir():
+        raise PipelineError(f"--output {output} is a folder: name a .csv or .json file")
+
+
+def write_predictions(results: list[Prediction], output: Path) -> None:
+    check_output(output)
+    if output.suffix.lower() == ".json":
+        atomic.write_json(output, [vars(r) for r in results])
+        return
     k = max((len(r.labels) for r in results), default=0)
-    with open(output, "w", newline="") as handle:
+    with atomic.replacing(output) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", *[f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")], "error"])
         for r in results:

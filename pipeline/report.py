@@ -45,10 +45,17 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.nda
     return matrix
 
 
+MAX_PICTURE_CLASSES = 30  # a confusion-matrix picture with more classes is unreadable (and slow to draw)
+MAX_TERMINAL_CLASSES = 20  # above this the terminal gets the summary and the most-confused pairs
+MOST_CONFUSED = 20
+
+
 def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, paths: Sequence[str],
                         class_names: Sequence[str], title: str) -> str:
-    """classification_report.txt, confusion_matrix.csv/.png and misclassified.csv for one split;
-    returns the text report (per-class table and confusion matrix) for the terminal."""
+    """classification_report.txt, confusion_matrix.csv (always), confusion_matrix.png (up to
+    MAX_PICTURE_CLASSES classes), most_confused.csv and misclassified.csv for one split; returns
+    the text report for the terminal (the whole per-class table and matrix for a few classes, the
+    averages and the most-confused pairs for many)."""
     from sklearn.metrics import classification_report
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,8 +64,16 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     report = classification_report(labels, predicted, labels=classes, target_names=list(class_names),
                                    digits=4, zero_division=0)
     matrix = confusion(labels, predicted, len(class_names))
-    matrix_text = _confusion_text(matrix, class_names)
-    atomic.write_text(directory / "classification_report.txt", f"{title}\n\n{report}\n{matrix_text}")
+    pairs = most_confused(matrix, class_names)
+    pairs_text = _pairs_text(pairs)
+    many = len(class_names) > MAX_TERMINAL_CLASSES
+    matrix_text = (f"confusion matrix: {len(class_names)} classes, see confusion_matrix.csv\n" if many
+                   else _confusion_text(matrix, class_names))
+    atomic.write_text(directory / "classification_report.txt", f"{title}\n\n{report}\n{matrix_text}\n{pairs_text}")
+    with atomic.replacing(directory / "most_confused.csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true_label", "predicted_label", "images", "share_of_true_class"])
+        writer.writerows([true, guess, count, f"{share:.4f}"] for true, guess, count, share in pairs)
     with atomic.replacing(directory / "confusion_matrix.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["true \\ predicted", *class_names, "images", "class_accuracy"])
@@ -66,7 +81,11 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
             total = int(row.sum())
             accuracy = row[class_names.index(name)] / total if total else float("nan")
             writer.writerow([name, *map(int, row), total, f"{accuracy:.4f}"])
-    _confusion_picture(directory / "confusion_matrix.png", matrix, class_names, title)
+    picture = directory / "confusion_matrix.png"
+    if len(class_names) <= MAX_PICTURE_CLASSES:
+        _confusion_picture(picture, matrix, class_names, title)
+    else:
+        picture.unlink(missing_ok=True)  # an earlier, smaller report's picture would mislead
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")]  # most confident first
     with atomic.replacing(directory / "misclassified.csv") as temporary, open(temporary, "w", newline="") as handle:
@@ -75,7 +94,31 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
         for i in wrong:
             writer.writerow([paths[i], class_names[labels[i]], class_names[predicted[i]],
                              f"{proba[i, predicted[i]]:.4f}", f"{proba[i, labels[i]]:.4f}"])
-    return f"{report}\n{matrix_text}"
+    if many:
+        summary = "\n".join(report.rstrip("\n").splitlines()[-3:])  # accuracy, macro and weighted averages
+        return (f"{len(class_names)} classes: per-class figures in classification_report.txt\n{summary}\n\n"
+                f"{pairs_text}")
+    return f"{report}\n{matrix_text}\n{pairs_text}"
+
+
+def most_confused(matrix: np.ndarray, class_names: Sequence[str], top: int = MOST_CONFUSED) -> list[tuple]:
+    """The off-diagonal cells with the most images: (true, predicted, images, share of the true class)."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.flatnonzero(off)
+    flat = flat[np.argsort(-off.flat[flat], kind="stable")][:top]
+    totals = matrix.sum(axis=1)
+    rows, columns = np.unravel_index(flat, matrix.shape)
+    return [(class_names[r], class_names[c], int(matrix[r, c]), matrix[r, c] / totals[r])
+            for r, c in zip(rows, columns)]
+
+
+def _pairs_text(pairs: Sequence[tuple]) -> str:
+    if not pairs:
+        return "no confusions\n"
+    lines = ["most confused (true -> predicted: images, share of the true class)"]
+    lines += [f"  {true} -> {guess}: {count} ({share:.1%})" for true, guess, count, share in pairs]
+    return "\n".join(lines) + "\n"
 
 
 def _confusion_text(matrix: np.ndarray, class_names: Sequence[str]) -> str:

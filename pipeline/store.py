@@ -70,6 +70,7 @@ def cache_directory_name(fingerprint: Fingerprint, data_root: Path) -> str:
     """Readable and unique per (fingerprint, dataset folder): `elpv-vgg16-150-none-bf16-1a2b3c4d`."""
     key = hashlib.sha256(f"{fingerprint.digest()}:{Path(data_root).resolve()}".encode()).hexdigest()[:8]
     dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(data_root).resolve().name) or "data"
+    dataset = dataset[:80]  # the directory name stays far below the file system's 255 bytes
     f = fingerprint
     return f"{dataset}-{f.backbone}-{f.image_size}-{f.pooling}-{f.precision}-{key}"
 

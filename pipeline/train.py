@@ -89,6 +89,7 @@ def score_run(directory: Path, predict: Callable[[str], np.ndarray], splits: Map
 
 
 def train_head(options: TrainOptions) -> RunSummary:
+    runs.check_writable(options.models)  # before the work, not after
     store = open_cache(options.features, options.cache_root)
     view = FeatureView.for_cache(store, options.layers, options.pooling)
     params = dict(options.head_params)

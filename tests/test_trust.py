@@ -381,3 +381,87 @@ def test_a_class_folder_with_a_control_character_is_refused_by_name(tmp_path: Pa
     line = _one_error_line(_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
                                 "--image-size", "32", "--no-progress"))
     assert "dogs\\nand wolves" in line and "control character" in line
+
+
+def test_predict_output_into_a_missing_folder_fails_before_the_work(logreg_run: dict[str, Path]) -> None:
+    image = str(next((logreg_run["data"] / "cats").glob("*.png")))
+    missing = logreg_run["root"] / "nowhere" / "predictions.csv"
+    line = _one_error_line(_cli("predict", "--model", str(logreg_run["run"]), image, "--output", str(missing)))
+    assert "does not exist" in line and str(missing.parent) in line
+
+
+def test_os_failures_a_user_can_cause_are_one_line(tmp_path: Path) -> None:
+    features, labels, splits = clustered_features(60, 3, seed=7)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, splits, CLASSES)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for models in (a_file, a_file / "models"):
+        line = _one_error_line(_cli("train-head", "--features", str(cache), "--models", str(models),
+                                    "--c-grid", "1", "--n-jobs", "1", "--no-progress"))
+        assert "cannot save runs in" in line
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if not os.access(read_only, os.W_OK):  # root writes anywhere: then this case cannot be built
+            line = _one_error_line(_cli("train-head", "--features", str(cache), "--models", str(read_only / "m"),
+                                        "--c-grid", "1", "--n-jobs", "1", "--no-progress"))
+            assert "Permission denied" in line
+    finally:
+        read_only.chmod(0o755)
+    line = _one_error_line(_cli("train-head", "--features", str(cache), "--models", str(tmp_path / "m"),
+                                "--name", "x" * 300, "--c-grid", "1", "--n-jobs", "1", "--no-progress"))
+    assert "too long" in line
+
+
+def test_reports_stay_fast_and_readable_at_hundreds_of_classes(tmp_path: Path) -> None:
+    import time
+
+    classes = [f"class{i:03d}" for i in range(200)]
+    labels = np.repeat(np.arange(200), 3)
+    rng = np.random.default_rng(0)
+    features = (rng.normal(size=(600, 16)) + labels[:, None] * 0.05).astype(np.float32)
+    splits = np.array(["train", "validation", "test"] * 200)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, list(splits), classes, shard_size=256)
+    started = time.perf_counter()
+    result = _cli("train-head", "--head", "logreg", "--features", str(cache), "--models", str(tmp_path / "m"),
+                  "--name", "many", "--c-grid", "0.1,1", "--n-jobs", "1", "--no-progress")
+    took = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "m" / "many"
+    assert not (run / "confusion_matrix.png").exists()
+    assert (run / "confusion_matrix.csv").read_text().count("\n") == 201
+    assert (run / "most_confused.csv").is_file()
+    assert len(result.stdout.splitlines()) < 60, "the terminal gets a summary, not 200 rows"
+    printed = float(result.stdout.split("head: ")[1].split(" s in all")[0])
+    assert printed <= took and printed > 0.5 * took - 3, (printed, took)  # the command's own time
+
+
+@pytest.mark.parametrize("target", ["file_hashes.json", "classification_report.txt", "config.json"])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing_half_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, target: str) -> None:
+    import errno
+
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    common = ["--cache", str(tmp_path / "features")]
+    extract = ["extract", "--data", str(data), *common, "--weights", "none", "--image-size", "32",
+               "--precision", "fp32", "--no-progress"]
+    if target != "file_hashes.json":
+        assert main(extract) == 0
+    real_write_text = Path.write_text
+
+    def full_disk(self: Path, *args, **kwargs):
+        if target in self.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    command = extract if target == "file_hashes.json" else [
+        "train-head", *common, "--models", str(tmp_path / "models"), "--c-grid", "1", "--n-jobs", "1",
+        "--no-progress", "--name", "run"]
+    capsys.readouterr()
+    assert main(command) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(err) == 1 and "No space left on device" in err[0] and target in err[0], err
+    assert not list(tmp_path.rglob(f".{target}*")), "no temporary file is left"
+    assert not (tmp_path / "models" / "run").exists()
