@@ -36,6 +36,7 @@ from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess  # noqa: E402
 from pipeline.dataset import IMAGE_EXTENSIONS  # noqa: E402
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
+from pipeline.precision import resolve_precision  # noqa: E402
 from pipeline.weights import resolve_weights  # noqa: E402
 
 BATCH = 32
@@ -63,7 +64,8 @@ def backbone_for(precision: str, size: int):
     """The VGG16 conv base exactly as extract builds it (weights, precision), and its preprocessing."""
     spec = get_backbone("vgg16")
     weights = resolve_weights("vgg16", "imagenet", spec.keras_weights, spec.pretrained_default)
-    return build_backbone(spec, size, precision, weights), weights.preprocessing
+    # "mixed" means mixed-fp16 on a GPU and mixed-bf16 on a CPU: resolved as extract resolves it
+    return build_backbone(spec, size, resolve_precision(precision), weights), weights.preprocessing
 
 
 def limit_rate(precision: str, size: int, images: int) -> float:
