@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
-from pipeline.classifier import ImagePreprocessing, weights_for  # noqa: E402
+from pipeline.classifier import image_input_layers, weights_for  # noqa: E402
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
 from pipeline.finetune import image_dataset, image_records  # noqa: E402
-from pipeline.heads import DenseHead  # noqa: E402
+from pipeline.heads import DenseHead, training_statistics  # noqa: E402
 from pipeline.reader import FeatureView, load_splits  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 from pipeline.train import TrainOptions, train_head  # noqa: E402
@@ -43,9 +44,12 @@ def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
                               weights_for(fingerprint, store.manifest.get("weights", {}).get("path")))
     backbone.trainable = False
     pixels = keras.Input((None, None, 3))
-    x = ImagePreprocessing(fingerprint.image_size, fingerprint.preprocessing)(pixels)
+    x = pixels
+    for layer in image_input_layers(fingerprint.image_size, fingerprint.preprocessing):
+        x = layer(x)
     x = keras.layers.Flatten()(keras.layers.Activation("linear", dtype="float32")(backbone(x, training=False)))
-    model = keras.Model(pixels, head.build(dimension)(x))
+    identity = np.zeros(dimension), np.ones(dimension)  # the same layers as the pipeline's head, same cost
+    model = keras.Model(pixels, head.build(*identity)(x))
     model.compile(optimizer=head._optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     files, labels, _ = image_records(store)["train"]
     train = image_dataset(files, labels, fingerprint.image_size, int(head.params["batch_size"]), shuffle_seed=0)
@@ -60,7 +64,7 @@ def pipeline_epoch(store: FeatureStore, head: DenseHead) -> tuple[float, float, 
     splits = load_splits(store, FeatureView.for_cache(store))
     read = time.perf_counter() - started
     train = splits["train"]
-    model = head.build(train.dimension)
+    model = head.build(*training_statistics(train))
     model.compile(optimizer=head._optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     started = time.perf_counter()
     model.fit(train.matrix, train.labels, batch_size=int(head.params["batch_size"]), epochs=1, shuffle=True,

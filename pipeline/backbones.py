@@ -86,6 +86,24 @@ PREPROCESSING: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
 }
 
 
+def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
+    """The same normalisation as Keras' own layers, for models that must load with Keras alone
+    (fine-tuned and exported models): torch as a Normalization by 255 * mean and 255 * std;
+    caffe as a fixed 1x1 convolution that swaps RGB to BGR and subtracts the mean. float32, frozen."""
+    if mode == "torch":
+        mean, std = _TORCH_MEAN.numpy() * 255.0, _TORCH_STD.numpy() * 255.0
+        return [keras.layers.Normalization(mean=mean, variance=std ** 2, name="normalise_torch", dtype="float32")]
+    if mode == "caffe":
+        swap = keras.layers.Conv2D(3, 1, name="normalise_caffe", dtype="float32", trainable=False)
+        swap.build((None, None, None, 3))
+        kernel = np.zeros((1, 1, 3, 3), np.float32)
+        for channel in range(3):
+            kernel[0, 0, 2 - channel, channel] = 1.0  # output channel c is input channel 2 - c (RGB -> BGR)
+        swap.set_weights([kernel, -_CAFFE_BGR_MEAN.numpy()])
+        return [swap]
+    raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
+
+
 def preprocess(images: tf.Tensor, mode: str) -> tf.Tensor:
     """RGB float32 images in 0..255 -> the input the weights were trained on."""
     return PREPROCESSING[mode](tf.cast(images, tf.float32))

@@ -23,6 +23,7 @@ CHATTER = re.compile(
     r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] "  # TensorFlow's own: 2026-11-22 18:00:00.0: I tensorflow/...
     r"|To enable the following instructions:.*rebuild TensorFlow"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate"
     r")"
 )
 

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.backbones import PREPROCESSING, build_backbone, get_backbone
+from pipeline.backbones import PREPROCESSING, build_backbone, get_backbone, preprocessing_layers
 from pipeline.errors import PipelineError
 from pipeline.heads import DenseHead, Head, LogRegHead
 from pipeline.reader import FeatureView
@@ -27,9 +27,10 @@ TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf
 
 @keras.saving.register_keras_serializable(package="bottleneck")
 class ImagePreprocessing(keras.layers.Layer):
-    """Pixels 0..255 of any size (RGB) -> the backbone's input: squashed to a square by area
-    averaging when shrinking and bilinear when growing (as extract does), then the weights'
-    normalisation. Lives inside exported models so serving cannot preprocess differently."""
+    """Kept only to load models fine-tuned by earlier versions, which need this package to load:
+    pixels 0..255 of any size (RGB) -> the backbone's input, squashed to a square by area
+    averaging when shrinking and bilinear when growing, then the weights' normalisation. New
+    models use image_input_layers (Keras' own layers)."""
 
     def __init__(self, image_size: int, mode: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -106,17 +107,31 @@ def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
     return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
 
 
+def image_input_layers(image_size: int, mode: str, resize: bool = True) -> list[keras.layers.Layer]:
+    """Pixels 0..255 (RGB, uint8 or float) -> the backbone's input, from Keras' own layers only, so
+    a saved model loads with Keras alone: a Resizing layer (area interpolation: what extract does
+    whenever an image shrinks, and exactly the identity on images already at the size, which is
+    what the pipeline itself feeds), then the weights' normalisation."""
+    layers = [keras.layers.Resizing(image_size, image_size, interpolation="area", name="resize", dtype="float32")]
+    return (layers if resize else []) + preprocessing_layers(mode)
+
+
 def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: FeatureView, head: Head,
-                     precision: str | None = None) -> tuple[keras.Model, keras.Model]:
+                     precision: str | None = None, resize: bool = True) -> tuple[keras.Model, keras.Model]:
     """(classifier, backbone). The classifier takes (batch, height, width, 3) pixels in 0..255 and
-    returns probabilities; the backbone inside is frozen and always called with training=False, so
-    BatchNormalization keeps its moving statistics even when layers are unfrozen later."""
+    returns probabilities; it is built from Keras' own layers only (it loads without this package).
+    The backbone inside is frozen and always called with training=False, so BatchNormalization keeps
+    its moving statistics even when layers are unfrozen later. `resize=False` takes images already
+    at the backbone's size (a fixed input shape, as TFLite wants)."""
     spec = get_backbone(fingerprint.backbone)
     backbone = build_backbone(spec, fingerprint.image_size, precision or fingerprint.precision, weights)
     extractor = keras.Model(backbone.input, [backbone.get_layer(name).output for name in view.layers],
                             name=f"{spec.name}_features")
-    pixels = keras.Input((None, None, 3), name="pixels", dtype="float32")
-    images = ImagePreprocessing(fingerprint.image_size, fingerprint.preprocessing, name="preprocessing")(pixels)
+    pixels = keras.Input((None, None, 3) if resize else (fingerprint.image_size,) * 2 + (3,), name="pixels",
+                         dtype="float32")
+    images = pixels
+    for layer in image_input_layers(fingerprint.image_size, fingerprint.preprocessing, resize):
+        images = layer(images)
     outputs = extractor(images, training=False)
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
     vector = feature_vector(list(outputs), view)  # a pooled cache has view.pooling == its pooling

@@ -178,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("--output", type=Path, default=None, help="also write FILE.csv or FILE.json")
     guess.set_defaults(handler=_predict)
 
+    ship = commands.add_parser("export", help="a run as a model that needs only TensorFlow (keras, savedmodel, tflite)")
+    ship.add_argument("--model", required=True, help="a run directory, e.g. models/NAME, or best")
+    ship.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
+    ship.add_argument("--format", default="savedmodel", choices=("keras", "savedmodel", "tflite"),
+                      help="keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile")
+    ship.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/)")
+    ship.add_argument("--quantize", action="store_true", help="tflite: dynamic-range int8 weights")
+    ship.add_argument("--json", action="store_true")
+    ship.set_defaults(handler=_export)
+
     inspect = commands.add_parser("inspect", help="a backbone's layers with indices, types and blocks")
     inspect.add_argument("--backbone", default="vgg16")
     inspect.add_argument("--json", action="store_true")
@@ -333,6 +343,25 @@ def _predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"error: {failed} of {len(results)} files could not be read as images", file=sys.stderr)
         return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_run
+
+    summary = export_run(args.model, args.format, args.out, args.quantize, args.models)
+    if args.json:
+        print(json.dumps({"path": str(summary.path), "bytes": summary.bytes, "seconds": round(summary.seconds, 2)}
+                         | summary.details, indent=2))
+        return 0
+    print(f"exported {summary.details['run']} as {args.format}: {summary.path} ({summary.bytes / 2**20:.1f} MB, "
+          f"{summary.seconds:.1f} s)")
+    print(f"  input: {summary.details['format']['input']}")
+    print(f"  output: {summary.details['format']['output']}")
+    if "largest_difference_to_keras_float32" in summary.details["format"]:
+        print(f"  checked with the TFLite interpreter: largest probability difference to the Keras model "
+              f"{summary.details['format']['largest_difference_to_keras_float32']:.2e}")
+    print(f"  beside it: {summary.path.parent / 'labels.txt'}, {summary.path.parent / 'export.json'}")
     return 0
 
 

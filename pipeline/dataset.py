@@ -266,13 +266,21 @@ def decode_bytes_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
     """
     image = tf.io.decode_image(data, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, None])
-    size = (image_size, image_size)
-    shrinks = tf.reduce_all(tf.shape(image)[:2] >= image_size)
-    image = tf.cond(shrinks,
-                    lambda: tf.image.resize(image, size, method="area"),
-                    lambda: tf.image.resize(image, size, method="bilinear"))
+    image = resize_like_extract(image, image_size)
     channels = tf.shape(image)[-1]  # resized before this, so gray images cost a third
     return tf.cond(channels < 3, lambda: tf.repeat(image[..., :1], 3, axis=-1), lambda: image[..., :3])
+
+
+def resize_like_extract(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """An image (height, width, channels) or a batch of them squashed to image_size x image_size,
+    float32: area averaging when both sides shrink, bilinear otherwise. The one definition of
+    extract's resize (the fingerprint's RESIZE_METHOD), also used inside exported SavedModels."""
+    size = (image_size, image_size)
+    spatial = tf.shape(images)[-3:-1]
+    shrinks = tf.reduce_all(spatial >= image_size)
+    return tf.cond(shrinks,
+                   lambda: tf.image.resize(images, size, method="area"),
+                   lambda: tf.image.resize(images, size, method="bilinear"))
 
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:

@@ -327,6 +327,18 @@ class LogRegHead(Head):
 # --- Keras dense head -----------------------------------------------------------------------------
 
 
+def training_statistics(train: SplitData) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of every feature over the training split, read chunk by chunk (in
+    memory or streamed alike). Constant features get variance 1, as scikit-learn's scaler does,
+    so they pass through unscaled instead of being divided by zero."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    for vectors, _ in train.chunks():
+        scaler.partial_fit(vectors)
+    return scaler.mean_, scaler.scale_ ** 2
+
+
 class DenseHead(Head):
     """Dense(units) -> [BatchNorm] -> ReLU -> Dropout -> Dense(classes, softmax), the seeds' head,
     with early stopping on validation loss (best weights restored) and learning-rate decay; the
@@ -362,12 +374,17 @@ class DenseHead(Head):
 
         return {"tensorflow": tf.__version__, "keras": keras.__version__}
 
-    def build(self, dimension: int) -> Any:
+    def build(self, mean: np.ndarray, variance: np.ndarray) -> Any:
+        """The head on standardised inputs: a fixed Normalization layer holding the training split's
+        mean and variance comes first, so the head learns whatever the features' scale (VGG16 maps
+        with random weights have a standard deviation near 0.002; ImageNet ones near 10)."""
         import keras
 
         keras.utils.set_random_seed(int(self.params["seed"]))
-        inputs = keras.Input((dimension,), name="features")
-        x = keras.layers.Dense(self.params["units"], name="dense")(inputs)
+        inputs = keras.Input((len(mean),), name="features")
+        x = keras.layers.Normalization(mean=mean.astype(np.float32), variance=variance.astype(np.float32),
+                                       name="standardise", dtype="float32")(inputs)
+        x = keras.layers.Dense(self.params["units"], name="dense")(x)
         if self.params["batch_norm"]:
             x = keras.layers.BatchNormalization(name="batch_norm")(x)
         x = keras.layers.ReLU(name="relu")(x)
@@ -409,7 +426,7 @@ class DenseHead(Head):
         import keras
 
         self.input_dimension = train.dimension
-        self.model = self.build(train.dimension)
+        self.model = self.build(*training_statistics(train))
         self.model.compile(optimizer=self._optimizer(), loss="sparse_categorical_crossentropy",
                            metrics=["accuracy"])
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])

@@ -1,0 +1,280 @@
+"""Ship a run: export it as a model that needs only TensorFlow.
+
+- `keras`: a `.keras` file built from Keras' own layers only, so `keras.models.load_model(path)`
+  opens it in a Python that has never seen this package. Pixels 0..255 (RGB, uint8 or float) of
+  any size in, probabilities out; resized inside (area interpolation), normalised inside.
+- `savedmodel`: a TF SavedModel for TF Serving. `serving_default` takes a batch of encoded images
+  (JPEG, PNG, BMP, GIF bytes) and returns `probabilities`, the top `class` and the `class_names`;
+  `pixels` takes a uint8 batch. Both decode and resize exactly as extract does (area when an
+  image shrinks, bilinear when it grows), inside the graph.
+- `tflite`: a TFLite flat buffer taking (1, N, N, 3) float32 pixels 0..255 already resized to the
+  model's size (the resize is the app's, by the rule in export.json); float32, or dynamic-range
+  quantised with `quantize`. Checked with the TFLite interpreter against the Keras model.
+
+Runs trained or extracted in bf16/mixed precision are exported in float32 (their weights are
+float32 already), so they run anywhere. Beside each export: `labels.txt` and `export.json`
+(classes, input contract, fingerprint, versions, the run's accuracy, checks made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import atomic, runs
+from pipeline.errors import PipelineError
+from pipeline.store import Fingerprint
+
+FORMATS = ("keras", "savedmodel", "tflite")
+DETAILS = "export.json"
+RESIZE_RULE = "squashed to N x N: area interpolation when both sides shrink, bilinear otherwise"
+_MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "bfloat16", "float16")
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    format: str
+    bytes: int
+    seconds: float
+    details: dict[str, Any]
+
+
+def float32_classifier(run: Path, config: dict[str, Any]) -> keras.Model:
+    """The run's classifier (pixels of any size -> probabilities) computing in float32."""
+    if config.get("kind") == "finetune":
+        from pipeline.heads import load_keras_model
+
+        trained = load_keras_model(Path(run) / runs.MODEL_FILE, "fine-tune again")
+        if any(type(layer).__name__ == "ImagePreprocessing" for layer in trained.layers):
+            raise PipelineError(f"{run} was fine-tuned by an earlier version whose model needs this package to load: "
+                                "fine-tune it again to export it")
+        model = keras.Model.from_config(_float32_config(trained.get_config()))
+        model.set_weights(trained.get_weights())
+        return model
+    from pipeline.classifier import classifier_for_run
+
+    model, _ = classifier_for_run(Path(run), config, "fp32")
+    return model
+
+
+def _float32_config(value: Any) -> Any:
+    """A model config with every mixed or low-precision dtype policy replaced by float32."""
+    if isinstance(value, dict):
+        return {key: "float32" if isinstance(item, str) and item in _MIXED_POLICIES else _float32_config(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_float32_config(item) for item in value]
+    return value
+
+
+def without_resize(model: keras.Model) -> keras.Model:
+    """The classifier from images already at its size: the part after its Resizing layer."""
+    normalise = next(layer for layer in model.layers if layer.name.startswith("normalise_"))
+    return keras.Model(normalise.input, model.output, name="classifier_resized_input")
+
+
+def _check_run(run: Path) -> tuple[dict[str, Any], list[str], Fingerprint]:
+    config = runs.read_config(run)
+    class_names = runs.read_labels(run)
+    fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
+    return config, class_names, fingerprint
+
+
+def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: bool = False,
+               models: Path = Path("models")) -> ExportSummary:
+    if fmt not in FORMATS:
+        raise PipelineError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if quantize and fmt != "tflite":
+        raise PipelineError("--quantize applies to --format tflite only")
+    run = runs.resolve(run, models)
+    config, class_names, fingerprint = _check_run(run)
+    out = Path(out) if out is not None else Path(run) / "export"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PipelineError(atomic.os_error_message(error, "cannot export into")) from None
+    started = time.perf_counter()
+    model = float32_classifier(run, config)
+    size = fingerprint.image_size
+    if fmt == "keras":
+        path = out / "model.keras"
+        with atomic.replacing(path, suffix=".keras") as temporary:
+            model.save(temporary)
+        checks = {}
+    elif fmt == "savedmodel":
+        path = out / "saved_model"
+        _save_savedmodel(model, class_names, size, path)
+        checks = {}
+    else:
+        path = out / ("model-quantized.tflite" if quantize else "model.tflite")
+        flat = _tflite(model, quantize)
+        with atomic.replacing(path) as temporary:
+            temporary.write_bytes(flat)
+        checks = {"largest_difference_to_keras_float32": check_tflite(flat, model, size)}
+    seconds = time.perf_counter() - started
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    size_bytes = sum(f.stat().st_size for f in files if f.is_file())
+    details = _details(run, config, class_names, fingerprint, fmt, path, quantize, size_bytes, checks)
+    runs.write_labels(out, class_names)
+    details_path = out / DETAILS
+    try:
+        earlier = json.loads(details_path.read_text()) if details_path.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    formats = earlier.get("formats", {}) if isinstance(earlier.get("formats"), dict) else {}
+    formats[path.name] = details.pop("format_details")
+    atomic.write_json(details_path, details | {"formats": formats})
+    return ExportSummary(path, fmt, size_bytes, seconds, details | {"format": formats[path.name]})
+
+
+def _details(run: Path, config: dict[str, Any], class_names: list[str], fingerprint: Fingerprint, fmt: str,
+             path: Path, quantize: bool, size_bytes: int, checks: dict[str, Any]) -> dict[str, Any]:
+    import sklearn
+
+    metrics = runs.read_metrics(run)
+    size = fingerprint.image_size
+    inputs = {
+        "keras": f"float32 or uint8 RGB pixels 0..255, shape (batch, height, width, 3), any size; resized inside to "
+                 f"{size} x {size} with area interpolation (extract's rule whenever an image shrinks; images "
+                 f"smaller than {size} px are grown with bilinear by extract, so resize those to {size} x {size} "
+                 "yourself first for identical results)",
+        "savedmodel": "serving_default: a batch of encoded images (JPEG, PNG, BMP, GIF bytes; key 'images'); "
+                      "pixels: uint8 RGB (batch, height, width, 3) (key 'pixels'). Decoded (grayscale and RGBA "
+                      f"become RGB, first GIF frame) and {RESIZE_RULE} with N = {size}, inside the graph",
+        "tflite": f"float32 RGB pixels 0..255, shape (1, {size}, {size}, 3), already {RESIZE_RULE} with N = {size}",
+    }[fmt]
+    outputs = {
+        "savedmodel": "probabilities (batch, classes) float32; class (batch,) string, the most likely; "
+                      "class_names (batch, classes) string, in the order of the probabilities",
+    }.get(fmt, f"probabilities (batch, {len(class_names)}) float32, in the order of labels.txt")
+    precision = config.get("finetune", {}).get("precision") or fingerprint.precision
+    return {
+        "run": str(Path(run).resolve()),
+        "kind": config.get("kind"),
+        "classes": class_names,
+        "labels_file": runs.LABELS_FILE,
+        "image_size": size,
+        "resize": RESIZE_RULE,
+        "channels": "RGB",
+        "preprocessing": f"{fingerprint.preprocessing} (inside the model)",
+        "fingerprint": fingerprint.as_dict(),
+        "accuracy": {split: metrics.get(split, {}).get("accuracy") for split in ("validation", "test")},
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+                     "scikit-learn": sklearn.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "format_details": {
+            "format": fmt,
+            "file": path.name,
+            "bytes": size_bytes,
+            "input": inputs,
+            "output": outputs,
+            "precision": "float32 weights, dynamic-range int8 quantised" if quantize else "float32",
+            "run_precision": precision,
+            "note": ("exported in float32 from a run that computed in " + precision
+                     if precision not in ("fp32", None) else "the run computed in float32"),
+        } | checks,
+    }
+
+
+# --- SavedModel ------------------------------------------------------------------------------------
+
+
+class _Serving(tf.Module):
+    def __init__(self, model: keras.Model, class_names: list[str], image_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.class_names = tf.constant(class_names)
+        self.image_size = image_size
+
+    def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities = tf.cast(self.model(images, training=False), tf.float32)
+        batch = tf.shape(probabilities)[0]
+        return {
+            "probabilities": probabilities,
+            "class": tf.gather(self.class_names, tf.argmax(probabilities, axis=1)),
+            "class_names": tf.tile(self.class_names[None], [batch, 1]),
+        }
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def from_encoded(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        from pipeline.dataset import decode_bytes_and_resize
+
+        size = self.image_size
+        pixels = tf.map_fn(lambda data: decode_bytes_and_resize(data, size), images,
+                           fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
+        return self._outputs(pixels)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")])
+    def from_pixels(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        from pipeline.dataset import resize_like_extract
+
+        return self._outputs(resize_like_extract(pixels, self.image_size))
+
+
+def _save_savedmodel(model: keras.Model, class_names: list[str], image_size: int, path: Path) -> None:
+    """tf.saved_model.save into a staging folder, renamed into place when complete."""
+    serving = _Serving(model, class_names, image_size)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            tf.saved_model.save(serving, str(staging), signatures={
+                "serving_default": serving.from_encoded.get_concrete_function(),
+                "pixels": serving.from_pixels.get_concrete_function(),
+            })
+        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, retired)
+        os.replace(staging, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise atomic.write_error(path, error) from None
+
+
+# --- TFLite ----------------------------------------------------------------------------------------
+
+
+def _tflite(model: keras.Model, quantize: bool) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_keras_model(without_resize(model))
+    if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic-range: int8 weights, float compute
+    with contextlib.redirect_stdout(io.StringIO()):
+        return converter.convert()
+
+
+def tflite_interpreter(flat: bytes) -> Any:
+    """TensorFlow's TFLite interpreter (deprecated in favour of ai_edge_litert, still in TF 2.21)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_content=flat)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def check_tflite(flat: bytes, model: keras.Model, image_size: int, images: int = 4) -> float:
+    """Largest probability difference between the flat buffer and the Keras model on random images."""
+    interpreter = tflite_interpreter(flat)
+    given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    pixels = np.random.default_rng(0).uniform(0, 255, (images, image_size, image_size, 3)).astype(np.float32)
+    largest = 0.0
+    for image in pixels:
+        interpreter.set_tensor(given["index"], image[None])
+        interpreter.invoke()
+        got = interpreter.get_tensor(taken["index"])
+        expected = np.asarray(model(image[None], training=False))
+        largest = max(largest, float(np.abs(got - expected).max()))
+    return largest

@@ -1,0 +1,157 @@
+"""Deployable models: every run exported as keras, savedmodel and tflite, each loaded in a Python
+that never imports this package; heads that train on any feature scale."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
+from pipeline.cli import main
+from pipeline.export import export_run
+from pipeline.extract import extract_features
+from pipeline.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.predict import predict
+from pipeline.train import TrainOptions, train_head
+
+CLASSES = ["cats", "dogs", "owls"]
+
+# Runs with `python -I` (no current folder, no PYTHONPATH) from a folder outside the project:
+# it cannot import `pipeline`, and checks that it did not.
+LOADER = r'''
+import json, sys
+import numpy as np
+import tensorflow as tf
+kind, path, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+encoded = [open(f, "rb").read() for f in files]
+if kind == "keras":
+    import keras
+    model = keras.models.load_model(path)
+    out = [model.predict(tf.io.decode_png(e, channels=3)[None], verbose=0)[0] for e in encoded]
+elif kind == "savedmodel":
+    loaded = tf.saved_model.load(path)
+    result = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    out = result["probabilities"].numpy()
+    names = [n.decode() for n in result["class"].numpy()]
+    pixels = loaded.signatures["pixels"](pixels=tf.stack([tf.io.decode_png(e, channels=3) for e in encoded]))
+    assert np.abs(pixels["probabilities"].numpy() - out).max() < 1e-5
+    assert names == [n.decode() for n in result["class_names"].numpy()[0][out.argmax(axis=1)]]
+else:
+    interpreter = tf.lite.Interpreter(model_path=path)
+    interpreter.allocate_tensors()
+    given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    size = int(given["shape"][1])
+    out = []
+    for e in encoded:
+        image = tf.cast(tf.io.decode_png(e, channels=3), tf.float32)
+        image = tf.image.resize(image, (size, size), method="area")  # these test images shrink
+        interpreter.set_tensor(given["index"], image.numpy()[None])
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(taken["index"])[0])
+assert not any(name == "pipeline" or name.startswith("pipeline.") for name in sys.modules)
+print(json.dumps(np.asarray(out, np.float64).tolist()))
+'''
+
+
+def _load_elsewhere(tmp_path: Path, kind: str, path: Path, files: list[str]) -> np.ndarray:
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-I", str(script), kind, str(path), *files], cwd=outside,
+                            capture_output=True, text=True, env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.array(json.loads(result.stdout.splitlines()[-1]))
+
+
+def _predicted(run: Path, files: list[str], class_names: list[str]) -> np.ndarray:
+    rows = predict(run, [Path(f) for f in files], top_k=len(class_names))
+    proba = np.zeros((len(rows), len(class_names)))
+    for i, row in enumerate(rows):
+        for label, p in zip(row.labels, row.probabilities):
+            proba[i, class_names.index(label)] = p
+    return proba
+
+
+@pytest.fixture(scope="module")
+def exported_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    data = make_image_folder(root / "data", per_class=8, classes=tuple(CLASSES))
+    cache = extract_features(tiny_options(data, root / "features")).cache_dir
+    models = root / "models"
+    found = {"root": root, "data": data, "models": models}
+    for kind, params in (("logreg", {"c_grid": "0.01,0.1,1", "n_jobs": 1}), ("dense", {"epochs": 3})):
+        found[kind] = train_head(TrainOptions(head=kind, features=cache, models=models, head_params=params,
+                                              progress=False)).directory
+    found["finetune"] = finetune(FinetuneOptions(source=str(found["dense"]), models=models, epochs=1, batch_size=4,
+                                                 augmentation=Augmentation.off(), progress=False)).directory
+    return found
+
+
+@pytest.mark.parametrize("run", ["logreg", "dense", "finetune"])
+@pytest.mark.parametrize("fmt", ["keras", "savedmodel", "tflite"])
+def test_every_format_reproduces_predict_without_the_pipeline(exported_runs: dict[str, Path], run: str,
+                                                               fmt: str, tmp_path: Path) -> None:
+    directory = exported_runs[run]
+    summary = export_run(directory, fmt, tmp_path / "out")
+    assert (tmp_path / "out" / "labels.txt").read_text().split() == CLASSES
+    details = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert details["classes"] == CLASSES and details["image_size"] == 32
+    assert details["formats"][summary.path.name]["precision"] == "float32"
+    files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[::3]
+    expected = _predicted(directory, files, CLASSES)
+    got = _load_elsewhere(tmp_path, fmt, summary.path, files)
+    if fmt == "tflite":
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+    else:
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_finetunes_own_model_loads_with_keras_alone(exported_runs: dict[str, Path], tmp_path: Path) -> None:
+    files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[:4]
+    got = _load_elsewhere(tmp_path, "keras", exported_runs["finetune"] / "model.keras", files)
+    np.testing.assert_allclose(got, _predicted(exported_runs["finetune"], files, CLASSES), atol=1e-4)
+
+
+def test_export_command_defaults_to_the_run_folder_and_quantizes(exported_runs: dict[str, Path], capsys) -> None:
+    run = exported_runs["logreg"]
+    assert main(["export", "--model", str(run), "--format", "tflite", "--quantize"]) == 0
+    out = capsys.readouterr().out
+    assert "model-quantized.tflite" in out and "checked with the TFLite interpreter" in out
+    details = json.loads((run / "export" / "export.json").read_text())
+    quantized = details["formats"]["model-quantized.tflite"]
+    assert "quantised" in quantized["precision"] and quantized["largest_difference_to_keras_float32"] < 0.05
+    assert main(["export", "--model", str(run), "--format", "keras", "--quantize"]) == 1
+    assert "--quantize applies to --format tflite only" in capsys.readouterr().err
+
+
+def test_a_bf16_run_is_exported_in_float32_and_says_so(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    cache = extract_features(tiny_options(data, tmp_path / "features", precision="bf16")).cache_dir
+    run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models", progress=False,
+                                  head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
+    summary = export_run(run, "keras")
+    fmt = summary.details["format"]
+    assert fmt["precision"] == "float32" and fmt["run_precision"] == "bf16" and "bf16" in fmt["note"]
+    import keras
+
+    model = keras.models.load_model(summary.path)
+    assert {layer.dtype_policy.name for layer in model.layers} <= {"float32"}
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+@pytest.mark.parametrize("head", ["dense", "logreg"])
+def test_heads_train_on_any_feature_scale(tmp_path: Path, scale: float, head: str) -> None:
+    features, labels, splits = clustered_features(300, 3, seed=11, separation=1.5)
+    cache = write_feature_cache(tmp_path / "cache", features * scale, labels, splits, CLASSES)
+    params = {"epochs": 30} if head == "dense" else {"c_grid": "1e-3:1e2:6", "n_jobs": 1}
+    summary = train_head(TrainOptions(head=head, features=cache, models=tmp_path / "models", head_params=params,
+                                      progress=False))
+    assert summary.metrics["train"]["accuracy"] > 0.95
+    assert summary.metrics["test"]["accuracy"] > 0.9
