@@ -45,6 +45,7 @@ bench: setup
 	$(PY) bench/extract.py
 	$(PY) bench/heads.py
 	$(PY) bench/accuracy.py --finetune-epochs 4
+	$(PY) bench/export.py --models bench/work/models/binary
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench run_pipeline.py

@@ -465,3 +465,12 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing_half_written(
     assert len(err) == 1 and "No space left on device" in err[0] and target in err[0], err
     assert not list(tmp_path.rglob(f".{target}*")), "no temporary file is left"
     assert not (tmp_path / "models" / "run").exists()
+
+
+def test_a_cache_root_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    line = _one_error_line(_cli("extract", "--data", str(data), "--cache", str(a_file / "features"),
+                                "--weights", "none", "--image-size", "32", "--no-progress"))
+    assert str(a_file) in line and "Not a directory" in line
