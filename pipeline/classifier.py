@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from pipeline.backbones import PREPROCESSING, build_backbone, get_backbone, preprocessing_layers
 from pipeline.errors import PipelineError
-from pipeline.heads import DenseHead, Head, LogRegHead
+from pipeline.heads import Head
 from pipeline.reader import FeatureView
 from pipeline.store import Fingerprint
 from pipeline.weights import ResolvedWeights, resolve_weights
@@ -70,30 +70,6 @@ def weights_for(fingerprint: Fingerprint, recorded_path: str | None) -> Resolved
     return weights
 
 
-def logistic_as_layers(head: LogRegHead) -> keras.Sequential:
-    """The scaler and the logistic regression as Keras layers computing the same probabilities:
-    a fixed (non-trainable) standardisation (x - mean) / scale, then a Dense softmax with the
-    regression's coefficients. Two classes (one binomial row w) become the softmax over (0, z),
-    since sigmoid(z) = softmax(0, z)[1]. The scaler stays a separate layer rather than being folded
-    into the kernel: folded, the kernel's entries span the inverse of the features' scales (6e-6 to
-    3 on ELPV's flattened VGG16 maps), and one epoch of SGD at fine-tuning's learning rate took
-    test accuracy from 84% to 67%."""
-    parameters = head.linear_parameters()
-    coef = np.asarray(parameters["coef"], np.float64)
-    intercept = np.asarray(parameters["intercept"], np.float64)
-    if coef.shape[0] == 1:
-        coef = np.concatenate([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
-    mean, scale = np.asarray(parameters["mean"], np.float64), np.asarray(parameters["scale"], np.float64)
-    standardise = keras.layers.Normalization(mean=mean.astype(np.float32), variance=(scale ** 2).astype(np.float32),
-                                             name="standardise", dtype="float32")
-    dense = keras.layers.Dense(len(head.class_names), activation="softmax", name="logistic_regression",
-                               dtype="float32")
-    layers = keras.Sequential([keras.Input((coef.shape[1],)), standardise, dense], name="logistic_regression_head")
-    dense.set_weights([coef.T.astype(np.float32), intercept.astype(np.float32)])
-    return layers
-
-
 def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
     """The Keras twin of FeatureView.vectors: each map pooled or flattened, then concatenated."""
     parts = []
@@ -135,12 +111,7 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
     outputs = extractor(images, training=False)
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
     vector = feature_vector(list(outputs), view)  # a pooled cache has view.pooling == its pooling
-    if isinstance(head, LogRegHead):
-        probabilities = logistic_as_layers(head)(vector)
-    elif isinstance(head, DenseHead):
-        probabilities = head.model(vector)
-    else:
-        raise PipelineError(f"cannot put a {head.kind} head on a backbone")
+    probabilities = head.as_keras()(vector)
     return keras.Model(pixels, probabilities, name="classifier"), backbone
 
 

@@ -240,11 +240,8 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
-_HEAD_FLAGS = ("units", "dropout", "batch_norm", "optimizer", "lr", "epochs", "batch_size", "patience",
-               "c_grid", "max_iter", "n_jobs", "class_weight")
-
-
 def _train_head(args: argparse.Namespace) -> int:
+    from pipeline.heads import head_parameters
     from pipeline.train import TrainOptions, train_head
 
     summary = train_head(TrainOptions(
@@ -256,7 +253,7 @@ def _train_head(args: argparse.Namespace) -> int:
         layers=args.layer,
         pooling=args.pooling,
         seed=args.seed,
-        head_params={flag: getattr(args, flag) for flag in _HEAD_FLAGS if getattr(args, flag) is not None},
+        head_params={name: getattr(args, name) for name in head_parameters() if getattr(args, name) is not None},
         memory_budget=None if args.memory_budget is None else args.memory_budget << 20,
         stream=args.stream,
         progress=not args.no_progress,

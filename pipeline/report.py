@@ -16,18 +16,21 @@ from pipeline import atomic
 
 def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, mean per-class accuracy (over classes present), macro F1 and log loss."""
-    from sklearn.metrics import f1_score, log_loss
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss
 
     if len(labels) == 0:
         return {"images": 0}
     predicted = proba.argmax(axis=1)
     classes = list(range(len(class_names)))
-    present = np.unique(labels)
-    per_class = [float(np.mean(predicted[labels == c] == c)) for c in present]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true": intended
+        per_class = balanced_accuracy_score(labels, predicted)  # mean recall over the classes present
     return {
         "images": int(len(labels)),
         "accuracy": float(np.mean(predicted == labels)),
-        "mean_per_class_accuracy": float(np.mean(per_class)),
+        "mean_per_class_accuracy": float(per_class),
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
         "loss": float(log_loss(labels, _normalised(proba), labels=classes)),
     }
@@ -40,9 +43,9 @@ def _normalised(proba: np.ndarray) -> np.ndarray:
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
-    matrix = np.zeros((classes, classes), np.int64)
-    np.add.at(matrix, (labels, predicted), 1)
-    return matrix
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, predicted, labels=list(range(classes))).astype(np.int64)
 
 
 MAX_PICTURE_CLASSES = 30  # a confusion-matrix picture with more classes is unreadable (and slow to draw)

@@ -107,7 +107,7 @@ def train_head(options: TrainOptions) -> RunSummary:
     config = {
         "name": name,
         "kind": "head",
-        "head": {"kind": head.kind, "params": head.params} | _head_outcome(head, history),
+        "head": {"kind": head.kind, "params": head.params} | head.outcome(history),
         "features": {
             "directory": str(store.directory.resolve()),
             "fingerprint": store.fingerprint.as_dict(),
@@ -130,17 +130,10 @@ def train_head(options: TrainOptions) -> RunSummary:
         runs.write_config(directory, config)
         runs.write_labels(directory, store.class_names)
         runs.write_split_record(directory, {split: data.paths for split, data in splits.items()})
-        report.write_history(directory, history, "epochs" if head.kind == "dense" else "C")
+        report.write_history(directory, history, head.HISTORY_AXIS)
         metrics, text = score_run(directory, lambda split: head.predict_proba(splits[split]), splits,
                                   store.class_names, name)
     return RunSummary(final, metrics, seconds, text, train.in_memory, config)
-
-
-def _head_outcome(head: Head, history: list[dict[str, Any]]) -> dict[str, Any]:
-    if head.kind == "logreg":
-        return {"chosen_C": head.chosen_c, "C_tried": len(history)}
-    best = min(range(len(history)), key=lambda i: history[i].get("val_loss", float("inf"))) if history else None
-    return {"epochs_run": len(history), "best_epoch": None if best is None else best + 1}
 
 
 # --- evaluate an existing run ---------------------------------------------------------------------
