@@ -293,21 +293,28 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_pat
 
 
 def test_two_extracts_at_once_on_the_same_cache(tmp_path: Path) -> None:
-    data = make_image_folder(tmp_path / "data", per_class=40)
+    """A second extract while another holds the cache's lock stops with a message and writes
+    nothing; the lock is held by this test itself, so the two runs certainly overlap."""
+    from pipeline.store import exclusive_lock
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
     cache = tmp_path / "cache"
     first = _extract_process(data, cache)
-    while not list(cache.glob("*/.lock")) and first.poll() is None:
-        time.sleep(0.01)
-    second = _extract_process(data, cache)
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in (first, second)]
-    codes = sorted(code for _, _, code in results)
-    assert codes[0] == 0
-    for _, err, code in results:
-        if code != 0:
-            assert code == 1 and "another extract is writing" in err.strip().splitlines()[-1]
-    store_ = FeatureStore(next(cache.iterdir()))
-    rows = store_.read()
-    assert len(rows.paths) == len(set(rows.paths)) == 80  # nothing written twice or lost
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    directory = next(cache.iterdir())
+    before = sorted(p.name for p in directory.iterdir())
+    write_image(data / "cats" / "new.png", seed=77)
+    with exclusive_lock(directory):  # "another extract" is writing
+        second = _extract_process(data, cache)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 1 and "another extract is writing" in err.strip().splitlines()[-1]
+        assert sorted(p.name for p in directory.iterdir()) == before, "the refused run wrote nothing"
+    third = _extract_process(data, cache)  # the lock released: the same command now runs
+    third.communicate(timeout=300)
+    assert third.returncode == 0
+    rows = FeatureStore(directory).read()
+    assert len(rows.paths) == len(set(rows.paths)) == 9  # nothing written twice or lost
 
 
 def test_a_run_with_a_missing_or_damaged_file(tmp_path: Path, capsys) -> None:
@@ -333,11 +340,11 @@ def test_weights_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
     import keras
 
     from pipeline.backbones import BACKBONES, build_backbone
-    from pipeline.weights import ResolvedWeights, resolve_weights
+    from pipeline.weights import resolve_weights
 
     path = tmp_path / "vgg16.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
     weights = resolve_weights("resnet50", str(path), None, False, None)
-    assert isinstance(weights, ResolvedWeights)
+    assert (weights.source, weights.path) == ("file", path)  # accepted as a file: the shapes decide below
     with pytest.raises(PipelineError, match="cannot load weights from .*vgg16.weights.h5"):
         build_backbone(BACKBONES["resnet50"], 32, "fp32", weights)

@@ -77,16 +77,20 @@ def test_unfreeze_by_block_or_index_keeps_batch_norm_frozen() -> None:
 
 
 def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path) -> None:
-    """Fine-tuning ResNet50's top block: convolution weights change, moving statistics do not."""
-    from pipeline.backbones import BACKBONES, build_backbone
-    from pipeline.classifier import ImagePreprocessing
+    """Fine-tuning ResNet50's top block in the classifier the pipeline builds: convolution
+    weights change, BatchNormalization's moving statistics do not (the builder calls the backbone
+    with training=False and unfreeze leaves BatchNormalization frozen)."""
+    from pipeline.heads import DenseHead
+    from pipeline.reader import FeatureView
+    from pipeline.store import Fingerprint
     from pipeline.weights import ResolvedWeights
 
-    backbone = build_backbone(BACKBONES["resnet50"], 32, "fp32", ResolvedWeights("none", "caffe", "random-seed-0"))
-    pixels = keras.Input((None, None, 3))
-    features = backbone(ImagePreprocessing(32, "caffe")(pixels), training=False)
-    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(features))
-    model = keras.Model(pixels, outputs)
+    fingerprint = Fingerprint("resnet50", "none", "random-seed-0", 32, "area-down-bilinear-up", "caffe",
+                              ("conv5_block3_out",), "avg", "fp32", "2.21")
+    head = DenseHead(["a", "b"], {"units": 8})
+    head.model_ = head.build(np.zeros(2048), np.ones(2048))
+    model, backbone = build_classifier(fingerprint, ResolvedWeights("none", "caffe", "random-seed-0"),
+                                       FeatureView(("conv5_block3_out",), "avg"), head)
     unfreeze(backbone, "conv5")
     model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9), loss="sparse_categorical_crossentropy")
     bn = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)

@@ -173,22 +173,51 @@ def test_pooling_at_read_time(tmp_path: Path, separable_cache: Path) -> None:
         FeatureView.for_cache(FeatureStore(pooled), pooling="max")
 
 
-def test_a_head_run_builds_and_calls_no_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
-    import keras
+def _refuse_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way to a backbone fail, patched where the code looks the names up: the
+    registry's constructors (all construction goes through them) and the names extract and the
+    classifier imported."""
+    import dataclasses
 
-    from pipeline import backbones
-
-    data = make_image_folder(tmp_path / "data", per_class=10)
-    cache = extract_features(tiny_options(data, tmp_path / "features", pooling="avg")).cache_dir
+    from pipeline import backbones, classifier, extract
 
     def refuse(*args, **kwargs):
         raise AssertionError("a head run must not touch the backbone")
 
-    monkeypatch.setattr(backbones, "build_backbone", refuse)
-    monkeypatch.setattr(backbones, "FeatureExtractor", refuse)
-    monkeypatch.setattr(keras.applications, "VGG16", refuse)
-    monkeypatch.setattr(keras.applications, "ResNet50", refuse)
+    for name, spec in backbones.BACKBONES.items():
+        monkeypatch.setitem(backbones.BACKBONES, name, dataclasses.replace(spec, constructor=refuse))
+    for module in (backbones, extract, classifier):
+        monkeypatch.setattr(module, "build_backbone", refuse)
+    monkeypatch.setattr(extract, "FeatureExtractor", refuse)
+
+
+def test_the_backbone_refusal_catches_a_command_that_builds_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """The guard of the next test fires for commands that do build a backbone (extract, predict),
+    so its passing means something."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    cache = extract_features(tiny_options(data, tmp_path / "features", pooling="avg")).cache_dir
+    run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models", progress=False,
+                                  head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
+    _refuse_backbones(monkeypatch)
+    with pytest.raises(AssertionError, match="must not touch the backbone"):
+        extract_features(tiny_options(make_image_folder(tmp_path / "other", per_class=3), tmp_path / "features"))
+    with pytest.raises(AssertionError, match="must not touch the backbone"):
+        main(["predict", "--model", str(run), str(next(data.rglob("*.png")))])
+    from pipeline.backbones import get_backbone
+
+    with pytest.raises(AssertionError, match="must not touch the backbone"):  # any code reaching the registry
+        get_backbone("resnet50").constructor(include_top=False, weights=None)
+
+
+def test_a_head_run_builds_and_calls_no_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    cache = extract_features(tiny_options(data, tmp_path / "features", pooling="avg")).cache_dir
+
+    _refuse_backbones(monkeypatch)
     models = tmp_path / "models"
     for head in ("logreg", "dense"):
         extra = ["--epochs", "2"] if head == "dense" else ["--c-grid", "0.1,1"]

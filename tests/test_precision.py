@@ -20,10 +20,26 @@ def test_default_is_the_fastest_safe_choice(monkeypatch: pytest.MonkeyPatch, gpu
     assert precision.resolve_precision(None) == expected
 
 
-def test_mixed_means_bfloat16_compute_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("requested", "compute", "variables"), [
+    ("fp32", "float32", "float32"),
+    ("bf16", "bfloat16", "bfloat16"),
+    ("mixed", "bfloat16", "float32"),  # on a CPU: bfloat16 compute, float32 weights
+])
+def test_a_layer_built_under_a_precision_computes_in_its_dtype(monkeypatch: pytest.MonkeyPatch, requested: str,
+                                                              compute: str, variables: str) -> None:
+    """Checked on a real layer and its output, not on the policy table."""
+    import keras
+    import numpy as np
+
     monkeypatch.setattr(precision, "gpu_available", lambda: False)
-    assert precision.resolve_precision("mixed") == "mixed-bf16"
-    assert precision.keras_policy("mixed-bf16") == "mixed_bfloat16"
+    resolved = precision.resolve_precision(requested)
+    before = keras.config.dtype_policy().name
+    with precision.dtype_policy(resolved):
+        layer = keras.layers.Dense(4)
+        output = layer(np.ones((2, 3), np.float32))
+    assert keras.config.dtype_policy().name == before, "the global policy is restored"
+    assert keras.backend.standardize_dtype(output.dtype) == compute
+    assert keras.backend.standardize_dtype(layer.kernel.dtype) == variables
 
 
 def test_unknown_precision_is_a_clear_error() -> None:
