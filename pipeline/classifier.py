@@ -142,6 +142,9 @@ def unfreeze(backbone: keras.Model, point: str) -> list[str]:
     backbone.trainable = True
     trained = []
     for index, layer in enumerate(layers):
+        # Frozen BatchNormalization is what keeps its moving statistics still: Keras 3 runs a
+        # non-trainable one in inference mode, while training=False on the nested backbone call
+        # does not stop a trainable one from updating under fit (tests/test_finetune.py).
         layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
         if layer.trainable and layer.weights:
             trained.append(layer.name)

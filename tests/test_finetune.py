@@ -78,8 +78,10 @@ def test_unfreeze_by_block_or_index_keeps_batch_norm_frozen() -> None:
 
 def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path) -> None:
     """Fine-tuning ResNet50's top block in the classifier the pipeline builds: convolution
-    weights change, BatchNormalization's moving statistics do not (the builder calls the backbone
-    with training=False and unfreeze leaves BatchNormalization frozen)."""
+    weights change, BatchNormalization's moving statistics do not. What keeps them still is that
+    `unfreeze` leaves BatchNormalization non-trainable (Keras 3 then runs it in inference mode):
+    measured here, the builder's `training=False` on the nested backbone call alone does not stop a
+    trainable BatchNormalization from updating its statistics under `fit`."""
     from pipeline.heads import DenseHead
     from pipeline.reader import FeatureView
     from pipeline.store import Fingerprint
@@ -104,6 +106,7 @@ def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path
     for before, after in zip(stats_before, bn.non_trainable_weights):
         np.testing.assert_array_equal(before, np.array(after))
     assert not np.allclose(kernel_before, np.array(conv.kernel))
+
 
 
 def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them() -> None:
