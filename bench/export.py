@@ -29,9 +29,9 @@ import tensorflow as tf  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline import runs  # noqa: E402
-from pipeline.dataset import decode_and_resize  # noqa: E402
 from pipeline.export import export_run, float32_classifier, tflite_interpreter  # noqa: E402
 from pipeline.finetune import image_records  # noqa: E402
+from pipeline.images import decode_and_resize  # noqa: E402
 from pipeline.predict import predict  # noqa: E402
 from pipeline.train import open_run_features  # noqa: E402
 

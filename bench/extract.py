@@ -34,8 +34,8 @@ import tensorflow as tf  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess  # noqa: E402
-from pipeline.dataset import IMAGE_EXTENSIONS  # noqa: E402
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
+from pipeline.images import IMAGE_EXTENSIONS  # noqa: E402
 from pipeline.precision import resolve_precision  # noqa: E402
 from pipeline.weights import resolve_weights  # noqa: E402
 

@@ -28,8 +28,9 @@ import numpy as np  # noqa: E402
 from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.classifier import image_input_layers, weights_for  # noqa: E402
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.finetune import image_dataset, image_records  # noqa: E402
+from pipeline.finetune import image_records  # noqa: E402
 from pipeline.heads import DenseHead, training_statistics  # noqa: E402
+from pipeline.images import labelled_batches  # noqa: E402
 from pipeline.reader import FeatureView, load_splits  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 from pipeline.train import TrainOptions, train_head  # noqa: E402
@@ -52,7 +53,7 @@ def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
     model = keras.Model(pixels, head.build(*identity)(x))
     model.compile(optimizer=head._optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     files, labels, _ = image_records(store)["train"]
-    train = image_dataset(files, labels, fingerprint.image_size, int(head.params["batch_size"]), shuffle_seed=0)
+    train = labelled_batches(files, labels, fingerprint.image_size, int(head.params["batch_size"]), shuffle_seed=0)
     started = time.perf_counter()
     model.fit(train, epochs=1, shuffle=False, verbose=0)  # the dataset shuffles itself
     return time.perf_counter() - started

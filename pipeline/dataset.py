@@ -1,5 +1,5 @@
 """Scan an image folder into records (path, label, split, content hash) with stable stratified
-splits, and decode images for tf.data."""
+splits, and the content-hash index that makes rescans cheap."""
 
 from __future__ import annotations
 
@@ -8,22 +8,18 @@ import json
 import math
 import os
 import re
-import struct
 import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tensorflow as tf
-
 from pipeline import atomic
 from pipeline.errors import PipelineError
+from pipeline.images import IMAGE_EXTENSIONS, is_image_file
 from pipeline.store import SPLITS
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-RESIZE_METHOD = "area-down-bilinear-up"  # part of the fingerprint
 
 
 @dataclass(frozen=True)
@@ -64,10 +60,6 @@ class ScannedDataset:
 
     def split_counts(self) -> dict[str, int]:
         return {split: sum(r.split == split for r in self.records) for split in SPLITS}
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _visible(name: str) -> bool:
@@ -245,80 +237,3 @@ def _class_folder_names(root: Path, layout: str) -> set[str]:
     if layout == "class-folders":
         return {p.name for p in _subfolders(root)}
     return {c.name for s in _subfolders(root) if s.name in SPLIT_FOLDERS for c in _subfolders(s)}
-
-
-# --- decoding for tf.data --------------------------------------------------------------------------
-
-
-def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read one file into a float32 RGB image of image_size x image_size in 0..255 (see
-    decode_bytes_and_resize)."""
-    return decode_bytes_and_resize(tf.io.read_file(path), image_size)
-
-
-def decode_bytes_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded image bytes -> a float32 RGB image of image_size x image_size in 0..255.
-
-    Any format TensorFlow decodes (JPEG, PNG, BMP, GIF: its first frame); grayscale and RGBA
-    become RGB. The image is squashed to a square, as the classic recipe does: by area averaging
-    when it shrinks (anti-aliased and about twice as fast as anti-aliased bilinear, which matters
-    on a CPU where decoding shares the cores with the backbone), bilinear when it grows.
-    """
-    image = tf.io.decode_image(data, expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, None])
-    image = resize_like_extract(image, image_size)
-    channels = tf.shape(image)[-1]  # resized before this, so gray images cost a third
-    return tf.cond(channels < 3, lambda: tf.repeat(image[..., :1], 3, axis=-1), lambda: image[..., :3])
-
-
-def resize_like_extract(images: tf.Tensor, image_size: int) -> tf.Tensor:
-    """An image (height, width, channels) or a batch of them squashed to image_size x image_size,
-    float32: area averaging when both sides shrink, bilinear otherwise. The one definition of
-    extract's resize (the fingerprint's RESIZE_METHOD), also used inside exported SavedModels."""
-    size = (image_size, image_size)
-    spatial = tf.shape(images)[-3:-1]
-    shrinks = tf.reduce_all(spatial >= image_size)
-    return tf.cond(shrinks,
-                   lambda: tf.image.resize(images, size, method="area"),
-                   lambda: tf.image.resize(images, size, method="bilinear"))
-
-
-def image_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from a PNG, GIF, BMP or JPEG header without decoding, or None where
-    the header does not say (the decoder then decides). Used to refuse decompression bombs."""
-    try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n":
-            return struct.unpack(">II", data[16:24])
-        if data[:6] in (b"GIF87a", b"GIF89a"):
-            return struct.unpack("<HH", data[6:10])
-        if data[:2] == b"BM":
-            width, height = struct.unpack("<ii", data[18:26])
-            return abs(width), abs(height)
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_dimensions(data)
-    except struct.error:
-        return None
-    return None
-
-
-_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            position += 2
-            continue
-        length = struct.unpack(">H", data[position + 2:position + 4])[0]
-        if marker in _JPEG_FRAMES:
-            height, width = struct.unpack(">HH", data[position + 5:position + 9])
-            return width, height
-        position += 2 + length
-    return None

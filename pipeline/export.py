@@ -210,7 +210,7 @@ class _Serving(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def from_encoded(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        from pipeline.dataset import decode_bytes_and_resize
+        from pipeline.images import decode_bytes_and_resize
 
         size = self.image_size
         pixels = tf.map_fn(lambda data: decode_bytes_and_resize(data, size), images,
@@ -219,7 +219,7 @@ class _Serving(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")])
     def from_pixels(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        from pipeline.dataset import resize_like_extract
+        from pipeline.images import resize_like_extract
 
         return self._outputs(resize_like_extract(pixels, self.image_size))
 

@@ -7,7 +7,6 @@ only images the cache does not hold yet go through the backbone.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import signal
 import threading
@@ -22,26 +21,15 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from pipeline import store
-from pipeline.atomic import one_line
 from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess
-from pipeline.dataset import (
-    RESIZE_METHOD,
-    HashIndex,
-    ImageRecord,
-    ScannedDataset,
-    SplitConfig,
-    decode_bytes_and_resize,
-    image_dimensions,
-    scan_dataset,
-)
+from pipeline.dataset import HashIndex, ImageRecord, ScannedDataset, SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
+from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, EncodedImages
 from pipeline.precision import resolve_precision
 from pipeline.store import Fingerprint, Rows, ShardIndex
 from pipeline.weights import ResolvedWeights, resolve_weights
 
 DEFAULT_SHARD_SIZE = 1024
-MAX_IMAGE_SIZE = 2048  # --image-size above this needs tens of GB per batch in the first convolution
-DEFAULT_MAX_PIXELS = 128 * 2**20  # decoded pixels per image (a 10000 x 10000 image is 100 M)
 
 
 @dataclass
@@ -194,91 +182,6 @@ def _records_to_rows(records: Sequence[ImageRecord], features: dict[str, np.ndar
         [r.split for r in records],
         features,
     )
-
-
-class _ImageSource:
-    """Reads each image's bytes once, hashes those bytes and hands the same bytes to the decoder,
-    so a row's sha256 is always the hash of the bytes whose features it holds, even when the file
-    is overwritten between the scan and the decode. Images whose header announces more than
-    `max_pixels` are held back (never decoded) and reported."""
-
-    def __init__(self, root: Path, records: Sequence[ImageRecord], max_pixels: int) -> None:
-        self.root = root
-        self.records = records
-        self.max_pixels = max_pixels
-        self.sha256: dict[int, str] = {}  # record index -> hash of the bytes that were decoded
-        self.too_large: dict[int, tuple[int, int]] = {}
-        self.unreadable: dict[int, str] = {}
-
-    def _encoded(self) -> Iterator[tuple[int, bytes]]:
-        for index, record in enumerate(self.records):
-            try:
-                data = (self.root / record.path).read_bytes()
-            except OSError as error:
-                self.unreadable[index] = f"unreadable: {error.strerror or error}"
-                continue
-            self.sha256[index] = hashlib.sha256(data).hexdigest()
-            dimensions = image_dimensions(data)
-            if dimensions and dimensions[0] * dimensions[1] > self.max_pixels:
-                self.too_large[index] = dimensions
-                continue
-            yield index, data
-
-    def batches(self, image_size: int, preprocessing: str, batch_size: int) -> tf.data.Dataset:
-        """(record index, preprocessed batch): decoding and resizing in parallel, ahead of the
-        backbone. Files that fail to decode are dropped here and reported by their missing index."""
-        encoded = tf.data.Dataset.from_generator(self._encoded, output_signature=(
-            tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
-        images = encoded.map(lambda i, data: (i, decode_bytes_and_resize(data, image_size)),
-                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        images = images.ignore_errors()
-        batches = images.batch(batch_size).map(lambda i, x: (i, preprocess(x, preprocessing)),
-                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return batches.prefetch(tf.data.AUTOTUNE)
-
-    def record(self, index: int) -> ImageRecord:
-        """The record as it was read: with the hash of the bytes decoded."""
-        record = self.records[index]
-        digest = self.sha256.get(index, record.sha256)
-        return record if digest == record.sha256 else dataclasses.replace(record, sha256=digest)
-
-    def changed(self) -> list[ImageRecord]:
-        """Records whose bytes changed between the scan and the read."""
-        return [self.records[i] for i, digest in self.sha256.items() if digest != self.records[i].sha256]
-
-    def failure_reason(self, index: int, image_size: int) -> str:
-        """Why an image gave no features, when its bytes cannot be decoded; raises PipelineError
-        when the cause is anything else (memory, a pixel limit), so that it is never recorded as
-        a damaged image."""
-        path = self.root / self.records[index].path
-        if index in self.too_large:
-            width, height = self.too_large[index]
-            raise PipelineError(
-                f"{path} is {width} x {height} pixels, above the limit of {self.max_pixels / 1e6:.0f} megapixels "
-                "(--max-megapixels): raise the limit if the machine has the memory, or shrink the image; the "
-                "other images were extracted and kept"
-            )
-        if index in self.unreadable:
-            return self.unreadable[index]
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            return f"unreadable: {error.strerror or error}"
-        if not data:
-            return "empty file"
-        try:
-            decode_bytes_and_resize(tf.constant(data), image_size)
-        except tf.errors.InvalidArgumentError:
-            return "TensorFlow cannot decode it (corrupt, truncated or not an image)"
-        except tf.errors.OpError as error:
-            raise PipelineError(
-                f"{path}: decoding failed for lack of resources ({one_line(error.message)[:160]}), not because "
-                "the image is damaged: lower --batch-size or --image-size and rerun; finished shards are kept"
-            ) from None
-        raise PipelineError(
-            f"{path} failed to decode in the pipeline but decodes on its own (the file changed while being read, "
-            "or memory ran short): rerun the same command; finished shards are kept"
-        )
 
 
 class _StopRequest:
@@ -457,14 +360,22 @@ class _Extraction:
         if not records:
             return []
         extractor = self.feature_extractor()
-        source = _ImageSource(dataset.root, records, self.max_pixels)
-        batches = source.batches(self.image_size, self.weights.preprocessing, self.options.batch_size)
+        source = EncodedImages([dataset.root / record.path for record in records], self.max_pixels)
+        preprocessing = self.weights.preprocessing
+        batches = source.batches(self.image_size, self.options.batch_size, lambda x: preprocess(x, preprocessing))
+
+        def as_read(index: int) -> ImageRecord:
+            """The record with the hash of the bytes that were decoded."""
+            digest = source.sha256.get(index, records[index].sha256)
+            return records[index] if digest == records[index].sha256 else dataclasses.replace(records[index],
+                                                                                              sha256=digest)
+
         buffer = _RowBuffer()
         decoded: set[int] = set()
 
         def write(count: int) -> None:
             index, features = buffer.take(count)
-            rows = _records_to_rows([source.record(i) for i in index], features)
+            rows = _records_to_rows([as_read(i) for i in index], features)
             store.write_shard(sequence.new_path(), rows, dataset.class_names, self.fingerprint)
 
         def failed(index: int) -> PipelineError:
@@ -509,7 +420,7 @@ class _Extraction:
                 bar.set_postfix(skipped=len(records) - len(decoded))
                 bar.update(len(records) - len(decoded))  # undecodable files end the bar too
         self.backbone_seconds += time.perf_counter() - started
-        self.changed_while_read += source.changed()
+        self.changed_while_read += [records[i] for i, digest in source.sha256.items() if digest != records[i].sha256]
         failures = []
         for index in sorted(set(range(len(records))) - decoded):
             try:
@@ -517,7 +428,7 @@ class _Extraction:
             except PipelineError as error:  # not a damaged image: not recorded, tried again next run
                 self.held_back.append(str(error))
                 continue
-            failures.append({"path": records[index].path, "sha256": source.record(index).sha256, "reason": reason})
+            failures.append({"path": records[index].path, "sha256": as_read(index).sha256, "reason": reason})
         return failures
 
     def _rewrite_changed(self, plan: UpdatePlan, dataset: ScannedDataset, shards: Sequence[ShardIndex]) -> None:

@@ -7,17 +7,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from pipeline import report, runs
 from pipeline.augmentation import Augmentation
 from pipeline.classifier import TRAINING_POLICY, classifier_for_run, unfreeze
-from pipeline.dataset import decode_and_resize
 from pipeline.errors import PipelineError
+from pipeline.images import labelled_batches
 from pipeline.store import SPLITS, FeatureStore
 from pipeline.train import RunSummary, open_run_features, score_run
 
@@ -60,24 +58,10 @@ def image_records(store: FeatureStore) -> dict[str, tuple[list[str], np.ndarray,
     return records
 
 
-def image_dataset(files: list[str], labels: np.ndarray, image_size: int, batch_size: int,
-                  augmentation: list[keras.layers.Layer] | None = None, shuffle_seed: int | None = None) -> Any:
-    """Decoded, squashed images (pixels 0..255) with labels, as extract decodes them."""
-    dataset = tf.data.Dataset.from_tensor_slices((files, labels.astype(np.int32)))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(lambda f, y: (decode_and_resize(f, image_size), y), num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size)
-    if augmentation:
-        pipeline = keras.Sequential(augmentation)
-        dataset = dataset.map(lambda x, y: (pipeline(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
 def _predict(model: keras.Model, files: list[str], image_size: int, batch_size: int) -> np.ndarray:
     if not files:
         return np.zeros((0, model.output_shape[-1]))
-    dataset = image_dataset(files, np.zeros(len(files), np.int32), image_size, batch_size).map(lambda x, y: x)
+    dataset = labelled_batches(files, np.zeros(len(files), np.int32), image_size, batch_size).map(lambda x, y: x)
     return np.asarray(model.predict(dataset, verbose=0), np.float64)
 
 
@@ -136,8 +120,8 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     model.compile(optimizer=optimizer,
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
     augmentation = options.augmentation.layers(options.seed)
-    train = image_dataset(*records["train"][:2], size, batch, augmentation, shuffle_seed=options.seed)
-    validation = image_dataset(*records["validation"][:2], size, batch)
+    train = labelled_batches(*records["train"][:2], size, batch, augmentation, shuffle_seed=options.seed)
+    validation = labelled_batches(*records["validation"][:2], size, batch)
     initial_loss, initial_accuracy = model.evaluate(validation, verbose=0)
     keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
     callbacks = [

@@ -46,7 +46,7 @@ def load_run_model(run: Path) -> tuple[Any, list[str], int]:
 
 def image_files(targets: list[Path]) -> list[Path]:
     """Files as given, and the images under directories (recursively, hidden entries skipped)."""
-    from pipeline.dataset import IMAGE_EXTENSIONS
+    from pipeline.images import IMAGE_EXTENSIONS
 
     files = []
     for target in targets:
@@ -59,40 +59,31 @@ def image_files(targets: list[Path]) -> list[Path]:
 
 
 def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models")) -> list[Prediction]:
-    import tensorflow as tf
-
-    from pipeline.dataset import decode_and_resize
+    """Top-k labels of every image, decoded and resized as extract does (the shared image path);
+    a file that is not a readable image gets an error instead."""
+    from pipeline.images import EncodedImages
 
     run = runs.resolve(run, models)
     model, class_names, size = load_run_model(run)
     files = image_files(targets)
     if not files:
         raise PipelineError(f"no images found in {', '.join(map(str, targets))}")
-    results: list[Prediction] = []
-    batch: list[tuple[int, Any]] = []
-
-    def flush() -> None:
-        if batch:
-            proba = np.asarray(model.predict_on_batch(tf.stack([image for _, image in batch])), np.float64)
-            for (index, _), row in zip(batch, proba):
-                top = np.argsort(-row, kind="stable")[:top_k]
-                results[index] = Prediction(results[index].path, [class_names[i] for i in top],
-                                            [float(row[i]) for i in top])
-            batch.clear()
-
-    for path in files:
-        results.append(Prediction(str(path), [], []))
+    results = [Prediction(str(path), [], []) for path in files]
+    source = EncodedImages(files)
+    done: set[int] = set()
+    for indices, images in source.batches(size, BATCH):
+        proba = np.asarray(model.predict_on_batch(images), np.float64)
+        for index, row in zip(indices.numpy().tolist(), proba):
+            top = np.argsort(-row, kind="stable")[:top_k]
+            results[index] = Prediction(results[index].path, [class_names[i] for i in top],
+                                        [float(row[i]) for i in top])
+            done.add(index)
+    for index in sorted(set(range(len(files))) - done):
         try:
-            if not path.is_file():
-                raise OSError("no such file")
-            batch.append((len(results) - 1, decode_and_resize(tf.constant(str(path)), size)))
-        except (tf.errors.OpError, OSError, ValueError) as error:
-            message = getattr(error, "message", None) or str(error)
-            results[-1].error = f"not a readable image: {message.splitlines()[0] if message else type(error).__name__}"
-            continue
-        if len(batch) == BATCH:
-            flush()
-    flush()
+            reason = f"not a readable image: {source.failure_reason(index, size)}"
+        except PipelineError as error:  # too large, or no memory: said as it is
+            reason = str(error)
+        results[index].error = reason
     return results
 
 

@@ -22,9 +22,10 @@ from PIL import Image
 from conftest import ROOT, make_image_folder, tiny_options, write_image
 from pipeline import store
 from pipeline.cli import main
-from pipeline.dataset import decode_and_resize, scan_dataset
+from pipeline.dataset import scan_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
+from pipeline.images import decode_and_resize
 from pipeline.store import FeatureStore, shard_paths
 
 

@@ -321,11 +321,11 @@ def test_a_shard_with_damaged_content_is_refused_naming_the_file(tmp_path: Path,
 def test_resource_failures_are_errors_not_skipped_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tensorflow as tf
 
-    import pipeline.extract as extract_module
+    import pipeline.images as images_module
 
     data = make_image_folder(tmp_path / "data", per_class=4)
     victim = hashlib.sha256((data / "dogs" / "img002.png").read_bytes()).hexdigest()
-    real = extract_module.decode_bytes_and_resize
+    real = images_module.decode_bytes_and_resize
 
     def exhausting(encoded, size):
         def check(value):
@@ -337,7 +337,7 @@ def test_resource_failures_are_errors_not_skipped_images(tmp_path: Path, monkeyp
         with tf.control_dependencies([done]):
             return real(encoded, size)
 
-    monkeypatch.setattr(extract_module, "decode_bytes_and_resize", exhausting)
+    monkeypatch.setattr(images_module, "decode_bytes_and_resize", exhausting)
     with pytest.raises(PipelineError, match="lack of resources"):
         extract_features(tiny_options(data, tmp_path / "cache"))
     monkeypatch.undo()
