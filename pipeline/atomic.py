@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,29 @@ def replacing(path: Path, durable: bool = False, after: str = "nothing half-writ
             pass
         if isinstance(error, OSError):
             raise write_error(path, error, after) from error
+        raise
+
+
+@contextmanager
+def replacing_directory(path: Path, after: str = "nothing half-written was left") -> Iterator[Path]:
+    """Yield a hidden staging directory (`.<name>.tmp-<pid>`) beside `path`; on success it
+    replaces `path` in one rename (an earlier directory of that name is retired as
+    `.<name>.old-<pid>` and removed). On failure the staging directory is removed."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        yield staging
+        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, retired)
+        os.replace(staging, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise write_error(path, error, after) from None
         raise
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -227,22 +225,11 @@ class _Serving(tf.Module):
 def _save_savedmodel(model: keras.Model, class_names: list[str], image_size: int, path: Path) -> None:
     """tf.saved_model.save into a staging folder, renamed into place when complete."""
     serving = _Serving(model, class_names, image_size)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            tf.saved_model.save(serving, str(staging), signatures={
-                "serving_default": serving.from_encoded.get_concrete_function(),
-                "pixels": serving.from_pixels.get_concrete_function(),
-            })
-        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, retired)
-        os.replace(staging, path)
-        shutil.rmtree(retired, ignore_errors=True)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise atomic.write_error(path, error) from None
+    with atomic.replacing_directory(path) as staging, contextlib.redirect_stdout(io.StringIO()):
+        tf.saved_model.save(serving, str(staging), signatures={
+            "serving_default": serving.from_encoded.get_concrete_function(),
+            "pixels": serving.from_pixels.get_concrete_function(),
+        })
 
 
 # --- TFLite ----------------------------------------------------------------------------------------

@@ -86,25 +86,8 @@ def staged(final: Path) -> Iterator[Path]:
     final = Path(final)
     check_writable(final.parent)
     remove_leftovers(final.parent)
-    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir()
+    with atomic.replacing_directory(final, "no run was left half-written") as staging:
         yield staging
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise atomic.write_error(final, error, "no run was left half-written") from None
-        raise
-    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-    try:
-        if final.exists():
-            os.replace(final, retired)
-        os.replace(staging, final)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise atomic.write_error(final, error, "no run was left half-written") from None
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def is_visible_run(directory: Path) -> bool:
