@@ -55,7 +55,7 @@ def main() -> None:
     config = runs.read_config(run)
     class_names = runs.read_labels(run)
     store, _ = open_run_features(config)
-    files = image_records(store)["test"][0]
+    files = image_records(store)["test"].files
     files = files[:args.images] if args.images else files
     size = store.fingerprint.image_size
     print(f"run {run.name} ({config['kind']}, computed in {store.fingerprint.precision}); {len(files)} test images")

@@ -52,7 +52,8 @@ def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
     identity = np.zeros(dimension), np.ones(dimension)  # the same layers as the pipeline's head, same cost
     model = keras.Model(pixels, head.build(*identity)(x))
     model.compile(optimizer=head._optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    files, labels, _ = image_records(store)["train"]
+    train_images = image_records(store)["train"]
+    files, labels = train_images.files, train_images.labels
     train = labelled_batches(files, labels, fingerprint.image_size, int(head.params["batch_size"]), shuffle_seed=0)
     started = time.perf_counter()
     model.fit(train, epochs=1, shuffle=False, verbose=0)  # the dataset shuffles itself
@@ -90,7 +91,7 @@ def main() -> None:
     read, ours, dimension = pipeline_epoch(store, head)
     theirs = seeds_epoch(store, head, dimension)
     logreg = train_head(TrainOptions(head="logreg", features=cache, models=args.work / "models", progress=False))
-    images = len(image_records(store)["train"][0])
+    images = len(image_records(store)["train"].files)
     precision = store.fingerprint.precision
     rows = [
         [f"seeds: dense head with the frozen backbone inside ({precision})", f"{theirs:.1f}", "1.0"],

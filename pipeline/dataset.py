@@ -17,7 +17,6 @@ from pathlib import Path
 from pipeline import atomic
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_file
-from pipeline.store import SPLITS
 
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 
@@ -57,9 +56,6 @@ class ScannedDataset:
     class_names: list[str]
     records: list[ImageRecord]
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-    def split_counts(self) -> dict[str, int]:
-        return {split: sum(r.split == split for r in self.records) for split in SPLITS}
 
 
 def _visible(name: str) -> bool:

@@ -42,19 +42,32 @@ class FinetuneOptions:
     progress: bool = True
 
 
-def image_records(store: FeatureStore) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
-    """For every split: absolute file paths, labels and cache-relative paths of its images."""
+@dataclass(frozen=True)
+class SplitImages:
+    """One split's images: absolute files, labels, and paths as the cache records them. Scored
+    like a split of features (reports need labels, paths and a length)."""
+
+    files: list[str]
+    labels: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def image_records(store: FeatureStore) -> dict[str, SplitImages]:
+    """For every split: the image files of the cache's rows, their labels and cache-relative paths."""
     root = Path(store.manifest.get("dataset", {}).get("root", ""))
     records = {}
-    for split, (labels, paths, _) in store.split_indexes().items():
-        files = [str(root / p) for p in paths]
+    for split, index in store.split_indexes().items():
+        files = [str(root / p) for p in index.paths]
         missing = [f for f in files[:50] if not Path(f).is_file()]
         if missing:
             raise PipelineError(
                 f"the images of {store.directory} are no longer under {root} ({missing[0]} is missing): "
                 "move them back, or extract from their new place and train a head on that cache"
             )
-        records[split] = (files, labels, paths)
+        records[split] = SplitImages(files, index.labels, index.paths)
     return records
 
 
@@ -89,14 +102,6 @@ class KeepBest(keras.callbacks.Callback):
         self.model.set_weights(self.best_weights)
 
 
-class _Labelled:
-    def __init__(self, labels: np.ndarray, paths: list[str]) -> None:
-        self.labels, self.paths = labels, paths
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
 def finetune(options: FinetuneOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     source = runs.resolve(options.source, options.models, kind="head")
@@ -112,16 +117,17 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     size, batch = fingerprint.image_size, options.batch_size
     name = runs.check_run_name(options.name or f"{source.name}-finetuned-{options.unfreeze}")
 
-    before = _predict(model, records["test"][0], size, batch)
-    test_before = report.split_metrics(records["test"][1], before, store.class_names)
+    before = _predict(model, records["test"].files, size, batch)
+    test_before = report.split_metrics(records["test"].labels, before, store.class_names)
 
     trained_layers = unfreeze(backbone, options.unfreeze)  # the head's layers are trainable already
     optimizer = keras.optimizers.SGD(options.lr, momentum=options.momentum, clipnorm=options.clipnorm or None)
     model.compile(optimizer=optimizer,
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
     augmentation = options.augmentation.layers(options.seed)
-    train = labelled_batches(*records["train"][:2], size, batch, augmentation, shuffle_seed=options.seed)
-    validation = labelled_batches(*records["validation"][:2], size, batch)
+    train = labelled_batches(records["train"].files, records["train"].labels, size, batch, augmentation,
+                             shuffle_seed=options.seed)
+    validation = labelled_batches(records["validation"].files, records["validation"].labels, size, batch)
     initial_loss, initial_accuracy = model.evaluate(validation, verbose=0)
     keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
     callbacks = [
@@ -137,7 +143,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     rows = [{"epoch": i + 1} | {k: float(v[i]) for k, v in history.history.items()}
             for i in range(len(history.history["loss"]))]
 
-    probabilities = {split: _predict(model, records[split][0], size, batch) for split in SPLITS}
+    probabilities = {split: _predict(model, records[split].files, size, batch) for split in SPLITS}
     run_config = {
         "name": name,
         "kind": "finetune",
@@ -157,7 +163,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "test_before_finetune": test_before,
         "seed": options.seed,
         "seconds": round(seconds, 3),
-        "images_per_second": round(len(records["train"][0]) * len(rows) / seconds, 2) if seconds else None,
+        "images_per_second": round(len(records["train"].files) * len(rows) / seconds, 2) if seconds else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     final = Path(options.models) / name
@@ -165,10 +171,9 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         model.save(directory / runs.MODEL_FILE)
         runs.write_config(directory, run_config)
         runs.write_labels(directory, store.class_names)
-        runs.write_split_record(directory, {split: records[split][2] for split in SPLITS})
+        runs.write_split_record(directory, {split: records[split].paths for split in SPLITS})
         report.write_history(directory, rows, "epochs")
-        splits = {split: _Labelled(records[split][1], records[split][2]) for split in SPLITS}
-        metrics, text = score_run(directory, lambda split: probabilities[split], splits, store.class_names, name)
+        metrics, text = score_run(directory, lambda split: probabilities[split], records, store.class_names, name)
         metrics["test_before_finetune"] = test_before
         runs.write_metrics(directory, metrics)
     return RunSummary(final, metrics, seconds, text, True, run_config)

@@ -176,18 +176,18 @@ def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | Non
     dimension = view.dimension(store.manifest["feature_shapes"])
     indexes = store.split_indexes()
     for split in ("train", "validation"):
-        if len(indexes[split][0]) == 0:
+        if len(indexes[split].labels) == 0:
             raise PipelineError(
                 f"the {split} split of {store.directory} has no images: add images, or extract with "
                 "--val-fraction/--test-fraction above 0 (or a validation folder)"
             )
-    present = np.unique(indexes["train"][0])
+    present = np.unique(indexes["train"].labels)
     if len(present) < 2:
         raise PipelineError(
             f"the train split of {store.directory} holds one class only ({store.class_names[present[0]]}): "
             "a classifier needs examples of at least two"
         )
-    total_bytes = sum(len(labels) for labels, _, _ in indexes.values()) * dimension * 4
+    total_bytes = sum(len(index.labels) for index in indexes.values()) * dimension * 4
     budget = default_memory_budget() if memory_budget is None else memory_budget
     in_memory = not stream and total_bytes <= budget
     splits = {}

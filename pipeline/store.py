@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -102,16 +102,6 @@ class Rows:
             self.labels[index],
             [self.splits[i] for i in index],
             {name: values[index] for name, values in self.features.items()},
-        )
-
-    @staticmethod
-    def concatenate(parts: Sequence[Rows]) -> Rows:
-        return Rows(
-            [p for part in parts for p in part.paths],
-            [h for part in parts for h in part.sha256],
-            np.concatenate([part.labels for part in parts]).astype(np.int32),
-            [s for part in parts for s in part.splits],
-            {name: np.concatenate([part.features[name] for part in parts]) for name in parts[0].features},
         )
 
 
@@ -339,14 +329,12 @@ def exclusive_lock(directory: Path) -> Iterator[None]:
 # --- reading a finished cache ---------------------------------------------------------------------
 
 
-@dataclass
-class FeatureSet:
-    """Features of one split (or all), with labels and paths in the same order."""
+class SplitIndex(NamedTuple):
+    """Where one split's rows are: labels and paths in shard order, and (shard number, row) of each."""
 
-    features: dict[str, np.ndarray]
     labels: np.ndarray
     paths: list[str]
-    sha256: list[str]
+    locations: np.ndarray
 
 
 class FeatureStore:
@@ -395,8 +383,9 @@ class FeatureStore:
                 "rerun the same extract command"
             )
 
-    def iter_shards(self, split: str | None = None, layers: Sequence[str] | None = None) -> Iterator[FeatureSet]:
-        """One FeatureSet per shard: memory stays bounded by the shard size."""
+    def iter_shards(self, split: str | None = None, layers: Sequence[str] | None = None) -> Iterator[Rows]:
+        """The rows of `split` (every split if None), one shard at a time: memory stays bounded by
+        the shard size."""
         layers = tuple(layers or self.layers)
         for path in self.shards:
             index = read_shard_index(path, self.fingerprint, self.feature_shapes)
@@ -404,9 +393,9 @@ class FeatureStore:
             chosen = [i for i, s in enumerate(index.splits) if split is None or s == split]
             if chosen:
                 rows = read_shard_rows(path, layers, chosen, expected_uuid=index.uuid)
-                yield FeatureSet(rows.features, rows.labels, rows.paths, rows.sha256)
+                yield rows
 
-    def split_indexes(self) -> dict[str, tuple[np.ndarray, list[str], np.ndarray]]:
+    def split_indexes(self) -> dict[str, SplitIndex]:
         """For every split: labels, paths and (shard number, row) locations, in shard order,
         reading each shard's metadata once and no features."""
         parts: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split in SPLITS}
@@ -419,8 +408,8 @@ class FeatureStore:
                 paths.extend(shard.paths[i] for i in chosen)
                 locations.append(np.stack([np.full(len(chosen), number), chosen], axis=1))
         return {
-            split: (np.concatenate(labels) if labels else np.zeros(0, np.int32), paths,
-                    np.concatenate(locations) if locations else np.zeros((0, 2), np.int64))
+            split: SplitIndex(np.concatenate(labels) if labels else np.zeros(0, np.int32), paths,
+                              np.concatenate(locations) if locations else np.zeros((0, 2), np.int64))
             for split, (labels, paths, locations) in parts.items()
         }
 
@@ -438,20 +427,19 @@ class FeatureStore:
                 out[name][where] = features[name]
         return out
 
-    def read(self, split: str | None = None, layers: Sequence[str] | None = None) -> FeatureSet:
+    def read(self, split: str | None = None, layers: Sequence[str] | None = None) -> Rows:
         """All rows of `split` (every split if None) in memory."""
         layers = tuple(layers or self.layers)
         parts = list(self.iter_shards(split, layers))
         if not parts:
             shapes = self.manifest["feature_shapes"]
-            return FeatureSet(
-                {n: np.zeros((0, *shapes[n]), np.float32) for n in layers}, np.zeros(0, np.int32), [], []
-            )
-        return FeatureSet(
-            {n: np.concatenate([p.features[n] for p in parts]) for n in layers},
-            np.concatenate([p.labels for p in parts]),
+            return Rows([], [], np.zeros(0, np.int32), [], {n: np.zeros((0, *shapes[n]), np.float32) for n in layers})
+        return Rows(
             [path for p in parts for path in p.paths],
             [digest for p in parts for digest in p.sha256],
+            np.concatenate([p.labels for p in parts]),
+            [s for p in parts for s in p.splits],
+            {n: np.concatenate([p.features[n] for p in parts]) for n in layers},
         )
 
 
