@@ -117,7 +117,7 @@ def speed_table(data: Path, images: int, sizes: list[int], precisions: list[str]
             again = extract_run(folder, cache, precision, size)
             rerun[(size, precision)] = (again.seconds, again.backbone_batches)
             rates[(size, precision)] = pipeline
-            waited = summary.input_wait_seconds / summary.backbone_seconds
+            waited = summary.input_wait_seconds / summary.loop_seconds
             rows.append([f"vgg16 {size}px", precision, f"{limit:.1f}", f"{seeds:.1f}", f"{pipeline:.1f}",
                          f"{pipeline / limit:.2f}", f"{pipeline / seeds:.2f}", f"{waited:.1%}",
                          f"{summary.seconds:.1f} s",

@@ -1,0 +1,166 @@
+"""Stage one's plan: compare an image folder with a cache and decide, row by row, what to keep,
+copy, rewrite and extract; and carry out the parts that need no backbone (copying cached rows,
+rewriting shards). The backbone work is an engine's (pipeline/local_engine.py).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store
+from pipeline.dataset import ImageRecord, ScannedDataset
+from pipeline.errors import PipelineError
+from pipeline.store import Fingerprint, Rows, ShardIndex
+
+
+@dataclass
+class UpdatePlan:
+    """What one run does to bring a cache in line with the folder."""
+
+    keep: dict[Path, list[int]]  # shard -> rows still live (path and bytes unchanged)
+    rewrite: set[Path]  # shards that lose rows or whose labels/splits/classes change
+    copy: list[tuple[ImageRecord, Path, int]]  # images whose bytes are cached under another path (shard, row)
+    extract: list[ImageRecord]  # images that need the backbone
+
+
+def plan_update(
+    dataset: ScannedDataset, shards: Sequence[ShardIndex], known_failures: set[tuple[str, str]]
+) -> UpdatePlan:
+    """Compare the folder with the shards: rows whose path and bytes are unchanged stay, images
+    whose bytes are cached elsewhere are copied, the rest go through the backbone. Images that
+    failed to decode before, with the same bytes, are not tried again."""
+    current = {record.path: record for record in dataset.records}
+    claimed: set[str] = set()
+    by_hash: dict[str, tuple[Path, int]] = {}
+    keep: dict[Path, list[int]] = {}
+    rewrite: set[Path] = set()
+    for shard in shards:
+        rows = []
+        for i, (path, digest) in enumerate(zip(shard.paths, shard.sha256)):
+            by_hash.setdefault(digest, (shard.path, i))
+            record = current.get(path)
+            if record is None or record.sha256 != digest or path in claimed:
+                continue
+            claimed.add(path)
+            rows.append(i)
+            if record.label != shard.labels[i] or record.split != shard.splits[i]:
+                rewrite.add(shard.path)
+        keep[shard.path] = rows
+        if len(rows) != len(shard) or shard.class_names != dataset.class_names:
+            rewrite.add(shard.path)
+    copy, extract = [], []
+    for record in dataset.records:
+        if record.path in claimed or (record.path, record.sha256) in known_failures:
+            continue
+        if record.sha256 in by_hash:
+            copy.append((record, *by_hash[record.sha256]))
+        else:
+            extract.append(record)
+    return UpdatePlan(keep, rewrite, copy, extract)
+
+
+def add_sibling_sources(plan: UpdatePlan, directory: Path, fingerprint: Fingerprint) -> None:
+    """Images cached under the same fingerprint for another data folder (a copy, a moved
+    folder, a subset) are copied from there: one backbone pass per image per fingerprint."""
+    wanted = {record.sha256 for record in plan.extract}
+    if not wanted:
+        return
+    found: dict[str, tuple[Path, int]] = {}
+    for sibling in sorted(directory.parent.iterdir()):
+        if sibling == directory or not sibling.is_dir():
+            continue
+        try:
+            if store.read_manifest(sibling).get("fingerprint_digest") != fingerprint.digest():
+                continue
+            for shard_path in store.shard_paths(sibling):
+                index = store.read_shard_index(shard_path, fingerprint)
+                for row, digest in enumerate(index.sha256):
+                    if digest in wanted:
+                        found.setdefault(digest, (shard_path, row))
+        except PipelineError:
+            continue  # a damaged or foreign cache is simply not a source
+    plan.copy += [(record, *found[record.sha256]) for record in plan.extract if record.sha256 in found]
+    plan.extract = [record for record in plan.extract if record.sha256 not in found]
+
+
+class ShardSequence:
+    """Hands out shard file names after the highest existing one."""
+
+    def __init__(self, directory: Path) -> None:
+        existing = [store.shard_number(p) for p in store.shard_paths(directory)]
+        self.directory = directory
+        self.next = max(existing, default=-1) + 1
+
+    def new_path(self) -> Path:
+        path = self.directory / store.shard_name(self.next)
+        self.next += 1
+        return path
+
+
+class ShardWriter:
+    """Writes rows of images as new shards of one cache (the one writer every engine uses)."""
+
+    def __init__(self, directory: Path, class_names: Sequence[str], fingerprint: Fingerprint) -> None:
+        self.sequence = ShardSequence(directory)
+        self.class_names = list(class_names)
+        self.fingerprint = fingerprint
+
+    def write(self, records: Sequence[ImageRecord], features: dict[str, np.ndarray]) -> None:
+        store.write_shard(self.sequence.new_path(), records_to_rows(records, features), self.class_names,
+                          self.fingerprint)
+
+
+def copy_cached(plan: UpdatePlan, layers: Sequence[str], shard_size: int, writer: ShardWriter) -> None:
+    """Images whose bytes are cached under another path (renamed, moved, duplicated): their rows
+    are copied into new shards, no backbone pass."""
+    for chunk in _chunks(plan.copy, shard_size):
+        by_shard: dict[Path, list[int]] = defaultdict(list)
+        for _, shard_path, row in chunk:
+            by_shard[shard_path].append(row)
+        parts = {path: store.read_shard_rows(path, layers, rows) for path, rows in by_shard.items()}
+        position = {path: 0 for path in parts}
+        features: dict[str, list[np.ndarray]] = defaultdict(list)
+        for _, shard_path, _ in chunk:
+            for name in layers:
+                features[name].append(parts[shard_path].features[name][position[shard_path]])
+            position[shard_path] += 1
+        writer.write([r for r, _, _ in chunk], {n: np.stack(v) for n, v in features.items()})
+
+
+def rewrite_changed(plan: UpdatePlan, dataset: ScannedDataset, shards: Sequence[ShardIndex], layers: Sequence[str],
+                    fingerprint: Fingerprint) -> None:
+    """Drop rows of removed or changed images and apply new labels, splits and class names,
+    copying features: no backbone pass."""
+    current = {record.path: record for record in dataset.records}
+    for shard in shards:
+        if shard.path not in plan.rewrite:
+            continue
+        rows_to_keep = plan.keep[shard.path]
+        if not rows_to_keep:
+            shard.path.unlink()
+            continue
+        rows = store.read_shard_rows(shard.path, layers, rows_to_keep)
+        records = [current[p] for p in rows.paths]
+        rows.labels = np.array([r.label for r in records], dtype=np.int32)
+        rows.splits = [r.split for r in records]
+        store.write_shard(shard.path, rows, dataset.class_names, fingerprint)
+
+
+def records_to_rows(records: Sequence[ImageRecord], features: dict[str, np.ndarray]) -> Rows:
+    return Rows(
+        [r.path for r in records],
+        [r.sha256 for r in records],
+        np.array([r.label for r in records], dtype=np.int32),
+        [r.split for r in records],
+        features,
+    )
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
