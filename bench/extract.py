@@ -37,7 +37,6 @@ from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, p
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
 from pipeline.images import IMAGE_EXTENSIONS  # noqa: E402
 from pipeline.precision import resolve_precision  # noqa: E402
-from pipeline.weights import resolve_weights  # noqa: E402
 
 BATCH = 32
 TARGETS = {"extract/limit": 0.95, "extract/seeds": 1.3, "bf16/fp32": 3.5, "accuracy points": 0.5}
@@ -63,7 +62,7 @@ def subset_folder(data: Path, images: int, destination: Path) -> Path:
 def backbone_for(precision: str, size: int):
     """The VGG16 conv base exactly as extract builds it (weights, precision), and its preprocessing."""
     spec = get_backbone("vgg16")
-    weights = resolve_weights("vgg16", "imagenet", spec.keras_weights, spec.pretrained_default)
+    weights = spec.resolve_weights("imagenet")
     # "mixed" means mixed-fp16 on a GPU and mixed-bf16 on a CPU: resolved as extract resolves it
     return build_backbone(spec, size, resolve_precision(precision), weights), weights.preprocessing
 

@@ -1,10 +1,10 @@
-"""The registry of backbones: constructor, default size and feature layer, where their ImageNet
-weights come from, their preprocessing; and the frozen feature extractor built from an entry."""
+"""Backbones built from the registry (pipeline/registry.py): the weights' preprocessing (Keras'
+imagenet_utils modes, and the same as Keras layers for saved models), the frozen convolutional
+base, and the feature extractor that runs it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -12,78 +12,20 @@ import tensorflow as tf
 
 from pipeline.errors import PipelineError
 from pipeline.precision import dtype_policy
-from pipeline.weights import KerasWeightsFile, ResolvedWeights, load_weights
+from pipeline.registry import BACKBONES, BackboneSpec, get_backbone  # noqa: F401 - the registry, re-exported
+from pipeline.weights import ResolvedWeights, load_weights
 
 POOLINGS = ("none", "avg", "max")
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    constructor: Callable[..., keras.Model]
-    default_image_size: int
-    default_layers: tuple[str, ...]
-    pretrained_default: str  # the source `--weights imagenet` means: "torchvision" or "keras"
-    keras_weights: KerasWeightsFile | None
-    min_image_size: int = 32
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": BackboneSpec(
-        name="vgg16",
-        constructor=keras.applications.VGG16,
-        default_image_size=150,  # 150x150 gives the classic 4x4x512 bottleneck
-        default_layers=("block5_pool",),
-        pretrained_default="torchvision",
-        keras_weights=KerasWeightsFile(
-            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "6d6bbae143d832006294945121d1f1fc",
-        ),
-    ),
-    "resnet50": BackboneSpec(
-        name="resnet50",
-        constructor=keras.applications.ResNet50,
-        default_image_size=224,
-        default_layers=("conv5_block3_out",),
-        pretrained_default="keras",
-        keras_weights=KerasWeightsFile(
-            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "4d473c1dd8becc155b73f8504c6f6626",
-        ),
-    ),
-}
-
-
-def get_backbone(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise PipelineError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") from None
-
-
 # --- preprocessing: belongs to the weights, never to the caller ----------------------------------
 
-_TORCH_MEAN = tf.constant([0.485, 0.456, 0.406], tf.float32)
-_TORCH_STD = tf.constant([0.229, 0.224, 0.225], tf.float32)
-_CAFFE_BGR_MEAN = tf.constant([103.939, 116.779, 123.68], tf.float32)
-
-
-def _torch_preprocessing(images: tf.Tensor) -> tf.Tensor:
-    return (images / 255.0 - _TORCH_MEAN) / _TORCH_STD
-
-
-def _caffe_preprocessing(images: tf.Tensor) -> tf.Tensor:
-    return images[..., ::-1] - _CAFFE_BGR_MEAN
-
-
-PREPROCESSING: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
-    "torch": _torch_preprocessing,  # RGB, /255, ImageNet mean and std (torchvision weights)
-    "caffe": _caffe_preprocessing,  # BGR, minus the ImageNet mean in 0..255 (Keras' own weights)
-}
+# Keras' own preprocess_input modes, as the weights were trained: "torch" is RGB / 255 with the
+# ImageNet mean and std (torchvision weights), "caffe" BGR minus the ImageNet mean (Keras' weights).
+PREPROCESSING = ("torch", "caffe")
+_TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
 
 
 def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
@@ -91,7 +33,7 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
     (fine-tuned and exported models): torch as a Normalization by 255 * mean and 255 * std;
     caffe as a fixed 1x1 convolution that swaps RGB to BGR and subtracts the mean. float32, frozen."""
     if mode == "torch":
-        mean, std = _TORCH_MEAN.numpy() * 255.0, _TORCH_STD.numpy() * 255.0
+        mean, std = _TORCH_MEAN * 255.0, _TORCH_STD * 255.0
         return [keras.layers.Normalization(mean=mean, variance=std ** 2, name="normalise_torch", dtype="float32")]
     if mode == "caffe":
         swap = keras.layers.Conv2D(3, 1, name="normalise_caffe", dtype="float32", trainable=False)
@@ -99,14 +41,17 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
         kernel = np.zeros((1, 1, 3, 3), np.float32)
         for channel in range(3):
             kernel[0, 0, 2 - channel, channel] = 1.0  # output channel c is input channel 2 - c (RGB -> BGR)
-        swap.set_weights([kernel, -_CAFFE_BGR_MEAN.numpy()])
+        swap.set_weights([kernel, -_CAFFE_BGR_MEAN])
         return [swap]
     raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
 
 
 def preprocess(images: tf.Tensor, mode: str) -> tf.Tensor:
-    """RGB float32 images in 0..255 -> the input the weights were trained on."""
-    return PREPROCESSING[mode](tf.cast(images, tf.float32))
+    """RGB float32 images in 0..255 -> the input the weights were trained on (Keras'
+    imagenet_utils.preprocess_input; bit-identical to the formulas above)."""
+    if mode not in PREPROCESSING:
+        raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
+    return keras.applications.imagenet_utils.preprocess_input(tf.cast(images, tf.float32), mode=mode)
 
 
 # --- the frozen feature extractor ----------------------------------------------------------------

@@ -15,12 +15,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.backbones import PREPROCESSING, build_backbone, get_backbone, preprocessing_layers
+from pipeline.backbones import PREPROCESSING, build_backbone, get_backbone, preprocess, preprocessing_layers
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
 from pipeline.reader import FeatureView
 from pipeline.store import Fingerprint
-from pipeline.weights import ResolvedWeights, resolve_weights
+from pipeline.weights import ResolvedWeights
 
 TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
 
@@ -46,7 +46,7 @@ class ImagePreprocessing(keras.layers.Layer):
         shrinks = tf.logical_and(shape[1] >= self.image_size, shape[2] >= self.image_size)
         images = tf.cond(shrinks, lambda: tf.image.resize(images, size, method="area"),
                          lambda: tf.image.resize(images, size, method="bilinear"))
-        return PREPROCESSING[self.mode](images)
+        return preprocess(images, self.mode)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (input_shape[0], self.image_size, self.image_size, 3)
@@ -58,10 +58,8 @@ class ImagePreprocessing(keras.layers.Layer):
 def weights_for(fingerprint: Fingerprint, recorded_path: str | None) -> ResolvedWeights:
     """The weights a cache was made with, found again and checked against its checksum."""
     spec = get_backbone(fingerprint.backbone)
-    choice = {"torchvision": "torchvision", "keras": "keras", "none": "none"}.get(
-        fingerprint.weights_source, recorded_path or "")
-    weights = resolve_weights(fingerprint.backbone, choice, spec.keras_weights, spec.pretrained_default,
-                              fingerprint.preprocessing)
+    choice = fingerprint.weights_source if fingerprint.weights_source != "file" else recorded_path or ""
+    weights = spec.resolve_weights(choice, fingerprint.preprocessing)
     if weights.identity != fingerprint.weights_identity:
         raise PipelineError(
             f"the {fingerprint.backbone} weights found now ({weights.describe()['path']}) differ from those the "

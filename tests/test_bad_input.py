@@ -340,12 +340,11 @@ def test_a_run_with_a_missing_or_damaged_file(tmp_path: Path, capsys) -> None:
 def test_weights_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
     import keras
 
-    from pipeline.backbones import BACKBONES, build_backbone
-    from pipeline.weights import resolve_weights
+    from pipeline.backbones import BACKBONES, build_backbone, get_backbone
 
     path = tmp_path / "vgg16.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
-    weights = resolve_weights("resnet50", str(path), None, False, None)
+    weights = get_backbone("resnet50").resolve_weights(str(path))
     assert (weights.source, weights.path) == ("file", path)  # accepted as a file: the shapes decide below
     with pytest.raises(PipelineError, match="cannot load weights from .*vgg16.weights.h5"):
         build_backbone(BACKBONES["resnet50"], 32, "fp32", weights)

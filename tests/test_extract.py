@@ -14,7 +14,6 @@ from pipeline.backbones import build_backbone, get_backbone
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
 from pipeline.store import FeatureStore, shard_paths
-from pipeline.weights import resolve_weights
 
 
 def _forbid_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,7 +52,7 @@ def test_cached_features_equal_the_backbones_direct_output(image_folder: Path, t
     cached = store.read()
 
     spec = get_backbone("vgg16")
-    weights = resolve_weights("vgg16", "none", spec.keras_weights, spec.pretrained_default)
+    weights = spec.resolve_weights("none")
     model = build_backbone(spec, 32, "fp32", weights)
     probe = tf.keras.Model(model.input, [model.get_layer("block4_pool").output, model.get_layer("block5_conv3").output])
     images = []
@@ -170,7 +169,7 @@ def test_another_fingerprint_never_reuses_a_cache(image_folder: Path, tmp_path: 
 
 def test_resnet50_batchnorm_runs_in_inference_mode(image_folder: Path, tmp_path: Path) -> None:
     spec = get_backbone("resnet50")
-    weights = resolve_weights("resnet50", "none", spec.keras_weights, spec.pretrained_default)
+    weights = spec.resolve_weights("none")
     model = build_backbone(spec, 32, "fp32", weights)
     bn = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
     rng = np.random.default_rng(1)

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess
 from pipeline.errors import PipelineError
-from pipeline.weights import converted_vgg16_path, load_numpy_pickle, resolve_weights
+from pipeline.weights import converted_vgg16_path, load_numpy_pickle
 
 PHOTOS = Path(sklearn.__file__).parent / "datasets" / "images"  # two real photos shipped by scikit-learn
 
@@ -31,7 +31,7 @@ def _three_views(name: str) -> list[tf.Tensor]:
 def _similarity_gap(weights_choice: str) -> float:
     """min cosine similarity between views of one photo minus max similarity across photos."""
     spec = get_backbone("vgg16")
-    weights = resolve_weights("vgg16", weights_choice, spec.keras_weights, spec.pretrained_default)
+    weights = spec.resolve_weights(weights_choice)
     extractor = FeatureExtractor(build_backbone(spec, 112, "fp32", weights), ["block5_conv3"], "avg")
     images = tf.stack(_three_views("china.jpg") + _three_views("flower.jpg"))
     features = extractor(preprocess(images, weights.preprocessing))["block5_conv3"]
@@ -54,8 +54,8 @@ def test_conversion_happens_once_and_is_checksummed() -> None:
     path = converted_vgg16_path()
     stamp = path.stat().st_mtime_ns
     spec = get_backbone("vgg16")
-    first = resolve_weights("vgg16", "imagenet", spec.keras_weights, spec.pretrained_default)
-    second = resolve_weights("vgg16", "torchvision", spec.keras_weights, spec.pretrained_default)
+    first = spec.resolve_weights("imagenet")
+    second = get_backbone("vgg16").resolve_weights("torchvision")
     assert first == second and first.preprocessing == "torch" and first.path == path
     assert path.stat().st_mtime_ns == stamp  # reused, not converted again
     sidecar = json.loads(path.with_name(path.name.replace(".weights.h5", ".json")).read_text())
@@ -70,7 +70,7 @@ def test_damaged_converted_weights_are_refused(tmp_path: Path, monkeypatch: pyte
         handle.write(b"\x00damage\x00")
     spec = get_backbone("vgg16")
     with pytest.raises(PipelineError, match="checksum"):
-        resolve_weights("vgg16", "imagenet", spec.keras_weights, spec.pretrained_default)
+        spec.resolve_weights("imagenet")
 
 
 class _RunsCode:
@@ -102,15 +102,14 @@ def test_resnet50_without_weights_says_how_to_provide_them(tmp_path: Path, monke
     monkeypatch.setattr(keras.utils, "get_file", offline)
     spec = get_backbone("resnet50")
     with pytest.raises(PipelineError, match="--weights PATH"):
-        resolve_weights("resnet50", "imagenet", spec.keras_weights, spec.pretrained_default)
+        spec.resolve_weights("imagenet")
 
 
 def test_resnet50_from_a_local_weights_file(tmp_path: Path) -> None:
     spec = get_backbone("resnet50")
     donor = tf.keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
     donor.save_weights(tmp_path / "resnet50.weights.h5")
-    weights = resolve_weights("resnet50", str(tmp_path / "resnet50.weights.h5"), spec.keras_weights,
-                              spec.pretrained_default)
+    weights = get_backbone("resnet50").resolve_weights(str(tmp_path / "resnet50.weights.h5"))
     model = build_backbone(spec, 32, "fp32", weights)
     assert weights.source == "file" and weights.preprocessing == "caffe"
     np.testing.assert_array_equal(model.get_layer("conv1_conv").get_weights()[0],
@@ -124,13 +123,13 @@ def test_keras_imagenet_weights_are_taken_from_the_keras_cache(tmp_path: Path, m
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     spec = get_backbone("resnet50")
-    cached = tmp_path / "keras-home" / "models" / spec.keras_weights.file_name
+    cached = tmp_path / "keras-home" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     cached.parent.mkdir(parents=True)
     donor = tf.keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
     with h5py.File(cached, "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, donor)
 
-    weights = resolve_weights("resnet50", "imagenet", spec.keras_weights, spec.pretrained_default)
+    weights = get_backbone("resnet50").resolve_weights("imagenet")
     model = build_backbone(spec, 32, "fp32", weights)
 
     assert (weights.source, weights.preprocessing, weights.path) == ("keras", "caffe", cached)

@@ -1,0 +1,123 @@
+"""The registry of backbones, the only place that knows one: constructor, default size and
+feature layers, blocks (the unfreeze points), and per-weights entries in the manner of timm's
+pretrained tags (`vgg16.tv_in1k`, `vgg16.keras_in1k`, `resnet50.keras_in1k`: the --weights
+source, how the file is fetched or converted and checked, and its preprocessing).
+
+Importing it imports no TensorFlow, so the command line takes its choices from here cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.weights import (
+    SOURCES,
+    KerasWeightsFile,
+    ResolvedWeights,
+    keras_weights,
+    random_weights,
+    torchvision_vgg16_weights,
+    weights_file,
+)
+
+
+def _application(name: str) -> Callable[..., Any]:
+    """keras.applications.<name>, imported when first called."""
+    def construct(**kwargs: Any) -> Any:
+        import keras
+
+        return getattr(keras.applications, name)(**kwargs)
+
+    construct.__name__ = name
+    return construct
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One set of ImageNet weights for a backbone, named as timm names its pretrained tags
+    (`vgg16.tv_in1k`): where it comes from, how it is fetched or converted and checked, and the
+    preprocessing it was trained with."""
+
+    tag: str
+    source: str  # the --weights name: "torchvision" or "keras"
+    preprocessing: str  # a mode of keras.applications.imagenet_utils.preprocess_input
+    resolve: Callable[[str | None], ResolvedWeights]  # fetch or convert, verify by checksum
+
+    def describe(self) -> str:
+        return f"{self.tag} (--weights {self.source}, {self.preprocessing} preprocessing)"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything the pipeline knows about one backbone; nothing outside this registry does."""
+
+    name: str
+    constructor: Callable[..., Any]  # keras.applications.<Name>(include_top=..., weights=..., input_shape=...)
+    default_image_size: int
+    default_layers: tuple[str, ...]
+    weights: tuple[PretrainedWeights, ...]  # the first is what `--weights imagenet` means
+    blocks: tuple[str, ...]  # layer-name prefixes, bottom to top: the unfreeze points
+    min_image_size: int = 32
+
+    @property
+    def default_unfreeze(self) -> str:
+        return self.blocks[-1]
+
+    def resolve_weights(self, choice: str, preprocessing: str | None = None) -> ResolvedWeights:
+        """--weights: imagenet (this backbone's first entry), a source name, none, or a file."""
+        if choice == "none":
+            return random_weights(preprocessing)
+        if choice == "imagenet":
+            choice = self.weights[0].source
+        for entry in self.weights:
+            if choice in (entry.source, entry.tag):
+                return entry.resolve(preprocessing or entry.preprocessing)
+        if choice in SOURCES:
+            offered = ", ".join(entry.source for entry in self.weights)
+            raise PipelineError(f"{choice} weights are not available for {self.name}: it has {offered}")
+        return weights_file(choice, preprocessing)
+
+
+def _keras_entry(backbone: str, folder: str, file_name: str, md5: str) -> PretrainedWeights:
+    keras_file = KerasWeightsFile(file_name, f"https://storage.googleapis.com/tensorflow/keras-applications/"
+                                             f"{folder}/{file_name}", md5)
+    return PretrainedWeights(f"{backbone}.keras_in1k", "keras", "caffe",
+                             lambda preprocessing: keras_weights(backbone, keras_file, preprocessing))
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg16": BackboneSpec(
+        name="vgg16",
+        constructor=_application("VGG16"),
+        default_image_size=150,  # 150x150 gives the classic 4x4x512 bottleneck
+        default_layers=("block5_pool",),
+        weights=(
+            PretrainedWeights("vgg16.tv_in1k", "torchvision", "torch", torchvision_vgg16_weights),
+            _keras_entry("vgg16", "vgg16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         "6d6bbae143d832006294945121d1f1fc"),
+        ),
+        blocks=("block1", "block2", "block3", "block4", "block5"),
+    ),
+    "resnet50": BackboneSpec(
+        name="resnet50",
+        constructor=_application("ResNet50"),
+        default_image_size=224,
+        default_layers=("conv5_block3_out",),
+        weights=(
+            _keras_entry("resnet50", "resnet", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         "4d473c1dd8becc155b73f8504c6f6626"),
+        ),
+        blocks=("conv1", "conv2", "conv3", "conv4", "conv5"),
+    ),
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise PipelineError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") from None
+
