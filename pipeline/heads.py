@@ -13,17 +13,56 @@ import json
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from pipeline.atomic import one_line
 from pipeline.errors import PipelineError
-from pipeline.reader import SplitData
 
 SIDECAR = "head.json"
+
+
+class Features(Protocol):
+    """What a head fits on and predicts from: labels in memory, and the feature vectors either as
+    one array (`matrix`, when `in_memory`) or as (vectors, labels) chunks. The reader's streamed
+    splits are one such source; `ArrayFeatures` wraps plain arrays."""
+
+    labels: np.ndarray
+    dimension: int
+    matrix: np.ndarray | None
+
+    @property
+    def in_memory(self) -> bool: ...
+
+    @property
+    def shard_rows(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def chunks(self, rows: int = ..., order: np.ndarray | None = ...) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
+class ArrayFeatures:
+    """Features from arrays in memory: `ArrayFeatures(x, y)` for a head fitted outside the pipeline."""
+
+    def __init__(self, matrix: np.ndarray, labels: np.ndarray) -> None:
+        self.matrix = np.asarray(matrix, np.float32).reshape(len(matrix), -1)
+        self.labels = np.asarray(labels, np.int32)
+        self.dimension = self.matrix.shape[1]
+
+    in_memory = True
+    shard_rows = 4096
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self, rows: int = 4096, order: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(self), rows):
+            block = slice(start, start + rows) if order is None else order[start:start + rows]
+            yield self.matrix[block], self.labels[block]
 
 
 def _sha256(path: Path) -> str:
@@ -61,11 +100,11 @@ class Head(ABC):
         self.n_features_in_: int | None = None
 
     @abstractmethod
-    def fit(self, train: SplitData, validation: SplitData, progress: bool = True) -> list[dict[str, float]]:
+    def fit(self, train: Features, validation: Features, progress: bool = True) -> list[dict[str, float]]:
         ...
 
     @abstractmethod
-    def predict_proba(self, data: SplitData) -> np.ndarray:
+    def predict_proba(self, data: Features) -> np.ndarray:
         ...
 
     HISTORY_AXIS: ClassVar[str]  # what one history row stands for: "epochs" or "C"
@@ -121,7 +160,7 @@ class Head(ABC):
         head._load_model(Path(directory), sidecar)
         return head
 
-    def _check_input(self, data: SplitData) -> None:
+    def _check_input(self, data: Features) -> None:
         if self.n_features_in_ is not None and data.dimension != self.n_features_in_:
             raise PipelineError(
                 f"this head takes {self.n_features_in_} features per image, the data have {data.dimension}: "
@@ -203,7 +242,7 @@ class LogRegHead(Head):
     def _sklearn_class_weight(self) -> str | None:
         return None if self.params["class_weight"] in (None, "none") else self.params["class_weight"]
 
-    def fit(self, train: SplitData, validation: SplitData, progress: bool = True) -> list[dict[str, float]]:
+    def fit(self, train: Features, validation: Features, progress: bool = True) -> list[dict[str, float]]:
         self.n_features_in_ = train.dimension
         if train.in_memory and validation.in_memory:
             rows = self._search_in_memory(train, validation, progress)
@@ -214,7 +253,7 @@ class LogRegHead(Head):
             self._refit_in_memory(train)
         return rows
 
-    def _search_in_memory(self, train: SplitData, validation: SplitData, progress: bool) -> list[dict[str, float]]:
+    def _search_in_memory(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         from joblib import Parallel, delayed
         from sklearn.preprocessing import StandardScaler
         from tqdm import tqdm
@@ -229,7 +268,7 @@ class LogRegHead(Head):
         return list(tqdm(results, total=len(self.grid), desc="C search", unit="fit", disable=not progress,
                          file=sys.stderr))
 
-    def _refit_in_memory(self, train: SplitData) -> None:
+    def _refit_in_memory(self, train: Features) -> None:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
@@ -243,7 +282,7 @@ class LogRegHead(Head):
                                    max_iter=self.params["max_iter"], tol=self.params["tol"]),
             ).fit(train.matrix, train.labels)
 
-    def _search_streamed(self, train: SplitData, validation: SplitData, progress: bool) -> list[dict[str, float]]:
+    def _search_streamed(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         """The same objective solved by pipeline.linear over shards, C ascending with warm starts."""
         from sklearn.preprocessing import StandardScaler
         from tqdm import tqdm
@@ -284,7 +323,7 @@ class LogRegHead(Head):
         model.n_iter_ = np.array([solution.iterations], dtype=np.int32)
         return make_pipeline(scaler, model)
 
-    def predict_proba(self, data: SplitData) -> np.ndarray:
+    def predict_proba(self, data: Features) -> np.ndarray:
         self._check_input(data)
         classes = len(self.class_names)
         parts = [self.model_.predict_proba(vectors) for vectors, _ in data.chunks()]
@@ -371,7 +410,7 @@ class LogRegHead(Head):
 # --- Keras dense head -----------------------------------------------------------------------------
 
 
-def training_statistics(train: SplitData) -> tuple[np.ndarray, np.ndarray]:
+def training_statistics(train: Features) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance of every feature over the training split, read chunk by chunk (in
     memory or streamed alike). Constant features get variance 1, as scikit-learn's scaler does,
     so they pass through unscaled instead of being divided by zero."""
@@ -448,7 +487,7 @@ class DenseHead(Head):
             "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9),
         }[self.params["optimizer"]]()
 
-    def _dataset(self, data: SplitData, shuffle: bool) -> Any:
+    def _dataset(self, data: Features, shuffle: bool) -> Any:
         """A streamed split as tf.data. Training rows come in a fresh global order each epoch,
         read a shard's worth at a time from whichever shards hold them, so memory stays bounded by
         the shard size even when the shards were written class by class."""
@@ -467,7 +506,7 @@ class DenseHead(Head):
         batches = -(-len(data) // batch)
         return dataset.rebatch(batch).apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)
 
-    def fit(self, train: SplitData, validation: SplitData, progress: bool = True) -> list[dict[str, float]]:
+    def fit(self, train: Features, validation: Features, progress: bool = True) -> list[dict[str, float]]:
         import keras
 
         self.n_features_in_ = train.dimension
@@ -501,7 +540,7 @@ class DenseHead(Head):
     def as_keras(self) -> Any:
         return self.model_
 
-    def predict_proba(self, data: SplitData) -> np.ndarray:
+    def predict_proba(self, data: Features) -> np.ndarray:
         self._check_input(data)
         parts = [self.model_.predict_on_batch(vectors) if len(vectors) else np.zeros((0, len(self.class_names)))
                  for vectors, _ in data.chunks(rows=1024)]

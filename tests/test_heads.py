@@ -308,3 +308,19 @@ def test_clear_errors(tmp_path: Path, separable_cache: Path, capsys: pytest.Capt
     run = train_head(_options(separable_cache, tmp_path / "models", "logreg", name="broken"))
     (run.directory / "head.json").unlink()
     _one_line_error(capsys, ["evaluate", "--model", str(run.directory)], "head.json is missing")
+
+
+@pytest.mark.parametrize("head_kind", ["logreg", "dense"])
+def test_heads_fit_on_plain_arrays(head_kind: str) -> None:
+    """A head needs no reader or cache: arrays are features too."""
+    from pipeline.heads import ArrayFeatures
+
+    features, labels, splits = clustered_features(240, 3, seed=9)
+    split = np.array(splits)
+    train = ArrayFeatures(features[split == "train"], labels[split == "train"])
+    validation = ArrayFeatures(features[split == "validation"], labels[split == "validation"])
+    head = make_head(head_kind, CLASSES, FAST_DENSE if head_kind == "dense" else FAST_LOGREG)
+    history = head.fit(train, validation, progress=False)
+    assert history and head.n_features_in_ == features[0].size
+    test = ArrayFeatures(features[split == "test"], labels[split == "test"])
+    assert np.mean(head.predict_proba(test).argmax(axis=1) == test.labels) > 0.9
