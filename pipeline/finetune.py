@@ -171,9 +171,8 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     final = Path(options.models) / name
     with runs.staged(final) as directory:
         model.save(directory / runs.MODEL_FILE)
-        runs.write_config(directory, run_config)
-        runs.write_labels(directory, store.class_names)
-        runs.write_split_record(directory, {split: records[split].paths for split in SPLITS})
+        runs.write_run_files(directory, run_config, store.class_names,
+                             {split: records[split].paths for split in SPLITS})
         report.write_history(directory, rows, "epochs")
         metrics, text = score_run(directory, lambda split: probabilities[split], records, store.class_names, name)
         metrics["test_before_finetune"] = test_before

@@ -97,6 +97,14 @@ def is_visible_run(directory: Path) -> bool:
 # --- what a run holds -----------------------------------------------------------------------------
 
 
+def write_run_files(directory: Path, config: dict[str, Any], class_names: Sequence[str],
+                    paths_by_split: dict[str, Sequence[str]]) -> None:
+    """What every run holds besides its model and reports: config.json, labels.txt, splits.csv."""
+    write_config(directory, config)
+    write_labels(directory, class_names)
+    write_split_record(directory, paths_by_split)
+
+
 def write_config(directory: Path, config: dict[str, Any]) -> None:
     atomic.write_json(Path(directory) / CONFIG, config)
 

@@ -127,9 +127,8 @@ def train_head(options: TrainOptions) -> RunSummary:
     final = Path(options.models) / name
     with runs.staged(final) as directory:
         head.save(directory)
-        runs.write_config(directory, config)
-        runs.write_labels(directory, store.class_names)
-        runs.write_split_record(directory, {split: data.paths for split, data in splits.items()})
+        runs.write_run_files(directory, config, store.class_names,
+                             {split: data.paths for split, data in splits.items()})
         report.write_history(directory, history, head.HISTORY_AXIS)
         metrics, text = score_run(directory, lambda split: head.predict_proba(splits[split]), splits,
                                   store.class_names, name)
