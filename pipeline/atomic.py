@@ -38,19 +38,22 @@ def one_line(message: object) -> str:
     return text or type(message).__name__
 
 
+def _reason(error: OSError) -> tuple[str, str | None]:
+    """The OS's reason for a failure, and what the user can do about it where we know."""
+    return error.strerror or one_line(error), _WAY_OUT.get(error.errno or -1)
+
+
 def os_error_message(error: OSError, action: str = "could not write") -> str:
-    """`could not write PATH: reason; what to do`, one line."""
+    """`could not write PATH: reason (what to do)`, one line."""
     target = error.filename if error.filename is not None else ""
-    reason = error.strerror or one_line(error)
-    way_out = _WAY_OUT.get(error.errno or -1)
+    reason, way_out = _reason(error)
     return one_line(f"{action} {target}: {reason}" + (f" ({way_out})" if way_out else ""))
 
 
 def write_error(path: Path, error: OSError, after: str = "nothing half-written was left") -> PipelineError:
-    reason = error.strerror or one_line(error)
-    way_out = _WAY_OUT.get(error.errno or -1, "check the location")
-    return PipelineError(one_line(f"could not write {path}: {reason}; {after}: {way_out}, then rerun the same "
-                                  "command to resume"))
+    reason, way_out = _reason(error)
+    return PipelineError(one_line(f"could not write {path}: {reason}; {after}: {way_out or 'check the location'}, "
+                                  "then rerun the same command to resume"))
 
 
 def temporary_name(path: Path, suffix: str = "") -> Path:

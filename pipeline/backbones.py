@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from pipeline.errors import PipelineError
 from pipeline.precision import dtype_policy
-from pipeline.registry import BACKBONES, BackboneSpec, get_backbone  # noqa: F401 - the registry, re-exported
+from pipeline.registry import BackboneSpec
 from pipeline.weights import ResolvedWeights, load_weights
 
 POOLINGS = ("none", "avg", "max")

@@ -15,10 +15,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.backbones import PREPROCESSING, build_backbone, get_backbone, preprocess, preprocessing_layers
+from pipeline.backbones import PREPROCESSING, build_backbone, preprocess, preprocessing_layers
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
 from pipeline.reader import FeatureView
+from pipeline.registry import get_backbone
 from pipeline.store import Fingerprint
 from pipeline.weights import ResolvedWeights
 
@@ -94,8 +95,9 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
                      precision: str | None = None, resize: bool = True) -> tuple[keras.Model, keras.Model]:
     """(classifier, backbone). The classifier takes (batch, height, width, 3) pixels in 0..255 and
     returns probabilities; it is built from Keras' own layers only (it loads without this package).
-    The backbone inside is frozen and always called with training=False, so BatchNormalization keeps
-    its moving statistics even when layers are unfrozen later. `resize=False` takes images already
+    The backbone inside is frozen and called with training=False; BatchNormalization keeps its
+    moving statistics because `unfreeze` never makes it trainable (in Keras 3 the nested
+    training=False alone does not hold a trainable one). `resize=False` takes images already
     at the backbone's size (a fixed input shape, as TFLite wants)."""
     spec = get_backbone(fingerprint.backbone)
     backbone = build_backbone(spec, fingerprint.image_size, precision or fingerprint.precision, weights)

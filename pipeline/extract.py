@@ -17,13 +17,14 @@ from pathlib import Path
 import tensorflow as tf
 
 from pipeline import store
-from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone
+from pipeline.backbones import FeatureExtractor, build_backbone
 from pipeline.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
 from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD
 from pipeline.local_engine import EngineResult, LocalEngine, strict_error
 from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.precision import resolve_precision
+from pipeline.registry import get_backbone
 from pipeline.store import Fingerprint, ShardIndex
 from pipeline.weights import ResolvedWeights
 

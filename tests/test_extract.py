@@ -10,9 +10,10 @@ import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options, write_image
 from pipeline import backbones, extract, store
-from pipeline.backbones import build_backbone, get_backbone
+from pipeline.backbones import build_backbone
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
+from pipeline.registry import get_backbone
 from pipeline.store import FeatureStore, shard_paths
 
 

@@ -59,7 +59,8 @@ def test_backbone_plus_head_reproduces_the_head_on_raw_images(head_runs: dict[st
 
 
 def test_unfreeze_by_block_or_index_keeps_batch_norm_frozen() -> None:
-    from pipeline.backbones import BACKBONES, build_backbone
+    from pipeline.backbones import build_backbone
+    from pipeline.registry import BACKBONES
     from pipeline.weights import ResolvedWeights
 
     random = ResolvedWeights("none", "torch", "random-seed-0")

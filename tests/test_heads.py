@@ -179,13 +179,13 @@ def _refuse_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
     classifier imported."""
     import dataclasses
 
-    from pipeline import backbones, classifier, extract
+    from pipeline import backbones, classifier, extract, registry
 
     def refuse(*args, **kwargs):
         raise AssertionError("a head run must not touch the backbone")
 
-    for name, spec in backbones.BACKBONES.items():
-        monkeypatch.setitem(backbones.BACKBONES, name, dataclasses.replace(spec, constructor=refuse))
+    for name, spec in registry.BACKBONES.items():
+        monkeypatch.setitem(registry.BACKBONES, name, dataclasses.replace(spec, constructor=refuse))
     for module in (backbones, extract, classifier):
         monkeypatch.setattr(module, "build_backbone", refuse)
     monkeypatch.setattr(extract, "FeatureExtractor", refuse)
@@ -204,7 +204,7 @@ def test_the_backbone_refusal_catches_a_command_that_builds_one(tmp_path: Path, 
         extract_features(tiny_options(make_image_folder(tmp_path / "other", per_class=3), tmp_path / "features"))
     with pytest.raises(AssertionError, match="must not touch the backbone"):
         main(["predict", "--model", str(run), str(next(data.rglob("*.png")))])
-    from pipeline.backbones import get_backbone
+    from pipeline.registry import get_backbone
 
     with pytest.raises(AssertionError, match="must not touch the backbone"):  # any code reaching the registry
         get_backbone("resnet50").constructor(include_top=False, weights=None)

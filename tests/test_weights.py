@@ -13,8 +13,9 @@ import pytest
 import sklearn
 import tensorflow as tf
 
-from pipeline.backbones import FeatureExtractor, build_backbone, get_backbone, preprocess
+from pipeline.backbones import FeatureExtractor, build_backbone, preprocess
 from pipeline.errors import PipelineError
+from pipeline.registry import get_backbone
 from pipeline.weights import converted_vgg16_path, load_numpy_pickle
 
 PHOTOS = Path(sklearn.__file__).parent / "datasets" / "images"  # two real photos shipped by scikit-learn
