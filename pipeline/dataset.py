@@ -26,7 +26,9 @@ class ImageRecord:
     path: str  # relative to the dataset root, with forward slashes
     label: int
     split: str
-    sha256: str
+    sha256: str  # "" where not known yet: a scan without reading (the Ray engine); its worker hashes
+    size: int = field(default=-1, compare=False)  # bytes, as the scan saw the file
+    mtime_ns: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True)
@@ -154,31 +156,49 @@ class HashIndex:
         self._seen: dict[str, tuple[int, int, str]] = {}
 
     def sha256(self, path: Path, key: str) -> str:
+        return self.lookup(path, key)[0]
+
+    def lookup(self, path: Path, key: str, read: bool = True) -> tuple[str, int, int]:
+        """(sha256, size, mtime_ns) of a file: the remembered hash where (size, mtime) still match,
+        else the file is read (`read=False`: "" instead, for a worker to hash as it decodes)."""
         stat = path.stat()
         known = self.entries.get(key)
         trusted_before = self.saved_at_ns - self.RACY_SECONDS * 1_000_000_000
         if known and known[:2] == (stat.st_size, stat.st_mtime_ns) and stat.st_mtime_ns < trusted_before:
             digest = known[2]
         else:
-            digest = sha256_of_file(path)
+            digest = sha256_of_file(path) if read else ""
         self._seen[key] = (stat.st_size, stat.st_mtime_ns, digest)
-        return digest
+        return digest, stat.st_size, stat.st_mtime_ns
+
+    def learn(self, key: str, size: int, mtime_ns: int, digest: str) -> None:
+        """A hash computed elsewhere (a worker, from the bytes it decoded): kept where the file's
+        (size, mtime) are those the scan saw, else dropped so that the next scan reads it again."""
+        seen = self._seen.get(key)
+        if seen is not None and seen[:2] == (size, mtime_ns):
+            self._seen[key] = (size, mtime_ns, digest)
+        else:
+            self.forget(key)
 
     def forget(self, key: str) -> None:
         """Drop a file whose bytes changed after it was hashed: the next scan reads it again."""
         self._seen.pop(key, None)
 
     def save(self) -> None:
-        """Keep the entries of this scan (removed files drop out)."""
+        """Keep the entries of this scan (removed files and files not hashed yet drop out)."""
         if self.path is None:
             return
-        atomic.write_json(self.path, {"saved_at_ns": time.time_ns(), "files": self._seen}, compact=True)
+        files = {key: entry for key, entry in self._seen.items() if entry[2]}
+        atomic.write_json(self.path, {"saved_at_ns": time.time_ns(), "files": files}, compact=True)
 
 
-def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIndex | None = None) -> ScannedDataset:
+def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIndex | None = None,
+                 read_unknown: bool = True) -> ScannedDataset:
     """Read DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image> into records.
 
-    Class names are sorted, so labels do not depend on the file system's order.
+    Class names are sorted, so labels do not depend on the file system's order. Files the hash
+    index does not know are read and hashed, or with `read_unknown=False` listed with sha256 ""
+    (only their size and mtime are read).
     """
     root = Path(root)
     if not root.is_dir():
@@ -225,7 +245,8 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIn
     records = []
     for path, name, split in files:
         relative = path.relative_to(root).as_posix()
-        records.append(ImageRecord(relative, label_of[name], split, hashes.sha256(path, relative)))
+        digest, size, mtime_ns = hashes.lookup(path, relative, read=read_unknown)
+        records.append(ImageRecord(relative, label_of[name], split, digest, size, mtime_ns))
     return ScannedDataset(root, layout, class_names, records, ignored)
 
 

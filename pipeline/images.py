@@ -6,14 +6,18 @@ extract, finetune, predict and the exported SavedModel.
 - `decode_bytes_and_resize` / `decode_and_resize`: encoded bytes or a file to float32 RGB 0..255;
 - `EncodedImages`: reads each file's bytes once, hashes them and decodes those same bytes, in a
   parallel tf.data pipeline (extract, predict); over-large images are held back by their header;
+- `read_and_decode`: the same for one file on its own (the Ray engine's decode tasks), with the
+  same classification of failures (`decode_one`, `too_large_error`);
 - `labelled_batches`: files with labels, shuffled and augmented, for training (finetune).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,71 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def too_large_error(path: Path, dimensions: tuple[int, int], max_pixels: int) -> PipelineError:
+    """An image whose header announces more than `max_pixels`: held back, never decoded."""
+    width, height = dimensions
+    return PipelineError(
+        f"{path} is {width} x {height} pixels, above the limit of {max_pixels / 1e6:.0f} megapixels "
+        "(--max-megapixels): raise the limit if the machine has the memory, or shrink the image; the "
+        "other images were processed and kept"
+    )
+
+
+def unreadable_reason(error: OSError) -> str:
+    return f"unreadable: {error.strerror or error}"
+
+
+def decode_one(path: Path, data: bytes, image_size: int) -> tuple[np.ndarray | None, str | None]:
+    """One image's bytes decoded on their own: (pixels, None), or (None, why) when the bytes are
+    damaged. Raises PipelineError when decoding fails for another cause (memory, resources), so
+    that such an image is never taken for a damaged one."""
+    if not data:
+        return None, "empty file"
+    try:
+        return decode_bytes_and_resize(tf.constant(data), image_size).numpy(), None
+    except tf.errors.InvalidArgumentError:
+        return None, "TensorFlow cannot decode it (corrupt, truncated or not an image)"
+    except tf.errors.OpError as error:
+        raise PipelineError(
+            f"{path}: decoding failed for lack of resources ({one_line(error.message)[:160]}), not because "
+            "the image is damaged: lower --batch-size or --image-size and rerun; finished work is kept"
+        ) from None
+
+
+@dataclass
+class ReadImage:
+    """One image file read once: the hash and stat of the bytes read, and either their pixels, the
+    reason they cannot be decoded (`skipped`), or an error that is not the image's fault
+    (`held_back`: the pixel limit, resources), after which the image is tried again next run."""
+
+    sha256: str | None
+    size: int
+    mtime_ns: int
+    pixels: np.ndarray | None = None
+    skipped: str | None = None
+    held_back: str | None = None
+
+
+def read_and_decode(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ReadImage:
+    """Read, hash and decode one file from a single read (the Ray engine's decode tasks)."""
+    try:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            data = handle.read()
+    except OSError as error:
+        return ReadImage(None, -1, -1, skipped=unreadable_reason(error))
+    read = ReadImage(hashlib.sha256(data).hexdigest(), stat.st_size, stat.st_mtime_ns)
+    dimensions = image_dimensions(data)
+    if dimensions and dimensions[0] * dimensions[1] > max_pixels:
+        read.held_back = str(too_large_error(path, dimensions, max_pixels))
+        return read
+    try:
+        read.pixels, read.skipped = decode_one(path, data, image_size)
+    except PipelineError as error:
+        read.held_back = str(error)
+    return read
+
+
 class EncodedImages:
     """Image files read once each: their bytes are hashed and those same bytes decoded, so what is
     decoded is always what was hashed, even when a file is overwritten meanwhile. Images whose
@@ -125,7 +194,7 @@ class EncodedImages:
             try:
                 data = path.read_bytes()
             except OSError as error:
-                self.unreadable[index] = f"unreadable: {error.strerror or error}"
+                self.unreadable[index] = unreadable_reason(error)
                 continue
             self.sha256[index] = hashlib.sha256(data).hexdigest()
             dimensions = image_dimensions(data)
@@ -155,29 +224,16 @@ class EncodedImages:
         damaged image."""
         path = self.files[index]
         if index in self.too_large:
-            width, height = self.too_large[index]
-            raise PipelineError(
-                f"{path} is {width} x {height} pixels, above the limit of {self.max_pixels / 1e6:.0f} megapixels "
-                "(--max-megapixels): raise the limit if the machine has the memory, or shrink the image; the "
-                "other images were processed and kept"
-            )
+            raise too_large_error(path, self.too_large[index], self.max_pixels)
         if index in self.unreadable:
             return self.unreadable[index]
         try:
             data = path.read_bytes()
         except OSError as error:
-            return f"unreadable: {error.strerror or error}"
-        if not data:
-            return "empty file"
-        try:
-            decode_bytes_and_resize(tf.constant(data), image_size)
-        except tf.errors.InvalidArgumentError:
-            return "TensorFlow cannot decode it (corrupt, truncated or not an image)"
-        except tf.errors.OpError as error:
-            raise PipelineError(
-                f"{path}: decoding failed for lack of resources ({one_line(error.message)[:160]}), not because "
-                "the image is damaged: lower --batch-size or --image-size and rerun; finished work is kept"
-            ) from None
+            return unreadable_reason(error)
+        _, reason = decode_one(path, data, image_size)
+        if reason is not None:
+            return reason
         raise PipelineError(
             f"{path} failed to decode in the pipeline but decodes on its own (the file changed while being read, "
             "or memory ran short): rerun the same command; finished work is kept"

@@ -5,6 +5,8 @@ rewriting shards). The backbone work is an engine's (pipeline/local_engine.py).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,7 +59,7 @@ def plan_update(
     for record in dataset.records:
         if record.path in claimed or (record.path, record.sha256) in known_failures:
             continue
-        if record.sha256 in by_hash:
+        if record.sha256 and record.sha256 in by_hash:  # "" : not hashed yet (the Ray engine's first run)
             copy.append((record, *by_hash[record.sha256]))
         else:
             extract.append(record)
@@ -67,7 +69,7 @@ def plan_update(
 def add_sibling_sources(plan: UpdatePlan, directory: Path, fingerprint: Fingerprint) -> None:
     """Images cached under the same fingerprint for another data folder (a copy, a moved
     folder, a subset) are copied from there: one backbone pass per image per fingerprint."""
-    wanted = {record.sha256 for record in plan.extract}
+    wanted = {record.sha256 for record in plan.extract if record.sha256}
     if not wanted:
         return
     found: dict[str, tuple[Path, int]] = {}
@@ -94,7 +96,7 @@ class ShardSequence:
     def __init__(self, directory: Path) -> None:
         existing = [store.shard_number(p) for p in store.shard_paths(directory)]
         self.directory = directory
-        self.next = max(existing, default=-1) + 1
+        self.next = max((n for n in existing if n is not None), default=-1) + 1
 
     def new_path(self) -> Path:
         path = self.directory / store.shard_name(self.next)
@@ -103,16 +105,42 @@ class ShardSequence:
 
 
 class ShardWriter:
-    """Writes rows of images as new shards of one cache (the one writer every engine uses)."""
+    """Writes rows of images as new shards of one cache (the one writer every engine uses): named
+    in sequence, or by their unit's key where a unit of work defines the shard (the Ray engine,
+    whose workers write with a copy of this writer)."""
 
     def __init__(self, directory: Path, class_names: Sequence[str], fingerprint: Fingerprint) -> None:
-        self.sequence = ShardSequence(directory)
+        self.directory = directory
         self.class_names = list(class_names)
         self.fingerprint = fingerprint
+        self._sequence: ShardSequence | None = None  # listed on the first sequential write
 
-    def write(self, records: Sequence[ImageRecord], features: dict[str, np.ndarray]) -> None:
-        store.write_shard(self.sequence.new_path(), records_to_rows(records, features), self.class_names,
-                          self.fingerprint)
+    def write(self, records: Sequence[ImageRecord], features: dict[str, np.ndarray], unit: str | None = None) -> Path:
+        if unit is not None:
+            path = self.directory / store.unit_shard_name(unit)
+        else:
+            self._sequence = self._sequence or ShardSequence(self.directory)
+            path = self._sequence.new_path()
+        store.write_shard(path, records_to_rows(records, features), self.class_names, self.fingerprint)
+        return path
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_sequence": None}  # a copy on a worker never hands out sequence numbers
+
+
+def unit_key(records: Sequence[ImageRecord], fingerprint: Fingerprint, class_names: Sequence[str]) -> str:
+    """What defines a unit's shard: its images (path, size, mtime and the hash where known, with
+    label and split), the class names and the fingerprint. The same unit always gets the same key."""
+    digest = hashlib.sha256(fingerprint.digest().encode())
+    digest.update(json.dumps(list(class_names)).encode())
+    for r in records:
+        digest.update(json.dumps([r.path, r.size, r.mtime_ns, r.sha256, r.label, r.split]).encode())
+    return digest.hexdigest()
+
+
+def cut_units(records: Sequence[ImageRecord], shard_size: int) -> list[Sequence[ImageRecord]]:
+    """The images to extract in units of one shard, in plan order."""
+    return list(_chunks(records, shard_size))
 
 
 def copy_cached(plan: UpdatePlan, layers: Sequence[str], shard_size: int, writer: ShardWriter) -> None:

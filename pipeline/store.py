@@ -299,8 +299,16 @@ def shard_name(number: int) -> str:
     return f"{SHARD_PREFIX}{number:05d}{SHARD_SUFFIX}"
 
 
-def shard_number(path: Path) -> int:
-    return int(path.name.removeprefix(SHARD_PREFIX).removesuffix(SHARD_SUFFIX))
+def unit_shard_name(key: str) -> str:
+    """The name of a shard defined by its content (a Ray engine unit, see plan.unit_key): a
+    retried or duplicated unit writes the same file, so it appears once."""
+    return f"{SHARD_PREFIX}u{key[:32]}{SHARD_SUFFIX}"
+
+
+def shard_number(path: Path) -> int | None:
+    """The number of a sequentially named shard (the local engine's), None for a unit's."""
+    stem = path.name.removeprefix(SHARD_PREFIX).removesuffix(SHARD_SUFFIX)
+    return int(stem) if stem.isdigit() else None
 
 
 def remove_temporaries(directory: Path) -> None:
