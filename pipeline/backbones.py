@@ -57,13 +57,20 @@ def preprocess(images: tf.Tensor, mode: str) -> tf.Tensor:
 # --- the frozen feature extractor ----------------------------------------------------------------
 
 
-def build_backbone(spec: BackboneSpec, image_size: int, precision: str, weights: ResolvedWeights) -> keras.Model:
-    """The convolutional base (no top) with its weights, frozen, under the precision's policy."""
+def build_backbone(spec: BackboneSpec, image_size: int, precision: str, weights: ResolvedWeights | None = None,
+                   arrays: Sequence[np.ndarray] | None = None) -> keras.Model:
+    """The convolutional base (no top) with its weights (from their source, or `arrays` another
+    build of it gave: a Ray worker's), frozen, under the precision's policy."""
     if image_size < spec.min_image_size:
         raise PipelineError(f"{spec.name} needs images of at least {spec.min_image_size} pixels, not {image_size}")
     with dtype_policy(precision):
         model = spec.constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
-    load_weights(model, weights)
+    if arrays is not None:
+        model.set_weights(list(arrays))
+    elif weights is not None:
+        load_weights(model, weights)
+    else:
+        raise ValueError("build_backbone needs weights or arrays")
     model.trainable = False
     return model
 

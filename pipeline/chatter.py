@@ -24,6 +24,9 @@ CHATTER = re.compile(
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] "  # TensorFlow's own: 2026-11-22 18:00:00.0: I tensorflow/...
     r"|To enable the following instructions:.*rebuild TensorFlow"
     r"|INFO: Created TensorFlow Lite XNNPACK delegate"
+    # Ray's advice on actors restarted with arguments in the object store: the driver holds them
+    r"|\[[\d :,-]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
+    r"object store"
     r")"
 )
 

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stop at the first file that cannot be decoded (default: skip and list it)")
     extract.add_argument("--max-megapixels", type=_positive_float, default=128,
                          help="images larger than this (decoded) are held back with an error (default 128)")
+    extract.add_argument("--engine", default="local", choices=("local", "ray"),
+                         help="local: this process (default); ray: Ray Data across processes, nodes and GPUs")
+    extract.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                         help="--engine ray: join this running cluster (default: a local instance for the command)")
+    extract.add_argument("--workers", type=_positive_int, default=None,
+                         help="--engine ray: backbone workers (default: one per GPU, else one per node)")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.add_argument("--json", action="store_true", help="print the summary as JSON")
     extract.set_defaults(handler=_extract)
@@ -228,6 +234,9 @@ def _extract(args: argparse.Namespace) -> int:
         strict=args.strict,
         max_pixels=int(args.max_megapixels * 2**20),
         progress=not args.no_progress,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        workers=args.workers,
     ))
     if args.json:
         print(json.dumps(summary.as_dict() | {"skipped_images": summary.skipped}, indent=2))

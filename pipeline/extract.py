@@ -8,12 +8,14 @@ that runs the backbone (pipeline/local_engine.py), and the manifest, written las
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline import store
@@ -24,11 +26,13 @@ from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD
 from pipeline.local_engine import EngineResult, LocalEngine, strict_error
 from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.precision import resolve_precision
+from pipeline.ray_engine import BackboneRecipe, RayCluster, RayEngine
 from pipeline.registry import get_backbone
 from pipeline.store import Fingerprint, ShardIndex
 from pipeline.weights import ResolvedWeights
 
 DEFAULT_SHARD_SIZE = 1024
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -49,6 +53,9 @@ class ExtractOptions:
     strict: bool = False  # stop at the first image that cannot be decoded instead of skipping it
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are held back with an error, never decoded
     progress: bool = True
+    engine: str = "local"  # "local" (this process) or "ray" (pipeline/ray_engine.py)
+    ray_address: str | None = None  # None: a local Ray instance for the command; "auto" or HOST:PORT: join one
+    workers: int | None = None  # Ray engine: backbone actors (default: one per GPU, else one per node)
 
 
 @dataclass
@@ -63,6 +70,9 @@ class ExtractSummary:
     backbone_batches: int  # forward passes of the backbone in this run
     backbone_images: int  # images in those passes
     input_wait_seconds: float  # part of loop_seconds spent waiting for decoded images
+    engine: str = "local"
+    retried_units: int = 0  # Ray engine: units of work Ray started more than once
+    nodes: int = 0  # Ray engine: nodes whose workers wrote shards in this run
 
     @property
     def images_per_second(self) -> float:
@@ -82,13 +92,16 @@ class ExtractSummary:
             "backbone_batches": self.backbone_batches,
             "backbone_images": self.backbone_images,
             "input_wait_seconds": round(self.input_wait_seconds, 2),
+            "engine": self.engine,
+            "retried_units": self.retried_units,
+            "nodes": self.nodes,
         }
 
 
 class _Extraction:
     """One run of stage one over one cache directory."""
 
-    def __init__(self, options: ExtractOptions) -> None:
+    def __init__(self, options: ExtractOptions, cluster: RayCluster | None = None) -> None:
         self.options = options
         self.spec = get_backbone(options.backbone)
         self.image_size = options.image_size or self.spec.default_image_size
@@ -99,7 +112,13 @@ class _Extraction:
             raise PipelineError("--max-megapixels must be positive")
         self.max_pixels = options.max_pixels
         self.layers = tuple(options.layers or self.spec.default_layers)
-        self.precision = resolve_precision(options.precision)
+        if options.engine not in ENGINES:
+            raise PipelineError(f"unknown engine {options.engine!r}: choose {' or '.join(ENGINES)}")
+        if options.engine == "local" and (options.ray_address or options.workers):
+            raise PipelineError("--ray-address and --workers belong to --engine ray: add it, or leave them out")
+        if options.workers is not None and options.workers < 1:
+            raise PipelineError("--workers must be positive")
+        self.precision = resolve_precision(options.precision, gpu=bool(cluster.gpus) if cluster else None)
         if options.batch_size < 1 or options.shard_size < 1:
             raise PipelineError("--batch-size and --shard-size must be positive")
         self.weights: ResolvedWeights = self.spec.resolve_weights(options.weights, options.preprocessing)
@@ -119,9 +138,14 @@ class _Extraction:
         # Shards hold whole batches, so a resumed run feeds the backbone the same batches.
         self.shard_size = batches_per_shard * options.batch_size
         self.extractor: FeatureExtractor | None = None
-        self.engine = LocalEngine(self.feature_extractor, self.image_size, self.weights.preprocessing,
-                                  options.batch_size, self.shard_size, self.max_pixels, options.strict,
-                                  options.progress)
+        self.engine: LocalEngine | RayEngine
+        if cluster is None:
+            self.engine = LocalEngine(self.feature_extractor, self.image_size, self.weights.preprocessing,
+                                      options.batch_size, self.shard_size, self.max_pixels, options.strict,
+                                      options.progress)
+        else:
+            self.engine = RayEngine(self.backbone_weights, self.backbone_recipe, self.image_size, self.shard_size,
+                                    self.max_pixels, options.workers, options.strict, options.progress)
         self.engine_result = EngineResult()
 
     def feature_extractor(self) -> FeatureExtractor:
@@ -130,19 +154,32 @@ class _Extraction:
             self.extractor = FeatureExtractor(backbone, self.layers, self.options.pooling)
         return self.extractor
 
+    def backbone_weights(self) -> list[np.ndarray]:
+        """The backbone's weights as arrays, for workers that build it themselves (the Ray engine)."""
+        return build_backbone(self.spec, self.image_size, self.precision, self.weights).get_weights()
+
+    def backbone_recipe(self, checksum: str) -> BackboneRecipe:
+        return BackboneRecipe(self.spec.name, self.image_size, self.precision, self.layers, self.options.pooling,
+                              self.weights.preprocessing, self.options.batch_size, checksum)
+
     def run(self) -> ExtractSummary:
         started = time.perf_counter()
         if len(set(self.layers)) != len(self.layers):
             raise PipelineError("--layer names must be distinct")
         directory = Path(self.options.cache_root) / store.cache_directory_name(self.fingerprint, self.options.data)
         hashes = HashIndex(directory / store.HASH_INDEX_NAME, trusted=not self.options.rehash)
-        dataset = scan_dataset(self.options.data, self.options.splits, hashes)
+        # The Ray engine's driver reads no image bytes: files the hash index does not know are
+        # listed by (path, size, mtime) and hashed by the worker that decodes them.
+        dataset = scan_dataset(self.options.data, self.options.splits, hashes,
+                               read_unknown=isinstance(self.engine, LocalEngine))
         created = not directory.exists()
         try:
             with store.exclusive_lock(directory):
-                summary = self._update(directory, dataset, started)
+                summary = self._update(directory, dataset, hashes, started)
                 for record in self.engine_result.changed:
                     hashes.forget(record.path)  # read again next time: the row has the new bytes' hash
+                for path, size, mtime_ns, digest in self.engine_result.hashed:
+                    hashes.learn(path, size, mtime_ns, digest)
                 hashes.save()
         except BaseException:
             if created and not store.shard_paths(directory):
@@ -154,11 +191,12 @@ class _Extraction:
             raise PipelineError(held_back[0] + more)
         return summary
 
-    def _update(self, directory: Path, dataset: ScannedDataset, started: float) -> ExtractSummary:
+    def _update(self, directory: Path, dataset: ScannedDataset, hashes: HashIndex, started: float) -> ExtractSummary:
         """Plan the update, carry out its no-backbone parts, hand the rest to the engine, and
         write the manifest last."""
         store.remove_temporaries(directory)
         shards = [store.read_shard_index(p, self.fingerprint) for p in store.shard_paths(directory)]
+        _hash_cached_paths(dataset, shards, hashes)
         present = {(r.path, r.sha256) for r in dataset.records}
         try:
             earlier = store.read_manifest(directory)
@@ -189,6 +227,9 @@ class _Extraction:
             backbone_batches=result.batches,
             backbone_images=result.images,
             input_wait_seconds=result.input_wait_seconds,
+            engine=self.options.engine,
+            retried_units=result.retried_units,
+            nodes=len(result.nodes),
         )
         self._write_manifest(directory, dataset, summary)
         return summary
@@ -215,6 +256,23 @@ class _Extraction:
         return self.feature_extractor().output_shapes()
 
 
+def _hash_cached_paths(dataset: ScannedDataset, shards: Sequence[ShardIndex], hashes: HashIndex) -> None:
+    """Files listed without a hash (the Ray engine) whose path the cache holds are hashed here, so
+    that a lost hash index or touched files cost a read, not a backbone pass. A first run reads nothing."""
+    unknown = [i for i, record in enumerate(dataset.records) if not record.sha256]
+    if not unknown:
+        return
+    cached = {path for shard in shards for path in shard.paths}
+    for i in unknown:
+        record = dataset.records[i]
+        if record.path in cached:
+            digest, size, mtime_ns = hashes.lookup(dataset.root / record.path, record.path)
+            dataset.records[i] = dataclasses.replace(record, sha256=digest, size=size, mtime_ns=mtime_ns)
+
+
 def extract_features(options: ExtractOptions) -> ExtractSummary:
     """Bring the cache for (options' fingerprint, data folder) up to date and summarise the run."""
+    if options.engine == "ray":
+        with RayCluster(options.ray_address) as cluster:
+            return _Extraction(options, cluster).run()
     return _Extraction(options).run()

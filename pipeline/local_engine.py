@@ -39,6 +39,9 @@ class EngineResult:
     input_wait_seconds: float = 0.0  # part of loop_seconds spent waiting for decoded images
     batches: int = 0  # backbone forward passes
     images: int = 0  # images in those passes
+    hashed: list[tuple[str, int, int, str]] = field(default_factory=list)  # read by a worker: path, size, mtime, sha256
+    retried_units: int = 0  # units of work that were started more than once (the Ray engine)
+    nodes: dict[str, int] = field(default_factory=dict)  # units per node that wrote them (the Ray engine)
 
 
 def strict_error(path: Path, reason: str, kept: int | None = None) -> PipelineError:

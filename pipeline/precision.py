@@ -27,27 +27,29 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def default_precision() -> str:
+def default_precision(gpu: bool | None = None) -> str:
     """The fastest choice that keeps features usable: mixed float16 on a GPU, bfloat16 on a CPU
-    with bf16 hardware (about 7x faster than float32 for VGG16 on AMX), float32 otherwise."""
-    if gpu_available():
+    with bf16 hardware (about 7x faster than float32 for VGG16 on AMX), float32 otherwise.
+    `gpu`: whether the backbone runs on GPUs (default: whether this process sees one)."""
+    if gpu_available() if gpu is None else gpu:
         return "mixed"
     if cpu_has_bf16():
         return "bf16"
     return "fp32"
 
 
-def resolve_precision(requested: str | None) -> str:
+def resolve_precision(requested: str | None, gpu: bool | None = None) -> str:
     """Turn the user's choice into the name recorded in the fingerprint.
 
     `mixed` means float16 compute on a GPU and bfloat16 compute on a CPU (float32 weights in both),
-    so it resolves to `mixed-fp16` or `mixed-bf16`: the two give different features.
+    so it resolves to `mixed-fp16` or `mixed-bf16`: the two give different features. `gpu` says
+    where the backbone runs when that is not this process (the Ray engine's actors).
     """
-    precision = requested or default_precision()
+    precision = requested or default_precision(gpu)
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "mixed":
-        return "mixed-fp16" if gpu_available() else "mixed-bf16"
+        return "mixed-fp16" if (gpu_available() if gpu is None else gpu) else "mixed-bf16"
     return precision
 
 

@@ -1,0 +1,217 @@
+"""The Ray engine (`extract --engine ray`) against the local engine, on local Ray instances with
+two CPUs: the same rows and features, recovery from a killed actor and a killed driver,
+incremental updates without a backbone pass, and two nodes writing one cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_image_folder, tiny_options, write_image
+from pipeline import store
+from pipeline.errors import PipelineError
+from pipeline.extract import extract_features
+from pipeline.ray_engine import check_cache_reachable
+
+ray = pytest.importorskip("ray")
+
+
+def rows_by_path(cache_dir: Path) -> dict[str, tuple[str, int, str, np.ndarray]]:
+    """path -> (sha256, label, split, features) over every shard; fails on a row cached twice."""
+    found: dict[str, tuple[str, int, str, np.ndarray]] = {}
+    fingerprint = store.Fingerprint.from_dict(store.read_manifest(cache_dir)["fingerprint"])
+    for shard in store.shard_paths(cache_dir):
+        rows = store.read_shard_rows(shard, fingerprint.layers)
+        for i, path in enumerate(rows.paths):
+            assert path not in found, f"{path} is cached twice"
+            found[path] = (rows.sha256[i], int(rows.labels[i]), rows.splits[i],
+                           np.concatenate([rows.features[n][i].ravel() for n in fingerprint.layers]))
+    return found
+
+
+def assert_same_cache(ray_dir: Path, local_dir: Path) -> None:
+    ray_rows, local_rows = rows_by_path(ray_dir), rows_by_path(local_dir)
+    assert sorted(ray_rows) == sorted(local_rows)
+    for path, (digest, label, split, features) in local_rows.items():
+        other = ray_rows[path]
+        assert (other[0], other[1], other[2]) == (digest, label, split), path
+        assert np.array_equal(other[3], features), f"features of {path} differ"
+
+
+def ray_processes() -> list[int]:
+    """PIDs of Ray's processes that hold resources (GCS, raylet, workers); its dashboard and
+    runtime-env agents leave on their own within about a minute of their raylet."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "Agent" in command:
+                continue
+            if "raylet" in command or "gcs_server" in command or command.startswith("ray::"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def backbone_actor_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if command.startswith("ray::") and "BackboneActor" in command:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left() -> None:
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_ray_engine_gives_the_local_engines_rows_and_leaves_no_ray_behind(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=9)
+    write_image(data / "cats" / "gray.png", seed=5, channels=1)
+    (data / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    before = set(ray_processes())
+    local = extract_features(tiny_options(data, tmp_path / "local"))
+    summary = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
+    assert (summary.engine, summary.new, summary.images) == ("ray", 19, 19)
+    assert [s["path"] for s in summary.skipped] == [s["path"] for s in local.skipped] == ["dogs/broken.png"]
+    assert summary.skipped[0]["reason"] == local.skipped[0]["reason"]
+    assert_same_cache(summary.cache_dir, local.cache_dir)
+    # shards are named by their unit, and every unit is a whole shard of the plan
+    names = [p.name for p in store.shard_paths(summary.cache_dir)]
+    assert len(names) == 3 and all(n.startswith("shard-u") for n in names)
+    # the local instance started for the command is gone with it
+    deadline = time.time() + 20
+    while set(ray_processes()) - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not set(ray_processes()) - before
+    # the driver read no image bytes on the first run, yet the hash index learned every hash
+    again = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
+    assert (again.new, again.backbone_batches, again.reused) == (0, 0, 19)
+
+
+def test_incremental_update_on_the_ray_engine(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
+    write_image(data / "cats" / "new1.png", seed=901)
+    write_image(data / "dogs" / "new2.png", seed=902)
+    write_image(data / "dogs" / "img001.png", seed=903)  # changed bytes
+    os.utime(data / "dogs" / "img001.png", ns=(1, 1))  # and an old mtime: size and mtime decide, not age
+    (data / "cats" / "img002.png").unlink()
+    summary = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
+    assert (summary.new, summary.images) == (3, 17)
+    local = extract_features(tiny_options(data, tmp_path / "local"))
+    assert_same_cache(summary.cache_dir, local.cache_dir)
+    third = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
+    assert (third.new, third.backbone_batches) == (0, 0)
+    # a lost hash index costs a read of the cached files, not a backbone pass
+    (summary.cache_dir / store.HASH_INDEX_NAME).unlink()
+    fourth = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
+    assert (fourth.new, fourth.backbone_batches) == (0, 0)
+
+
+def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=24)
+    options = dict(image_size=96, batch_size=4, shard_size=4)
+    killed: list[int] = []
+    cache_root = tmp_path / "ray"
+
+    def kill_an_actor_once_a_shard_is_written() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            written = list(cache_root.glob("*/shard-u*.h5"))
+            actors = backbone_actor_pids()
+            if written and actors:
+                os.kill(actors[0], signal.SIGKILL)
+                killed.append(actors[0])
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_an_actor_once_a_shard_is_written)
+    killer.start()
+    summary = extract_features(tiny_options(data, cache_root, engine="ray", **options))
+    killer.join()
+    assert killed, "the run ended before an actor could be killed"
+    assert (summary.new, summary.images) == (48, 48)
+    assert summary.retried_units >= 1
+    local = extract_features(tiny_options(data, tmp_path / "local", **options))
+    assert_same_cache(summary.cache_dir, local.cache_dir)
+
+
+def test_a_driver_killed_mid_run_resumes_with_only_the_rest(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=24)
+    arguments = ["--weights", "none", "--image-size", "96", "--precision", "fp32", "--batch-size", "4",
+                 "--shard-size", "4", "--val-fraction", "0.2", "--test-fraction", "0.2", "--cache",
+                 str(tmp_path / "ray"), "--data", str(data)]
+    before = set(ray_processes())
+    driver = subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), "extract", "--engine", "ray",
+                               "--no-progress", *arguments], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "ray").glob("*/shard-u*.h5")) and time.time() < deadline:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 30  # the driver's Ray instance goes with it (workers may finish a shard first)
+    while set(ray_processes()) - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not set(ray_processes()) - before, "Ray processes outlived their killed driver"
+    cache_dir = next((tmp_path / "ray").iterdir())
+    kept = 0
+    for shard in store.shard_paths(cache_dir):
+        with h5py.File(shard, "r") as handle:
+            kept += len(handle["paths"])
+    assert 0 < kept < 48
+    options = tiny_options(data, tmp_path / "ray", engine="ray", image_size=96, batch_size=4, shard_size=4)
+    summary = extract_features(options)
+    assert (summary.new, summary.reused, summary.images) == (48 - kept, kept, 48)
+    local = extract_features(tiny_options(data, tmp_path / "local", image_size=96, batch_size=4, shard_size=4))
+    assert_same_cache(summary.cache_dir, local.cache_dir)
+
+
+def test_two_nodes_write_one_cache(tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        summary = extract_features(tiny_options(data, tmp_path / "ray", engine="ray", ray_address=cluster.address,
+                                                workers=2, shard_size=4))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    assert (summary.new, summary.nodes) == (24, 2)
+    local = extract_features(tiny_options(data, tmp_path / "local", shard_size=4))
+    assert_same_cache(summary.cache_dir, local.cache_dir)
+
+
+def test_a_worker_that_cannot_reach_the_cache_says_so_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"cannot write to the cache .*shared file system"):
+        check_cache_reachable(tmp_path / "not-on-this-node")
+
+
+def test_ray_options_without_the_ray_engine_are_refused(tmp_path: Path, image_folder: Path) -> None:
+    with pytest.raises(PipelineError, match="--engine ray"):
+        extract_features(tiny_options(image_folder, tmp_path / "cache", workers=2))
