@@ -12,6 +12,13 @@ Prints images/s and the ratios 3/1 and 3/2 against the targets (>= 0.95, >= 1.3)
 fp32 (>= 3.5x), the seconds and backbone passes of a second extract on the unchanged folder,
 the test accuracy of the same logistic-regression head on fp32 and on bf16 features of the
 whole folder (within 0.5 points), and the peak memory of extract on 1x and 4x the images.
+
+Then the engines, in the same run: `extract --engine local` against `--engine ray` on the same
+images (VGG16 150 px, --engine-precision, shards of 128 so that decoding and the backbone
+overlap), images/s of the extraction loop and wall-clock seconds of the whole call, and the
+ratio (goal: Ray within 10% of local on one machine); and the driver's cost of listing and
+planning synthetic file records (no images: a fake scan) at 100,000 and 1,000,000 records:
+seconds and peak Python memory per record, for a first run and for an unchanged folder.
 """
 
 from __future__ import annotations
@@ -161,6 +168,89 @@ def memory_rows(data: Path, images: int, work: Path) -> list[list[str]]:
     return rows
 
 
+def engine_rows(data: Path, images: int, precision: str, work: Path) -> list[list[str]]:
+    """The local and Ray engines on the same folder, one fresh cache each, local first."""
+    folder = subset_folder(data, images, work / f"engines-subset-{images}")
+    rows, rates = [], {}
+    for engine in ("local", "ray"):
+        options = ExtractOptions(data=folder, precision=precision, image_size=150, batch_size=BATCH, shard_size=128,
+                                 cache_root=work / f"engine-{engine}-{images}", progress=False, engine=engine)
+        started = time.perf_counter()
+        summary = extract_features(options)
+        wall = time.perf_counter() - started
+        working = summary.loop_seconds - summary.warmup_seconds  # from the backbone's first batch on
+        rates[engine] = (summary.images_per_second, summary.new / wall)
+        rows.append([engine, str(summary.new), f"{summary.images_per_second:.1f}", f"{summary.new / working:.1f}",
+                     f"{wall:.1f} s",
+                     f"{wall - summary.loop_seconds:.1f} s", f"{summary.warmup_seconds:.1f} s",
+                     f"{summary.actor_build_seconds:.1f} s"])
+        print(" | ".join(rows[-1]), flush=True)
+    loop_ratio = rates["ray"][0] / rates["local"][0]
+    wall_ratio = rates["ray"][1] / rates["local"][1]
+    rows.append(["ray/local", "", f"{loop_ratio:.2f}", f"{float(rows[1][3]) / float(rows[0][3]):.2f}",
+                 f"{wall_ratio:.2f} (images per wall-clock second)", "", "", ""])
+    return rows
+
+
+def _plan_once(count: int) -> dict[str, float]:
+    """One pass of the driver's steps on `count` synthetic records; seconds per step."""
+    from pipeline.dataset import ImageRecord, ScannedDataset
+    from pipeline.plan import ShardWriter, cut_units, plan_update
+    from pipeline.ray_engine import unit_rows
+    from pipeline.store import Fingerprint, ShardIndex
+
+    fingerprint = Fingerprint("vgg16", "none", "random-seed-0", 150, "area-down-bilinear-up", "torch",
+                              ("block5_pool",), "none", "bf16", "2.21")
+    classes = [f"class{c}" for c in range(4)]
+    seconds = {}
+    started = time.perf_counter()
+    records = [ImageRecord(f"class{i % 4}/img{i:08d}.png", i % 4, "train", "", 90_000 + i % 1000,
+                           1_700_000_000_000_000_000 + i) for i in range(count)]
+    seconds["list"] = time.perf_counter() - started
+    started = time.perf_counter()
+    plan = plan_update(ScannedDataset(Path("/synthetic"), "class-folders", classes, records), [], set())
+    units = unit_rows(cut_units(plan.extract, 1024), ShardWriter(Path("/synthetic-cache"), classes, fingerprint))
+    seconds["first"] = time.perf_counter() - started
+    seconds["units"] = len(units)
+    del units, plan
+    # the next run: every file known to the hash index, every row in a shard
+    known = [ImageRecord(r.path, r.label, r.split, f"{i:064x}", r.size, r.mtime_ns) for i, r in enumerate(records)]
+    del records
+    shards = [ShardIndex(Path(f"/synthetic-cache/shard-{n:05d}.h5"), "u", classes,
+                         [r.path for r in known[s:s + 1024]], [r.sha256 for r in known[s:s + 1024]],
+                         np.array([r.label for r in known[s:s + 1024]], np.int32),
+                         [r.split for r in known[s:s + 1024]]) for n, s in enumerate(range(0, count, 1024))]
+    started = time.perf_counter()
+    unchanged = plan_update(ScannedDataset(Path("/synthetic"), "class-folders", classes, known), shards, set())
+    seconds["unchanged"] = time.perf_counter() - started
+    assert not unchanged.extract and not unchanged.copy and not unchanged.rewrite
+    return seconds
+
+
+def plan_rows(counts: list[int]) -> list[list[str]]:
+    """The driver's work before any image is read, on synthetic records: list (records as a scan
+    that reads no image makes them), plan a first run (no cache: every image to extract, cut into
+    units, described and keyed), and plan an unchanged folder against shards holding every row
+    (their indexes made in memory, as if read). Timed in one pass, memory (tracemalloc's peak,
+    which includes the records and shard indexes themselves) in a second."""
+    import tracemalloc
+
+    rows = []
+    for count in counts:
+        seconds = _plan_once(count)
+        tracemalloc.start()
+        _plan_once(count)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        per = [seconds[k] / count * 1e6 for k in ("list", "first", "unchanged")]
+        rows.append([f"{count:,}", f"{seconds['list']:.2f} s",
+                     f"{seconds['first']:.2f} s ({seconds['units']:.0f} units)",
+                     f"{seconds['unchanged']:.2f} s", " / ".join(f"{v:.1f}" for v in per) + " us",
+                     f"{peak / 2**20:.0f} MB", f"{peak / count:.0f} B"])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/elpv"))
@@ -170,6 +260,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench/work"), help="where the accuracy caches are kept")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true", help="only the engine and plan tables")
+    parser.add_argument("--engine-precision", default="bf16", help="precision of the local/Ray comparison")
+    parser.add_argument("--plan-records", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--engine-images", type=int, nargs="+", default=[512, 2624],
+                        help="folder sizes of the local/Ray comparison (default 512 and all of ELPV)")
+    parser.add_argument("--skip-engines", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/extract.json"))
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -180,12 +276,14 @@ def main() -> None:
         work = Path(scratch)
         header = ["backbone", "precision", "1 limit img/s", "2 seeds img/s", "3 extract img/s", "3/1", "3/2",
                   "3 waiting for input", "extract wall clock", "second extract"]
-        print(" | ".join(header), flush=True)
-        rows, rates = speed_table(args.data, args.images, args.sizes, args.precision, work)
-        result["speed"] = [dict(zip(header, row)) for row in rows]
-        tables = [markdown_table(header, rows)]
-        speedups = {size: rates[(size, "bf16")] / rates[(size, "fp32")] for size in args.sizes
-                    if (size, "bf16") in rates and (size, "fp32") in rates}
+        tables, speedups = [], {}
+        if not args.skip_speed:
+            print(" | ".join(header), flush=True)
+            rows, rates = speed_table(args.data, args.images, args.sizes, args.precision, work)
+            result["speed"] = [dict(zip(header, row)) for row in rows]
+            tables.append(markdown_table(header, rows))
+            speedups = {size: rates[(size, "bf16")] / rates[(size, "fp32")] for size in args.sizes
+                        if (size, "bf16") in rates and (size, "fp32") in rates}
         if not args.skip_accuracy:
             accuracy = accuracy_fp32_vs_bf16(args.data, args.work)
             result["accuracy"] = accuracy
@@ -194,6 +292,22 @@ def main() -> None:
             memory = memory_rows(args.data, args.images, work)
             result["memory"] = memory
             tables.append(markdown_table(["images", "count", "peak resident memory"], memory))
+        if not args.skip_engines:
+            engine_header = ["engine", "new images", "loop img/s", "img/s once the backbone began", "wall clock",
+                             "outside the loop (scan, plan, start-up, manifest)", "until the backbone began",
+                             "of which actor set-up"]
+            engines = []
+            for count in args.engine_images:
+                print(f"engines: VGG16 150 px {args.engine_precision}, {count} images, shards of 128:", flush=True)
+                engines += engine_rows(args.data, count, args.engine_precision, work)
+            result["engines"] = [dict(zip(engine_header, row)) for row in engines]
+            tables.append(markdown_table(engine_header, engines))
+        plan_header = ["records", "list", "plan a first run (cut, describe, key units)", "plan unchanged",
+                       "per record: list / first / unchanged", "peak Python memory", "per record"]
+        print("driver: list and plan synthetic records:", flush=True)
+        plans = plan_rows(args.plan_records)
+        result["plan"] = [dict(zip(plan_header, row)) for row in plans]
+        tables.append(markdown_table(plan_header, plans))
     lines = []
     for size, speedup in speedups.items():
         lines.append(f"bf16/fp32 extract speed-up at {size}px: {speedup:.1f}x (target >= {TARGETS['bf16/fp32']}x)")

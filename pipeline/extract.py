@@ -21,9 +21,10 @@ import tensorflow as tf
 from pipeline import store
 from pipeline.backbones import FeatureExtractor, build_backbone
 from pipeline.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
+from pipeline.engine import Engine, EngineResult, strict_error
 from pipeline.errors import PipelineError
 from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD
-from pipeline.local_engine import EngineResult, LocalEngine, strict_error
+from pipeline.local_engine import LocalEngine
 from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.precision import resolve_precision
 from pipeline.ray_engine import BackboneRecipe, RayCluster, RayEngine
@@ -73,6 +74,8 @@ class ExtractSummary:
     engine: str = "local"
     retried_units: int = 0  # Ray engine: units of work Ray started more than once
     nodes: int = 0  # Ray engine: nodes whose workers wrote shards in this run
+    warmup_seconds: float = 0.0  # Ray engine: part of loop_seconds before an actor began the first unit
+    actor_build_seconds: float = 0.0  # Ray engine: the slowest actor's set-up (imports, weights, model)
 
     @property
     def images_per_second(self) -> float:
@@ -95,6 +98,8 @@ class ExtractSummary:
             "engine": self.engine,
             "retried_units": self.retried_units,
             "nodes": self.nodes,
+            "warmup_seconds": round(self.warmup_seconds, 2),
+            "actor_build_seconds": round(self.actor_build_seconds, 2),
         }
 
 
@@ -138,7 +143,7 @@ class _Extraction:
         # Shards hold whole batches, so a resumed run feeds the backbone the same batches.
         self.shard_size = batches_per_shard * options.batch_size
         self.extractor: FeatureExtractor | None = None
-        self.engine: LocalEngine | RayEngine
+        self.engine: Engine
         if cluster is None:
             self.engine = LocalEngine(self.feature_extractor, self.image_size, self.weights.preprocessing,
                                       options.batch_size, self.shard_size, self.max_pixels, options.strict,
@@ -230,6 +235,8 @@ class _Extraction:
             engine=self.options.engine,
             retried_units=result.retried_units,
             nodes=len(result.nodes),
+            warmup_seconds=result.warmup_seconds,
+            actor_build_seconds=result.actor_build_seconds,
         )
         self._write_manifest(directory, dataset, summary)
         return summary

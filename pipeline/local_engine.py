@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,31 +23,10 @@ from tqdm import tqdm
 
 from pipeline.backbones import FeatureExtractor, preprocess
 from pipeline.dataset import ImageRecord
+from pipeline.engine import EngineResult, strict_error
 from pipeline.errors import PipelineError
 from pipeline.images import EncodedImages
 from pipeline.plan import ShardWriter
-
-
-@dataclass
-class EngineResult:
-    """What an engine did with the images it was given."""
-
-    failures: list[dict[str, str]] = field(default_factory=list)  # undecodable: path, sha256, reason
-    held_back: list[str] = field(default_factory=list)  # neither extracted nor skipped: the error, per image
-    changed: list[ImageRecord] = field(default_factory=list)  # bytes changed between the scan and the read
-    loop_seconds: float = 0.0  # the extraction loop: decoding waits, backbone, shard writes
-    input_wait_seconds: float = 0.0  # part of loop_seconds spent waiting for decoded images
-    batches: int = 0  # backbone forward passes
-    images: int = 0  # images in those passes
-    hashed: list[tuple[str, int, int, str]] = field(default_factory=list)  # read by a worker: path, size, mtime, sha256
-    retried_units: int = 0  # units of work that were started more than once (the Ray engine)
-    nodes: dict[str, int] = field(default_factory=dict)  # units per node that wrote them (the Ray engine)
-
-
-def strict_error(path: Path, reason: str, kept: int | None = None) -> PipelineError:
-    """--strict: the first image that cannot be decoded stops the run, naming it."""
-    done = f"; the {kept} images extracted so far are kept" if kept is not None else ""
-    return PipelineError(f"{path}: {reason} (--strict): fix or remove it and rerun{done}")
 
 
 class _RowBuffer:

@@ -128,13 +128,18 @@ class ShardWriter:
         return {**self.__dict__, "_sequence": None}  # a copy on a worker never hands out sequence numbers
 
 
-def unit_key(records: Sequence[ImageRecord], fingerprint: Fingerprint, class_names: Sequence[str]) -> str:
-    """What defines a unit's shard: its images (path, size, mtime and the hash where known, with
-    label and split), the class names and the fingerprint. The same unit always gets the same key."""
+def unit_description(records: Sequence[ImageRecord]) -> str:
+    """A unit's images as JSON: path, label, split, sha256 ("" where not known yet), size, mtime."""
+    return json.dumps([[r.path, r.label, r.split, r.sha256, r.size, r.mtime_ns] for r in records])
+
+
+def unit_key(description: str, fingerprint: Fingerprint, class_names: Sequence[str]) -> str:
+    """What defines a unit's shard: its images (`unit_description`: paths, sizes, mtimes and the
+    hashes where known, with labels and splits), the class names and the fingerprint. The same
+    unit always gets the same key."""
     digest = hashlib.sha256(fingerprint.digest().encode())
     digest.update(json.dumps(list(class_names)).encode())
-    for r in records:
-        digest.update(json.dumps([r.path, r.size, r.mtime_ns, r.sha256, r.label, r.split]).encode())
+    digest.update(description.encode())
     return digest.hexdigest()
 
 

@@ -16,14 +16,16 @@ only what is missing. The cache must be on storage every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import socket
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,17 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.dataset import ImageRecord
+from pipeline.engine import EngineResult, strict_error
 from pipeline.errors import PipelineError
-from pipeline.local_engine import EngineResult, strict_error
-from pipeline.plan import ShardWriter, cut_units, unit_key
+from pipeline.plan import ShardWriter, cut_units, unit_description, unit_key
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT)}
+
+
+def _worker_env() -> dict[str, str]:
+    """Workers import this project (installed at the same path on every node) and keep quiet."""
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
 
 
 # --- the cluster ----------------------------------------------------------------------------------
@@ -60,12 +67,15 @@ class RayCluster:
         except ImportError as error:  # pragma: no cover - ray[data] is in requirements.txt
             raise PipelineError(f"--engine ray needs ray[data] ({error}): run make setup") from None
         options: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                                       configure_logging=True, runtime_env={"env_vars": _WORKER_ENV})
+                                       configure_logging=True)
         try:
             if self.address is None:
-                ray.init(num_cpus=self.num_cpus, **options)
+                # A local instance's workers inherit this environment: no runtime environment to set
+                # up, so Ray's prestarted workers serve the first tasks.
+                with _environment(_worker_env()):
+                    ray.init(num_cpus=self.num_cpus, **options)
             else:
-                ray.init(address=self.address, **options)
+                ray.init(address=self.address, runtime_env={"env_vars": _worker_env()}, **options)
         except (ConnectionError, RuntimeError, ValueError) as error:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
             raise PipelineError(f"could not start or join {where}: {atomic.one_line(error)[:200]} (check "
@@ -94,6 +104,20 @@ class RayCluster:
         return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 # --- what an actor needs to build the backbone ----------------------------------------------------
 
 
@@ -101,9 +125,8 @@ def weights_checksum(arrays: Sequence[np.ndarray]) -> str:
     """sha256 over the shapes, types and bytes of a backbone's weights, in order."""
     digest = hashlib.sha256()
     for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.data)
+        digest.update(f"{array.dtype.name}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())  # bfloat16 has no buffer protocol
     return digest.hexdigest()
 
 
@@ -154,6 +177,15 @@ class AttemptCounter:
         return len({key for (_, key), count in self.started.items() if count > 1})
 
 
+def unit_rows(units: Sequence[Sequence[ImageRecord]], writer: ShardWriter) -> list[dict[str, str]]:
+    """The driver's description of each unit: its key and its records, as Ray Data rows."""
+    rows = []
+    for unit in units:
+        description = unit_description(unit)
+        rows.append({"key": unit_key(description, writer.fingerprint, writer.class_names), "records": description})
+    return rows
+
+
 def _records_of(unit: dict[str, Any]) -> list[ImageRecord]:
     return [ImageRecord(*fields) for fields in json.loads(unit["records"])]
 
@@ -178,6 +210,7 @@ class BackboneActor:
     it receives is run in batches and written as the unit's shard."""
 
     def __init__(self, recipe: BackboneRecipe, weights: list[Any], writer: ShardWriter, attempts: Any) -> None:
+        started = time.perf_counter()
         import ray
 
         from pipeline.backbones import FeatureExtractor, build_backbone
@@ -194,13 +227,15 @@ class BackboneActor:
         self.writer = writer
         self.attempts = attempts
         self.node = ray.get_runtime_context().get_node_id()
+        self.build_seconds = time.perf_counter() - started  # reported with the first unit only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         from pipeline.backbones import preprocess
 
-        keys, nodes, counts, outcomes, seconds = [], [], [], [], []
+        keys, nodes, counts, outcomes, seconds, began = [], [], [], [], [], []
         for i, key in enumerate(batch["key"]):
             started = time.perf_counter()
+            began.append(time.time())
             self.attempts.start.remote("backbone", key)
             records = _records_of({"records": batch["records"][i]})
             decoded = json.loads(batch["decoded"][i])
@@ -220,8 +255,10 @@ class BackboneActor:
             counts.append(len(decoded))
             outcomes.append(batch["outcome"][i])
             seconds.append(time.perf_counter() - started)
+        build = [self.build_seconds] + [0.0] * (len(keys) - 1)
+        self.build_seconds = 0.0
         return {"key": keys, "node": nodes, "images": counts, "outcome": outcomes, "seconds": seconds,
-                "batches": [-(-n // self.recipe.batch_size) for n in counts]}
+                "batches": [-(-n // self.recipe.batch_size) for n in counts], "build_seconds": build, "began": began}
 
 
 def _as_read(record: ImageRecord, digest: str) -> ImageRecord:
@@ -294,31 +331,35 @@ class RayEngine:
         arrays = self.weights()
         recipe = self.recipe(weights_checksum(arrays))
         units = cut_units(records, self.shard_size)
-        rows = [{"key": unit_key(unit, writer.fingerprint, writer.class_names),
-                 "records": json.dumps([[r.path, r.label, r.split, r.sha256, r.size, r.mtime_ns] for r in unit])}
-                for unit in units]
+        rows = unit_rows(units, writer)
         cluster = RayCluster()
         workers, actor_options = self.actor_options(cluster)
         attempts = ray.remote(AttemptCounter).options(num_cpus=0).remote()
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        dataset = dataset.map(decode_unit, num_cpus=1, fn_kwargs=dict(
-            root=str(Path(root).resolve()), image_size=self.image_size, max_pixels=self.max_pixels,
-            attempts=attempts))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # scheduling_strategy has no named parameter
+            warnings.simplefilter("ignore", DeprecationWarning)  # these remote options have no named parameter
+            # Decoding runs in CPU tasks of its own, retried when their worker dies. Their remote
+            # options differ from the actors', which also keeps Ray Data from fusing the two stages
+            # (a GPU actor's process would then decode too).
+            dataset = dataset.map(decode_unit, num_cpus=1, max_retries=-1, fn_kwargs=dict(
+                root=str(Path(root).resolve()), image_size=self.image_size, max_pixels=self.max_pixels,
+                attempts=attempts))
             dataset = dataset.map_batches(
                 BackboneActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), zero_copy_batch=True,
                 fn_constructor_args=(recipe, [ray.put(arrays)], writer, attempts), **actor_options)
         unit_of = {row["key"]: unit for row, unit in zip(rows, units)}
-        started = time.perf_counter()
+        started, started_wall = time.perf_counter(), time.time()
+        first_unit = float("inf")
         busy = 0.0
         nodes: Counter[str] = Counter()
         try:
             with tqdm(total=len(records), unit="img", desc=f"extract (ray, {workers} workers)",
                       disable=not self.progress, dynamic_ncols=True) as bar:
                 for row in dataset.iter_rows():
+                    first_unit = min(first_unit, float(row["began"]))
                     unit = unit_of[row["key"]]
                     busy += float(row["seconds"])
+                    result.actor_build_seconds = max(result.actor_build_seconds, float(row["build_seconds"]))
                     nodes[str(row["node"])] += 1
                     result.batches += int(row["batches"])
                     result.images += int(row["images"])
@@ -343,6 +384,7 @@ class RayEngine:
                                     "kept: rerun the same command to resume") from error
             raise PipelineError(message) from None
         result.loop_seconds = time.perf_counter() - started
+        result.warmup_seconds = max(0.0, min(first_unit - started_wall, result.loop_seconds))
         result.input_wait_seconds = max(0.0, result.loop_seconds - busy / max(workers, 1))
         result.retried_units = ray.get(attempts.retried.remote())
         result.nodes = dict(nodes)
