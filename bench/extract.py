@@ -180,14 +180,15 @@ def engine_rows(data: Path, images: int, precision: str, work: Path) -> list[lis
         wall = time.perf_counter() - started
         working = summary.loop_seconds - summary.warmup_seconds  # from the backbone's first batch on
         rates[engine] = (summary.images_per_second, summary.new / wall)
-        rows.append([engine, str(summary.new), f"{summary.images_per_second:.1f}", f"{summary.new / working:.1f}",
+        rows.append([f"{engine}, {images} images", str(summary.new), f"{summary.images_per_second:.1f}",
+                     f"{summary.new / working:.1f}",
                      f"{wall:.1f} s",
                      f"{wall - summary.loop_seconds:.1f} s", f"{summary.warmup_seconds:.1f} s",
                      f"{summary.actor_build_seconds:.1f} s"])
         print(" | ".join(rows[-1]), flush=True)
     loop_ratio = rates["ray"][0] / rates["local"][0]
     wall_ratio = rates["ray"][1] / rates["local"][1]
-    rows.append(["ray/local", "", f"{loop_ratio:.2f}", f"{float(rows[1][3]) / float(rows[0][3]):.2f}",
+    rows.append([f"ray/local, {images} images", "", f"{loop_ratio:.2f}", f"{float(rows[1][3]) / float(rows[0][3]):.2f}",
                  f"{wall_ratio:.2f} (images per wall-clock second)", "", "", ""])
     return rows
 
