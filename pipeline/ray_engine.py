@@ -190,10 +190,24 @@ def _records_of(unit: dict[str, Any]) -> list[ImageRecord]:
     return [ImageRecord(*fields) for fields in json.loads(unit["records"])]
 
 
+def _one_thread_for_tensorflow() -> None:
+    """A decode task holds one CPU (num_cpus=1): its TensorFlow gets one thread, instead of a pool
+    the size of the machine competing with the backbone actor's."""
+    import tensorflow as tf
+
+    try:
+        if tf.config.threading.get_intra_op_parallelism_threads() != 1:
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # this worker process already ran TensorFlow: its pools are fixed
+
+
 def decode_unit(unit: dict[str, Any], root: str, image_size: int, max_pixels: int, attempts: Any) -> dict[str, Any]:
     """Stage one, a CPU task: read, hash and decode every image of a unit from one read each."""
     from pipeline.images import read_and_decode
 
+    _one_thread_for_tensorflow()
     attempts.start.remote("decode", unit["key"])
     reads = [read_and_decode(Path(root) / record.path, image_size, max_pixels) for record in _records_of(unit)]
     decoded = [i for i, read in enumerate(reads) if read.pixels is not None]

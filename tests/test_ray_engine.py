@@ -122,10 +122,15 @@ def test_incremental_update_on_the_ray_engine(tmp_path: Path) -> None:
     assert_same_cache(summary.cache_dir, local.cache_dir)
     third = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
     assert (third.new, third.backbone_batches) == (0, 0)
+    # the local engine continues a cache the Ray engine wrote, and the other way round
+    write_image(data / "cats" / "new3.png", seed=904)
+    local_after_ray = extract_features(tiny_options(data, tmp_path / "ray"))
+    assert (local_after_ray.new, local_after_ray.reused) == (1, 17)
     # a lost hash index costs a read of the cached files, not a backbone pass
     (summary.cache_dir / store.HASH_INDEX_NAME).unlink()
     fourth = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
     assert (fourth.new, fourth.backbone_batches) == (0, 0)
+    assert_same_cache(fourth.cache_dir, extract_features(tiny_options(data, tmp_path / "local")).cache_dir)
 
 
 def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Path) -> None:
