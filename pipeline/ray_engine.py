@@ -66,6 +66,8 @@ class RayCluster:
             import ray.data  # noqa: F401
         except ImportError as error:  # pragma: no cover - ray[data] is in requirements.txt
             raise PipelineError(f"--engine ray needs ray[data] ({error}): run make setup") from None
+        if self.address is not None:
+            check_address(self.address)
         options: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                                        configure_logging=True)
         try:
@@ -102,6 +104,21 @@ class RayCluster:
         import ray
 
         return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """`auto`, or HOST:PORT of a head node that answers: Ray itself retries an address that
+    does not answer for minutes, so it is tried here first."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PipelineError(f"--ray-address {address!r}: use auto or HOST:PORT of the head node (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise PipelineError(f"no Ray cluster answers at {address} ({error.strerror or error}): start one with "
+                            "`ray start --head` on the head node, or fix --ray-address") from None
 
 
 @contextlib.contextmanager

@@ -220,3 +220,21 @@ def test_a_worker_that_cannot_reach_the_cache_says_so_in_one_line(tmp_path: Path
 def test_ray_options_without_the_ray_engine_are_refused(tmp_path: Path, image_folder: Path) -> None:
     with pytest.raises(PipelineError, match="--engine ray"):
         extract_features(tiny_options(image_folder, tmp_path / "cache", workers=2))
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1"),
+    ("not-an-address", "use auto or HOST:PORT"),
+])
+def test_a_ray_address_without_a_cluster_is_one_line_and_quick(tmp_path: Path, image_folder: Path,
+                                                                capsys: pytest.CaptureFixture[str], address: str,
+                                                                message: str) -> None:
+    from pipeline.cli import main
+
+    started = time.perf_counter()
+    assert main(["extract", "--data", str(image_folder), "--cache", str(tmp_path / "c"), "--weights", "none",
+                 "--engine", "ray", "--ray-address", address, "--no-progress"]) == 1
+    assert time.perf_counter() - started < 30
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "c").exists()
