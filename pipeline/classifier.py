@@ -128,6 +128,51 @@ def unfreeze(backbone: keras.Model, point: str) -> list[str]:
     """Make the backbone trainable from `point` on: a block name (block5, conv5) or a layer index
     (as in the seeds: 15 for VGG16's block5). BatchNormalization layers stay frozen. Returns the
     names of the layers that now train."""
+    start = unfreeze_index(backbone, point)
+    backbone.trainable = True
+    trained = []
+    for index, layer in enumerate(backbone.layers):
+        # Frozen BatchNormalization is what keeps its moving statistics still: Keras 3 runs a
+        # non-trainable one in inference mode, while training=False on the nested backbone call
+        # does not stop a trainable one from updating under fit (tests/test_finetune.py).
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable and layer.weights:
+            trained.append(layer.name)
+    return trained
+
+
+def layer_below(backbone: keras.Model, point: str) -> str:
+    """The layer just below the unfreeze point: what stays fixed under fine-tuning, whose cached
+    activations `finetune --cached` trains on (VGG16 block5: block4_pool)."""
+    return backbone.layers[unfreeze_index(backbone, point) - 1].name
+
+
+def top_model(classifier: keras.Model, backbone: keras.Model, below: str, view: FeatureView) -> keras.Model:
+    """The classifier above the layer `below`: from its activations to probabilities, through the
+    backbone's own layers from there on (the same layer objects: training this model trains the
+    classifier's), the head's view of them (pooled or flattened, as build_classifier does) and the
+    head. Called like the backbone in the classifier, with training=False (BatchNormalization stays
+    in inference mode)."""
+    maps = keras.Input(tuple(backbone.get_layer(below).output.shape[1:]), name=below, dtype="float32")
+    above = [name for name in view.layers if name != below]
+    outputs: dict[str, Any] = {below: maps}
+    if above:
+        try:
+            upper = keras.Model(backbone.get_layer(below).output, [backbone.get_layer(n).output for n in above],
+                                name=f"{backbone.name}_above_{below}")
+        except ValueError:
+            raise PipelineError(f"the head reads {', '.join(view.layers)}: with the fixed part ending at {below}, "
+                                "every layer it reads must lie above it (unfreeze fewer blocks)") from None
+        results = upper(maps, training=False)
+        results = results if isinstance(results, list | tuple) else [results]
+        outputs |= dict(zip(above, results))
+    vector = feature_vector([outputs[name] for name in view.layers], view)
+    head = classifier.layers[-1]  # the head, a Keras model, is the classifier's last layer
+    return keras.Model(maps, head(vector), name=f"classifier_above_{below}")
+
+
+def unfreeze_index(backbone: keras.Model, point: str) -> int:
+    """The index of the first layer `unfreeze` trains: a block name or a layer index."""
     layers = backbone.layers
     if point.isdigit():
         start = int(point)
@@ -139,16 +184,7 @@ def unfreeze(backbone: keras.Model, point: str) -> list[str]:
             blocks = sorted({block_name(layer.name) for layer in layers})
             raise PipelineError(f"--unfreeze {point}: {backbone.name} has no such block; blocks: {', '.join(blocks)}")
         start = matches[0]
-    backbone.trainable = True
-    trained = []
-    for index, layer in enumerate(layers):
-        # Frozen BatchNormalization is what keeps its moving statistics still: Keras 3 runs a
-        # non-trainable one in inference mode, while training=False on the nested backbone call
-        # does not stop a trainable one from updating under fit (tests/test_finetune.py).
-        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
-        if layer.trainable and layer.weights:
-            trained.append(layer.name)
-    return trained
+    return start
 
 
 def block_name(layer_name: str) -> str:

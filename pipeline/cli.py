@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--translation", type=_finite_float, default=defaults.translation,
                       help="e.g. 0.05 (default 0: off)")
     tune.add_argument("--contrast", type=_finite_float, default=defaults.contrast, help="e.g. 0.1 (default 0: off)")
+    tune.add_argument("--cached", action="store_true",
+                      help="train on cached activations of the layer below --unfreeze (e.g. block4_pool for "
+                           "block5; extract them with --layer NAME --pooling none): no pass through the frozen "
+                           "blocks per epoch; augmentation flips the cached maps")
+    tune.add_argument("--cache", type=Path, default=None,
+                      help="--cached: where to look for that cache (default: beside the head's cache)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--no-progress", action="store_true")
     tune.add_argument("--json", action="store_true")
@@ -279,6 +285,8 @@ def _train_head(args: argparse.Namespace) -> int:
 
 
 def _print_run(summary, as_json: bool, headline: str) -> None:
+    from pipeline import report
+
     if as_json:
         print(json.dumps({"run": str(summary.directory), "seconds": summary.seconds, "metrics": summary.metrics},
                          indent=2))
@@ -287,7 +295,7 @@ def _print_run(summary, as_json: bool, headline: str) -> None:
     print(headline)
     for split, values in summary.metrics.items():
         if values.get("images"):
-            print(f"  {split:<10} accuracy {values['accuracy']:.2%}  "
+            print(f"  {split:<10} accuracy {report.accuracy_text(values)}  "
                   f"mean per-class {values['mean_per_class_accuracy']:.2%}  macro F1 {values['macro_f1']:.4f}  "
                   f"loss {values['loss']:.4f}  ({values['images']} images)")
     print(f"run: {summary.directory}")
@@ -330,10 +338,12 @@ def _finetune(args: argparse.Namespace) -> int:
         source=args.source, models=args.models, name=args.name, unfreeze=args.unfreeze, epochs=args.epochs,
         lr=args.lr, momentum=args.momentum, clipnorm=args.clipnorm, batch_size=args.batch_size, patience=args.patience,
         augmentation=augmentation, precision=args.precision, seed=args.seed, progress=not args.no_progress,
+        cached=args.cached, cache_root=args.cache,
     ))
     before = summary.config["test_before_finetune"]
     tuned = summary.config["finetune"]
-    headline = (f"fine-tuned {summary.config['from']} for {tuned['epochs_run']} epochs: "
+    on = " on cached " + tuned["trained_on"]["layer"] if tuned["trained_on"]["source"] != "images" else ""
+    headline = (f"fine-tuned {summary.config['from']}{on} for {tuned['epochs_run']} epochs: "
                 f"{_elapsed(args) / 60:.1f} min in all, {summary.seconds / 60:.1f} min training (kept epoch "
                 f"{tuned['kept_epoch']}, chosen on validation accuracy; 0 = unchanged); "
                 f"test accuracy before {before.get('accuracy', float('nan')):.2%}, "

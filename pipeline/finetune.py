@@ -7,13 +7,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import keras
 import numpy as np
 
 from pipeline import report, runs
+from pipeline.activations import activation_batches, cached_activations
 from pipeline.augmentation import Augmentation
-from pipeline.classifier import TRAINING_POLICY, classifier_for_run, unfreeze
+from pipeline.classifier import TRAINING_POLICY, classifier_for_run, layer_below, top_model, unfreeze
 from pipeline.errors import PipelineError
 from pipeline.images import labelled_batches
 from pipeline.registry import get_backbone
@@ -41,6 +43,14 @@ class FinetuneOptions:
     precision: str | None = None  # default: as the cache (bf16 caches train in mixed bfloat16)
     seed: int = 0
     progress: bool = True
+    cached: bool = False  # train on cached activations of the layer below the unfreeze point
+    cache_root: Path | None = None  # where to look for them (default: beside the head's cache)
+
+    def __post_init__(self) -> None:
+        a = self.augmentation
+        if self.cached and any((a.rotation, a.zoom, a.translation, a.contrast)):
+            raise PipelineError("--cached augments by flipping the cached maps only: rotation, zoom, translation and "
+                                "contrast need images (drop them, or fine-tune without --cached)")
 
 
 @dataclass(frozen=True)
@@ -109,28 +119,31 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     config = runs.read_config(source)
     if config.get("kind") != "head":
         raise PipelineError(f"{source} is a {config.get('kind')} run: fine-tune starts from a head run")
-    store, _ = open_run_features(config)
+    store, view = open_run_features(config)
     fingerprint = store.fingerprint
     precision = options.precision or TRAINING_POLICY[fingerprint.precision]
     keras.utils.set_random_seed(options.seed)
     model, backbone = classifier_for_run(source, config, precision)
-    records = image_records(store)
-    size, batch = fingerprint.image_size, options.batch_size
     unfreeze_point = options.unfreeze or get_backbone(fingerprint.backbone).default_unfreeze
-    name = runs.check_run_name(options.name or f"{source.name}-finetuned-{unfreeze_point}")
+    suffix = "-cached" if options.cached else ""
+    name = runs.check_run_name(options.name or f"{source.name}-finetuned-{unfreeze_point}{suffix}")
+    below = layer_below(backbone, unfreeze_point) if options.cached else None
+    data: _TrainingData
+    if below is not None:
+        activations = cached_activations(store, below, options.cache_root)
+        data = _CachedActivations(activations, below, top_model(model, backbone, below, view), options)
+    else:
+        data = _Images(image_records(store), model, fingerprint.image_size, options)
+    target = data.model  # the model trained: the classifier, or its part above the cached layer
 
-    before = _predict(model, records["test"].files, size, batch)
-    test_before = report.split_metrics(records["test"].labels, before, store.class_names)
-
+    before = data.predict("test")
+    test_before = report.split_metrics(data.records["test"].labels, before, store.class_names)
     trained_layers = unfreeze(backbone, unfreeze_point)  # the head's layers are trainable already
     optimizer = keras.optimizers.SGD(options.lr, momentum=options.momentum, clipnorm=options.clipnorm or None)
-    model.compile(optimizer=optimizer,
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
-    augmentation = options.augmentation.layers(options.seed)
-    train = labelled_batches(records["train"].files, records["train"].labels, size, batch, augmentation,
-                             shuffle_seed=options.seed)
-    validation = labelled_batches(records["validation"].files, records["validation"].labels, size, batch)
-    initial_loss, initial_accuracy = model.evaluate(validation, verbose=0)
+    target.compile(optimizer=optimizer,
+                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
+    train, validation = data.training_batches(), data.batches("validation")
+    initial_loss, initial_accuracy = target.evaluate(validation, verbose=0)
     keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
     callbacks = [
         keep_best,
@@ -139,13 +152,14 @@ def finetune(options: FinetuneOptions) -> RunSummary:
                                           min_lr=1e-7),
     ]
     started = time.perf_counter()
-    history = model.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks, shuffle=False,
-                        verbose=(1 if sys.stdout.isatty() else 2) if options.progress else 0)
+    history = target.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks,
+                         shuffle=False, verbose=(1 if sys.stdout.isatty() else 2) if options.progress else 0)
     seconds = time.perf_counter() - started
     rows = [{"epoch": i + 1} | {k: float(v[i]) for k, v in history.history.items()}
             for i in range(len(history.history["loss"]))]
 
-    probabilities = {split: _predict(model, records[split].files, size, batch) for split in SPLITS}
+    probabilities = {split: data.predict(split) for split in SPLITS}
+    train_images = len(data.records["train"])
     run_config = {
         "name": name,
         "kind": "finetune",
@@ -159,22 +173,101 @@ def finetune(options: FinetuneOptions) -> RunSummary:
             "validation_before": {"accuracy": float(initial_accuracy), "loss": float(initial_loss)},
             "optimizer": "sgd", "lr": options.lr, "momentum": options.momentum,
             "clipnorm": options.clipnorm,
-            "batch_size": batch, "patience": options.patience, "precision": precision,
-            "augmentation": vars(options.augmentation), "batch_norm": "frozen, inference mode",
+            "batch_size": options.batch_size, "patience": options.patience, "precision": precision,
+            "augmentation": vars(options.augmentation) | data.augmentation_note(),
+            "batch_norm": "frozen, inference mode",
+            "trained_on": data.describe(),
         },
         "test_before_finetune": test_before,
         "seed": options.seed,
         "seconds": round(seconds, 3),
-        "images_per_second": round(len(records["train"].files) * len(rows) / seconds, 2) if seconds else None,
+        "seconds_per_epoch": round(seconds / len(rows), 3) if rows else None,
+        "images_per_second": round(train_images * len(rows) / seconds, 2) if seconds else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     final = Path(options.models) / name
     with runs.staged(final) as directory:
-        model.save(directory / runs.MODEL_FILE)
+        model.save(directory / runs.MODEL_FILE)  # the whole classifier: its layers above `below` were trained
         runs.write_run_files(directory, run_config, store.class_names,
-                             {split: records[split].paths for split in SPLITS})
+                             {split: data.records[split].paths for split in SPLITS})
         report.write_history(directory, rows, "epochs")
-        metrics, text = score_run(directory, lambda split: probabilities[split], records, store.class_names, name)
+        metrics, text = score_run(directory, lambda split: probabilities[split], data.records, store.class_names,
+                                  name)
         metrics["test_before_finetune"] = test_before
         runs.write_metrics(directory, metrics)
     return RunSummary(final, metrics, seconds, text, True, run_config)
+
+
+class _TrainingData(Protocol):
+    """Where fine-tuning's examples come from: raw images through the whole classifier, or cached
+    activations of the fixed part through the classifier above it."""
+
+    model: keras.Model
+    records: dict[str, SplitImages]
+
+    def training_batches(self) -> Any: ...
+
+    def batches(self, split: str) -> Any: ...
+
+    def predict(self, split: str) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def augmentation_note(self) -> dict[str, Any]: ...
+
+
+class _Images:
+    """End to end: every epoch decodes, augments and runs every training image through the whole
+    backbone."""
+
+    def __init__(self, records: dict[str, SplitImages], model: keras.Model, image_size: int,
+                 options: FinetuneOptions) -> None:
+        self.records, self.model, self.image_size, self.options = records, model, image_size, options
+
+    def training_batches(self) -> Any:
+        train = self.records["train"]
+        return labelled_batches(train.files, train.labels, self.image_size, self.options.batch_size,
+                                self.options.augmentation.layers(self.options.seed), shuffle_seed=self.options.seed)
+
+    def batches(self, split: str) -> Any:
+        data = self.records[split]
+        return labelled_batches(data.files, data.labels, self.image_size, self.options.batch_size)
+
+    def predict(self, split: str) -> np.ndarray:
+        return _predict(self.model, self.records[split].files, self.image_size, self.options.batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "images", "image_size": self.image_size}
+
+    def augmentation_note(self) -> dict[str, Any]:
+        return {"applied_to": "images"}
+
+
+class _CachedActivations:
+    """`--cached`: the fixed part's output for every image is read from a feature cache, by shard,
+    and only the layers above it (and the head) run; flips are applied to the cached maps."""
+
+    def __init__(self, store: FeatureStore, layer: str, model: keras.Model, options: FinetuneOptions) -> None:
+        self.store, self.layer, self.model, self.options = store, layer, model, options
+        self.records = {split: SplitImages([], index.labels, index.paths)
+                        for split, index in store.split_indexes().items()}
+
+    def training_batches(self) -> Any:
+        flips = self.options.augmentation.layers(self.options.seed)  # flips only (FinetuneOptions checks)
+        return activation_batches(self.store, self.layer, "train", self.options.batch_size, flips,
+                                  shuffle_seed=self.options.seed)
+
+    def batches(self, split: str) -> Any:
+        return activation_batches(self.store, self.layer, split, self.options.batch_size)
+
+    def predict(self, split: str) -> np.ndarray:
+        if not len(self.records[split]):
+            return np.zeros((0, self.model.output_shape[-1]))
+        return np.asarray(self.model.predict(self.batches(split).map(lambda x, y: x), verbose=0), np.float64)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "cached activations", "layer": self.layer, "cache": str(self.store.directory.resolve()),
+                "fingerprint_digest": self.store.fingerprint.digest()}
+
+    def augmentation_note(self) -> dict[str, Any]:
+        return {"applied_to": f"cached {self.layer} maps (flipped along their spatial axes)"}

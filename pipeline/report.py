@@ -13,9 +13,35 @@ import numpy as np
 
 from pipeline import atomic
 
+CONFIDENCE = 0.95
+
+
+def wilson_interval(correct: int, total: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval for a proportion (correct of total): unlike the normal
+    approximation it stays inside [0, 1] and is sound for small splits and accuracies near 100%."""
+    from scipy.stats import norm
+
+    if total <= 0:
+        return 0.0, 1.0
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    low, high = float(centre - half), float(centre + half)
+    # exactly 0 and 1 at the ends (rounding would leave the point estimate outside by 1e-16)
+    return (0.0 if correct == 0 else max(0.0, min(low, p)), 1.0 if correct == total else min(1.0, max(high, p)))
+
+
+def accuracy_text(values: dict[str, Any]) -> str:
+    """`85.32% (95% CI 82.41-87.86%)`: an accuracy with its interval, as reports and `runs` show it."""
+    low, high = values.get("accuracy_ci95") or (float("nan"), float("nan"))
+    return f"{values['accuracy']:.2%} (95% CI {low:.2%}-{high:.2%})".replace("%-", "-", 1)
+
 
 def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, mean per-class accuracy (over classes present), macro F1 and log loss."""
+    """Accuracy with its 95% Wilson interval, mean per-class accuracy (over classes present), macro
+    F1 and log loss."""
     import warnings
 
     from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss
@@ -27,9 +53,11 @@ def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true": intended
         per_class = balanced_accuracy_score(labels, predicted)  # mean recall over the classes present
+    correct = int(np.sum(predicted == labels))
     return {
         "images": int(len(labels)),
-        "accuracy": float(np.mean(predicted == labels)),
+        "accuracy": correct / len(labels),
+        "accuracy_ci95": list(wilson_interval(correct, len(labels))),  # Wilson score interval, 95%
         "mean_per_class_accuracy": float(per_class),
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
         "loss": float(log_loss(labels, _normalised(proba), labels=classes)),
@@ -72,6 +100,11 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     many = len(class_names) > MAX_TERMINAL_CLASSES
     matrix_text = (f"confusion matrix: {len(class_names)} classes, see confusion_matrix.csv\n" if many
                    else _confusion_text(matrix, class_names))
+    correct = int(np.sum(predicted == labels))
+    interval = {"accuracy": correct / max(len(labels), 1), "accuracy_ci95": wilson_interval(correct, len(labels))}
+    accuracy_line = (f"accuracy {accuracy_text(interval)}: {correct} of {len(labels)} images; the interval is the "
+                     "95% Wilson score interval, how far the figure could move from the split alone\n")
+    report = f"{report}\n{accuracy_line}"
     atomic.write_text(directory / "classification_report.txt", f"{title}\n\n{report}\n{matrix_text}\n{pairs_text}")
     with atomic.replacing(directory / "most_confused.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -98,7 +131,7 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
             writer.writerow([paths[i], class_names[labels[i]], class_names[predicted[i]],
                              f"{proba[i, predicted[i]]:.4f}", f"{proba[i, labels[i]]:.4f}"])
     if many:
-        summary = "\n".join(report.rstrip("\n").splitlines()[-3:])  # accuracy, macro and weighted averages
+        summary = "\n".join(report.rstrip("\n").splitlines()[-5:])  # accuracy, averages, the interval
         return (f"{len(class_names)} classes: per-class figures in classification_report.txt\n{summary}\n\n"
                 f"{pairs_text}")
     return f"{report}\n{matrix_text}\n{pairs_text}"
@@ -217,8 +250,8 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "no runs yet: train one with `run_pipeline.py train-head --head logreg`"
     columns = [("name", "name"), ("head", "head"), ("backbone", "backbone"), ("image_size", "size"),
-               ("pooling", "pooling"), ("validation_accuracy", "val acc"), ("test_accuracy", "test acc"),
-               ("seconds", "seconds")]
+               ("pooling", "pooling"), ("validation_accuracy", "val acc"), ("validation_accuracy_ci95", "95% CI"),
+               ("test_accuracy", "test acc"), ("test_accuracy_ci95", "95% CI"), ("seconds", "seconds")]
 
     def cell(row: dict[str, Any], key: str) -> str:
         value = row.get(key)
@@ -226,6 +259,8 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
             return row.get("problem", "-") if key == "head" else "-"
         if key.endswith("accuracy"):
             return f"{value:.2%}"
+        if key.endswith("_ci95"):
+            return f"{value[0]:.1%}-{value[1]:.1%}".replace("%-", "-", 1)
         if key == "seconds":
             return f"{value:.1f}"
         return str(value)
@@ -234,6 +269,8 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(text.ljust(width) if i == 0 else text.rjust(width) for i, (text, width)
                        in enumerate(zip(line, widths))) for line in table]
+    lines.append("95% CI: Wilson score interval of the split's accuracy (how far the figure could move "
+                 "from the split alone)")
     untrained = [row["name"] for row in rows if row.get("pretrained") is False]
     if untrained:
         lines.append(f"note: {', '.join(untrained)} used randomly initialised backbone weights (--weights none)")

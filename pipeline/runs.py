@@ -227,6 +227,8 @@ def list_runs(models_root: Path) -> list[dict[str, Any]]:
             "pretrained": config.get("features", {}).get("pretrained"),
             "validation_accuracy": metrics.get("validation", {}).get("accuracy"),
             "test_accuracy": metrics.get("test", {}).get("accuracy"),
+            "validation_accuracy_ci95": metrics.get("validation", {}).get("accuracy_ci95"),
+            "test_accuracy_ci95": metrics.get("test", {}).get("accuracy_ci95"),
             "test_mean_per_class_accuracy": metrics.get("test", {}).get("mean_per_class_accuracy"),
             "seconds": config.get("seconds"),
             "created": config.get("created"),

@@ -391,11 +391,12 @@ class FeatureStore:
                 "rerun the same extract command"
             )
 
-    def iter_shards(self, split: str | None = None, layers: Sequence[str] | None = None) -> Iterator[Rows]:
-        """The rows of `split` (every split if None), one shard at a time: memory stays bounded by
-        the shard size."""
+    def iter_shards(self, split: str | None = None, layers: Sequence[str] | None = None,
+                    order: Sequence[int] | None = None) -> Iterator[Rows]:
+        """The rows of `split` (every split if None), one shard at a time (in `order`, shard
+        numbers, when given): memory stays bounded by the shard size."""
         layers = tuple(layers or self.layers)
-        for path in self.shards:
+        for path in self.shards if order is None else [self.shards[i] for i in order]:
             index = read_shard_index(path, self.fingerprint, self.feature_shapes)
             self._check_uuid(index)
             chosen = [i for i, s in enumerate(index.splits) if split is None or s == split]

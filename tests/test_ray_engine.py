@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -47,9 +48,8 @@ def assert_same_cache(ray_dir: Path, local_dir: Path) -> None:
         assert np.array_equal(other[3], features), f"features of {path} differ"
 
 
-def ray_processes() -> list[int]:
-    """PIDs of Ray's processes that hold resources (GCS, raylet, workers); its dashboard and
-    runtime-env agents leave on their own within about a minute of their raylet."""
+def processes(matching: Callable[[str], bool]) -> list[int]:
+    """PIDs of this machine's processes whose command line matches."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -57,24 +57,20 @@ def ray_processes() -> list[int]:
                 command = (entry / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if "Agent" in command:
-                continue
-            if "raylet" in command or "gcs_server" in command or command.startswith("ray::"):
+            if matching(command):
                 pids.append(int(entry.name))
     return pids
+
+
+def ray_processes() -> list[int]:
+    """Ray's processes that hold resources (GCS, raylet, workers); its dashboard and runtime-env
+    agents leave on their own within about a minute of their raylet."""
+    return processes(lambda command: "Agent" not in command and (
+        "raylet" in command or "gcs_server" in command or command.startswith("ray::")))
 
 
 def backbone_actor_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if command.startswith("ray::") and "BackboneActor" in command:
-                pids.append(int(entry.name))
-    return pids
+    return processes(lambda command: command.startswith("ray::") and "BackboneActor" in command)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,106 @@
+"""Cached activations for `finetune --cached`: the feature cache that holds the layer below the
+unfreeze point for a head's images, and its rows as training batches streamed by shard (a cache
+larger than memory still trains), shuffled per epoch and augmented on the maps themselves."""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.errors import PipelineError
+from pipeline.store import MANIFEST_NAME, FeatureStore
+
+# What must match for another cache's activations to be this head's: everything in the
+# fingerprint but the layers and the pooling.
+_SAME_FEATURES = ("backbone", "weights_source", "weights_identity", "image_size", "resize_method", "preprocessing",
+                  "precision", "tensorflow")
+
+
+def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None = None) -> FeatureStore:
+    """The cache (beside `store`, or under `cache_root`) holding `layer` as full maps for the same
+    images, backbone, weights, size and precision, with the same classes and splits; else one line
+    with the extract command that adds it."""
+    root = Path(cache_root) if cache_root is not None else store.directory.parent
+    data_root = store.manifest.get("dataset", {}).get("root")
+    wanted = store.fingerprint.as_dict()
+    found = []
+    for manifest in root.glob(f"*/{MANIFEST_NAME}"):
+        try:
+            candidate = FeatureStore(manifest.parent)
+        except PipelineError:
+            continue
+        fingerprint = candidate.fingerprint.as_dict()
+        if (all(fingerprint[k] == wanted[k] for k in _SAME_FEATURES) and fingerprint["pooling"] == "none"
+                and layer in fingerprint["layers"] and candidate.manifest.get("dataset", {}).get("root") == data_root):
+            found.append(candidate)
+    if not found:
+        raise PipelineError(f"no cache holds {layer} activations for these images: add them with "
+                            f"`{_extract_command(store, layer)}` (one pass of every image through the layers below "
+                            "it), then rerun")
+    chosen = max(found, key=lambda c: (c.directory / MANIFEST_NAME).stat().st_mtime)
+    _check_same_rows(store, chosen)
+    return chosen
+
+
+def _extract_command(store: FeatureStore, layer: str) -> str:
+    f = store.fingerprint
+    weights = store.manifest.get("weights", {})
+    choice = weights.get("path") if f.weights_source == "file" else f.weights_source
+    data = store.manifest.get("dataset", {})
+    words = ["python", "run_pipeline.py", "extract", "--data", data.get("root", "DIR"), "--backbone", f.backbone,
+             "--image-size", str(f.image_size), "--weights", str(choice), "--precision", f.precision.split("-")[0],
+             "--layer", layer, "--pooling", "none", "--cache", str(store.directory.parent)]
+    split = data.get("split")
+    if isinstance(split, dict):
+        words += ["--val-fraction", str(split["validation_fraction"]), "--test-fraction", str(split["test_fraction"]),
+                  "--split-seed", str(split["seed"])]
+    return shlex.join(words)
+
+
+def _check_same_rows(store: FeatureStore, activations: FeatureStore) -> None:
+    if activations.class_names != store.class_names:
+        raise PipelineError(f"{activations.directory} has classes {activations.class_names}, the head's cache "
+                            f"{store.class_names}: extract both from the same folder")
+    ours, theirs = store.split_indexes(), activations.split_indexes()
+    for split in ours:
+        if sorted(ours[split].paths) != sorted(theirs[split].paths):
+            raise PipelineError(f"{activations.directory} puts other images in the {split} split than the head's "
+                                f"cache {store.directory}: extract it from the same folder with the same split options")
+
+
+def activation_batches(store: FeatureStore, layer: str, split: str, batch_size: int,
+                       augmentation: Sequence[Any] | None = None, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """(maps, labels) batches of one split, read one shard at a time: in the cache's order, or with
+    `shuffle_seed` in a new order every epoch (shards, then rows within each). `augmentation`
+    (Keras layers, e.g. RandomFlip) is applied to training batches of maps."""
+    shape = tuple(store.feature_shapes[layer])
+    epochs = itertools.count()
+
+    def shards() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng((shuffle_seed, next(epochs))) if shuffle_seed is not None else None
+        order = rng.permutation(len(store.shards)) if rng is not None else None
+        for rows in store.iter_shards(split, [layer], order=order):
+            maps, labels = rows.features[layer], rows.labels
+            if rng is not None:
+                permutation = rng.permutation(len(labels))
+                maps, labels = maps[permutation], labels[permutation]
+            yield maps.astype(np.float32, copy=False), labels.astype(np.int32, copy=False)
+
+    dataset = tf.data.Dataset.from_generator(shards, output_signature=(
+        tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32)))
+    rows = len(store.split_indexes()[split].labels)
+    dataset = dataset.unbatch().batch(batch_size)
+    # Keras needs the length of an epoch to run more than one over a generator
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-rows // batch_size)))
+    if augmentation:
+        import keras
+
+        pipeline = keras.Sequential(list(augmentation))
+        dataset = dataset.map(lambda x, y: (pipeline(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
