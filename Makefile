@@ -44,7 +44,8 @@ bench: setup
 	$(PY) run_pipeline.py demo-data --out data/elpv
 	$(PY) bench/extract.py
 	$(PY) bench/heads.py
-	$(PY) bench/accuracy.py --finetune-epochs 4
+	$(PY) bench/finetune.py
+	$(PY) bench/accuracy.py --finetune-epochs 3
 	$(PY) bench/export.py --models bench/work/models/binary
 
 lint: setup

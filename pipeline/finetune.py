@@ -89,6 +89,27 @@ def _predict(model: keras.Model, files: list[str], image_size: int, batch_size: 
     return np.asarray(model.predict(dataset, verbose=0), np.float64)
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds of every epoch (training and validation), the first one holding the tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.perf_counter() - self._started)
+
+    @property
+    def steady(self) -> float | None:
+        """Seconds per epoch once traced: the mean after the first epoch (the first alone if one ran)."""
+        later = self.seconds[1:] or self.seconds
+        return sum(later) / len(later) if later else None
+
+
 class KeepBest(keras.callbacks.Callback):
     """Ends training with the weights of the epoch with the highest validation accuracy (ties:
     lower validation loss), counting the model before fine-tuning as epoch 0: fine-tuning can
@@ -145,7 +166,9 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     train, validation = data.training_batches(), data.batches("validation")
     initial_loss, initial_accuracy = target.evaluate(validation, verbose=0)
     keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
+    timer = EpochTimer()
     callbacks = [
+        timer,
         keep_best,
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, options.patience // 2),
@@ -181,7 +204,8 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "test_before_finetune": test_before,
         "seed": options.seed,
         "seconds": round(seconds, 3),
-        "seconds_per_epoch": round(seconds / len(rows), 3) if rows else None,
+        "epoch_seconds": [round(t, 3) for t in timer.seconds],
+        "seconds_per_epoch": round(timer.steady, 3) if timer.steady else None,  # after the first (tracing)
         "images_per_second": round(train_images * len(rows) / seconds, 2) if seconds else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
