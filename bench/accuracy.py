@@ -137,7 +137,7 @@ def evaluate(config: Config, cache_dir: Path, models: Path, seed: int) -> dict:
         "run": run.directory.name,
         "validation_accuracy": run.metrics["validation"]["accuracy"],
         "test_accuracy": run.metrics["test"]["accuracy"],
-        "test_accuracy_ci95": run.metrics["test"]["accuracy_ci95"],
+        "test_accuracy_ci95": [run.metrics["test"]["accuracy_ci95_low"], run.metrics["test"]["accuracy_ci95_high"]],
         "test_mean_per_class": run.metrics["test"]["mean_per_class_accuracy"],
         "seconds": round(time.perf_counter() - started, 1),
         "counts": {split: run.metrics[split]["images"] for split in ("train", "validation", "test")},

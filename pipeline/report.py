@@ -35,7 +35,7 @@ def wilson_interval(correct: int, total: int, confidence: float = CONFIDENCE) ->
 
 def accuracy_text(values: dict[str, Any]) -> str:
     """`85.32% (95% CI 82.41-87.86%)`: an accuracy with its interval, as reports and `runs` show it."""
-    low, high = values.get("accuracy_ci95") or (float("nan"), float("nan"))
+    low, high = values.get("accuracy_ci95_low", float("nan")), values.get("accuracy_ci95_high", float("nan"))
     return f"{values['accuracy']:.2%} (95% CI {low:.2%}-{high:.2%})".replace("%-", "-", 1)
 
 
@@ -57,7 +57,8 @@ def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[s
     return {
         "images": int(len(labels)),
         "accuracy": correct / len(labels),
-        "accuracy_ci95": list(wilson_interval(correct, len(labels))),  # Wilson score interval, 95%
+        # the 95% Wilson score interval, as two numbers (metrics stay a flat mapping of numbers)
+        **dict(zip(("accuracy_ci95_low", "accuracy_ci95_high"), wilson_interval(correct, len(labels)))),
         "mean_per_class_accuracy": float(per_class),
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
         "loss": float(log_loss(labels, _normalised(proba), labels=classes)),
@@ -101,7 +102,8 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     matrix_text = (f"confusion matrix: {len(class_names)} classes, see confusion_matrix.csv\n" if many
                    else _confusion_text(matrix, class_names))
     correct = int(np.sum(predicted == labels))
-    interval = {"accuracy": correct / max(len(labels), 1), "accuracy_ci95": wilson_interval(correct, len(labels))}
+    low, high = wilson_interval(correct, len(labels))
+    interval = {"accuracy": correct / max(len(labels), 1), "accuracy_ci95_low": low, "accuracy_ci95_high": high}
     accuracy_line = (f"accuracy {accuracy_text(interval)}: {correct} of {len(labels)} images; the interval is the "
                      "95% Wilson score interval, how far the figure could move from the split alone\n")
     report = f"{report}\n{accuracy_line}"

@@ -227,8 +227,8 @@ def list_runs(models_root: Path) -> list[dict[str, Any]]:
             "pretrained": config.get("features", {}).get("pretrained"),
             "validation_accuracy": metrics.get("validation", {}).get("accuracy"),
             "test_accuracy": metrics.get("test", {}).get("accuracy"),
-            "validation_accuracy_ci95": metrics.get("validation", {}).get("accuracy_ci95"),
-            "test_accuracy_ci95": metrics.get("test", {}).get("accuracy_ci95"),
+            "validation_accuracy_ci95": _interval(metrics.get("validation", {})),
+            "test_accuracy_ci95": _interval(metrics.get("test", {})),
             "test_mean_per_class_accuracy": metrics.get("test", {}).get("mean_per_class_accuracy"),
             "seconds": config.get("seconds"),
             "created": config.get("created"),
@@ -249,3 +249,10 @@ def best_run(models_root: Path, kind: str | None = None) -> Path:
 def resolve(run: str | Path, models_root: Path, kind: str | None = None) -> Path:
     """`best` (the best run, of `kind`) or a run directory as given."""
     return best_run(models_root, kind) if str(run) == "best" else Path(run)
+
+
+def _interval(split_metrics: dict[str, Any]) -> list[float] | None:
+    """[low, high] of a split's 95% accuracy interval (absent in runs made before it was recorded)."""
+    if "accuracy_ci95_low" not in split_metrics:
+        return None
+    return [split_metrics["accuracy_ci95_low"], split_metrics["accuracy_ci95_high"]]
