@@ -1,5 +1,11 @@
-"""Stage three: put a trained head back on its backbone, unfreeze the top block, train end to end
-with augmentation on the training split, and export a model that takes raw images."""
+"""Stage three: put a trained head back on its backbone, unfreeze the top block, train with
+augmentation on the training split, and save a model that takes raw images.
+
+Two sources of training examples, one procedure: raw images through the whole classifier (end to
+end), or, with `--cached`, activations of the layer below the unfreeze point read from a feature
+cache (pipeline/activations.py) through the classifier's part above it (pipeline/classifier.py,
+`top_model`, which shares the classifier's layers). Either way the whole classifier is saved.
+"""
 
 from __future__ import annotations
 
