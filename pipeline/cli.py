@@ -252,6 +252,9 @@ def _extract(args: argparse.Namespace) -> int:
         f"{len(summary.skipped)} skipped; {summary.seconds:.1f} s"
         + (f", {summary.images_per_second:.1f} images/s through the backbone" if summary.new else "")
     )
+    if summary.engine == "ray" and summary.new:
+        print(f"ray: shards written on {summary.nodes} node(s); {summary.retried_units} units retried, "
+              f"{summary.restarted_actors} backbone actors restarted")
     shown = 20
     for item in summary.skipped[:shown]:
         print(f"  skipped {item['path']}: {item['reason']}")

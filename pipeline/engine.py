@@ -29,6 +29,7 @@ class EngineResult:
     images: int = 0  # images in those passes
     hashed: list[tuple[str, int, int, str]] = field(default_factory=list)  # read by a worker: path, size, mtime, sha256
     retried_units: int = 0  # units of work that were started more than once (the Ray engine)
+    restarted_actors: int = 0  # backbone actors Ray started again after one died (the Ray engine)
     nodes: dict[str, int] = field(default_factory=dict)  # units per node that wrote them (the Ray engine)
     warmup_seconds: float = 0.0  # Ray engine: until an actor began the first unit (start-up, imports, build, decode)
     actor_build_seconds: float = 0.0  # Ray engine: the slowest actor's imports, weights and model build

@@ -73,6 +73,7 @@ class ExtractSummary:
     input_wait_seconds: float  # part of loop_seconds spent waiting for decoded images
     engine: str = "local"
     retried_units: int = 0  # Ray engine: units of work Ray started more than once
+    restarted_actors: int = 0  # Ray engine: backbone actors Ray started again after one died
     nodes: int = 0  # Ray engine: nodes whose workers wrote shards in this run
     warmup_seconds: float = 0.0  # Ray engine: part of loop_seconds before an actor began the first unit
     actor_build_seconds: float = 0.0  # Ray engine: the slowest actor's set-up (imports, weights, model)
@@ -97,6 +98,7 @@ class ExtractSummary:
             "input_wait_seconds": round(self.input_wait_seconds, 2),
             "engine": self.engine,
             "retried_units": self.retried_units,
+            "restarted_actors": self.restarted_actors,
             "nodes": self.nodes,
             "warmup_seconds": round(self.warmup_seconds, 2),
             "actor_build_seconds": round(self.actor_build_seconds, 2),
@@ -234,6 +236,7 @@ class _Extraction:
             input_wait_seconds=result.input_wait_seconds,
             engine=self.options.engine,
             retried_units=result.retried_units,
+            restarted_actors=result.restarted_actors,
             nodes=len(result.nodes),
             warmup_seconds=result.warmup_seconds,
             actor_build_seconds=result.actor_build_seconds,

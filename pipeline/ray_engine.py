@@ -181,17 +181,23 @@ def check_cache_reachable(directory: Path) -> None:
 
 
 class AttemptCounter:
-    """A small Ray actor owned by the driver: how many times each unit was started per stage,
-    so that the summary can say how many units Ray retried."""
+    """A small Ray actor owned by the driver: how many times each unit was started per stage and
+    how many backbone actors were started, so that the summary can say how many units Ray
+    retried and how many actors it replaced."""
 
     def __init__(self) -> None:
         self.started: Counter[tuple[str, str]] = Counter()
+        self.actors = 0
 
     def start(self, stage: str, key: str) -> None:
         self.started[(stage, key)] += 1
 
-    def retried(self) -> int:
-        return len({key for (_, key), count in self.started.items() if count > 1})
+    def actor_started(self) -> None:
+        self.actors += 1
+
+    def retried(self) -> tuple[int, int]:
+        """(units started more than once, backbone actors started)."""
+        return len({key for (_, key), count in self.started.items() if count > 1}), self.actors
 
 
 def unit_rows(units: Sequence[Sequence[ImageRecord]], writer: ShardWriter) -> list[dict[str, str]]:
@@ -258,6 +264,7 @@ class BackboneActor:
         self.writer = writer
         self.attempts = attempts
         self.node = ray.get_runtime_context().get_node_id()
+        attempts.actor_started.remote()
         self.build_seconds = time.perf_counter() - started  # reported with the first unit only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -417,6 +424,7 @@ class RayEngine:
         result.loop_seconds = time.perf_counter() - started
         result.warmup_seconds = max(0.0, min(first_unit - started_wall, result.loop_seconds))
         result.input_wait_seconds = max(0.0, result.loop_seconds - busy / max(workers, 1))
-        result.retried_units = ray.get(attempts.retried.remote())
+        result.retried_units, actors = ray.get(attempts.retried.remote())
+        result.restarted_actors = max(0, actors - workers)  # a dead actor's queued units went to its replacement
         result.nodes = dict(nodes)
         return result

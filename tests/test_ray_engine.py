@@ -88,6 +88,7 @@ def test_ray_engine_gives_the_local_engines_rows_and_leaves_no_ray_behind(tmp_pa
     local = extract_features(tiny_options(data, tmp_path / "local"))
     summary = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
     assert (summary.engine, summary.new, summary.images) == ("ray", 19, 19)
+    assert (summary.retried_units, summary.restarted_actors) == (0, 0)
     assert [s["path"] for s in summary.skipped] == [s["path"] for s in local.skipped] == ["dogs/broken.png"]
     assert summary.skipped[0]["reason"] == local.skipped[0]["reason"]
     assert_same_cache(summary.cache_dir, local.cache_dir)
@@ -152,7 +153,8 @@ def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Pat
     killer.join()
     assert killed, "the run ended before an actor could be killed"
     assert (summary.new, summary.images) == (48, 48)
-    assert summary.retried_units >= 1
+    # the actor is replaced; a unit it had begun is started again (one only queued on it is not)
+    assert summary.restarted_actors >= 1
     local = extract_features(tiny_options(data, tmp_path / "local", **options))
     assert_same_cache(summary.cache_dir, local.cache_dir)
 
@@ -192,19 +194,20 @@ def test_a_driver_killed_mid_run_resumes_with_only_the_rest(tmp_path: Path) -> N
 def test_two_nodes_write_one_cache(tmp_path: Path) -> None:
     from ray.cluster_utils import Cluster
 
-    data = make_image_folder(tmp_path / "data", per_class=12)
+    # enough work (16 units at 64 px) that the second actor, however late it starts, takes some of it
+    data = make_image_folder(tmp_path / "data", per_class=32)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
         cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         summary = extract_features(tiny_options(data, tmp_path / "ray", engine="ray", ray_address=cluster.address,
-                                                workers=2, shard_size=4))
+                                                workers=2, shard_size=4, image_size=64))
     finally:
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
-    assert (summary.new, summary.nodes) == (24, 2)
-    local = extract_features(tiny_options(data, tmp_path / "local", shard_size=4))
+    assert (summary.new, summary.nodes) == (64, 2)
+    local = extract_features(tiny_options(data, tmp_path / "local", shard_size=4, image_size=64))
     assert_same_cache(summary.cache_dir, local.cache_dir)
 
 
