@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--augment", default="default", choices=("default", "none"),
                       help="none switches every augmentation off")
     defaults = Augmentation()  # a plain dataclass: no TensorFlow import for --help
-    tune.add_argument("--flip", default=defaults.flip, choices=("none", "horizontal", "vertical",
-                                                              "horizontal_and_vertical"))
+    tune.add_argument("--flip", default=None, choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
+                      help=f"default {defaults.flip}; with --cached none (flipping cached maps measured harmful "
+                           "for flattened heads: see README)")
     tune.add_argument("--rotation", type=_finite_float, default=defaults.rotation,
                       help="fraction of a full turn, e.g. 0.05 (default 0: off)")
     tune.add_argument("--zoom", type=_finite_float, default=defaults.zoom, help="e.g. 0.1 (default 0: off)")
@@ -335,8 +336,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from pipeline.finetune import FinetuneOptions, finetune
 
+    flip = args.flip or ("none" if args.cached else Augmentation().flip)
     augmentation = Augmentation.off() if args.augment == "none" else Augmentation(
-        args.flip, args.rotation, args.zoom, args.translation, args.contrast)
+        flip, args.rotation, args.zoom, args.translation, args.contrast)
     summary = finetune(FinetuneOptions(
         source=args.source, models=args.models, name=args.name, unfreeze=args.unfreeze, epochs=args.epochs,
         lr=args.lr, momentum=args.momentum, clipnorm=args.clipnorm, batch_size=args.batch_size, patience=args.patience,

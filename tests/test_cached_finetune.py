@@ -149,3 +149,12 @@ def test_cached_finetune_records_its_augmentation_and_its_speed(setup: dict[str,
     tuned = json.loads((summary.directory / "config.json").read_text())
     assert tuned["finetune"]["augmentation"]["flip"] == "horizontal"
     assert tuned["seconds_per_epoch"] > 0
+
+
+def test_the_cli_flips_nothing_by_default_with_cached(setup: dict[str, Path]) -> None:
+    """Flipping cached maps measured harmful with flattened heads: with --cached it is opt-in."""
+    _add_block4_cache(setup)
+    assert main(["finetune", "--from", str(setup["run"]), "--models", str(setup["models"]), "--cached",
+                 "--epochs", "1", "--batch-size", "4", "--name", "cli-cached", "--no-progress"]) == 0
+    augmentation = read_config(setup["models"] / "cli-cached")["finetune"]["augmentation"]
+    assert augmentation["flip"] == "none"
