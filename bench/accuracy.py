@@ -15,7 +15,7 @@ the headline. The test split is never used to choose.
 With --finetune-epochs N (binary), the best 150 px head is fine-tuned on every seed: end to end
 for N epochs, and on cached block4_pool activations (`finetune --cached`) for the epochs the same
 time buys (N x the end-to-end seconds per epoch / the cached seconds per epoch, measured on the
-first seed), with the default flips of the cached maps and without them.
+first seed), with flips of the cached maps and without them (the CLI's default for --cached).
 
 Feature caches and runs go under bench/work/ (reused by the next run: a second run extracts
 nothing); the tables go to stdout and bench/results/accuracy.json.
@@ -187,7 +187,7 @@ def finetune_seeds(best: dict, features: Features, data: Path, cache: Path, mode
     activations for the epochs the same time buys (seconds per epoch of both, timed on the first
     seed: the end-to-end run itself, and a one-epoch cached run that is not counted)."""
     below = Features(features.image_size, ("block4_pool",), "none", features.backbone)
-    results: dict[str, list[dict]] = {"end to end": [], "cached": [], "cached, no flips": []}
+    results: dict[str, list[dict]] = {"end to end": [], "cached, flipped maps": [], "cached, no flips": []}
     cached_epochs = 0
     for seed, run in zip(seeds, best["runs"]):
         extract(features, data, cache, seed)
@@ -201,7 +201,8 @@ def finetune_seeds(best: dict, features: Features, data: Path, cache: Path, mode
             cached_epochs = max(epochs, int(epochs * ratio))
             print(f"  cached fine-tuning: {ratio:.1f}x faster per epoch: {cached_epochs} epochs for the time of "
                   f"{epochs} end to end", flush=True)
-        results["cached"].append(_finetune_row(source, models, cached_epochs, True, seed, f"{run}-finetuned-cached"))
+        results["cached, flipped maps"].append(_finetune_row(source, models, cached_epochs, True, seed,
+                                                             f"{run}-finetuned-cached"))
         results["cached, no flips"].append(_finetune_row(source, models, cached_epochs, True, seed,
                                                          f"{run}-finetuned-cached-noflip", flips=False))
         for how in results:
