@@ -75,10 +75,12 @@ def _check_same_rows(store: FeatureStore, activations: FeatureStore) -> None:
 
 
 def activation_batches(store: FeatureStore, layer: str, split: str, batch_size: int,
-                       augmentation: Sequence[Any] | None = None, shuffle_seed: int | None = None) -> tf.data.Dataset:
+                       augmentation: Sequence[Any] | None = None, shuffle_seed: int | None = None,
+                       rows: int | None = None) -> tf.data.Dataset:
     """(maps, labels) batches of one split, read one shard at a time: in the cache's order, or with
     `shuffle_seed` in a new order every epoch (shards, then rows within each). `augmentation`
-    (Keras layers, e.g. RandomFlip) is applied to training batches of maps."""
+    (Keras layers, e.g. RandomFlip) is applied to training batches of maps. `rows`: the split's
+    size where the caller knows it (else counted from the shard indexes)."""
     shape = tuple(store.feature_shapes[layer])
     epochs = itertools.count()
 
@@ -94,7 +96,8 @@ def activation_batches(store: FeatureStore, layer: str, split: str, batch_size: 
 
     dataset = tf.data.Dataset.from_generator(shards, output_signature=(
         tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32)))
-    rows = len(store.split_indexes()[split].labels)
+    if rows is None:
+        rows = len(store.split_indexes()[split].labels)
     dataset = dataset.unbatch().batch(batch_size)
     # Keras needs the length of an epoch to run more than one over a generator
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-rows // batch_size)))

@@ -60,6 +60,14 @@ def temporary_name(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}{suffix}")
 
 
+def probe_writable(directory: Path) -> None:
+    """Create and remove a hidden file in `directory`; raises OSError when that fails (missing
+    folder, read-only, full, no permission)."""
+    probe = temporary_name(Path(directory) / ".write-test")
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 @contextmanager
 def replacing(path: Path, durable: bool = False, after: str = "nothing half-written was left",
               suffix: str = "") -> Iterator[Path]:

@@ -285,10 +285,11 @@ class _CachedActivations:
     def training_batches(self) -> Any:
         flips = self.options.augmentation.layers(self.options.seed)  # flips only (FinetuneOptions checks)
         return activation_batches(self.store, self.layer, "train", self.options.batch_size, flips,
-                                  shuffle_seed=self.options.seed)
+                                  shuffle_seed=self.options.seed, rows=len(self.records["train"]))
 
     def batches(self, split: str) -> Any:
-        return activation_batches(self.store, self.layer, split, self.options.batch_size)
+        return activation_batches(self.store, self.layer, split, self.options.batch_size,
+                                  rows=len(self.records[split]))
 
     def predict(self, split: str) -> np.ndarray:
         if not len(self.records[split]):

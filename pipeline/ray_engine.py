@@ -163,12 +163,10 @@ class BackboneRecipe:
 
 def check_cache_reachable(directory: Path) -> None:
     """On a worker: the cache directory must be there and writable (a shared file system)."""
-    probe = atomic.temporary_name(directory / f".worker-{socket.gethostname()}")
     try:
         if not directory.is_dir():
             raise FileNotFoundError(2, "no such folder on this node", str(directory))
-        probe.write_bytes(b"")
-        probe.unlink()
+        atomic.probe_writable(directory)
     except OSError as error:
         reason = error.strerror or atomic.one_line(error)
         raise PipelineError(

@@ -72,9 +72,7 @@ def check_writable(models_root: Path) -> None:
     root = Path(models_root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = atomic.temporary_name(root / ".write-test")
-        probe.write_bytes(b"")
-        probe.unlink()
+        atomic.probe_writable(root)
     except OSError as error:
         raise PipelineError(atomic.os_error_message(error, "cannot save runs in")) from None
 
