@@ -5,7 +5,7 @@ Layout of one cache directory (see README, "Feature cache schema"):
     <cache root>/<dataset>-<backbone>-<size>-<pooling>-<precision>-<hash8>/
         manifest.json        summary written at the end of every extract run
         shard-00000.h5       rows of features with their labels, splits, paths and hashes
-        shard-00001.h5 ...
+        shard-00001.h5 ...   (the local engine's numbers; the Ray engine's: shard-u<unit key>.h5)
 """
 
 from __future__ import annotations
