@@ -19,7 +19,7 @@ from pipeline.store import MANIFEST_NAME, FeatureStore
 # What must match for another cache's activations to be this head's: everything in the
 # fingerprint but the layers and the pooling.
 _SAME_FEATURES = ("backbone", "weights_source", "weights_identity", "image_size", "resize_method", "preprocessing",
-                  "precision", "tensorflow")
+                  "precision", "tensorflow", "backend", "decoder")
 
 
 def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None = None) -> FeatureStore:
@@ -36,7 +36,7 @@ def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None 
         except PipelineError:
             continue
         fingerprint = candidate.fingerprint.as_dict()
-        if (all(fingerprint[k] == wanted[k] for k in _SAME_FEATURES) and fingerprint["pooling"] == "none"
+        if (all(fingerprint.get(k) == wanted.get(k) for k in _SAME_FEATURES) and fingerprint["pooling"] == "none"
                 and layer in fingerprint["layers"] and candidate.manifest.get("dataset", {}).get("root") == data_root):
             found.append(candidate)
     if not found:

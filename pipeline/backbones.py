@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import Any
+
 import keras
 import numpy as np
-import tensorflow as tf
 
+from pipeline import backend
 from pipeline.errors import PipelineError
 from pipeline.precision import dtype_policy
 from pipeline.registry import BackboneSpec
@@ -46,11 +48,16 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
     raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
 
 
-def preprocess(images: tf.Tensor, mode: str) -> tf.Tensor:
-    """RGB float32 images in 0..255 -> the input the weights were trained on (Keras'
-    imagenet_utils.preprocess_input; bit-identical to the formulas above)."""
+def preprocess(images: Any, mode: str) -> Any:
+    """RGB float32 images in 0..255 (a TensorFlow tensor, or a NumPy array of one image or a
+    batch) -> the input the weights were trained on (Keras' imagenet_utils.preprocess_input;
+    bit-identical to the formulas above)."""
     if mode not in PREPROCESSING:
         raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
+    if isinstance(images, np.ndarray):
+        return keras.applications.imagenet_utils.preprocess_input(images.astype(np.float32), mode=mode)
+    import tensorflow as tf
+
     return keras.applications.imagenet_utils.preprocess_input(tf.cast(images, tf.float32), mode=mode)
 
 
@@ -98,24 +105,56 @@ class FeatureExtractor:
         self.model = keras.Model(backbone.input, {name: backbone.get_layer(name).output for name in layers})
         self.batches = 0
         self.images = 0
-        self._forward = tf.function(self._features, reduce_retracing=True)
+        self.batch_size: int | None = None  # JAX: batches are padded to one shape (one compilation)
+        if backend.is_tensorflow():
+            import tensorflow as tf
 
-    def _features(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        maps = self.model(images, training=False)
+            self._forward = tf.function(self._features, reduce_retracing=True)
+        else:
+            self._forward = self._jax_forward()
+
+    def _features(self, images: Any) -> dict[str, Any]:
+        return self._pooled(self.model(images, training=False))
+
+    def _pooled(self, maps: dict[str, Any]) -> dict[str, Any]:
+        ops = keras.ops
         features = {}
         for name in self.layers:
-            values = tf.cast(maps[name], tf.float32)
+            values = ops.cast(maps[name], "float32")
             if self.pooling == "avg":
-                values = tf.reduce_mean(values, axis=(1, 2))
+                values = ops.mean(values, axis=(1, 2))
             elif self.pooling == "max":
-                values = tf.reduce_max(values, axis=(1, 2))
+                values = ops.max(values, axis=(1, 2))
             features[name] = values
         return features
 
-    def __call__(self, images: tf.Tensor) -> dict[str, np.ndarray]:
+    def _jax_forward(self) -> Any:
+        """The backbone as one jitted function of its variables and the images: Keras 3's
+        stateless call, the way JAX wants a model (weights are arguments, not baked-in constants)."""
+        import jax
+
+        trainable = [v.value for v in self.model.trainable_variables]
+        fixed = [v.value for v in self.model.non_trainable_variables]
+
+        @jax.jit
+        def forward(trainable: list, fixed: list, images: Any) -> dict[str, Any]:
+            maps, _ = self.model.stateless_call(trainable, fixed, images, training=False)
+            return self._pooled(maps)
+
+        return lambda images: forward(trainable, fixed, images)
+
+    def __call__(self, images: Any) -> dict[str, np.ndarray]:
+        count = int(images.shape[0])
         self.batches += 1
-        self.images += int(images.shape[0])
-        return {name: value.numpy() for name, value in self._forward(images).items()}
+        self.images += count
+        if backend.is_tensorflow():
+            return {name: value.numpy() for name, value in self._forward(images).items()}
+        images = np.asarray(images, np.float32)
+        self.batch_size = max(self.batch_size or 0, count)
+        if count < self.batch_size:  # a short last batch: padded, so JAX compiles one shape only
+            padding = np.zeros((self.batch_size - count, *images.shape[1:]), np.float32)
+            images = np.concatenate([images, padding])
+        return {name: np.asarray(value)[:count] for name, value in self._forward(images).items()}
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}

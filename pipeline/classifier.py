@@ -13,8 +13,8 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from pipeline import backend
 from pipeline.backbones import PREPROCESSING, build_backbone, preprocess, preprocessing_layers
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
@@ -40,7 +40,9 @@ class ImagePreprocessing(keras.layers.Layer):
         self.image_size = int(image_size)
         self.mode = mode
 
-    def call(self, images: tf.Tensor) -> tf.Tensor:
+    def call(self, images: Any) -> Any:
+        import tensorflow as tf
+
         images = tf.cast(images, tf.float32)
         size = (self.image_size, self.image_size)
         shape = tf.shape(images)
@@ -99,6 +101,9 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
     moving statistics because `unfreeze` never makes it trainable (in Keras 3 the nested
     training=False alone does not hold a trainable one). `resize=False` takes images already
     at the backbone's size (a fixed input shape, as TFLite wants)."""
+    if resize and not backend.is_tensorflow():
+        raise PipelineError("a classifier that resizes its input (area interpolation) needs the tensorflow backend: "
+                            "feed images already squashed by the pipeline's image path instead")
     spec = get_backbone(fingerprint.backbone)
     backbone = build_backbone(spec, fingerprint.image_size, precision or fingerprint.precision, weights)
     extractor = keras.Model(backbone.input, [backbone.get_layer(name).output for name in view.layers],
@@ -115,13 +120,13 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
     return keras.Model(pixels, probabilities, name="classifier"), backbone
 
 
-def classifier_for_run(run: Path, config: dict[str, Any],
-                       precision: str | None = None) -> tuple[keras.Model, keras.Model]:
+def classifier_for_run(run: Path, config: dict[str, Any], precision: str | None = None,
+                       resize: bool = True) -> tuple[keras.Model, keras.Model]:
     """build_classifier for a head run, from its config.json alone (the feature cache need not exist)."""
     fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
     weights = weights_for(fingerprint, config["features"].get("weights", {}).get("path"))
     view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
-    return build_classifier(fingerprint, weights, view, Head.load(run), precision)
+    return build_classifier(fingerprint, weights, view, Head.load(run), precision, resize)
 
 
 def unfreeze(backbone: keras.Model, point: str) -> list[str]:

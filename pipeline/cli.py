@@ -49,6 +49,11 @@ def _layers(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _add_backend(command: argparse.ArgumentParser, note: str = "") -> None:
+    command.add_argument("--backend", default=None, choices=("tensorflow", "jax"),
+                         help="the Keras backend (default: KERAS_BACKEND if set, else tensorflow)" + note)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -91,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="--engine ray: join this running cluster (default: a local instance for the command)")
     extract.add_argument("--workers", type=_positive_int, default=None,
                          help="--engine ray: backbone workers (default: one per GPU, else one per node)")
+    _add_backend(extract, "; images decode with Pillow on jax")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.add_argument("--json", action="store_true", help="print the summary as JSON")
     extract.set_defaults(handler=_extract)
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stream", action="store_true", help="stream features by shard even when they fit")
     train.add_argument("--assert-accuracy-at-least", type=_finite_float, default=None, metavar="X",
                        help="exit non-zero if validation accuracy is below X (0..1), e.g. to gate CI")
+    _add_backend(train)
     train.add_argument("--no-progress", action="store_true", help="no progress output")
     train.add_argument("--json", action="store_true", help="print the run summary as JSON")
     train.set_defaults(handler=_train_head)
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="whose reports to write: train, validation, test")
     evaluate.add_argument("--features", type=Path, default=None,
                           help="the cache to read (default: the one the run was trained on)")
+    _add_backend(evaluate)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -184,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--cache", type=Path, default=None,
                       help="--cached: where to look for that cache (default: beside the head's cache)")
     tune.add_argument("--seed", type=int, default=0)
+    _add_backend(tune, "; fine-tuning runs on tensorflow")
     tune.add_argument("--no-progress", action="store_true")
     tune.add_argument("--json", action="store_true")
     tune.set_defaults(handler=_finetune)
@@ -195,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     guess.add_argument("--top", type=_positive_int, default=3, help="labels per image (3)")
     guess.add_argument("--output", type=Path, default=None, help="also write FILE.csv or FILE.json")
+    _add_backend(guess, "; images decode with Pillow on jax")
     guess.set_defaults(handler=_predict)
 
     ship = commands.add_parser("export", help="a run as a model that needs only TensorFlow (keras, savedmodel, tflite)")
@@ -204,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile")
     ship.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/)")
     ship.add_argument("--quantize", action="store_true", help="tflite: dynamic-range int8 weights")
+    _add_backend(ship, "; SavedModel and TFLite are TensorFlow formats: export runs on tensorflow")
     ship.add_argument("--json", action="store_true")
     ship.set_defaults(handler=_export)
 
@@ -334,6 +345,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from pipeline.backend import require_tensorflow
+
+    require_tensorflow("finetune (its image pipeline is tf.data)")
     from pipeline.finetune import FinetuneOptions, finetune
 
     flip = args.flip or ("none" if args.cached else Augmentation().flip)
@@ -374,6 +388,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pipeline.backend import require_tensorflow
+
+    require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
     from pipeline.export import export_run
 
     summary = export_run(args.model, args.format, args.out, args.quantize, args.models)
@@ -435,6 +452,10 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.atomic import one_line, os_error_message
 
     try:
+        if hasattr(args, "backend"):
+            from pipeline import backend
+
+            backend.select(args.backend)  # before anything imports Keras
         return args.handler(args)
     except PipelineError as error:
         if args.debug:

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
-from pipeline import store
+from pipeline import backend, store
 from pipeline.backbones import FeatureExtractor, build_backbone
 from pipeline.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
 from pipeline.engine import Engine, EngineResult, strict_error
 from pipeline.errors import PipelineError
-from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD
+from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, decoder_identity
 from pipeline.local_engine import LocalEngine
 from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.precision import resolve_precision
@@ -123,12 +122,17 @@ class _Extraction:
             raise PipelineError(f"unknown engine {options.engine!r}: choose {' or '.join(ENGINES)}")
         if options.engine == "local" and (options.ray_address or options.workers):
             raise PipelineError("--ray-address and --workers belong to --engine ray: add it, or leave them out")
+        if options.engine == "ray" and not backend.is_tensorflow():
+            raise PipelineError("--engine ray runs on the tensorflow backend: use --engine local with --backend "
+                                f"{backend.current()}, or --backend tensorflow")
         if options.workers is not None and options.workers < 1:
             raise PipelineError("--workers must be positive")
         self.precision = resolve_precision(options.precision, gpu=bool(cluster.gpus) if cluster else None)
         if options.batch_size < 1 or options.shard_size < 1:
             raise PipelineError("--batch-size and --shard-size must be positive")
         self.weights: ResolvedWeights = self.spec.resolve_weights(options.weights, options.preprocessing)
+        backend.exact_float32(self.precision)
+        library, version = backend.identity()
         self.fingerprint = Fingerprint(
             backbone=self.spec.name,
             weights_source=self.weights.source,
@@ -139,7 +143,9 @@ class _Extraction:
             layers=self.layers,
             pooling=options.pooling,
             precision=self.precision,
-            tensorflow=".".join(tf.__version__.split(".")[:2]),
+            tensorflow=version if library == "tensorflow" else "none",
+            backend=library if library == "tensorflow" else f"{library}-{version}",
+            decoder=decoder_identity(),
         )
         batches_per_shard = -(-options.shard_size // options.batch_size)
         # Shards hold whole batches, so a resumed run feeds the backbone the same batches.

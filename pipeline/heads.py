@@ -454,9 +454,13 @@ class DenseHead(Head):
     @staticmethod
     def versions() -> dict[str, str]:
         import keras
-        import tensorflow as tf
 
-        return {"tensorflow": tf.__version__, "keras": keras.__version__}
+        versions = {"keras": keras.__version__, "backend": keras.backend.backend()}
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            versions["tensorflow"] = tf.__version__
+        return versions
 
     def build(self, mean: np.ndarray, variance: np.ndarray) -> Any:
         """The head on standardised inputs: a fixed Normalization layer holding the training split's
@@ -491,6 +495,9 @@ class DenseHead(Head):
         """A streamed split as tf.data. Training rows come in a fresh global order each epoch,
         read a shard's worth at a time from whichever shards hold them, so memory stays bounded by
         the shard size even when the shards were written class by class."""
+        from pipeline.backend import require_tensorflow
+
+        require_tensorflow("the dense head on streamed features (--stream, or features above --memory-budget)")
         import tensorflow as tf
 
         seed = int(self.params["seed"])

@@ -9,23 +9,32 @@ extract, finetune, predict and the exported SavedModel.
 - `read_and_decode`: the same for one file on its own (the Ray engine's decode tasks), with the
   same classification of failures (`decode_one`, `too_large_error`);
 - `labelled_batches`: files with labels, shuffled and augmented, for training (finetune).
+
+On the TensorFlow backend images decode in a tf.data pipeline; on any other backend Pillow and
+NumPy do the same (pipeline/pixels.py) in a pool of threads, and this module imports no
+TensorFlow (`decoder_identity` names the decoder in the cache's fingerprint).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tensorflow as tf
 
+from pipeline import backend, pixels
 from pipeline.atomic import one_line
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 RESIZE_METHOD = "area-down-bilinear-up"  # part of the fingerprint
@@ -37,9 +46,17 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def decoder_identity() -> str:
+    """The decoder of this process's backend, as the fingerprint names it: "tensorflow" (its
+    version is the fingerprint's backend version) or Pillow with its libjpeg."""
+    return "tensorflow" if backend.is_tensorflow() else pixels.decoder_identity()
+
+
 def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """Read one file into a float32 RGB image of image_size x image_size in 0..255 (see
     decode_bytes_and_resize)."""
+    import tensorflow as tf
+
     return decode_bytes_and_resize(tf.io.read_file(path), image_size)
 
 
@@ -51,6 +68,8 @@ def decode_bytes_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
     when it shrinks (anti-aliased and about twice as fast as anti-aliased bilinear, which matters
     on a CPU where decoding shares the cores with the backbone), bilinear when it grows.
     """
+    import tensorflow as tf
+
     image = tf.io.decode_image(data, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, None])
     image = resize_like_extract(image, image_size)
@@ -61,7 +80,10 @@ def decode_bytes_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
 def resize_like_extract(images: tf.Tensor, image_size: int) -> tf.Tensor:
     """An image (height, width, channels) or a batch of them squashed to image_size x image_size,
     float32: area averaging when both sides shrink, bilinear otherwise. The one definition of
-    extract's resize (the fingerprint's RESIZE_METHOD), also used inside exported SavedModels."""
+    extract's resize (the fingerprint's RESIZE_METHOD), also used inside exported SavedModels.
+    pipeline/pixels.py reproduces it without TensorFlow."""
+    import tensorflow as tf
+
     size = (image_size, image_size)
     spatial = tf.shape(images)[-3:-1]
     shrinks = tf.reduce_all(spatial >= image_size)
@@ -111,6 +133,15 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def header_dimensions(data: bytes) -> tuple[int, int] | None:
+    """The dimensions the pixel limit is checked against: the header parser's, and where it
+    cannot tell, Pillow's reading of the header (on the backends that decode with Pillow)."""
+    dimensions = image_dimensions(data)
+    if dimensions is None and not backend.is_tensorflow():
+        dimensions = pixels.dimensions(data)
+    return dimensions
+
+
 def too_large_error(path: Path, dimensions: tuple[int, int], max_pixels: int) -> PipelineError:
     """An image whose header announces more than `max_pixels`: held back, never decoded."""
     width, height = dimensions
@@ -131,6 +162,13 @@ def decode_one(path: Path, data: bytes, image_size: int) -> tuple[np.ndarray | N
     that such an image is never taken for a damaged one."""
     if not data:
         return None, "empty file"
+    if not backend.is_tensorflow():
+        try:
+            return pixels.decode_and_resize(data, image_size), None
+        except pixels.UndecodableImage:
+            return None, "Pillow cannot decode it (corrupt, truncated or not an image)"
+    import tensorflow as tf
+
     try:
         return decode_bytes_and_resize(tf.constant(data), image_size).numpy(), None
     except tf.errors.InvalidArgumentError:
@@ -165,7 +203,7 @@ def read_and_decode(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_P
     except OSError as error:
         return ReadImage(None, -1, -1, skipped=unreadable_reason(error))
     read = ReadImage(hashlib.sha256(data).hexdigest(), stat.st_size, stat.st_mtime_ns)
-    dimensions = image_dimensions(data)
+    dimensions = header_dimensions(data)
     if dimensions and dimensions[0] * dimensions[1] > max_pixels:
         read.held_back = str(too_large_error(path, dimensions, max_pixels))
         return read
@@ -188,6 +226,7 @@ class EncodedImages:
         self.sha256: dict[int, str] = {}  # file index -> hash of the bytes that were decoded
         self.too_large: dict[int, tuple[int, int]] = {}
         self.unreadable: dict[int, str] = {}
+        self.failed: dict[int, ReadImage] = {}  # the threaded path: how each failed file failed
 
     def _encoded(self) -> Iterator[tuple[int, bytes]]:
         for index, path in enumerate(self.files):
@@ -197,17 +236,23 @@ class EncodedImages:
                 self.unreadable[index] = unreadable_reason(error)
                 continue
             self.sha256[index] = hashlib.sha256(data).hexdigest()
-            dimensions = image_dimensions(data)
+            dimensions = header_dimensions(data)
             if dimensions and dimensions[0] * dimensions[1] > self.max_pixels:
                 self.too_large[index] = dimensions
                 continue
             yield index, data
 
-    def batches(self, image_size: int, batch_size: int,
-                transform: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
+    def batches(self, image_size: int, batch_size: int, transform: Callable[[Any], Any] | None = None,
+                workers: int | None = None) -> Any:
         """(file indices, batch of images) in file order, decoded and resized in parallel ahead of
-        the consumer, `transform` (a backbone's preprocessing) applied per batch. Files that fail
-        are dropped here and known by their missing index (see failure_reason)."""
+        the consumer, `transform` (a backbone's preprocessing) applied to the images. Files that
+        fail are dropped here and known by their missing index (see failure_reason). On the
+        TensorFlow backend a tf.data pipeline of tensors; on others NumPy arrays from `workers`
+        threads (default: every core)."""
+        if not backend.is_tensorflow():
+            return self._threaded_batches(image_size, batch_size, transform, workers or os.cpu_count() or 1)
+        import tensorflow as tf
+
         encoded = tf.data.Dataset.from_generator(self._encoded, output_signature=(
             tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
         images = encoded.map(lambda i, data: (i, decode_bytes_and_resize(data, image_size)),
@@ -218,11 +263,60 @@ class EncodedImages:
                                   deterministic=True)
         return batches.prefetch(tf.data.AUTOTUNE)
 
+    def _threaded_batches(self, image_size: int, batch_size: int, transform: Callable[[Any], Any] | None,
+                          workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The same batches without TensorFlow: each file read, hashed, checked and decoded from
+        one read by a pool of threads (Pillow and NumPy release the GIL while they work), a
+        bounded window of files ahead of the consumer, in file order."""
+
+        def load(index: int) -> tuple[int, ReadImage]:
+            read = read_and_decode(self.files[index], image_size, self.max_pixels)
+            if read.pixels is not None and transform is not None:
+                read.pixels = np.asarray(transform(read.pixels), np.float32)
+            return index, read
+
+        window = max(2 * batch_size, 4 * workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+            pending: collections.deque = collections.deque()
+            upcoming = iter(range(len(self.files)))
+            indices: list[int] = []
+            images: list[np.ndarray] = []
+            try:
+                while True:
+                    while len(pending) < window:
+                        index = next(upcoming, None)
+                        if index is None:
+                            break
+                        pending.append(pool.submit(load, index))
+                    if not pending:
+                        break
+                    index, read = pending.popleft().result()
+                    if read.sha256 is not None:
+                        self.sha256[index] = read.sha256
+                    if read.pixels is None:
+                        self.failed[index] = read
+                        continue
+                    indices.append(index)
+                    images.append(read.pixels)
+                    if len(indices) == batch_size:
+                        yield np.asarray(indices, np.int64), np.stack(images)
+                        indices, images = [], []
+                if indices:
+                    yield np.asarray(indices, np.int64), np.stack(images)
+            finally:
+                for future in pending:
+                    future.cancel()
+
     def failure_reason(self, index: int, image_size: int) -> str:
         """Why a file gave no image, when its bytes cannot be decoded; raises PipelineError when
         the cause is anything else (memory, the pixel limit), so that it is never taken for a
         damaged image."""
         path = self.files[index]
+        if index in self.failed:
+            read = self.failed[index]
+            if read.held_back:
+                raise PipelineError(read.held_back)
+            return read.skipped or "cannot be decoded"
         if index in self.too_large:
             raise too_large_error(path, self.too_large[index], self.max_pixels)
         if index in self.unreadable:
@@ -244,6 +338,8 @@ def labelled_batches(files: list[str], labels: np.ndarray, image_size: int, batc
                      augmentation: list[Any] | None = None, shuffle_seed: int | None = None) -> Any:
     """(images, labels) batches: decoded and squashed (pixels 0..255) as extract does, shuffled
     each epoch with `shuffle_seed`, augmented by `augmentation` (Keras layers) when given."""
+    import tensorflow as tf
+
     dataset = tf.data.Dataset.from_tensor_slices((files, labels.astype(np.int32)))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)

@@ -127,7 +127,7 @@ class LocalEngine:
                 except StopIteration:
                     break
                 result.input_wait_seconds += time.perf_counter() - waiting
-                index = index.numpy()
+                index = np.asarray(index)
                 buffer.add(index, extractor(images))
                 decoded.update(index.tolist())
                 bar.update(len(index))

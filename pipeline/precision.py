@@ -7,15 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
+from pipeline import backend
 from pipeline.errors import PipelineError
 
 PRECISIONS = ("fp32", "bf16", "mixed")
 
 
 def gpu_available() -> bool:
-    return bool(tf.config.list_physical_devices("GPU"))
+    """Whether the backend Keras runs on sees a GPU."""
+    return backend.gpu_available()
 
 
 def cpu_has_bf16() -> bool:

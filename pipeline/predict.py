@@ -26,7 +26,7 @@ class Prediction:
 
 def load_run_model(run: Path) -> tuple[Any, list[str], int]:
     """(model taking pixels 0..255, class names, image size) for a head or fine-tuned run."""
-    from pipeline import classifier
+    from pipeline import backend, classifier
     from pipeline.heads import load_keras_model
     from pipeline.store import Fingerprint
 
@@ -35,10 +35,13 @@ def load_run_model(run: Path) -> tuple[Any, list[str], int]:
     class_names = runs.read_labels(run)
     fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
     if config.get("kind") == "finetune":
+        backend.require_tensorflow("predict with a fine-tuned run (its model.keras resizes by area, which only "
+                                   "TensorFlow's Keras has)")
         path = Path(run) / runs.MODEL_FILE
         model = load_keras_model(path, "fine-tune again")
     else:
-        model, _ = classifier.classifier_for_run(Path(run), config)  # at the precision the features had
+        # At the precision the features had; images arrive squashed by the pipeline's own image path.
+        model, _ = classifier.classifier_for_run(Path(run), config, resize=backend.is_tensorflow())
     if model.output_shape[-1] != len(class_names):
         raise PipelineError(f"{labels_path} lists {len(class_names)} classes, the model has {model.output_shape[-1]}")
     return model, class_names, fingerprint.image_size
@@ -72,8 +75,8 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     source = EncodedImages(files)
     done: set[int] = set()
     for indices, images in source.batches(size, BATCH):
-        proba = np.asarray(model.predict_on_batch(images), np.float64)
-        for index, row in zip(indices.numpy().tolist(), proba):
+        proba = np.asarray(model.predict_on_batch(images), np.float64)[:len(indices)]
+        for index, row in zip(np.asarray(indices).tolist(), proba):
             top = np.argsort(-row, kind="stable")[:top_k]
             results[index] = Prediction(results[index].path, [class_names[i] for i in top],
                                         [float(row[i]) for i in top])

@@ -51,11 +51,17 @@ class Fingerprint:
     layers: tuple[str, ...]
     pooling: str
     precision: str
-    tensorflow: str  # major.minor
+    tensorflow: str  # TensorFlow's major.minor where it computed the features, else "none"
+    backend: str = "tensorflow"  # the Keras backend that computed them: "tensorflow" or "jax-<major.minor>"
+    decoder: str = "tensorflow"  # what decoded the images: TensorFlow, or Pillow with its libjpeg
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, except `backend` and `decoder` where both are TensorFlow: caches made
+        before those fields existed keep their digest (and so their directory)."""
         values = asdict(self)
         values["layers"] = list(self.layers)
+        if self.backend == "tensorflow" and self.decoder == "tensorflow":
+            del values["backend"], values["decoder"]
         return values
 
     @classmethod
