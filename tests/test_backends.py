@@ -1,0 +1,250 @@
+"""Backends: the image path without TensorFlow equals TensorFlow's, the JAX backend's features equal
+the TensorFlow backend's through the whole `extract` command, and nothing on the JAX path imports
+TensorFlow (tests/without_tensorflow.py runs the command line with `import tensorflow` raising).
+
+Equality of features across backends is within 1e-4 relative (fp32): the two backends' kernels
+sum in different orders, and a wrong row differs by orders of magnitude more. Decoded pixels of
+PNG, BMP and GIF are exactly TensorFlow's; after a resize they agree to float32 rounding."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import ROOT, make_image_folder, write_image
+from pipeline import pixels
+from pipeline.cli import main
+from pipeline.images import decode_bytes_and_resize, resize_like_extract
+from pipeline.store import Fingerprint
+
+WITHOUT_TF = ROOT / "tests" / "without_tensorflow.py"
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _png16_rgb(values: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written by hand (Pillow writes no 16-bit RGB)."""
+    height, width, _ = values.shape
+    raw = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _lossless_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    gray = rgb[..., 0]
+    return {
+        "png rgb": _encoded(Image.fromarray(rgb), "PNG"),
+        "png rgba": _encoded(Image.fromarray(np.dstack([rgb, gray])), "PNG"),
+        "png gray": _encoded(Image.fromarray(gray), "PNG"),
+        "png gray+alpha": _encoded(Image.fromarray(np.dstack([gray, rgb[..., 1]]), "LA"), "PNG"),
+        "png palette": _encoded(Image.fromarray(rgb).quantize(50), "PNG"),
+        "png 1-bit": _encoded(Image.fromarray(gray > 128), "PNG"),
+        "png 16-bit gray": _encoded(Image.fromarray(rng.integers(0, 65536, (40, 30)).astype(np.uint16)), "PNG"),
+        "png 16-bit rgb": _png16_rgb(rng.integers(0, 65536, (40, 30, 3)).astype(np.uint16)),
+        "bmp": _encoded(Image.fromarray(rgb), "BMP"),
+        "gif": _encoded(Image.fromarray(rgb).quantize(60), "GIF"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_lossless_images()))
+def test_pillow_path_gives_tensorflows_pixels(name: str) -> None:
+    data = _lossless_images()[name]
+    # 40 x 30 at its own size: no resize, so the decoders alone are compared: exactly equal
+    expected = tf.io.decode_image(data, expand_animations=False, dtype=tf.uint8).numpy()
+    decoded = pixels.decode(data)
+    assert decoded.dtype == np.uint8
+    assert np.array_equal(decoded[..., 0], expected[..., 0])
+    for size in (16, 24, 40, 64):  # shrinking (area), mixed and growing (bilinear)
+        ours = pixels.decode_and_resize(data, size)
+        theirs = decode_bytes_and_resize(tf.constant(data), size).numpy()
+        assert ours.shape == theirs.shape == (size, size, 3)
+        assert np.allclose(ours, theirs, rtol=0, atol=1e-3), (size, np.abs(ours - theirs).max())
+
+
+@pytest.mark.parametrize("shape,size", [((300, 300), 150), ((500, 375), 224), ((28, 28), 64), ((37, 50), 32),
+                                        ((7, 300), 150), ((151, 150), 150), ((31, 29), 224), ((150, 150), 150)])
+def test_resize_matrices_reproduce_tensorflows_resize(shape: tuple[int, int], size: int) -> None:
+    image = np.random.default_rng(1).integers(0, 256, (*shape, 3)).astype(np.uint8)
+    ours = pixels.resize(image, size)
+    theirs = resize_like_extract(tf.constant(image), size).numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 255 * 3e-5  # float32 rounding of two summation orders
+
+
+def test_damaged_bytes_are_undecodable_on_both_paths() -> None:
+    png = _lossless_images()["png rgb"]
+    for damaged in (png[: len(png) // 2], b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40):
+        with pytest.raises(pixels.UndecodableImage):
+            pixels.decode(damaged)
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            decode_bytes_and_resize(tf.constant(damaged), 16).numpy()
+
+
+def test_jpeg_decoders_are_named_in_the_fingerprint() -> None:
+    """JPEG's inverse DCT is each decoder's own: Pillow's and TensorFlow's pixels differ, so the
+    fingerprint names the decoder and the two never share a cache."""
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    data = _encoded(Image.fromarray(rgb), "JPEG", quality=90)
+    differ = np.abs(pixels.decode(data).astype(int)
+                    - tf.io.decode_jpeg(data).numpy().astype(int)).max()
+    assert differ > 0  # if this ever fails, the decoders agree: still named, never mixed
+    assert pixels.decoder_identity().startswith("pillow-")
+    common = dict(backbone="vgg16", weights_source="none", weights_identity="x", image_size=32,
+                  resize_method="area-down-bilinear-up", preprocessing="torch", layers=("block5_pool",),
+                  pooling="none", precision="fp32")
+    on_tf = Fingerprint(**common, tensorflow="2.21")
+    on_jax = Fingerprint(**common, tensorflow="none", backend="jax-0.10", decoder=pixels.decoder_identity())
+    assert on_tf.digest() != on_jax.digest()
+    # a TensorFlow cache made before the fields existed keeps its digest, and so its directory
+    assert "backend" not in on_tf.as_dict()
+    assert Fingerprint.from_dict(on_jax.as_dict()) == on_jax
+
+
+def _run(*args: str, without_tensorflow: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    program = [str(WITHOUT_TF)] if without_tensorflow else [str(ROOT / "run_pipeline.py")]
+    environment = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | (env or {})
+    result = subprocess.run([sys.executable, *program, *args], cwd=ROOT, capture_output=True, text=True,
+                            env=environment, timeout=600)
+    return result
+
+
+def _rows(cache: Path) -> dict[str, np.ndarray]:
+    rows = {}
+    for shard in sorted(cache.glob("shard-*.h5")):
+        with h5py.File(shard, "r") as handle:
+            paths = [p.decode() for p in handle["paths"][:]]
+            layers = sorted(handle["features"])
+            for i, path in enumerate(paths):
+                rows[path] = np.concatenate([handle["features"][name][i].ravel() for name in layers])
+    return rows
+
+
+def _cache_of(output: str) -> Path:
+    return Path(json.loads(output)["cache_dir"])
+
+
+@pytest.mark.parametrize("backbone,size,pooling", [("vgg16", 32, "none"), ("resnet50", 64, "avg")])
+def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_path: Path, backbone: str,
+                                                                               size: int, pooling: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    write_image(data / "cats" / "big.png", seed=99, size=90)  # shrinks: area
+    write_image(data / "dogs" / "small.png", seed=98, size=20, channels=1)  # grows, gray: bilinear
+    common = ["extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--backbone", backbone,
+              "--weights", "none", "--image-size", str(size), "--pooling", pooling, "--precision", "fp32",
+              "--batch-size", "4", "--no-progress", "--json"]
+    on_jax = _run(*common, "--backend", "jax", without_tensorflow=True)
+    assert on_jax.returncode == 0, on_jax.stderr[-2000:]
+    on_tf = _run(*common, "--backend", "tensorflow")
+    assert on_tf.returncode == 0, on_tf.stderr[-2000:]
+    jax_cache, tf_cache = _cache_of(on_jax.stdout), _cache_of(on_tf.stdout)
+    assert jax_cache != tf_cache  # the fingerprint names the backend: never one cache for both
+    fingerprint = json.loads((jax_cache / "manifest.json").read_text())["fingerprint"]
+    assert fingerprint["backend"].startswith("jax-") and fingerprint["decoder"].startswith("pillow-")
+    ours, theirs = _rows(jax_cache), _rows(tf_cache)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 12
+    for path in theirs:
+        scale = np.abs(theirs[path]).max()
+        assert np.abs(ours[path] - theirs[path]).max() <= 1e-4 * scale, path
+    # a rerun on the same backend continues its own cache: nothing new
+    again = _run(*common, "--backend", "jax", without_tensorflow=True)
+    assert again.returncode == 0 and json.loads(again.stdout)["new"] == 0
+
+
+def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    write_image(data / "dogs" / "small.png", seed=97, size=24)
+    cache, models = tmp_path / "cache", tmp_path / "models"
+    extracted = _run("extract", "--data", str(data), "--cache", str(cache), "--weights", "none", "--image-size", "32",
+                     "--precision", "fp32", "--backend", "jax", "--no-progress", "--json", without_tensorflow=True)
+    assert extracted.returncode == 0, extracted.stderr[-2000:]
+    trained = _run("train-head", "--head", "logreg", "--features", str(_cache_of(extracted.stdout)), "--models",
+                   str(models), "--backend", "jax", "--no-progress", "--c-grid", "0.01,1", without_tensorflow=True)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    outputs = {}
+    for name, hidden in (("jax", True), ("tensorflow", False)):
+        target = tmp_path / f"{name}.json"
+        result = _run("predict", "--model", "best", "--models", str(models), str(data), "--output", str(target),
+                      "--backend", name, without_tensorflow=hidden)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[name] = {row["path"]: dict(zip(row["labels"], row["probabilities"]))
+                         for row in json.loads(target.read_text())}
+    assert len(outputs["jax"]) == 13 and outputs["jax"].keys() == outputs["tensorflow"].keys()
+    for path, probabilities in outputs["tensorflow"].items():
+        for label, p in probabilities.items():
+            assert outputs["jax"][path][label] == pytest.approx(p, abs=1e-4)
+
+
+def test_a_damaged_image_is_skipped_with_a_reason_on_jax(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
+                  "--image-size", "32", "--precision", "fp32", "--backend", "jax", "--no-progress", "--json",
+                  without_tensorflow=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert (summary["new"], summary["skipped"]) == (6, 1)
+    assert "cannot decode" in summary["skipped_images"][0]["reason"]
+
+
+def test_the_pixel_limit_reads_headers_pillow_reads(tmp_path: Path) -> None:
+    """On the Pillow path the header check covers what Pillow decodes: a WebP in a .png file is
+    measured by Pillow's header reader and held back when too large, never decoded."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    big = Image.fromarray(np.zeros((1200, 1100, 3), np.uint8))
+    (data / "dogs" / "webp-in-disguise.png").write_bytes(_encoded(big, "WEBP", lossless=True))
+    result = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
+                  "--image-size", "32", "--precision", "fp32", "--backend", "jax", "--max-megapixels", "1",
+                  "--no-progress", without_tensorflow=True)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1100 x 1200 pixels" in errors[0], result.stderr[-1500:]
+    rerun = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
+                 "--image-size", "32", "--precision", "fp32", "--backend", "jax", "--no-progress", "--json",
+                 without_tensorflow=True)
+    assert json.loads(rerun.stdout)["new"] == 1  # the other six were kept; the held-back one is done now
+
+
+def test_commands_that_need_tensorflow_say_so_in_one_line(tmp_path: Path) -> None:
+    for command in (["export", "--model", "best", "--models", str(tmp_path), "--backend", "jax"],
+                    ["finetune", "--from", "best", "--models", str(tmp_path), "--backend", "jax"]):
+        result = _run(*command, without_tensorflow=True)
+        assert result.returncode == 1
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--backend tensorflow" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_the_backend_follows_keras_backend_and_refuses_unknown_ones(tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    result = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
+                  "--image-size", "32", "--precision", "fp32", "--no-progress", "--json",
+                  without_tensorflow=True, env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "jax" in json.loads((_cache_of(result.stdout) / "manifest.json").read_text())["fingerprint"]["backend"]
+    wrong = _run("extract", "--data", str(data), env={"KERAS_BACKEND": "theano"})
+    assert wrong.returncode == 1 and "unknown backend 'theano'" in wrong.stderr
+    # in a process whose Keras already runs on TensorFlow, asking for JAX is one line, not a mix
+    assert main(["extract", "--data", str(data), "--backend", "jax"]) == 1
+    assert "already running on tensorflow" in capsys.readouterr().err
