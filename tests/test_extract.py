@@ -78,7 +78,7 @@ def test_second_run_makes_no_backbone_pass(image_folder: Path, tmp_path: Path, m
     assert second.cache_dir == first.cache_dir
     after = _by_path(FeatureStore(second.cache_dir))
     assert after.keys() == before.keys()
-    assert all(np.array_equal(after[p], before[p]) for p in before)
+    assert all(np.array_equal(after[p], before[p]) for p in before)  # exact: kept rows are never recomputed
 
 
 def test_added_images_alone_go_through_the_backbone(image_folder: Path, tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def test_changed_bytes_are_extracted_again(image_folder: Path, tmp_path: Path) -
     assert (summary.new, summary.backbone_images, summary.images) == (1, 1, 12)
     after = _by_path(FeatureStore(summary.cache_dir))
     assert not np.array_equal(after["cats/img002.png"], before["cats/img002.png"])
-    assert all(np.array_equal(after[p], before[p]) for p in before if p != "cats/img002.png")
+    assert all(np.array_equal(after[p], before[p]) for p in before if p != "cats/img002.png")  # exact: kept, copied
 
 
 def test_removed_image_drops_out_of_what_a_reader_returns(image_folder: Path, tmp_path: Path,
@@ -137,6 +137,7 @@ def test_renamed_image_and_new_class_reuse_cached_features(image_folder: Path, t
     for path, label in zip(everything.paths, everything.labels):
         assert store.class_names[label] == path.split("/")[0]
     after = dict(zip(everything.paths, everything.features["block5_pool"]))
+    # exact: a renamed or relabelled image's row is copied by hash, not recomputed
     assert np.array_equal(after["cats/renamed.png"], before["cats/img000.png"])
     assert np.array_equal(after["ants/img003.png"], before["dogs/img003.png"])
 
@@ -335,4 +336,4 @@ def test_a_copied_data_folder_reuses_the_features_of_the_first(image_folder: Pat
     assert second.cache_dir != first.cache_dir
     assert (second.new, second.backbone_images, second.reused) == (1, 1, 12)
     after = _by_path(FeatureStore(second.cache_dir))
-    assert all(np.array_equal(after[p], before[p]) for p in before)
+    assert all(np.array_equal(after[p], before[p]) for p in before)  # exact: copied from the sibling cache
