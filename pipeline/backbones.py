@@ -5,7 +5,6 @@ base, and the feature extractor that runs it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from typing import Any
 
 import keras

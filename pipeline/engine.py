@@ -31,7 +31,10 @@ class EngineResult:
     retried_units: int = 0  # units of work that were started more than once (the Ray engine)
     restarted_actors: int = 0  # backbone actors Ray started again after one died (the Ray engine)
     nodes: dict[str, int] = field(default_factory=dict)  # units per node that wrote them (the Ray engine)
-    warmup_seconds: float = 0.0  # Ray engine: until an actor began the first unit (start-up, imports, build, decode)
+    # until the backbone was warm: Ray, until an actor began the first unit (start-up, imports, build,
+    # decode); local, the first batch (waiting for it, tracing or compiling the backbone, running it)
+    warmup_seconds: float = 0.0
+    warmup_images: int = 0  # images done within warmup_seconds
     actor_build_seconds: float = 0.0  # Ray engine: the slowest actor's imports, weights and model build
 
 

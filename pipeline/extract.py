@@ -74,13 +74,22 @@ class ExtractSummary:
     retried_units: int = 0  # Ray engine: units of work Ray started more than once
     restarted_actors: int = 0  # Ray engine: backbone actors Ray started again after one died
     nodes: int = 0  # Ray engine: nodes whose workers wrote shards in this run
-    warmup_seconds: float = 0.0  # Ray engine: part of loop_seconds before an actor began the first unit
+    warmup_seconds: float = 0.0  # part of loop_seconds until the backbone was warm (local: the first batch)
+    warmup_images: int = 0  # new images done within warmup_seconds
     actor_build_seconds: float = 0.0  # Ray engine: the slowest actor's set-up (imports, weights, model)
 
     @property
     def images_per_second(self) -> float:
         """New images per second of the extraction loop."""
         return self.new / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+    @property
+    def warm_images_per_second(self) -> float:
+        """New images per second once the backbone was warm (compiled, first batch done): the
+        steady rate a long run tends to. 0 when the run had nothing after its first batch."""
+        seconds = self.loop_seconds - self.warmup_seconds
+        images = self.backbone_images - self.warmup_images
+        return images / seconds if seconds > 0 and images > 0 else 0.0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -100,6 +109,7 @@ class ExtractSummary:
             "restarted_actors": self.restarted_actors,
             "nodes": self.nodes,
             "warmup_seconds": round(self.warmup_seconds, 2),
+            "warm_images_per_second": round(self.warm_images_per_second, 1),
             "actor_build_seconds": round(self.actor_build_seconds, 2),
         }
 
@@ -245,6 +255,7 @@ class _Extraction:
             restarted_actors=result.restarted_actors,
             nodes=len(result.nodes),
             warmup_seconds=result.warmup_seconds,
+            warmup_images=result.warmup_images,
             actor_build_seconds=result.actor_build_seconds,
         )
         self._write_manifest(directory, dataset, summary)

@@ -129,6 +129,8 @@ class LocalEngine:
                 result.input_wait_seconds += time.perf_counter() - waiting
                 index = np.asarray(index)
                 buffer.add(index, extractor(images))
+                if not result.warmup_images:  # the first batch traces or compiles the backbone
+                    result.warmup_seconds, result.warmup_images = time.perf_counter() - started, len(index)
                 decoded.update(index.tolist())
                 bar.update(len(index))
                 first_gap = next((i for i in range(expected, int(index[-1]) + 1) if i not in decoded), None)

@@ -18,7 +18,15 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_features_close, clustered_features, make_image_folder, tiny_options, write_feature_cache, write_image
+from conftest import (
+    ROOT,
+    assert_features_close,
+    clustered_features,
+    make_image_folder,
+    tiny_options,
+    write_feature_cache,
+    write_image,
+)
 from pipeline import runs, store
 from pipeline.cli import main
 from pipeline.dataset import SplitConfig
