@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import atomic
+from pipeline import artefacts, atomic
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_file
 
@@ -125,11 +125,6 @@ def _assign_splits(names: Sequence[str], config: SplitConfig) -> list[str]:
     return splits
 
 
-def sha256_of_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 class HashIndex:
     """Content hashes remembered by (size, mtime) so that rescanning a large unchanged folder
     reads no image bytes.
@@ -167,7 +162,7 @@ class HashIndex:
         if known and known[:2] == (stat.st_size, stat.st_mtime_ns) and stat.st_mtime_ns < trusted_before:
             digest = known[2]
         else:
-            digest = sha256_of_file(path) if read else ""
+            digest = artefacts.file_sha256(path) if read else ""
         self._seen[key] = (stat.st_size, stat.st_mtime_ns, digest)
         return digest, stat.st_size, stat.st_mtime_ns
 

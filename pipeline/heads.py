@@ -8,7 +8,6 @@ Adding a head is adding a class to HEADS.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import warnings
@@ -19,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from pipeline.atomic import one_line
+from pipeline.artefacts import checked_file, file_sha256, load_arrays, load_keras_model, read_json_object
 from pipeline.errors import PipelineError
 
 SIDECAR = "head.json"
@@ -63,14 +62,6 @@ class ArrayFeatures:
         for start in range(0, len(self), rows):
             block = slice(start, start + rows) if order is None else order[start:start + rows]
             yield self.matrix[block], self.labels[block]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def class_weights(labels: np.ndarray, classes: int, mode: str | None) -> np.ndarray:
@@ -145,13 +136,9 @@ class Head(ABC):
     @classmethod
     def load(cls, directory: Path) -> Head:
         sidecar_path = Path(directory) / SIDECAR
-        try:
-            sidecar = json.loads(sidecar_path.read_text())
-            kind = sidecar["kind"]
-        except FileNotFoundError:
-            raise PipelineError(f"{sidecar_path} is missing: {directory} is not a complete head run") from None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise PipelineError(f"{sidecar_path} is damaged ({error}): train the head again") from None
+        sidecar = read_json_object(sidecar_path, "train the head again",
+                                   missing=f"{sidecar_path} is missing: {directory} is not a complete head run")
+        kind = sidecar.get("kind")
         head_class = HEADS.get(kind)
         if head_class is None or (cls is not Head and head_class is not cls):
             raise PipelineError(f"{sidecar_path} describes an unknown head kind {kind!r}")
@@ -371,7 +358,7 @@ class LogRegHead(Head):
 
         np.savez(directory / self.PORTABLE_FILE, **self.linear_parameters())
         joblib.dump(self.model_, directory / self.MODEL_FILE)
-        return {"C": self.C_, "files": {name: _sha256(directory / name)
+        return {"C": self.C_, "files": {name: file_sha256(directory / name)
                                               for name in (self.MODEL_FILE, self.PORTABLE_FILE)}}
 
     def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
@@ -382,18 +369,11 @@ class LogRegHead(Head):
 
         from pipeline.linear import LinearSolution
 
-        path = directory / self.PORTABLE_FILE
-        if not path.is_file():
-            raise PipelineError(f"{path} is missing: train the head again")
-        recorded = sidecar.get("files", {}).get(self.PORTABLE_FILE)
-        if recorded is not None and _sha256(path) != recorded:
-            raise PipelineError(f"{path} does not match the checksum in {SIDECAR} (damaged?): train the head again")
+        path = checked_file(directory / self.PORTABLE_FILE, sidecar.get("files", {}).get(self.PORTABLE_FILE), SIDECAR,
+                            "train the head again")
         self.C_ = sidecar["C"]
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                mean, scale, coef, intercept = (arrays[key] for key in ("mean", "scale", "coef", "intercept"))
-        except (OSError, ValueError, KeyError) as error:
-            raise PipelineError(f"{path} is damaged ({one_line(error)}): train the head again") from None
+        arrays = load_arrays(path, ("mean", "scale", "coef", "intercept"), "train the head again")
+        mean, scale, coef, intercept = (arrays[key] for key in ("mean", "scale", "coef", "intercept"))
         classes = len(self.class_names)
         dimension = self.n_features_in_ if self.n_features_in_ is not None else len(mean)
         rows = 1 if classes == 2 else classes
@@ -555,29 +535,12 @@ class DenseHead(Head):
 
     def _save_model(self, directory: Path) -> dict[str, Any]:
         self.model_.save(directory / self.MODEL_FILE)
-        return {"files": {self.MODEL_FILE: _sha256(directory / self.MODEL_FILE)}}
+        return {"files": {self.MODEL_FILE: file_sha256(directory / self.MODEL_FILE)}}
 
     def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
-        path = directory / self.MODEL_FILE
-        if not path.is_file():
-            raise PipelineError(f"{path} is missing: train the head again")
-        if _sha256(path) != sidecar["files"][self.MODEL_FILE]:
-            raise PipelineError(f"{path} does not match the checksum in {SIDECAR} (damaged?): train the head again")
+        path = checked_file(directory / self.MODEL_FILE, sidecar["files"][self.MODEL_FILE], SIDECAR,
+                            "train the head again")
         self.model_ = load_keras_model(path, "train the head again")
-
-
-def load_keras_model(path: Path, way_out: str) -> Any:
-    """A .keras file in Keras' safe mode: a Lambda layer or any other serialised Python code is
-    refused, not run. Every failure is one line naming the file."""
-    import keras
-
-    try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:  # Keras raises ValueError, TypeError, OSError, zipfile errors...
-        reason = one_line(error)
-        if "safe_mode" in reason or "Lambda" in reason:
-            reason = "it holds Python code (a Lambda layer or a custom function), which is never run here"
-        raise PipelineError(f"cannot load {path}: {reason[:300]}: {way_out}") from None
 
 
 HEADS: dict[str, type[Head]] = {head.kind: head for head in (DenseHead, LogRegHead)}

