@@ -28,12 +28,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
-from pipeline import runs  # noqa: E402
-from pipeline.export import export_run, float32_classifier, tflite_interpreter  # noqa: E402
-from pipeline.finetune import image_records  # noqa: E402
+from pipeline.export import export_run, tflite_interpreter  # noqa: E402
 from pipeline.images import decode_and_resize  # noqa: E402
 from pipeline.predict import predict  # noqa: E402
-from pipeline.train import open_run_features  # noqa: E402
+from pipeline.reader import split_images  # noqa: E402
+from pipeline.runs import Run  # noqa: E402
 
 BATCH = 32
 
@@ -51,11 +50,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     args = parser.parse_args()
     print(machine_line())
-    run = runs.resolve(args.model, args.models)
-    config = runs.read_config(run)
-    class_names = runs.read_labels(run)
-    store, _ = open_run_features(config)
-    files = image_records(store)["test"].files
+    opened = Run.open(args.model, args.models)
+    run, config, class_names = opened.directory, opened.config, opened.class_names
+    store = opened.features()
+    files = split_images(store)["test"].files
     files = files[:args.images] if args.images else files
     size = store.fingerprint.image_size
     print(f"run {run.name} ({config['kind']}, computed in {store.fingerprint.precision}); {len(files)} test images")
@@ -63,7 +61,7 @@ def main() -> None:
     rows = predict(run, [Path(f) for f in files], top_k=len(class_names))
     at_run_precision = np.array([[r.probabilities[r.labels.index(c)] for c in class_names] for r in rows])
     resized = [decode_and_resize(tf.constant(f), size).numpy() for f in files]
-    reference = float32_classifier(run, config)
+    reference = opened.classifier("fp32")
     float32 = np.concatenate([np.asarray(reference(np.stack(b), training=False)) for b in batches(resized)])
     raw = [tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False).numpy() for f in files]
     encoded = [open(f, "rb").read() for f in files]

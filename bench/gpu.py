@@ -102,14 +102,14 @@ def backbone_rate(extractor, batch_size: int, size: int, seconds: float) -> floa
         device_batch = tf.constant(batch)
 
         def step():
-            return {k: v.numpy() for k, v in extractor._forward(device_batch).items()}
+            return {k: v.numpy() for k, v in extractor.on_device(device_batch).items()}
     else:
         import jax
 
         device_batch = jax.device_put(batch)
 
         def step():
-            return jax.block_until_ready(extractor._forward(device_batch))
+            return jax.block_until_ready(extractor.on_device(device_batch))
     step()  # compiles
     passes, started = 0, time.perf_counter()
     while passes < 3 or time.perf_counter() - started < seconds:

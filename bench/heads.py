@@ -28,10 +28,9 @@ import numpy as np  # noqa: E402
 from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.classifier import image_input_layers, weights_for  # noqa: E402
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.finetune import image_records  # noqa: E402
 from pipeline.heads import DenseHead, training_statistics  # noqa: E402
 from pipeline.images import labelled_batches  # noqa: E402
-from pipeline.reader import FeatureView, load_splits  # noqa: E402
+from pipeline.reader import FeatureView, load_splits, split_images  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 from pipeline.train import TrainOptions, train_head  # noqa: E402
 
@@ -52,8 +51,8 @@ def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
     x = keras.layers.Flatten()(keras.layers.Activation("linear", dtype="float32")(backbone(x, training=False)))
     identity = np.zeros(dimension), np.ones(dimension)  # the same layers as the pipeline's head, same cost
     model = keras.Model(pixels, head.build(*identity)(x))
-    model.compile(optimizer=head._optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    train_images = image_records(store)["train"]
+    model.compile(optimizer=head.optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train_images = split_images(store)["train"]
     files, labels = train_images.files, train_images.labels
     train = labelled_batches(files, labels, fingerprint.image_size, int(head.params["batch_size"]), shuffle_seed=0)
     started = time.perf_counter()
@@ -68,7 +67,7 @@ def pipeline_epoch(store: FeatureStore, head: DenseHead) -> tuple[float, float, 
     read = time.perf_counter() - started
     train = splits["train"]
     model = head.build(*training_statistics(train))
-    model.compile(optimizer=head._optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=head.optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     started = time.perf_counter()
     model.fit(train.matrix, train.labels, batch_size=int(head.params["batch_size"]), epochs=1, shuffle=True,
               verbose=0)
@@ -92,7 +91,7 @@ def main() -> None:
     read, ours, dimension = pipeline_epoch(store, head)
     theirs = seeds_epoch(store, head, dimension)
     logreg = train_head(TrainOptions(head="logreg", features=cache, models=args.work / "models", progress=False))
-    images = len(image_records(store)["train"].files)
+    images = len(split_images(store)["train"].files)
     precision = store.fingerprint.precision
     rows = [
         [f"seeds: dense head with the frozen backbone inside ({precision})", f"{theirs:.1f}", "1.0"],

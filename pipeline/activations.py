@@ -4,17 +4,15 @@ larger than memory still trains), shuffled per epoch and augmented on the maps t
 
 from __future__ import annotations
 
-import itertools
 import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from pipeline.errors import PipelineError
-from pipeline.store import MANIFEST_NAME, FeatureStore
+from pipeline.store import FeatureStore, find_caches
 
 # What must match for another cache's activations to be this head's: everything in the
 # fingerprint but the layers and the pooling.
@@ -30,9 +28,9 @@ def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None 
     data_root = store.manifest.get("dataset", {}).get("root")
     wanted = store.fingerprint.as_dict()
     found = []
-    for manifest in root.glob(f"*/{MANIFEST_NAME}"):
+    for directory, _ in find_caches(root):
         try:
-            candidate = FeatureStore(manifest.parent)
+            candidate = FeatureStore(directory)
         except PipelineError:
             continue
         fingerprint = candidate.fingerprint.as_dict()
@@ -43,7 +41,7 @@ def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None 
         raise PipelineError(f"no cache holds {layer} activations for these images: add them with "
                             f"`{_extract_command(store, layer)}` (one pass of every image through the layers below "
                             "it), then rerun")
-    chosen = max(found, key=lambda c: (c.directory / MANIFEST_NAME).stat().st_mtime)
+    chosen = found[0]  # the newest
     _check_same_rows(store, chosen)
     return chosen
 
@@ -76,34 +74,29 @@ def _check_same_rows(store: FeatureStore, activations: FeatureStore) -> None:
 
 def activation_batches(store: FeatureStore, layer: str, split: str, batch_size: int,
                        augmentation: Sequence[Any] | None = None, shuffle_seed: int | None = None,
-                       rows: int | None = None) -> tf.data.Dataset:
+                       rows: int | None = None) -> Any:
     """(maps, labels) batches of one split, read one shard at a time: in the cache's order, or with
     `shuffle_seed` in a new order every epoch (shards, then rows within each). `augmentation`
     (Keras layers, e.g. RandomFlip) is applied to training batches of maps. `rows`: the split's
     size where the caller knows it (else counted from the shard indexes)."""
-    shape = tuple(store.feature_shapes[layer])
-    epochs = itertools.count()
+    from pipeline.fitting import StreamedExamples
 
-    def shards() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        rng = np.random.default_rng((shuffle_seed, next(epochs))) if shuffle_seed is not None else None
+    def shards(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng((shuffle_seed, epoch)) if shuffle_seed is not None else None
         order = rng.permutation(len(store.shards)) if rng is not None else None
         for rows in store.iter_shards(split, [layer], order=order):
             maps, labels = rows.features[layer], rows.labels
             if rng is not None:
                 permutation = rng.permutation(len(labels))
                 maps, labels = maps[permutation], labels[permutation]
-            yield maps.astype(np.float32, copy=False), labels.astype(np.int32, copy=False)
+            yield maps, labels
 
-    dataset = tf.data.Dataset.from_generator(shards, output_signature=(
-        tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32)))
-    if rows is None:
-        rows = len(store.split_indexes()[split].labels)
-    dataset = dataset.unbatch().batch(batch_size)
-    # Keras needs the length of an epoch to run more than one over a generator
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-rows // batch_size)))
+    transform = None
     if augmentation:
         import keras
 
         pipeline = keras.Sequential(list(augmentation))
-        dataset = dataset.map(lambda x, y: (pipeline(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+        transform = lambda maps: pipeline(maps, training=True)  # noqa: E731
+    if rows is None:
+        rows = len(store.split_indexes()[split].labels)
+    return StreamedExamples(shards, rows, batch_size, transform)

@@ -27,6 +27,13 @@ class Augmentation:
     def off(cls) -> Augmentation:
         return cls("none", 0.0, 0.0, 0.0, 0.0)
 
+    @classmethod
+    def default(cls, cached: bool = False) -> Augmentation:
+        """The default of `finetune` (Python API and command line alike): flips on images; none on
+        cached maps (a flipped block4_pool map is not the map of a flipped image: measured harmful
+        for flattened heads, see README)."""
+        return cls("none") if cached else cls()
+
     def layers(self, seed: int) -> list[Any]:
         import keras
 

@@ -13,11 +13,9 @@ import numpy as np
 from pipeline import backend
 from pipeline.errors import PipelineError
 from pipeline.precision import dtype_policy
+from pipeline.reader import POOLINGS, pool
 from pipeline.registry import BackboneSpec
 from pipeline.weights import ResolvedWeights, load_weights
-
-POOLINGS = ("none", "avg", "max")
-
 
 # --- preprocessing: belongs to the weights, never to the caller ----------------------------------
 
@@ -116,16 +114,7 @@ class FeatureExtractor:
         return self._pooled(self.model(images, training=False))
 
     def _pooled(self, maps: dict[str, Any]) -> dict[str, Any]:
-        ops = keras.ops
-        features = {}
-        for name in self.layers:
-            values = ops.cast(maps[name], "float32")
-            if self.pooling == "avg":
-                values = ops.mean(values, axis=(1, 2))
-            elif self.pooling == "max":
-                values = ops.max(values, axis=(1, 2))
-            features[name] = values
-        return features
+        return {name: pool(keras.ops.cast(maps[name], "float32"), self.pooling, keras.ops) for name in self.layers}
 
     def _jax_forward(self) -> Any:
         """The backbone as one jitted function of its variables and the images: Keras 3's
@@ -141,6 +130,11 @@ class FeatureExtractor:
             return self._pooled(maps)
 
         return lambda images: forward(trainable, fixed, images)
+
+    def on_device(self, images: Any) -> dict[str, Any]:
+        """The features of a batch already where the backend computes (a tf.Tensor, a JAX array),
+        left there: no copy to the host (benchmarks of the backbone alone)."""
+        return self._forward(images)
 
     def __call__(self, images: Any) -> dict[str, np.ndarray]:
         count = int(images.shape[0])

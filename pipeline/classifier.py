@@ -3,7 +3,8 @@ rebuilt exactly as its feature cache was made, the cached layers pooled or flatt
 read them, and the head (a logistic regression becomes a fixed standardisation and an equivalent
 Dense softmax layer).
 
-Used by finetune (to train it end to end) and predict (to run any head run on images).
+Used through pipeline/run.py (Run.classifier, Run.trainable_classifier): finetune trains it end to
+end, predict and export run it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipeline import backend
 from pipeline.backbones import PREPROCESSING, build_backbone, preprocess, preprocessing_layers
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
-from pipeline.reader import FeatureView
+from pipeline.reader import FeatureView, keras_layer
 from pipeline.registry import get_backbone
 from pipeline.store import Fingerprint
 from pipeline.weights import ResolvedWeights
@@ -43,13 +44,9 @@ class ImagePreprocessing(keras.layers.Layer):
     def call(self, images: Any) -> Any:
         import tensorflow as tf
 
-        images = tf.cast(images, tf.float32)
-        size = (self.image_size, self.image_size)
-        shape = tf.shape(images)
-        shrinks = tf.logical_and(shape[1] >= self.image_size, shape[2] >= self.image_size)
-        images = tf.cond(shrinks, lambda: tf.image.resize(images, size, method="area"),
-                         lambda: tf.image.resize(images, size, method="bilinear"))
-        return preprocess(images, self.mode)
+        from pipeline.images import resize_like_extract
+
+        return preprocess(resize_like_extract(tf.cast(images, tf.float32), self.image_size), self.mode)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (input_shape[0], self.image_size, self.image_size, 3)
@@ -77,9 +74,7 @@ def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
     for name, tensor in zip(view.layers, outputs):
         tensor = keras.layers.Activation("linear", dtype="float32", name=f"{name}_float32")(tensor)
         if len(tensor.shape) == 4:
-            pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D,
-                    "none": keras.layers.Flatten}[view.pooling]
-            tensor = pool(name=f"{name}_{view.pooling}")(tensor)
+            tensor = keras_layer(view.pooling, f"{name}_{view.pooling}")(tensor)
         parts.append(tensor)
     return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
 
@@ -120,13 +115,33 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
     return keras.Model(pixels, probabilities, name="classifier"), backbone
 
 
-def classifier_for_run(run: Path, config: dict[str, Any], precision: str | None = None,
-                       resize: bool = True) -> tuple[keras.Model, keras.Model]:
-    """build_classifier for a head run, from its config.json alone (the feature cache need not exist)."""
-    fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
-    weights = weights_for(fingerprint, config["features"].get("weights", {}).get("path"))
-    view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
-    return build_classifier(fingerprint, weights, view, Head.load(run), precision, resize)
+_MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "bfloat16", "float16")
+
+
+def load_finetuned(path: Path, float32: bool = False) -> keras.Model:
+    """A fine-tuned run's saved classifier (safe mode), as trained or computing in float32
+    (every mixed or low-precision dtype policy replaced: its weights are float32 already)."""
+    from pipeline.artefacts import load_keras_model
+
+    trained = load_keras_model(path, "fine-tune again")
+    if not float32:
+        return trained
+    if any(type(layer).__name__ == "ImagePreprocessing" for layer in trained.layers):
+        raise PipelineError(f"{path.parent} was fine-tuned by an earlier version whose model needs this package to "
+                            "load: fine-tune it again to export it")
+    model = keras.Model.from_config(_float32_config(trained.get_config()))
+    model.set_weights(trained.get_weights())
+    return model
+
+
+def _float32_config(value: Any) -> Any:
+    """A model config with every mixed or low-precision dtype policy replaced by float32."""
+    if isinstance(value, dict):
+        return {key: "float32" if isinstance(item, str) and item in _MIXED_POLICIES else _float32_config(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_float32_config(item) for item in value]
+    return value
 
 
 def unfreeze(backbone: keras.Model, point: str) -> list[str]:

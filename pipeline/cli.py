@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.augmentation import Augmentation
 from pipeline.chatter import native_chatter_filtered
 from pipeline.errors import PipelineError
+from pipeline.reader import POOLINGS
 from pipeline.registry import BACKBONES
 
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--image-size", type=_positive_int, default=None,
                          help="square input size (default: " + ", ".join(
                              f"{spec.default_image_size} for {name}" for name, spec in BACKBONES.items()) + ")")
-    extract.add_argument("--pooling", default="none", choices=("none", "avg", "max"),
+    extract.add_argument("--pooling", default="none", choices=POOLINGS,
                          help="none keeps the full feature map (default)")
     extract.add_argument("--layer", type=_layers, default=None, metavar="NAME[,NAME...]",
                          help="feature layer(s) (default: the last convolutional block's output)")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default=None, help="run name (default: from dataset, head, features, settings)")
     train.add_argument("--layer", type=_layers, default=None, metavar="NAME[,NAME...]",
                        help="cached layer(s) to use, concatenated (default: all the cache holds)")
-    train.add_argument("--pooling", default=None, choices=("none", "avg", "max"),
+    train.add_argument("--pooling", default=None, choices=POOLINGS,
                        help="pool spatial features at read time (default: as extracted; none flattens)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--class-weight", default=None, choices=("none", "balanced"),
@@ -350,7 +351,7 @@ def _finetune(args: argparse.Namespace) -> int:
     require_tensorflow("finetune (its image pipeline is tf.data)")
     from pipeline.finetune import FinetuneOptions, finetune
 
-    flip = args.flip or ("none" if args.cached else Augmentation().flip)
+    flip = args.flip or Augmentation.default(args.cached).flip
     augmentation = Augmentation.off() if args.augment == "none" else Augmentation(
         flip, args.rotation, args.zoom, args.translation, args.contrast)
     summary = finetune(FinetuneOptions(

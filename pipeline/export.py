@@ -33,12 +33,11 @@ import tensorflow as tf
 
 from pipeline import atomic, runs
 from pipeline.errors import PipelineError
-from pipeline.store import Fingerprint
+from pipeline.runs import Run
 
 FORMATS = ("keras", "savedmodel", "tflite")
 DETAILS = "export.json"
 RESIZE_RULE = "squashed to N x N: area interpolation when both sides shrink, bilinear otherwise"
-_MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "bfloat16", "float16")
 
 
 @dataclass
@@ -50,45 +49,10 @@ class ExportSummary:
     details: dict[str, Any]
 
 
-def float32_classifier(run: Path, config: dict[str, Any]) -> keras.Model:
-    """The run's classifier (pixels of any size -> probabilities) computing in float32."""
-    if config.get("kind") == "finetune":
-        from pipeline.heads import load_keras_model
-
-        trained = load_keras_model(Path(run) / runs.MODEL_FILE, "fine-tune again")
-        if any(type(layer).__name__ == "ImagePreprocessing" for layer in trained.layers):
-            raise PipelineError(f"{run} was fine-tuned by an earlier version whose model needs this package to load: "
-                                "fine-tune it again to export it")
-        model = keras.Model.from_config(_float32_config(trained.get_config()))
-        model.set_weights(trained.get_weights())
-        return model
-    from pipeline.classifier import classifier_for_run
-
-    model, _ = classifier_for_run(Path(run), config, "fp32")
-    return model
-
-
-def _float32_config(value: Any) -> Any:
-    """A model config with every mixed or low-precision dtype policy replaced by float32."""
-    if isinstance(value, dict):
-        return {key: "float32" if isinstance(item, str) and item in _MIXED_POLICIES else _float32_config(item)
-                for key, item in value.items()}
-    if isinstance(value, list):
-        return [_float32_config(item) for item in value]
-    return value
-
-
 def without_resize(model: keras.Model) -> keras.Model:
     """The classifier from images already at its size: the part after its Resizing layer."""
     normalise = next(layer for layer in model.layers if layer.name.startswith("normalise_"))
     return keras.Model(normalise.input, model.output, name="classifier_resized_input")
-
-
-def _check_run(run: Path) -> tuple[dict[str, Any], list[str], Fingerprint]:
-    config = runs.read_config(run)
-    class_names = runs.read_labels(run)
-    fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
-    return config, class_names, fingerprint
 
 
 def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: bool = False,
@@ -97,15 +61,15 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         raise PipelineError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
     if quantize and fmt != "tflite":
         raise PipelineError("--quantize applies to --format tflite only")
-    run = runs.resolve(run, models)
-    config, class_names, fingerprint = _check_run(run)
-    out = Path(out) if out is not None else Path(run) / "export"
+    opened = Run.open(run, models)
+    run, class_names, fingerprint = opened.directory, opened.class_names, opened.fingerprint
+    out = Path(out) if out is not None else run / "export"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PipelineError(atomic.os_error_message(error, "cannot export into")) from None
     started = time.perf_counter()
-    model = float32_classifier(run, config)
+    model = opened.classifier("fp32")
     size = fingerprint.image_size
     if fmt == "keras":
         path = out / "model.keras"
@@ -125,7 +89,7 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     seconds = time.perf_counter() - started
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     size_bytes = sum(f.stat().st_size for f in files if f.is_file())
-    details = _details(run, config, class_names, fingerprint, fmt, path, quantize, size_bytes, checks)
+    details = _details(opened, fmt, path, quantize, size_bytes, checks)
     runs.write_labels(out, class_names)
     details_path = out / DETAILS
     try:
@@ -138,11 +102,12 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     return ExportSummary(path, fmt, size_bytes, seconds, details | {"format": formats[path.name]})
 
 
-def _details(run: Path, config: dict[str, Any], class_names: list[str], fingerprint: Fingerprint, fmt: str,
-             path: Path, quantize: bool, size_bytes: int, checks: dict[str, Any]) -> dict[str, Any]:
+def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
+             checks: dict[str, Any]) -> dict[str, Any]:
     import sklearn
 
-    metrics = runs.read_metrics(run)
+    run, config, class_names, fingerprint = opened.directory, opened.config, opened.class_names, opened.fingerprint
+    metrics = opened.metrics
     size = fingerprint.image_size
     inputs = {
         "keras": f"float32 or uint8 RGB pixels 0..255, shape (batch, height, width, 3), any size; resized inside to "

@@ -9,9 +9,8 @@ cache (pipeline/activations.py) through the classifier's part above it (pipeline
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,12 +20,14 @@ import numpy as np
 from pipeline import report, runs
 from pipeline.activations import activation_batches, cached_activations
 from pipeline.augmentation import Augmentation
-from pipeline.classifier import TRAINING_POLICY, classifier_for_run, layer_below, top_model, unfreeze
+from pipeline.classifier import TRAINING_POLICY, layer_below, top_model, unfreeze
 from pipeline.errors import PipelineError
+from pipeline.fitting import fit_verbosity, history_rows
 from pipeline.images import labelled_batches
+from pipeline.reader import SplitImages, split_images
 from pipeline.registry import get_backbone
+from pipeline.runs import FORMAT_VERSION, Run, RunSummary, score_splits
 from pipeline.store import SPLITS, FeatureStore
-from pipeline.train import RunSummary, open_run_features, score_run
 
 
 @dataclass
@@ -45,7 +46,7 @@ class FinetuneOptions:
     clipnorm: float = 1.0
     batch_size: int = 16
     patience: int = 3
-    augmentation: Augmentation = field(default_factory=Augmentation)
+    augmentation: Augmentation | None = None  # default: Augmentation.default(cached), as the command line
     precision: str | None = None  # default: as the cache (bf16 caches train in mixed bfloat16)
     seed: int = 0
     progress: bool = True
@@ -53,39 +54,12 @@ class FinetuneOptions:
     cache_root: Path | None = None  # where to look for them (default: beside the head's cache)
 
     def __post_init__(self) -> None:
+        if self.augmentation is None:
+            self.augmentation = Augmentation.default(self.cached)
         a = self.augmentation
         if self.cached and any((a.rotation, a.zoom, a.translation, a.contrast)):
             raise PipelineError("--cached augments by flipping the cached maps only: rotation, zoom, translation and "
                                 "contrast need images (drop them, or fine-tune without --cached)")
-
-
-@dataclass(frozen=True)
-class SplitImages:
-    """One split's images: absolute files, labels, and paths as the cache records them. Scored
-    like a split of features (reports need labels, paths and a length)."""
-
-    files: list[str]
-    labels: np.ndarray
-    paths: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def image_records(store: FeatureStore) -> dict[str, SplitImages]:
-    """For every split: the image files of the cache's rows, their labels and cache-relative paths."""
-    root = Path(store.manifest.get("dataset", {}).get("root", ""))
-    records = {}
-    for split, index in store.split_indexes().items():
-        files = [str(root / p) for p in index.paths]
-        missing = [f for f in files[:50] if not Path(f).is_file()]
-        if missing:
-            raise PipelineError(
-                f"the images of {store.directory} are no longer under {root} ({missing[0]} is missing): "
-                "move them back, or extract from their new place and train a head on that cache"
-            )
-        records[split] = SplitImages(files, index.labels, index.paths)
-    return records
 
 
 def _predict(model: keras.Model, files: list[str], image_size: int, batch_size: int) -> np.ndarray:
@@ -142,15 +116,13 @@ class KeepBest(keras.callbacks.Callback):
 
 def finetune(options: FinetuneOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
-    source = runs.resolve(options.source, options.models, kind="head")
-    config = runs.read_config(source)
-    if config.get("kind") != "head":
-        raise PipelineError(f"{source} is a {config.get('kind')} run: fine-tune starts from a head run")
-    store, view = open_run_features(config)
+    head_run = Run.open(options.source, options.models, kind="head")
+    source, config, view = head_run.directory, head_run.config, head_run.view
+    store = head_run.features()
     fingerprint = store.fingerprint
     precision = options.precision or TRAINING_POLICY[fingerprint.precision]
     keras.utils.set_random_seed(options.seed)
-    model, backbone = classifier_for_run(source, config, precision)
+    model, backbone = head_run.trainable_classifier(precision)
     unfreeze_point = options.unfreeze or get_backbone(fingerprint.backbone).default_unfreeze
     suffix = "-cached" if options.cached else ""
     name = runs.check_run_name(options.name or f"{source.name}-finetuned-{unfreeze_point}{suffix}")
@@ -160,7 +132,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         activations = cached_activations(store, below, options.cache_root)
         data = _CachedActivations(activations, below, top_model(model, backbone, below, view), options)
     else:
-        data = _Images(image_records(store), model, fingerprint.image_size, options)
+        data = _Images(split_images(store), model, fingerprint.image_size, options)
     target = data.model  # the model trained: the classifier, or its part above the cached layer
 
     before = data.predict("test")
@@ -182,14 +154,14 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     ]
     started = time.perf_counter()
     history = target.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks,
-                         shuffle=False, verbose=(1 if sys.stdout.isatty() else 2) if options.progress else 0)
+                         shuffle=False, verbose=fit_verbosity(options.progress))
     seconds = time.perf_counter() - started
-    rows = [{"epoch": i + 1} | {k: float(v[i]) for k, v in history.history.items()}
-            for i in range(len(history.history["loss"]))]
+    rows = history_rows(history)
 
     probabilities = {split: data.predict(split) for split in SPLITS}
     train_images = len(data.records["train"])
     run_config = {
+        "format_version": FORMAT_VERSION,
         "name": name,
         "kind": "finetune",
         "from": str(source.resolve()),
@@ -221,8 +193,8 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         runs.write_run_files(directory, run_config, store.class_names,
                              {split: data.records[split].paths for split in SPLITS})
         report.write_history(directory, rows, "epochs")
-        metrics, text = score_run(directory, lambda split: probabilities[split], data.records, store.class_names,
-                                  name)
+        metrics, text = score_splits(directory, lambda split: probabilities[split], data.records,
+                                     store.class_names, name)
         metrics["test_before_finetune"] = test_before
         runs.write_metrics(directory, metrics)
     return RunSummary(final, metrics, seconds, text, True, run_config)
@@ -294,7 +266,7 @@ class _CachedActivations:
     def predict(self, split: str) -> np.ndarray:
         if not len(self.records[split]):
             return np.zeros((0, self.model.output_shape[-1]))
-        return np.asarray(self.model.predict(self.batches(split).map(lambda x, y: x), verbose=0), np.float64)
+        return np.asarray(self.model.predict(self.batches(split), verbose=0), np.float64)  # labels unused
 
     def describe(self) -> dict[str, Any]:
         return {"source": "cached activations", "layer": self.layer, "cache": str(self.store.directory.resolve()),

@@ -1,9 +1,11 @@
 """Classifier heads trained on cached feature vectors, behind one small interface.
 
-A head is made with its class names and parameters, `fit(train, validation)` returns one history
-row per epoch (dense) or per C tried (logreg), `predict_proba(data)` gives (n, classes)
-probabilities, and `save(dir)` / `load(dir)` round-trip it with a JSON sidecar that loading checks.
-Adding a head is adding a class to HEADS.
+Heads follow scikit-learn's estimator contract: made with their parameters, `fit(train,
+validation)` returns the head itself, having learned its classes (`classes_`, the class names of
+the features) and kept its search or training history (`history_`: one row per C tried or per
+epoch; the logistic regression's also as `cv_results_`, a mapping of columns); `predict_proba(data)`
+gives (n, classes) probabilities; `save(dir)` / `load(dir)` round-trip it with a JSON sidecar that
+loading checks (pipeline/artefacts.py). Adding a head is adding a class to HEADS.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Features(Protocol):
     labels: np.ndarray
     dimension: int
     matrix: np.ndarray | None
+    class_names: list[str] | None  # the classes the labels index, where the source knows them
 
     @property
     def in_memory(self) -> bool: ...
@@ -47,10 +50,11 @@ class Features(Protocol):
 class ArrayFeatures:
     """Features from arrays in memory: `ArrayFeatures(x, y)` for a head fitted outside the pipeline."""
 
-    def __init__(self, matrix: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, matrix: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None) -> None:
         self.matrix = np.asarray(matrix, np.float32).reshape(len(matrix), -1)
         self.labels = np.asarray(labels, np.int32)
         self.dimension = self.matrix.shape[1]
+        self.class_names = class_names
 
     in_memory = True
     shard_rows = 4096
@@ -81,18 +85,33 @@ class Head(ABC):
     kind: ClassVar[str]
     DEFAULTS: ClassVar[dict[str, Any]]
 
-    def __init__(self, class_names: list[str], params: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, class_names: list[str] | None = None, params: Mapping[str, Any] | None = None) -> None:
         unknown = sorted(set(params or {}) - set(self.DEFAULTS))
         if unknown:
             flag = "--" + unknown[0].replace("_", "-")
             raise PipelineError(f"{flag} does not apply to --head {self.kind}")
-        self.class_names = list(class_names)
+        self.class_names = list(class_names or [])  # learned again by fit where the features name them
         self.params = dict(self.DEFAULTS) | {k: v for k, v in (params or {}).items() if v is not None}
         self.n_features_in_: int | None = None
+        self.history_: list[dict[str, float]] = []
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.asarray(self.class_names)
+
+    def fit(self, train: Features, validation: Features, progress: bool = True) -> Head:
+        """Learn the classes and the dimension from `train`, fit, keep the history; returns self."""
+        names = getattr(train, "class_names", None) or self.class_names
+        if not names:
+            names = [str(i) for i in range(int(np.max(train.labels)) + 1 if len(train.labels) else 0)]
+        self.class_names = list(names)
+        self.n_features_in_ = train.dimension
+        self.history_ = self._fit(train, validation, progress)
+        return self
 
     @abstractmethod
-    def fit(self, train: Features, validation: Features, progress: bool = True) -> list[dict[str, float]]:
-        ...
+    def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
+        """Fit on learned classes; return the history rows."""
 
     @abstractmethod
     def predict_proba(self, data: Features) -> np.ndarray:
@@ -101,7 +120,7 @@ class Head(ABC):
     HISTORY_AXIS: ClassVar[str]  # what one history row stands for: "epochs" or "C"
 
     @abstractmethod
-    def outcome(self, history: list[dict[str, float]]) -> dict[str, Any]:
+    def outcome(self) -> dict[str, Any]:
         """What fitting chose, for the run's config (the C, or the epochs run and the best one)."""
 
     @abstractmethod
@@ -229,8 +248,7 @@ class LogRegHead(Head):
     def _sklearn_class_weight(self) -> str | None:
         return None if self.params["class_weight"] in (None, "none") else self.params["class_weight"]
 
-    def fit(self, train: Features, validation: Features, progress: bool = True) -> list[dict[str, float]]:
-        self.n_features_in_ = train.dimension
+    def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         if train.in_memory and validation.in_memory:
             rows = self._search_in_memory(train, validation, progress)
         else:
@@ -239,6 +257,11 @@ class LogRegHead(Head):
         if train.in_memory:
             self._refit_in_memory(train)
         return rows
+
+    @property
+    def cv_results_(self) -> dict[str, list]:
+        """The C search as scikit-learn's searches keep it: one list per column, one entry per C."""
+        return {key: [row[key] for row in self.history_] for key in (self.history_[0] if self.history_ else {})}
 
     def _search_in_memory(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         from joblib import Parallel, delayed
@@ -316,8 +339,8 @@ class LogRegHead(Head):
         parts = [self.model_.predict_proba(vectors) for vectors, _ in data.chunks()]
         return np.concatenate(parts) if parts else np.zeros((0, classes))
 
-    def outcome(self, history: list[dict[str, float]]) -> dict[str, Any]:
-        return {"chosen_C": self.C_, "C_tried": len(history)}
+    def outcome(self) -> dict[str, Any]:
+        return {"chosen_C": self.C_, "C_tried": len(self.history_)}
 
     def as_keras(self) -> Any:
         """The scaler and the logistic regression as Keras layers computing the same
@@ -461,7 +484,8 @@ class DenseHead(Head):
                                      dtype="float32")(x)
         return keras.Model(inputs, outputs, name="dense_head")
 
-    def _optimizer(self) -> Any:
+    def optimizer(self) -> Any:
+        """A fresh Keras optimizer as the head's parameters say (also for models built around it)."""
         import keras
 
         lr = float(self.params["lr"])
@@ -472,33 +496,26 @@ class DenseHead(Head):
         }[self.params["optimizer"]]()
 
     def _dataset(self, data: Features, shuffle: bool) -> Any:
-        """A streamed split as tf.data. Training rows come in a fresh global order each epoch,
+        """A streamed split as Keras batches. Training rows come in a fresh global order each epoch,
         read a shard's worth at a time from whichever shards hold them, so memory stays bounded by
         the shard size even when the shards were written class by class."""
-        from pipeline.backend import require_tensorflow
-
-        require_tensorflow("the dense head on streamed features (--stream, or features above --memory-budget)")
-        import tensorflow as tf
+        from pipeline.fitting import StreamedExamples
 
         seed = int(self.params["seed"])
-        epoch = iter(range(1 << 30))
 
-        def blocks():
-            order = np.random.default_rng(seed + next(epoch)).permutation(len(data)) if shuffle else None
+        def chunks(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            order = np.random.default_rng(seed + epoch).permutation(len(data)) if shuffle else None
             yield from data.chunks(rows=data.shard_rows, order=order)
 
-        signature = (tf.TensorSpec((None, data.dimension), tf.float32), tf.TensorSpec((None,), tf.int32))
-        dataset = tf.data.Dataset.from_generator(blocks, output_signature=signature)
-        batch = int(self.params["batch_size"])
-        batches = -(-len(data) // batch)
-        return dataset.rebatch(batch).apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)
+        return StreamedExamples(chunks, len(data), int(self.params["batch_size"]))
 
-    def fit(self, train: Features, validation: Features, progress: bool = True) -> list[dict[str, float]]:
+    def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         import keras
 
-        self.n_features_in_ = train.dimension
+        from pipeline.fitting import fit_verbosity, history_rows
+
         self.model_ = self.build(*training_statistics(train))
-        self.model_.compile(optimizer=self._optimizer(), loss="sparse_categorical_crossentropy",
+        self.model_.compile(optimizer=self.optimizer(), loss="sparse_categorical_crossentropy",
                            metrics=["accuracy"])
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
         patience = int(self.params["patience"])
@@ -507,7 +524,7 @@ class DenseHead(Head):
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3),
                                               min_lr=1e-6),
         ]
-        verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
+        verbose = fit_verbosity(progress)
         common = dict(epochs=int(self.params["epochs"]), callbacks=callbacks, verbose=verbose,
                       class_weight=None if self.params["class_weight"] == "none" else dict(enumerate(weights)))
         if train.in_memory and validation.in_memory:
@@ -517,10 +534,10 @@ class DenseHead(Head):
         else:
             history = self.model_.fit(self._dataset(train, shuffle=True), shuffle=False,
                                      validation_data=self._dataset(validation, shuffle=False), **common)
-        epochs = len(history.history["loss"])
-        return [{"epoch": i + 1} | {k: float(v[i]) for k, v in history.history.items()} for i in range(epochs)]
+        return history_rows(history)
 
-    def outcome(self, history: list[dict[str, float]]) -> dict[str, Any]:
+    def outcome(self) -> dict[str, Any]:
+        history = self.history_
         best = min(range(len(history)), key=lambda i: history[i].get("val_loss", float("inf"))) if history else None
         return {"epochs_run": len(history), "best_epoch": None if best is None else best + 1}
 
@@ -551,7 +568,7 @@ def head_parameters() -> list[str]:
     return sorted({name for head in HEADS.values() for name in head.DEFAULTS} - {"seed", "tol"})
 
 
-def make_head(kind: str, class_names: list[str], params: Mapping[str, Any] | None = None) -> Head:
+def make_head(kind: str, class_names: list[str] | None = None, params: Mapping[str, Any] | None = None) -> Head:
     if kind not in HEADS:
         raise PipelineError(f"unknown head {kind!r}: choose from {', '.join(sorted(HEADS))}")
     return HEADS[kind](class_names, params)

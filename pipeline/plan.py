@@ -73,12 +73,8 @@ def add_sibling_sources(plan: UpdatePlan, directory: Path, fingerprint: Fingerpr
     if not wanted:
         return
     found: dict[str, tuple[Path, int]] = {}
-    for sibling in sorted(directory.parent.iterdir()):
-        if sibling == directory or not sibling.is_dir():
-            continue
+    for sibling, _ in store.find_caches(directory.parent, fingerprint.digest(), exclude=directory):
         try:
-            if store.read_manifest(sibling).get("fingerprint_digest") != fingerprint.digest():
-                continue
             for shard_path in store.shard_paths(sibling):
                 index = store.read_shard_index(shard_path, fingerprint)
                 for row, digest in enumerate(index.sha256):

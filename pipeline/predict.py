@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from pipeline import atomic, runs
+from pipeline import atomic, backend
 from pipeline.errors import PipelineError
+from pipeline.runs import Run
 
 BATCH = 32
 
@@ -22,29 +22,6 @@ class Prediction:
     labels: list[str]
     probabilities: list[float]
     error: str | None = None
-
-
-def load_run_model(run: Path) -> tuple[Any, list[str], int]:
-    """(model taking pixels 0..255, class names, image size) for a head or fine-tuned run."""
-    from pipeline import backend, classifier
-    from pipeline.heads import load_keras_model
-    from pipeline.store import Fingerprint
-
-    config = runs.read_config(run)
-    labels_path = Path(run) / runs.LABELS_FILE
-    class_names = runs.read_labels(run)
-    fingerprint = Fingerprint.from_dict(config["features"]["fingerprint"])
-    if config.get("kind") == "finetune":
-        backend.require_tensorflow("predict with a fine-tuned run (its model.keras resizes by area, which only "
-                                   "TensorFlow's Keras has)")
-        path = Path(run) / runs.MODEL_FILE
-        model = load_keras_model(path, "fine-tune again")
-    else:
-        # At the precision the features had; images arrive squashed by the pipeline's own image path.
-        model, _ = classifier.classifier_for_run(Path(run), config, resize=backend.is_tensorflow())
-    if model.output_shape[-1] != len(class_names):
-        raise PipelineError(f"{labels_path} lists {len(class_names)} classes, the model has {model.output_shape[-1]}")
-    return model, class_names, fingerprint.image_size
 
 
 def image_files(targets: list[Path]) -> list[Path]:
@@ -66,8 +43,14 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     a file that is not a readable image gets an error instead."""
     from pipeline.images import EncodedImages
 
-    run = runs.resolve(run, models)
-    model, class_names, size = load_run_model(run)
+    opened = Run.open(run, models)
+    if opened.kind == "finetune":
+        backend.require_tensorflow("predict with a fine-tuned run (its model.keras resizes by area, which only "
+                                   "TensorFlow's Keras has)")
+    # At the precision the features had. On TensorFlow the model resizes inside (as exported);
+    # elsewhere the pipeline's image path has squashed the images already.
+    model = opened.classifier(resize=backend.is_tensorflow())
+    class_names, size = opened.class_names, opened.fingerprint.image_size
     files = image_files(targets)
     if not files:
         raise PipelineError(f"no images found in {', '.join(map(str, targets))}")

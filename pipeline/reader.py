@@ -1,4 +1,5 @@
-"""Head inputs read from a feature cache.
+"""Head inputs read from a feature cache, and the one definition of pooling (`pool`,
+`keras_layer`), also used by extract and inside saved classifiers.
 
 Each chosen layer is pooled (or flattened) at read time and the layers are concatenated into one
 vector per image, so one extract serves flattened and pooled heads. A split is held in memory when
@@ -12,25 +13,52 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import MANIFEST_NAME, FeatureStore
+from pipeline.store import FeatureStore, find_caches
 
 POOLINGS = ("none", "avg", "max")
+_KERAS_LAYERS = {"none": "Flatten", "avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
+
+
+# Pooling: how a spatial map (batch, height, width, channels) becomes a vector, the one definition
+# used by extract (pooled caches), this reader (pooling at read time) and the classifier (the same
+# view as Keras layers inside a saved model). "none" keeps the map (flattened where a vector is
+# needed, row-major as Keras' Flatten), "avg" and "max" pool over height and width.
+
+
+def pool(maps: Any, pooling: str, ops: Any = np) -> Any:
+    """Maps pooled over height and width with `ops` (NumPy, or keras.ops inside a model); "none"
+    returns them unchanged."""
+    if pooling == "avg":
+        return ops.mean(maps, axis=(1, 2))
+    if pooling == "max":
+        return ops.max(maps, axis=(1, 2))
+    return maps
+
+
+def keras_layer(pooling: str, name: str) -> Any:
+    """The Keras layer that turns a map into the vector a head of this pooling reads."""
+    import keras
+
+    return getattr(keras.layers, _KERAS_LAYERS[pooling])(name=name)
+
+
 DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the features of all splits together
 
 
 def latest_cache(cache_root: Path) -> Path:
     """The cache directory under `cache_root` whose manifest was written last."""
-    manifests = list(Path(cache_root).glob(f"*/{MANIFEST_NAME}"))
-    if not manifests:
+    caches = find_caches(cache_root)
+    if not caches:
         raise PipelineError(
             f"no feature cache under {cache_root}/: run `run_pipeline.py extract --data DIR` first, "
             "or pass --features DIR"
         )
-    return max(manifests, key=lambda p: p.stat().st_mtime).parent
+    return caches[0][0]
 
 
 def open_cache(features: Path | None, cache_root: Path) -> FeatureStore:
@@ -81,10 +109,8 @@ class FeatureView:
         parts = []
         for name in self.layers:
             values = np.asarray(features[name], dtype=np.float32)
-            if values.ndim == 4 and self.pooling == "avg":
-                values = values.mean(axis=(1, 2))
-            elif values.ndim == 4 and self.pooling == "max":
-                values = values.max(axis=(1, 2))
+            if values.ndim == 4:
+                values = pool(values, self.pooling)
             parts.append(values.reshape(len(values), -1))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
@@ -107,6 +133,7 @@ class SplitData:
                  matrix: np.ndarray | None = None, store: FeatureStore | None = None,
                  view: FeatureView | None = None, locations: np.ndarray | None = None) -> None:
         self.name = name
+        self.class_names: list[str] | None = list(store.class_names) if store is not None else None
         self.labels = labels
         self.paths = paths
         self.dimension = dimension
@@ -152,6 +179,35 @@ class SplitData:
             block = order[start:start + rows]
             features = self._store.read_rows(self._locations[block], self._view.layers)
             yield self._view.vectors(features), self.labels[block]
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """One split's images: absolute files, labels, and paths as the cache records them. Scored
+    like a split of features (reports need labels, paths and a length)."""
+
+    files: list[str]
+    labels: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def split_images(store: FeatureStore) -> dict[str, SplitImages]:
+    """For every split: the image files of the cache's rows, their labels and cache-relative paths."""
+    root = Path(store.manifest.get("dataset", {}).get("root", ""))
+    records = {}
+    for split, index in store.split_indexes().items():
+        files = [str(root / p) for p in index.paths]
+        missing = [f for f in files[:50] if not Path(f).is_file()]
+        if missing:
+            raise PipelineError(
+                f"the images of {store.directory} are no longer under {root} ({missing[0]} is missing): "
+                "move them back, or extract from their new place and train a head on that cache"
+            )
+        records[split] = SplitImages(files, index.labels, index.paths)
+    return records
 
 
 def physical_memory_bytes() -> int:

@@ -1,10 +1,25 @@
-"""The run directory, from birth to listing: one module owns it.
+"""The run directory, from birth to listing, and the run it holds: one module owns both.
 
 A run (`models/<name>/`) is created in a hidden staging directory (`.<name>.tmp-<pid>`) and
 renamed into place when complete, so it appears whole, under its own name, or not at all.
 Staging and retired directories are never listed or chosen, and those of dead processes are
 removed by the next run. Reading a run reads JSON, text and plain arrays only: nothing in a run
 directory is ever unpickled or executed.
+
+`Run.open(path or "best")` reads a finished run once and checks it: config.json with its
+`format_version` (runs written before versions existed open as version 0; a newer version is
+refused in one line), labels.txt and metrics.json, their shapes and their agreement. A Run gives
+the run's kind, fingerprint, feature view, class names, split record and metrics, and:
+
+- `features()`: the feature cache it was trained on (or another of the same fingerprint);
+- `head()`: the fitted head of a head run;
+- `classifier(precision)`: the run as one Keras model from pixels to probabilities: the only
+  place that turns a run into a model and the only place that tells a head run from a
+  fine-tuned one (`trainable_classifier` gives a head run's with its backbone, to fine-tune);
+- `check_same_splits()`: refuses a cache that moved images between splits since the run was made.
+
+Scoring and writing a run's results (`score_splits`, `RunSummary`) end stage two and stage
+three alike, and live here too.
 """
 
 from __future__ import annotations
@@ -14,13 +29,19 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
+import numpy as np
+
+from pipeline import atomic, report
 from pipeline.errors import PipelineError
+from pipeline.reader import POOLINGS, FeatureView, open_cache
+from pipeline.store import FeatureStore, Fingerprint
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -177,23 +198,6 @@ def read_split_record(run: Path) -> dict[str, str] | None:
         raise PipelineError(f"{path} is damaged ({atomic.one_line(error)}): train the run again") from None
 
 
-def check_same_splits(run: Path, current: dict[str, Sequence[str]], cache: Path) -> None:
-    """Refuse to score a run on a cache that moved images between splits since it was trained
-    (a re-split would put training images into "test")."""
-    recorded = read_split_record(run)
-    if recorded is None:
-        return
-    moved = [(path, recorded[path], split) for split, paths in current.items() for path in paths
-             if path in recorded and recorded[path] != split]
-    if moved:
-        path, was, now = moved[0]
-        raise PipelineError(
-            f"{cache} assigns {len(moved)} images to other splits than run {Path(run).name} was trained with "
-            f"(e.g. {path}: {was} then, {now} now), so its scores would count images it was trained on: "
-            "extract again with the split settings the run used, or train a new head on this cache"
-        )
-
-
 # --- all runs -------------------------------------------------------------------------------------
 
 
@@ -254,3 +258,183 @@ def _interval(split_metrics: dict[str, Any]) -> list[float] | None:
     if "accuracy_ci95_low" not in split_metrics:
         return None
     return [split_metrics["accuracy_ci95_low"], split_metrics["accuracy_ci95_high"]]
+
+
+# --- one run, opened ------------------------------------------------------------------------------
+
+FORMAT_VERSION = 1  # config.json's "format_version"; runs without one are version 0 and still open
+KINDS = ("head", "finetune")
+REPORTED_SPLIT = "test"  # whose reports sit at the top of a run directory
+
+
+@dataclass
+class RunSummary:
+    """What training or scoring a run left: its directory, metrics, the report of its reported split."""
+
+    directory: Path
+    metrics: dict[str, Any]
+    seconds: float
+    report: str
+    in_memory: bool
+    config: dict[str, Any]
+
+
+class Run:
+    """A finished run directory, read once and checked (see the module docstring)."""
+
+    def __init__(self, directory: Path, config: dict[str, Any], class_names: list[str],
+                 metrics: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.config = config
+        self.class_names = class_names
+        self.metrics = metrics
+        self.format_version: int = config.get("format_version", 0)
+        self.kind: str = config.get("kind", "head")
+        features = config["features"]
+        self.fingerprint = Fingerprint.from_dict(features["fingerprint"])
+        self.view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
+        self.trained_class_names: list[str] = list(features["class_names"])
+
+    @classmethod
+    def open(cls, run: str | Path, models: Path = Path("models"), kind: str | None = None) -> Run:
+        """The run directory `run`, or `best` (the best run under `models`, of `kind` if given)."""
+        directory = resolve(run, models, kind)
+        config = read_config(directory)
+        way_out = "train the run again"
+        version = config.get("format_version", 0)
+        if not isinstance(version, int) or version < 0:
+            raise PipelineError(f"{directory / CONFIG} is damaged (format_version {version!r}): {way_out}")
+        if version > FORMAT_VERSION:
+            raise PipelineError(f"{directory} was written by a newer version of this pipeline (run format {version}, "
+                                f"this one reads up to {FORMAT_VERSION}): upgrade it, or train the run again")
+        try:
+            opened = cls(directory, config, read_labels(directory), read_metrics(directory))
+            _check_shape(opened)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise PipelineError(f"{directory / CONFIG} is damaged (missing or wrong {error}): {way_out}") from None
+        if opened.class_names != opened.trained_class_names:
+            raise PipelineError(
+                f"{directory / LABELS_FILE} lists {len(opened.class_names)} classes, the run was trained on "
+                f"{len(opened.trained_class_names)} ({', '.join(opened.trained_class_names[:5])}...): restore "
+                "labels.txt, or train the run again")
+        if kind is not None and opened.kind != kind:
+            raise PipelineError(f"{directory} is a {opened.kind} run: this command needs a {kind} run")
+        return opened
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @cached_property
+    def split_record(self) -> dict[str, str] | None:
+        """path -> split as the run saw them; None for runs made before the record existed."""
+        return read_split_record(self.directory)
+
+    # --- what the run was trained on ----------------------------------------------------------------
+
+    def features(self, features: Path | None = None, cache_root: Path = Path("features")) -> FeatureStore:
+        """The feature cache the run was trained on (or `features`, which must have the same
+        fingerprint and classes)."""
+        recorded = self.config["features"]
+        store = open_cache(features or Path(recorded["directory"]), cache_root)
+        if store.fingerprint.digest() != recorded["fingerprint_digest"]:
+            f = self.fingerprint
+            raise PipelineError(
+                f"{store.directory} holds features of another fingerprint than run {self.name} was trained on "
+                f"({f.backbone} {f.image_size} px, {f.precision}): use that cache, or train a new head")
+        if store.class_names != self.trained_class_names:
+            raise PipelineError(f"{store.directory} now has classes {store.class_names}, run {self.name} was trained "
+                                f"on {self.trained_class_names}: train a new head")
+        return store
+
+    def check_same_splits(self, current: Mapping[str, Sequence[str]], cache: Path) -> None:
+        """Refuse to score the run on a cache that moved images between splits since it was
+        trained (a re-split would put training images into "test")."""
+        recorded = self.split_record
+        if recorded is None:
+            return
+        moved = [(path, recorded[path], split) for split, paths in current.items() for path in paths
+                 if path in recorded and recorded[path] != split]
+        if moved:
+            path, was, now = moved[0]
+            raise PipelineError(
+                f"{cache} assigns {len(moved)} images to other splits than run {self.name} was trained with "
+                f"(e.g. {path}: {was} then, {now} now), so its scores would count images it was trained on: "
+                "extract again with the split settings the run used, or train a new head on this cache")
+
+    # --- the run as a model ------------------------------------------------------------------------
+
+    def head(self) -> Any:
+        """The fitted head of a head run (checked against its sidecar)."""
+        from pipeline.heads import Head
+
+        if self.kind != "head":
+            raise PipelineError(f"{self.directory} is a {self.kind} run: it has no separate head")
+        return Head.load(self.directory)
+
+    def classifier(self, precision: str | None = None, resize: bool = True) -> Any:
+        """The run as one Keras model, pixels 0..255 -> probabilities: a head run's backbone
+        rebuilt with its head on top (at `precision`, default the features'), a fine-tuned run's
+        saved model (in float32 when `precision` is fp32). `resize=False`: images arrive already
+        squashed to the run's size (head runs)."""
+        from pipeline import classifier
+
+        if self.kind == "finetune":
+            model = classifier.load_finetuned(self.directory / MODEL_FILE, float32=precision == "fp32")
+        else:
+            model, _ = classifier.build_classifier(
+                self.fingerprint, classifier.weights_for(self.fingerprint, self._weights_path()), self.view,
+                self.head(), precision, resize)
+        outputs = model.output_shape[-1]
+        if outputs != len(self.class_names):
+            raise PipelineError(f"{self.directory / LABELS_FILE} lists {len(self.class_names)} classes, the "
+                                f"model has {outputs} outputs: restore labels.txt, or train the run again")
+        return model
+
+    def trainable_classifier(self, precision: str) -> tuple[Any, Any]:
+        """(classifier, its backbone) of a head run, to fine-tune: the backbone's layers are the
+        classifier's, so unfreezing them trains the classifier."""
+        from pipeline import classifier
+
+        if self.kind != "head":
+            raise PipelineError(f"{self.directory} is a {self.kind} run: fine-tune starts from a head run")
+        weights = classifier.weights_for(self.fingerprint, self._weights_path())
+        return classifier.build_classifier(self.fingerprint, weights, self.view, self.head(), precision)
+
+    def _weights_path(self) -> str | None:
+        return self.config["features"].get("weights", {}).get("path")
+
+
+def _check_shape(run: Run) -> None:
+    """Types a run's config must have; a KeyError/TypeError/ValueError names what is wrong."""
+    if run.kind not in KINDS:
+        raise ValueError(f"kind {run.kind!r}")
+    if not run.view.layers or not all(isinstance(name, str) for name in run.view.layers):
+        raise ValueError("view.layers")
+    if run.view.pooling not in POOLINGS:
+        raise ValueError(f"view.pooling {run.view.pooling!r}")
+    if not isinstance(run.config["features"]["fingerprint_digest"], str):
+        raise TypeError("features.fingerprint_digest")
+    if not isinstance(run.fingerprint.image_size, int) or not 0 < run.fingerprint.image_size <= 2048:
+        raise ValueError(f"image_size {run.fingerprint.image_size!r}")
+
+
+def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any],
+                 class_names: list[str], title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
+    """metrics.json for every split (`splits` maps a split to something with labels and paths;
+    `predict(split)` gives its probabilities), and the reports of `report_split` (at the top of the
+    run directory for the test split, in a subfolder named after any other). Returns the metrics
+    and the report text."""
+    metrics: dict[str, Any] = {}
+    text = ""
+    for split, data in splits.items():
+        proba = predict(split)
+        metrics[split] = report.split_metrics(data.labels, proba, class_names)
+        if split == report_split and len(data):
+            target = directory if split == REPORTED_SPLIT else directory / split
+            text = report.write_split_reports(target, data.labels, proba, data.paths, class_names,
+                                              f"{title}: {split} split, {len(data)} images")
+        elif split == report_split:
+            text = f"the {split} split has no images: no report for it"
+    write_metrics(directory, read_metrics(directory) | metrics)
+    return metrics, text

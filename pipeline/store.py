@@ -486,6 +486,29 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise PipelineError(f"{path} is damaged ({error}): delete it and rerun extract to rewrite it") from None
 
 
+def find_caches(cache_root: Path, fingerprint_digest: str | None = None,
+                exclude: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """Every cache directory under `cache_root` with a readable manifest (of `fingerprint_digest`
+    when given), newest manifest first, as (directory, manifest). The one way caches are found
+    (the latest for train-head, siblings to copy from, activations for finetune --cached); a
+    damaged or foreign directory is not a cache and is skipped, never an error."""
+    found = []
+    for path in Path(cache_root).glob(f"*/{MANIFEST_NAME}"):
+        directory = path.parent
+        if exclude is not None and directory == exclude:
+            continue
+        try:
+            manifest = read_manifest(directory)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict):
+                continue
+            if fingerprint_digest is not None and manifest.get("fingerprint_digest") != fingerprint_digest:
+                continue
+            found.append((path.stat().st_mtime, directory, manifest))
+        except (PipelineError, OSError):
+            continue
+    return [(directory, manifest) for _, directory, manifest in sorted(found, key=lambda f: -f[0])]
+
+
 def feature_shapes(shard: Path, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
     with h5py.File(shard, "r") as handle:
         return {name: tuple(handle["features"][name].shape[1:]) for name in layers}

@@ -9,20 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline import report, runs
 from pipeline.errors import PipelineError
-from pipeline.heads import HEADS, Head, make_head
+from pipeline.heads import HEADS, make_head
 from pipeline.reader import FeatureView, load_splits, open_cache
+from pipeline.runs import FORMAT_VERSION, REPORTED_SPLIT, Run, RunSummary, score_splits
 from pipeline.store import SPLITS, FeatureStore
-
-REPORTED_SPLIT = "test"  # whose reports sit at the top of a run directory
 
 
 @dataclass
@@ -41,16 +38,6 @@ class TrainOptions:
     progress: bool = True
 
 
-@dataclass
-class RunSummary:
-    directory: Path
-    metrics: dict[str, Any]
-    seconds: float
-    report: str
-    in_memory: bool
-    config: dict[str, Any]
-
-
 def _dataset_name(store: FeatureStore) -> str:
     root = store.manifest.get("dataset", {}).get("root")
     return Path(root).name if root else store.directory.name.split("-")[0]
@@ -67,27 +54,6 @@ def default_run_name(kind: str, store: FeatureStore, view: FeatureView, params: 
             f"{layers}-{view.pooling}-{digest}")
 
 
-def score_run(directory: Path, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any],
-              class_names: list[str], title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
-    """metrics.json for every split (`splits` maps a split to something with labels and paths;
-    `predict(split)` gives its probabilities), and the reports of `report_split` (at the top of the
-    run directory for the test split, in a subfolder named after any other). Returns the metrics
-    and the report text."""
-    metrics: dict[str, Any] = {}
-    text = ""
-    for split, data in splits.items():
-        proba = predict(split)
-        metrics[split] = report.split_metrics(data.labels, proba, class_names)
-        if split == report_split and len(data):
-            target = directory if split == REPORTED_SPLIT else directory / split
-            text = report.write_split_reports(target, data.labels, proba, data.paths, class_names,
-                                              f"{title}: {split} split, {len(data)} images")
-        elif split == report_split:
-            text = f"the {split} split has no images: no report for it"
-    runs.write_metrics(directory, runs.read_metrics(directory) | metrics)
-    return metrics, text
-
-
 def train_head(options: TrainOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     store = open_cache(options.features, options.cache_root)
@@ -101,13 +67,14 @@ def train_head(options: TrainOptions) -> RunSummary:
     train, validation = splits["train"], splits["validation"]
 
     started = time.perf_counter()
-    history = head.fit(train, validation, progress=options.progress)
+    head.fit(train, validation, progress=options.progress)
     seconds = time.perf_counter() - started
 
     config = {
+        "format_version": FORMAT_VERSION,
         "name": name,
         "kind": "head",
-        "head": {"kind": head.kind, "params": head.params} | head.outcome(history),
+        "head": {"kind": head.kind, "params": head.params} | head.outcome(),
         "features": {
             "directory": str(store.directory.resolve()),
             "fingerprint": store.fingerprint.as_dict(),
@@ -129,47 +96,27 @@ def train_head(options: TrainOptions) -> RunSummary:
         head.save(directory)
         runs.write_run_files(directory, config, store.class_names,
                              {split: data.paths for split, data in splits.items()})
-        report.write_history(directory, history, head.HISTORY_AXIS)
-        metrics, text = score_run(directory, lambda split: head.predict_proba(splits[split]), splits,
-                                  store.class_names, name)
+        report.write_history(directory, head.history_, head.HISTORY_AXIS)
+        metrics, text = score_splits(directory, lambda split: head.predict_proba(splits[split]), splits,
+                                     store.class_names, name)
     return RunSummary(final, metrics, seconds, text, train.in_memory, config)
 
 
 # --- evaluate an existing run ---------------------------------------------------------------------
 
 
-def open_run_features(config: dict[str, Any], features: Path | None = None,
-                      cache_root: Path = Path("features")) -> tuple[FeatureStore, FeatureView]:
-    """The feature cache a run was trained on (or `features`, which must have the same fingerprint)."""
-    recorded = config["features"]
-    store = open_cache(features or Path(recorded["directory"]), cache_root)
-    if store.fingerprint.digest() != recorded["fingerprint_digest"]:
-        raise PipelineError(
-            f"{store.directory} holds features of another fingerprint than run {config['name']} was "
-            f"trained on ({recorded['fingerprint']['backbone']} {recorded['fingerprint']['image_size']} px, "
-            f"{recorded['fingerprint']['precision']}): use that cache, or train a new head"
-        )
-    if store.class_names != recorded["class_names"]:
-        raise PipelineError(
-            f"{store.directory} now has classes {store.class_names}, run {config['name']} was trained on "
-            f"{recorded['class_names']}: train a new head"
-        )
-    view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
-    return store, view
-
-
 def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None = None,
                  cache_root: Path = Path("features"), memory_budget: int | None = None) -> RunSummary:
     if split not in SPLITS:
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
-    run = Path(run)
-    config = runs.read_config(run)
-    if config.get("kind") != "head":
-        raise PipelineError(f"{run} is a {config.get('kind')} run: evaluate re-scores head runs; its reports are in it")
-    store, view = open_run_features(config, features, cache_root)
-    head = Head.load(run)
-    splits = load_splits(store, view, memory_budget)
-    runs.check_same_splits(run, {name: data.paths for name, data in splits.items()}, store.directory)
-    metrics, text = score_run(run, lambda name: head.predict_proba(splits[name]), splits, store.class_names,
-                              config["name"], split)
-    return RunSummary(run, metrics, config.get("seconds", 0.0), text, splits["train"].in_memory, config)
+    opened = Run.open(run)
+    if opened.kind != "head":
+        raise PipelineError(f"{run} is a {opened.kind} run: evaluate re-scores head runs; its reports are in it")
+    store = opened.features(features, cache_root)
+    head = opened.head()
+    splits = load_splits(store, opened.view, memory_budget)
+    opened.check_same_splits({name: data.paths for name, data in splits.items()}, store.directory)
+    metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
+                                 store.class_names, opened.name, split)
+    return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,
+                      opened.config)

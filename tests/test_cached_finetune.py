@@ -14,16 +14,16 @@ import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options
 from pipeline.activations import activation_batches, cached_activations
-from pipeline.classifier import classifier_for_run, layer_below, top_model, unfreeze
+from pipeline.classifier import layer_below, top_model, unfreeze
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
 from pipeline.finetune import Augmentation, FinetuneOptions, finetune
 from pipeline.images import labelled_batches
 from pipeline.predict import predict
-from pipeline.runs import list_runs, read_config
+from pipeline.runs import Run, list_runs, read_config
 from pipeline.store import FeatureStore
-from pipeline.train import TrainOptions, open_run_features, train_head
+from pipeline.train import TrainOptions, train_head
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,14 @@ def test_cached_finetune_is_an_ordinary_run_whose_model_reproduces_the_cached_pa
     assert tuned["epochs_run"] == 2
     assert tuned["trained_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert "cached block4_pool maps" in tuned["augmentation"]["applied_to"]
+    # the Python API's default is the command line's: no flips on cached maps
+    assert tuned["augmentation"]["flip"] == "none"
     assert any(r["name"] == summary.directory.name and r["kind"] == "finetune" for r in list_runs(setup["models"]))
 
     # the assembled model, on raw images, gives the cached path's probabilities on cached activations
     model = keras.saving.load_model(summary.directory / "model.keras", safe_mode=True)
     features = next(layer for layer in model.layers if layer.name.endswith("_features"))
-    _, view = open_run_features(read_config(setup["run"]))
+    view = Run.open(setup["run"]).view
     top = top_model(model, features, "block4_pool", view)
     test = activations.split_indexes()["test"]
     maps = np.concatenate([rows.features["block4_pool"] for rows in activations.iter_shards("test", ["block4_pool"])])
@@ -96,15 +98,15 @@ def test_cached_finetune_is_an_ordinary_run_whose_model_reproduces_the_cached_pa
 def test_without_augmentation_the_first_epoch_matches_end_to_end_training(setup: dict[str, Path]) -> None:
     """A logistic-regression head: no dropout, whose masks would differ between the two models."""
     activations = _add_block4_cache(setup)
-    run, config = setup["logreg"], read_config(setup["logreg"])
-    store, view = open_run_features(config)
+    head_run = Run.open(setup["logreg"])
+    store, view = head_run.features(), head_run.view
     records = store.split_indexes()["train"]
     files = [str(setup["data"] / p) for p in records.paths]
     batch = len(files)  # one batch: the same gradient whatever the order of the rows
 
     def trained(cached: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
         keras.utils.set_random_seed(0)
-        model, backbone = classifier_for_run(run, config, "fp32")
+        model, backbone = head_run.trainable_classifier("fp32")
         below = layer_below(backbone, "block5")
         target = top_model(model, backbone, below, view) if cached else model
         unfreeze(backbone, "block5")
@@ -128,7 +130,8 @@ def test_activation_batches_stream_every_row_once_per_epoch_in_a_new_order(setup
     activations = _add_block4_cache(setup)
     assert len(activations.shards) > 1
     dataset = activation_batches(activations, "block4_pool", "train", 3, shuffle_seed=1)
-    epochs = [np.concatenate([maps.numpy().reshape(len(maps), -1)[:, 0] for maps, _ in dataset]) for _ in range(2)]
+    epochs = [np.concatenate([np.asarray(maps).reshape(len(maps), -1)[:, 0] for maps, _ in dataset])
+              for _ in range(2)]
     expected = np.concatenate([rows.features["block4_pool"].reshape(len(rows), -1)[:, 0]
                                for rows in activations.iter_shards("train", ["block4_pool"])])
     for values in epochs:

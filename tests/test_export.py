@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
+from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache, write_image
 from pipeline.cli import main
 from pipeline.export import export_run
 from pipeline.extract import extract_features
@@ -155,3 +156,28 @@ def test_heads_train_on_any_feature_scale(tmp_path: Path, scale: float, head: st
                                       progress=False))
     assert summary.metrics["train"]["accuracy"] > 0.95
     assert summary.metrics["test"]["accuracy"] > 0.9
+
+
+def test_images_smaller_than_the_model_size_follow_each_formats_stated_rule(exported_runs: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """extract grows images smaller than N with bilinear. The SavedModel does the same inside its
+    graph; the .keras model resizes by area inside, so export.json tells its caller to grow small
+    images to N x N with bilinear first, and done so it agrees with predict."""
+    small = tmp_path / "small"
+    files = [str(write_image(small / f"s{i}.png", seed=500 + i, size=20)) for i in range(4)]
+    run = exported_runs["dense"]
+    expected = _predicted(run, [Path(f) for f in files], CLASSES)
+    saved = export_run(run, "savedmodel", tmp_path / "saved")
+    np.testing.assert_allclose(_load_elsewhere(tmp_path, "savedmodel", saved.path, files), expected, atol=1e-4)
+    keras_export = export_run(run, "keras", tmp_path / "keras")
+    rule = json.loads((tmp_path / "keras" / "export.json").read_text())["formats"]["model.keras"]["input"]
+    assert "bilinear" in rule and "smaller than 32 px" in rule
+    import keras
+
+    model = keras.models.load_model(keras_export.path)
+    pixels = [tf.io.decode_png(tf.io.read_file(f), channels=3) for f in files]
+    grown = np.stack([tf.image.resize(p, (32, 32), method="bilinear").numpy() for p in pixels])  # the caller's step
+    np.testing.assert_allclose(np.asarray(model.predict(grown, verbose=0)), expected, atol=1e-4)
+    # fed as they are, the .keras model resizes by area: for small images that is not extract's rule
+    raw = np.asarray(model.predict(pixels[0].numpy()[None].astype(np.float32), verbose=0))
+    assert np.abs(raw - expected[:1]).max() > 1e-6

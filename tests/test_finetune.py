@@ -16,12 +16,10 @@ from pipeline.classifier import build_classifier, unfreeze, weights_for
 from pipeline.cli import main
 from pipeline.extract import extract_features
 from pipeline.finetune import Augmentation, FinetuneOptions, finetune
-from pipeline.heads import Head
 from pipeline.predict import predict
 from pipeline.reader import load_splits
-from pipeline.runs import list_runs
-from pipeline.runs import read_config as read_run_config
-from pipeline.train import TrainOptions, open_run_features, train_head
+from pipeline.runs import Run, list_runs
+from pipeline.train import TrainOptions, train_head
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +46,9 @@ def test_backbone_plus_head_reproduces_the_head_on_raw_images(head_runs: dict[st
     """Before any training, the combined model (a logistic regression converted into a fixed
     standardisation and a Dense softmax) gives the head's predictions from raw pixels."""
     directory = head_runs[run]
-    store, view = open_run_features(read_run_config(directory))
-    head = Head.load(directory)
+    opened = Run.open(directory)
+    store, view = opened.features(), opened.view
+    head = opened.head()
     model, _ = build_classifier(store.fingerprint, weights_for(store.fingerprint, None), view, head)
     for split in ("train", "test"):
         data = load_splits(store, view)[split]
@@ -157,8 +156,8 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
 
     # the exported model takes raw images: predict through it gives the test report's probabilities
     misclassified = list(csv.DictReader(open(summary.directory / "misclassified.csv")))
-    test_paths = read_run_config(head_runs["logreg-none"])
-    store, view = open_run_features(test_paths)
+    head_run = Run.open(head_runs["logreg-none"])
+    store, view = head_run.features(), head_run.view
     test = load_splits(store, view)["test"]
     results = predict(summary.directory, [head_runs["data"] / p for p in test.paths], top_k=2)
     wrong = {Path(r.path).relative_to(head_runs["data"]).as_posix(): r for r in results
@@ -172,9 +171,10 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
 
 def test_predict_with_a_head_run_matches_the_cached_features(head_runs: dict[str, Path]) -> None:
     run = head_runs["dense-avg"]
-    store, view = open_run_features(read_run_config(run))
+    opened = Run.open(run)
+    store, view = opened.features(), opened.view
     test = load_splits(store, view)["test"]
-    expected = Head.load(run).predict_proba(test)
+    expected = opened.head().predict_proba(test)
     results = predict(run, [head_runs["data"] / p for p in test.paths], top_k=2)
     classes = store.class_names
     for result, row in zip(results, expected):

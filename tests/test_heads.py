@@ -320,7 +320,22 @@ def test_heads_fit_on_plain_arrays(head_kind: str) -> None:
     train = ArrayFeatures(features[split == "train"], labels[split == "train"])
     validation = ArrayFeatures(features[split == "validation"], labels[split == "validation"])
     head = make_head(head_kind, CLASSES, FAST_DENSE if head_kind == "dense" else FAST_LOGREG)
-    history = head.fit(train, validation, progress=False)
-    assert history and head.n_features_in_ == features[0].size
+    assert head.fit(train, validation, progress=False) is head  # scikit-learn's contract: fit returns self
+    assert head.history_ and head.n_features_in_ == features[0].size
+    assert list(head.classes_) == CLASSES
     test = ArrayFeatures(features[split == "test"], labels[split == "test"])
     assert np.mean(head.predict_proba(test).argmax(axis=1) == test.labels) > 0.9
+    if head_kind == "logreg":  # the C search kept on the estimator, column by column
+        assert head.cv_results_["C"] == [row["C"] for row in head.history_] and len(head.cv_results_["C"]) > 1
+
+
+def test_a_head_learns_its_class_names_from_the_features() -> None:
+    from pipeline.heads import ArrayFeatures
+
+    features, labels, splits = clustered_features(120, 3, seed=4)
+    split = np.array(splits)
+    names = ["ants", "bees", "wasps"]
+    train = ArrayFeatures(features[split == "train"], labels[split == "train"], names)
+    validation = ArrayFeatures(features[split == "validation"], labels[split == "validation"], names)
+    head = make_head("logreg", params=FAST_LOGREG).fit(train, validation, progress=False)
+    assert list(head.classes_) == names and head.predict_proba(validation).shape == (len(validation), 3)

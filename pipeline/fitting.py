@@ -1,0 +1,82 @@
+"""The Keras side of training, shared by the dense head and fine-tuning:
+
+- `StreamedExamples`: the one definition of "(x, y) batches of a fixed size, read a chunk at a
+  time (a shard, a block of rows), in a new order every epoch", as a keras.utils.PyDataset, so
+  that it runs on any Keras backend and Keras knows an epoch's length (the dense head on streamed
+  features, `finetune --cached` on cached activations);
+- `fit_verbosity`: Keras' progress output (a bar on a terminal, a line per epoch elsewhere);
+- `history_rows`: a fit's History as one row per epoch, for the run's history.csv and config.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import keras
+import numpy as np
+
+Chunks = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+class StreamedExamples(keras.utils.PyDataset):
+    """`chunks(pass_number)` yields (x, y) arrays in the order of one pass over the data; they are
+    cut and joined into batches of `batch_size` (the last one shorter), `transform` applied to
+    each batch's x (augmentation). Keras reads batches in order, one worker: every pass starts at
+    batch 0, which starts the next pass of `chunks` (a new order where the chunks shuffle)."""
+
+    def __init__(self, chunks: Chunks, rows: int, batch_size: int,
+                 transform: Callable[[np.ndarray], Any] | None = None) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.chunks, self.rows, self.batch_size, self.transform = chunks, rows, batch_size, transform
+        self.passes = 0
+        self._batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        return -(-self.rows // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[Any, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index == 0 or self._batches is None or index != self._next:
+            self._batches = self._pass(self.passes)
+            self.passes += 1
+            for _ in range(index):  # only where a caller jumps: Keras reads in order
+                next(self._batches)
+        x, y = next(self._batches)
+        self._next = index + 1
+        return (x if self.transform is None else np.asarray(self.transform(x), np.float32)), y
+
+    def __iter__(self) -> Iterator[tuple[Any, np.ndarray]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def _pass(self, number: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        pending_x: list[np.ndarray] = []
+        pending_y: list[np.ndarray] = []
+        held = 0
+        for x, y in self.chunks(number):
+            pending_x.append(np.asarray(x, np.float32))
+            pending_y.append(np.asarray(y, np.int32))
+            held += len(y)
+            while held >= self.batch_size:
+                xs, ys = np.concatenate(pending_x), np.concatenate(pending_y)
+                yield xs[:self.batch_size], ys[:self.batch_size]
+                pending_x, pending_y = [xs[self.batch_size:]], [ys[self.batch_size:]]
+                held -= self.batch_size
+        if held:
+            yield np.concatenate(pending_x), np.concatenate(pending_y)
+
+
+def fit_verbosity(progress: bool) -> int:
+    """Keras' verbose: a progress bar on a terminal, one line per epoch in a log, nothing when off."""
+    return (1 if sys.stdout.isatty() else 2) if progress else 0
+
+
+def history_rows(history: Any) -> list[dict[str, float]]:
+    """A fit's History as rows: {"epoch": 1, "loss": ..., "val_loss": ..., ...} per epoch."""
+    epochs = len(history.history.get("loss", []))
+    return [{"epoch": i + 1} | {key: float(values[i]) for key, values in history.history.items()}
+            for i in range(epochs)]
