@@ -276,14 +276,19 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_pat
     data = make_image_folder(tmp_path / "data", per_class=40)
     cache = tmp_path / "cache"
     rng = np.random.default_rng(seed)
+    landed = []
     for _ in range(3):  # killed three times at random moments, each rerun resuming the last
+        before = set(cache.glob("*/shard-*.h5"))
         process = _extract_process(data, cache)
         started = time.monotonic()
-        while time.monotonic() - started < 120 and not list(cache.glob("*/shard-*.h5")) and process.poll() is None:
-            time.sleep(0.005)  # until the backbone is running
-        time.sleep(rng.uniform(0.0, 0.6))
+        while (time.monotonic() - started < 120 and not set(cache.glob("*/shard-*.h5")) - before
+               and process.poll() is None):
+            time.sleep(0.005)  # until this run's backbone has written a shard: it is extracting
+        time.sleep(rng.uniform(0.0, 0.3))
         process.kill()
         process.communicate()
+        landed.append(process.returncode == -9 and bool(set(cache.glob("*/shard-*.h5")) - before))
+    assert all(landed), f"every kill lands during extraction, not before or after it: {landed}"
     final = extract_features(tiny_options(data, cache, image_size=64, batch_size=4, shard_size=4))
     directory = final.cache_dir
     assert not list(directory.glob(".*.tmp"))
@@ -330,7 +335,7 @@ def test_a_run_with_a_missing_or_damaged_file(tmp_path: Path, capsys) -> None:
     (run / "head.npz").unlink()
     assert main(["evaluate", "--model", str(run), "--features", str(cache)]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error and "head" in error
+    assert error == f"error: {run / 'head.npz'} is missing: train the head again"  # the file, and the way out
     (run / "config.json").write_text("{")
     assert main(["predict", "--model", str(run), str(data / "cats" / "img000.png")]) == 1
     error = capsys.readouterr().err.strip()

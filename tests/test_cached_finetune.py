@@ -93,6 +93,12 @@ def test_cached_finetune_is_an_ordinary_run_whose_model_reproduces_the_cached_pa
     # predict and export take it like any fine-tuned run
     results = predict(summary.directory, [setup["data"] / p for p in test.paths[:3]], top_k=1)
     assert all(r.error is None for r in results)
+    from pipeline.export import export_run
+
+    exported = export_run(summary.directory, "keras", summary.directory.parent / "cached-export")
+    reloaded = keras.saving.load_model(exported.path, safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(pixels[:3], verbose=0), model.predict(pixels[:3], verbose=0),
+                               atol=1e-4)  # the export computes in float32 what the run computes
 
 
 def test_without_augmentation_the_first_epoch_matches_end_to_end_training(setup: dict[str, Path]) -> None:

@@ -159,10 +159,32 @@ def test_staging_directories_are_never_listed_or_chosen_and_dead_ones_are_remove
 
 
 def test_a_killed_evaluate_leaves_no_empty_metrics_and_evaluate_recovers(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
     features, labels, splits = clustered_features(120, 3, seed=3)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, CLASSES)
     run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models",
                                   head_params=FAST_LOGREG, progress=False)).directory
+    rng = np.random.default_rng(5)
+    killed = 0
+    for _ in range(4):  # SIGKILL evaluate at random moments while it writes its reports
+        before = (run / "metrics.json").stat().st_mtime_ns
+        process = subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), "evaluate", "--model", str(run)],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.monotonic()
+        while time.monotonic() - started < 120 and process.poll() is None and not any(
+                p.name.startswith(".") for p in run.iterdir()):
+            time.sleep(0.001)  # until it begins to write
+        time.sleep(rng.uniform(0.0, 0.05))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed += process.returncode == -signal.SIGKILL
+        metrics = json.loads((run / "metrics.json").read_text())  # never empty, never half written
+        assert metrics["test"]["images"] > 0
+        assert (run / "metrics.json").stat().st_mtime_ns >= before
+    assert killed >= 3, "the kills landed while evaluate ran"
     (run / "metrics.json").write_text("")  # what a kill between open and write used to leave
     summary = evaluate_run(run)
     assert summary.metrics["test"]["accuracy"] > 0.9
@@ -192,6 +214,34 @@ def test_every_file_a_run_writes_is_renamed_into_place(tmp_path: Path, monkeypat
         _AUDIT_HOOKS.remove(record)
     assert opened, "evaluate writes its reports"
     assert all(name.startswith(".") and ".tmp" in name for name in opened), opened
+
+    # train-head and finetune write every file of a run inside a hidden staging directory (or
+    # under a hidden temporary name): nothing visible is ever open for writing
+    models = tmp_path / "models"
+    written: list[Path] = []
+
+    def record_runs(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], str | Path) and str(args[0]).startswith(str(models)):
+            mode, flags = args[1], args[2]
+            if (mode and any(flag in mode for flag in "wax")) or (flags and flags & (os.O_WRONLY | os.O_RDWR)):
+                written.append(Path(args[0]).relative_to(models))
+
+    data = make_image_folder(tmp_path / "images", per_class=6)
+    image_cache = extract_features(tiny_options(data, tmp_path / "image-cache")).cache_dir
+    _AUDIT_HOOKS.append(record_runs)
+    try:
+        head = train_head(TrainOptions(head="logreg", features=image_cache, models=models, name="watched",
+                                       head_params=FAST_LOGREG, progress=False)).directory
+        from pipeline.finetune import FinetuneOptions, finetune
+
+        finetune(FinetuneOptions(source=str(head), models=models, epochs=1, batch_size=4, progress=False))
+    finally:
+        _AUDIT_HOOKS.remove(record_runs)
+    staged = {path.parts[0] for path in written}
+    assert any(name.startswith(".watched.tmp-") for name in staged), staged  # train-head was watched
+    assert any(name.startswith(".watched-finetuned") for name in staged), staged  # and finetune
+    visible = [str(path) for path in written if not any(part.startswith(".") for part in path.parts)]
+    assert not visible, visible
 
 
 # --- inputs and errors ------------------------------------------------------------------------------
@@ -458,10 +508,14 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing_half_written(
         assert main(extract) == 0
     real_write_text = Path.write_text
 
-    def full_disk(self: Path, *args, **kwargs):
-        if target in self.name:
+    failed_after_writing: list[Path] = []
+
+    def full_disk(self: Path, text: str, *args, **kwargs):
+        if target in self.name:  # the disk fills up half way through the temporary file
+            real_write_text(self, text[:len(text) // 2], *args, **kwargs)
+            failed_after_writing.append(self)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return real_write_text(self, *args, **kwargs)
+        return real_write_text(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     command = extract if target == "file_hashes.json" else [
@@ -471,8 +525,13 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing_half_written(
     assert main(command) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(err) == 1 and "No space left on device" in err[0] and target in err[0], err
+    assert failed_after_writing and failed_after_writing[0].name.startswith("."), "a temporary was half written"
+    assert not failed_after_writing[0].exists(), "the half-written temporary is removed"
     assert not list(tmp_path.rglob(f".{target}*")), "no temporary file is left"
     assert not (tmp_path / "models" / "run").exists()
+    models = tmp_path / "models"
+    leftovers = sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+    assert not leftovers, f"no staging directory with the files written before the failure: {leftovers}"
 
 
 def test_a_cache_root_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
