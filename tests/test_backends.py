@@ -196,34 +196,26 @@ def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp
             assert outputs["jax"][path][label] == pytest.approx(p, abs=1e-4)
 
 
-def test_a_damaged_image_is_skipped_with_a_reason_on_jax(tmp_path: Path) -> None:
+def test_failures_follow_the_same_rules_on_jax(tmp_path: Path) -> None:
+    """A damaged image is skipped with a reason; an image whose header (read by Pillow where the
+    parser cannot: a WebP in a .png file) announces too many pixels is held back, never decoded,
+    with one line; the rest is kept. KERAS_BACKEND chooses the backend when --backend is absent."""
     data = make_image_folder(tmp_path / "data", per_class=3)
     (data / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    result = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
-                  "--image-size", "32", "--precision", "fp32", "--backend", "jax", "--no-progress", "--json",
-                  without_tensorflow=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout)
-    assert (summary["new"], summary["skipped"]) == (6, 1)
-    assert "cannot decode" in summary["skipped_images"][0]["reason"]
-
-
-def test_the_pixel_limit_reads_headers_pillow_reads(tmp_path: Path) -> None:
-    """On the Pillow path the header check covers what Pillow decodes: a WebP in a .png file is
-    measured by Pillow's header reader and held back when too large, never decoded."""
-    data = make_image_folder(tmp_path / "data", per_class=3)
     big = Image.fromarray(np.zeros((1200, 1100, 3), np.uint8))
     (data / "dogs" / "webp-in-disguise.png").write_bytes(_encoded(big, "WEBP", lossless=True))
-    result = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
-                  "--image-size", "32", "--precision", "fp32", "--backend", "jax", "--max-megapixels", "1",
-                  "--no-progress", without_tensorflow=True)
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "1100 x 1200 pixels" in errors[0], result.stderr[-1500:]
-    rerun = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
-                 "--image-size", "32", "--precision", "fp32", "--backend", "jax", "--no-progress", "--json",
-                 without_tensorflow=True)
-    assert json.loads(rerun.stdout)["new"] == 1  # the other six were kept; the held-back one is done now
+    common = ["extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
+              "--image-size", "32", "--precision", "fp32", "--no-progress"]
+    held = _run(*common, "--max-megapixels", "1", without_tensorflow=True, env={"KERAS_BACKEND": "jax"})
+    assert held.returncode == 1
+    errors = [line for line in held.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1100 x 1200 pixels" in errors[0], held.stderr[-1500:]
+    rerun = _run(*common, "--json", without_tensorflow=True, env={"KERAS_BACKEND": "jax"})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert (summary["new"], summary["skipped"], summary["images"]) == (1, 1, 7)  # the six were kept
+    assert "cannot decode" in summary["skipped_images"][0]["reason"]
+    assert "jax" in json.loads((_cache_of(rerun.stdout) / "manifest.json").read_text())["fingerprint"]["backend"]
 
 
 def test_commands_that_need_tensorflow_say_so_in_one_line(tmp_path: Path) -> None:
@@ -236,13 +228,8 @@ def test_commands_that_need_tensorflow_say_so_in_one_line(tmp_path: Path) -> Non
         assert "Traceback" not in result.stderr
 
 
-def test_the_backend_follows_keras_backend_and_refuses_unknown_ones(tmp_path: Path, capsys) -> None:
+def test_unknown_backends_and_late_choices_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
-    result = _run("extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
-                  "--image-size", "32", "--precision", "fp32", "--no-progress", "--json",
-                  without_tensorflow=True, env={"KERAS_BACKEND": "jax"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "jax" in json.loads((_cache_of(result.stdout) / "manifest.json").read_text())["fingerprint"]["backend"]
     wrong = _run("extract", "--data", str(data), env={"KERAS_BACKEND": "theano"})
     assert wrong.returncode == 1 and "unknown backend 'theano'" in wrong.stderr
     # in a process whose Keras already runs on TensorFlow, asking for JAX is one line, not a mix
