@@ -109,8 +109,3 @@ def assert_features_close(actual: np.ndarray, expected: np.ndarray, what: str = 
     difference = float(np.abs(actual - expected).max())
     assert difference <= 1e-4 * scale, f"{what} differ: {difference:.3g} against a scale of {scale:.3g}"
 
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """The Ray engine's tests first: with a file per worker (pytest-xdist --dist loadfile) the
-    longest file then runs beside the others instead of after them."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_ray_engine.py") else 1)
