@@ -11,23 +11,13 @@ from pathlib import Path
 
 from conftest import ROOT
 
-RUN_WITHOUT_TENSORFLOW = """
-import runpy, sys
-class NoTensorFlow:
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError("tensorflow is made unimportable")
-sys.meta_path.insert(0, NoTensorFlow())
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
 
 def test_gpu_benchmark_runs_on_a_cpu_without_tensorflow(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     environment = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     result = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT_TENSORFLOW, str(ROOT / "bench" / "gpu.py"), "--backend", "jax",
+        [sys.executable, str(ROOT / "tests" / "without_tensorflow.py"), str(ROOT / "bench" / "gpu.py"),
+         "--backend", "jax",
          "--images", "8", "--image-size", "32", "--batch-size", "4", "--seeds-images", "4", "--backbone-seconds",
          "0.2", "--backbones", "vgg16", "--work", str(tmp_path / "work"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, env=environment, timeout=600)
