@@ -26,7 +26,7 @@ demo: setup
 	$(PY) run_pipeline.py extract --data data/elpv
 	$(PY) run_pipeline.py train-head --head logreg
 	$(PY) run_pipeline.py train-head --head dense
-	$(PY) run_pipeline.py finetune --from best --epochs 1
+	$(PY) run_pipeline.py finetune --from best --epochs 1 --flip horizontal_and_vertical
 	$(PY) run_pipeline.py runs
 	$(PY) run_pipeline.py predict --model best $$(ls data/elpv/defective/*.png | head -3) $$(ls data/elpv/functional/*.png | head -3)
 	$(PY) run_pipeline.py export --model best --format savedmodel --out models/best-export

@@ -8,6 +8,7 @@ a full disk or a read-only folder never leaves a half-written file under a real 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -94,27 +95,83 @@ def replacing(path: Path, durable: bool = False, after: str = "nothing half-writ
         raise
 
 
+STAGING_LOCK = ".staging.lock"  # held (flock) by the process writing a staging directory
+
+
 @contextmanager
 def replacing_directory(path: Path, after: str = "nothing half-written was left") -> Iterator[Path]:
     """Yield a hidden staging directory (`.<name>.tmp-<pid>`) beside `path`; on success it
     replaces `path` in one rename (an earlier directory of that name is retired as
-    `.<name>.old-<pid>` and removed). On failure the staging directory is removed."""
+    `.<name>.old-<pid>` and removed). On failure the staging directory is removed.
+
+    While it works, the writer holds an exclusive lock on the staging directory's STAGING_LOCK
+    file: ownership that every process sharing the folder can see (another PID namespace, another
+    NFS client), where a PID is not. See `staging_is_abandoned`."""
     path = Path(path)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    lock = None
     try:
-        staging.mkdir()
+        lock = _locked_directory(staging)
         yield staging
+        if not (staging / STAGING_LOCK).is_file():
+            raise _lost(staging)
         retired = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, retired)
         os.replace(staging, path)
+        (path / STAGING_LOCK).unlink(missing_ok=True)
         shutil.rmtree(retired, ignore_errors=True)
     except BaseException as error:
+        lost = lock is not None and not staging.is_dir()
         shutil.rmtree(staging, ignore_errors=True)
+        if lost and not isinstance(error, PipelineError):
+            raise _lost(staging) from None
         if isinstance(error, OSError):
             raise write_error(path, error, after) from None
         raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _locked_directory(staging: Path) -> Any:
+    """Make `staging` with its lock file already locked: the directory is made under another name
+    and renamed into place once locked, so no other process ever sees it unlocked. Returns the
+    open lock file (closing it releases the lock)."""
+    making = staging.with_name(staging.name.replace(".tmp-", ".new-"))
+    shutil.rmtree(making, ignore_errors=True)
+    making.mkdir()
+    lock = open(making / STAGING_LOCK, "w")  # noqa: SIM115 - held until the rename into place
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(making, staging)
+    except BaseException:
+        lock.close()
+        shutil.rmtree(making, ignore_errors=True)
+        raise
+    return lock
+
+
+def _lost(staging: Path) -> PipelineError:
+    return PipelineError(f"{staging} was deleted by another process while this run was being written: nothing was "
+                         "saved; rerun the command (and check what else cleans that folder)")
+
+
+def staging_is_abandoned(staging: Path) -> bool:
+    """True when no live process holds `staging`'s lock (its writer died); False while one does, and
+    for a directory without a lock file (made by an older version: see runs.remove_leftovers)."""
+    try:
+        handle = open(Path(staging) / STAGING_LOCK)  # noqa: SIM115
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
 
 
 def write_text(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ end, predict and export run it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +145,21 @@ def _float32_config(value: Any) -> Any:
     return value
 
 
-def unfreeze(backbone: keras.Model, point: str) -> list[str]:
+def unfreeze(backbone: keras.Model, point: str, read: Sequence[str] = ()) -> list[str]:
     """Make the backbone trainable from `point` on: a block name (block5, conv5) or a layer index
     (as in the seeds: 15 for VGG16's block5). BatchNormalization layers stay frozen. Returns the
-    names of the layers that now train."""
+    names of the layers that now train: those with weights up to the highest layer of `read` (the
+    layers the head reads; layers above them never see a gradient)."""
     start = unfreeze_index(backbone, point)
+    names = [layer.name for layer in backbone.layers]
+    end = max((names.index(name) for name in read), default=len(names) - 1)
     backbone.trainable = True
     trained = []
     for index, layer in enumerate(backbone.layers):
         # Frozen BatchNormalization is what keeps its moving statistics still: Keras 3 runs a
         # non-trainable one in inference mode, while training=False on the nested backbone call
         # does not stop a trainable one from updating under fit (tests/test_finetune.py).
-        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = start <= index <= end and not isinstance(layer, keras.layers.BatchNormalization)
         if layer.trainable and layer.weights:
             trained.append(layer.name)
     return trained
@@ -205,6 +209,22 @@ def unfreeze_index(backbone: keras.Model, point: str) -> int:
             raise PipelineError(f"--unfreeze {point}: {backbone.name} has no such block; blocks: {', '.join(blocks)}")
         start = matches[0]
     return start
+
+
+def choose_unfreeze(backbone: keras.Model, requested: str | None, default: str, read: Sequence[str]) -> str:
+    """The unfreeze point for a head that reads the layers `read`: `requested`, or else `default`
+    (the backbone's top block). Fine-tuning must train something the head sees: when the head reads
+    only layers below the default, the default becomes the block of the highest layer it reads,
+    and a requested point above every layer it reads is refused."""
+    names = [layer.name for layer in backbone.layers]
+    top = max(names.index(name) for name in read)
+    if requested is None:
+        return default if unfreeze_index(backbone, default) <= top else block_name(names[top])
+    if unfreeze_index(backbone, requested) > top:
+        raise PipelineError(
+            f"--unfreeze {requested}: the head reads {', '.join(read)}, below that point, so fine-tuning would train "
+            f"layers the head never sees; unfreeze {block_name(names[top])} or lower (see `inspect`)")
+    return requested
 
 
 def block_name(layer_name: str) -> str:

@@ -82,9 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=_positive_int, default=32)
     extract.add_argument("--shard-size", type=_positive_int, default=1024, help="images per HDF5 shard")
     extract.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
-    extract.add_argument("--val-fraction", type=_finite_float, default=0.15, help="for DIR/<class>/ layouts")
-    extract.add_argument("--test-fraction", type=_finite_float, default=0.15, help="for DIR/<class>/ layouts")
-    extract.add_argument("--split-seed", type=int, default=0, help="for DIR/<class>/ layouts")
+    extract.add_argument("--val-fraction", type=_finite_float, default=None,
+                         help="validation share of each class (default 0.15): of DIR/<class>/, or carved out of "
+                              "train/ where a split layout has no validation folder")
+    extract.add_argument("--test-fraction", type=_finite_float, default=None,
+                         help="test share of each class (default 0.15): of DIR/<class>/, or carved out of train/ "
+                              "where a split layout has no test folder")
+    extract.add_argument("--split-seed", type=int, default=0, help="for the splits chosen by file name")
     extract.add_argument("--rehash", action="store_true",
                          help="hash every file again instead of trusting remembered size and mtime")
     extract.add_argument("--strict", action="store_true",
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", help="every run side by side, best validation accuracy first")
     runs.add_argument("--models", type=Path, default=Path("models"))
+    runs.add_argument("--data", type=Path, default=None, help="only the runs trained on this image folder")
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(handler=_runs)
 
@@ -160,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--from", dest="source", default="best",
                       help="a head run directory, or best (highest validation accuracy; default)")
     tune.add_argument("--models", type=Path, default=Path("models"))
+    tune.add_argument("--data", type=Path, default=None,
+                      help="--from best: choose among the head runs of this image folder (needed where runs of "
+                           "several folders stand side by side)")
     tune.add_argument("--name", default=None, help="run name (default: <head run>-finetuned-<unfreeze>)")
     tune.add_argument("--unfreeze", default=None,
                       help="train from this block or layer index on (default: the top block, " + ", ".join(
@@ -177,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--augment", default="default", choices=("default", "none"),
                       help="none switches every augmentation off")
     defaults = Augmentation()  # a plain dataclass: no TensorFlow import for --help
-    tune.add_argument("--flip", default=None, choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
-                      help=f"default {defaults.flip}; with --cached none (flipping cached maps measured harmful "
-                           "for flattened heads: see README)")
+    tune.add_argument("--flip", default=None, choices=Augmentation.FLIPS,
+                      help=f"default {defaults.flip} (horizontal_and_vertical for data with no up, such as solar "
+                           "cells); with --cached none (flipping cached maps measured harmful for flattened heads: "
+                           "see README)")
     tune.add_argument("--rotation", type=_finite_float, default=defaults.rotation,
                       help="fraction of a full turn, e.g. 0.05 (default 0: off)")
     tune.add_argument("--zoom", type=_finite_float, default=defaults.zoom, help="e.g. 0.1 (default 0: off)")
@@ -202,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("--model", type=Path, required=True,
                        help="a run directory, e.g. models/NAME, or best (highest validation accuracy)")
     guess.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
+    guess.add_argument("--data", type=Path, default=None, help="--model best: among the runs of this image folder")
     guess.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     guess.add_argument("--top", type=_positive_int, default=3, help="labels per image (3)")
     guess.add_argument("--output", type=Path, default=None, help="also write FILE.csv or FILE.json")
@@ -211,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     ship = commands.add_parser("export", help="a run as a model that needs only TensorFlow (keras, savedmodel, tflite)")
     ship.add_argument("--model", required=True, help="a run directory, e.g. models/NAME, or best")
     ship.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
+    ship.add_argument("--data", type=Path, default=None, help="--model best: among the runs of this image folder")
     ship.add_argument("--format", default="savedmodel", choices=("keras", "savedmodel", "tflite"),
                       help="keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile")
     ship.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/)")
@@ -248,7 +259,7 @@ def _extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         cache_root=args.cache,
-        splits=SplitConfig(args.val_fraction, args.test_fraction, args.split_seed),
+        splits=SplitConfig.from_flags(args.val_fraction, args.test_fraction, args.split_seed),
         rehash=args.rehash,
         strict=args.strict,
         max_pixels=int(args.max_megapixels * 2**20),
@@ -273,6 +284,8 @@ def _extract(args: argparse.Namespace) -> int:
         print(f"  skipped {item['path']}: {item['reason']}")
     if len(summary.skipped) > shown:
         print(f"  ... and {len(summary.skipped) - shown} more: see skipped in {summary.cache_dir / 'manifest.json'}")
+    for note in summary.notes:
+        print(f"note: {note}")
     print(f"cache: {summary.cache_dir}")
     return 0
 
@@ -332,7 +345,7 @@ def _runs(args: argparse.Namespace) -> int:
     from pipeline.report import runs_table
     from pipeline.runs import list_runs
 
-    rows = list_runs(args.models)
+    rows = list_runs(args.models, args.data)
     print(json.dumps(rows, indent=2) if args.json else runs_table(rows))
     return 0
 
@@ -358,7 +371,7 @@ def _finetune(args: argparse.Namespace) -> int:
         source=args.source, models=args.models, name=args.name, unfreeze=args.unfreeze, epochs=args.epochs,
         lr=args.lr, momentum=args.momentum, clipnorm=args.clipnorm, batch_size=args.batch_size, patience=args.patience,
         augmentation=augmentation, precision=args.precision, seed=args.seed, progress=not args.no_progress,
-        cached=args.cached, cache_root=args.cache,
+        cached=args.cached, cache_root=args.cache, data=args.data,
     ))
     before = summary.config["test_before_finetune"]
     tuned = summary.config["finetune"]
@@ -377,7 +390,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output)  # before the work, not after
-    results = predict(args.model, args.images, args.top, args.models)
+    results = predict(args.model, args.images, args.top, args.models, args.data)
     print(predictions_table(results))
     if args.output:
         write_predictions(results, args.output)
@@ -394,7 +407,7 @@ def _export(args: argparse.Namespace) -> int:
     require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
     from pipeline.export import export_run
 
-    summary = export_run(args.model, args.format, args.out, args.quantize, args.models)
+    summary = export_run(args.model, args.format, args.out, args.quantize, args.models, args.data)
     if args.json:
         print(json.dumps({"path": str(summary.path), "bytes": summary.bytes, "seconds": round(summary.seconds, 2)}
                          | summary.details, indent=2))
@@ -449,6 +462,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
 
 
+# What a Ctrl-C leaves behind, by command: every command writes its results whole or not at all.
+INTERRUPTED = {
+    "extract": "finished shards are kept; rerun the same command to resume",
+    "train-head": "no run was saved (a run is written only when complete); rerun the command to train it",
+    "finetune": "no run was saved (a run is written only when complete; the head run is unchanged); rerun the "
+                "command to fine-tune again",
+    "evaluate": "the run's metrics and reports are as they were",
+    "predict": "no predictions were written",
+    "export": "no export was written (an export appears only when complete)",
+    "demo-data": "rerun the command to finish exporting the images",
+}
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipeline.atomic import one_line, os_error_message
 
@@ -472,5 +498,5 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        print(f"interrupted: {INTERRUPTED.get(args.command, 'nothing was changed')}", file=sys.stderr)
         return 130

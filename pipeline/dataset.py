@@ -3,6 +3,7 @@ splits, and the content-hash index that makes rescans cheap."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,12 +34,33 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """How a flat DIR/<class>/ folder is split. A file's split depends only on its name, the seed
-    and the fractions, so adding images never moves existing ones."""
+    """How a flat DIR/<class>/ folder is split, and how a validation (or test) split is carved out
+    of train/ where a split layout has no folder for it. A new file's split depends only on its
+    name, the seed and the fractions; a file the cache already holds keeps its split, so adding
+    images never moves existing ones.
+
+    `given` names the fractions the user chose explicitly ("validation", "test"): a fraction that
+    a layout's folders make meaningless is refused rather than ignored."""
 
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    given: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @classmethod
+    def from_flags(cls, validation: float | None, test: float | None, seed: int) -> SplitConfig:
+        """From command-line flags, None meaning "not given" (the default fraction)."""
+        given = frozenset(name for name, value in (("validation", validation), ("test", test)) if value is not None)
+        defaults = cls()
+        return cls(defaults.validation_fraction if validation is None else validation,
+                   defaults.test_fraction if test is None else test, seed, given)
+
+    def fraction(self, split: str) -> float:
+        return self.validation_fraction if split == "validation" else self.test_fraction
+
+    def as_dict(self) -> dict[str, float]:
+        return {"validation_fraction": self.validation_fraction, "test_fraction": self.test_fraction,
+                "seed": self.seed}
 
     def __post_init__(self) -> None:
         fractions = (self.validation_fraction, self.test_fraction)
@@ -58,6 +80,44 @@ class ScannedDataset:
     class_names: list[str]
     records: list[ImageRecord]
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    carved: dict[str, float] = field(default_factory=dict)  # split-folders: split -> fraction taken from train/
+    splits: SplitConfig = field(default_factory=SplitConfig)
+
+    def split_rule(self) -> dict[str, object] | str:
+        """How the splits came about, for the manifest and the summary."""
+        if self.layout == "class-folders":
+            return self.splits.as_dict()
+        if not self.carved:
+            return "as given by folders"
+        return {"folders": sorted(set(SPLIT_FOLDERS.values()) - set(self.carved)),
+                "carved_from_train": self.carved, "seed": self.splits.seed}
+
+    def keep_earlier_splits(self, earlier: dict[str, str]) -> None:
+        """Give every image the cache already holds (path -> split) the split it had, and split
+        only the new ones: adding images never moves existing ones. A class that would lack a
+        validation or test image gets one from its new images only."""
+        if self.layout == "split-folders" and not self.carved:
+            return
+        by_class: dict[int, list[int]] = {}
+        for i, record in enumerate(self.records):
+            if self.layout == "class-folders" or record.path.startswith("train/"):
+                by_class.setdefault(record.label, []).append(i)
+        config = self._carving_config()
+        for indexes in by_class.values():
+            names = [self._name_in_class(self.records[i]) for i in indexes]
+            kept = [earlier.get(self.records[i].path) for i in indexes]
+            for i, split in zip(indexes, assign_splits(names, config, kept)):
+                self.records[i] = dataclasses.replace(self.records[i], split=split)
+
+    def _carving_config(self) -> SplitConfig:
+        if self.layout == "class-folders":
+            return self.splits
+        return _carving(self.carved, self.splits.seed)
+
+    def _name_in_class(self, record: ImageRecord) -> str:
+        """The path below the class folder: what a split position is computed from."""
+        parts = record.path.split("/")
+        return "/".join(parts[1:] if self.layout == "class-folders" else parts[2:])
 
 
 def _visible(name: str) -> bool:
@@ -72,9 +132,9 @@ def check_class_name(folder: Path) -> str:
     """Class names are written one per line (labels.txt) and shown in reports: a name holding a
     newline or another control character would break them, so such a folder is refused here."""
     name = folder.name
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        raise PipelineError(f"class folder {str(folder)!r} has a control character (newline, tab...) in its "
-                            "name: rename it")
+    if any(unicodedata.category(c) == "Cc" for c in name) or "".join(name.splitlines()) != name:
+        raise PipelineError(f"class folder {str(folder)!r} has a control character or a line break (newline, "
+                            "tab, U+2028...) in its name: rename it")
     return name
 
 
@@ -109,19 +169,24 @@ def split_position(relative_to_class: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _assign_splits(names: Sequence[str], config: SplitConfig) -> list[str]:
-    """Split one class by position thresholds; a class of three or more images gets at least one
-    image in each split that has a non-zero fraction."""
+def assign_splits(names: Sequence[str], config: SplitConfig, kept: Sequence[str | None] | None = None) -> list[str]:
+    """Split one class's files by position thresholds. `kept`: the split each file already has in
+    the cache (None for a new file), which it keeps. A class of three or more images gets at least
+    one image in each split that has a non-zero fraction, taken from its new files (never by moving
+    a file the cache holds)."""
+    kept = list(kept) if kept is not None else [None] * len(names)
     positions = [split_position(name, config.seed) for name in names]
     test_cut = config.test_fraction
     validation_cut = test_cut + config.validation_fraction
-    splits = ["test" if p < test_cut else "validation" if p < validation_cut else "train" for p in positions]
+    splits = [k or ("test" if p < test_cut else "validation" if p < validation_cut else "train")
+              for k, p in zip(kept, positions)]
     if len(names) >= 3:
         for split, wanted in (("test", config.test_fraction), ("validation", config.validation_fraction)):
             if wanted > 0 and split not in splits:
                 train = [i for i, s in enumerate(splits) if s == "train"]
-                if len(train) > 1:
-                    splits[min(train, key=lambda i: positions[i])] = split
+                movable = [i for i in train if kept[i] is None]
+                if len(train) > 1 and movable:
+                    splits[min(movable, key=lambda i: positions[i])] = split
     return splits
 
 
@@ -202,23 +267,43 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIn
     split_folders = [p for p in top if p.name in SPLIT_FOLDERS]
     ignored: list[tuple[str, str]] = []
     files: list[tuple[Path, str, str]] = []  # (path, class name, split)
+    carved: dict[str, float] = {}
     if split_folders and "train" in {p.name for p in split_folders}:
         layout = "split-folders"
         seen = [SPLIT_FOLDERS[p.name] for p in split_folders]
         if len(seen) != len(set(seen)):
             raise PipelineError(f"{root} has both val/ and validation/: keep one")
+        others = [p.name for p in top if p.name not in SPLIT_FOLDERS]
+        if others:
+            raise PipelineError(
+                f"{root} mixes split folders ({', '.join(p.name for p in split_folders)}) with other folders "
+                f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): use either "
+                "DIR/{train,validation,test}/<class>/ or DIR/<class>/, not both")
+        for split in ("validation", "test"):
+            if split in seen and split in splits.given:
+                flag = "--val-fraction" if split == "validation" else "--test-fraction"
+                raise PipelineError(f"{flag} does not apply: {root} has a {split} folder, which is the {split} "
+                                    f"split; drop {flag} (it carves a split out of train/ only where there is no "
+                                    "such folder)")
+        carved = {split: splits.fraction(split) for split in ("validation", "test") if split not in seen}
+        carving = _carving(carved, splits.seed)
         for split_folder in split_folders:
             for class_folder in _subfolders(split_folder):
                 name = check_class_name(class_folder)
-                for path in _images_below(class_folder, ignored, root):
-                    files.append((path, name, SPLIT_FOLDERS[split_folder.name]))
+                images = _images_below(class_folder, ignored, root)
+                if split_folder.name == "train" and carved:
+                    names = [p.relative_to(class_folder).as_posix() for p in images]
+                    chosen = assign_splits(names, carving)
+                else:
+                    chosen = [SPLIT_FOLDERS[split_folder.name]] * len(images)
+                files.extend((path, name, split) for path, split in zip(images, chosen))
     else:
         layout = "class-folders"
         for class_folder in top:
             class_name = check_class_name(class_folder)
             images = _images_below(class_folder, ignored, root)
             names = [p.relative_to(class_folder).as_posix() for p in images]
-            for path, split in zip(images, _assign_splits(names, splits)):
+            for path, split in zip(images, assign_splits(names, splits)):
                 files.append((path, class_name, split))
 
     class_names = sorted({name for _, name, _ in files} | _class_folder_names(root, layout))
@@ -242,7 +327,12 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIn
         relative = path.relative_to(root).as_posix()
         digest, size, mtime_ns = hashes.lookup(path, relative, read=read_unknown)
         records.append(ImageRecord(relative, label_of[name], split, digest, size, mtime_ns))
-    return ScannedDataset(root, layout, class_names, records, ignored)
+    return ScannedDataset(root, layout, class_names, records, ignored, carved, splits)
+
+
+def _carving(carved: dict[str, float], seed: int) -> SplitConfig:
+    """How train/ is split where a split layout lacks a validation or test folder."""
+    return SplitConfig(carved.get("validation", 0.0), carved.get("test", 0.0), seed)
 
 
 def _class_folder_names(root: Path, layout: str) -> set[str]:

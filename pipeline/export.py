@@ -56,12 +56,12 @@ def without_resize(model: keras.Model) -> keras.Model:
 
 
 def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: bool = False,
-               models: Path = Path("models")) -> ExportSummary:
+               models: Path = Path("models"), data: Path | None = None) -> ExportSummary:
     if fmt not in FORMATS:
         raise PipelineError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
     if quantize and fmt != "tflite":
         raise PipelineError("--quantize applies to --format tflite only")
-    opened = Run.open(run, models)
+    opened = Run.open(run, models, data=data)
     run, class_names, fingerprint = opened.directory, opened.class_names, opened.fingerprint
     out = Path(out) if out is not None else run / "export"
     try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +24,13 @@ from pipeline.backbones import FeatureExtractor, build_backbone
 from pipeline.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
 from pipeline.engine import Engine, EngineResult, strict_error
 from pipeline.errors import PipelineError
-from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, decoder_identity
+from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, decoder_identity, image_dimensions
 from pipeline.local_engine import LocalEngine
 from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.precision import resolve_precision
 from pipeline.ray_engine import BackboneRecipe, RayCluster, RayEngine
 from pipeline.registry import get_backbone
-from pipeline.store import Fingerprint, ShardIndex
+from pipeline.store import SPLITS, Fingerprint, ShardIndex
 from pipeline.weights import ResolvedWeights
 
 DEFAULT_SHARD_SIZE = 1024
@@ -77,6 +79,7 @@ class ExtractSummary:
     warmup_seconds: float = 0.0  # part of loop_seconds until the backbone was warm (local: the first batch)
     warmup_images: int = 0  # new images done within warmup_seconds
     actor_build_seconds: float = 0.0  # Ray engine: the slowest actor's set-up (imports, weights, model)
+    notes: list[str] = field(default_factory=list)  # what the user should know: carved splits, small images, ...
 
     @property
     def images_per_second(self) -> float:
@@ -111,6 +114,7 @@ class ExtractSummary:
             "warmup_seconds": round(self.warmup_seconds, 2),
             "warm_images_per_second": round(self.warm_images_per_second, 1),
             "actor_build_seconds": round(self.actor_build_seconds, 2),
+            "notes": self.notes,
         }
 
 
@@ -220,6 +224,7 @@ class _Extraction:
         store.remove_temporaries(directory)
         shards = [store.read_shard_index(p, self.fingerprint) for p in store.shard_paths(directory)]
         _hash_cached_paths(dataset, shards, hashes)
+        dataset.keep_earlier_splits({p: s for shard in shards for p, s in zip(shard.paths, shard.splits)})
         present = {(r.path, r.sha256) for r in dataset.records}
         try:
             earlier = store.read_manifest(directory)
@@ -257,6 +262,7 @@ class _Extraction:
             warmup_seconds=result.warmup_seconds,
             warmup_images=result.warmup_images,
             actor_build_seconds=result.actor_build_seconds,
+            notes=dataset_notes(dataset, self.image_size),
         )
         self._write_manifest(directory, dataset, summary)
         return summary
@@ -269,7 +275,7 @@ class _Extraction:
             "dataset": {
                 "root": str(dataset.root.resolve()),
                 "layout": dataset.layout,
-                "split": vars(self.options.splits) if dataset.layout == "class-folders" else "as given by folders",
+                "split": dataset.split_rule(),
             },
             "skipped": summary.skipped,
             "ignored": [{"path": p, "reason": r} for p, r in dataset.ignored],
@@ -295,6 +301,49 @@ def _hash_cached_paths(dataset: ScannedDataset, shards: Sequence[ShardIndex], ha
         if record.path in cached:
             digest, size, mtime_ns = hashes.lookup(dataset.root / record.path, record.path)
             dataset.records[i] = dataclasses.replace(record, sha256=digest, size=size, mtime_ns=mtime_ns)
+
+
+SMALL_IMAGE_FACTOR = 2  # images this many times smaller than the input size are worth a note
+SIZE_SAMPLE = 64  # images whose headers are read to tell the typical size
+HEADER_BYTES = 1 << 16  # enough for a JPEG's frame header after its EXIF block
+
+
+def dataset_notes(dataset: ScannedDataset, image_size: int) -> list[str]:
+    """What a user should hear about the data at extract time: splits carved out of train/, splits
+    that came out empty, and images much smaller than the backbone's input."""
+    notes = []
+    for split, fraction in dataset.carved.items():
+        flag = "--val-fraction" if split == "validation" else "--test-fraction"
+        notes.append(f"no {split} folder: {split} is {fraction:.0%} of each class's train/ images, chosen by file "
+                     f"name (stable as images are added; {flag} sets the fraction)")
+    counts = Counter(record.split for record in dataset.records)
+    for split in SPLITS:
+        if not counts[split]:
+            notes.append(f"the {split} split is empty: train-head needs train and validation images "
+                         "(see README: Dataset layouts)")
+    typical = _typical_side(dataset)
+    if typical and typical * SMALL_IMAGE_FACTOR <= image_size:
+        notes.append(f"the images are about {typical} px on their shorter side, much smaller than the {image_size} "
+                     f"px input: each is enlarged {image_size / typical:.1f}x, which costs time and gains little; "
+                     "for small images see README: Small images (e.g. --image-size 64 --layer block4_pool "
+                     "--pooling avg)")
+    return notes
+
+
+def _typical_side(dataset: ScannedDataset) -> int | None:
+    """The median shorter side of up to SIZE_SAMPLE images spread over the folder, read from their
+    headers (a few hundred bytes each); None when no header could be read."""
+    step = max(1, len(dataset.records) // SIZE_SAMPLE)
+    sides = []
+    for record in dataset.records[::step][:SIZE_SAMPLE]:
+        try:
+            with open(dataset.root / record.path, "rb") as handle:
+                dimensions = image_dimensions(handle.read(HEADER_BYTES))
+        except OSError:
+            continue
+        if dimensions:
+            sides.append(min(dimensions))
+    return int(statistics.median(sides)) if sides else None
 
 
 def extract_features(options: ExtractOptions) -> ExtractSummary:

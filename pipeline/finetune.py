@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import report, runs
 from pipeline.activations import activation_batches, cached_activations
 from pipeline.augmentation import Augmentation
-from pipeline.classifier import TRAINING_POLICY, layer_below, top_model, unfreeze
+from pipeline.classifier import TRAINING_POLICY, choose_unfreeze, layer_below, top_model, unfreeze
 from pipeline.errors import PipelineError
 from pipeline.fitting import fit_verbosity, history_rows
 from pipeline.images import labelled_batches
@@ -52,8 +52,20 @@ class FinetuneOptions:
     progress: bool = True
     cached: bool = False  # train on cached activations of the layer below the unfreeze point
     cache_root: Path | None = None  # where to look for them (default: beside the head's cache)
+    data: Path | None = None  # with source "best": choose among the head runs of this data folder
 
     def __post_init__(self) -> None:
+        rules = {
+            "epochs": (self.epochs >= 1, "a positive integer"),
+            "lr": (0 < self.lr < float("inf"), "a positive learning rate"),
+            "momentum": (0 <= self.momentum < 1, "from 0 up to, not including, 1"),
+            "clipnorm": (0 <= self.clipnorm < float("inf"), "a positive norm, or 0 for no clipping"),
+            "batch_size": (self.batch_size >= 1, "a positive integer"),
+            "patience": (self.patience >= 1, "a positive integer"),
+        }
+        for name, (valid, rule) in rules.items():
+            if not valid:
+                raise PipelineError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {rule}")
         if self.augmentation is None:
             self.augmentation = Augmentation.default(self.cached)
         a = self.augmentation
@@ -116,14 +128,15 @@ class KeepBest(keras.callbacks.Callback):
 
 def finetune(options: FinetuneOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
-    head_run = Run.open(options.source, options.models, kind="head")
+    head_run = Run.open(options.source, options.models, kind="head", data=options.data)
     source, config, view = head_run.directory, head_run.config, head_run.view
     store = head_run.features()
     fingerprint = store.fingerprint
     precision = options.precision or TRAINING_POLICY[fingerprint.precision]
     keras.utils.set_random_seed(options.seed)
     model, backbone = head_run.trainable_classifier(precision)
-    unfreeze_point = options.unfreeze or get_backbone(fingerprint.backbone).default_unfreeze
+    unfreeze_point = choose_unfreeze(backbone, options.unfreeze, get_backbone(fingerprint.backbone).default_unfreeze,
+                                     view.layers)
     suffix = "-cached" if options.cached else ""
     name = runs.check_run_name(options.name or f"{source.name}-finetuned-{unfreeze_point}{suffix}")
     below = layer_below(backbone, unfreeze_point) if options.cached else None
@@ -137,7 +150,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
 
     before = data.predict("test")
     test_before = report.split_metrics(data.records["test"].labels, before, store.class_names)
-    trained_layers = unfreeze(backbone, unfreeze_point)  # the head's layers are trainable already
+    trained_layers = unfreeze(backbone, unfreeze_point, view.layers)  # the head's layers are trainable already
     optimizer = keras.optimizers.SGD(options.lr, momentum=options.momentum, clipnorm=options.clipnorm or None)
     target.compile(optimizer=optimizer,
                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
@@ -193,8 +206,9 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         runs.write_run_files(directory, run_config, store.class_names,
                              {split: data.records[split].paths for split in SPLITS})
         report.write_history(directory, rows, "epochs")
+        title = f"{name} (fine-tuned from {unfreeze_point}; augmentation: {options.augmentation.describe()})"
         metrics, text = score_splits(directory, lambda split: probabilities[split], data.records,
-                                     store.class_names, name)
+                                     store.class_names, title)
         metrics["test_before_finetune"] = test_before
         runs.write_metrics(directory, metrics)
     return RunSummary(final, metrics, seconds, text, True, run_config)

@@ -11,10 +11,11 @@ loading checks (pipeline/artefacts.py). Adding a head is adding a class to HEADS
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -84,6 +85,7 @@ def class_weights(labels: np.ndarray, classes: int, mode: str | None) -> np.ndar
 class Head(ABC):
     kind: ClassVar[str]
     DEFAULTS: ClassVar[dict[str, Any]]
+    RULES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}  # parameter -> (valid?, what it must be)
 
     def __init__(self, class_names: list[str] | None = None, params: Mapping[str, Any] | None = None) -> None:
         unknown = sorted(set(params or {}) - set(self.DEFAULTS))
@@ -92,6 +94,9 @@ class Head(ABC):
             raise PipelineError(f"{flag} does not apply to --head {self.kind}")
         self.class_names = list(class_names or [])  # learned again by fit where the features name them
         self.params = dict(self.DEFAULTS) | {k: v for k, v in (params or {}).items() if v is not None}
+        for name, (valid, rule) in self.RULES.items():
+            if not valid(self.params[name]):
+                raise PipelineError(f"--{name.replace('_', '-')} {self.params[name]}: must be {rule}")
         self.n_features_in_: int | None = None
         self.history_: list[dict[str, float]] = []
 
@@ -177,15 +182,34 @@ class Head(ABC):
 # --- scikit-learn logistic regression -------------------------------------------------------------
 
 
+MAX_GRID = 1000  # C values a search may try: each is one fit
+
+
 def log_grid(text: str) -> tuple[float, ...]:
-    """'1e-6:1e5:45' -> 45 log-spaced values from 1e-6 to 1e5; or a comma-separated list."""
+    """'1e-6:1e5:45' -> 45 log-spaced values from 1e-6 to 1e5; or a comma-separated list. Every C
+    is positive and finite, LOW <= HIGH, and a grid holds 1 to MAX_GRID values."""
+    usage = f"--c-grid {text!r}: write LOW:HIGH:COUNT (e.g. 1e-6:1e5:45) or C1,C2,..."
     try:
         if ":" in text:
-            low, high, count = text.split(":")
-            return tuple(float(c) for c in np.logspace(np.log10(float(low)), np.log10(float(high)), int(count)))
-        return tuple(float(v) for v in text.split(","))
+            low_text, high_text, count_text = text.split(":")
+            low, high, count = float(low_text), float(high_text), int(count_text)
+            if not 1 <= count <= MAX_GRID:
+                raise PipelineError(f"{usage}; COUNT must be 1 to {MAX_GRID}, not {count}")
+            values = (low, high)
+        else:
+            values = tuple(float(v) for v in text.split(","))
+            if len(values) > MAX_GRID:
+                raise PipelineError(f"{usage}; at most {MAX_GRID} values, not {len(values)}")
     except ValueError:
-        raise PipelineError(f"--c-grid {text!r}: write LOW:HIGH:COUNT (e.g. 1e-6:1e5:45) or C1,C2,...") from None
+        raise PipelineError(usage) from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise PipelineError(f"{usage}; every C must be a positive finite number")
+    if ":" not in text:
+        return values
+    low, high = values
+    if low > high:
+        raise PipelineError(f"{usage}; LOW ({low:g}) is above HIGH ({high:g})")
+    return tuple(float(c) for c in np.logspace(np.log10(low), np.log10(high), count))
 
 
 def _score_one_c(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, classes: int, C: float,
@@ -229,6 +253,11 @@ class LogRegHead(Head):
         "max_iter": 1000,
         "tol": 1e-4,
         "n_jobs": -1,
+    }
+    RULES = {
+        "max_iter": (lambda v: v >= 1, "a positive integer"),
+        "tol": (lambda v: 0 < v < math.inf, "a positive number"),
+        "n_jobs": (lambda v: v != 0, "a number of parallel fits, or -1 for all cores (not 0)"),
     }
     MODEL_FILE = "head.joblib"
     PORTABLE_FILE = "head.npz"
@@ -443,6 +472,14 @@ class DenseHead(Head):
         "patience": 8,
         "class_weight": "none",
         "seed": 0,
+    }
+    RULES = {
+        "units": (lambda v: v >= 1, "a positive integer"),
+        "dropout": (lambda v: 0 <= v < 1, "a rate from 0 up to, not including, 1"),
+        "lr": (lambda v: 0 < v < math.inf, "a positive learning rate"),
+        "epochs": (lambda v: v >= 1, "a positive integer"),
+        "batch_size": (lambda v: v >= 1, "a positive integer"),
+        "patience": (lambda v: v >= 1, "a positive integer"),
     }
     OPTIMIZERS = ("rmsprop", "adam", "sgd")
     MODEL_FILE = "head.keras"

@@ -38,12 +38,14 @@ def image_files(targets: list[Path]) -> list[Path]:
     return files
 
 
-def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models")) -> list[Prediction]:
+def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models"),
+            data: Path | None = None) -> list[Prediction]:
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
-    a file that is not a readable image gets an error instead."""
+    a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
+    among the runs of this data folder."""
     from pipeline.images import EncodedImages
 
-    opened = Run.open(run, models)
+    opened = Run.open(run, models, data=data)
     if opened.kind == "finetune":
         backend.require_tensorflow("predict with a fine-tuned run (its model.keras resizes by area, which only "
                                    "TensorFlow's Keras has)")

@@ -115,10 +115,34 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise PipelineError(f"--ray-address {address!r}: use auto or HOST:PORT of the head node (e.g. 10.0.0.1:6379)")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+            speaks_grpc = _answers_http2(connection)
     except OSError as error:
         raise PipelineError(f"no Ray cluster answers at {address} ({error.strerror or error}): start one with "
                             "`ray start --head` on the head node, or fix --ray-address") from None
+    if not speaks_grpc:
+        raise PipelineError(f"something listens at {address}, but it is not a Ray head node (it does not speak "
+                            "gRPC): fix --ray-address (the head's GCS port, 6379 by default)")
+
+
+# HTTP/2's connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with a
+# SETTINGS frame of its own at once; anything else answers otherwise, or not at all.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS_FRAME = 4
+
+
+def _answers_http2(connection: socket.socket) -> bool:
+    connection.sendall(_HTTP2_PREFACE)
+    header = b""
+    try:
+        while len(header) < 9:
+            chunk = connection.recv(9 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+    except TimeoutError:
+        return False
+    return header[3] == _SETTINGS_FRAME
 
 
 @contextlib.contextmanager
@@ -346,8 +370,19 @@ class RayEngine:
     progress: bool = True
 
     def actor_options(self, cluster: RayCluster) -> tuple[int, dict[str, Any]]:
+        """How many backbone actors, and what each holds. Each holds a CPU, and the decode tasks need
+        at least one CPU besides: asking for as many actors as the cluster has CPUs (or GPUs) would
+        leave the decode tasks waiting for ever, so it is refused."""
         gpus = cluster.gpus
+        cpus = int(cluster.resources.get("CPU", 0))
         workers = self.workers or gpus or cluster.nodes
+        most = min(gpus, cpus - 1) if gpus else cpus - 1
+        if workers > most:
+            held = f"{gpus} GPU(s) and {cpus} CPU(s)" if gpus else f"{cpus} CPU(s)"
+            each = "a GPU and a CPU" if gpus else "a CPU"
+            advice = f"use at most {most}" if most >= 1 else "too small a cluster for --engine ray: use --engine local"
+            raise PipelineError(f"--workers {workers}: the Ray cluster has {held}; each backbone worker holds {each} "
+                                f"and decoding needs at least one CPU more: {advice}")
         if gpus:
             return workers, {"num_gpus": 1, "num_cpus": 1}
         return workers, {"num_cpus": 1, "scheduling_strategy": "SPREAD"}

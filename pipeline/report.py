@@ -251,7 +251,7 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "no runs yet: train one with `run_pipeline.py train-head --head logreg`"
-    columns = [("name", "name"), ("head", "head"), ("backbone", "backbone"), ("image_size", "size"),
+    columns = [("name", "name"), ("head", "head"), ("data", "data"), ("backbone", "backbone"), ("image_size", "size"),
                ("pooling", "pooling"), ("validation_accuracy", "val acc"), ("validation_accuracy_ci95", "95% CI"),
                ("test_accuracy", "test acc"), ("test_accuracy_ci95", "95% CI"), ("seconds", "seconds")]
 
@@ -265,12 +265,18 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
             return f"{value[0]:.1%}-{value[1]:.1%}".replace("%-", "-", 1)
         if key == "seconds":
             return f"{value:.1f}"
-        return str(value)
+        if key == "data":
+            return Path(value).name
+        return ascii(value)[1:-1] if key == "name" else str(value)  # a newline in a name stays on its row
 
     table = [[title for _, title in columns]] + [[cell(row, key) for key, _ in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(text.ljust(width) if i == 0 else text.rjust(width) for i, (text, width)
                        in enumerate(zip(line, widths))) for line in table]
+    folders = sorted({row["data"] for row in rows if row.get("data")})
+    if len(folders) > 1:
+        lines.append(f"data: {len(folders)} folders ({', '.join(folders)}): validation accuracies of different "
+                     "folders do not compare; `runs --data DIR` lists one folder's runs")
     lines.append("95% CI: Wilson score interval of the split's accuracy (how far the figure could move "
                  "from the split alone)")
     untrained = [row["name"] for row in rows if row.get("pretrained") is False]

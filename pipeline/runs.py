@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -73,6 +74,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _abandoned(entry: Path, pid: int) -> bool:
+    """A staging directory is abandoned when no process holds its lock (atomic.replacing_directory):
+    a PID says nothing across PID namespaces or NFS clients. Only directories without a lock file
+    (made by older versions) and retired ones fall back to the PID."""
+    if (entry / atomic.STAGING_LOCK).exists():
+        return atomic.staging_is_abandoned(entry)
+    return not _alive(pid)
+
+
 def remove_leftovers(models_root: Path) -> list[Path]:
     """Delete the staging and retired directories of processes that no longer run (a killed
     train-head or finetune). Returns what was removed."""
@@ -82,7 +92,7 @@ def remove_leftovers(models_root: Path) -> list[Path]:
         return removed
     for entry in root.iterdir():
         match = _LEFTOVER.match(entry.name)
-        if match and entry.is_dir() and not _alive(int(match["pid"])):
+        if match and entry.is_dir() and _abandoned(entry, int(match["pid"])):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -201,10 +211,13 @@ def read_split_record(run: Path) -> dict[str, str] | None:
 # --- all runs -------------------------------------------------------------------------------------
 
 
-def list_runs(models_root: Path) -> list[dict[str, Any]]:
-    """One row per finished run under `models_root`, best validation accuracy first. Staging and
-    retired directories are never listed."""
+def list_runs(models_root: Path, data: Path | None = None) -> list[dict[str, Any]]:
+    """One row per finished run under `models_root` (of the data folder `data` if given), best
+    validation accuracy first. Staging and retired directories are never listed; a run whose
+    files are damaged is listed with its problem, and an accuracy that is not a number from 0 to 1
+    counts as none (it can never win `best`)."""
     rows = []
+    wanted = _data_key(data) if data is not None else None
     for config_path in sorted(Path(models_root).glob(f"*/{CONFIG}")):
         directory = config_path.parent
         if not is_visible_run(directory):
@@ -214,50 +227,96 @@ def list_runs(models_root: Path) -> list[dict[str, Any]]:
             metrics = json.loads((directory / METRICS).read_text())
             if not isinstance(config, dict) or not isinstance(metrics, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError):
-            rows.append({"name": directory.name, "problem": "config.json or metrics.json missing or damaged"})
-            continue
-        fingerprint = config.get("features", {}).get("fingerprint", {})
-        rows.append({
-            "name": directory.name,
-            "kind": config.get("kind", "head"),
-            "head": config.get("head", {}).get("kind"),
-            "backbone": fingerprint.get("backbone"),
-            "image_size": fingerprint.get("image_size"),
-            "layers": ",".join(config.get("view", {}).get("layers", [])),
-            "pooling": config.get("view", {}).get("pooling"),
-            "pretrained": config.get("features", {}).get("pretrained"),
-            "validation_accuracy": metrics.get("validation", {}).get("accuracy"),
-            "test_accuracy": metrics.get("test", {}).get("accuracy"),
-            "validation_accuracy_ci95": _interval(metrics.get("validation", {})),
-            "test_accuracy_ci95": _interval(metrics.get("test", {})),
-            "test_mean_per_class_accuracy": metrics.get("test", {}).get("mean_per_class_accuracy"),
-            "seconds": config.get("seconds"),
-            "created": config.get("created"),
-        })
+            row = _run_row(directory.name, config, metrics)
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+            row = {"name": directory.name, "problem": "config.json or metrics.json missing or damaged"}
+        if wanted is None or row.get("data") == wanted:
+            rows.append(row)
     return sorted(rows, key=lambda r: (-(r.get("validation_accuracy") or -1.0), r["name"]))
 
 
-def best_run(models_root: Path, kind: str | None = None) -> Path:
-    """The finished run with the highest validation accuracy (of `kind`: head or finetune)."""
-    rows = [r for r in list_runs(models_root)
+def _run_row(name: str, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    features = _mapping(config.get("features"))
+    fingerprint = _mapping(features.get("fingerprint"))
+    view = _mapping(config.get("view"))
+
+    def split(name: str) -> dict[str, Any]:
+        return _mapping(metrics.get(name))
+
+    return {
+        "name": name,
+        "kind": _text(config.get("kind", "head")),
+        "head": _text(_mapping(config.get("head")).get("kind")),
+        "data": _text(features.get("data")),
+        "backbone": _text(fingerprint.get("backbone")),
+        "image_size": _number(fingerprint.get("image_size")),
+        "layers": ",".join(str(layer) for layer in view.get("layers", []) if isinstance(layer, str)),
+        "pooling": _text(view.get("pooling")),
+        "pretrained": features.get("pretrained") if isinstance(features.get("pretrained"), bool) else None,
+        "validation_accuracy": _fraction(split("validation").get("accuracy")),
+        "test_accuracy": _fraction(split("test").get("accuracy")),
+        "validation_accuracy_ci95": _interval(split("validation")),
+        "test_accuracy_ci95": _interval(split("test")),
+        "test_mean_per_class_accuracy": _fraction(split("test").get("mean_per_class_accuracy")),
+        "seconds": _number(config.get("seconds")),
+        "created": _text(config.get("created")),
+    }
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, else None (JSON has no NaN or Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _fraction(value: Any) -> float | None:
+    """An accuracy: a number from 0 to 1, else None."""
+    value = _number(value)
+    return value if value is not None and 0 <= value <= 1 else None
+
+
+def _data_key(data: Path) -> str:
+    return str(Path(data).resolve())
+
+
+def best_run(models_root: Path, kind: str | None = None, data: Path | None = None) -> Path:
+    """The finished run with the highest validation accuracy (of `kind`: head or finetune), among
+    the runs of one data folder: `data`, or the only one the runs under `models_root` were trained
+    on. Validation accuracies of different folders are measured on different images, so where runs
+    of several folders stand side by side `best` asks which one."""
+    rows = [r for r in list_runs(models_root, data)
             if r.get("validation_accuracy") is not None and (kind is None or r.get("kind") == kind)]
     if not rows:
         what = "head run" if kind == "head" else "run"
-        raise PipelineError(f"no {what} under {models_root}/: train one with `run_pipeline.py train-head` first")
+        where = f" on {data}" if data is not None else ""
+        raise PipelineError(f"no {what}{where} under {models_root}/: train one with `run_pipeline.py train-head` first")
+    folders = sorted({r["data"] for r in rows if r.get("data")})
+    if data is None and len(folders) > 1:
+        shown = ", ".join(folders[:4]) + (", ..." if len(folders) > 4 else "")
+        raise PipelineError(f"best: the runs under {models_root}/ were trained on {len(folders)} data folders "
+                            f"({shown}), whose validation accuracies do not compare: add --data DIR to choose among "
+                            "one folder's runs, or name the run")
     return Path(models_root) / rows[0]["name"]
 
 
-def resolve(run: str | Path, models_root: Path, kind: str | None = None) -> Path:
-    """`best` (the best run, of `kind`) or a run directory as given."""
-    return best_run(models_root, kind) if str(run) == "best" else Path(run)
+def resolve(run: str | Path, models_root: Path, kind: str | None = None, data: Path | None = None) -> Path:
+    """`best` (the best run, of `kind`, of the data folder `data`) or a run directory as given."""
+    return best_run(models_root, kind, data) if str(run) == "best" else Path(run)
 
 
 def _interval(split_metrics: dict[str, Any]) -> list[float] | None:
     """[low, high] of a split's 95% accuracy interval (absent in runs made before it was recorded)."""
-    if "accuracy_ci95_low" not in split_metrics:
-        return None
-    return [split_metrics["accuracy_ci95_low"], split_metrics["accuracy_ci95_high"]]
+    low, high = _fraction(split_metrics.get("accuracy_ci95_low")), _fraction(split_metrics.get("accuracy_ci95_high"))
+    return None if low is None or high is None else [low, high]
 
 
 # --- one run, opened ------------------------------------------------------------------------------
@@ -296,9 +355,11 @@ class Run:
         self.trained_class_names: list[str] = list(features["class_names"])
 
     @classmethod
-    def open(cls, run: str | Path, models: Path = Path("models"), kind: str | None = None) -> Run:
-        """The run directory `run`, or `best` (the best run under `models`, of `kind` if given)."""
-        directory = resolve(run, models, kind)
+    def open(cls, run: str | Path, models: Path = Path("models"), kind: str | None = None,
+             data: Path | None = None) -> Run:
+        """The run directory `run`, or `best` (the best run under `models`, of `kind` and of the
+        data folder `data` if given)."""
+        directory = resolve(run, models, kind, data)
         config = read_config(directory)
         way_out = "train the run again"
         version = config.get("format_version", 0)

@@ -298,7 +298,14 @@ def write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
 
 
 def shard_paths(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}") if not p.name.startswith("."))
+    """The cache's shard files. Anything else named like a shard (a folder, a FIFO, a device) is
+    refused: opening a FIFO would wait for a writer for ever."""
+    paths = sorted(p for p in directory.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}") if not p.name.startswith("."))
+    for path in paths:
+        if not path.is_file():
+            raise PipelineError(f"{path} is named like a shard but is not a regular file: remove it, or delete the "
+                                "cache folder and extract again")
+    return paths
 
 
 def shard_name(number: int) -> str:

@@ -77,6 +77,7 @@ def train_head(options: TrainOptions) -> RunSummary:
         "head": {"kind": head.kind, "params": head.params} | head.outcome(),
         "features": {
             "directory": str(store.directory.resolve()),
+            "data": store.manifest.get("dataset", {}).get("root"),  # the image folder (resolved)
             "fingerprint": store.fingerprint.as_dict(),
             "fingerprint_digest": store.fingerprint.digest(),
             "pretrained": store.manifest.get("weights", {}).get("pretrained", True),
