@@ -72,24 +72,32 @@ def _check_same_rows(store: FeatureStore, activations: FeatureStore) -> None:
                                 f"cache {store.directory}: extract it from the same folder with the same split options")
 
 
+SHUFFLE_CHUNK = 4096  # most rows read at once in a shuffled pass
+
+
 def activation_batches(store: FeatureStore, layer: str, split: str, batch_size: int,
                        augmentation: Sequence[Any] | None = None, shuffle_seed: int | None = None,
                        rows: int | None = None) -> Any:
-    """(maps, labels) batches of one split, read one shard at a time: in the cache's order, or with
-    `shuffle_seed` in a new order every epoch (shards, then rows within each). `augmentation`
-    (Keras layers, e.g. RandomFlip) is applied to training batches of maps. `rows`: the split's
-    size where the caller knows it (else counted from the shard indexes)."""
+    """(maps, labels) batches of one split: in the cache's order, read one shard at a time, or
+    with `shuffle_seed` in a new order every epoch drawn over the whole split (an index shuffle:
+    shards follow path order, so class order, and a batch must mix classes from every shard),
+    read a bounded chunk of rows at a time. `augmentation` (Keras layers, e.g. RandomFlip) is
+    applied to training batches of maps. `rows`: the split's size where the caller knows it (else
+    counted from the shard indexes)."""
     from pipeline.fitting import StreamedExamples
 
-    def shards(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        rng = np.random.default_rng((shuffle_seed, epoch)) if shuffle_seed is not None else None
-        order = rng.permutation(len(store.shards)) if rng is not None else None
-        for rows in store.iter_shards(split, [layer], order=order):
-            maps, labels = rows.features[layer], rows.labels
-            if rng is not None:
-                permutation = rng.permutation(len(labels))
-                maps, labels = maps[permutation], labels[permutation]
-            yield maps, labels
+    index = store.split_indexes()[split] if shuffle_seed is not None or rows is None else None
+
+    def in_order(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for chunk in store.iter_shards(split, [layer]):
+            yield chunk.features[layer], chunk.labels
+
+    def shuffled(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        order = np.random.default_rng((shuffle_seed, epoch)).permutation(len(index.labels))
+        size = shuffle_chunk(len(order), batch_size)
+        for start in range(0, len(order), size):
+            part = order[start:start + size]
+            yield store.read_rows(index.locations[part], [layer])[layer], index.labels[part]
 
     transform = None
     if augmentation:
@@ -98,5 +106,13 @@ def activation_batches(store: FeatureStore, layer: str, split: str, batch_size: 
         pipeline = keras.Sequential(list(augmentation))
         transform = lambda maps: pipeline(maps, training=True)  # noqa: E731
     if rows is None:
-        rows = len(store.split_indexes()[split].labels)
-    return StreamedExamples(shards, rows, batch_size, transform)
+        rows = len(index.labels)
+    return StreamedExamples(in_order if shuffle_seed is None else shuffled, rows, batch_size, transform)
+
+
+def shuffle_chunk(rows: int, batch_size: int) -> int:
+    """Rows read at once in a shuffled pass: a whole number of batches, small enough (a sixteenth
+    of the split, at most SHUFFLE_CHUNK) that each shard gives a chunk few rows, which are read
+    alone rather than with the whole shard."""
+    batches = max(1, min(SHUFFLE_CHUNK, rows // 16) // batch_size)
+    return batches * batch_size

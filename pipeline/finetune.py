@@ -9,6 +9,7 @@ cache (pipeline/activations.py) through the classifier's part above it (pipeline
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,14 +149,20 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         data = _Images(split_images(store), model, fingerprint.image_size, options)
     target = data.model  # the model trained: the classifier, or its part above the cached layer
 
+    say = _Narrator(options.progress)
+    say(f"scoring the test split before fine-tuning ({len(data.records['test'])} images)")
+    scoring = time.perf_counter()
     before = data.predict("test")
     test_before = report.split_metrics(data.records["test"].labels, before, store.class_names)
+    per_image = (time.perf_counter() - scoring) / max(1, len(data.records["test"]))
     trained_layers = unfreeze(backbone, unfreeze_point, view.layers)  # the head's layers are trainable already
     optimizer = keras.optimizers.SGD(options.lr, momentum=options.momentum, clipnorm=options.clipnorm or None)
     target.compile(optimizer=optimizer,
                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
     train, validation = data.training_batches(), data.batches("validation")
+    say(f"scoring the validation split before fine-tuning ({len(data.records['validation'])} images)")
     initial_loss, initial_accuracy = target.evaluate(validation, verbose=0)
+    say(epoch_estimate(per_image, len(data.records["train"]), len(data.records["validation"]), options.epochs))
     keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
     timer = EpochTimer()
     callbacks = [
@@ -212,6 +219,31 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         metrics["test_before_finetune"] = test_before
         runs.write_metrics(directory, metrics)
     return RunSummary(final, metrics, seconds, text, True, run_config)
+
+
+TRAINING_COST = 3  # a training step costs about three forward passes (forward, backward, update)
+
+
+def epoch_estimate(seconds_per_image: float, train: int, validation: int, epochs: int) -> str:
+    """What one epoch will take, from the forward pass just timed on the test split."""
+    seconds = seconds_per_image * (TRAINING_COST * train + validation)
+    return (f"fine-tuning for up to {epochs} epoch(s) on {train} images: about {_duration(seconds)} an epoch on this "
+            f"machine (estimated from scoring the test split), about {_duration(seconds * epochs)} in all")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+class _Narrator:
+    """One line on stderr per step that runs long without Keras' progress output."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stderr, flush=True)
 
 
 class _TrainingData(Protocol):
