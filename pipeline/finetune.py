@@ -23,7 +23,7 @@ from pipeline.activations import activation_batches, cached_activations
 from pipeline.augmentation import Augmentation
 from pipeline.classifier import TRAINING_POLICY, choose_unfreeze, layer_below, top_model, unfreeze
 from pipeline.errors import PipelineError
-from pipeline.fitting import fit_verbosity, history_rows
+from pipeline.fitting import KeepBest, fit_verbosity, history_rows
 from pipeline.images import labelled_batches
 from pipeline.reader import SplitImages, split_images
 from pipeline.registry import get_backbone
@@ -101,30 +101,6 @@ class EpochTimer(keras.callbacks.Callback):
         """Seconds per epoch once traced: the mean after the first epoch (the first alone if one ran)."""
         later = self.seconds[1:] or self.seconds
         return sum(later) / len(later) if later else None
-
-
-class KeepBest(keras.callbacks.Callback):
-    """Ends training with the weights of the epoch with the highest validation accuracy (ties:
-    lower validation loss), counting the model before fine-tuning as epoch 0: fine-tuning can
-    leave a model unchanged, never worse on validation. Accuracy is what `runs` ranks by;
-    EarlyStopping's restore_best_weights only compares the epochs it trained."""
-
-    def __init__(self, initial_accuracy: float, initial_loss: float) -> None:
-        super().__init__()
-        self.best = (initial_accuracy, -initial_loss)
-        self.best_epoch, self.best_weights = 0, None
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.best_weights = self.model.get_weights()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        if "val_accuracy" in logs and (logs["val_accuracy"], -logs["val_loss"]) > self.best:
-            self.best = (float(logs["val_accuracy"]), -float(logs["val_loss"]))
-            self.best_epoch, self.best_weights = epoch + 1, self.model.get_weights()
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        self.model.set_weights(self.best_weights)
 
 
 def finetune(options: FinetuneOptions) -> RunSummary:

@@ -4,6 +4,7 @@
   time (a shard, a block of rows), in a new order every epoch", as a keras.utils.PyDataset, so
   that it runs on any Keras backend and Keras knows an epoch's length (the dense head on streamed
   features, `finetune --cached` on cached activations);
+- `KeepBest`: end a fit with the weights of its best epoch by validation accuracy;
 - `fit_verbosity`: Keras' progress output (a bar on a terminal, a line per epoch elsewhere);
 - `history_rows`: a fit's History as one row per epoch, for the run's history.csv and config.
 """
@@ -68,6 +69,32 @@ class StreamedExamples(keras.utils.PyDataset):
                 held -= self.batch_size
         if held:
             yield np.concatenate(pending_x), np.concatenate(pending_y)
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Ends training with the weights of the epoch with the highest validation accuracy (ties:
+    lower validation loss). Accuracy is what runs are reported and ranked by (`runs`, `best`);
+    EarlyStopping's restore_best_weights keeps the lowest validation loss instead. Given the
+    starting model's validation accuracy and loss (fine-tuning), that model counts as epoch 0:
+    training can leave a model unchanged, never worse on validation."""
+
+    def __init__(self, initial_accuracy: float | None = None, initial_loss: float | None = None) -> None:
+        super().__init__()
+        start = initial_accuracy is not None and initial_loss is not None
+        self.best = (initial_accuracy, -initial_loss) if start else (-float("inf"), -float("inf"))
+        self.best_epoch, self.best_weights = 0, None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.best_weights = self.model.get_weights()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if "val_accuracy" in logs and (logs["val_accuracy"], -logs["val_loss"]) > self.best:
+            self.best = (float(logs["val_accuracy"]), -float(logs["val_loss"]))
+            self.best_epoch, self.best_weights = epoch + 1, self.model.get_weights()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.model.set_weights(self.best_weights)
 
 
 def fit_verbosity(progress: bool) -> int:

@@ -456,7 +456,8 @@ def training_statistics(train: Features) -> tuple[np.ndarray, np.ndarray]:
 
 class DenseHead(Head):
     """Dense(units) -> [BatchNorm] -> ReLU -> Dropout -> Dense(classes, softmax), the seeds' head,
-    with early stopping on validation loss (best weights restored) and learning-rate decay; the
+    with early stopping on validation loss, the weights of the epoch with the best validation
+    accuracy kept (what the run reports; ties: lower loss), and learning-rate decay; the
     learning rate of every epoch lands in the history (ReduceLROnPlateau logs it)."""
 
     kind = "dense"
@@ -549,7 +550,7 @@ class DenseHead(Head):
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         import keras
 
-        from pipeline.fitting import fit_verbosity, history_rows
+        from pipeline.fitting import KeepBest, fit_verbosity, history_rows
 
         self.model_ = self.build(*training_statistics(train))
         self.model_.compile(optimizer=self.optimizer(), loss="sparse_categorical_crossentropy",
@@ -557,7 +558,8 @@ class DenseHead(Head):
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
         patience = int(self.params["patience"])
         callbacks = [
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+            KeepBest(),  # the epoch of the best validation accuracy, what the run reports
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3),
                                               min_lr=1e-6),
         ]
@@ -575,7 +577,8 @@ class DenseHead(Head):
 
     def outcome(self) -> dict[str, Any]:
         history = self.history_
-        best = min(range(len(history)), key=lambda i: history[i].get("val_loss", float("inf"))) if history else None
+        best = min(range(len(history)), key=lambda i: (-history[i].get("val_accuracy", -1.0),
+                                                       history[i].get("val_loss", float("inf")))) if history else None
         return {"epochs_run": len(history), "best_epoch": None if best is None else best + 1}
 
     def as_keras(self) -> Any:
