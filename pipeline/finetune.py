@@ -188,7 +188,9 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         model.save(directory / runs.MODEL_FILE)  # the whole classifier: its layers above `below` were trained
         runs.write_run_files(directory, run_config, store.class_names,
                              {split: data.records[split].paths for split in SPLITS})
-        report.write_history(directory, rows, "epochs")
+        # epoch 0: the model before fine-tuning, on validation (the kept epoch may be it)
+        start = {"epoch": 0, "val_loss": float(initial_loss), "val_accuracy": float(initial_accuracy)}
+        report.write_history(directory, [start, *rows], "epochs")
         title = f"{name} (fine-tuned from {unfreeze_point}; augmentation: {options.augmentation.describe()})"
         metrics, text = score_splits(directory, lambda split: probabilities[split], data.records,
                                      store.class_names, title)

@@ -4,7 +4,6 @@ the table of all runs side by side. Pictures beside machine-readable CSV and JSO
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -231,8 +230,8 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
     for ax, (title, keys) in zip(np.atleast_1d(axes), panels):
         for key in keys:
             if key in columns:
-                ax.plot(x, [row.get(key, math.nan) for row in rows], marker="." if len(rows) < 60 else None,
-                        label=key)
+                points = [(at, row[key]) for at, row in zip(x, rows) if row.get(key) is not None]
+                ax.plot(*zip(*points), marker="o" if len(points) < 60 else None, markersize=3, label=key)
         ax.set_title(title)
         ax.set_xlabel(x_label)
         if log_x:

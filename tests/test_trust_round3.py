@@ -1,0 +1,256 @@
+"""Trust, round three (issue 22): what an outside attack found, each with a test that failed on
+the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, clustered_features, make_image_folder, tiny_options, write_feature_cache, write_image
+from pipeline import atomic, runs
+from pipeline.cli import main
+from pipeline.dataset import SplitConfig, scan_dataset, split_position
+from pipeline.errors import PipelineError
+from pipeline.extract import extract_features
+from pipeline.heads import MAX_GRID, log_grid, make_head
+from pipeline.train import TrainOptions, train_head
+
+CLASSES = ["ant", "bee", "cat"]
+FAST_LOGREG = {"c_grid": "1e-3:1e1:5", "n_jobs": 1}
+
+
+# --- D1: a staging directory belongs to whoever holds its lock, not to a PID ----------------------
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from pipeline import atomic
+with atomic.replacing_directory(Path(sys.argv[1])) as staging:
+    (staging / "head.json").write_text("{}")
+    print(staging, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_live_staging_directory_survives_a_cleaner_that_cannot_see_its_pid(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(models / "run")], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        staging = Path(holder.stdout.readline().strip())
+        assert staging.name == f".run.tmp-{holder.pid}"
+        # Another PID namespace (a container, an NFS client): the writer's PID looks dead.
+        monkeypatch.setattr(runs, "_alive", lambda pid: False)
+        assert runs.remove_leftovers(models) == []
+        assert (staging / "head.json").exists(), "a live run's staging directory is left alone"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runs.remove_leftovers(models) == [staging], "once its writer is gone, it is a leftover"
+
+
+def test_a_run_whose_staging_directory_was_deleted_says_so(tmp_path: Path) -> None:
+    import shutil
+
+    with pytest.raises(PipelineError, match="deleted by another process.*nothing was saved"):
+        with atomic.replacing_directory(tmp_path / "run") as staging:
+            shutil.rmtree(staging)
+    assert not (tmp_path / "run").exists()
+
+
+# --- S1: adding one image never moves an existing one ---------------------------------------------
+
+
+def test_adding_an_image_keeps_a_small_class_s_fixed_up_splits(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    # three cats whose names all fall in train: the fix-up gives one to validation and one to test
+    (data / "cats").mkdir(exist_ok=True)
+    for path in (data / "cats").iterdir():
+        path.unlink()
+    names = [f"cat{i}.png" for i in range(1000) if split_position(f"cat{i}.png", 0) >= 0.4][:3]
+    for i, name in enumerate(names):
+        write_image(data / "cats" / name, seed=500 + i)
+    config = SplitConfig(0.2, 0.2, 0)
+    first = extract_features(tiny_options(data, tmp_path / "c", splits=config))
+    from pipeline.store import FeatureStore
+
+    before = {p: s for shard in FeatureStore(first.cache_dir).split_indexes().items() for p, s in
+              [(path, shard[0]) for path in shard[1].paths]}
+    # a new cat whose name falls in validation by itself: the old fix-up was undone by it
+    name = next(f"new{i}.png" for i in range(1000) if 0.2 <= split_position(f"new{i}.png", 0) < 0.4)
+    write_image(data / "cats" / name, seed=999)
+    second = extract_features(tiny_options(data, tmp_path / "c", splits=config))
+    after = {p: s for shard in FeatureStore(second.cache_dir).split_indexes().items() for p, s in
+             [(path, shard[0]) for path in shard[1].paths]}
+    assert sorted(s for p, s in before.items() if p.startswith("cats/")) == ["test", "train", "validation"]
+    assert {p: after[p] for p in before} == before
+    assert after[f"cats/{name}"] == "validation"
+
+
+# --- S5, S6: class folders ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a\u2028b", "a\u2029b", "a\x85b", "a\x0bb", "a\x1cb"])
+def test_a_class_name_with_any_line_boundary_is_refused(tmp_path: Path, name: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    write_image(data / name / "x.png", seed=3)
+    with pytest.raises(PipelineError, match="line break"):
+        scan_dataset(data)
+
+
+def test_a_class_folder_named_train_beside_other_classes_is_refused_with_them_listed(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    write_image(data / "train" / "sub" / "x.png", seed=3)
+    with pytest.raises(PipelineError, match=r"mixes split folders \(train\) with other folders \(cats, dogs\)"):
+        scan_dataset(data)
+
+
+# --- S7, S8, H5 and parameter edges ---------------------------------------------------------------
+
+
+def _head_run(tmp_path: Path, name: str) -> Path:
+    features, labels, splits = clustered_features(120, 3, seed=2)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, splits, CLASSES)
+    return train_head(TrainOptions(features=cache, models=tmp_path / "models", name=name, head_params=FAST_LOGREG,
+                                   progress=False)).directory
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.1, "0.9", float("inf")])
+def test_an_accuracy_that_is_not_a_fraction_never_wins_best_and_runs_json_stays_json(
+        tmp_path: Path, capsys, bad: object) -> None:
+    good = _head_run(tmp_path, "zz-good")
+    broken = _head_run(tmp_path, "aa-broken")
+    metrics = json.loads((broken / "metrics.json").read_text())
+    metrics["validation"]["accuracy"] = bad
+    metrics["test"]["accuracy_ci95_low"] = bad
+    (broken / "metrics.json").write_text(json.dumps(metrics))
+    assert runs.best_run(tmp_path / "models") == good
+    assert main(["runs", "--models", str(tmp_path / "models"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in runs --json"))
+    assert {r["name"]: r["validation_accuracy"] for r in rows}["aa-broken"] is None
+
+
+@pytest.mark.parametrize("grid", ["inf", "1e-3,inf", "nan,1", "1:0:5", "0:1:3", "1e-6:1e5:0", "-1:1:3",
+                                  "1e-6:1e5:100000000", "1:2"])
+def test_c_grids_that_cannot_be_searched_are_refused(grid: str) -> None:
+    with pytest.raises(PipelineError, match="--c-grid"):
+        log_grid(grid)
+
+
+def test_the_largest_c_grid_is_bounded() -> None:
+    assert len(log_grid(f"1e-3:1e3:{MAX_GRID}")) == MAX_GRID
+    with pytest.raises(PipelineError, match=f"COUNT must be 1 to {MAX_GRID}"):
+        log_grid(f"1e-3:1e3:{MAX_GRID + 1}")
+
+
+@pytest.mark.parametrize("kind, params, flag", [
+    ("logreg", {"n_jobs": 0}, "--n-jobs 0"),
+    ("dense", {"dropout": 1.5}, "--dropout 1.5"),
+    ("dense", {"dropout": -0.1}, "--dropout -0.1"),
+    ("dense", {"lr": -1e-3}, "--lr -0.001"),
+    ("dense", {"lr": 0.0}, "--lr 0.0"),
+])
+def test_head_parameters_out_of_range_are_refused(kind: str, params: dict, flag: str) -> None:
+    with pytest.raises(PipelineError, match=flag):
+        make_head(kind, CLASSES, params)
+
+
+def test_a_bad_c_grid_fails_in_one_line_before_the_features_are_read(tmp_path: Path, capsys, monkeypatch) -> None:
+    import pipeline.train as train_module
+
+    features, labels, splits = clustered_features(60, 3, seed=2)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, splits, CLASSES)
+    monkeypatch.setattr(train_module, "load_splits", lambda *a, **k: pytest.fail("features read"))
+    assert main(["train-head", "--features", str(cache), "--models", str(tmp_path / "m"),
+                 "--c-grid", "1e-6:1e5:100000000"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "COUNT must be 1 to" in err
+
+
+# --- H1, H2: Ray ----------------------------------------------------------------------------------
+
+
+class _Cluster:
+    def __init__(self, cpus: int, gpus: int = 0, nodes: int = 1) -> None:
+        self.resources = {"CPU": float(cpus)} | ({"GPU": float(gpus)} if gpus else {})
+        self.gpus, self.nodes = gpus, nodes
+
+
+@pytest.mark.parametrize("workers, cpus, gpus", [(2, 2, 0), (1000, 16, 0), (1, 1, 0), (3, 16, 2)])
+def test_more_ray_workers_than_the_cluster_can_feed_are_refused(workers: int, cpus: int, gpus: int) -> None:
+    from pipeline.ray_engine import RayEngine
+
+    engine = RayEngine(None, None, 32, 8, 1 << 20, workers=workers)
+    with pytest.raises(PipelineError, match=f"--workers {workers}: the Ray cluster has"):
+        engine.actor_options(_Cluster(cpus, gpus))
+
+
+def test_ray_workers_the_cluster_can_feed_are_taken() -> None:
+    from pipeline.ray_engine import RayEngine
+
+    assert RayEngine(None, None, 32, 8, 1 << 20, workers=3).actor_options(_Cluster(4))[0] == 3
+    assert RayEngine(None, None, 32, 8, 1 << 20).actor_options(_Cluster(2, nodes=1))[0] == 1
+    assert RayEngine(None, None, 32, 8, 1 << 20).actor_options(_Cluster(16, gpus=2))[0] == 2
+
+
+def test_a_ray_address_where_something_else_listens_is_refused_quickly() -> None:
+    from pipeline.ray_engine import check_address
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        connection.recv(100)
+        connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        connection.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    started = time.perf_counter()
+    with pytest.raises(PipelineError, match="not a Ray head node"):
+        check_address(f"127.0.0.1:{server.getsockname()[1]}", timeout=2.0)
+    assert time.perf_counter() - started < 10
+    server.close()
+
+
+def test_a_ray_address_that_accepts_and_says_nothing_is_refused_after_the_timeout() -> None:
+    from pipeline.ray_engine import check_address
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    with pytest.raises(PipelineError, match="not a Ray head node"):
+        check_address(f"127.0.0.1:{server.getsockname()[1]}", timeout=1.0)
+    server.close()
+
+
+# --- H4: a FIFO named like a shard -----------------------------------------------------------------
+
+
+def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    first = extract_features(tiny_options(data, tmp_path / "c"))
+    from pipeline import store
+
+    fifo = first.cache_dir / store.shard_name(99)
+    os.mkfifo(fifo)
+    code = ("import sys; from pipeline.extract import extract_features; sys.path.insert(0, 'tests'); "
+            "from conftest import tiny_options; from pathlib import Path; "
+            f"extract_features(tiny_options(Path({str(data)!r}), Path({str(tmp_path / 'c')!r})))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode != 0
+    assert "is named like a shard but is not a regular file" in result.stderr
+    assert math.isfinite(first.seconds)
