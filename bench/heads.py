@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
-from pipeline.classifier import image_input_layers, weights_for  # noqa: E402
+from pipeline.classifier import image_input, weights_for  # noqa: E402
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
 from pipeline.heads import DenseHead, training_statistics  # noqa: E402
 from pipeline.images import labelled_batches  # noqa: E402
@@ -45,9 +45,7 @@ def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
                               weights_for(fingerprint, store.manifest.get("weights", {}).get("path")))
     backbone.trainable = False
     pixels = keras.Input((None, None, 3))
-    x = pixels
-    for layer in image_input_layers(fingerprint.image_size, fingerprint.preprocessing):
-        x = layer(x)
+    x = image_input(pixels, fingerprint.image_size, fingerprint.preprocessing)
     x = keras.layers.Flatten()(keras.layers.Activation("linear", dtype="float32")(backbone(x, training=False)))
     identity = np.zeros(dimension), np.ones(dimension)  # the same layers as the pipeline's head, same cost
     model = keras.Model(pixels, head.build(*identity)(x))

@@ -33,7 +33,7 @@ class ImagePreprocessing(keras.layers.Layer):
     """Kept only to load models fine-tuned by earlier versions, which need this package to load:
     pixels 0..255 of any size (RGB) -> the backbone's input, squashed to a square by area
     averaging when shrinking and bilinear when growing, then the weights' normalisation. New
-    models use image_input_layers (Keras' own layers)."""
+    models use image_input (Keras' own layers)."""
 
     def __init__(self, image_size: int, mode: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -80,13 +80,45 @@ def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
     return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
 
 
-def image_input_layers(image_size: int, mode: str, resize: bool = True) -> list[keras.layers.Layer]:
+def image_input(pixels: Any, image_size: int, mode: str, resize: bool = True) -> Any:
     """Pixels 0..255 (RGB, uint8 or float) -> the backbone's input, from Keras' own layers only, so
-    a saved model loads with Keras alone: a Resizing layer (area interpolation: what extract does
-    whenever an image shrinks, and exactly the identity on images already at the size, which is
-    what the pipeline itself feeds), then the weights' normalisation."""
-    layers = [keras.layers.Resizing(image_size, image_size, interpolation="area", name="resize", dtype="float32")]
-    return (layers if resize else []) + preprocessing_layers(mode)
+    a saved model loads with Keras alone: squashed to image_size x image_size by extract's rule
+    (`resize_like_extract_layers`), then the weights' normalisation."""
+    images = resize_like_extract_layers(pixels, image_size) if resize else pixels
+    for layer in preprocessing_layers(mode):
+        images = layer(images)
+    return images
+
+
+def resize_like_extract_layers(pixels: Any, image_size: int) -> Any:
+    """The Keras twin of images.resize_like_extract, in Keras' own layers (no Lambda, nothing of
+    this package): area averaging when both sides are at least `image_size`, bilinear otherwise.
+
+    Both resizes are computed and one is kept by a 0-or-1 switch read from the input's own shape:
+    zero-padding a map of ones by `image_size` rows above and below and averaging it gives
+    height / (height + 2 * image_size), which grows with the height; a fixed Dense step (with
+    ReLU capped at 1) turns it into exactly 1 from height image_size on and exactly 0 below, and
+    the same for the width. So the kept image is the chosen resize exactly (1 * a + 0 * b)."""
+    n = image_size
+    kept = [keras.layers.Resizing(n, n, interpolation=method, name=f"resize_{method}", dtype="float32")(pixels)
+            for method in ("area", "bilinear")]
+    ones = keras.layers.Rescaling(0.0, offset=1.0, name="resize_ones", dtype="float32")(pixels)
+    steps = []
+    for axis, padding in (("height", ((n, n), (0, 0))), ("width", ((0, 0), (n, n)))):
+        share = keras.layers.GlobalAveragePooling2D(name=f"resize_{axis}_share", dtype="float32")(
+            keras.layers.ZeroPadding2D(padding, name=f"resize_{axis}_padding", dtype="float32")(ones))
+        below, at = (n - 1) / (3 * n - 1), n / (3 * n)  # the share at a side of n - 1 and of n
+        gain = 4.0 / (at - below)
+        step = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant([[gain / 3]] * 3),
+                                  bias_initializer=keras.initializers.Constant(-gain * (at + below) / 2),
+                                  trainable=False, name=f"resize_{axis}_step", dtype="float32")(share)
+        steps.append(keras.layers.ReLU(max_value=1.0, name=f"resize_{axis}_at_least_n", dtype="float32")(step))
+    area = keras.layers.Reshape((1, 1, 1), name="resize_area_switch", dtype="float32")(
+        keras.layers.Multiply(name="resize_both_at_least_n", dtype="float32")(steps))
+    bilinear = keras.layers.Rescaling(-1.0, offset=1.0, name="resize_bilinear_switch", dtype="float32")(area)
+    return keras.layers.Add(name="resize", dtype="float32")([
+        keras.layers.Multiply(name="resize_area_kept", dtype="float32")([kept[0], area]),
+        keras.layers.Multiply(name="resize_bilinear_kept", dtype="float32")([kept[1], bilinear])])
 
 
 def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: FeatureView, head: Head,
@@ -106,9 +138,7 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
                             name=f"{spec.name}_features")
     pixels = keras.Input((None, None, 3) if resize else (fingerprint.image_size,) * 2 + (3,), name="pixels",
                          dtype="float32")
-    images = pixels
-    for layer in image_input_layers(fingerprint.image_size, fingerprint.preprocessing, resize):
-        images = layer(images)
+    images = image_input(pixels, fingerprint.image_size, fingerprint.preprocessing, resize)
     outputs = extractor(images, training=False)
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
     vector = feature_vector(list(outputs), view)  # a pooled cache has view.pooling == its pooling

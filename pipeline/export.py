@@ -2,7 +2,8 @@
 
 - `keras`: a `.keras` file built from Keras' own layers only, so `keras.models.load_model(path)`
   opens it in a Python that has never seen this package. Pixels 0..255 (RGB, uint8 or float) of
-  any size in, probabilities out; resized inside (area interpolation), normalised inside.
+  any size in, probabilities out; resized inside exactly as extract does (area when both sides
+  shrink, bilinear otherwise: classifier.resize_like_extract_layers), normalised inside.
 - `savedmodel`: a TF SavedModel for TF Serving. `serving_default` takes a batch of encoded images
   (JPEG, PNG, BMP, GIF bytes) and returns `probabilities`, the top `class` and the `class_names`;
   `pixels` takes a uint8 batch. Both decode and resize exactly as extract does (area when an
@@ -50,7 +51,7 @@ class ExportSummary:
 
 
 def without_resize(model: keras.Model) -> keras.Model:
-    """The classifier from images already at its size: the part after its Resizing layer."""
+    """The classifier from images already at its size: the part after its resize."""
     normalise = next(layer for layer in model.layers if layer.name.startswith("normalise_"))
     return keras.Model(normalise.input, model.output, name="classifier_resized_input")
 
@@ -110,10 +111,8 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
     metrics = opened.metrics
     size = fingerprint.image_size
     inputs = {
-        "keras": f"float32 or uint8 RGB pixels 0..255, shape (batch, height, width, 3), any size; resized inside to "
-                 f"{size} x {size} with area interpolation (extract's rule whenever an image shrinks; images "
-                 f"smaller than {size} px are grown with bilinear by extract, so resize those to {size} x {size} "
-                 "yourself first for identical results)",
+        "keras": f"float32 or uint8 RGB pixels 0..255, shape (batch, height, width, 3), any size; {RESIZE_RULE} "
+                 f"with N = {size} inside the model (as extract does)",
         "savedmodel": "serving_default: a batch of encoded images (JPEG, PNG, BMP, GIF bytes; key 'images'); "
                       "pixels: uint8 RGB (batch, height, width, 3) (key 'pixels'). Decoded (grayscale and RGBA "
                       f"become RGB, first GIF frame) and {RESIZE_RULE} with N = {size}, inside the graph",

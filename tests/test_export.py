@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache, write_image
+from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
 from pipeline.cli import main
 from pipeline.export import export_run
 from pipeline.extract import extract_features
@@ -49,8 +49,9 @@ else:
     size = int(given["shape"][1])
     out = []
     for e in encoded:
-        image = tf.cast(tf.io.decode_png(e, channels=3), tf.float32)
-        image = tf.image.resize(image, (size, size), method="area")  # these test images shrink
+        image = tf.io.decode_png(e, channels=3)
+        method = "area" if min(image.shape[:2]) >= size else "bilinear"  # extract's rule (the README's recipe)
+        image = tf.image.resize(image, (size, size), method=method)
         interpreter.set_tensor(given["index"], image.numpy()[None])
         interpreter.invoke()
         out.append(interpreter.get_tensor(taken["index"])[0])
@@ -104,7 +105,7 @@ def test_every_format_reproduces_predict_without_the_pipeline(exported_runs: dic
     details = json.loads((tmp_path / "out" / "export.json").read_text())
     assert details["classes"] == CLASSES and details["image_size"] == 32
     assert details["formats"][summary.path.name]["precision"] == "float32"
-    files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[::3]
+    files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[::3] + _small_images(tmp_path)
     expected = _predicted(directory, files, CLASSES)
     got = _load_elsewhere(tmp_path, fmt, summary.path, files)
     if fmt == "tflite":
@@ -114,8 +115,20 @@ def test_every_format_reproduces_predict_without_the_pipeline(exported_runs: dic
         np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def _small_images(folder: Path) -> list[str]:
+    """Images smaller than the model's 32 px on one side or both: extract grows them with bilinear."""
+    rng = np.random.default_rng(5)
+    files = []
+    for height, width in ((20, 20), (12, 12), (20, 50), (50, 31)):
+        path = folder / "small" / f"{height}x{width}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tf.io.encode_png(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).numpy())
+        files.append(str(path))
+    return files
+
+
 def test_finetunes_own_model_loads_with_keras_alone(exported_runs: dict[str, Path], tmp_path: Path) -> None:
-    files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[:4]
+    files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[:4] + _small_images(tmp_path)
     got = _load_elsewhere(tmp_path, "keras", exported_runs["finetune"] / "model.keras", files)
     np.testing.assert_allclose(got, _predicted(exported_runs["finetune"], files, CLASSES), atol=1e-4)
 
@@ -158,26 +171,19 @@ def test_heads_train_on_any_feature_scale(tmp_path: Path, scale: float, head: st
     assert summary.metrics["test"]["accuracy"] > 0.9
 
 
-def test_images_smaller_than_the_model_size_follow_each_formats_stated_rule(exported_runs: dict[str, Path],
-                                                                           tmp_path: Path) -> None:
-    """extract grows images smaller than N with bilinear. The SavedModel does the same inside its
-    graph; the .keras model resizes by area inside, so export.json tells its caller to grow small
-    images to N x N with bilinear first, and done so it agrees with predict."""
-    small = tmp_path / "small"
-    files = [str(write_image(small / f"s{i}.png", seed=500 + i, size=20)) for i in range(4)]
-    run = exported_runs["dense"]
-    expected = _predicted(run, [Path(f) for f in files], CLASSES)
-    saved = export_run(run, "savedmodel", tmp_path / "saved")
-    np.testing.assert_allclose(_load_elsewhere(tmp_path, "savedmodel", saved.path, files), expected, atol=1e-4)
-    keras_export = export_run(run, "keras", tmp_path / "keras")
-    rule = json.loads((tmp_path / "keras" / "export.json").read_text())["formats"]["model.keras"]["input"]
-    assert "bilinear" in rule and "smaller than 32 px" in rule
+def test_the_keras_model_resizes_small_images_as_extract_does_and_says_so(exported_runs: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """extract grows images smaller than N with bilinear and shrinks larger ones by area; the
+    .keras model does the same inside (exactly), as its export.json says."""
     import keras
 
+    run = exported_runs["dense"]
+    keras_export = export_run(run, "keras", tmp_path / "keras")
+    rule = json.loads((tmp_path / "keras" / "export.json").read_text())["formats"]["model.keras"]["input"]
+    assert "area interpolation when both sides shrink, bilinear otherwise" in rule
+    files = _small_images(tmp_path)
+    expected = _predicted(run, [Path(f) for f in files], CLASSES)
     model = keras.models.load_model(keras_export.path)
-    pixels = [tf.io.decode_png(tf.io.read_file(f), channels=3) for f in files]
-    grown = np.stack([tf.image.resize(p, (32, 32), method="bilinear").numpy() for p in pixels])  # the caller's step
-    np.testing.assert_allclose(np.asarray(model.predict(grown, verbose=0)), expected, atol=1e-4)
-    # fed as they are, the .keras model resizes by area: for small images that is not extract's rule
-    raw = np.asarray(model.predict(pixels[0].numpy()[None].astype(np.float32), verbose=0))
-    assert np.abs(raw - expected[:1]).max() > 1e-6
+    for file, wanted in zip(files, expected):
+        pixels = tf.io.decode_png(tf.io.read_file(file), channels=3).numpy()[None]
+        np.testing.assert_allclose(np.asarray(model.predict(pixels, verbose=0))[0], wanted, atol=1e-5)
