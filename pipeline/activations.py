@@ -39,25 +39,33 @@ def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None 
             found.append(candidate)
     if not found:
         raise PipelineError(f"no cache holds {layer} activations for these images: add them with "
-                            f"`{_extract_command(store, layer)}` (one pass of every image through the layers below "
-                            "it), then rerun")
+                            f"`{_extract_command(store, layer, root)}` (one pass of every image through the layers "
+                            "below it), then rerun")
     chosen = found[0]  # the newest
     _check_same_rows(store, chosen)
     return chosen
 
 
-def _extract_command(store: FeatureStore, layer: str) -> str:
+def _extract_command(store: FeatureStore, layer: str, cache_root: Path) -> str:
+    """The extract command that adds `layer` for the head's images into `cache_root` (where
+    finetune looks for it)."""
     f = store.fingerprint
     weights = store.manifest.get("weights", {})
     choice = weights.get("path") if f.weights_source == "file" else f.weights_source
     data = store.manifest.get("dataset", {})
     words = ["python", "run_pipeline.py", "extract", "--data", data.get("root", "DIR"), "--backbone", f.backbone,
              "--image-size", str(f.image_size), "--weights", str(choice), "--precision", f.precision.split("-")[0],
-             "--layer", layer, "--pooling", "none", "--cache", str(store.directory.parent)]
+             "--layer", layer, "--pooling", "none", "--cache", str(cache_root)]
     split = data.get("split")
-    if isinstance(split, dict):
-        words += ["--val-fraction", str(split["validation_fraction"]), "--test-fraction", str(split["test_fraction"]),
-                  "--split-seed", str(split["seed"])]
+    if isinstance(split, dict):  # the fractions the head's cache was split with (see ScannedDataset.split_rule)
+        fractions = split.get("carved_from_train", split)
+        flags = {"validation": "--val-fraction", "test": "--test-fraction"}
+        for name, flag in flags.items():
+            value = fractions.get(name, fractions.get(f"{name}_fraction"))
+            if value is not None:
+                words += [flag, str(value)]
+        if "seed" in split:
+            words += ["--split-seed", str(split["seed"])]
     return shlex.join(words)
 
 

@@ -11,14 +11,13 @@ run or a weights folder holds without ever running code from it.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import one_line
+from pipeline.atomic import one_line, read_json
 from pipeline.errors import PipelineError
 
 
@@ -41,7 +40,7 @@ def read_json_object(path: Path, way_out: str, missing: str | None = None) -> di
     """A JSON file holding an object; one line naming the file when it is missing or is not one."""
     path = Path(path)
     try:
-        value = json.loads(path.read_text())
+        value = read_json(path)
     except FileNotFoundError:
         raise PipelineError(missing or f"{path} is missing: {way_out}") from None
     except (OSError, ValueError) as error:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +46,11 @@ def _reason(error: OSError) -> tuple[str, str | None]:
     return error.strerror or one_line(error), _WAY_OUT.get(error.errno or -1)
 
 
+def way_out(error: OSError) -> str | None:
+    """What the user can do about an OS failure, where we know."""
+    return _reason(error)[1]
+
+
 def os_error_message(error: OSError, action: str = "could not write") -> str:
     """`could not write PATH: reason (what to do)`, one line."""
     target = error.filename if error.filename is not None else ""
@@ -57,16 +64,34 @@ def write_error(path: Path, error: OSError, after: str = "nothing half-written w
                                   "then rerun the same command to resume"))
 
 
+NAME_MAX = 255  # bytes in a file name on the usual file systems
+
+
 def temporary_name(path: Path, suffix: str = "") -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}{suffix}")
+    """`.<name>.<pid>.tmp<suffix>` beside `path`; where that would pass NAME_MAX bytes (a valid
+    name near the limit), the name part is shortened and a hash of the whole name keeps it unique."""
+    tail = f".{os.getpid()}{TEMPORARY_MARK}{suffix}"
+    name = path.name
+    if len(f".{name}{tail}".encode()) > NAME_MAX:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        name = os.fsencode(name)[:NAME_MAX - len(tail.encode()) - 18].decode("utf-8", "ignore") + "-" + digest
+    return path.with_name(f".{name}{tail}")
+
+
+PROBE_BYTES = 1 << 20  # what the writability probe writes: an empty file fits on a full disk
 
 
 def probe_writable(directory: Path) -> None:
-    """Create and remove a hidden file in `directory`; raises OSError when that fails (missing
-    folder, read-only, full, no permission)."""
+    """Create, fill with PROBE_BYTES and remove a hidden file in `directory`; raises OSError when
+    that fails (missing folder, read-only, full, no permission)."""
     probe = temporary_name(Path(directory) / ".write-test")
-    probe.write_bytes(b"")
-    probe.unlink()
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(bytes(PROBE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -92,7 +117,23 @@ def replacing(path: Path, durable: bool = False, after: str = "nothing half-writ
             pass
         if isinstance(error, OSError):
             raise write_error(path, error, after) from error
+        failed = library_os_error(error)
+        if failed is not None:
+            raise write_error(path, failed, after) from None
         raise
+
+
+def library_os_error(error: BaseException) -> OSError | None:
+    """The OS failure inside a library's error that is not an OSError: h5py raises RuntimeError
+    from File.close() when the disk fills ("... errno = 28, error message = 'No space left on
+    device' ..."). None when the error names no errno."""
+    if not isinstance(error, RuntimeError):
+        return None
+    found = re.search(r"errno = (\d+)", str(error))
+    if not found or not int(found[1]):
+        return None
+    number = int(found[1])
+    return OSError(number, os.strerror(number))
 
 
 STAGING_LOCK = ".staging.lock"  # held (flock) by the process writing a staging directory
@@ -182,6 +223,16 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, content: Any, compact: bool = False) -> None:
     text = json.dumps(content, separators=(",", ":")) if compact else json.dumps(content, indent=2) + "\n"
     write_text(path, text)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file as written by write_json, or by anyone: OSError when it cannot be read,
+    ValueError when it is not JSON, nested too deeply included (json raises RecursionError)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _fsync(path: Path, flags: int) -> None:

@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     guess.add_argument("--top", type=_positive_int, default=3, help="labels per image (3)")
     guess.add_argument("--output", type=Path, default=None, help="also write FILE.csv or FILE.json")
+    guess.add_argument("--max-megapixels", type=_positive_float, default=128,
+                       help="images larger than this (decoded) get an error instead of a prediction (default 128)")
     _add_backend(guess, "; images decode with Pillow on jax")
     guess.set_defaults(handler=_predict)
 
@@ -390,7 +392,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output)  # before the work, not after
-    results = predict(args.model, args.images, args.top, args.models, args.data)
+    results = predict(args.model, args.images, args.top, args.models, args.data, int(args.max_megapixels * 2**20))
     print(predictions_table(results))
     if args.output:
         write_predictions(results, args.output)

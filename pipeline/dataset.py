@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
@@ -128,10 +127,29 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
 
 
+NOT_UTF8 = "its name is not valid UTF-8 (rename it): names are stored as UTF-8 in the cache and the reports"
+
+
+def is_utf8(name: str) -> bool:
+    """False for a file name whose bytes are not UTF-8 (Python holds them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: Path) -> str:
+    """A path as UTF-8 text, bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def check_class_name(folder: Path) -> str:
     """Class names are written one per line (labels.txt) and shown in reports: a name holding a
     newline or another control character would break them, so such a folder is refused here."""
     name = folder.name
+    if not is_utf8(name):
+        raise PipelineError(f"class folder {printable(folder)!r}: {NOT_UTF8}")
     if any(unicodedata.category(c) == "Cc" for c in name) or "".join(name.splitlines()) != name:
         raise PipelineError(f"class folder {str(folder)!r} has a control character or a line break (newline, "
                             "tab, U+2028...) in its name: rename it")
@@ -143,12 +161,16 @@ def _images_below(folder: Path, ignored: list[tuple[str, str]], root: Path) -> l
     followed (no loops); links to files are read like files."""
     found = []
     for directory, subdirs, files in os.walk(folder):
-        subdirs[:] = sorted(d for d in subdirs if _visible(d))
+        for name in [d for d in subdirs if _visible(d) and not is_utf8(d)]:
+            ignored.append((printable(Path(directory, name).relative_to(root)), NOT_UTF8))
+        subdirs[:] = sorted(d for d in subdirs if _visible(d) and is_utf8(d))
         for name in sorted(files):
             path = Path(directory) / name
             if not _visible(name):
                 continue
-            if not is_image_file(path):
+            if not is_utf8(name):
+                ignored.append((printable(path.relative_to(root)), NOT_UTF8))
+            elif not is_image_file(path):
                 ignored.append((path.relative_to(root).as_posix(), "not an image file extension"))
             elif not path.is_file():
                 ignored.append((path.relative_to(root).as_posix(), "broken link"))
@@ -208,7 +230,7 @@ class HashIndex:
         self.entries: dict[str, tuple[int, int, str]] = {}
         if trusted and path is not None and path.is_file():
             try:
-                content = json.loads(path.read_text())
+                content = atomic.read_json(path)
                 self.saved_at_ns = int(content["saved_at_ns"])
                 self.entries = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in content["files"].items()}
             except (OSError, ValueError, KeyError, TypeError, IndexError):

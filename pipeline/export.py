@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -65,12 +64,19 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     opened = Run.open(run, models, data=data)
     run, class_names, fingerprint = opened.directory, opened.class_names, opened.fingerprint
     out = Path(out) if out is not None else run / "export"
+    if out.resolve() == run.resolve():
+        raise PipelineError(f"--out {out} is the run's own folder: exporting there would replace the run's files; "
+                            f"choose another folder (default {run / 'export'})")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PipelineError(atomic.os_error_message(error, "cannot export into")) from None
     started = time.perf_counter()
     model = opened.classifier("fp32")
+    outputs = int(model.output_shape[-1])
+    if outputs != len(class_names):
+        raise PipelineError(f"{run} gives {outputs} outputs but its labels.txt lists {len(class_names)} classes "
+                            "(edited, or replaced while being read): restore labels.txt or train the run again")
     size = fingerprint.image_size
     if fmt == "keras":
         path = out / "model.keras"
@@ -94,10 +100,14 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     runs.write_labels(out, class_names)
     details_path = out / DETAILS
     try:
-        earlier = json.loads(details_path.read_text()) if details_path.is_file() else {}
+        earlier = atomic.read_json(details_path) if details_path.is_file() else {}
     except (OSError, ValueError):
         earlier = {}
-    formats = earlier.get("formats", {}) if isinstance(earlier.get("formats"), dict) else {}
+    # Formats exported earlier into this folder are listed beside the new one only where they are
+    # of this run with these classes: another run's export is not this run's.
+    same_run = isinstance(earlier, dict) and earlier.get("run") == details["run"] \
+        and earlier.get("classes") == details["classes"]
+    formats = earlier["formats"] if same_run and isinstance(earlier.get("formats"), dict) else {}
     formats[path.name] = details.pop("format_details")
     atomic.write_json(details_path, details | {"formats": formats})
     return ExportSummary(path, fmt, size_bytes, seconds, details | {"format": formats[path.name]})
@@ -190,10 +200,14 @@ def _save_savedmodel(model: keras.Model, class_names: list[str], image_size: int
     """tf.saved_model.save into a staging folder, renamed into place when complete."""
     serving = _Serving(model, class_names, image_size)
     with atomic.replacing_directory(path) as staging, contextlib.redirect_stdout(io.StringIO()):
-        tf.saved_model.save(serving, str(staging), signatures={
-            "serving_default": serving.from_encoded.get_concrete_function(),
-            "pixels": serving.from_pixels.get_concrete_function(),
-        })
+        try:
+            tf.saved_model.save(serving, str(staging), signatures={
+                "serving_default": serving.from_encoded.get_concrete_function(),
+                "pixels": serving.from_pixels.get_concrete_function(),
+            })
+        except tf.errors.OpError as error:  # a full disk, a quota: TensorFlow's error, not an OSError
+            raise PipelineError(f"could not write the SavedModel {path}: {atomic.one_line(error.message)[:300]}; "
+                                "nothing half-written was left (free some space, or export elsewhere)") from None
 
 
 # --- TFLite ----------------------------------------------------------------------------------------

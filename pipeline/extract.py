@@ -193,6 +193,11 @@ class _Extraction:
         started = time.perf_counter()
         if len(set(self.layers)) != len(self.layers):
             raise PipelineError("--layer names must be distinct")
+        data, cache_root = Path(self.options.data).resolve(), Path(self.options.cache_root).resolve()
+        if cache_root == data or data in cache_root.parents:
+            raise PipelineError(f"--cache {self.options.cache_root} is inside the data folder {self.options.data}: "
+                                "the next scan would take it for a class folder; put the cache elsewhere "
+                                "(default features/)")
         directory = Path(self.options.cache_root) / store.cache_directory_name(self.fingerprint, self.options.data)
         hashes = HashIndex(directory / store.HASH_INDEX_NAME, trusted=not self.options.rehash)
         # The Ray engine's driver reads no image bytes: files the hash index does not know are
@@ -230,7 +235,10 @@ class _Extraction:
             earlier = store.read_manifest(directory)
         except PipelineError:
             earlier = {}  # only a summary: this run rewrites it; failed images are simply retried
-        earlier_failures = [s for s in earlier.get("skipped", []) if (s["path"], s["sha256"]) in present]
+        skipped = earlier.get("skipped") if isinstance(earlier.get("skipped"), list) else []
+        earlier_failures = [s for s in skipped if isinstance(s, dict) and isinstance(s.get("path"), str)
+                            and isinstance(s.get("sha256"), str) and isinstance(s.get("reason"), str)
+                            and (s["path"], s["sha256"]) in present]
         if self.options.strict and earlier_failures:
             first = earlier_failures[0]
             raise strict_error(dataset.root / first["path"], first["reason"])

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from pipeline.artefacts import checked_file, file_sha256, load_arrays, load_keras_model, read_json_object
+from pipeline.atomic import one_line
 from pipeline.errors import PipelineError
 
 SIDECAR = "head.json"
@@ -163,12 +164,20 @@ class Head(ABC):
         sidecar = read_json_object(sidecar_path, "train the head again",
                                    missing=f"{sidecar_path} is missing: {directory} is not a complete head run")
         kind = sidecar.get("kind")
-        head_class = HEADS.get(kind)
+        head_class = HEADS.get(kind) if isinstance(kind, str) else None
         if head_class is None or (cls is not Head and head_class is not cls):
             raise PipelineError(f"{sidecar_path} describes an unknown head kind {kind!r}")
-        head = head_class(sidecar["class_names"], sidecar["params"])
-        head.n_features_in_ = sidecar["input_dimension"]
-        head._load_model(Path(directory), sidecar)
+        try:
+            names, params, dimension = sidecar["class_names"], sidecar["params"], sidecar["input_dimension"]
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(params, dict)
+                    and isinstance(dimension, int) and not isinstance(dimension, bool) and dimension > 0):
+                raise TypeError("class_names, params or input_dimension")
+            head = head_class(names, params)
+            head.n_features_in_ = dimension
+            head._load_model(Path(directory), sidecar)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise PipelineError(f"{sidecar_path} is damaged (missing or wrong {one_line(error)}): train the head "
+                                "again") from None
         return head
 
     def _check_input(self, data: Features) -> None:

@@ -146,7 +146,7 @@ def too_large_error(path: Path, dimensions: tuple[int, int], max_pixels: int) ->
     """An image whose header announces more than `max_pixels`: held back, never decoded."""
     width, height = dimensions
     return PipelineError(
-        f"{path} is {width} x {height} pixels, above the limit of {max_pixels / 1e6:.0f} megapixels "
+        f"{path} is {width} x {height} pixels, above the limit of {max_pixels / 2**20:g} megapixels "
         "(--max-megapixels): raise the limit if the machine has the memory, or shrink the image; the "
         "other images were processed and kept"
     )

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import atomic, backend
+from pipeline.dataset import printable
 from pipeline.errors import PipelineError
+from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.runs import Run
 
 BATCH = 32
@@ -39,7 +41,7 @@ def image_files(targets: list[Path]) -> list[Path]:
 
 
 def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models"),
-            data: Path | None = None) -> list[Prediction]:
+            data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
     among the runs of this data folder."""
@@ -56,8 +58,8 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     files = image_files(targets)
     if not files:
         raise PipelineError(f"no images found in {', '.join(map(str, targets))}")
-    results = [Prediction(str(path), [], []) for path in files]
-    source = EncodedImages(files)
+    results = [Prediction(printable(path), [], []) for path in files]
+    source = EncodedImages(files, max_pixels)
     done: set[int] = set()
     for indices, images in source.batches(size, BATCH):
         proba = np.asarray(model.predict_on_batch(images), np.float64)[:len(indices)]
@@ -91,7 +93,8 @@ def write_predictions(results: list[Prediction], output: Path) -> None:
         atomic.write_json(output, [vars(r) for r in results])
         return
     k = max((len(r.labels) for r in results), default=0)
-    with atomic.replacing(output) as temporary, open(temporary, "w", newline="") as handle:
+    with atomic.replacing(output) as temporary, \
+            open(temporary, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", *[f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")], "error"])
         for r in results:
@@ -106,4 +109,4 @@ def predictions_table(results: list[Prediction]) -> str:
             lines.append(f"{r.path}  error: {r.error}")
         else:
             lines.append(f"{r.path}  " + "  ".join(f"{label} {p:.4f}" for label, p in zip(r.labels, r.probabilities)))
-    return "\n".join(lines)
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # an error may quote a non-UTF-8 name

@@ -25,7 +25,6 @@ three alike, and live here too.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -104,8 +103,10 @@ def check_writable(models_root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         atomic.probe_writable(root)
-    except OSError as error:
-        raise PipelineError(atomic.os_error_message(error, "cannot save runs in")) from None
+    except OSError as error:  # named by the folder, not by the probe file inside it
+        reason = error.strerror or atomic.one_line(error)
+        way_out = atomic.way_out(error)
+        raise PipelineError(f"cannot save runs in {root}: {reason}" + (f" ({way_out})" if way_out else "")) from None
 
 
 @contextmanager
@@ -146,7 +147,7 @@ def read_config(run: Path) -> dict[str, Any]:
     if not is_visible_run(run):
         raise PipelineError(f"{run} is a staging directory, not a finished run: see `run_pipeline.py runs`")
     try:
-        config = json.loads(path.read_text())
+        config = atomic.read_json(path)
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: {run} is not a complete run; train it again") from None
     except (OSError, ValueError) as error:
@@ -173,7 +174,7 @@ def read_labels(run: Path) -> list[str]:
 def read_metrics(run: Path) -> dict[str, Any]:
     """metrics.json, or {} where it is missing or damaged (evaluate rewrites it)."""
     try:
-        metrics = json.loads((Path(run) / METRICS).read_text())
+        metrics = atomic.read_json(Path(run) / METRICS)
     except (OSError, ValueError):
         return {}
     return metrics if isinstance(metrics, dict) else {}
@@ -223,8 +224,8 @@ def list_runs(models_root: Path, data: Path | None = None) -> list[dict[str, Any
         if not is_visible_run(directory):
             continue
         try:
-            config = json.loads(config_path.read_text())
-            metrics = json.loads((directory / METRICS).read_text())
+            config = atomic.read_json(config_path)
+            metrics = atomic.read_json(directory / METRICS)
             if not isinstance(config, dict) or not isinstance(metrics, dict):
                 raise ValueError("not a JSON object")
             row = _run_row(directory.name, config, metrics)

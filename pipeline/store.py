@@ -370,24 +370,29 @@ class FeatureStore:
                 f"{self.directory} is not a feature cache (no {MANIFEST_NAME}): "
                 "point at a directory made by `run_pipeline.py extract`"
             )
+        damaged = f"{manifest_path} is damaged"
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise PipelineError(f"{manifest_path} is damaged ({error}): rerun extract to rewrite it") from None
-        version = self.manifest.get("format_version", -1)
-        if version > FORMAT_VERSION:
-            raise PipelineError(
-                f"{self.directory} was written by a newer version of this pipeline (cache format "
-                f"{version}, this one reads up to {FORMAT_VERSION}): upgrade the pipeline"
-            )
-        self.fingerprint = Fingerprint.from_dict(self.manifest["fingerprint"])
-        self.class_names: list[str] = list(self.manifest["class_names"])
-        self.layers: tuple[str, ...] = self.fingerprint.layers
-        self.feature_shapes = {name: tuple(shape) for name, shape in self.manifest.get("feature_shapes", {}).items()}
-        self._check_shards_match_manifest()
+            self.manifest = atomic.read_json(manifest_path)
+            version = self.manifest.get("format_version", -1)
+            if version > FORMAT_VERSION:
+                raise PipelineError(
+                    f"{self.directory} was written by a newer version of this pipeline (cache format "
+                    f"{version}, this one reads up to {FORMAT_VERSION}): upgrade the pipeline"
+                )
+            self.fingerprint = Fingerprint.from_dict(self.manifest["fingerprint"])
+            self.class_names: list[str] = [str(name) for name in self.manifest["class_names"]]
+            self.layers: tuple[str, ...] = self.fingerprint.layers
+            self.feature_shapes = {str(name): tuple(int(n) for n in shape)
+                                   for name, shape in self.manifest.get("feature_shapes", {}).items()}
+            listed = {str(entry["file"]): str(entry["uuid"]) for entry in self.manifest["shards"]}
+        except (OSError, ValueError) as error:
+            raise PipelineError(f"{damaged} ({one_line(error)}): rerun extract to rewrite it") from None
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise PipelineError(f"{damaged} (missing or wrong {one_line(error)}): rerun extract to rewrite it") \
+                from None
+        self._check_shards_match_manifest(listed)
 
-    def _check_shards_match_manifest(self) -> None:
-        listed = {entry["file"]: entry["uuid"] for entry in self.manifest["shards"]}
+    def _check_shards_match_manifest(self, listed: dict[str, str]) -> None:
         on_disk = {p.name for p in shard_paths(self.directory)}
         if set(listed) != on_disk:
             raise PipelineError(
@@ -487,10 +492,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_NAME
     if not path.exists():
         return {}
+    way_out = "delete it and rerun extract to rewrite it"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PipelineError(f"{path} is damaged ({error}): delete it and rerun extract to rewrite it") from None
+        manifest = atomic.read_json(path)
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{path} is damaged ({one_line(error)}): {way_out}") from None
+    if not isinstance(manifest, dict):
+        raise PipelineError(f"{path} is damaged (not a JSON object): {way_out}")
+    return manifest
 
 
 def find_caches(cache_root: Path, fingerprint_digest: str | None = None,

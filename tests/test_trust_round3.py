@@ -254,3 +254,61 @@ def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path: Path) -> N
     assert result.returncode != 0
     assert "is named like a shard but is not a regular file" in result.stderr
     assert math.isfinite(first.seconds)
+
+
+# --- JSON that parses but has the wrong shape ------------------------------------------------------
+
+_SHAPES = {"a list": [1, 2], "missing keys": {"unexpected": 1}, "wrong types": None,
+           "deep nesting": "[" * 100_000 + "]" * 100_000}  # written as it is: deeper than any parser recurses
+
+
+@pytest.fixture(scope="module")
+def cache_and_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shapes")
+    data = make_image_folder(root / "data", per_class=5)
+    cache = extract_features(tiny_options(data, root / "features")).cache_dir
+    run = train_head(TrainOptions(features=cache, models=root / "models", name="run", head_params=FAST_LOGREG,
+                                  progress=False)).directory
+    return {"root": root, "data": data, "cache": cache, "run": run}
+
+
+def _damaged_copy(source: dict[str, Path], tmp_path: Path, relative: str, shape: str) -> dict[str, Path]:
+    import shutil
+
+    copy = {"data": source["data"]}
+    shutil.copytree(source["root"] / "features", tmp_path / "features")
+    shutil.copytree(source["root"] / "models", tmp_path / "models")
+    copy["cache"] = tmp_path / "features" / source["cache"].name
+    copy["run"] = tmp_path / "models" / "run"
+    target = {"manifest.json": copy["cache"] / "manifest.json",
+              "file_hashes.json": copy["cache"] / "file_hashes.json"}.get(relative, copy["run"] / relative)
+    value = _SHAPES[shape]
+    if shape == "wrong types":  # the right keys with values of the wrong type
+        original = json.loads(target.read_text())
+        value = {key: [] for key in original} if isinstance(original, dict) else [{}]
+    target.write_text(value if shape == "deep nesting" else json.dumps(value))
+    return copy
+
+
+@pytest.mark.parametrize("shape", list(_SHAPES))
+@pytest.mark.parametrize("relative", ["manifest.json", "file_hashes.json", "config.json", "head.json",
+                                      "metrics.json"])
+def test_json_of_the_wrong_shape_is_one_line_in_every_command(cache_and_run: dict[str, Path], tmp_path: Path,
+                                                              capsys, relative: str, shape: str) -> None:
+    copy = _damaged_copy(cache_and_run, tmp_path, relative, shape)
+    commands = {
+        "extract": ["extract", "--data", str(copy["data"]), "--cache", str(tmp_path / "features"), "--weights",
+                    "none", "--image-size", "32", "--precision", "fp32", "--batch-size", "4", "--shard-size", "8",
+                    "--val-fraction", "0.2", "--test-fraction", "0.2", "--no-progress"],
+        "train-head": ["train-head", "--features", str(copy["cache"]), "--models", str(tmp_path / "models"),
+                       "--c-grid", "0.1,1", "--n-jobs", "1", "--no-progress", "--name", "again"],
+        "evaluate": ["evaluate", "--model", str(copy["run"])],
+        "predict": ["predict", "--model", str(copy["run"]), str(next(copy["data"].rglob("*.png")))],
+        "runs": ["runs", "--models", str(tmp_path / "models")],
+    }
+    for name, argv in commands.items():
+        code = main(argv)  # a traceback would escape main and fail the test
+        err = capsys.readouterr().err.strip()
+        assert code in (0, 1), name
+        if code:
+            assert len(err.splitlines()) == 1 and err.startswith("error: "), f"{name}: {err[-500:]}"
