@@ -186,8 +186,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     final = Path(options.models) / name
     with runs.staged(final) as directory:
         model.save(directory / runs.MODEL_FILE)  # the whole classifier: its layers above `below` were trained
-        runs.write_run_files(directory, run_config, store.class_names,
-                             {split: data.records[split].paths for split in SPLITS})
+        runs.write_run_files(directory, run_config, store.class_names, store.split_indexes())
         # epoch 0: the model before fine-tuning, on validation (the kept epoch may be it)
         start = {"epoch": 0, "val_loss": float(initial_loss), "val_accuracy": float(initial_accuracy)}
         report.write_history(directory, [start, *rows], "epochs")

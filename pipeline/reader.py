@@ -247,8 +247,9 @@ def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | Non
     budget = default_memory_budget() if memory_budget is None else memory_budget
     in_memory = not stream and total_bytes <= budget
     splits = {}
-    for split, (labels, paths, locations) in indexes.items():
-        data = SplitData(split, labels, paths, dimension, store=store, view=view, locations=locations)
+    for split, index in indexes.items():
+        labels = index.labels
+        data = SplitData(split, labels, index.paths, dimension, store=store, view=view, locations=index.locations)
         if in_memory and len(labels):
             parts = [vectors for vectors, _ in data.chunks()]
             data.matrix = np.concatenate(parts) if len(parts) > 1 else parts[0]

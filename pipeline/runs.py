@@ -41,7 +41,7 @@ import numpy as np
 from pipeline import atomic, report
 from pipeline.errors import PipelineError
 from pipeline.reader import POOLINGS, FeatureView, open_cache
-from pipeline.store import FeatureStore, Fingerprint
+from pipeline.store import FeatureStore, Fingerprint, SplitIndex
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -128,11 +128,12 @@ def is_visible_run(directory: Path) -> bool:
 
 
 def write_run_files(directory: Path, config: dict[str, Any], class_names: Sequence[str],
-                    paths_by_split: dict[str, Sequence[str]]) -> None:
-    """What every run holds besides its model and reports: config.json, labels.txt, splits.csv."""
+                    splits: Mapping[str, SplitIndex]) -> None:
+    """What every run holds besides its model and reports: config.json, labels.txt, splits.csv
+    (`splits`: the feature cache's split indexes, as the run read them)."""
     write_config(directory, config)
     write_labels(directory, class_names)
-    write_split_record(directory, paths_by_split)
+    write_split_record(directory, splits)
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:
@@ -184,27 +185,30 @@ def write_metrics(directory: Path, metrics: dict[str, Any]) -> None:
     atomic.write_json(Path(directory) / METRICS, metrics)
 
 
-def write_split_record(directory: Path, paths_by_split: dict[str, Sequence[str]]) -> None:
-    """splits.csv: the split of every image the run was trained, validated and tested on."""
+def write_split_record(directory: Path, splits: Mapping[str, SplitIndex]) -> None:
+    """splits.csv: the split and content hash of every image the run was trained, validated and
+    tested on."""
     with atomic.replacing(Path(directory) / SPLIT_RECORD) as temporary, \
             open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "split"])
-        for split, paths in paths_by_split.items():
-            writer.writerows((path, split) for path in paths)
+        writer.writerow(["path", "split", "sha256"])
+        for split, index in splits.items():
+            writer.writerows(zip(index.paths, [split] * len(index.paths), index.sha256))
 
 
-def read_split_record(run: Path) -> dict[str, str] | None:
-    """path -> split as the run saw them; None for runs made before the record existed."""
+def read_split_record(run: Path) -> list[tuple[str, str, str]] | None:
+    """(path, split, sha256) of every image as the run saw them (sha256 "" in records made before
+    it was kept); None for runs made before the record existed."""
     path = Path(run) / SPLIT_RECORD
     if not path.is_file():
         return None
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = csv.reader(handle)
-            if next(rows, None) != ["path", "split"]:
+            header = next(rows, None)
+            if header not in (["path", "split"], ["path", "split", "sha256"]):
                 raise ValueError("unexpected header")
-            return {row[0]: row[1] for row in rows}
+            return [(row[0], row[1], row[2] if len(header) == 3 else "") for row in rows]
     except (OSError, ValueError, IndexError, csv.Error) as error:
         raise PipelineError(f"{path} is damaged ({atomic.one_line(error)}): train the run again") from None
 
@@ -390,7 +394,14 @@ class Run:
     @cached_property
     def split_record(self) -> dict[str, str] | None:
         """path -> split as the run saw them; None for runs made before the record existed."""
-        return read_split_record(self.directory)
+        rows = read_split_record(self.directory)
+        return None if rows is None else {path: split for path, split, _ in rows}
+
+    @cached_property
+    def trained_contents(self) -> dict[str, str]:
+        """sha256 -> path of every image the run trained on (empty for records without hashes)."""
+        return {digest: path for path, split, digest in read_split_record(self.directory) or [] if
+                split == "train" and digest}
 
     # --- what the run was trained on ----------------------------------------------------------------
 
@@ -409,13 +420,24 @@ class Run:
                                 f"on {self.trained_class_names}: train a new head")
         return store
 
-    def check_same_splits(self, current: Mapping[str, Sequence[str]], cache: Path) -> None:
+    def check_same_splits(self, current: Mapping[str, SplitIndex], cache: Path) -> None:
         """Refuse to score the run on a cache that moved images between splits since it was
-        trained (a re-split would put training images into "test")."""
+        trained (a re-split would put training images into "test"), or that holds an image the
+        run trained on under a new name in validation or test (a renamed or copied file: known by
+        its content hash; copies the run already saw there are its own data's)."""
         recorded = self.split_record
         if recorded is None:
             return
-        moved = [(path, recorded[path], split) for split, paths in current.items() for path in paths
+        trained = self.trained_contents
+        for split in ("validation", "test"):
+            index = current.get(split)
+            for path, digest in zip(index.paths if index else [], index.sha256 if index else []):
+                if digest in trained and trained[digest] != path and recorded.get(path) != split:
+                    raise PipelineError(
+                        f"{cache} holds {path} in the {split} split, with the same content as {trained[digest]}, which "
+                        f"run {self.name} was trained on: its scores would count an image it was trained on; remove "
+                        "the copy (or train a new head on this cache)")
+        moved = [(path, recorded[path], split) for split, index in current.items() for path in index.paths
                  if path in recorded and recorded[path] != split]
         if moved:
             path, was, now = moved[0]

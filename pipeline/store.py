@@ -356,6 +356,7 @@ class SplitIndex(NamedTuple):
     labels: np.ndarray
     paths: list[str]
     locations: np.ndarray
+    sha256: list[str] = []  # the content hash of each row's image
 
 
 class FeatureStore:
@@ -425,19 +426,20 @@ class FeatureStore:
     def split_indexes(self) -> dict[str, SplitIndex]:
         """For every split: labels, paths and (shard number, row) locations, in shard order,
         reading each shard's metadata once and no features."""
-        parts: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split in SPLITS}
+        parts: dict[str, tuple[list, list, list, list]] = {split: ([], [], [], []) for split in SPLITS}
         for number, path in enumerate(self.shards):
             shard = read_shard_index(path, self.fingerprint, self.feature_shapes)
             self._check_uuid(shard)
-            for split, (labels, paths, locations) in parts.items():
+            for split, (labels, paths, locations, digests) in parts.items():
                 chosen = np.array([i for i, s in enumerate(shard.splits) if s == split], np.int64)
                 labels.append(shard.labels[chosen])
                 paths.extend(shard.paths[i] for i in chosen)
+                digests.extend(shard.sha256[i] for i in chosen)
                 locations.append(np.stack([np.full(len(chosen), number), chosen], axis=1))
         return {
             split: SplitIndex(np.concatenate(labels) if labels else np.zeros(0, np.int32), paths,
-                              np.concatenate(locations) if locations else np.zeros((0, 2), np.int64))
-            for split, (labels, paths, locations) in parts.items()
+                              np.concatenate(locations) if locations else np.zeros((0, 2), np.int64), digests)
+            for split, (labels, paths, locations, digests) in parts.items()
         }
 
     def read_rows(self, locations: np.ndarray, layers: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -95,8 +95,7 @@ def train_head(options: TrainOptions) -> RunSummary:
     final = Path(options.models) / name
     with runs.staged(final) as directory:
         head.save(directory)
-        runs.write_run_files(directory, config, store.class_names,
-                             {split: data.paths for split, data in splits.items()})
+        runs.write_run_files(directory, config, store.class_names, store.split_indexes())
         report.write_history(directory, head.history_, head.HISTORY_AXIS)
         metrics, text = score_splits(directory, lambda split: head.predict_proba(splits[split]), splits,
                                      store.class_names, name)
@@ -116,7 +115,7 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     store = opened.features(features, cache_root)
     head = opened.head()
     splits = load_splits(store, opened.view, memory_budget)
-    opened.check_same_splits({name: data.paths for name, data in splits.items()}, store.directory)
+    opened.check_same_splits(store.split_indexes(), store.directory)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
                                  store.class_names, opened.name, split)
     return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,

@@ -312,3 +312,131 @@ def test_json_of_the_wrong_shape_is_one_line_in_every_command(cache_and_run: dic
         assert code in (0, 1), name
         if code:
             assert len(err.splitlines()) == 1 and err.startswith("error: "), f"{name}: {err[-500:]}"
+
+
+# --- S2: a training image renamed into the test split ---------------------------------------------
+
+
+def test_a_training_image_renamed_into_the_test_split_is_never_scored_as_a_test_image(tmp_path: Path,
+                                                                                      capsys) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    config = SplitConfig(0.2, 0.2, 0)
+    cache = extract_features(tiny_options(data, tmp_path / "c", splits=config)).cache_dir
+    run = train_head(TrainOptions(features=cache, models=tmp_path / "m", head_params=FAST_LOGREG,
+                                  progress=False)).directory
+    from pipeline.store import FeatureStore
+
+    trained = FeatureStore(cache).split_indexes()["train"].paths[0]
+    name = next(f"renamed{i}.png" for i in range(1000) if split_position(f"renamed{i}.png", 0) < 0.2)
+    (data / trained).rename(data / trained.split("/")[0] / name)
+    extract_features(tiny_options(data, tmp_path / "c", splits=config))
+    assert main(["evaluate", "--model", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "in the test split, with the same content as" in err and trained in err and len(err.splitlines()) == 1
+
+
+# --- S3, S4 and export's smaller items -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export3")
+    data = make_image_folder(root / "data", per_class=5, classes=tuple(CLASSES))
+    cache = extract_features(tiny_options(data, root / "features")).cache_dir
+    return train_head(TrainOptions(features=cache, models=root / "models", name="small", head_params=FAST_LOGREG,
+                                   progress=False)).directory
+
+
+def test_export_into_another_runs_export_folder_lists_only_its_own_formats(small_run: Path, tmp_path: Path) -> None:
+    from pipeline.export import export_run
+
+    out = tmp_path / "shipped"
+    out.mkdir()
+    (out / "export.json").write_text(json.dumps({"run": "/elsewhere/other-run", "classes": ["x", "y"],
+                                                 "formats": {"model.tflite": {"file": "model.tflite"}}}))
+    export_run(small_run, "keras", out)
+    details = json.loads((out / "export.json").read_text())
+    assert list(details["formats"]) == ["model.keras"] and details["classes"] == CLASSES
+    export_run(small_run, "keras", out)  # the same run again: its own formats stay listed
+    assert list(json.loads((out / "export.json").read_text())["formats"]) == ["model.keras"]
+
+
+def test_export_into_the_runs_own_folder_is_refused(small_run: Path) -> None:
+    from pipeline.export import export_run
+
+    before = sorted(p.name for p in small_run.iterdir())
+    with pytest.raises(PipelineError, match="is the run's own folder"):
+        export_run(small_run, "keras", small_run)
+    assert sorted(p.name for p in small_run.iterdir()) == before
+
+
+def test_export_refuses_a_model_whose_outputs_disagree_with_its_labels(small_run: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    from pipeline import export
+    from pipeline.runs import Run
+
+    opened = Run.open(small_run)
+    monkeypatch.setattr(Run, "open", classmethod(lambda cls, *a, **k: opened))
+    opened.class_names = CLASSES + ["extra"]  # labels.txt replaced while export read the run
+    with pytest.raises(PipelineError, match="labels.txt lists 4 classes, the model has 3 outputs"):
+        export.export_run(small_run, "keras", tmp_path / "out")
+
+
+# --- smaller items ----------------------------------------------------------------------------------
+
+
+def test_a_valid_output_name_near_the_file_system_limit_gets_a_temporary_name_that_fits(tmp_path: Path) -> None:
+    target = tmp_path / ("p" * 245 + ".json")
+    assert len(target.name.encode()) == 250
+    temporary = atomic.temporary_name(target)
+    assert len(temporary.name.encode()) <= atomic.NAME_MAX and temporary.name.startswith(".")
+    atomic.write_json(target, {"ok": True})
+    assert json.loads(target.read_text()) == {"ok": True}
+    assert atomic.temporary_name(tmp_path / ("q" * 245 + ".json")) != temporary
+
+
+def test_h5pys_disk_full_error_from_close_is_one_line(tmp_path: Path) -> None:
+    message = ("Can't decrement id ref count (file write failed: time = Tue Dec  1 00:00:00 2026, filename = "
+               "'x.h5', file descriptor = 5, errno = 28, error message = 'No space left on device', buf = 0x1, "
+               "total write size = 8, bytes this sub-write = 8, bytes actually written = 18446744073709551615, "
+               "offset = 0)")
+    with pytest.raises(PipelineError) as caught:
+        with atomic.replacing(tmp_path / "shard.h5") as temporary:
+            temporary.write_bytes(b"partial")
+            raise RuntimeError(message)
+    text = str(caught.value)
+    assert "the disk is full" in text and "\n" not in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    with pytest.raises(PipelineError, match="inside the data folder"):
+        extract_features(tiny_options(data, data / "features"))
+    assert not (data / "features").exists()
+
+
+def test_a_read_only_models_folder_is_named_not_the_probe(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    models.chmod(0o500)
+    try:
+        if os.access(models, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(PipelineError) as caught:
+            runs.check_writable(models)
+        message = str(caught.value)
+        assert message.startswith(f"cannot save runs in {models}: ") and ".write-test" not in message
+    finally:
+        models.chmod(0o700)
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_and_the_rest_extracted(tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    odd = os.fsdecode(b"caf\xe9.png")
+    write_image(data / "cats" / odd, seed=77)
+    summary = extract_features(tiny_options(data, tmp_path / "c"))
+    assert summary.images == 6
+    manifest = json.loads((summary.cache_dir / "manifest.json").read_text())
+    assert {"path": "cats/caf\\xe9.png", "reason": manifest["ignored"][0]["reason"]} in manifest["ignored"]
+    assert main(["predict", "--model", "best", "--models", str(tmp_path / "none"), str(data / "cats" / odd)]) == 1
