@@ -93,8 +93,10 @@ def resize_like_extract(images: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from a PNG, GIF, BMP or JPEG header without decoding, or None where
-    the header does not say (the decoder then decides). Used to refuse decompression bombs."""
+    """(width, height) read from a PNG, GIF, BMP, WebP or JPEG header without decoding, or None
+    where the header does not say. Used to refuse decompression bombs, so it reads what the
+    decoders accept: the format by its signature whatever the file's extension, and a JPEG's
+    frame header after stray bytes between markers (libjpeg skips them with a warning)."""
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n":
             return struct.unpack(">II", data[16:24])
@@ -103,10 +105,31 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
         if data[:2] == b"BM":
             width, height = struct.unpack("<ii", data[18:26])
             return abs(width), abs(height)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_dimensions(data)
         if data[:2] == b"\xff\xd8":
             return _jpeg_dimensions(data)
     except struct.error:
         return None
+    return None
+
+
+def _webp_dimensions(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":  # extended: the canvas size, 24 bits each, minus one
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    if chunk == b"VP8L":  # lossless: 14 bits each, minus one, after the signature byte 0x2f
+        if data[20] != 0x2F:
+            return None
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 ":  # lossy: after the frame tag and the start code 9d 01 2a
+        if data[23:26] != b"\x9d\x01\x2a":
+            return None
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
     return None
 
 
@@ -116,21 +139,42 @@ _JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
     position = 2
     while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
+        if data[position] != 0xFF:  # stray bytes before a marker: skipped, as libjpeg does
+            following = data.find(b"\xff", position)
+            if following < 0:
+                return None
+            position = following
+            continue
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte
             position += 1
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+        if marker in (0x00, 0x01, *range(0xD0, 0xD8)):  # markers without a length (0x00: a stuffed byte)
             position += 2
             continue
+        if marker == 0xD9:  # end of image before any frame
+            return None
         length = struct.unpack(">H", data[position + 2:position + 4])[0]
         if marker in _JPEG_FRAMES:
             height, width = struct.unpack(">HH", data[position + 5:position + 9])
             return width, height
         position += 2 + length
     return None
+
+
+SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"\xff\xd8")  # and RIFF....WEBP
+
+
+def unchecked_reason(data: bytes) -> str:
+    """Why an image whose dimensions cannot be read is not decoded: a decoder would have to
+    allocate whatever the file asks for, so such files are refused before decoding."""
+    if not data:
+        return "empty file"
+    known = data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    if not known:
+        decoder = "TensorFlow" if backend.is_tensorflow() else "Pillow"
+        return f"{decoder} cannot decode it (corrupt, truncated or not an image)"
+    return "cannot decode it safely: its header does not say how large it is (corrupt or truncated)"
 
 
 def header_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -146,7 +190,7 @@ def too_large_error(path: Path, dimensions: tuple[int, int], max_pixels: int) ->
     """An image whose header announces more than `max_pixels`: held back, never decoded."""
     width, height = dimensions
     return PipelineError(
-        f"{path} is {width} x {height} pixels, above the limit of {max_pixels / 2**20:g} megapixels "
+        f"{path} is {width} x {height} pixels, above the limit of {max_pixels / 2**20:.3g} megapixels "
         "(--max-megapixels): raise the limit if the machine has the memory, or shrink the image; the "
         "other images were processed and kept"
     )
@@ -204,7 +248,10 @@ def read_and_decode(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_P
         return ReadImage(None, -1, -1, skipped=unreadable_reason(error))
     read = ReadImage(hashlib.sha256(data).hexdigest(), stat.st_size, stat.st_mtime_ns)
     dimensions = header_dimensions(data)
-    if dimensions and dimensions[0] * dimensions[1] > max_pixels:
+    if dimensions is None:
+        read.skipped = unchecked_reason(data)
+        return read
+    if dimensions[0] * dimensions[1] > max_pixels:
         read.held_back = str(too_large_error(path, dimensions, max_pixels))
         return read
     try:
@@ -237,7 +284,10 @@ class EncodedImages:
                 continue
             self.sha256[index] = hashlib.sha256(data).hexdigest()
             dimensions = header_dimensions(data)
-            if dimensions and dimensions[0] * dimensions[1] > self.max_pixels:
+            if dimensions is None:
+                self.unreadable[index] = unchecked_reason(data)
+                continue
+            if dimensions[0] * dimensions[1] > self.max_pixels:
                 self.too_large[index] = dimensions
                 continue
             yield index, data
