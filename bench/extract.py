@@ -168,10 +168,15 @@ def memory_rows(data: Path, images: int, work: Path) -> list[list[str]]:
     return rows
 
 
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}" if denominator > 0 else "-"
+
+
 def engine_rows(data: Path, images: int, precision: str, work: Path) -> list[list[str]]:
-    """The local and Ray engines on the same folder, one fresh cache each, local first."""
+    """The local and Ray engines on the same folder, one fresh cache each, local first. A folder
+    with fewer images than asked gives rows for what it has (a rate of nothing is shown as -)."""
     folder = subset_folder(data, images, work / f"engines-subset-{images}")
-    images = sum(1 for f in folder.rglob("*") if f.is_symlink())  # fewer where a class runs out
+    found = sum(1 for f in folder.rglob("*") if f.is_symlink())  # fewer where a class runs out
     rows, rates = [], {}
     for engine in ("local", "ray"):
         options = ExtractOptions(data=folder, precision=precision, image_size=150, batch_size=BATCH, shard_size=128,
@@ -180,17 +185,17 @@ def engine_rows(data: Path, images: int, precision: str, work: Path) -> list[lis
         summary = extract_features(options)
         wall = time.perf_counter() - started
         working = summary.loop_seconds - summary.warmup_seconds  # from the backbone's first batch on
-        rates[engine] = (summary.images_per_second, summary.new / wall)
-        rows.append([f"{engine}, {images} images", str(summary.new), f"{summary.images_per_second:.1f}",
-                     f"{summary.new / working:.1f}",
+        rates[engine] = (summary.images_per_second, summary.new / wall if wall > 0 else 0.0,
+                         summary.new / working if working > 0 else 0.0)
+        rows.append([f"{engine}, {found} images", str(summary.new), f"{summary.images_per_second:.1f}",
+                     f"{rates[engine][2]:.1f}",
                      f"{wall:.1f} s",
                      f"{wall - summary.loop_seconds:.1f} s", f"{summary.warmup_seconds:.1f} s",
                      f"{summary.actor_build_seconds:.1f} s"])
         print(" | ".join(rows[-1]), flush=True)
-    loop_ratio = rates["ray"][0] / rates["local"][0]
-    wall_ratio = rates["ray"][1] / rates["local"][1]
-    rows.append([f"ray/local, {images} images", "", f"{loop_ratio:.2f}", f"{float(rows[1][3]) / float(rows[0][3]):.2f}",
-                 f"{wall_ratio:.2f} (images per wall-clock second)", "", "", ""])
+    local, ray = rates["local"], rates["ray"]
+    rows.append([f"ray/local, {found} images", "", _ratio(ray[0], local[0]), _ratio(ray[2], local[2]),
+                 f"{_ratio(ray[1], local[1])} (images per wall-clock second)", "", "", ""])
     return rows
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,41 @@ def temporary_name(path: Path, suffix: str = "") -> Path:
 
 
 PROBE_BYTES = 1 << 20  # what the writability probe writes: an empty file fits on a full disk
+
+
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)" + re.escape(TEMPORARY_MARK) + r".*$")
+ABANDONED_SECONDS = 3600  # a temporary file this old is abandoned whoever wrote it
+
+
+def remove_abandoned_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files (`.<name>.<pid>.tmp...`) in `directory` that a killed process
+    left: those whose process is gone from this host, or older than ABANDONED_SECONDS (a writer
+    elsewhere). For folders written without a lock (a run's reports); returns what was removed."""
+    removed = []
+    now = time.time()
+    for entry in Path(directory).glob(f".*{TEMPORARY_MARK}*"):
+        match = _TEMPORARY.match(entry.name)
+        try:
+            if not match or not entry.is_file() or (process_alive(int(match["pid"]))
+                                                    and now - entry.stat().st_mtime < ABANDONED_SECONDS):
+                continue
+            entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def probe_writable(directory: Path) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,25 +60,13 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
 def _abandoned(entry: Path, pid: int) -> bool:
     """A staging directory is abandoned when no process holds its lock (atomic.replacing_directory):
     a PID says nothing across PID namespaces or NFS clients. Only directories without a lock file
     (made by older versions) and retired ones fall back to the PID."""
     if (entry / atomic.STAGING_LOCK).exists():
         return atomic.staging_is_abandoned(entry)
-    return not _alive(pid)
+    return not atomic.process_alive(pid)
 
 
 def remove_leftovers(models_root: Path) -> list[Path]:
@@ -509,6 +496,7 @@ def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: 
     `predict(split)` gives its probabilities), and the reports of `report_split` (at the top of the
     run directory for the test split, in a subfolder named after any other). Returns the metrics
     and the report text."""
+    atomic.remove_abandoned_temporaries(directory)  # e.g. a killed evaluate's .metrics.json.<pid>.tmp
     metrics: dict[str, Any] = {}
     text = ""
     for split, data in splits.items():

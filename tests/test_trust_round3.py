@@ -51,7 +51,7 @@ def test_a_live_staging_directory_survives_a_cleaner_that_cannot_see_its_pid(tmp
         staging = Path(holder.stdout.readline().strip())
         assert staging.name == f".run.tmp-{holder.pid}"
         # Another PID namespace (a container, an NFS client): the writer's PID looks dead.
-        monkeypatch.setattr(runs, "_alive", lambda pid: False)
+        monkeypatch.setattr(atomic, "process_alive", lambda pid: False)
         assert runs.remove_leftovers(models) == []
         assert (staging / "head.json").exists(), "a live run's staging directory is left alone"
     finally:
@@ -504,3 +504,27 @@ def test_an_image_whose_size_cannot_be_read_is_not_decoded(tmp_path: Path) -> No
     assert list(source._encoded()) == []
     assert source.failure_reason(0, 32) == unchecked_reason(headless)
     assert "header does not say how large" in unchecked_reason(headless)
+
+
+def test_a_killed_evaluates_temporary_metrics_file_is_removed_by_the_next_evaluate(small_run: Path) -> None:
+    import shutil
+
+    from pipeline.train import evaluate_run
+
+    leftover = small_run / f".metrics.json.{_dead_pid()}.tmp"
+    leftover.write_text('{"half": ')
+    live = small_run / f".metrics.json.{os.getpid()}.tmp"
+    live.write_text("{}")
+    try:
+        evaluate_run(small_run)
+        assert not leftover.exists(), "a dead process's temporary is removed"
+        assert live.exists(), "a live writer's temporary is left alone"
+    finally:
+        live.unlink(missing_ok=True)
+        shutil.rmtree(small_run / "validation", ignore_errors=True)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
