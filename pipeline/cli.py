@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -464,6 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
 
 
+def buried_pipeline_error(error: BaseException) -> str | None:
+    """Our one-line message where TensorFlow or Keras re-raised it inside an error of its own (a
+    PipelineError raised while tf.data or Keras pulled examples, forty lines of context around it)."""
+    found = re.findall(r"PipelineError: ([^\n]+)", str(error))
+    return found[-1].strip() if found else None
+
+
 # What a Ctrl-C leaves behind, by command: every command writes its results whole or not at all.
 INTERRUPTED = {
     "extract": "finished shards are kept; rerun the same command to resume",
@@ -496,6 +504,12 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"error: {os_error_message(error, 'could not use')}; rerun with --debug for details",
               file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001 - only to unbury our own message from a library's
+        buried = buried_pipeline_error(error)
+        if buried is None or args.debug:
+            raise
+        print(f"error: {buried}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:

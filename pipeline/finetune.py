@@ -23,7 +23,7 @@ from pipeline.activations import activation_batches, cached_activations
 from pipeline.augmentation import Augmentation
 from pipeline.classifier import TRAINING_POLICY, choose_unfreeze, layer_below, top_model, unfreeze
 from pipeline.errors import PipelineError
-from pipeline.fitting import KeepBest, fit_verbosity, history_rows
+from pipeline.fitting import KeepBest, fit, fit_verbosity, history_rows
 from pipeline.images import labelled_batches
 from pipeline.reader import SplitImages, split_images
 from pipeline.registry import get_backbone
@@ -149,8 +149,8 @@ def finetune(options: FinetuneOptions) -> RunSummary:
                                           min_lr=1e-7),
     ]
     started = time.perf_counter()
-    history = target.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks,
-                         shuffle=False, verbose=fit_verbosity(options.progress))
+    history = fit(target, train, validation_data=validation, epochs=options.epochs, callbacks=callbacks,
+                  shuffle=False, verbose=fit_verbosity(options.progress))
     seconds = time.perf_counter() - started
     rows = history_rows(history)
 

@@ -18,6 +18,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 Chunks = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
@@ -32,6 +34,7 @@ class StreamedExamples(keras.utils.PyDataset):
         super().__init__(workers=1, use_multiprocessing=False)
         self.chunks, self.rows, self.batch_size, self.transform = chunks, rows, batch_size, transform
         self.passes = 0
+        self.failure: Exception | None = None  # a PipelineError met while reading (Keras buries it in its own)
         self._batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
         self._next = 0
 
@@ -41,6 +44,13 @@ class StreamedExamples(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> tuple[Any, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(index)
+        try:
+            return self._batch(index)
+        except PipelineError as error:
+            self.failure = error
+            raise
+
+    def _batch(self, index: int) -> tuple[Any, np.ndarray]:
         if index == 0 or self._batches is None or index != self._next:
             self._batches = self._pass(self.passes)
             self.passes += 1
@@ -95,6 +105,21 @@ class KeepBest(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.model.set_weights(self.best_weights)
+
+
+def fit(model: Any, train: Any, **options: Any) -> Any:
+    """model.fit(train, **options), where a PipelineError met while reading the streamed examples
+    (a cache rewritten meanwhile, a damaged shard) comes out as itself, one line, instead of
+    buried in Keras' and TensorFlow's forty-line error."""
+    sources = [train, options.get("validation_data")]
+    try:
+        return model.fit(train, **options)
+    except Exception:
+        for source in sources:
+            failure = getattr(source, "failure", None)
+            if failure is not None:
+                raise failure from None
+        raise
 
 
 def fit_verbosity(progress: bool) -> int:

@@ -559,7 +559,7 @@ class DenseHead(Head):
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         import keras
 
-        from pipeline.fitting import KeepBest, fit_verbosity, history_rows
+        from pipeline.fitting import KeepBest, fit, fit_verbosity, history_rows
 
         self.model_ = self.build(*training_statistics(train))
         self.model_.compile(optimizer=self.optimizer(), loss="sparse_categorical_crossentropy",
@@ -580,8 +580,8 @@ class DenseHead(Head):
                                       validation_data=(validation.matrix, validation.labels),
                                       batch_size=int(self.params["batch_size"]), shuffle=True, **common)
         else:
-            history = self.model_.fit(self._dataset(train, shuffle=True), shuffle=False,
-                                     validation_data=self._dataset(validation, shuffle=False), **common)
+            history = fit(self.model_, self._dataset(train, shuffle=True), shuffle=False,
+                          validation_data=self._dataset(validation, shuffle=False), **common)
         return history_rows(history)
 
     def outcome(self) -> dict[str, Any]:

@@ -528,3 +528,34 @@ def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def test_a_pipeline_error_buried_in_a_keras_error_comes_out_as_one_line(monkeypatch, capsys) -> None:
+    import pipeline.cli as cli
+
+    def buried(args):
+        raise RuntimeError("Graph execution error:\n\nDetected at node PyFunc defined at (most recent call last):\n"
+                           "  File ...\npipeline.errors.PipelineError: features/x/shard-00001.h5 changed while it was "
+                           "being read: rerun when the extract has finished\n\t [[{{node PyFunc}}]]")
+
+    monkeypatch.setattr(cli, "_train_head", buried)
+    assert main(["train-head"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: features/x/shard-00001.h5 changed while it was being read: rerun when the extract has finished"
+
+
+def test_a_streamed_source_that_fails_surfaces_its_own_error_from_fit() -> None:
+    import keras
+    import numpy as np
+
+    from pipeline.fitting import StreamedExamples, fit
+
+    def chunks(epoch):
+        yield np.zeros((4, 2), np.float32), np.zeros(4, np.int32)
+        raise PipelineError("shard-00002.h5 changed while it was being read: rerun")
+
+    data = StreamedExamples(chunks, 8, 4)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.raises(PipelineError, match="^shard-00002.h5 changed while it was being read: rerun$"):
+        fit(model, data, epochs=1, verbose=0)
