@@ -68,12 +68,16 @@ def plan_update(
 
 def add_sibling_sources(plan: UpdatePlan, directory: Path, fingerprint: Fingerprint) -> None:
     """Images cached under the same fingerprint for another data folder (a copy, a moved
-    folder, a subset) are copied from there: one backbone pass per image per fingerprint."""
+    folder, a subset) are copied from there: one backbone pass per image per fingerprint. A cache
+    whose first extract was interrupted before its manifest was written donates its finished
+    shards too (each shard says its own fingerprint)."""
     wanted = {record.sha256 for record in plan.extract if record.sha256}
     if not wanted:
         return
     found: dict[str, tuple[Path, int]] = {}
-    for sibling, _ in store.find_caches(directory.parent, fingerprint.digest(), exclude=directory):
+    siblings = [sibling for sibling, _ in store.find_caches(directory.parent, fingerprint.digest(), exclude=directory)]
+    siblings += unfinished_caches(directory.parent, exclude=directory)
+    for sibling in siblings:
         try:
             for shard_path in store.shard_paths(sibling):
                 index = store.read_shard_index(shard_path, fingerprint)
@@ -84,6 +88,22 @@ def add_sibling_sources(plan: UpdatePlan, directory: Path, fingerprint: Fingerpr
             continue  # a damaged or foreign cache is simply not a source
     plan.copy += [(record, *found[record.sha256]) for record in plan.extract if record.sha256 in found]
     plan.extract = [record for record in plan.extract if record.sha256 not in found]
+
+
+def unfinished_caches(cache_root: Path, exclude: Path) -> list[Path]:
+    """Cache directories under `cache_root` with shards and no manifest yet (a first extract
+    interrupted), newest first."""
+    found = []
+    for directory in Path(cache_root).iterdir():
+        if directory == exclude or not directory.is_dir() or (directory / store.MANIFEST_NAME).exists():
+            continue
+        try:
+            shards = store.shard_paths(directory)
+        except (PipelineError, OSError):
+            continue
+        if shards:
+            found.append((max(p.stat().st_mtime for p in shards), directory))
+    return [directory for _, directory in sorted(found, key=lambda item: -item[0])]
 
 
 class ShardSequence:

@@ -266,3 +266,29 @@ def test_a_tiny_extract_with_a_carved_split_trains_a_head(tmp_path: Path) -> Non
     run = train_head(TrainOptions(features=summary.cache_dir, models=tmp_path / "m", head_params=FAST_LOGREG,
                                   progress=False))
     assert run.metrics["validation"]["images"] >= 2 and run.metrics["test"]["images"] == 4
+
+
+def test_an_interrupted_first_extract_donates_its_shards_to_the_next(tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import make_image_folder
+
+    first = make_image_folder(tmp_path / "first", per_class=6)
+    summary = extract_features(tiny_options(first, tmp_path / "c"))
+    (summary.cache_dir / "manifest.json").unlink()  # as if killed before its manifest was written
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    again = extract_features(tiny_options(second, tmp_path / "c"))
+    assert (again.new, again.reused) == (0, 12), "every image's features were copied, none recomputed"
+
+
+def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp_path: Path) -> None:
+    from pipeline.heads import LogRegHead
+    from pipeline.reader import FeatureView, load_splits, open_cache
+
+    features, labels, splits = clustered_features(90, 3, seed=3)
+    store = open_cache(write_feature_cache(tmp_path / "cache", features, labels, splits, ["a", "b", "c"]), tmp_path)
+    data = load_splits(store, FeatureView.for_cache(store))
+    head = LogRegHead(["a", "b", "c"], {"c_grid": "1e-2:1e2:5", "n_jobs": 1}).fit(data["train"], data["validation"],
+                                                                                  progress=False)
+    assert [row["C"] for row in head.history_] == sorted(row["C"] for row in head.history_)

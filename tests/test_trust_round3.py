@@ -541,7 +541,8 @@ def test_a_pipeline_error_buried_in_a_keras_error_comes_out_as_one_line(monkeypa
     monkeypatch.setattr(cli, "_train_head", buried)
     assert main(["train-head"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "error: features/x/shard-00001.h5 changed while it was being read: rerun when the extract has finished"
+    assert err == ("error: features/x/shard-00001.h5 changed while it was being read: rerun when the extract has "
+                   "finished")
 
 
 def test_a_streamed_source_that_fails_surfaces_its_own_error_from_fit() -> None:
