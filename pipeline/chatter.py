@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +25,8 @@ CHATTER = re.compile(
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] "  # TensorFlow's own: 2026-11-22 18:00:00.0: I tensorflow/...
     r"|To enable the following instructions:.*rebuild TensorFlow"
     r"|INFO: Created TensorFlow Lite XNNPACK delegate"
+    # libjpeg's warnings on damaged JPEGs: the pipeline says what it did with such a file itself
+    r"|Corrupt JPEG data: |Premature end of JPEG file|Warning: unknown JFIF revision number"
     # Ray's advice on actors restarted with arguments in the object store: the driver holds them
     r"|\[[\d :,-]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
     r"object store"
@@ -33,6 +36,18 @@ CHATTER = re.compile(
 
 def is_chatter(line: str) -> bool:
     return CHATTER.match(line) is not None
+
+
+# Libraries whose Python warnings are theirs to fix, not the user's (scikit-learn's convergence
+# and API notices, matplotlib's layout notices): kept off stderr unless --debug.
+QUIET_LIBRARIES = r"(sklearn|matplotlib|joblib)(\.|$)"
+
+
+@contextmanager
+def library_warnings_quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=QUIET_LIBRARIES)
+        yield
 
 
 @contextmanager

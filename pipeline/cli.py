@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.augmentation import Augmentation
-from pipeline.chatter import native_chatter_filtered
+from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError
 from pipeline.reader import POOLINGS
 from pipeline.registry import BACKBONES
@@ -462,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as cleanup:
         if not args.debug:
             cleanup.enter_context(native_chatter_filtered())
+            cleanup.enter_context(library_warnings_quiet())
         return _run(args)
 
 

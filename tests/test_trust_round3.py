@@ -560,3 +560,20 @@ def test_a_streamed_source_that_fails_surfaces_its_own_error_from_fit() -> None:
     model.compile("sgd", "sparse_categorical_crossentropy")
     with pytest.raises(PipelineError, match="^shard-00002.h5 changed while it was being read: rerun$"):
         fit(model, data, epochs=1, verbose=0)
+
+
+def test_libjpeg_and_library_warnings_stay_off_stderr() -> None:
+    import warnings
+
+    from pipeline.chatter import is_chatter, library_warnings_quiet
+
+    assert is_chatter("Corrupt JPEG data: 1 extraneous bytes before marker 0xc0")
+    assert is_chatter("Premature end of JPEG file")
+    assert not is_chatter("error: data/cats is not a folder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with library_warnings_quiet():
+            warnings.warn_explicit("a notice", UserWarning, "x.py", 1, module="sklearn.linear_model._logistic")
+            warnings.warn_explicit("tight_layout not applied", UserWarning, "y.py", 1, module="matplotlib.figure")
+            warnings.warn_explicit("ours", UserWarning, "z.py", 1, module="pipeline.heads")
+    assert [str(w.message) for w in caught] == ["ours"]
