@@ -229,12 +229,14 @@ class _Extraction:
         store.remove_temporaries(directory)
         shards = [store.read_shard_index(p, self.fingerprint) for p in store.shard_paths(directory)]
         _hash_cached_paths(dataset, shards, hashes)
-        dataset.keep_earlier_splits({p: s for shard in shards for p, s in zip(shard.paths, shard.splits)})
-        present = {(r.path, r.sha256) for r in dataset.records}
         try:
             earlier = store.read_manifest(directory)
         except PipelineError:
             earlier = {}  # only a summary: this run rewrites it; failed images are simply retried
+        recorded = earlier.get("dataset") if isinstance(earlier.get("dataset"), dict) else {}
+        if recorded.get("split") == dataset.split_rule():  # other fractions or seed: a deliberate re-split
+            dataset.keep_earlier_splits({p: s for shard in shards for p, s in zip(shard.paths, shard.splits)})
+        present = {(r.path, r.sha256) for r in dataset.records}
         skipped = earlier.get("skipped") if isinstance(earlier.get("skipped"), list) else []
         earlier_failures = [s for s in skipped if isinstance(s, dict) and isinstance(s.get("path"), str)
                             and isinstance(s.get("sha256"), str) and isinstance(s.get("reason"), str)

@@ -54,11 +54,12 @@ def test_a_missing_layer_is_one_line_with_the_extract_command_that_adds_it(
     assert main(["finetune", "--from", str(setup["run"]), "--models", str(setup["models"]), "--cached",
                  "--cache", str(setup["root"] / "empty-root"), "--no-progress"]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    # the command it names works and makes the cache that --cached finds
+    # the command it names works and makes the cache that --cached finds where it was told to look
     words = shlex.split(command)
     assert words[:3] == ["python", "run_pipeline.py", "extract"]
+    assert words[words.index("--cache") + 1] == str(setup["root"] / "empty-root")
     assert main(words[2:] + ["--no-progress", "--batch-size", "4", "--shard-size", "8"]) == 0
-    found = cached_activations(store, "block4_pool")
+    found = cached_activations(store, "block4_pool", setup["root"] / "empty-root")
     assert found.fingerprint.layers == ("block4_pool",) and found.fingerprint.image_size == 32
 
 

@@ -513,13 +513,16 @@ def test_a_killed_evaluates_temporary_metrics_file_is_removed_by_the_next_evalua
 
     leftover = small_run / f".metrics.json.{_dead_pid()}.tmp"
     leftover.write_text('{"half": ')
-    live = small_run / f".metrics.json.{os.getpid()}.tmp"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live evaluate elsewhere
+    live = small_run / f".metrics.json.{writer.pid}.tmp"
     live.write_text("{}")
     try:
         evaluate_run(small_run)
         assert not leftover.exists(), "a dead process's temporary is removed"
         assert live.exists(), "a live writer's temporary is left alone"
     finally:
+        writer.kill()
+        writer.wait()
         live.unlink(missing_ok=True)
         shutil.rmtree(small_run / "validation", ignore_errors=True)
 
