@@ -580,3 +580,12 @@ def test_libjpeg_and_library_warnings_stay_off_stderr() -> None:
             warnings.warn_explicit("tight_layout not applied", UserWarning, "y.py", 1, module="matplotlib.figure")
             warnings.warn_explicit("ours", UserWarning, "z.py", 1, module="pipeline.heads")
     assert [str(w.message) for w in caught] == ["ours"]
+
+
+def test_a_run_name_with_a_newline_stays_on_its_row_of_the_runs_table() -> None:
+    from pipeline.report import runs_table
+
+    table = runs_table([{"name": "evil\nname", "head": "logreg", "validation_accuracy": 0.5},
+                        {"name": "plain", "head": "dense", "validation_accuracy": 0.4}])
+    rows = table.splitlines()
+    assert rows[1].startswith("evil\\nname") and rows[2].startswith("plain")
