@@ -4,9 +4,9 @@ and the CLI's defaults come from) that builds Keras preprocessing layers on dema
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Rules, check_parameters
 
 
 @dataclass
@@ -23,7 +23,8 @@ class Augmentation:
     images (cells, scans, documents) lose more from geometric jitter than they gain."""
 
     FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
-    RANGES = {"rotation": 1.0, "zoom": 1.0, "translation": 1.0, "contrast": 1.0}  # each from 0 to this
+    RANGES: ClassVar[Rules] = {name: (lambda v: 0 <= v <= 1, "from 0 (off) to 1")
+                               for name in ("rotation", "zoom", "translation", "contrast")}
 
     flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
 
@@ -35,10 +36,7 @@ class Augmentation:
     def __post_init__(self) -> None:
         if self.flip not in self.FLIPS:
             raise PipelineError(f"--flip {self.flip}: choose from {', '.join(self.FLIPS)}")
-        for name, high in self.RANGES.items():
-            value = getattr(self, name)
-            if not 0 <= value <= high:
-                raise PipelineError(f"--{name} {value}: must be from 0 (off) to {high:g}")
+        check_parameters(vars(self), self.RANGES)
 
     @classmethod
     def off(cls) -> Augmentation:

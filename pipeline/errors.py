@@ -1,4 +1,12 @@
-"""The one exception type for problems a user can cause and fix."""
+"""The one exception type for problems a user can cause and fix, and the one check of parameter
+ranges that raises it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Rules = Mapping[str, tuple[Callable[[Any], bool], str]]  # parameter -> (is the value valid?, what it must be)
 
 
 class PipelineError(Exception):
@@ -6,3 +14,11 @@ class PipelineError(Exception):
 
     The message says what is wrong and what to do about it.
     """
+
+
+def check_parameters(values: Mapping[str, Any], rules: Rules) -> None:
+    """Refuse the first value outside its rule, named as its command-line flag (the Python API and
+    the command line say the same): `--dropout 1.5: must be a rate from 0 up to, not including, 1`."""
+    for name, (valid, rule) in rules.items():
+        if not valid(values[name]):
+            raise PipelineError(f"--{name.replace('_', '-')} {values[name]}: must be {rule}")

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import keras
 import numpy as np
@@ -22,7 +22,7 @@ from pipeline import report, runs
 from pipeline.activations import activation_batches, cached_activations
 from pipeline.augmentation import Augmentation
 from pipeline.classifier import TRAINING_POLICY, choose_unfreeze, layer_below, top_model, unfreeze
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Rules, check_parameters
 from pipeline.fitting import KeepBest, fit, fit_verbosity, history_rows
 from pipeline.images import labelled_batches
 from pipeline.reader import SplitImages, split_images
@@ -55,18 +55,17 @@ class FinetuneOptions:
     cache_root: Path | None = None  # where to look for them (default: beside the head's cache)
     data: Path | None = None  # with source "best": choose among the head runs of this data folder
 
+    RULES: ClassVar[Rules] = {
+        "epochs": (lambda v: v >= 1, "a positive integer"),
+        "lr": (lambda v: 0 < v < float("inf"), "a positive learning rate"),
+        "momentum": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+        "clipnorm": (lambda v: 0 <= v < float("inf"), "a positive norm, or 0 for no clipping"),
+        "batch_size": (lambda v: v >= 1, "a positive integer"),
+        "patience": (lambda v: v >= 1, "a positive integer"),
+    }
+
     def __post_init__(self) -> None:
-        rules = {
-            "epochs": (self.epochs >= 1, "a positive integer"),
-            "lr": (0 < self.lr < float("inf"), "a positive learning rate"),
-            "momentum": (0 <= self.momentum < 1, "from 0 up to, not including, 1"),
-            "clipnorm": (0 <= self.clipnorm < float("inf"), "a positive norm, or 0 for no clipping"),
-            "batch_size": (self.batch_size >= 1, "a positive integer"),
-            "patience": (self.patience >= 1, "a positive integer"),
-        }
-        for name, (valid, rule) in rules.items():
-            if not valid:
-                raise PipelineError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {rule}")
+        check_parameters(vars(self), self.RULES)
         if self.augmentation is None:
             self.augmentation = Augmentation.default(self.cached)
         a = self.augmentation

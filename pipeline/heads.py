@@ -15,7 +15,7 @@ import math
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.artefacts import checked_file, file_sha256, load_arrays, load_keras_model, read_json_object
 from pipeline.atomic import one_line
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Rules, check_parameters
 
 SIDECAR = "head.json"
 
@@ -86,7 +86,7 @@ def class_weights(labels: np.ndarray, classes: int, mode: str | None) -> np.ndar
 class Head(ABC):
     kind: ClassVar[str]
     DEFAULTS: ClassVar[dict[str, Any]]
-    RULES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}  # parameter -> (valid?, what it must be)
+    RULES: ClassVar[Rules] = {}
 
     def __init__(self, class_names: list[str] | None = None, params: Mapping[str, Any] | None = None) -> None:
         unknown = sorted(set(params or {}) - set(self.DEFAULTS))
@@ -95,9 +95,7 @@ class Head(ABC):
             raise PipelineError(f"{flag} does not apply to --head {self.kind}")
         self.class_names = list(class_names or [])  # learned again by fit where the features name them
         self.params = dict(self.DEFAULTS) | {k: v for k, v in (params or {}).items() if v is not None}
-        for name, (valid, rule) in self.RULES.items():
-            if not valid(self.params[name]):
-                raise PipelineError(f"--{name.replace('_', '-')} {self.params[name]}: must be {rule}")
+        check_parameters(self.params, self.RULES)
         self.n_features_in_: int | None = None
         self.history_: list[dict[str, float]] = []
 

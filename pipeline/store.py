@@ -365,6 +365,7 @@ class FeatureStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self._split_indexes: dict[str, SplitIndex] | None = None
         manifest_path = self.directory / MANIFEST_NAME
         if not manifest_path.is_file():
             raise PipelineError(
@@ -424,8 +425,14 @@ class FeatureStore:
                 yield rows
 
     def split_indexes(self) -> dict[str, SplitIndex]:
-        """For every split: labels, paths and (shard number, row) locations, in shard order,
-        reading each shard's metadata once and no features."""
+        """For every split: labels, paths, (shard number, row) locations and content hashes, in
+        shard order, read from the shards' metadata once per FeatureStore (no features). The
+        store is a snapshot of its manifest; reading rows checks each shard's identity again."""
+        if self._split_indexes is None:
+            self._split_indexes = self._read_split_indexes()
+        return self._split_indexes
+
+    def _read_split_indexes(self) -> dict[str, SplitIndex]:
         parts: dict[str, tuple[list, list, list, list]] = {split: ([], [], [], []) for split in SPLITS}
         for number, path in enumerate(self.shards):
             shard = read_shard_index(path, self.fingerprint, self.feature_shapes)
