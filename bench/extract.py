@@ -40,11 +40,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
-from pipeline.backbones import FeatureExtractor, build_backbone, preprocess  # noqa: E402
+from pipeline.backbone.network import FeatureExtractor, build_backbone, preprocess  # noqa: E402
+from pipeline.backbone.precision import resolve_precision  # noqa: E402
+from pipeline.backbone.registry import get_backbone  # noqa: E402
 from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
 from pipeline.images import IMAGE_EXTENSIONS  # noqa: E402
-from pipeline.precision import resolve_precision  # noqa: E402
-from pipeline.registry import get_backbone  # noqa: E402
 
 BATCH = 32
 TARGETS = {"extract/limit": 0.95, "extract/seeds": 1.3, "bf16/fp32": 3.5, "accuracy points": 0.5}

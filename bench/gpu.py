@@ -121,7 +121,7 @@ def backbone_rate(extractor, batch_size: int, size: int, seconds: float) -> floa
 def decode_rate(folder: Path, size: int, batch_size: int, preprocessing: str) -> float:
     """Images/s of the pipeline's image path alone: every file read, hashed, decoded, squashed and
     preprocessed, on every core, as extract feeds the backbone."""
-    from pipeline.backbones import preprocess
+    from pipeline.backbone.network import preprocess
     from pipeline.images import EncodedImages
     from pipeline.predict import image_files
 
@@ -138,7 +138,7 @@ def seeds_rate(folder: Path, model, size: int, batch_size: int, preprocessing: s
     import keras
     import numpy as np
 
-    from pipeline.backbones import preprocess
+    from pipeline.backbone.network import preprocess
     from pipeline.predict import image_files
 
     paths = image_files([folder])[:limit]
@@ -190,9 +190,9 @@ def main() -> None:
     ensure_keras(args.wheels)
     backend.select(args.backend)
     from bench.common import machine_line, markdown_table
-    from pipeline.backbones import FeatureExtractor, build_backbone
-    from pipeline.precision import resolve_precision
-    from pipeline.registry import get_backbone
+    from pipeline.backbone.network import FeatureExtractor, build_backbone
+    from pipeline.backbone.precision import resolve_precision
+    from pipeline.backbone.registry import get_backbone
 
     began = time.perf_counter()
     print(machine_line(), flush=True)

@@ -37,8 +37,8 @@ from pipeline.train import TrainOptions, train_head  # noqa: E402
 
 def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
     """Seconds for one epoch of the dense head with the frozen backbone inside the model."""
-    from pipeline.backbones import build_backbone
-    from pipeline.registry import get_backbone
+    from pipeline.backbone.network import build_backbone
+    from pipeline.backbone.registry import get_backbone
 
     fingerprint = store.fingerprint
     backbone = build_backbone(get_backbone(fingerprint.backbone), fingerprint.image_size, fingerprint.precision,

@@ -17,13 +17,13 @@ import keras
 import numpy as np
 
 from pipeline import backend
-from pipeline.backbones import PREPROCESSING, build_backbone, preprocess, preprocessing_layers
+from pipeline.backbone.network import PREPROCESSING, build_backbone, preprocess, preprocessing_layers
+from pipeline.backbone.registry import get_backbone
+from pipeline.backbone.weights import ResolvedWeights
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
 from pipeline.reader import FeatureView, keras_layer
-from pipeline.registry import get_backbone
 from pipeline.store import Fingerprint
-from pipeline.weights import ResolvedWeights
 
 TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
 

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.augmentation import Augmentation
+from pipeline.backbone.registry import BACKBONES
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError
 from pipeline.reader import POOLINGS
-from pipeline.registry import BACKBONES
 
 
 def _positive_int(text: str) -> int:

@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backend, store
-from pipeline.backbones import FeatureExtractor, build_backbone
+from pipeline.backbone.network import FeatureExtractor, build_backbone
+from pipeline.backbone.precision import resolve_precision
+from pipeline.backbone.registry import get_backbone
+from pipeline.backbone.weights import ResolvedWeights
 from pipeline.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
 from pipeline.engine import Engine, EngineResult, strict_error
 from pipeline.errors import PipelineError
 from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, decoder_identity, image_dimensions
 from pipeline.local_engine import LocalEngine
 from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
-from pipeline.precision import resolve_precision
 from pipeline.ray_engine import BackboneRecipe, RayCluster, RayEngine
-from pipeline.registry import get_backbone
 from pipeline.store import SPLITS, Fingerprint, ShardIndex
-from pipeline.weights import ResolvedWeights
 
 DEFAULT_SHARD_SIZE = 1024
 ENGINES = ("local", "ray")

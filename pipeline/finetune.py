@@ -21,12 +21,12 @@ import numpy as np
 from pipeline import report, runs
 from pipeline.activations import activation_batches, cached_activations
 from pipeline.augmentation import Augmentation
+from pipeline.backbone.registry import get_backbone
 from pipeline.classifier import TRAINING_POLICY, choose_unfreeze, layer_below, top_model, unfreeze
 from pipeline.errors import PipelineError, Rules, check_parameters
 from pipeline.fitting import KeepBest, fit, fit_verbosity, history_rows
 from pipeline.images import labelled_batches
 from pipeline.reader import SplitImages, split_images
-from pipeline.registry import get_backbone
 from pipeline.runs import FORMAT_VERSION, Run, RunSummary, score_splits
 from pipeline.store import SPLITS, FeatureStore
 

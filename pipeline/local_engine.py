@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.backbones import FeatureExtractor, preprocess
+from pipeline.backbone.network import FeatureExtractor, preprocess
 from pipeline.dataset import ImageRecord
 from pipeline.engine import EngineResult, strict_error
 from pipeline.errors import PipelineError

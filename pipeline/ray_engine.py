@@ -272,8 +272,8 @@ class BackboneActor:
         started = time.perf_counter()
         import ray
 
-        from pipeline.backbones import FeatureExtractor, build_backbone
-        from pipeline.registry import get_backbone
+        from pipeline.backbone.network import FeatureExtractor, build_backbone
+        from pipeline.backbone.registry import get_backbone
 
         check_cache_reachable(writer.directory)
         arrays = ray.get(weights[0])
@@ -290,7 +290,7 @@ class BackboneActor:
         self.build_seconds = time.perf_counter() - started  # reported with the first unit only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        from pipeline.backbones import preprocess
+        from pipeline.backbone.network import preprocess
 
         keys, nodes, counts, outcomes, seconds, began = [], [], [], [], [], []
         for i, key in enumerate(batch["key"]):

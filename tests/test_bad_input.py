@@ -346,8 +346,8 @@ def test_a_run_with_a_missing_or_damaged_file(tmp_path: Path, capsys) -> None:
 def test_weights_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
     import keras
 
-    from pipeline.backbones import build_backbone
-    from pipeline.registry import BACKBONES, get_backbone
+    from pipeline.backbone.network import build_backbone
+    from pipeline.backbone.registry import BACKBONES, get_backbone
 
     path = tmp_path / "vgg16.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)

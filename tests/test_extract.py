@@ -9,11 +9,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options, write_image
-from pipeline import artefacts, backbones, extract, store
-from pipeline.backbones import build_backbone
+from pipeline import artefacts, extract, store
+from pipeline.backbone import network as backbones
+from pipeline.backbone.network import build_backbone
+from pipeline.backbone.registry import get_backbone
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
-from pipeline.registry import get_backbone
 from pipeline.store import FeatureStore, shard_paths
 
 

@@ -58,9 +58,9 @@ def test_backbone_plus_head_reproduces_the_head_on_raw_images(head_runs: dict[st
 
 
 def test_unfreeze_by_block_or_index_keeps_batch_norm_frozen() -> None:
-    from pipeline.backbones import build_backbone
-    from pipeline.registry import BACKBONES
-    from pipeline.weights import ResolvedWeights
+    from pipeline.backbone.network import build_backbone
+    from pipeline.backbone.registry import BACKBONES
+    from pipeline.backbone.weights import ResolvedWeights
 
     random = ResolvedWeights("none", "torch", "random-seed-0")
     vgg = build_backbone(BACKBONES["vgg16"], 32, "fp32", random)
@@ -82,10 +82,10 @@ def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path
     `unfreeze` leaves BatchNormalization non-trainable (Keras 3 then runs it in inference mode):
     measured here, the builder's `training=False` on the nested backbone call alone does not stop a
     trainable BatchNormalization from updating its statistics under `fit`."""
+    from pipeline.backbone.weights import ResolvedWeights
     from pipeline.heads import DenseHead
     from pipeline.reader import FeatureView
     from pipeline.store import Fingerprint
-    from pipeline.weights import ResolvedWeights
 
     fingerprint = Fingerprint("resnet50", "none", "random-seed-0", 32, "area-down-bilinear-up", "caffe",
                               ("conv5_block3_out",), "avg", "fp32", "2.21")

@@ -179,7 +179,9 @@ def _refuse_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
     classifier imported."""
     import dataclasses
 
-    from pipeline import backbones, classifier, extract, registry
+    from pipeline import classifier, extract
+    from pipeline.backbone import network as backbones
+    from pipeline.backbone import registry
 
     def refuse(*args, **kwargs):
         raise AssertionError("a head run must not touch the backbone")
@@ -204,7 +206,7 @@ def test_the_backbone_refusal_catches_a_command_that_builds_one(tmp_path: Path, 
         extract_features(tiny_options(make_image_folder(tmp_path / "other", per_class=3), tmp_path / "features"))
     with pytest.raises(AssertionError, match="must not touch the backbone"):
         main(["predict", "--model", str(run), str(next(data.rglob("*.png")))])
-    from pipeline.registry import get_backbone
+    from pipeline.backbone.registry import get_backbone
 
     with pytest.raises(AssertionError, match="must not touch the backbone"):  # any code reaching the registry
         get_backbone("resnet50").constructor(include_top=False, weights=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import precision
+from pipeline.backbone import precision
 from pipeline.errors import PipelineError
 
 

@@ -13,10 +13,10 @@ import pytest
 import sklearn
 import tensorflow as tf
 
-from pipeline.backbones import FeatureExtractor, build_backbone, preprocess
+from pipeline.backbone.network import FeatureExtractor, build_backbone, preprocess
+from pipeline.backbone.registry import get_backbone
+from pipeline.backbone.weights import converted_vgg16_path, load_numpy_pickle
 from pipeline.errors import PipelineError
-from pipeline.registry import get_backbone
-from pipeline.weights import converted_vgg16_path, load_numpy_pickle
 
 PHOTOS = Path(sklearn.__file__).parent / "datasets" / "images"  # two real photos shipped by scikit-learn
 

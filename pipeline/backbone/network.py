@@ -1,4 +1,4 @@
-"""Backbones built from the registry (pipeline/registry.py): the weights' preprocessing (Keras'
+"""Backbones built from the registry (registry.py): the weights' preprocessing (Keras'
 imagenet_utils modes, and the same as Keras layers for saved models), the frozen convolutional
 base, and the feature extractor that runs it."""
 
@@ -11,11 +11,11 @@ import keras
 import numpy as np
 
 from pipeline import backend
+from pipeline.backbone.precision import dtype_policy
+from pipeline.backbone.registry import BackboneSpec
+from pipeline.backbone.weights import ResolvedWeights, load_weights
 from pipeline.errors import PipelineError
-from pipeline.precision import dtype_policy
 from pipeline.reader import POOLINGS, pool
-from pipeline.registry import BackboneSpec
-from pipeline.weights import ResolvedWeights, load_weights
 
 # --- preprocessing: belongs to the weights, never to the caller ----------------------------------
 

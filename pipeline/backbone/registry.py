@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PipelineError
-from pipeline.weights import (
+from pipeline.backbone.weights import (
     SOURCES,
     KerasWeightsFile,
     ResolvedWeights,
@@ -22,6 +21,7 @@ from pipeline.weights import (
     torchvision_vgg16_weights,
     weights_file,
 )
+from pipeline.errors import PipelineError
 
 
 def _application(name: str) -> Callable[..., Any]:
