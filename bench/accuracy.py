@@ -163,7 +163,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def _finetune_row(source: Path, models: Path, epochs: int, cached: bool, seed: int, name: str,
                   flips: bool = True) -> dict:
-    from pipeline.augmentation import Augmentation
+    from pipeline.examples import Augmentation
     from pipeline.finetune import FinetuneOptions, finetune
 
     started = time.perf_counter()

@@ -16,10 +16,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.augmentation import Augmentation
 from pipeline.backbone.registry import BACKBONES
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError
+from pipeline.examples import Augmentation
 from pipeline.reader import POOLINGS
 
 

@@ -3,8 +3,8 @@ augmentation on the training split, and save a model that takes raw images.
 
 Two sources of training examples, one procedure: raw images through the whole classifier (end to
 end), or, with `--cached`, activations of the layer below the unfreeze point read from a feature
-cache (pipeline/activations.py) through the classifier's part above it (pipeline/classifier.py,
-`top_model`, which shares the classifier's layers). Either way the whole classifier is saved.
+cache through the classifier's part above it (pipeline/classifier.py, `top_model`, which shares
+the classifier's layers); pipeline/examples.py holds both. Either way the whole classifier is saved.
 """
 
 from __future__ import annotations
@@ -13,22 +13,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar
 
 import keras
-import numpy as np
 
 from pipeline import report, runs
-from pipeline.activations import activation_batches, cached_activations
-from pipeline.augmentation import Augmentation
 from pipeline.backbone.registry import get_backbone
 from pipeline.classifier import TRAINING_POLICY, choose_unfreeze, layer_below, top_model, unfreeze
 from pipeline.errors import PipelineError, Rules, check_parameters
+from pipeline.examples import Augmentation, CachedActivationExamples, ImageExamples, TrainingData, cached_activations
 from pipeline.fitting import KeepBest, fit, fit_verbosity, history_rows
-from pipeline.images import labelled_batches
-from pipeline.reader import SplitImages, split_images
+from pipeline.reader import split_images
 from pipeline.runs import FORMAT_VERSION, Run, RunSummary, score_splits
-from pipeline.store import SPLITS, FeatureStore
+from pipeline.store import SPLITS
 
 
 @dataclass
@@ -74,13 +71,6 @@ class FinetuneOptions:
                                 "contrast need images (drop them, or fine-tune without --cached)")
 
 
-def _predict(model: keras.Model, files: list[str], image_size: int, batch_size: int) -> np.ndarray:
-    if not files:
-        return np.zeros((0, model.output_shape[-1]))
-    dataset = labelled_batches(files, np.zeros(len(files), np.int32), image_size, batch_size).map(lambda x, y: x)
-    return np.asarray(model.predict(dataset, verbose=0), np.float64)
-
-
 class EpochTimer(keras.callbacks.Callback):
     """Seconds of every epoch (training and validation), the first one holding the tracing."""
 
@@ -116,12 +106,14 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     suffix = "-cached" if options.cached else ""
     name = runs.check_run_name(options.name or f"{source.name}-finetuned-{unfreeze_point}{suffix}")
     below = layer_below(backbone, unfreeze_point) if options.cached else None
-    data: _TrainingData
+    data: TrainingData
+    augmentation, batch_size, seed = options.augmentation, options.batch_size, options.seed
     if below is not None:
         activations = cached_activations(store, below, options.cache_root)
-        data = _CachedActivations(activations, below, top_model(model, backbone, below, view), options)
+        data = CachedActivationExamples(activations, below, top_model(model, backbone, below, view), batch_size,
+                                        augmentation, seed)
     else:
-        data = _Images(split_images(store), model, fingerprint.image_size, options)
+        data = ImageExamples(split_images(store), model, fingerprint.image_size, batch_size, augmentation, seed)
     target = data.model  # the model trained: the classifier, or its part above the cached layer
 
     say = _Narrator(options.progress)
@@ -223,79 +215,3 @@ class _Narrator:
     def __call__(self, message: str) -> None:
         if self.enabled:
             print(message, file=sys.stderr, flush=True)
-
-
-class _TrainingData(Protocol):
-    """Where fine-tuning's examples come from: raw images through the whole classifier, or cached
-    activations of the fixed part through the classifier above it."""
-
-    model: keras.Model
-    records: dict[str, SplitImages]
-
-    def training_batches(self) -> Any: ...
-
-    def batches(self, split: str) -> Any: ...
-
-    def predict(self, split: str) -> np.ndarray: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def augmentation_note(self) -> dict[str, Any]: ...
-
-
-class _Images:
-    """End to end: every epoch decodes, augments and runs every training image through the whole
-    backbone."""
-
-    def __init__(self, records: dict[str, SplitImages], model: keras.Model, image_size: int,
-                 options: FinetuneOptions) -> None:
-        self.records, self.model, self.image_size, self.options = records, model, image_size, options
-
-    def training_batches(self) -> Any:
-        train = self.records["train"]
-        return labelled_batches(train.files, train.labels, self.image_size, self.options.batch_size,
-                                self.options.augmentation.layers(self.options.seed), shuffle_seed=self.options.seed)
-
-    def batches(self, split: str) -> Any:
-        data = self.records[split]
-        return labelled_batches(data.files, data.labels, self.image_size, self.options.batch_size)
-
-    def predict(self, split: str) -> np.ndarray:
-        return _predict(self.model, self.records[split].files, self.image_size, self.options.batch_size)
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": "images", "image_size": self.image_size}
-
-    def augmentation_note(self) -> dict[str, Any]:
-        return {"applied_to": "images"}
-
-
-class _CachedActivations:
-    """`--cached`: the fixed part's output for every image is read from a feature cache, by shard,
-    and only the layers above it (and the head) run; flips are applied to the cached maps."""
-
-    def __init__(self, store: FeatureStore, layer: str, model: keras.Model, options: FinetuneOptions) -> None:
-        self.store, self.layer, self.model, self.options = store, layer, model, options
-        self.records = {split: SplitImages([], index.labels, index.paths)
-                        for split, index in store.split_indexes().items()}
-
-    def training_batches(self) -> Any:
-        flips = self.options.augmentation.layers(self.options.seed)  # flips only (FinetuneOptions checks)
-        return activation_batches(self.store, self.layer, "train", self.options.batch_size, flips,
-                                  shuffle_seed=self.options.seed, rows=len(self.records["train"]))
-
-    def batches(self, split: str) -> Any:
-        return activation_batches(self.store, self.layer, split, self.options.batch_size,
-                                  rows=len(self.records[split]))
-
-    def predict(self, split: str) -> np.ndarray:
-        if not len(self.records[split]):
-            return np.zeros((0, self.model.output_shape[-1]))
-        return np.asarray(self.model.predict(self.batches(split), verbose=0), np.float64)  # labels unused
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": "cached activations", "layer": self.layer, "cache": str(self.store.directory.resolve()),
-                "fingerprint_digest": self.store.fingerprint.digest()}
-
-    def augmentation_note(self) -> dict[str, Any]:
-        return {"applied_to": f"cached {self.layer} maps (flipped along their spatial axes)"}

@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options
-from pipeline.activations import activation_batches, cached_activations
 from pipeline.classifier import layer_below, top_model, unfreeze
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.examples import activation_batches, cached_activations
 from pipeline.extract import extract_features
 from pipeline.finetune import Augmentation, FinetuneOptions, finetune
 from pipeline.images import labelled_batches

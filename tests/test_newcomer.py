@@ -13,10 +13,10 @@ import pytest
 
 from conftest import clustered_features, tiny_options, write_feature_cache, write_image
 from pipeline import runs
-from pipeline.augmentation import Augmentation
 from pipeline.cli import main
 from pipeline.dataset import SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
+from pipeline.examples import Augmentation
 from pipeline.extract import extract_features
 from pipeline.train import TrainOptions, train_head
 
@@ -117,7 +117,7 @@ def test_an_unfreeze_point_above_every_layer_the_head_reads_is_refused(vgg16) ->
 
 
 def test_cached_batches_mix_classes_across_shards(tmp_path: Path) -> None:
-    from pipeline.activations import activation_batches
+    from pipeline.examples import activation_batches
     from pipeline.store import FeatureStore
 
     # shards in path order, so in class order: each shard of 32 holds one class
