@@ -37,7 +37,7 @@ from pipeline.train import TrainOptions, train_head  # noqa: E402
 
 def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
     """Seconds for one epoch of the dense head with the frozen backbone inside the model."""
-    from pipeline.backbone.network import build_backbone
+    from pipeline.backbone.network import build_backbone, preprocessing_layers
     from pipeline.backbone.registry import get_backbone
 
     fingerprint = store.fingerprint
@@ -45,7 +45,7 @@ def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
                               weights_for(fingerprint, store.manifest.get("weights", {}).get("path")))
     backbone.trainable = False
     pixels = keras.Input((None, None, 3))
-    x = image_input(pixels, fingerprint.image_size, fingerprint.preprocessing)
+    x = image_input(pixels, fingerprint.image_size, preprocessing_layers(fingerprint.preprocessing))
     x = keras.layers.Flatten()(keras.layers.Activation("linear", dtype="float32")(backbone(x, training=False)))
     identity = np.zeros(dimension), np.ones(dimension)  # the same layers as the pipeline's head, same cost
     model = keras.Model(pixels, head.build(*identity)(x))

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from pipeline import backend
 from pipeline.backbone.network import PREPROCESSING, build_backbone, preprocess, preprocessing_layers
+from pipeline.backbone.pooling import keras_layer
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.weights import ResolvedWeights
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
-from pipeline.reader import FeatureView, keras_layer
+from pipeline.reader import FeatureView
 from pipeline.store import Fingerprint
 
 TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
@@ -80,12 +80,13 @@ def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
     return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
 
 
-def image_input(pixels: Any, image_size: int, mode: str, resize: bool = True) -> Any:
+def image_input(pixels: Any, image_size: int, normalisation: Sequence[Any], resize: bool = True) -> Any:
     """Pixels 0..255 (RGB, uint8 or float) -> the backbone's input, from Keras' own layers only, so
     a saved model loads with Keras alone: squashed to image_size x image_size by extract's rule
-    (`resize_like_extract_layers`), then the weights' normalisation."""
+    (`resize_like_extract_layers`), then the weights' normalisation (`preprocessing_layers` of
+    the weights' mode)."""
     images = resize_like_extract_layers(pixels, image_size) if resize else pixels
-    for layer in preprocessing_layers(mode):
+    for layer in normalisation:
         images = layer(images)
     return images
 
@@ -134,11 +135,12 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
                             "feed images already squashed by the pipeline's image path instead")
     spec = get_backbone(fingerprint.backbone)
     backbone = build_backbone(spec, fingerprint.image_size, precision or fingerprint.precision, weights)
+    normalisation = preprocessing_layers(fingerprint.preprocessing)
     extractor = keras.Model(backbone.input, [backbone.get_layer(name).output for name in view.layers],
                             name=f"{spec.name}_features")
     pixels = keras.Input((None, None, 3) if resize else (fingerprint.image_size,) * 2 + (3,), name="pixels",
                          dtype="float32")
-    images = image_input(pixels, fingerprint.image_size, fingerprint.preprocessing, resize)
+    images = image_input(pixels, fingerprint.image_size, normalisation, resize)
     outputs = extractor(images, training=False)
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
     vector = feature_vector(list(outputs), view)  # a pooled cache has view.pooling == its pooling
@@ -175,32 +177,6 @@ def _float32_config(value: Any) -> Any:
     return value
 
 
-def unfreeze(backbone: keras.Model, point: str, read: Sequence[str] = ()) -> list[str]:
-    """Make the backbone trainable from `point` on: a block name (block5, conv5) or a layer index
-    (as in the seeds: 15 for VGG16's block5). BatchNormalization layers stay frozen. Returns the
-    names of the layers that now train: those with weights up to the highest layer of `read` (the
-    layers the head reads; layers above them never see a gradient)."""
-    start = unfreeze_index(backbone, point)
-    names = [layer.name for layer in backbone.layers]
-    end = max((names.index(name) for name in read), default=len(names) - 1)
-    backbone.trainable = True
-    trained = []
-    for index, layer in enumerate(backbone.layers):
-        # Frozen BatchNormalization is what keeps its moving statistics still: Keras 3 runs a
-        # non-trainable one in inference mode, while training=False on the nested backbone call
-        # does not stop a trainable one from updating under fit (tests/test_finetune.py).
-        layer.trainable = start <= index <= end and not isinstance(layer, keras.layers.BatchNormalization)
-        if layer.trainable and layer.weights:
-            trained.append(layer.name)
-    return trained
-
-
-def layer_below(backbone: keras.Model, point: str) -> str:
-    """The layer just below the unfreeze point: what stays fixed under fine-tuning, whose cached
-    activations `finetune --cached` trains on (VGG16 block5: block4_pool)."""
-    return backbone.layers[unfreeze_index(backbone, point) - 1].name
-
-
 def top_model(classifier: keras.Model, backbone: keras.Model, below: str, view: FeatureView) -> keras.Model:
     """The classifier above the layer `below`: from its activations to probabilities, through the
     backbone's own layers from there on (the same layer objects: training this model trains the
@@ -223,49 +199,3 @@ def top_model(classifier: keras.Model, backbone: keras.Model, below: str, view: 
     vector = feature_vector([outputs[name] for name in view.layers], view)
     head = classifier.layers[-1]  # the head, a Keras model, is the classifier's last layer
     return keras.Model(maps, head(vector), name=f"classifier_above_{below}")
-
-
-def unfreeze_index(backbone: keras.Model, point: str) -> int:
-    """The index of the first layer `unfreeze` trains: a block name or a layer index."""
-    layers = backbone.layers
-    if point.isdigit():
-        start = int(point)
-        if not 0 < start < len(layers):
-            raise PipelineError(f"--unfreeze {point}: {backbone.name} has layers 0..{len(layers) - 1}")
-    else:
-        matches = [i for i, layer in enumerate(layers) if layer.name == point or layer.name.startswith(point + "_")]
-        if not matches:
-            blocks = sorted({block_name(layer.name) for layer in layers})
-            raise PipelineError(f"--unfreeze {point}: {backbone.name} has no such block; blocks: {', '.join(blocks)}")
-        start = matches[0]
-    return start
-
-
-def choose_unfreeze(backbone: keras.Model, requested: str | None, default: str, read: Sequence[str]) -> str:
-    """The unfreeze point for a head that reads the layers `read`: `requested`, or else `default`
-    (the backbone's top block). Fine-tuning must train something the head sees: when the head reads
-    only layers below the default, the default becomes the block of the highest layer it reads,
-    and a requested point above every layer it reads is refused."""
-    names = [layer.name for layer in backbone.layers]
-    top = max(names.index(name) for name in read)
-    if requested is None:
-        return default if unfreeze_index(backbone, default) <= top else block_name(names[top])
-    if unfreeze_index(backbone, requested) > top:
-        raise PipelineError(
-            f"--unfreeze {requested}: the head reads {', '.join(read)}, below that point, so fine-tuning would train "
-            f"layers the head never sees; unfreeze {block_name(names[top])} or lower (see `inspect`)")
-    return requested
-
-
-def block_name(layer_name: str) -> str:
-    return layer_name.split("_")[0]
-
-
-def describe_layers(backbone_name: str) -> list[dict[str, Any]]:
-    """Index, name, type, block and parameter count of every layer of a backbone (random weights)."""
-    spec = get_backbone(backbone_name)
-    model = spec.constructor(include_top=False, weights=None,
-                             input_shape=(spec.default_image_size, spec.default_image_size, 3))
-    return [{"index": i, "name": layer.name, "type": type(layer).__name__, "block": block_name(layer.name),
-             "parameters": int(sum(np.prod(w.shape) for w in layer.weights)),
-             "output_shape": str(tuple(layer.output.shape[1:]))} for i, layer in enumerate(model.layers)]

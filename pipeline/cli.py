@@ -16,11 +16,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.registry import BACKBONES
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError
 from pipeline.examples import Augmentation
-from pipeline.reader import POOLINGS
 
 
 def _positive_int(text: str) -> int:
@@ -427,7 +427,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.classifier import describe_layers
+    from pipeline.backbone.blocks import describe_layers
 
     rows = describe_layers(args.backbone)
     if args.json:

@@ -18,11 +18,12 @@ from typing import ClassVar
 import keras
 
 from pipeline import report, runs
+from pipeline.backbone.blocks import choose_unfreeze, layer_below, unfreeze
 from pipeline.backbone.registry import get_backbone
-from pipeline.classifier import TRAINING_POLICY, choose_unfreeze, layer_below, top_model, unfreeze
+from pipeline.classifier import TRAINING_POLICY, top_model
 from pipeline.errors import PipelineError, Rules, check_parameters
 from pipeline.examples import Augmentation, CachedActivationExamples, ImageExamples, TrainingData, cached_activations
-from pipeline.fitting import KeepBest, fit, fit_verbosity, history_rows
+from pipeline.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
 from pipeline.reader import split_images
 from pipeline.runs import FORMAT_VERSION, Run, RunSummary, score_splits
 from pipeline.store import SPLITS
@@ -71,27 +72,6 @@ class FinetuneOptions:
                                 "contrast need images (drop them, or fine-tune without --cached)")
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Seconds of every epoch (training and validation), the first one holding the tracing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seconds: list[float] = []
-        self._started = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.seconds.append(time.perf_counter() - self._started)
-
-    @property
-    def steady(self) -> float | None:
-        """Seconds per epoch once traced: the mean after the first epoch (the first alone if one ran)."""
-        later = self.seconds[1:] or self.seconds
-        return sum(later) / len(later) if later else None
-
-
 def finetune(options: FinetuneOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     head_run = Run.open(options.source, options.models, kind="head", data=options.data)
@@ -116,7 +96,10 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         data = ImageExamples(split_images(store), model, fingerprint.image_size, batch_size, augmentation, seed)
     target = data.model  # the model trained: the classifier, or its part above the cached layer
 
-    say = _Narrator(options.progress)
+    def say(message: str) -> None:  # one line on stderr per step that runs long without Keras' progress output
+        if options.progress:
+            print(message, file=sys.stderr, flush=True)
+
     say(f"scoring the test split before fine-tuning ({len(data.records['test'])} images)")
     scoring = time.perf_counter()
     before = data.predict("test")
@@ -187,31 +170,3 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         metrics["test_before_finetune"] = test_before
         runs.write_metrics(directory, metrics)
     return RunSummary(final, metrics, seconds, text, True, run_config)
-
-
-# A training image costs about 1.5 scoring passes: the backward pass runs through the unfrozen top
-# block only. Measured on ELPV (VGG16 150 px, block5, 2-core Xeon): with 3 the estimate said 13 min
-# for an epoch that took 406 s (the scoring pass it is timed on also holds the first call's tracing).
-TRAINING_COST = 1.5
-
-
-def epoch_estimate(seconds_per_image: float, train: int, validation: int, epochs: int) -> str:
-    """What one epoch will take, from the forward pass just timed on the test split."""
-    seconds = seconds_per_image * (TRAINING_COST * train + validation)
-    return (f"fine-tuning for up to {epochs} epoch(s) on {train} images: about {_duration(seconds)} an epoch on this "
-            f"machine (estimated from scoring the test split), about {_duration(seconds * epochs)} in all")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-class _Narrator:
-    """One line on stderr per step that runs long without Keras' progress output."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(message, file=sys.stderr, flush=True)

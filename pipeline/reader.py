@@ -1,5 +1,5 @@
-"""Head inputs read from a feature cache, and the one definition of pooling (`pool`,
-`keras_layer`), also used by extract and inside saved classifiers.
+"""Head inputs read from a feature cache (pooled by pipeline/backbone/pooling.py, the one
+definition of pooling, which extract and the saved classifiers use as well).
 
 Each chosen layer is pooled (or flattened) at read time and the layers are concatenated into one
 vector per image, so one extract serves flattened and pooled heads. A split is held in memory when
@@ -13,39 +13,12 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from pipeline.backbone.pooling import POOLINGS, pool
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureStore, find_caches
-
-POOLINGS = ("none", "avg", "max")
-_KERAS_LAYERS = {"none": "Flatten", "avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
-
-
-# Pooling: how a spatial map (batch, height, width, channels) becomes a vector, the one definition
-# used by extract (pooled caches), this reader (pooling at read time) and the classifier (the same
-# view as Keras layers inside a saved model). "none" keeps the map (flattened where a vector is
-# needed, row-major as Keras' Flatten), "avg" and "max" pool over height and width.
-
-
-def pool(maps: Any, pooling: str, ops: Any = np) -> Any:
-    """Maps pooled over height and width with `ops` (NumPy, or keras.ops inside a model); "none"
-    returns them unchanged."""
-    if pooling == "avg":
-        return ops.mean(maps, axis=(1, 2))
-    if pooling == "max":
-        return ops.max(maps, axis=(1, 2))
-    return maps
-
-
-def keras_layer(pooling: str, name: str) -> Any:
-    """The Keras layer that turns a map into the vector a head of this pooling reads."""
-    import keras
-
-    return getattr(keras.layers, _KERAS_LAYERS[pooling])(name=name)
-
 
 DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the features of all splits together
 

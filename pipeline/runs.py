@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic, report
+from pipeline.backbone.pooling import POOLINGS
 from pipeline.errors import PipelineError
-from pipeline.reader import POOLINGS, FeatureView, open_cache
+from pipeline.reader import FeatureView, open_cache
 from pipeline.store import FeatureStore, Fingerprint, SplitIndex
 
 CONFIG = "config.json"

@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options
-from pipeline.classifier import layer_below, top_model, unfreeze
+from pipeline.backbone.blocks import layer_below, unfreeze
+from pipeline.classifier import top_model
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.examples import activation_batches, cached_activations

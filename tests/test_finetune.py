@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options
-from pipeline.classifier import build_classifier, unfreeze, weights_for
+from pipeline.backbone.blocks import unfreeze
+from pipeline.classifier import build_classifier, weights_for
 from pipeline.cli import main
 from pipeline.extract import extract_features
 from pipeline.finetune import Augmentation, FinetuneOptions, finetune

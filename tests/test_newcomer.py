@@ -96,7 +96,7 @@ def vgg16() -> object:
 
 
 def test_the_default_unfreeze_point_is_what_the_head_reads(vgg16) -> None:
-    from pipeline.classifier import choose_unfreeze, unfreeze
+    from pipeline.backbone.blocks import choose_unfreeze, unfreeze
 
     assert choose_unfreeze(vgg16, None, "block5", ["block5_pool"]) == "block5"
     assert choose_unfreeze(vgg16, None, "block5", ["block4_pool"]) == "block4"
@@ -107,7 +107,7 @@ def test_the_default_unfreeze_point_is_what_the_head_reads(vgg16) -> None:
 
 
 def test_an_unfreeze_point_above_every_layer_the_head_reads_is_refused(vgg16) -> None:
-    from pipeline.classifier import choose_unfreeze
+    from pipeline.backbone.blocks import choose_unfreeze
 
     with pytest.raises(PipelineError, match="--unfreeze block5: the head reads block4_pool.*unfreeze block4"):
         choose_unfreeze(vgg16, "block5", "block5", ["block4_pool"])

@@ -11,11 +11,11 @@ import keras
 import numpy as np
 
 from pipeline import backend
+from pipeline.backbone.pooling import POOLINGS, pool
 from pipeline.backbone.precision import dtype_policy
 from pipeline.backbone.registry import BackboneSpec
 from pipeline.backbone.weights import ResolvedWeights, load_weights
 from pipeline.errors import PipelineError
-from pipeline.reader import POOLINGS, pool
 
 # --- preprocessing: belongs to the weights, never to the caller ----------------------------------
 
