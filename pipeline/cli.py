@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.backbone.pooling import POOLINGS
-from pipeline.backbone.registry import BACKBONES
+from pipeline.backbone.registry import BACKBONES, PREPROCESSING
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError
 from pipeline.examples import Augmentation
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="imagenet (default: each backbone's first entry), a source or tag ("
                               + "; ".join(entry.describe() for spec in BACKBONES.values() for entry in spec.weights)
                               + "), none (random, for tests) or a file")
-    extract.add_argument("--preprocessing", default=None, choices=("torch", "caffe"),
+    extract.add_argument("--preprocessing", default=None, choices=PREPROCESSING,
                          help="override the preprocessing that follows from --weights (for a weights file)")
     extract.add_argument("--batch-size", type=_positive_int, default=32)
     extract.add_argument("--shard-size", type=_positive_int, default=1024, help="images per HDF5 shard")

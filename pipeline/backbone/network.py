@@ -13,18 +13,19 @@ import numpy as np
 from pipeline import backend
 from pipeline.backbone.pooling import POOLINGS, pool
 from pipeline.backbone.precision import dtype_policy
-from pipeline.backbone.registry import BackboneSpec
+from pipeline.backbone.registry import PREPROCESSING, BackboneSpec
 from pipeline.backbone.weights import ResolvedWeights, load_weights
 from pipeline.errors import PipelineError
 
 # --- preprocessing: belongs to the weights, never to the caller ----------------------------------
 
-# Keras' own preprocess_input modes, as the weights were trained: "torch" is RGB / 255 with the
-# ImageNet mean and std (torchvision weights), "caffe" BGR minus the ImageNet mean (Keras' weights).
-PREPROCESSING = ("torch", "caffe")
+# As the weights were trained: "torch" is RGB / 255 with the ImageNet mean and std (torchvision
+# weights), "caffe" BGR minus the ImageNet mean (Keras' weights), both Keras' own preprocess_input
+# modes; "lite" is (x - 127) / 128 (EfficientNet-Lite's reference normalisation).
 _TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
+_LITE_MEAN, _LITE_STD = 127.0, 128.0
 
 
 def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
@@ -42,20 +43,29 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
             kernel[0, 0, 2 - channel, channel] = 1.0  # output channel c is input channel 2 - c (RGB -> BGR)
         swap.set_weights([kernel, -_CAFFE_BGR_MEAN])
         return [swap]
+    if mode == "lite":
+        return [keras.layers.Rescaling(1 / _LITE_STD, offset=-_LITE_MEAN / _LITE_STD, name="normalise_lite",
+                                       dtype="float32")]
     raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
 
 
 def preprocess(images: Any, mode: str) -> Any:
     """RGB float32 images in 0..255 (a TensorFlow tensor, or a NumPy array of one image or a
-    batch) -> the input the weights were trained on (Keras' imagenet_utils.preprocess_input;
-    bit-identical to the formulas above)."""
+    batch) -> the input the weights were trained on (Keras' imagenet_utils.preprocess_input for
+    torch and caffe; bit-identical to the formulas above)."""
     if mode not in PREPROCESSING:
         raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
     if isinstance(images, np.ndarray):
-        return keras.applications.imagenet_utils.preprocess_input(images.astype(np.float32), mode=mode)
+        images = images.astype(np.float32)
+        if mode == "lite":
+            return (images - np.float32(_LITE_MEAN)) / np.float32(_LITE_STD)
+        return keras.applications.imagenet_utils.preprocess_input(images, mode=mode)
     import tensorflow as tf
 
-    return keras.applications.imagenet_utils.preprocess_input(tf.cast(images, tf.float32), mode=mode)
+    images = tf.cast(images, tf.float32)
+    if mode == "lite":
+        return (images - _LITE_MEAN) / _LITE_STD
+    return keras.applications.imagenet_utils.preprocess_input(images, mode=mode)
 
 
 # --- the frozen feature extractor ----------------------------------------------------------------

@@ -8,10 +8,12 @@ Importing it imports no TensorFlow, so the command line takes its choices from h
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.backbone import efficientnet_lite
 from pipeline.backbone.weights import (
     SOURCES,
     KerasWeightsFile,
@@ -22,6 +24,10 @@ from pipeline.backbone.weights import (
     weights_file,
 )
 from pipeline.errors import PipelineError
+
+# The input normalisations weights are trained with (network.py implements them): "torch" and
+# "caffe" as Keras' imagenet_utils modes, "lite" (x - 127) / 128.
+PREPROCESSING = ("torch", "caffe", "lite")
 
 
 def _application(name: str) -> Callable[..., Any]:
@@ -113,6 +119,24 @@ BACKBONES: dict[str, BackboneSpec] = {
         blocks=("conv1", "conv2", "conv3", "conv4", "conv5"),
     ),
 }
+
+
+def _efficientnet_lite(variant: efficientnet_lite.LiteVariant) -> BackboneSpec:
+    stages = variant.stage_outputs()
+    return BackboneSpec(
+        name=variant.name,
+        constructor=functools.update_wrapper(functools.partial(efficientnet_lite.build, variant),
+                                             efficientnet_lite.build),
+        default_image_size=variant.image_size,
+        # the last three stages and the head: pooled (--pooling avg), 1,904 values for Lite0
+        default_layers=(*stages[-3:], "top_activation"),
+        weights=(PretrainedWeights(f"{variant.name}.in1k", "pytorch", efficientnet_lite.PREPROCESSING,
+                                   efficientnet_lite.pretrained_weights(variant)),),
+        blocks=("stem", *(f"block{stage}a" for stage in range(1, 8))),  # top_conv trains with block7a
+    )
+
+
+BACKBONES.update({name: _efficientnet_lite(variant) for name, variant in efficientnet_lite.VARIANTS.items()})
 
 
 def get_backbone(name: str) -> BackboneSpec:

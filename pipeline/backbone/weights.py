@@ -230,7 +230,7 @@ def _keras_weights(backbone: str, keras_file: KerasWeightsFile) -> Path:
         ) from None
 
 
-SOURCES = ("torchvision", "keras")  # named sources a registry entry can offer (besides none and a file)
+SOURCES = ("torchvision", "keras", "pytorch")  # named sources a registry entry can offer (besides none and a file)
 
 
 def random_weights(preprocessing: str | None = None) -> ResolvedWeights:
