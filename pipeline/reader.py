@@ -230,3 +230,94 @@ def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | Non
             data.matrix = np.zeros((0, dimension), np.float32)
         splits[split] = data
     return splits
+
+
+# --- fused features: several caches of the same images, side by side -----------------------------
+
+
+def check_fusable(stores: Sequence[FeatureStore]) -> None:
+    """Caches whose features can be joined into one head input: two or more, of distinct
+    backbones (one classifier holds each once), of one image size (the fused classifier resizes
+    its input once), with the same classes; else one line."""
+    first = stores[0]
+    backbones = [store.fingerprint.backbone for store in stores]
+    repeated = sorted({name for name in backbones if backbones.count(name) > 1})
+    if repeated:
+        raise PipelineError(f"--features names two caches of {repeated[0]}: fuse the features of different backbones "
+                            "(choose one cache of each)")
+    sizes = {store.fingerprint.image_size for store in stores}
+    if len(sizes) > 1:
+        listed = ", ".join(f"{s.fingerprint.backbone} {s.fingerprint.image_size} px" for s in stores)
+        raise PipelineError(f"fused caches must share one image size ({listed}): extract them with one --image-size "
+                            f"(e.g. --image-size {max(sizes)})")
+    for store in stores[1:]:
+        if store.class_names != first.class_names:
+            raise PipelineError(f"{store.directory} has classes {store.class_names}, {first.directory} has "
+                                f"{first.class_names}: fuse caches extracted from the same folder")
+
+
+def fused_row_orders(stores: Sequence[FeatureStore]) -> dict[str, list[np.ndarray]]:
+    """For every split, each cache's rows in the first cache's order: rows are joined by content
+    hash (duplicates by path) within a split, so the caches must hold the same images in the same
+    splits with the same labels; else one line that names an image that differs."""
+    first = stores[0]
+    orders: dict[str, list[np.ndarray]] = {}
+    for split, index in first.split_indexes().items():
+        orders[split] = [np.arange(len(index.labels))]
+        wanted = _content_keys(first, split)
+        for store in stores[1:]:
+            other = store.split_indexes()[split]
+            rows = {key: row for row, key in enumerate(_content_keys(store, split))}
+            missing = [key for key in wanted if key not in rows]
+            if missing or len(rows) != len(wanted):
+                known = set(wanted)
+                extra = [other.paths[row] for key, row in rows.items() if key not in known]
+                example = (f"{index.paths[wanted.index(missing[0])]} is in {first.directory.name} only" if missing
+                           else f"{extra[0]} is in {store.directory.name} only")
+                raise PipelineError(
+                    f"the {split} splits of the fused caches hold different images ({example}): fuse caches "
+                    "extracted from the same folder with the same split settings")
+            order = np.array([rows[key] for key in wanted], dtype=np.int64)
+            if not np.array_equal(other.labels[order], index.labels):
+                raise PipelineError(f"{store.directory} labels the same images otherwise than {first.directory}: "
+                                    "fuse caches extracted from the same folder")
+            orders[split].append(order)
+    return orders
+
+
+def _content_keys(store: FeatureStore, split: str) -> list[tuple[str, int]]:
+    """(content hash, its occurrence within the split in path order) of each row."""
+    index = store.split_indexes()[split]
+    if len(index.sha256) != len(index.paths) or not all(index.sha256):
+        raise PipelineError(f"{store.directory} records no content hashes of its images (made by an earlier version): "
+                            "extract it again to fuse it")
+    seen: dict[str, int] = {}
+    keys: list[tuple[str, int] | None] = [None] * len(index.paths)
+    for row in sorted(range(len(index.paths)), key=lambda r: index.paths[r]):
+        digest = index.sha256[row]
+        keys[row] = (digest, seen.get(digest, 0))
+        seen[digest] = seen.get(digest, 0) + 1
+    return keys  # type: ignore[return-value]
+
+
+def load_fused_splits(stores: Sequence[FeatureStore], views: Sequence[FeatureView],
+                      memory_budget: int | None = None) -> dict[str, SplitData]:
+    """Train, validation and test inputs from several caches of the same images: each cache's
+    vectors (its own view) side by side, in the first cache's row order. Held in memory (they are
+    pooled vectors as a rule); more than `memory_budget` bytes is refused in one line."""
+    check_fusable(stores)
+    orders = fused_row_orders(stores)
+    dimension = sum(view.dimension(store.manifest["feature_shapes"]) for store, view in zip(stores, views))
+    rows = sum(len(index.labels) for index in stores[0].split_indexes().values())
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    if rows * dimension * 4 > budget:
+        raise PipelineError(f"fused features take {rows * dimension * 4 / 2**30:.1f} GiB, more than the memory budget "
+                            f"({budget / 2**30:.1f} GiB): pool them (--pooling avg) or fuse fewer layers")
+    parts = [load_splits(store, view, budget) for store, view in zip(stores, views)]
+    first = parts[0]
+    fused = {}
+    for split, data in first.items():
+        matrices = [part[split].matrix[order] for part, order in zip(parts, orders[split])]
+        fused[split] = SplitData(split, data.labels, data.paths, dimension, matrix=np.concatenate(matrices, axis=1),
+                                 store=stores[0], view=views[0], locations=None)
+    return fused

@@ -236,14 +236,22 @@ def _run_row(name: str, config: dict[str, Any], metrics: dict[str, Any]) -> dict
     def split(name: str) -> dict[str, Any]:
         return _mapping(metrics.get(name))
 
+    fusion = [_mapping(part) for part in config.get("fusion", [])] if isinstance(config.get("fusion"), list) else []
+    backbone = _text(fingerprint.get("backbone"))
+    layers = ",".join(str(layer) for layer in view.get("layers", []) if isinstance(layer, str))
+    if fusion:  # several caches side by side: their backbones joined by +, each one's layers by ;
+        backbone = "+".join(str(_mapping(_mapping(p.get("features")).get("fingerprint")).get("backbone"))
+                            for p in fusion)
+        layers = ";".join(",".join(str(layer) for layer in _mapping(p.get("view")).get("layers", []))
+                          for p in fusion)
     return {
         "name": name,
         "kind": _text(config.get("kind", "head")),
         "head": _text(_mapping(config.get("head")).get("kind")),
         "data": _text(features.get("data")),
-        "backbone": _text(fingerprint.get("backbone")),
+        "backbone": backbone,
         "image_size": _number(fingerprint.get("image_size")),
-        "layers": ",".join(str(layer) for layer in view.get("layers", []) if isinstance(layer, str)),
+        "layers": layers,
         "pooling": _text(view.get("pooling")),
         "pretrained": features.get("pretrained") if isinstance(features.get("pretrained"), bool) else None,
         "validation_accuracy": _fraction(split("validation").get("accuracy")),
@@ -346,6 +354,17 @@ class Run:
         self.fingerprint = Fingerprint.from_dict(features["fingerprint"])
         self.view = FeatureView(tuple(config["view"]["layers"]), config["view"]["pooling"])
         self.trained_class_names: list[str] = list(features["class_names"])
+        # (fingerprint, view, features record) of each cache the head reads, in input order: one,
+        # or several for fused features
+        self.parts: list[tuple[Fingerprint, FeatureView, dict[str, Any]]] = [
+            (Fingerprint.from_dict(part["features"]["fingerprint"]),
+             FeatureView(tuple(part["view"]["layers"]), part["view"]["pooling"]), part["features"])
+            for part in config["fusion"]] if "fusion" in config else [(self.fingerprint, self.view, features)]
+
+    @property
+    def fused(self) -> bool:
+        """Whether the head reads the features of several backbones side by side."""
+        return len(self.parts) > 1
 
     @classmethod
     def open(cls, run: str | Path, models: Path = Path("models"), kind: str | None = None,
@@ -396,10 +415,29 @@ class Run:
     def features(self, features: Path | None = None, cache_root: Path = Path("features")) -> FeatureStore:
         """The feature cache the run was trained on (or `features`, which must have the same
         fingerprint and classes)."""
-        recorded = self.config["features"]
+        self._one_backbone()
+        return self._cache(self.config["features"], self.fingerprint, features, cache_root)
+
+    def fused_features(self, features: Path | None = None, cache_root: Path = Path("features")) -> list[FeatureStore]:
+        """The caches a fused run was trained on, in input order."""
+        if features is not None:
+            raise PipelineError(f"{self.name} fuses the features of {self.backbones}: it reads the caches it was "
+                                "trained on (drop --features)")
+        return [self._cache(record, fingerprint, None, cache_root) for fingerprint, _, record in self.parts]
+
+    def _one_backbone(self) -> None:
+        if self.fused:
+            raise PipelineError(f"{self.name} fuses the features of {self.backbones}: fine-tuning trains one backbone "
+                                "under its head, so it starts from a head run of one backbone (--from RUN); fused "
+                                "runs support runs, evaluate, predict and export")
+
+    @property
+    def backbones(self) -> str:
+        return "+".join(fingerprint.backbone for fingerprint, _, _ in self.parts)
+
+    def _cache(self, recorded: dict[str, Any], f: Fingerprint, features: Path | None, cache_root: Path) -> FeatureStore:
         store = open_cache(features or Path(recorded["directory"]), cache_root)
         if store.fingerprint.digest() != recorded["fingerprint_digest"]:
-            f = self.fingerprint
             raise PipelineError(
                 f"{store.directory} holds features of another fingerprint than run {self.name} was trained on "
                 f"({f.backbone} {f.image_size} px, {f.precision}): use that cache, or train a new head")
@@ -454,9 +492,9 @@ class Run:
         if self.kind == "finetune":
             model = classifier.load_finetuned(self.directory / MODEL_FILE, float32=precision == "fp32")
         else:
-            model, _ = classifier.build_classifier(
-                self.fingerprint, classifier.weights_for(self.fingerprint, self._weights_path()), self.view,
-                self.head(), precision, resize)
+            parts = [classifier.ClassifierPart(fingerprint, classifier.weights_for(fingerprint, _weights_path(record)),
+                                               view) for fingerprint, view, record in self.parts]
+            model, _ = classifier.build_fused_classifier(parts, self.head(), precision, resize)
         outputs = model.output_shape[-1]
         if outputs != len(self.class_names):
             raise PipelineError(f"{self.directory / LABELS_FILE} lists {len(self.class_names)} classes, the "
@@ -470,11 +508,13 @@ class Run:
 
         if self.kind != "head":
             raise PipelineError(f"{self.directory} is a {self.kind} run: fine-tune starts from a head run")
-        weights = classifier.weights_for(self.fingerprint, self._weights_path())
+        self._one_backbone()
+        weights = classifier.weights_for(self.fingerprint, _weights_path(self.config["features"]))
         return classifier.build_classifier(self.fingerprint, weights, self.view, self.head(), precision)
 
-    def _weights_path(self) -> str | None:
-        return self.config["features"].get("weights", {}).get("path")
+
+def _weights_path(features: dict[str, Any]) -> str | None:
+    return features.get("weights", {}).get("path")
 
 
 def _check_shape(run: Run) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from pipeline import report, runs
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, make_head
-from pipeline.reader import FeatureView, load_splits, open_cache
+from pipeline.reader import FeatureView, load_fused_splits, load_splits, open_cache
 from pipeline.runs import FORMAT_VERSION, REPORTED_SPLIT, Run, RunSummary, score_splits
 from pipeline.store import SPLITS, FeatureStore
 
@@ -25,7 +25,8 @@ from pipeline.store import SPLITS, FeatureStore
 @dataclass
 class TrainOptions:
     head: str = "logreg"
-    features: Path | None = None  # a cache directory (or its name under cache_root); default: the latest
+    # a cache directory (or its name under cache_root), default the latest; several: fused features
+    features: Path | Sequence[Path] | None = None
     cache_root: Path = Path("features")
     models: Path = Path("models")
     name: str | None = None
@@ -43,27 +44,60 @@ def _dataset_name(store: FeatureStore) -> str:
     return Path(root).name if root else store.directory.name.split("-")[0]
 
 
-def default_run_name(kind: str, store: FeatureStore, view: FeatureView, params: Mapping[str, Any], seed: int) -> str:
-    """Readable and unique per configuration: the same command replaces its own run."""
-    fingerprint = store.fingerprint
-    key = json.dumps([fingerprint.digest(), str(store.directory.resolve()), view.as_dict(), dict(params), seed],
+def default_run_name(kind: str, stores: Sequence[FeatureStore], views: Sequence[FeatureView],
+                     params: Mapping[str, Any], seed: int) -> str:
+    """Readable and unique per configuration: the same command replaces its own run. Fused
+    features are named by their backbones joined with +."""
+    parts = [[store.fingerprint.digest(), str(store.directory.resolve()), view.as_dict()]
+             for store, view in zip(stores, views)]
+    # one cache: the key as before fusion existed, so the same command keeps its run's name
+    key = json.dumps([*parts[0], dict(params), seed] if len(parts) == 1 else [*parts, dict(params), seed],
                      sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:6]
-    layers = "" if view.layers == fingerprint.layers else "-" + "+".join(view.layers)
-    return (f"{_dataset_name(store)}-{kind}-{fingerprint.backbone}-{fingerprint.image_size}"
+    fingerprint, view = stores[0].fingerprint, views[0]
+    layers = "" if len(stores) > 1 or view.layers == fingerprint.layers else "-" + "+".join(view.layers)
+    backbones = "+".join(store.fingerprint.backbone for store in stores)
+    return (f"{_dataset_name(stores[0])}-{kind}-{backbones}-{fingerprint.image_size}"
             f"{layers}-{view.pooling}-{digest}")
+
+
+def _features_record(store: FeatureStore) -> dict[str, Any]:
+    """What a run records of a cache it was trained on (Run reads it back)."""
+    return {
+        "directory": str(store.directory.resolve()),
+        "data": store.manifest.get("dataset", {}).get("root"),  # the image folder (resolved)
+        "fingerprint": store.fingerprint.as_dict(),
+        "fingerprint_digest": store.fingerprint.digest(),
+        "pretrained": store.manifest.get("weights", {}).get("pretrained", True),
+        "weights": store.manifest.get("weights", {}),
+        "class_names": store.class_names,
+    }
+
+
+def open_features(features: Path | Sequence[Path] | None, cache_root: Path, layers: Sequence[str] | None,
+                  pooling: str | None) -> tuple[list[FeatureStore], list[FeatureView]]:
+    """The caches a head trains on (one, or several to fuse) and its view of each."""
+    named = [features] if features is None or isinstance(features, str | Path) else list(features)
+    stores = [open_cache(Path(f) if f is not None else None, cache_root) for f in named]
+    if len(stores) > 1 and layers:
+        raise PipelineError("--layer applies to one cache: fused caches are read with the layers each was extracted "
+                            "with (extract each with the layers you want)")
+    return stores, [FeatureView.for_cache(store, layers, pooling) for store in stores]
 
 
 def train_head(options: TrainOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
-    store = open_cache(options.features, options.cache_root)
-    view = FeatureView.for_cache(store, options.layers, options.pooling)
+    stores, views = open_features(options.features, options.cache_root, options.layers, options.pooling)
+    store, view = stores[0], views[0]
     params = dict(options.head_params)
     if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
         params["seed"] = options.seed
     head = make_head(options.head, store.class_names, params)
-    name = runs.check_run_name(options.name or default_run_name(head.kind, store, view, head.params, options.seed))
-    splits = load_splits(store, view, options.memory_budget, options.stream)
+    name = runs.check_run_name(options.name or default_run_name(head.kind, stores, views, head.params, options.seed))
+    if len(stores) > 1:
+        splits = load_fused_splits(stores, views, options.memory_budget)
+    else:
+        splits = load_splits(store, view, options.memory_budget, options.stream)
     train, validation = splits["train"], splits["validation"]
 
     started = time.perf_counter()
@@ -75,16 +109,7 @@ def train_head(options: TrainOptions) -> RunSummary:
         "name": name,
         "kind": "head",
         "head": {"kind": head.kind, "params": head.params} | head.outcome(),
-        "features": {
-            "directory": str(store.directory.resolve()),
-            "data": store.manifest.get("dataset", {}).get("root"),  # the image folder (resolved)
-            "fingerprint": store.fingerprint.as_dict(),
-            "fingerprint_digest": store.fingerprint.digest(),
-            "pretrained": store.manifest.get("weights", {}).get("pretrained", True),
-            "weights": store.manifest.get("weights", {}),
-            "class_names": store.class_names,
-            "counts": {split: len(data) for split, data in splits.items()},
-        },
+        "features": _features_record(store) | {"counts": {split: len(data) for split, data in splits.items()}},
         "view": view.as_dict(),
         "input_dimension": train.dimension,
         "read": "in memory" if train.in_memory else "streamed by shard",
@@ -92,6 +117,8 @@ def train_head(options: TrainOptions) -> RunSummary:
         "seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if len(stores) > 1:  # every cache, the first included, with the head's view of it, in input order
+        config["fusion"] = [{"features": _features_record(s), "view": v.as_dict()} for s, v in zip(stores, views)]
     final = Path(options.models) / name
     with runs.staged(final) as directory:
         head.save(directory)
@@ -112,9 +139,13 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     opened = Run.open(run)
     if opened.kind != "head":
         raise PipelineError(f"{run} is a {opened.kind} run: evaluate re-scores head runs; its reports are in it")
-    store = opened.features(features, cache_root)
     head = opened.head()
-    splits = load_splits(store, opened.view, memory_budget)
+    if opened.fused:
+        stores = opened.fused_features(features, cache_root)
+        splits, store = load_fused_splits(stores, [view for _, view, _ in opened.parts], memory_budget), stores[0]
+    else:
+        store = opened.features(features, cache_root)
+        splits = load_splits(store, opened.view, memory_budget)
     opened.check_same_splits(store.split_indexes(), store.directory)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
                                  store.class_names, opened.name, split)

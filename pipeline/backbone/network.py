@@ -28,15 +28,17 @@ _CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
 _LITE_MEAN, _LITE_STD = 127.0, 128.0
 
 
-def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
+def preprocessing_layers(mode: str, prefix: str = "") -> list[keras.layers.Layer]:
     """The same normalisation as Keras' own layers, for models that must load with Keras alone
     (fine-tuned and exported models): torch as a Normalization by 255 * mean and 255 * std;
-    caffe as a fixed 1x1 convolution that swaps RGB to BGR and subtracts the mean. float32, frozen."""
+    caffe as a fixed 1x1 convolution that swaps RGB to BGR and subtracts the mean; lite as a
+    Rescaling. float32, frozen; named normalise_<mode> (after `prefix`, where a model holds several)."""
     if mode == "torch":
         mean, std = _TORCH_MEAN * 255.0, _TORCH_STD * 255.0
-        return [keras.layers.Normalization(mean=mean, variance=std ** 2, name="normalise_torch", dtype="float32")]
+        return [keras.layers.Normalization(mean=mean, variance=std ** 2, name=f"{prefix}normalise_torch",
+                                           dtype="float32")]
     if mode == "caffe":
-        swap = keras.layers.Conv2D(3, 1, name="normalise_caffe", dtype="float32", trainable=False)
+        swap = keras.layers.Conv2D(3, 1, name=f"{prefix}normalise_caffe", dtype="float32", trainable=False)
         swap.build((None, None, None, 3))
         kernel = np.zeros((1, 1, 3, 3), np.float32)
         for channel in range(3):
@@ -44,7 +46,7 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
         swap.set_weights([kernel, -_CAFFE_BGR_MEAN])
         return [swap]
     if mode == "lite":
-        return [keras.layers.Rescaling(1 / _LITE_STD, offset=-_LITE_MEAN / _LITE_STD, name="normalise_lite",
+        return [keras.layers.Rescaling(1 / _LITE_STD, offset=-_LITE_MEAN / _LITE_STD, name=f"{prefix}normalise_lite",
                                        dtype="float32")]
     raise PipelineError(f"unknown preprocessing {mode!r}: choose from {', '.join(PREPROCESSING)}")
 
