@@ -55,7 +55,8 @@ bench: setup
 	$(PY) bench/extract.py
 	$(PY) bench/heads.py
 	$(PY) bench/finetune.py
-	$(PY) bench/accuracy.py --finetune-epochs 3
+	$(PY) bench/accuracy.py
+	$(PY) bench/accuracy.py --suite vgg16 --finetune-epochs 3
 	$(PY) bench/export.py --models bench/work/models/binary
 
 # Keras and its small pure-Python dependencies for a GPU machine that has JAX (Python 3.12) but no
