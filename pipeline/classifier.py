@@ -78,7 +78,10 @@ def feature_vector(outputs: list[Any], view: FeatureView, prefix: str = "") -> A
         if len(tensor.shape) == 4:
             tensor = keras_layer(view.pooling, f"{prefix}{name}_{view.pooling}")(tensor)
         parts.append(tensor)
-    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name=f"{prefix}features")(parts)
+    # "features" in a classifier of one backbone (as before fusion existed); a fused part's
+    # concatenation must not take the name of its backbone's feature model ("<backbone>_features")
+    name = f"{prefix}layers_concatenated" if prefix else "features"
+    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name=name)(parts)
 
 
 def image_input(pixels: Any, image_size: int, normalisation: Sequence[Any], resize: bool = True) -> Any:
