@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--image-size", type=_positive_int, default=None,
                          help="square input size (default: " + ", ".join(
                              f"{spec.default_image_size} for {name}" for name, spec in BACKBONES.items()) + ")")
-    extract.add_argument("--pooling", default="none", choices=POOLINGS,
-                         help="none keeps the full feature map (default)")
+    extract.add_argument("--pooling", default=None, choices=POOLINGS,
+                         help="none keeps the full feature map (default; avg for the EfficientNet-Lite backbones, "
+                              "whose default layers are four)")
     extract.add_argument("--layer", type=_layers, default=None, metavar="NAME[,NAME...]",
                          help="feature layer(s) (default: the last convolutional block's output)")
     extract.add_argument("--precision", default=None, choices=("fp32", "bf16", "mixed"),

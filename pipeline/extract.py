@@ -42,7 +42,7 @@ class ExtractOptions:
     data: Path
     backbone: str = "vgg16"
     image_size: int | None = None  # the backbone's default
-    pooling: str = "none"
+    pooling: str | None = None  # the backbone's default (none: full maps; avg for EfficientNet-Lite's layers)
     layers: Sequence[str] | None = None  # the backbone's default feature layer
     precision: str | None = None  # the fastest safe choice for the hardware
     weights: str = "imagenet"
@@ -132,6 +132,7 @@ class _Extraction:
             raise PipelineError("--max-megapixels must be positive")
         self.max_pixels = options.max_pixels
         self.layers = tuple(options.layers or self.spec.default_layers)
+        self.pooling = options.pooling or self.spec.default_pooling
         if options.engine not in ENGINES:
             raise PipelineError(f"unknown engine {options.engine!r}: choose {' or '.join(ENGINES)}")
         if options.engine == "local" and (options.ray_address or options.workers):
@@ -155,7 +156,7 @@ class _Extraction:
             resize_method=RESIZE_METHOD,
             preprocessing=self.weights.preprocessing,
             layers=self.layers,
-            pooling=options.pooling,
+            pooling=self.pooling,
             precision=self.precision,
             tensorflow=version if library == "tensorflow" else "none",
             backend=library if library == "tensorflow" else f"{library}-{version}",
@@ -178,7 +179,7 @@ class _Extraction:
     def feature_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
             backbone = build_backbone(self.spec, self.image_size, self.precision, self.weights)
-            self.extractor = FeatureExtractor(backbone, self.layers, self.options.pooling)
+            self.extractor = FeatureExtractor(backbone, self.layers, self.pooling)
         return self.extractor
 
     def backbone_weights(self) -> list[np.ndarray]:
@@ -186,7 +187,7 @@ class _Extraction:
         return build_backbone(self.spec, self.image_size, self.precision, self.weights).get_weights()
 
     def backbone_recipe(self, checksum: str) -> BackboneRecipe:
-        return BackboneRecipe(self.spec.name, self.image_size, self.precision, self.layers, self.options.pooling,
+        return BackboneRecipe(self.spec.name, self.image_size, self.precision, self.layers, self.pooling,
                               self.weights.preprocessing, self.options.batch_size, checksum)
 
     def run(self) -> ExtractSummary:
@@ -272,7 +273,7 @@ class _Extraction:
             warmup_seconds=result.warmup_seconds,
             warmup_images=result.warmup_images,
             actor_build_seconds=result.actor_build_seconds,
-            notes=dataset_notes(dataset, self.image_size),
+            notes=dataset_notes(dataset, self.image_size, self.spec.small_images),
         )
         self._write_manifest(directory, dataset, summary)
         return summary
@@ -318,9 +319,10 @@ SIZE_SAMPLE = 64  # images whose headers are read to tell the typical size
 HEADER_BYTES = 1 << 16  # enough for a JPEG's frame header after its EXIF block
 
 
-def dataset_notes(dataset: ScannedDataset, image_size: int) -> list[str]:
+def dataset_notes(dataset: ScannedDataset, image_size: int, small_images: str = "") -> list[str]:
     """What a user should hear about the data at extract time: splits carved out of train/, splits
-    that came out empty, and images much smaller than the backbone's input."""
+    that came out empty, and images much smaller than the backbone's input (`small_images`: the
+    backbone's options for them, from the registry)."""
     notes = []
     for split, fraction in dataset.carved.items():
         flag = "--val-fraction" if split == "validation" else "--test-fraction"
@@ -335,8 +337,8 @@ def dataset_notes(dataset: ScannedDataset, image_size: int) -> list[str]:
     if typical and typical * SMALL_IMAGE_FACTOR <= image_size:
         notes.append(f"the images are about {typical} px on their shorter side, much smaller than the {image_size} "
                      f"px input: each is enlarged {image_size / typical:.1f}x, which costs time and gains little; "
-                     "for small images see README: Small images (e.g. --image-size 64 --layer block4_pool "
-                     "--pooling avg)")
+                     "for small images see README: Small images"
+                     + (f" (e.g. {small_images})" if small_images else " (a smaller --image-size, --pooling avg)"))
     return notes
 
 

@@ -151,6 +151,7 @@ def test_architecture_follows_the_lite_scaling_rules() -> None:
     assert [s[4] for s in lite2.stages()] == [16, 24, 48, 88, 120, 208, 352]
     assert get_backbone("efficientnet_lite0").default_layers == ("block5c_out", "block6d_out", "block7a_out",
                                                                 "top_activation")
+    assert get_backbone("efficientnet_lite0").default_pooling == "avg"  # four layers' maps would be 109,760 values
     model = efficientnet_lite.build(lite0, input_shape=(64, 64, 3))
     assert model.get_layer("top_conv").output.shape[-1] == 1280
     assert model.get_layer("block6b_out").__class__.__name__ == "Add"  # a residual: stride 1, same channels
@@ -175,7 +176,7 @@ def test_a_lite_backbone_runs_every_command(lite_run: dict[str, Path]) -> None:
     """Extract (spatial, any layer), a head, fine-tuning from a Lite block, predict, TFLite export."""
     root, data, models = lite_run["root"], lite_run["data"], lite_run["models"]
     spatial = extract_features(tiny_options(data, root / "features", backbone="efficientnet_lite0", image_size=64,
-                                            layers=("block6d_out",), weights="imagenet")).cache_dir
+                                            layers=("block6d_out",), pooling="none", weights="imagenet")).cache_dir
     store = FeatureStore(spatial)
     assert store.manifest["feature_shapes"]["block6d_out"] == [2, 2, 192]
     head = train_head(TrainOptions(head="logreg", features=spatial, models=models, name="lite-spatial",

@@ -67,6 +67,8 @@ class BackboneSpec:
     weights: tuple[PretrainedWeights, ...]  # the first is what `--weights imagenet` means
     blocks: tuple[str, ...]  # layer-name prefixes, bottom to top: the unfreeze points
     min_image_size: int = 32
+    default_pooling: str = "none"  # extract's --pooling when not given
+    small_images: str = ""  # extract options for images much smaller than the default size (a note says them)
 
     @property
     def default_unfreeze(self) -> str:
@@ -106,6 +108,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                          "6d6bbae143d832006294945121d1f1fc"),
         ),
         blocks=("block1", "block2", "block3", "block4", "block5"),
+        small_images="--image-size 64 --layer block4_pool --pooling avg",
     ),
     "resnet50": BackboneSpec(
         name="resnet50",
@@ -128,8 +131,11 @@ def _efficientnet_lite(variant: efficientnet_lite.LiteVariant) -> BackboneSpec:
         constructor=functools.update_wrapper(functools.partial(efficientnet_lite.build, variant),
                                              efficientnet_lite.build),
         default_image_size=variant.image_size,
-        # the last three stages and the head: pooled (--pooling avg), 1,904 values for Lite0
+        # the last three stages and the head, average-pooled by default: 1,904 values for Lite0
+        # (their full maps at 224 px would be 109,760)
         default_layers=(*stages[-3:], "top_activation"),
+        default_pooling="avg",
+        small_images=f"--image-size 64 --layer {stages[-2]} --pooling avg",
         weights=(PretrainedWeights(f"{variant.name}.in1k", "pytorch", efficientnet_lite.PREPROCESSING,
                                    efficientnet_lite.pretrained_weights(variant)),),
         blocks=("stem", *(f"block{stage}a" for stage in range(1, 8))),  # top_conv trains with block7a
