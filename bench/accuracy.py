@@ -50,10 +50,10 @@ import numpy as np  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.backbone.registry import BACKBONES  # noqa: E402
-from pipeline.dataset import SplitConfig  # noqa: E402
-from pipeline.demo_data import export_elpv  # noqa: E402
-from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.train import TrainOptions, train_head  # noqa: E402
+from pipeline.data.dataset import SplitConfig  # noqa: E402
+from pipeline.data.demo import export_elpv  # noqa: E402
+from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
+from pipeline.training.train import TrainOptions, train_head  # noqa: E402
 
 PROTOCOL = SplitConfig(validation_fraction=0.125, test_fraction=0.25, seed=0)
 PROTOCOLS = {"75/25 (Deitsch)": PROTOCOL, "70/15/15 (project)": SplitConfig(validation_fraction=0.15,
@@ -219,8 +219,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def _finetune_row(source: Path, models: Path, epochs: int, cached: bool, seed: int, name: str,
                   flips: bool = True) -> dict:
-    from pipeline.examples import Augmentation
-    from pipeline.finetune import FinetuneOptions, finetune
+    from pipeline.finetuning.examples import Augmentation
+    from pipeline.finetuning.finetune import FinetuneOptions, finetune
 
     started = time.perf_counter()
     tuned = finetune(FinetuneOptions(source=str(source), models=models, epochs=epochs, patience=epochs, cached=cached,

@@ -43,8 +43,8 @@ from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.backbone.network import FeatureExtractor, build_backbone, preprocess  # noqa: E402
 from pipeline.backbone.precision import resolve_precision  # noqa: E402
 from pipeline.backbone.registry import get_backbone  # noqa: E402
-from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.images import IMAGE_EXTENSIONS  # noqa: E402
+from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
+from pipeline.images.decode_tf import IMAGE_EXTENSIONS  # noqa: E402
 
 BATCH = 32
 TARGETS = {"extract/limit": 0.95, "extract/seeds": 1.3, "bf16/fp32": 3.5, "accuracy points": 0.5}
@@ -135,7 +135,7 @@ def speed_table(data: Path, images: int, sizes: list[int], precisions: list[str]
 
 def accuracy_fp32_vs_bf16(data: Path, work: Path) -> dict[str, float]:
     """The same default logistic-regression head on fp32 and bf16 features of the whole folder."""
-    from pipeline.train import TrainOptions, train_head
+    from pipeline.training.train import TrainOptions, train_head
 
     accuracy = {}
     for precision in ("fp32", "bf16"):
@@ -201,10 +201,10 @@ def engine_rows(data: Path, images: int, precision: str, work: Path) -> list[lis
 
 def _plan_once(count: int) -> dict[str, float]:
     """One pass of the driver's steps on `count` synthetic records; seconds per step."""
-    from pipeline.dataset import ImageRecord, ScannedDataset
-    from pipeline.plan import ShardWriter, cut_units, plan_update
-    from pipeline.ray_engine import unit_rows
-    from pipeline.store import Fingerprint, ShardIndex
+    from pipeline.cache.store import Fingerprint, ShardIndex
+    from pipeline.data.dataset import ImageRecord, ScannedDataset
+    from pipeline.extraction.plan import ShardWriter, cut_units, plan_update
+    from pipeline.extraction.ray_engine import unit_rows
 
     fingerprint = Fingerprint("vgg16", "none", "random-seed-0", 150, "area-down-bilinear-up", "torch",
                               ("block5_pool",), "none", "bf16", "2.21")

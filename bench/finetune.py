@@ -27,9 +27,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import machine_line, markdown_table  # noqa: E402
 from bench.extract import subset_folder  # noqa: E402
-from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.finetune import FinetuneOptions, finetune  # noqa: E402
-from pipeline.train import TrainOptions, train_head  # noqa: E402
+from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
+from pipeline.finetuning.finetune import FinetuneOptions, finetune  # noqa: E402
+from pipeline.training.train import TrainOptions, train_head  # noqa: E402
 
 BELOW = {"block5": "block4_pool", "block4": "block3_pool"}
 

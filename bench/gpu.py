@@ -122,8 +122,8 @@ def decode_rate(folder: Path, size: int, batch_size: int, preprocessing: str) ->
     """Images/s of the pipeline's image path alone: every file read, hashed, decoded, squashed and
     preprocessed, on every core, as extract feeds the backbone."""
     from pipeline.backbone.network import preprocess
-    from pipeline.images import EncodedImages
-    from pipeline.predict import image_files
+    from pipeline.images.decode_tf import EncodedImages
+    from pipeline.serving.predict import image_files
 
     files = image_files([folder])
     source = EncodedImages(files)
@@ -139,7 +139,7 @@ def seeds_rate(folder: Path, model, size: int, batch_size: int, preprocessing: s
     import numpy as np
 
     from pipeline.backbone.network import preprocess
-    from pipeline.predict import image_files
+    from pipeline.serving.predict import image_files
 
     paths = image_files([folder])[:limit]
 
@@ -156,7 +156,7 @@ def seeds_rate(folder: Path, model, size: int, batch_size: int, preprocessing: s
 
 
 def extract_rates(folder: Path, cache: Path, backbone: str, size: int, batch_size: int, precision: str) -> dict:
-    from pipeline.extract import ExtractOptions, extract_features
+    from pipeline.extraction.extract import ExtractOptions, extract_features
 
     shutil.rmtree(cache, ignore_errors=True)
     started = time.perf_counter()

@@ -26,13 +26,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
-from pipeline.classifier import image_input, weights_for  # noqa: E402
-from pipeline.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.heads import DenseHead, training_statistics  # noqa: E402
-from pipeline.images import labelled_batches  # noqa: E402
-from pipeline.reader import FeatureView, load_splits, split_images  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
-from pipeline.train import TrainOptions, train_head  # noqa: E402
+from pipeline.cache.reader import FeatureView, load_splits, split_images  # noqa: E402
+from pipeline.cache.store import FeatureStore  # noqa: E402
+from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
+from pipeline.heads.base import DenseHead, training_statistics  # noqa: E402
+from pipeline.images.decode_tf import labelled_batches  # noqa: E402
+from pipeline.runs.classifier import image_input, weights_for  # noqa: E402
+from pipeline.training.train import TrainOptions, train_head  # noqa: E402
 
 
 def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:

@@ -20,7 +20,7 @@ from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.registry import BACKBONES, PREPROCESSING
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError
-from pipeline.examples import Augmentation
+from pipeline.finetuning.examples import Augmentation
 
 
 def _cache_list(value: str) -> list[Path]:
@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from pipeline.dataset import SplitConfig
-    from pipeline.extract import ExtractOptions, extract_features
+    from pipeline.data.dataset import SplitConfig
+    from pipeline.extraction.extract import ExtractOptions, extract_features
 
     summary = extract_features(ExtractOptions(
         data=args.data,
@@ -307,8 +307,8 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _train_head(args: argparse.Namespace) -> int:
-    from pipeline.heads import head_parameters
-    from pipeline.train import TrainOptions, train_head
+    from pipeline.heads.base import head_parameters
+    from pipeline.training.train import TrainOptions, train_head
 
     summary = train_head(TrainOptions(
         head=args.head,
@@ -359,7 +359,7 @@ def _accuracy_gate(metrics: dict, threshold: float | None) -> int:
 
 def _runs(args: argparse.Namespace) -> int:
     from pipeline.report import runs_table
-    from pipeline.runs import list_runs
+    from pipeline.runs.run import list_runs
 
     rows = list_runs(args.models, args.data)
     print(json.dumps(rows, indent=2) if args.json else runs_table(rows))
@@ -367,7 +367,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.train import evaluate_run
+    from pipeline.training.train import evaluate_run
 
     summary = evaluate_run(args.model, args.split, args.features)
     _print_run(summary, args.json, f"evaluated {summary.directory.name} ({args.split} reports written)")
@@ -378,7 +378,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from pipeline.backend import require_tensorflow
 
     require_tensorflow("finetune (its image pipeline is tf.data)")
-    from pipeline.finetune import FinetuneOptions, finetune
+    from pipeline.finetuning.finetune import FinetuneOptions, finetune
 
     flip = args.flip or Augmentation.default(args.cached).flip
     augmentation = Augmentation.off() if args.augment == "none" else Augmentation(
@@ -402,7 +402,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import check_output, predict, predictions_table, write_predictions
+    from pipeline.serving.predict import check_output, predict, predictions_table, write_predictions
 
     if args.output:
         check_output(args.output)  # before the work, not after
@@ -421,7 +421,7 @@ def _export(args: argparse.Namespace) -> int:
     from pipeline.backend import require_tensorflow
 
     require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
-    from pipeline.export import export_run
+    from pipeline.serving.export import export_run
 
     summary = export_run(args.model, args.format, args.out, args.quantize, args.models, args.data)
     if args.json:
@@ -454,7 +454,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from pipeline.demo_data import export_elpv
+    from pipeline.data.demo import export_elpv
 
     counts = export_elpv(args.out, args.classes)
     listing = ", ".join(f"{name} {count}" for name, count in counts.items())

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.dataset import SplitConfig
-from pipeline.extract import ExtractOptions
+from pipeline.data.dataset import SplitConfig
+from pipeline.extraction.extract import ExtractOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def write_feature_cache(directory: Path, features: np.ndarray, labels: np.ndarra
                         pooling: str = "none") -> Path:
     """A feature cache written straight through the store, without a backbone: synthetic features
     with a known structure for the head tests."""
-    from pipeline import store
+    from pipeline.cache import store
 
     fingerprint = store.Fingerprint("vgg16", "none", "synthetic", 32, "area-down-bilinear-up", "torch",
                                     (layer,), pooling, "fp32", "2.21")

@@ -11,7 +11,7 @@ from scipy.stats import binomtest
 
 from conftest import make_image_folder, tiny_options
 from pipeline.cli import main
-from pipeline.extract import extract_features
+from pipeline.extraction.extract import extract_features
 from pipeline.report import split_metrics, wilson_interval
 
 

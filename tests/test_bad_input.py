@@ -20,13 +20,13 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import ROOT, make_image_folder, tiny_options, write_image
-from pipeline import store
+from pipeline.cache import store
+from pipeline.cache.store import FeatureStore, shard_paths
 from pipeline.cli import main
-from pipeline.dataset import scan_dataset
+from pipeline.data.dataset import scan_dataset
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features
-from pipeline.images import decode_and_resize
-from pipeline.store import FeatureStore, shard_paths
+from pipeline.extraction.extract import extract_features
+from pipeline.images.decode_tf import decode_and_resize
 
 
 def _unreadable_files(folder: Path) -> dict[str, str]:
@@ -302,7 +302,7 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_pat
 def test_two_extracts_at_once_on_the_same_cache(tmp_path: Path) -> None:
     """A second extract while another holds the cache's lock stops with a message and writes
     nothing; the lock is held by this test itself, so the two runs certainly overlap."""
-    from pipeline.store import exclusive_lock
+    from pipeline.cache.store import exclusive_lock
 
     data = make_image_folder(tmp_path / "data", per_class=4)
     cache = tmp_path / "cache"
@@ -325,7 +325,7 @@ def test_two_extracts_at_once_on_the_same_cache(tmp_path: Path) -> None:
 
 
 def test_a_run_with_a_missing_or_damaged_file(tmp_path: Path, capsys) -> None:
-    from pipeline.train import TrainOptions, train_head
+    from pipeline.training.train import TrainOptions, train_head
 
     data = make_image_folder(tmp_path / "data", per_class=6)
     cache = extract_features(tiny_options(data, tmp_path / "features")).cache_dir

@@ -14,17 +14,17 @@ import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options
 from pipeline.backbone.blocks import layer_below, unfreeze
-from pipeline.classifier import top_model
+from pipeline.cache.store import FeatureStore
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.examples import activation_batches, cached_activations
-from pipeline.extract import extract_features
-from pipeline.finetune import Augmentation, FinetuneOptions, finetune
-from pipeline.images import labelled_batches
-from pipeline.predict import predict
-from pipeline.runs import Run, list_runs, read_config
-from pipeline.store import FeatureStore
-from pipeline.train import TrainOptions, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.finetuning.examples import activation_batches, cached_activations
+from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.images.decode_tf import labelled_batches
+from pipeline.runs.classifier import top_model
+from pipeline.runs.run import Run, list_runs, read_config
+from pipeline.serving.predict import predict
+from pipeline.training.train import TrainOptions, train_head
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_cached_finetune_is_an_ordinary_run_whose_model_reproduces_the_cached_pa
     # predict and export take it like any fine-tuned run
     results = predict(summary.directory, [setup["data"] / p for p in test.paths[:3]], top_k=1)
     assert all(r.error is None for r in results)
-    from pipeline.export import export_run
+    from pipeline.serving.export import export_run
 
     exported = export_run(summary.directory, "keras", summary.directory.parent / "cached-export")
     reloaded = keras.saving.load_model(exported.path, safe_mode=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import ROOT, make_image_folder
 from pipeline.cli import main
-from pipeline.demo_data import class_of, elpv_data_dir, elpv_labels
+from pipeline.data.demo import class_of, elpv_data_dir, elpv_labels
 
 
 def test_extract_prints_a_summary_and_reuses_the_cache(tmp_path: Path, capsys) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image_folder, write_image
-from pipeline.dataset import SplitConfig, scan_dataset, split_position
+from pipeline.data.dataset import SplitConfig, scan_dataset, split_position
 from pipeline.errors import PipelineError
 
 

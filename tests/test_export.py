@@ -14,11 +14,11 @@ import tensorflow as tf
 
 from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
 from pipeline.cli import main
-from pipeline.export import export_run
-from pipeline.extract import extract_features
-from pipeline.finetune import Augmentation, FinetuneOptions, finetune
-from pipeline.predict import predict
-from pipeline.train import TrainOptions, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.serving.export import export_run
+from pipeline.serving.predict import predict
+from pipeline.training.train import TrainOptions, train_head
 
 CLASSES = ["cats", "dogs", "owls"]
 

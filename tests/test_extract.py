@@ -9,13 +9,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options, write_image
-from pipeline import artefacts, extract, store
+from pipeline import artefacts
 from pipeline.backbone import network as backbones
 from pipeline.backbone.network import build_backbone
 from pipeline.backbone.registry import get_backbone
+from pipeline.cache import store
+from pipeline.cache.store import FeatureStore, shard_paths
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features
-from pipeline.store import FeatureStore, shard_paths
+from pipeline.extraction import extract
+from pipeline.extraction.extract import extract_features
 
 
 def _forbid_backbone(monkeypatch: pytest.MonkeyPatch) -> None:

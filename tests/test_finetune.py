@@ -13,14 +13,14 @@ import tensorflow as tf
 
 from conftest import make_image_folder, tiny_options
 from pipeline.backbone.blocks import unfreeze
-from pipeline.classifier import build_classifier, weights_for
+from pipeline.cache.reader import load_splits
 from pipeline.cli import main
-from pipeline.extract import extract_features
-from pipeline.finetune import Augmentation, FinetuneOptions, finetune
-from pipeline.predict import predict
-from pipeline.reader import load_splits
-from pipeline.runs import Run, list_runs
-from pipeline.train import TrainOptions, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.runs.classifier import build_classifier, weights_for
+from pipeline.runs.run import Run, list_runs
+from pipeline.serving.predict import predict
+from pipeline.training.train import TrainOptions, train_head
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,9 @@ def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path
     measured here, the builder's `training=False` on the nested backbone call alone does not stop a
     trainable BatchNormalization from updating its statistics under `fit`."""
     from pipeline.backbone.weights import ResolvedWeights
-    from pipeline.heads import DenseHead
-    from pipeline.reader import FeatureView
-    from pipeline.store import Fingerprint
+    from pipeline.cache.reader import FeatureView
+    from pipeline.cache.store import Fingerprint
+    from pipeline.heads.base import DenseHead
 
     fingerprint = Fingerprint("resnet50", "none", "random-seed-0", 32, "area-down-bilinear-up", "caffe",
                               ("conv5_block3_out",), "avg", "fp32", "2.21")
@@ -113,7 +113,7 @@ def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path
 def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them() -> None:
     """A model right on validation, trained towards the opposite labels: every epoch gets worse
     on validation, so the run ends with exactly the weights it started from (epoch 0)."""
-    from pipeline.finetune import KeepBest
+    from pipeline.finetuning.finetune import KeepBest
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_image_folder, tiny_options
+from pipeline.cache.store import FeatureStore, shard_paths
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features
-from pipeline.store import FeatureStore, shard_paths
+from pipeline.extraction.extract import extract_features
 
 ARGS = ["--weights", "none", "--precision", "fp32", "--image-size", "64", "--batch-size", "4",
         "--shard-size", "4", "--no-progress", "--val-fraction", "0.2", "--test-fraction", "0.2"]

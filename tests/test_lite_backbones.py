@@ -23,15 +23,15 @@ from pipeline.backbone.network import FeatureExtractor, build_backbone, preproce
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.torch_checkpoint import LEGACY_MAGIC, read_state_dict
 from pipeline.backbone.weights import installed_file
+from pipeline.cache.reader import load_fused_splits
+from pipeline.cache.store import FeatureStore
 from pipeline.errors import PipelineError
-from pipeline.export import export_run
-from pipeline.extract import extract_features
-from pipeline.finetune import FinetuneOptions, finetune
-from pipeline.predict import predict
-from pipeline.reader import load_fused_splits
-from pipeline.runs import Run, list_runs
-from pipeline.store import FeatureStore
-from pipeline.train import TrainOptions, evaluate_run, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.finetuning.finetune import FinetuneOptions, finetune
+from pipeline.runs.run import Run, list_runs
+from pipeline.serving.export import export_run
+from pipeline.serving.predict import predict
+from pipeline.training.train import TrainOptions, evaluate_run, train_head
 
 LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 BELL_COTE, PALACE, DAISY = 442, 698, 985  # ImageNet-1k class indices
@@ -209,7 +209,7 @@ def test_fused_features_train_one_head_and_one_model(lite_run: dict[str, Path]) 
     splits = load_fused_splits(stores, [view for _, view, _ in run.parts])
     cached = run.head().predict_proba(splits["test"])
     files = [str(data / p) for p in splits["test"].paths]
-    from pipeline.images import labelled_batches
+    from pipeline.images.decode_tf import labelled_batches
 
     pixels = labelled_batches(files, np.zeros(len(files), np.int32), 64, 8).map(lambda x, y: x)
     through_model = run.classifier(resize=False).predict(pixels, verbose=0)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import clustered_features, tiny_options, write_feature_cache, write_image
-from pipeline import runs
 from pipeline.cli import main
-from pipeline.dataset import SplitConfig, scan_dataset
+from pipeline.data.dataset import SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
-from pipeline.examples import Augmentation
-from pipeline.extract import extract_features
-from pipeline.train import TrainOptions, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.finetuning.examples import Augmentation
+from pipeline.runs import run as runs
+from pipeline.training.train import TrainOptions, train_head
 
 FAST_LOGREG = {"c_grid": "1e-3:1e1:5", "n_jobs": 1}
 
@@ -76,7 +76,7 @@ def test_extract_says_where_validation_came_from_and_that_the_images_are_small(t
 
 
 def test_images_near_the_input_size_get_no_small_image_note(tmp_path: Path) -> None:
-    from pipeline.extract import dataset_notes
+    from pipeline.extraction.extract import dataset_notes
 
     root = _train_test_folder(tmp_path / "data", train=4, test=1, size=40)
     scanned = scan_dataset(root, SplitConfig.from_flags(None, None, 0))
@@ -117,8 +117,8 @@ def test_an_unfreeze_point_above_every_layer_the_head_reads_is_refused(vgg16) ->
 
 
 def test_cached_batches_mix_classes_across_shards(tmp_path: Path) -> None:
-    from pipeline.examples import activation_batches
-    from pipeline.store import FeatureStore
+    from pipeline.cache.store import FeatureStore
+    from pipeline.finetuning.examples import activation_batches
 
     # shards in path order, so in class order: each shard of 32 holds one class
     classes = [f"c{i}" for i in range(8)]
@@ -145,8 +145,8 @@ def test_cached_batches_mix_classes_across_shards(tmp_path: Path) -> None:
 
 
 def test_flips_default_to_horizontal_in_the_api_and_on_the_command_line(monkeypatch) -> None:
-    import pipeline.finetune as finetune_module
-    from pipeline.finetune import FinetuneOptions
+    import pipeline.finetuning.finetune as finetune_module
+    from pipeline.finetuning.finetune import FinetuneOptions
 
     assert FinetuneOptions().augmentation.flip == "horizontal"
     assert FinetuneOptions(cached=True).augmentation.flip == "none"
@@ -238,7 +238,7 @@ def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, command: list
 def test_the_dense_head_keeps_the_epoch_of_the_best_validation_accuracy() -> None:
     import keras
 
-    from pipeline.fitting import KeepBest
+    from pipeline.heads.fitting import KeepBest
 
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     keep = KeepBest()
@@ -251,7 +251,7 @@ def test_the_dense_head_keeps_the_epoch_of_the_best_validation_accuracy() -> Non
     assert keep.best_epoch == 2, "accuracy decides, not the lowest loss (epoch 3)"
     assert float(model.layers[0].kernel.numpy()[0, 0]) == 1.0
 
-    from pipeline.heads import DenseHead
+    from pipeline.heads.base import DenseHead
 
     head = DenseHead(["a", "b"])
     head.history_ = [{"epoch": 1, "val_accuracy": 0.6, "val_loss": 0.5},
@@ -283,8 +283,8 @@ def test_an_interrupted_first_extract_donates_its_shards_to_the_next(tmp_path: P
 
 
 def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp_path: Path) -> None:
-    from pipeline.heads import LogRegHead
-    from pipeline.reader import FeatureView, load_splits, open_cache
+    from pipeline.cache.reader import FeatureView, load_splits, open_cache
+    from pipeline.heads.base import LogRegHead
 
     features, labels, splits = clustered_features(90, 3, seed=3)
     store = open_cache(write_feature_cache(tmp_path / "cache", features, labels, splits, ["a", "b", "c"]), tmp_path)

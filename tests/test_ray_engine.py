@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_features_close, make_image_folder, tiny_options, write_image
-from pipeline import store
+from pipeline.cache import store
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features
-from pipeline.ray_engine import check_cache_reachable
+from pipeline.extraction.extract import extract_features
+from pipeline.extraction.ray_engine import check_cache_reachable
 
 ray = pytest.importorskip("ray")
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_image_folder, tiny_options
-from pipeline import runs
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features
-from pipeline.predict import predict
-from pipeline.runs import FORMAT_VERSION, Run
-from pipeline.train import TrainOptions, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.runs import run as runs
+from pipeline.runs.run import FORMAT_VERSION, Run
+from pipeline.serving.predict import predict
+from pipeline.training.train import TrainOptions, train_head
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +128,9 @@ def _imports(module: str) -> set[str]:
 
 
 def test_stage_three_and_the_run_users_do_not_borrow_from_stage_two() -> None:
-    assert not any(name.startswith("pipeline.train") for name in _imports("finetune"))
+    assert not any(name.startswith("pipeline.training.train") for name in _imports("finetune"))
     for module in ("predict", "export"):
-        assert not any(name.startswith("pipeline.heads") for name in _imports(module)), module
+        assert not any(name.startswith("pipeline.heads.base") for name in _imports(module)), module
     for bench in (ROOT / "bench").glob("*.py"):  # bench calls public functions only
         tree = ast.parse(bench.read_text())
         private = [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)

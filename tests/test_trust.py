@@ -27,13 +27,14 @@ from conftest import (
     write_feature_cache,
     write_image,
 )
-from pipeline import runs, store
+from pipeline.cache import store
+from pipeline.cache.reader import FeatureView, load_splits
 from pipeline.cli import main
-from pipeline.dataset import SplitConfig
+from pipeline.data.dataset import SplitConfig
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features
-from pipeline.reader import FeatureView, load_splits
-from pipeline.train import TrainOptions, evaluate_run, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.runs import run as runs
+from pipeline.training.train import TrainOptions, evaluate_run, train_head
 
 CLASSES = ["a", "b", "c"]
 _AUDIT_HOOKS: list = []  # sys.addaudithook cannot be undone: one hook that calls these
@@ -231,7 +232,7 @@ def test_every_file_a_run_writes_is_renamed_into_place(tmp_path: Path, monkeypat
     try:
         head = train_head(TrainOptions(head="logreg", features=image_cache, models=models, name="watched",
                                        head_params=FAST_LOGREG, progress=False)).directory
-        from pipeline.finetune import FinetuneOptions, finetune
+        from pipeline.finetuning.finetune import FinetuneOptions, finetune
 
         finetune(FinetuneOptions(source=str(head), models=models, epochs=1, batch_size=4, progress=False))
     finally:
@@ -298,7 +299,7 @@ def test_an_image_overwritten_between_scan_and_decode_gets_the_hash_of_the_bytes
     reference = extract_features(tiny_options(data, tmp_path / "reference")).cache_dir
     old_features = _rows_by_path(reference)["cats/img001.png"][1]
 
-    import pipeline.extract as extract_module
+    import pipeline.extraction.extract as extract_module
 
     real_scan = extract_module.scan_dataset
 
@@ -378,7 +379,7 @@ def test_a_shard_with_damaged_content_is_refused_naming_the_file(tmp_path: Path,
 def test_resource_failures_are_errors_not_skipped_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tensorflow as tf
 
-    import pipeline.images as images_module
+    import pipeline.images.decode_tf as images_module
 
     data = make_image_folder(tmp_path / "data", per_class=4)
     victim = hashlib.sha256((data / "dogs" / "img002.png").read_bytes()).hexdigest()

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, clustered_features, make_image_folder, tiny_options, write_feature_cache, write_image
-from pipeline import atomic, runs
+from pipeline import atomic
 from pipeline.cli import main
-from pipeline.dataset import SplitConfig, scan_dataset, split_position
+from pipeline.data.dataset import SplitConfig, scan_dataset, split_position
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features
-from pipeline.heads import MAX_GRID, log_grid, make_head
-from pipeline.train import TrainOptions, train_head
+from pipeline.extraction.extract import extract_features
+from pipeline.heads.base import MAX_GRID, log_grid, make_head
+from pipeline.runs import run as runs
+from pipeline.training.train import TrainOptions, train_head
 
 CLASSES = ["ant", "bee", "cat"]
 FAST_LOGREG = {"c_grid": "1e-3:1e1:5", "n_jobs": 1}
@@ -83,7 +84,7 @@ def test_adding_an_image_keeps_a_small_class_s_fixed_up_splits(tmp_path: Path) -
         write_image(data / "cats" / name, seed=500 + i)
     config = SplitConfig(0.2, 0.2, 0)
     first = extract_features(tiny_options(data, tmp_path / "c", splits=config))
-    from pipeline.store import FeatureStore
+    from pipeline.cache.store import FeatureStore
 
     before = {p: s for shard in FeatureStore(first.cache_dir).split_indexes().items() for p, s in
               [(path, shard[0]) for path in shard[1].paths]}
@@ -167,7 +168,7 @@ def test_head_parameters_out_of_range_are_refused(kind: str, params: dict, flag:
 
 
 def test_a_bad_c_grid_fails_in_one_line_before_the_features_are_read(tmp_path: Path, capsys, monkeypatch) -> None:
-    import pipeline.train as train_module
+    import pipeline.training.train as train_module
 
     features, labels, splits = clustered_features(60, 3, seed=2)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, CLASSES)
@@ -189,7 +190,7 @@ class _Cluster:
 
 @pytest.mark.parametrize("workers, cpus, gpus", [(2, 2, 0), (1000, 16, 0), (1, 1, 0), (3, 16, 2)])
 def test_more_ray_workers_than_the_cluster_can_feed_are_refused(workers: int, cpus: int, gpus: int) -> None:
-    from pipeline.ray_engine import RayEngine
+    from pipeline.extraction.ray_engine import RayEngine
 
     engine = RayEngine(None, None, 32, 8, 1 << 20, workers=workers)
     with pytest.raises(PipelineError, match=f"--workers {workers}: the Ray cluster has"):
@@ -197,7 +198,7 @@ def test_more_ray_workers_than_the_cluster_can_feed_are_refused(workers: int, cp
 
 
 def test_ray_workers_the_cluster_can_feed_are_taken() -> None:
-    from pipeline.ray_engine import RayEngine
+    from pipeline.extraction.ray_engine import RayEngine
 
     assert RayEngine(None, None, 32, 8, 1 << 20, workers=3).actor_options(_Cluster(4))[0] == 3
     assert RayEngine(None, None, 32, 8, 1 << 20).actor_options(_Cluster(2, nodes=1))[0] == 1
@@ -205,7 +206,7 @@ def test_ray_workers_the_cluster_can_feed_are_taken() -> None:
 
 
 def test_a_ray_address_where_something_else_listens_is_refused_quickly() -> None:
-    from pipeline.ray_engine import check_address
+    from pipeline.extraction.ray_engine import check_address
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -226,7 +227,7 @@ def test_a_ray_address_where_something_else_listens_is_refused_quickly() -> None
 
 
 def test_a_ray_address_that_accepts_and_says_nothing_is_refused_after_the_timeout() -> None:
-    from pipeline.ray_engine import check_address
+    from pipeline.extraction.ray_engine import check_address
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -242,11 +243,11 @@ def test_a_ray_address_that_accepts_and_says_nothing_is_refused_after_the_timeou
 def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
     first = extract_features(tiny_options(data, tmp_path / "c"))
-    from pipeline import store
+    from pipeline.cache import store
 
     fifo = first.cache_dir / store.shard_name(99)
     os.mkfifo(fifo)
-    code = ("import sys; from pipeline.extract import extract_features; sys.path.insert(0, 'tests'); "
+    code = ("import sys; from pipeline.extraction.extract import extract_features; sys.path.insert(0, 'tests'); "
             "from conftest import tiny_options; from pathlib import Path; "
             f"extract_features(tiny_options(Path({str(data)!r}), Path({str(tmp_path / 'c')!r})))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -324,7 +325,7 @@ def test_a_training_image_renamed_into_the_test_split_is_never_scored_as_a_test_
     cache = extract_features(tiny_options(data, tmp_path / "c", splits=config)).cache_dir
     run = train_head(TrainOptions(features=cache, models=tmp_path / "m", head_params=FAST_LOGREG,
                                   progress=False)).directory
-    from pipeline.store import FeatureStore
+    from pipeline.cache.store import FeatureStore
 
     trained = FeatureStore(cache).split_indexes()["train"].paths[0]
     name = next(f"renamed{i}.png" for i in range(1000) if split_position(f"renamed{i}.png", 0) < 0.2)
@@ -348,7 +349,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_export_into_another_runs_export_folder_lists_only_its_own_formats(small_run: Path, tmp_path: Path) -> None:
-    from pipeline.export import export_run
+    from pipeline.serving.export import export_run
 
     out = tmp_path / "shipped"
     out.mkdir()
@@ -362,7 +363,7 @@ def test_export_into_another_runs_export_folder_lists_only_its_own_formats(small
 
 
 def test_export_into_the_runs_own_folder_is_refused(small_run: Path) -> None:
-    from pipeline.export import export_run
+    from pipeline.serving.export import export_run
 
     before = sorted(p.name for p in small_run.iterdir())
     with pytest.raises(PipelineError, match="is the run's own folder"):
@@ -372,8 +373,8 @@ def test_export_into_the_runs_own_folder_is_refused(small_run: Path) -> None:
 
 def test_export_refuses_a_model_whose_outputs_disagree_with_its_labels(small_run: Path, tmp_path: Path,
                                                                       monkeypatch) -> None:
-    from pipeline import export
-    from pipeline.runs import Run
+    from pipeline.runs.run import Run
+    from pipeline.serving import export
 
     opened = Run.open(small_run)
     monkeypatch.setattr(Run, "open", classmethod(lambda cls, *a, **k: opened))
@@ -472,7 +473,7 @@ def _webp(width: int, height: int, lossless: bool) -> bytes:
                                   lambda w, h: _webp(w, h, lossless=False),
                                   lambda w, h: _webp(w, h, lossless=True)], ids=["jpeg-stray-byte", "webp", "webp-ll"])
 def test_the_header_parser_reads_what_the_decoder_accepts(make) -> None:
-    from pipeline.images import image_dimensions
+    from pipeline.images.decode_tf import image_dimensions
 
     assert image_dimensions(make(321, 123)) == (321, 123)
 
@@ -494,7 +495,7 @@ def test_disguised_large_images_are_held_back_by_predict_and_extract(tmp_path: P
 
 
 def test_an_image_whose_size_cannot_be_read_is_not_decoded(tmp_path: Path) -> None:
-    from pipeline.images import EncodedImages, unchecked_reason
+    from pipeline.images.decode_tf import EncodedImages, unchecked_reason
 
     jpeg = _jpeg_with_a_stray_byte(40, 40)
     headless = jpeg[:jpeg.index(b"\xff\xc0")]  # a JPEG cut before its frame header
@@ -509,7 +510,7 @@ def test_an_image_whose_size_cannot_be_read_is_not_decoded(tmp_path: Path) -> No
 def test_a_killed_evaluates_temporary_metrics_file_is_removed_by_the_next_evaluate(small_run: Path) -> None:
     import shutil
 
-    from pipeline.train import evaluate_run
+    from pipeline.training.train import evaluate_run
 
     leftover = small_run / f".metrics.json.{_dead_pid()}.tmp"
     leftover.write_text('{"half": ')
@@ -552,7 +553,7 @@ def test_a_streamed_source_that_fails_surfaces_its_own_error_from_fit() -> None:
     import keras
     import numpy as np
 
-    from pipeline.fitting import StreamedExamples, fit
+    from pipeline.heads.fitting import StreamedExamples, fit
 
     def chunks(epoch):
         yield np.zeros((4, 2), np.float32), np.zeros(4, np.int32)
@@ -578,7 +579,7 @@ def test_libjpeg_and_library_warnings_stay_off_stderr() -> None:
         with library_warnings_quiet():
             warnings.warn_explicit("a notice", UserWarning, "x.py", 1, module="sklearn.linear_model._logistic")
             warnings.warn_explicit("tight_layout not applied", UserWarning, "y.py", 1, module="matplotlib.figure")
-            warnings.warn_explicit("ours", UserWarning, "z.py", 1, module="pipeline.heads")
+            warnings.warn_explicit("ours", UserWarning, "z.py", 1, module="pipeline.heads.base")
     assert [str(w.message) for w in caught] == ["ours"]
 
 

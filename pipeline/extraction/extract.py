@@ -2,8 +2,8 @@
 
 Incremental and resumable: images are known by content hash, completed shards are kept, and
 only images the cache does not hold yet go through the backbone. This module holds one run
-together: the fingerprint, the cache's lock, the scan, the plan (pipeline/plan.py), the engine
-that runs the backbone (pipeline/local_engine.py), and the manifest, written last.
+together: the fingerprint, the cache's lock, the scan, the plan (pipeline/extraction/plan.py), the engine
+that runs the backbone (pipeline/extraction/local_engine.py), and the manifest, written last.
 """
 
 from __future__ import annotations
@@ -19,19 +19,26 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import backend, store
+from pipeline import backend
 from pipeline.backbone.network import FeatureExtractor, build_backbone
 from pipeline.backbone.precision import resolve_precision
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.weights import ResolvedWeights
-from pipeline.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
-from pipeline.engine import Engine, EngineResult, strict_error
+from pipeline.cache import store
+from pipeline.cache.store import SPLITS, Fingerprint, ShardIndex
+from pipeline.data.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
-from pipeline.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, decoder_identity, image_dimensions
-from pipeline.local_engine import LocalEngine
-from pipeline.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
-from pipeline.ray_engine import BackboneRecipe, RayCluster, RayEngine
-from pipeline.store import SPLITS, Fingerprint, ShardIndex
+from pipeline.extraction.engine import Engine, EngineResult, strict_error
+from pipeline.extraction.local_engine import LocalEngine
+from pipeline.extraction.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
+from pipeline.extraction.ray_engine import BackboneRecipe, RayCluster, RayEngine
+from pipeline.images.decode_tf import (
+    DEFAULT_MAX_PIXELS,
+    MAX_IMAGE_SIZE,
+    RESIZE_METHOD,
+    decoder_identity,
+    image_dimensions,
+)
 
 DEFAULT_SHARD_SIZE = 1024
 ENGINES = ("local", "ray")
@@ -55,7 +62,7 @@ class ExtractOptions:
     strict: bool = False  # stop at the first image that cannot be decoded instead of skipping it
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are held back with an error, never decoded
     progress: bool = True
-    engine: str = "local"  # "local" (this process) or "ray" (pipeline/ray_engine.py)
+    engine: str = "local"  # "local" (this process) or "ray" (pipeline/extraction/ray_engine.py)
     ray_address: str | None = None  # None: a local Ray instance for the command; "auto" or HOST:PORT: join one
     workers: int | None = None  # Ray engine: backbone actors (default: one per GPU, else one per node)
 

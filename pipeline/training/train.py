@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import report, runs
+from pipeline import report
+from pipeline.cache.reader import FeatureView, load_fused_splits, load_splits, open_cache
+from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
-from pipeline.heads import HEADS, make_head
-from pipeline.reader import FeatureView, load_fused_splits, load_splits, open_cache
-from pipeline.runs import FORMAT_VERSION, REPORTED_SPLIT, Run, RunSummary, score_splits
-from pipeline.store import SPLITS, FeatureStore
+from pipeline.heads.base import HEADS, make_head
+from pipeline.runs import run as runs
+from pipeline.runs.run import FORMAT_VERSION, REPORTED_SPLIT, Run, RunSummary, score_splits
 
 
 @dataclass

@@ -3,8 +3,8 @@ augmentation on the training split, and save a model that takes raw images.
 
 Two sources of training examples, one procedure: raw images through the whole classifier (end to
 end), or, with `--cached`, activations of the layer below the unfreeze point read from a feature
-cache through the classifier's part above it (pipeline/classifier.py, `top_model`, which shares
-the classifier's layers); pipeline/examples.py holds both. Either way the whole classifier is saved.
+cache through the classifier's part above it (pipeline/runs/classifier.py, `top_model`, which shares
+the classifier's layers); pipeline/finetuning/examples.py holds both. Either way the whole classifier is saved.
 """
 
 from __future__ import annotations
@@ -17,16 +17,23 @@ from typing import ClassVar
 
 import keras
 
-from pipeline import report, runs
+from pipeline import report
 from pipeline.backbone.blocks import choose_unfreeze, layer_below, unfreeze
 from pipeline.backbone.registry import get_backbone
-from pipeline.classifier import TRAINING_POLICY, top_model
+from pipeline.cache.reader import split_images
+from pipeline.cache.store import SPLITS
 from pipeline.errors import PipelineError, Rules, check_parameters
-from pipeline.examples import Augmentation, CachedActivationExamples, ImageExamples, TrainingData, cached_activations
-from pipeline.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
-from pipeline.reader import split_images
-from pipeline.runs import FORMAT_VERSION, Run, RunSummary, score_splits
-from pipeline.store import SPLITS
+from pipeline.finetuning.examples import (
+    Augmentation,
+    CachedActivationExamples,
+    ImageExamples,
+    TrainingData,
+    cached_activations,
+)
+from pipeline.heads.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
+from pipeline.runs import run as runs
+from pipeline.runs.classifier import TRAINING_POLICY, top_model
+from pipeline.runs.run import FORMAT_VERSION, Run, RunSummary, score_splits
 
 
 @dataclass

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from pipeline.cache.reader import SplitImages
+from pipeline.cache.store import FeatureStore, find_caches
 from pipeline.errors import PipelineError, Rules, check_parameters
-from pipeline.images import labelled_batches
-from pipeline.reader import SplitImages
-from pipeline.store import FeatureStore, find_caches
+from pipeline.images.decode_tf import labelled_batches
 
 if TYPE_CHECKING:
     import keras
@@ -168,7 +168,7 @@ def activation_batches(store: FeatureStore, layer: str, split: str, batch_size: 
     read a bounded chunk of rows at a time. `augmentation` (Keras layers, e.g. RandomFlip) is
     applied to training batches of maps. `rows`: the split's size where the caller knows it (else
     counted from the shard indexes)."""
-    from pipeline.fitting import StreamedExamples
+    from pipeline.heads.fitting import StreamedExamples
 
     index = store.split_indexes()[split] if shuffle_seed is not None or rows is None else None
 

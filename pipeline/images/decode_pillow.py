@@ -1,12 +1,12 @@
 """The image path without TensorFlow: encoded bytes -> float32 RGB pixels, squashed to a square,
 decoded by Pillow and resized by NumPy. Used whenever the backend is not TensorFlow.
 
-It reproduces TensorFlow's path (pipeline/images.py) rule for rule:
+It reproduces TensorFlow's path (pipeline/images/decode_tf.py) rule for rule:
 
 - decoding as `tf.io.decode_image(..., dtype=uint8)` does: the first frame, 16-bit samples
   narrowed by dropping the low byte, palettes expanded, alpha dropped, gray repeated into RGB
   (after the resize, as TensorFlow's path does);
-- the resize rule (pipeline/images.py RESIZE_METHOD): area averaging when both sides shrink,
+- the resize rule (pipeline/images/decode_tf.py RESIZE_METHOD): area averaging when both sides shrink,
   bilinear (half-pixel centres) otherwise. Both are separable linear maps, so each is one matrix
   per axis, built once per (input size, output size) and applied as two matrix products.
 
@@ -126,7 +126,7 @@ def _bilinear_matrix(source: int, target: int) -> np.ndarray:
 
 def resize(image: np.ndarray, image_size: int) -> np.ndarray:
     """(height, width, channels) -> float32 (image_size, image_size, channels): area when both
-    sides shrink (or stay), bilinear otherwise, as pipeline/images.py resize_like_extract."""
+    sides shrink (or stay), bilinear otherwise, as pipeline/images/decode_tf.py resize_like_extract."""
     height, width = image.shape[:2]
     pixels = image.astype(np.float32)
     if height == image_size and width == image_size:

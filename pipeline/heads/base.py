@@ -332,11 +332,11 @@ class LogRegHead(Head):
             ).fit(train.matrix, train.labels)
 
     def _search_streamed(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
-        """The same objective solved by pipeline.linear over shards, C ascending with warm starts."""
+        """The same objective solved by pipeline.heads.linear over shards, C ascending with warm starts."""
         from sklearn.preprocessing import StandardScaler
         from tqdm import tqdm
 
-        from pipeline.linear import fit_logistic
+        from pipeline.heads.linear import fit_logistic
 
         scaler = StandardScaler()
         for vectors, _ in train.chunks():
@@ -429,7 +429,7 @@ class LogRegHead(Head):
         protects nothing)."""
         from sklearn.preprocessing import StandardScaler
 
-        from pipeline.linear import LinearSolution
+        from pipeline.heads.linear import LinearSolution
 
         path = checked_file(directory / self.PORTABLE_FILE, sidecar.get("files", {}).get(self.PORTABLE_FILE), SIDECAR,
                             "train the head again")
@@ -547,7 +547,7 @@ class DenseHead(Head):
         """A streamed split as Keras batches. Training rows come in a fresh global order each epoch,
         read a shard's worth at a time from whichever shards hold them, so memory stays bounded by
         the shard size even when the shards were written class by class."""
-        from pipeline.fitting import StreamedExamples
+        from pipeline.heads.fitting import StreamedExamples
 
         seed = int(self.params["seed"])
 
@@ -560,7 +560,7 @@ class DenseHead(Head):
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         import keras
 
-        from pipeline.fitting import KeepBest, fit, fit_verbosity, history_rows
+        from pipeline.heads.fitting import KeepBest, fit, fit_verbosity, history_rows
 
         self.model_ = self.build(*training_statistics(train))
         self.model_.compile(optimizer=self.optimizer(), loss="sparse_categorical_crossentropy",

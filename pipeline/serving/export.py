@@ -31,9 +31,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import atomic, runs
+from pipeline import atomic
 from pipeline.errors import PipelineError
-from pipeline.runs import Run
+from pipeline.runs import run as runs
+from pipeline.runs.run import Run
 
 FORMATS = ("keras", "savedmodel", "tflite")
 DETAILS = "export.json"
@@ -179,7 +180,7 @@ class _Serving(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def from_encoded(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        from pipeline.images import decode_bytes_and_resize
+        from pipeline.images.decode_tf import decode_bytes_and_resize
 
         size = self.image_size
         pixels = tf.map_fn(lambda data: decode_bytes_and_resize(data, size), images,
@@ -188,7 +189,7 @@ class _Serving(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")])
     def from_pixels(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        from pipeline.images import resize_like_extract
+        from pipeline.images.decode_tf import resize_like_extract
 
         return self._outputs(resize_like_extract(pixels, self.image_size))
 

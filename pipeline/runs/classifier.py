@@ -21,10 +21,10 @@ from pipeline.backbone.network import PREPROCESSING, build_backbone, preprocess,
 from pipeline.backbone.pooling import keras_layer
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.weights import ResolvedWeights
+from pipeline.cache.reader import FeatureView
+from pipeline.cache.store import Fingerprint
 from pipeline.errors import PipelineError
-from pipeline.heads import Head
-from pipeline.reader import FeatureView
-from pipeline.store import Fingerprint
+from pipeline.heads.base import Head
 
 TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
 
@@ -46,7 +46,7 @@ class ImagePreprocessing(keras.layers.Layer):
     def call(self, images: Any) -> Any:
         import tensorflow as tf
 
-        from pipeline.images import resize_like_extract
+        from pipeline.images.decode_tf import resize_like_extract
 
         return preprocess(resize_like_extract(tf.cast(images, tf.float32), self.image_size), self.mode)
 

@@ -1,7 +1,7 @@
 """What an engine is: it turns "these images" into "these shards" of one cache, and reports what it
-did. Two engines keep this contract: pipeline/local_engine.py (this process, tf.data) and
-pipeline/ray_engine.py (Ray Data across processes, nodes and GPUs). The plan before them and the
-manifest after them (pipeline/extract.py) do not depend on which one ran.
+did. Two engines keep this contract: pipeline/extraction/local_engine.py (this process, tf.data) and
+pipeline/extraction/ray_engine.py (Ray Data across processes, nodes and GPUs). The plan before them and the
+manifest after them (pipeline/extraction/extract.py) do not depend on which one ran.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.dataset import ImageRecord
+from pipeline.data.dataset import ImageRecord
 from pipeline.errors import PipelineError
-from pipeline.plan import ShardWriter
+from pipeline.extraction.plan import ShardWriter
 
 
 @dataclass

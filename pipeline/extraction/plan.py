@@ -1,6 +1,6 @@
 """Stage one's plan: compare an image folder with a cache and decide, row by row, what to keep,
 copy, rewrite and extract; and carry out the parts that need no backbone (copying cached rows,
-rewriting shards). The backbone work is an engine's (pipeline/local_engine.py).
+rewriting shards). The backbone work is an engine's (pipeline/extraction/local_engine.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
-from pipeline.dataset import ImageRecord, ScannedDataset
+from pipeline.cache import store
+from pipeline.cache.store import Fingerprint, Rows, ShardIndex
+from pipeline.data.dataset import ImageRecord, ScannedDataset
 from pipeline.errors import PipelineError
-from pipeline.store import Fingerprint, Rows, ShardIndex
 
 
 @dataclass

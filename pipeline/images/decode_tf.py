@@ -11,7 +11,7 @@ extract, finetune, predict and the exported SavedModel.
 - `labelled_batches`: files with labels, shuffled and augmented, for training (finetune).
 
 On the TensorFlow backend images decode in a tf.data pipeline; on any other backend Pillow and
-NumPy do the same (pipeline/pixels.py) in a pool of threads, and this module imports no
+NumPy do the same (pipeline/images/decode_pillow.py) in a pool of threads, and this module imports no
 TensorFlow (`decoder_identity` names the decoder in the cache's fingerprint).
 """
 
@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import backend, pixels
+from pipeline import backend
 from pipeline.atomic import one_line
 from pipeline.errors import PipelineError
+from pipeline.images import decode_pillow as pixels
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -81,7 +82,7 @@ def resize_like_extract(images: tf.Tensor, image_size: int) -> tf.Tensor:
     """An image (height, width, channels) or a batch of them squashed to image_size x image_size,
     float32: area averaging when both sides shrink, bilinear otherwise. The one definition of
     extract's resize (the fingerprint's RESIZE_METHOD), also used inside exported SavedModels.
-    pipeline/pixels.py reproduces it without TensorFlow."""
+    pipeline/images/decode_pillow.py reproduces it without TensorFlow."""
     import tensorflow as tf
 
     size = (image_size, image_size)

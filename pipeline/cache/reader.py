@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backbone.pooling import POOLINGS, pool
+from pipeline.cache.store import FeatureStore, find_caches
 from pipeline.errors import PipelineError
-from pipeline.store import FeatureStore, find_caches
 
 DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the features of all splits together
 

@@ -39,9 +39,9 @@ import numpy as np
 
 from pipeline import atomic, report
 from pipeline.backbone.pooling import POOLINGS
+from pipeline.cache.reader import FeatureView, open_cache
+from pipeline.cache.store import FeatureStore, Fingerprint, SplitIndex
 from pipeline.errors import PipelineError
-from pipeline.reader import FeatureView, open_cache
-from pipeline.store import FeatureStore, Fingerprint, SplitIndex
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -476,7 +476,7 @@ class Run:
 
     def head(self) -> Any:
         """The fitted head of a head run (checked against its sidecar)."""
-        from pipeline.heads import Head
+        from pipeline.heads.base import Head
 
         if self.kind != "head":
             raise PipelineError(f"{self.directory} is a {self.kind} run: it has no separate head")
@@ -487,7 +487,7 @@ class Run:
         rebuilt with its head on top (at `precision`, default the features'), a fine-tuned run's
         saved model (in float32 when `precision` is fp32). `resize=False`: images arrive already
         squashed to the run's size (head runs)."""
-        from pipeline import classifier
+        from pipeline.runs import classifier
 
         if self.kind == "finetune":
             model = classifier.load_finetuned(self.directory / MODEL_FILE, float32=precision == "fp32")
@@ -504,7 +504,7 @@ class Run:
     def trainable_classifier(self, precision: str) -> tuple[Any, Any]:
         """(classifier, its backbone) of a head run, to fine-tune: the backbone's layers are the
         classifier's, so unfreezing them trains the classifier."""
-        from pipeline import classifier
+        from pipeline.runs import classifier
 
         if self.kind != "head":
             raise PipelineError(f"{self.directory} is a {self.kind} run: fine-tune starts from a head run")

@@ -1,0 +1,1 @@
+"""The image folders a pipeline reads: scanning into records, stable splits, the hash index; the ELPV demo."""

@@ -1,0 +1,1 @@
+"""Heads: the learners that stage two fits on cached features (logistic regression, dense)."""

@@ -1,0 +1,1 @@
+"""Images to pixels: formats and headers, the tf.data path and the TensorFlow-free (Pillow) path."""

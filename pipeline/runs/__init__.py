@@ -1,0 +1,1 @@
+"""Runs: a run directory written whole, read once, listed, scored, turned into a model."""

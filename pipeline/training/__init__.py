@@ -1,0 +1,1 @@
+"""Stage two: fit a head on cached features and leave a run; score a run again."""
