@@ -30,7 +30,7 @@ import tensorflow as tf  # noqa: E402
 from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.cache.reader import split_images  # noqa: E402
 from pipeline.images.decode_tf import decode_and_resize  # noqa: E402
-from pipeline.runs.run import Run  # noqa: E402
+from pipeline.runs import Run  # noqa: E402
 from pipeline.serving.export import export_run, tflite_interpreter  # noqa: E402
 from pipeline.serving.predict import predict  # noqa: E402
 

@@ -44,7 +44,7 @@ from pipeline.backbone.network import FeatureExtractor, build_backbone, preproce
 from pipeline.backbone.precision import resolve_precision  # noqa: E402
 from pipeline.backbone.registry import get_backbone  # noqa: E402
 from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.images.decode_tf import IMAGE_EXTENSIONS  # noqa: E402
+from pipeline.images.formats import IMAGE_EXTENSIONS  # noqa: E402
 
 BATCH = 32
 TARGETS = {"extract/limit": 0.95, "extract/seeds": 1.3, "bf16/fp32": 3.5, "accuracy points": 0.5}
@@ -201,7 +201,8 @@ def engine_rows(data: Path, images: int, precision: str, work: Path) -> list[lis
 
 def _plan_once(count: int) -> dict[str, float]:
     """One pass of the driver's steps on `count` synthetic records; seconds per step."""
-    from pipeline.cache.store import Fingerprint, ShardIndex
+    from pipeline.cache.fingerprint import Fingerprint
+    from pipeline.cache.store import ShardIndex
     from pipeline.data.dataset import ImageRecord, ScannedDataset
     from pipeline.extraction.plan import ShardWriter, cut_units, plan_update
     from pipeline.extraction.ray_engine import unit_rows

@@ -122,7 +122,7 @@ def decode_rate(folder: Path, size: int, batch_size: int, preprocessing: str) ->
     """Images/s of the pipeline's image path alone: every file read, hashed, decoded, squashed and
     preprocessed, on every core, as extract feeds the backbone."""
     from pipeline.backbone.network import preprocess
-    from pipeline.images.decode_tf import EncodedImages
+    from pipeline.images.reading import EncodedImages
     from pipeline.serving.predict import image_files
 
     files = image_files([folder])

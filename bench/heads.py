@@ -29,7 +29,7 @@ from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.cache.reader import FeatureView, load_splits, split_images  # noqa: E402
 from pipeline.cache.store import FeatureStore  # noqa: E402
 from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.heads.base import DenseHead, training_statistics  # noqa: E402
+from pipeline.heads import DenseHead, training_statistics  # noqa: E402
 from pipeline.images.decode_tf import labelled_batches  # noqa: E402
 from pipeline.runs.classifier import image_input, weights_for  # noqa: E402
 from pipeline.training.train import TrainOptions, train_head  # noqa: E402

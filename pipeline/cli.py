@@ -307,7 +307,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _train_head(args: argparse.Namespace) -> int:
-    from pipeline.heads.base import head_parameters
+    from pipeline.heads import head_parameters
     from pipeline.training.train import TrainOptions, train_head
 
     summary = train_head(TrainOptions(
@@ -359,7 +359,7 @@ def _accuracy_gate(metrics: dict, threshold: float | None) -> int:
 
 def _runs(args: argparse.Namespace) -> int:
     from pipeline.report import runs_table
-    from pipeline.runs.run import list_runs
+    from pipeline.runs import list_runs
 
     rows = list_runs(args.models, args.data)
     print(json.dumps(rows, indent=2) if args.json else runs_table(rows))

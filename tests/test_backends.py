@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import ROOT, make_image_folder, write_image
-from pipeline.cache.store import Fingerprint
+from pipeline.cache.fingerprint import Fingerprint
 from pipeline.cli import main
 from pipeline.images import decode_pillow as pixels
 from pipeline.images.decode_tf import decode_bytes_and_resize, resize_like_extract

@@ -21,8 +21,8 @@ from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.examples import activation_batches, cached_activations
 from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
 from pipeline.images.decode_tf import labelled_batches
+from pipeline.runs import Run, list_runs, read_config
 from pipeline.runs.classifier import top_model
-from pipeline.runs.run import Run, list_runs, read_config
 from pipeline.serving.predict import predict
 from pipeline.training.train import TrainOptions, train_head
 

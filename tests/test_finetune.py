@@ -17,8 +17,8 @@ from pipeline.cache.reader import load_splits
 from pipeline.cli import main
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.runs import Run, list_runs
 from pipeline.runs.classifier import build_classifier, weights_for
-from pipeline.runs.run import Run, list_runs
 from pipeline.serving.predict import predict
 from pipeline.training.train import TrainOptions, train_head
 
@@ -84,9 +84,9 @@ def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path
     measured here, the builder's `training=False` on the nested backbone call alone does not stop a
     trainable BatchNormalization from updating its statistics under `fit`."""
     from pipeline.backbone.weights import ResolvedWeights
+    from pipeline.cache.fingerprint import Fingerprint
     from pipeline.cache.reader import FeatureView
-    from pipeline.cache.store import Fingerprint
-    from pipeline.heads.base import DenseHead
+    from pipeline.heads import DenseHead
 
     fingerprint = Fingerprint("resnet50", "none", "random-seed-0", 32, "area-down-bilinear-up", "caffe",
                               ("conv5_block3_out",), "avg", "fp32", "2.21")

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
+from pipeline import runs
 from pipeline.cache.reader import FeatureView, SplitData, load_splits, open_cache
 from pipeline.cache.store import FeatureStore
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.heads.base import Head, LogRegHead, make_head
-from pipeline.runs import run as runs
+from pipeline.heads import Head, LogRegHead, make_head
 from pipeline.training.train import TrainOptions, evaluate_run, train_head
 
 CLASSES = ["ant", "bee", "cat"]
@@ -316,7 +316,7 @@ def test_clear_errors(tmp_path: Path, separable_cache: Path, capsys: pytest.Capt
 @pytest.mark.parametrize("head_kind", ["logreg", "dense"])
 def test_heads_fit_on_plain_arrays(head_kind: str) -> None:
     """A head needs no reader or cache: arrays are features too."""
-    from pipeline.heads.base import ArrayFeatures
+    from pipeline.heads import ArrayFeatures
 
     features, labels, splits = clustered_features(240, 3, seed=9)
     split = np.array(splits)
@@ -333,7 +333,7 @@ def test_heads_fit_on_plain_arrays(head_kind: str) -> None:
 
 
 def test_a_head_learns_its_class_names_from_the_features() -> None:
-    from pipeline.heads.base import ArrayFeatures
+    from pipeline.heads import ArrayFeatures
 
     features, labels, splits = clustered_features(120, 3, seed=4)
     split = np.array(splits)

@@ -28,7 +28,7 @@ from pipeline.cache.store import FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.finetune import FinetuneOptions, finetune
-from pipeline.runs.run import Run, list_runs
+from pipeline.runs import Run, list_runs
 from pipeline.serving.export import export_run
 from pipeline.serving.predict import predict
 from pipeline.training.train import TrainOptions, evaluate_run, train_head

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import clustered_features, tiny_options, write_feature_cache, write_image
+from pipeline import runs
 from pipeline.cli import main
 from pipeline.data.dataset import SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.examples import Augmentation
-from pipeline.runs import run as runs
 from pipeline.training.train import TrainOptions, train_head
 
 FAST_LOGREG = {"c_grid": "1e-3:1e1:5", "n_jobs": 1}
@@ -251,7 +251,7 @@ def test_the_dense_head_keeps_the_epoch_of_the_best_validation_accuracy() -> Non
     assert keep.best_epoch == 2, "accuracy decides, not the lowest loss (epoch 3)"
     assert float(model.layers[0].kernel.numpy()[0, 0]) == 1.0
 
-    from pipeline.heads.base import DenseHead
+    from pipeline.heads import DenseHead
 
     head = DenseHead(["a", "b"])
     head.history_ = [{"epoch": 1, "val_accuracy": 0.6, "val_loss": 0.5},
@@ -284,7 +284,7 @@ def test_an_interrupted_first_extract_donates_its_shards_to_the_next(tmp_path: P
 
 def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp_path: Path) -> None:
     from pipeline.cache.reader import FeatureView, load_splits, open_cache
-    from pipeline.heads.base import LogRegHead
+    from pipeline.heads import LogRegHead
 
     features, labels, splits = clustered_features(90, 3, seed=3)
     store = open_cache(write_feature_cache(tmp_path / "cache", features, labels, splits, ["a", "b", "c"]), tmp_path)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_image_folder, tiny_options
+from pipeline import runs
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.runs import run as runs
-from pipeline.runs.run import FORMAT_VERSION, Run
+from pipeline.runs import FORMAT_VERSION, Run, list_runs
 from pipeline.serving.predict import predict
 from pipeline.training.train import TrainOptions, train_head
 
@@ -49,15 +49,30 @@ def test_a_run_opens_once_with_everything_a_command_needs(head_run: dict[str, Pa
     assert json.loads((run.directory / "config.json").read_text())["format_version"] == FORMAT_VERSION
 
 
-def test_runs_without_a_format_version_still_open(head_run: dict[str, Path], tmp_path: Path) -> None:
-    old = _copy_run(head_run["run"], tmp_path / "old-run")
+def test_runs_without_a_format_version_are_refused_in_one_line(head_run: dict[str, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    """One policy for older formats: a run from before format versions is refused, saying what to
+    run again; `runs` lists it with that problem instead of failing."""
+    old = _copy_run(head_run["run"], tmp_path / "models" / "old-run")
     config = json.loads((old / "config.json").read_text())
     del config["format_version"]
     (old / "config.json").write_text(json.dumps(config))
-    run = Run.open(old)
-    assert run.format_version == 0 and run.kind == "head"
-    results = predict(old, [head_run["data"] / "cats" / "img000.png"])
-    assert results[0].error is None
+    with pytest.raises(PipelineError, match="early version.*train the run again"):
+        Run.open(old)
+    assert main(["predict", "--model", str(old), str(head_run["data"] / "cats" / "img000.png")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "train the run again" in error[0]
+    [row] = list_runs(tmp_path / "models")
+    assert row["name"] == "old-run" and "early version" in row["problem"]
+
+
+def test_a_boolean_format_version_is_damage(head_run: dict[str, Path], tmp_path: Path) -> None:
+    damaged = _copy_run(head_run["run"], tmp_path / "damaged-run")
+    config = json.loads((damaged / "config.json").read_text())
+    config["format_version"] = True
+    (damaged / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match="damaged .format_version True"):
+        Run.open(damaged)
 
 
 def test_a_run_from_a_newer_version_is_refused_in_one_line(head_run: dict[str, Path], tmp_path: Path,
@@ -128,9 +143,9 @@ def _imports(module: str) -> set[str]:
 
 
 def test_stage_three_and_the_run_users_do_not_borrow_from_stage_two() -> None:
-    assert not any(name.startswith("pipeline.training.train") for name in _imports("finetune"))
-    for module in ("predict", "export"):
-        assert not any(name.startswith("pipeline.heads.base") for name in _imports(module)), module
+    assert not any(name.startswith("pipeline.training") for name in _imports("finetuning/finetune"))
+    for module in ("serving/predict", "serving/export"):
+        assert not any(name.startswith("pipeline.heads") for name in _imports(module)), module
     for bench in (ROOT / "bench").glob("*.py"):  # bench calls public functions only
         tree = ast.parse(bench.read_text())
         private = [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)

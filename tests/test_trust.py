@@ -27,13 +27,13 @@ from conftest import (
     write_feature_cache,
     write_image,
 )
+from pipeline import runs
 from pipeline.cache import store
 from pipeline.cache.reader import FeatureView, load_splits
 from pipeline.cli import main
 from pipeline.data.dataset import SplitConfig
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.runs import run as runs
 from pipeline.training.train import TrainOptions, evaluate_run, train_head
 
 CLASSES = ["a", "b", "c"]

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, clustered_features, make_image_folder, tiny_options, write_feature_cache, write_image
-from pipeline import atomic
+from pipeline import atomic, runs
 from pipeline.cli import main
 from pipeline.data.dataset import SplitConfig, scan_dataset, split_position
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.heads.base import MAX_GRID, log_grid, make_head
-from pipeline.runs import run as runs
+from pipeline.heads import make_head
+from pipeline.heads.logreg import MAX_GRID, log_grid
 from pipeline.training.train import TrainOptions, train_head
 
 CLASSES = ["ant", "bee", "cat"]
@@ -373,7 +373,7 @@ def test_export_into_the_runs_own_folder_is_refused(small_run: Path) -> None:
 
 def test_export_refuses_a_model_whose_outputs_disagree_with_its_labels(small_run: Path, tmp_path: Path,
                                                                       monkeypatch) -> None:
-    from pipeline.runs.run import Run
+    from pipeline.runs import Run
     from pipeline.serving import export
 
     opened = Run.open(small_run)
@@ -473,7 +473,7 @@ def _webp(width: int, height: int, lossless: bool) -> bytes:
                                   lambda w, h: _webp(w, h, lossless=False),
                                   lambda w, h: _webp(w, h, lossless=True)], ids=["jpeg-stray-byte", "webp", "webp-ll"])
 def test_the_header_parser_reads_what_the_decoder_accepts(make) -> None:
-    from pipeline.images.decode_tf import image_dimensions
+    from pipeline.images.formats import image_dimensions
 
     assert image_dimensions(make(321, 123)) == (321, 123)
 
@@ -495,7 +495,7 @@ def test_disguised_large_images_are_held_back_by_predict_and_extract(tmp_path: P
 
 
 def test_an_image_whose_size_cannot_be_read_is_not_decoded(tmp_path: Path) -> None:
-    from pipeline.images.decode_tf import EncodedImages, unchecked_reason
+    from pipeline.images.reading import EncodedImages, unchecked_reason
 
     jpeg = _jpeg_with_a_stray_byte(40, 40)
     headless = jpeg[:jpeg.index(b"\xff\xc0")]  # a JPEG cut before its frame header

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline import artefacts, atomic
 from pipeline.errors import PipelineError
-from pipeline.images.decode_tf import IMAGE_EXTENSIONS, is_image_file
+from pipeline.images.formats import IMAGE_EXTENSIONS, is_image_file
 
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 

@@ -25,20 +25,16 @@ from pipeline.backbone.precision import resolve_precision
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.weights import ResolvedWeights
 from pipeline.cache import store
-from pipeline.cache.store import SPLITS, Fingerprint, ShardIndex
+from pipeline.cache.fingerprint import Fingerprint, cache_directory_name
+from pipeline.cache.store import SPLITS, ShardIndex
 from pipeline.data.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
 from pipeline.extraction.engine import Engine, EngineResult, strict_error
 from pipeline.extraction.local_engine import LocalEngine
 from pipeline.extraction.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.extraction.ray_engine import BackboneRecipe, RayCluster, RayEngine
-from pipeline.images.decode_tf import (
-    DEFAULT_MAX_PIXELS,
-    MAX_IMAGE_SIZE,
-    RESIZE_METHOD,
-    decoder_identity,
-    image_dimensions,
-)
+from pipeline.images.formats import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, image_dimensions
+from pipeline.images.reading import decoder_identity
 
 DEFAULT_SHARD_SIZE = 1024
 ENGINES = ("local", "ray")
@@ -206,7 +202,7 @@ class _Extraction:
             raise PipelineError(f"--cache {self.options.cache_root} is inside the data folder {self.options.data}: "
                                 "the next scan would take it for a class folder; put the cache elsewhere "
                                 "(default features/)")
-        directory = Path(self.options.cache_root) / store.cache_directory_name(self.fingerprint, self.options.data)
+        directory = Path(self.options.cache_root) / cache_directory_name(self.fingerprint, self.options.data)
         hashes = HashIndex(directory / store.HASH_INDEX_NAME, trusted=not self.options.rehash)
         # The Ray engine's driver reads no image bytes: files the hash index does not know are
         # listed by (path, size, mtime) and hashed by the worker that decodes them.

@@ -1,7 +1,7 @@
 """The local engine: turns "these images" into "these shards" in this process, with a
 prefetched tf.data pipeline decoding ahead of the backbone (on a GPU when TensorFlow sees one).
 
-Each image's bytes are read once, hashed and decoded from that one read (pipeline/images/decode_tf.py), so
+Each image's bytes are read once, hashed and decoded from that one read (pipeline/images/reading.py), so
 a row records the hash of the bytes its features came from. Shards hold whole batches; rows are
 written through the cache's ShardWriter as soon as a shard is full, so a killed run keeps every
 finished shard. The first Ctrl-C stops after the batch in progress with its rows written.
@@ -26,7 +26,7 @@ from pipeline.data.dataset import ImageRecord
 from pipeline.errors import PipelineError
 from pipeline.extraction.engine import EngineResult, strict_error
 from pipeline.extraction.plan import ShardWriter
-from pipeline.images.decode_tf import EncodedImages
+from pipeline.images.reading import EncodedImages
 
 
 class _RowBuffer:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import store
-from pipeline.cache.store import Fingerprint, Rows, ShardIndex
+from pipeline.cache.fingerprint import Fingerprint
+from pipeline.cache.store import Rows, ShardIndex
 from pipeline.data.dataset import ImageRecord, ScannedDataset
 from pipeline.errors import PipelineError
 

@@ -3,7 +3,7 @@ nodes and GPUs.
 
 The driver cuts the images to extract into units of one shard, in plan order. Each unit goes
 through two Ray Data stages: a CPU task reads its files once each, hashes the bytes and decodes
-those same bytes (pipeline/images/decode_tf.py, `read_and_decode`); then an actor of a fixed pool (one per
+those same bytes (pipeline/images/reading.py, `read_and_decode`); then an actor of a fixed pool (one per
 GPU, `num_gpus=1`, or one per node on CPUs) that built the backbone once, from weights the driver
 shipped with their checksum, runs it and writes the unit's shard with the cache's ShardWriter.
 
@@ -250,7 +250,7 @@ def _one_thread_for_tensorflow() -> None:
 
 def decode_unit(unit: dict[str, Any], root: str, image_size: int, max_pixels: int, attempts: Any) -> dict[str, Any]:
     """Stage one, a CPU task: read, hash and decode every image of a unit from one read each."""
-    from pipeline.images.decode_tf import read_and_decode
+    from pipeline.images.reading import read_and_decode
 
     _one_thread_for_tensorflow()
     attempts.start.remote("decode", unit["key"])

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import keras
 
-from pipeline import report
+from pipeline import report, runs
 from pipeline.backbone.blocks import choose_unfreeze, layer_below, unfreeze
 from pipeline.backbone.registry import get_backbone
 from pipeline.cache.reader import split_images
@@ -31,9 +31,8 @@ from pipeline.finetuning.examples import (
     cached_activations,
 )
 from pipeline.heads.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
-from pipeline.runs import run as runs
+from pipeline.runs import Run, RunSummary
 from pipeline.runs.classifier import TRAINING_POLICY, top_model
-from pipeline.runs.run import FORMAT_VERSION, Run, RunSummary, score_splits
 
 
 @dataclass
@@ -138,9 +137,6 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     probabilities = {split: data.predict(split) for split in SPLITS}
     train_images = len(data.records["train"])
     run_config = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "kind": "finetune",
         "from": str(source.resolve()),
         "head": config["head"],
         "features": config["features"],
@@ -162,18 +158,14 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "epoch_seconds": [round(t, 3) for t in timer.seconds],
         "seconds_per_epoch": round(timer.steady, 3) if timer.steady else None,  # after the first (tracing)
         "images_per_second": round(train_images * len(rows) / seconds, 2) if seconds else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    final = Path(options.models) / name
-    with runs.staged(final) as directory:
-        model.save(directory / runs.MODEL_FILE)  # the whole classifier: its layers above `below` were trained
-        runs.write_run_files(directory, run_config, store.class_names, store.split_indexes())
+    with runs.create(options.models, name, "finetune") as run:
+        model.save(run.directory / runs.MODEL_FILE)  # the whole classifier: its layers above `below` were trained
+        run_config = run.write_config(run_config, store.class_names, store.split_indexes())
         # epoch 0: the model before fine-tuning, on validation (the kept epoch may be it)
         start = {"epoch": 0, "val_loss": float(initial_loss), "val_accuracy": float(initial_accuracy)}
-        report.write_history(directory, [start, *rows], "epochs")
+        run.write_history([start, *rows], "epochs")
         title = f"{name} (fine-tuned from {unfreeze_point}; augmentation: {options.augmentation.describe()})"
-        metrics, text = score_splits(directory, lambda split: probabilities[split], data.records,
-                                     store.class_names, title)
-        metrics["test_before_finetune"] = test_before
-        runs.write_metrics(directory, metrics)
-    return RunSummary(final, metrics, seconds, text, True, run_config)
+        run.score(lambda split: probabilities[split], data.records, store.class_names, title)
+        run.add_metrics({"test_before_finetune": test_before})
+    return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, True, run_config)

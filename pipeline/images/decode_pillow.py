@@ -1,12 +1,13 @@
 """The image path without TensorFlow: encoded bytes -> float32 RGB pixels, squashed to a square,
 decoded by Pillow and resized by NumPy. Used whenever the backend is not TensorFlow.
 
-It reproduces TensorFlow's path (pipeline/images/decode_tf.py) rule for rule:
+It reproduces TensorFlow's path (pipeline/images/decode_tf.py) rule for rule, and offers the
+same functions (pipeline/images/reading.py chooses one of the two per process):
 
 - decoding as `tf.io.decode_image(..., dtype=uint8)` does: the first frame, 16-bit samples
   narrowed by dropping the low byte, palettes expanded, alpha dropped, gray repeated into RGB
   (after the resize, as TensorFlow's path does);
-- the resize rule (pipeline/images/decode_tf.py RESIZE_METHOD): area averaging when both sides shrink,
+- the resize rule (pipeline/images/formats.py RESIZE_METHOD): area averaging when both sides shrink,
   bilinear (half-pixel centres) otherwise. Both are separable linear maps, so each is one matrix
   per axis, built once per (input size, output size) and applied as two matrix products.
 
@@ -22,12 +23,15 @@ import functools
 import io
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
 
 FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "WEBP"})  # what tf.io.decode_image reads
+NAME = "Pillow"  # what messages call this decoder
+TF_DATA = False  # batches come from a pool of threads
 
 
 class UndecodableImage(ValueError):
@@ -43,7 +47,7 @@ def decoder_identity() -> str:
     return f"pillow-{'.'.join(PIL.__version__.split('.')[:1])}-libjpeg-{'.'.join(jpeg.split('.')[:2])}"
 
 
-def dimensions(data: bytes) -> tuple[int, int] | None:
+def header_dimensions(data: bytes) -> tuple[int, int] | None:
     """(width, height) as Pillow reads them from the header (no decoding), or None when Pillow
     cannot read a header at all."""
     from PIL import Image
@@ -148,3 +152,11 @@ def decode_and_resize(data: bytes, image_size: int) -> np.ndarray:
     if pixels.shape[-1] < 3:  # resized before this, as in TensorFlow's path: gray costs a third
         pixels = np.repeat(pixels[..., :1], 3, axis=-1)
     return np.ascontiguousarray(pixels[..., :3])
+
+
+def decode_one(path: Path, data: bytes, image_size: int) -> tuple[np.ndarray | None, str | None]:
+    """One image's bytes decoded on their own: (pixels, None), or (None, why) when they are damaged."""
+    try:
+        return decode_and_resize(data, image_size), None
+    except UndecodableImage:
+        return None, f"{NAME} cannot decode it (corrupt, truncated or not an image)"

@@ -21,10 +21,10 @@ from pipeline.backbone.network import PREPROCESSING, build_backbone, preprocess,
 from pipeline.backbone.pooling import keras_layer
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.weights import ResolvedWeights
+from pipeline.cache.fingerprint import Fingerprint
 from pipeline.cache.reader import FeatureView
-from pipeline.cache.store import Fingerprint
 from pipeline.errors import PipelineError
-from pipeline.heads.base import Head
+from pipeline.heads import Head
 
 TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
 

@@ -31,10 +31,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import atomic
+from pipeline import atomic, runs
 from pipeline.errors import PipelineError
-from pipeline.runs import run as runs
-from pipeline.runs.run import Run
+from pipeline.runs import Run
 
 FORMATS = ("keras", "savedmodel", "tflite")
 DETAILS = "export.json"

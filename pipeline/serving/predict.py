@@ -12,8 +12,8 @@ import numpy as np
 from pipeline import atomic, backend
 from pipeline.data.dataset import printable
 from pipeline.errors import PipelineError
-from pipeline.images.decode_tf import DEFAULT_MAX_PIXELS
-from pipeline.runs.run import Run
+from pipeline.images.formats import DEFAULT_MAX_PIXELS
+from pipeline.runs import Run
 
 BATCH = 32
 
@@ -28,7 +28,7 @@ class Prediction:
 
 def image_files(targets: list[Path]) -> list[Path]:
     """Files as given, and the images under directories (recursively, hidden entries skipped)."""
-    from pipeline.images.decode_tf import IMAGE_EXTENSIONS
+    from pipeline.images.formats import IMAGE_EXTENSIONS
 
     files = []
     for target in targets:
@@ -45,7 +45,7 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
     among the runs of this data folder."""
-    from pipeline.images.decode_tf import EncodedImages
+    from pipeline.images.reading import EncodedImages
 
     opened = Run.open(run, models, data=data)
     if opened.kind == "finetune":

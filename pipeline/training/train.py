@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import report
+from pipeline import runs
 from pipeline.cache.reader import FeatureView, load_fused_splits, load_splits, open_cache
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
-from pipeline.heads.base import HEADS, make_head
-from pipeline.runs import run as runs
-from pipeline.runs.run import FORMAT_VERSION, REPORTED_SPLIT, Run, RunSummary, score_splits
+from pipeline.heads import HEADS, make_head
+from pipeline.runs import REPORTED_SPLIT, Run, RunSummary, score_splits
 
 
 @dataclass
@@ -106,9 +105,6 @@ def train_head(options: TrainOptions) -> RunSummary:
     seconds = time.perf_counter() - started
 
     config = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "kind": "head",
         "head": {"kind": head.kind, "params": head.params} | head.outcome(),
         "features": _features_record(store) | {"counts": {split: len(data) for split, data in splits.items()}},
         "view": view.as_dict(),
@@ -116,18 +112,15 @@ def train_head(options: TrainOptions) -> RunSummary:
         "read": "in memory" if train.in_memory else "streamed by shard",
         "seed": options.seed,
         "seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if len(stores) > 1:  # every cache, the first included, with the head's view of it, in input order
         config["fusion"] = [{"features": _features_record(s), "view": v.as_dict()} for s, v in zip(stores, views)]
-    final = Path(options.models) / name
-    with runs.staged(final) as directory:
-        head.save(directory)
-        runs.write_run_files(directory, config, store.class_names, store.split_indexes())
-        report.write_history(directory, head.history_, head.HISTORY_AXIS)
-        metrics, text = score_splits(directory, lambda split: head.predict_proba(splits[split]), splits,
-                                     store.class_names, name)
-    return RunSummary(final, metrics, seconds, text, train.in_memory, config)
+    with runs.create(options.models, name, "head") as run:
+        head.save(run.directory)
+        config = run.write_config(config, store.class_names, store.split_indexes())
+        run.write_history(head.history_, head.HISTORY_AXIS)
+        run.score(lambda split: head.predict_proba(splits[split]), splits, store.class_names, name)
+    return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, train.in_memory, config)
 
 
 # --- evaluate an existing run ---------------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""The Keras dense head: Dense -> [BatchNorm] -> ReLU -> Dropout -> softmax, early stopping on validation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.artefacts import checked_file, file_sha256, load_keras_model
+from pipeline.errors import PipelineError
+from pipeline.heads.base import SIDECAR, Features, Head, class_weights
+
+
+def training_statistics(train: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of every feature over the training split, read chunk by chunk (in
+    memory or streamed alike). Constant features get variance 1, as scikit-learn's scaler does,
+    so they pass through unscaled instead of being divided by zero."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    for vectors, _ in train.chunks():
+        scaler.partial_fit(vectors)
+    return scaler.mean_, scaler.scale_ ** 2
+
+
+class DenseHead(Head):
+    """Dense(units) -> [BatchNorm] -> ReLU -> Dropout -> Dense(classes, softmax), the seeds' head,
+    with early stopping on validation loss, the weights of the epoch with the best validation
+    accuracy kept (what the run reports; ties: lower loss), and learning-rate decay; the
+    learning rate of every epoch lands in the history (ReduceLROnPlateau logs it)."""
+
+    kind = "dense"
+    HISTORY_AXIS = "epochs"
+    DEFAULTS = {
+        "units": 256,
+        "batch_norm": False,
+        "dropout": 0.5,
+        "optimizer": "rmsprop",
+        "lr": 1e-3,
+        "epochs": 50,
+        "batch_size": 32,
+        "patience": 8,
+        "class_weight": "none",
+        "seed": 0,
+    }
+    RULES = {
+        "units": (lambda v: v >= 1, "a positive integer"),
+        "dropout": (lambda v: 0 <= v < 1, "a rate from 0 up to, not including, 1"),
+        "lr": (lambda v: 0 < v < math.inf, "a positive learning rate"),
+        "epochs": (lambda v: v >= 1, "a positive integer"),
+        "batch_size": (lambda v: v >= 1, "a positive integer"),
+        "patience": (lambda v: v >= 1, "a positive integer"),
+    }
+    OPTIMIZERS = ("rmsprop", "adam", "sgd")
+    MODEL_FILE = "head.keras"
+
+    def __init__(self, class_names: list[str], params: Mapping[str, Any] | None = None) -> None:
+        super().__init__(class_names, params)
+        if self.params["optimizer"] not in self.OPTIMIZERS:
+            choices = ", ".join(self.OPTIMIZERS)
+            raise PipelineError(f"unknown optimizer {self.params['optimizer']!r}: choose from {choices}")
+        self.model_ = None
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        import keras
+
+        versions = {"keras": keras.__version__, "backend": keras.backend.backend()}
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            versions["tensorflow"] = tf.__version__
+        return versions
+
+    def build(self, mean: np.ndarray, variance: np.ndarray) -> Any:
+        """The head on standardised inputs: a fixed Normalization layer holding the training split's
+        mean and variance comes first, so the head learns whatever the features' scale (VGG16 maps
+        with random weights have a standard deviation near 0.002; ImageNet ones near 10)."""
+        import keras
+
+        keras.utils.set_random_seed(int(self.params["seed"]))
+        inputs = keras.Input((len(mean),), name="features")
+        x = keras.layers.Normalization(mean=mean.astype(np.float32), variance=variance.astype(np.float32),
+                                       name="standardise", dtype="float32")(inputs)
+        x = keras.layers.Dense(self.params["units"], name="dense")(x)
+        if self.params["batch_norm"]:
+            x = keras.layers.BatchNormalization(name="batch_norm")(x)
+        x = keras.layers.ReLU(name="relu")(x)
+        x = keras.layers.Dropout(self.params["dropout"], name="dropout")(x)
+        outputs = keras.layers.Dense(len(self.class_names), activation="softmax", name="probabilities",
+                                     dtype="float32")(x)
+        return keras.Model(inputs, outputs, name="dense_head")
+
+    def optimizer(self) -> Any:
+        """A fresh Keras optimizer as the head's parameters say (also for models built around it)."""
+        import keras
+
+        lr = float(self.params["lr"])
+        return {
+            "rmsprop": lambda: keras.optimizers.RMSprop(lr),
+            "adam": lambda: keras.optimizers.Adam(lr),
+            "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9),
+        }[self.params["optimizer"]]()
+
+    def _dataset(self, data: Features, shuffle: bool) -> Any:
+        """A streamed split as Keras batches. Training rows come in a fresh global order each epoch,
+        read a shard's worth at a time from whichever shards hold them, so memory stays bounded by
+        the shard size even when the shards were written class by class."""
+        from pipeline.heads.fitting import StreamedExamples
+
+        seed = int(self.params["seed"])
+
+        def chunks(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            order = np.random.default_rng(seed + epoch).permutation(len(data)) if shuffle else None
+            yield from data.chunks(rows=data.shard_rows, order=order)
+
+        return StreamedExamples(chunks, len(data), int(self.params["batch_size"]))
+
+    def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
+        import keras
+
+        from pipeline.heads.fitting import KeepBest, fit, fit_verbosity, history_rows
+
+        self.model_ = self.build(*training_statistics(train))
+        self.model_.compile(optimizer=self.optimizer(), loss="sparse_categorical_crossentropy",
+                           metrics=["accuracy"])
+        weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
+        patience = int(self.params["patience"])
+        callbacks = [
+            KeepBest(),  # the epoch of the best validation accuracy, what the run reports
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3),
+                                              min_lr=1e-6),
+        ]
+        verbose = fit_verbosity(progress)
+        common = dict(epochs=int(self.params["epochs"]), callbacks=callbacks, verbose=verbose,
+                      class_weight=None if self.params["class_weight"] == "none" else dict(enumerate(weights)))
+        if train.in_memory and validation.in_memory:
+            history = self.model_.fit(train.matrix, train.labels,
+                                      validation_data=(validation.matrix, validation.labels),
+                                      batch_size=int(self.params["batch_size"]), shuffle=True, **common)
+        else:
+            history = fit(self.model_, self._dataset(train, shuffle=True), shuffle=False,
+                          validation_data=self._dataset(validation, shuffle=False), **common)
+        return history_rows(history)
+
+    def outcome(self) -> dict[str, Any]:
+        history = self.history_
+        best = min(range(len(history)), key=lambda i: (-history[i].get("val_accuracy", -1.0),
+                                                       history[i].get("val_loss", float("inf")))) if history else None
+        return {"epochs_run": len(history), "best_epoch": None if best is None else best + 1}
+
+    def as_keras(self) -> Any:
+        return self.model_
+
+    def predict_proba(self, data: Features) -> np.ndarray:
+        self._check_input(data)
+        parts = [self.model_.predict_on_batch(vectors) if len(vectors) else np.zeros((0, len(self.class_names)))
+                 for vectors, _ in data.chunks(rows=1024)]
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, len(self.class_names)))
+
+    def _save_model(self, directory: Path) -> dict[str, Any]:
+        self.model_.save(directory / self.MODEL_FILE)
+        return {"files": {self.MODEL_FILE: file_sha256(directory / self.MODEL_FILE)}}
+
+    def _load_model(self, directory: Path, sidecar: dict[str, Any]) -> None:
+        path = checked_file(directory / self.MODEL_FILE, sidecar["files"][self.MODEL_FILE], SIDECAR,
+                            "train the head again")
+        self.model_ = load_keras_model(path, "train the head again")
+
+

@@ -1,0 +1,49 @@
+"""Scoring a run: metrics.json for every split and the reports of one, the end of stage two and
+stage three alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import atomic, report
+from pipeline.runs.files import read_metrics, write_metrics
+
+REPORTED_SPLIT = "test"  # whose reports sit at the top of a run directory
+
+
+@dataclass
+class RunSummary:
+    """What training or scoring a run left: its directory, metrics, the report of its reported split."""
+
+    directory: Path
+    metrics: dict[str, Any]
+    seconds: float
+    report: str
+    in_memory: bool
+    config: dict[str, Any]
+
+def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any],
+                 class_names: list[str], title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
+    """metrics.json for every split (`splits` maps a split to something with labels and paths;
+    `predict(split)` gives its probabilities), and the reports of `report_split` (at the top of the
+    run directory for the test split, in a subfolder named after any other). Returns the metrics
+    and the report text."""
+    atomic.remove_abandoned_temporaries(directory)  # e.g. a killed evaluate's .metrics.json.<pid>.tmp
+    metrics: dict[str, Any] = {}
+    text = ""
+    for split, data in splits.items():
+        proba = predict(split)
+        metrics[split] = report.split_metrics(data.labels, proba, class_names)
+        if split == report_split and len(data):
+            target = directory if split == REPORTED_SPLIT else directory / split
+            text = report.write_split_reports(target, data.labels, proba, data.paths, class_names,
+                                              f"{title}: {split} split, {len(data)} images")
+        elif split == report_split:
+            text = f"the {split} split has no images: no report for it"
+    write_metrics(directory, read_metrics(directory) | metrics)
+    return metrics, text
