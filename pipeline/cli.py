@@ -1,4 +1,5 @@
-"""Command-line front door: parses arguments and calls one stage function per subcommand.
+"""The command line (`run_pipeline.py` or `bottleneck-pipeline`): parses arguments, calls one
+function of pipeline.api per stage with the flags as its keyword arguments, and prints.
 
 Errors a user can cause print one line on stderr and exit non-zero; --debug shows the traceback.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -15,7 +17,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from pipeline import api
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.registry import BACKBONES, PREPROCESSING
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
@@ -67,7 +71,10 @@ def _add_backend(command: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Transfer-learning image classification in stages: extract caches a frozen backbone's features "
+                    "of an image folder once; train-head fits heads on them in seconds; finetune trains a head with "
+                    "its backbone end to end; predict and export use any run.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -259,31 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _extract(args: argparse.Namespace) -> int:
-    from pipeline.data.dataset import SplitConfig
-    from pipeline.extraction.extract import ExtractOptions, extract_features
+def _flags(args: argparse.Namespace, function: Any, *positional: str) -> dict[str, Any]:
+    """The parsed flags that `function` (a stage of pipeline.api) takes as keyword arguments: the
+    same names, snake_case; --no-progress is progress=False. `positional`: what the command passes
+    by position (its main input)."""
+    values = {name: getattr(args, name) for name in inspect.signature(function).parameters
+              if name not in positional and hasattr(args, name)}
+    if "progress" in inspect.signature(function).parameters:
+        values["progress"] = not args.no_progress
+    return values
 
-    summary = extract_features(ExtractOptions(
-        data=args.data,
-        backbone=args.backbone,
-        image_size=args.image_size,
-        pooling=args.pooling,
-        layers=args.layer,
-        precision=args.precision,
-        weights=args.weights,
-        preprocessing=args.preprocessing,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        cache_root=args.cache,
-        splits=SplitConfig.from_flags(args.val_fraction, args.test_fraction, args.split_seed),
-        rehash=args.rehash,
-        strict=args.strict,
-        max_pixels=int(args.max_megapixels * 2**20),
-        progress=not args.no_progress,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        workers=args.workers,
-    ))
+
+def _extract(args: argparse.Namespace) -> int:
+    cache = api.extract(args.data, **_flags(args, api.extract, "data"))
+    summary = cache.summary
     if args.json:
         print(json.dumps(summary.as_dict() | {"skipped_images": summary.skipped}, indent=2))
         return 0
@@ -307,26 +303,13 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _train_head(args: argparse.Namespace) -> int:
-    from pipeline.heads import head_parameters
-    from pipeline.training.train import TrainOptions, train_head
-
-    summary = train_head(TrainOptions(
-        head=args.head,
-        features=args.features,
-        cache_root=args.cache,
-        models=args.models,
-        name=args.name,
-        layers=args.layer,
-        pooling=args.pooling,
-        seed=args.seed,
-        head_params={name: getattr(args, name) for name in head_parameters() if getattr(args, name) is not None},
-        memory_budget=None if args.memory_budget is None else args.memory_budget << 20,
-        stream=args.stream,
-        progress=not args.no_progress,
-    ))
+    flags = _flags(args, api.train_head, "features") | {"assert_accuracy_at_least": None}  # gated after printing
+    run = api.train_head(args.features, **flags)
+    summary = run.summary
     _print_run(summary, args.json, f"trained {summary.config['head']['kind']} head: {_elapsed(args):.1f} s in all, "
                f"{summary.seconds:.1f} s fitting ({summary.config['read']})")
-    return _accuracy_gate(summary.metrics, args.assert_accuracy_at_least)
+    api.check_accuracy_at_least(run, args.assert_accuracy_at_least)
+    return 0
 
 
 def _print_run(summary, as_json: bool, headline: str) -> None:
@@ -346,49 +329,22 @@ def _print_run(summary, as_json: bool, headline: str) -> None:
     print(f"run: {summary.directory}")
 
 
-def _accuracy_gate(metrics: dict, threshold: float | None) -> int:
-    if threshold is None:
-        return 0
-    accuracy = metrics["validation"]["accuracy"]
-    if accuracy < threshold:
-        print(f"error: validation accuracy {accuracy:.4f} is below --assert-accuracy-at-least {threshold}",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
 def _runs(args: argparse.Namespace) -> int:
     from pipeline.report import runs_table
-    from pipeline.runs import list_runs
 
-    rows = list_runs(args.models, args.data)
+    rows = api.list_runs(args.models, data=args.data)
     print(json.dumps(rows, indent=2) if args.json else runs_table(rows))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.training.train import evaluate_run
-
-    summary = evaluate_run(args.model, args.split, args.features)
+    summary = api.evaluate(args.model, **_flags(args, api.evaluate, "run")).summary
     _print_run(summary, args.json, f"evaluated {summary.directory.name} ({args.split} reports written)")
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from pipeline.backend import require_tensorflow
-
-    require_tensorflow("finetune (its image pipeline is tf.data)")
-    from pipeline.finetuning.finetune import FinetuneOptions, finetune
-
-    flip = args.flip or Augmentation.default(args.cached).flip
-    augmentation = Augmentation.off() if args.augment == "none" else Augmentation(
-        flip, args.rotation, args.zoom, args.translation, args.contrast)
-    summary = finetune(FinetuneOptions(
-        source=args.source, models=args.models, name=args.name, unfreeze=args.unfreeze, epochs=args.epochs,
-        lr=args.lr, momentum=args.momentum, clipnorm=args.clipnorm, batch_size=args.batch_size, patience=args.patience,
-        augmentation=augmentation, precision=args.precision, seed=args.seed, progress=not args.no_progress,
-        cached=args.cached, cache_root=args.cache, data=args.data,
-    ))
+    summary = api.finetune(args.source, **_flags(args, api.finetune, "run")).summary
     before = summary.config["test_before_finetune"]
     tuned = summary.config["finetune"]
     on = " on cached " + tuned["trained_on"]["layer"] if tuned["trained_on"]["source"] != "images" else ""
@@ -402,14 +358,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pipeline.serving.predict import check_output, predict, predictions_table, write_predictions
+    from pipeline.serving.predict import predictions_table
 
-    if args.output:
-        check_output(args.output)  # before the work, not after
-    results = predict(args.model, args.images, args.top, args.models, args.data, int(args.max_megapixels * 2**20))
+    results = api.predict(args.model, args.images, **_flags(args, api.predict, "run", "images"))
     print(predictions_table(results))
-    if args.output:
-        write_predictions(results, args.output)
     failed = sum(1 for r in results if r.error)
     if failed:
         print(f"error: {failed} of {len(results)} files could not be read as images", file=sys.stderr)
@@ -418,12 +370,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.backend import require_tensorflow
-
-    require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
-    from pipeline.serving.export import export_run
-
-    summary = export_run(args.model, args.format, args.out, args.quantize, args.models, args.data)
+    summary = api.export(args.model, **_flags(args, api.export, "run"))
     if args.json:
         print(json.dumps({"path": str(summary.path), "bytes": summary.bytes, "seconds": round(summary.seconds, 2)}
                          | summary.details, indent=2))

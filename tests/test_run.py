@@ -16,7 +16,6 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.runs import FORMAT_VERSION, Run, list_runs
-from pipeline.serving.predict import predict
 from pipeline.training.train import TrainOptions, train_head
 
 

@@ -350,6 +350,18 @@ class FeatureStore:
                 from None
         self._check_shards_match_manifest(listed)
 
+    summary: Any = None  # what the extract run that returned this cache did (pipeline.extract sets it)
+
+    @property
+    def path(self) -> Path:
+        return self.directory
+
+    def __fspath__(self) -> str:  # a cache stands wherever a path to it does (open_cache, os.path)
+        return str(self.directory)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.directory)!r})"
+
     def _check_shards_match_manifest(self, listed: dict[str, str]) -> None:
         on_disk = {p.name for p in shard_paths(self.directory)}
         if set(listed) != on_disk:

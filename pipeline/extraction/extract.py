@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline import backend
 from pipeline.backbone.network import FeatureExtractor, build_backbone
+from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.precision import resolve_precision
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.weights import ResolvedWeights
@@ -61,6 +62,30 @@ class ExtractOptions:
     engine: str = "local"  # "local" (this process) or "ray" (pipeline/extraction/ray_engine.py)
     ray_address: str | None = None  # None: a local Ray instance for the command; "auto" or HOST:PORT: join one
     workers: int | None = None  # Ray engine: backbone actors (default: one per GPU, else one per node)
+
+    def __post_init__(self) -> None:
+        """The one check of extract's options, for the command line and Python alike."""
+        get_backbone(self.backbone)  # an unknown name: one line listing the known ones
+        if self.image_size is not None and not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            raise PipelineError(f"--image-size {self.image_size}: use 1 to {MAX_IMAGE_SIZE} pixels (a backbone's "
+                                "activations at larger sizes need tens of GB per batch)")
+        if self.max_pixels < 1:
+            raise PipelineError("--max-megapixels must be positive")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise PipelineError(f"--pooling {self.pooling!r}: choose from {', '.join(POOLINGS)}")
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not all(isinstance(name, str) and name for name in self.layers):
+                raise PipelineError("--layer takes layer names (a list in Python), e.g. block4_pool,block5_pool")
+            if len(set(self.layers)) != len(self.layers):
+                raise PipelineError("--layer names must be distinct")
+        if self.engine not in ENGINES:
+            raise PipelineError(f"unknown engine {self.engine!r}: choose {' or '.join(ENGINES)}")
+        if self.engine == "local" and (self.ray_address or self.workers):
+            raise PipelineError("--ray-address and --workers belong to --engine ray: add it, or leave them out")
+        if self.workers is not None and self.workers < 1:
+            raise PipelineError("--workers must be positive")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise PipelineError("--batch-size and --shard-size must be positive")
 
 
 @dataclass
@@ -128,26 +153,13 @@ class _Extraction:
         self.options = options
         self.spec = get_backbone(options.backbone)
         self.image_size = options.image_size or self.spec.default_image_size
-        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
-            raise PipelineError(f"--image-size {self.image_size}: use 1 to {MAX_IMAGE_SIZE} pixels (a backbone's "
-                                "activations at larger sizes need tens of GB per batch)")
-        if options.max_pixels < 1:
-            raise PipelineError("--max-megapixels must be positive")
         self.max_pixels = options.max_pixels
         self.layers = tuple(options.layers or self.spec.default_layers)
         self.pooling = options.pooling or self.spec.default_pooling
-        if options.engine not in ENGINES:
-            raise PipelineError(f"unknown engine {options.engine!r}: choose {' or '.join(ENGINES)}")
-        if options.engine == "local" and (options.ray_address or options.workers):
-            raise PipelineError("--ray-address and --workers belong to --engine ray: add it, or leave them out")
         if options.engine == "ray" and not backend.is_tensorflow():
             raise PipelineError("--engine ray runs on the tensorflow backend: use --engine local with --backend "
                                 f"{backend.current()}, or --backend tensorflow")
-        if options.workers is not None and options.workers < 1:
-            raise PipelineError("--workers must be positive")
         self.precision = resolve_precision(options.precision, gpu=bool(cluster.gpus) if cluster else None)
-        if options.batch_size < 1 or options.shard_size < 1:
-            raise PipelineError("--batch-size and --shard-size must be positive")
         self.weights: ResolvedWeights = self.spec.resolve_weights(options.weights, options.preprocessing)
         backend.exact_float32(self.precision)
         library, version = backend.identity()
@@ -195,8 +207,6 @@ class _Extraction:
 
     def run(self) -> ExtractSummary:
         started = time.perf_counter()
-        if len(set(self.layers)) != len(self.layers):
-            raise PipelineError("--layer names must be distinct")
         data, cache_root = Path(self.options.data).resolve(), Path(self.options.cache_root).resolve()
         if cache_root == data or data in cache_root.parents:
             raise PipelineError(f"--cache {self.options.cache_root} is inside the data folder {self.options.data}: "

@@ -60,12 +60,12 @@ class RayCluster:
     num_cpus: int | None = None  # a local instance's CPUs (default: all)
 
     def __enter__(self) -> RayCluster:
-        import ray
-
         try:
+            import ray
             import ray.data  # noqa: F401
-        except ImportError as error:  # pragma: no cover - ray[data] is in requirements.txt
-            raise PipelineError(f"--engine ray needs ray[data] ({error}): run make setup") from None
+        except ImportError as error:  # ray is an optional dependency (the "ray" extra)
+            raise PipelineError(f"--engine ray needs ray[data] ({error}): pip install 'bottleneck-pipeline[ray]' "
+                                "(make setup installs it)") from None
         if self.address is not None:
             check_address(self.address)
         options: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,

@@ -12,7 +12,8 @@ from pipeline.errors import PipelineError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 RESIZE_METHOD = "area-down-bilinear-up"  # part of the fingerprint
 MAX_IMAGE_SIZE = 2048  # --image-size above this needs tens of GB per batch in the first convolution
-DEFAULT_MAX_PIXELS = 128 * 2**20  # decoded pixels per image (a 10000 x 10000 image is 100 M)
+MEGAPIXEL = 10**6  # --max-megapixels counts millions of pixels
+DEFAULT_MAX_PIXELS = 128 * MEGAPIXEL  # decoded pixels per image (a 10000 x 10000 image is 100 M)
 
 
 def is_image_file(path: Path) -> bool:
@@ -96,7 +97,7 @@ def too_large_error(path: Path, dimensions: tuple[int, int], max_pixels: int) ->
     """An image whose header announces more than `max_pixels`: held back, never decoded."""
     width, height = dimensions
     return PipelineError(
-        f"{path} is {width} x {height} pixels, above the limit of {max_pixels / 2**20:.3g} megapixels "
+        f"{path} is {width} x {height} pixels, above the limit of {max_pixels / MEGAPIXEL:.3g} megapixels "
         "(--max-megapixels): raise the limit if the machine has the memory, or shrink the image; the "
         "other images were processed and kept"
     )

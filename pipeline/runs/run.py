@@ -29,6 +29,8 @@ from pipeline.runs.record import RunRecord
 class Run(RunRecord):
     """A finished run directory, read once and checked (see the module docstring)."""
 
+    summary: Any = None  # what the command that returned this run left (pipeline.train_head sets it)
+
     @classmethod
     def open(cls, run: str | Path, models: Path = Path("models"), kind: str | None = None,
              data: Path | None = None) -> Run:

@@ -132,14 +132,16 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
     return {
         "run": str(Path(run).resolve()),
         "kind": config.get("kind"),
-        "backbones": [f.backbone for f, _, _ in opened.parts],  # several: fused features, one input
+        "backbones": [part.fingerprint.backbone for part in opened.parts],  # several: fused features, one input
         "classes": class_names,
         "labels_file": runs.LABELS_FILE,
         "image_size": size,
         "resize": RESIZE_RULE,
         "channels": "RGB",
-        "preprocessing": " + ".join(f.preprocessing for f, _, _ in opened.parts) + " (inside the model)",
-        "fingerprint": fingerprint.as_dict(),
+        "preprocessing": " + ".join(part.fingerprint.preprocessing for part in opened.parts) + " (inside the model)",
+        # every cache the head reads, in input order (one, or several for fused features)
+        "parts": [{"fingerprint": part.fingerprint.as_dict(), "fingerprint_digest": part.record["fingerprint_digest"],
+                   "view": part.view.as_dict()} for part in opened.parts],
         "accuracy": {split: metrics.get(split, {}).get("accuracy") for split in ("validation", "test")},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
                      "scikit-learn": sklearn.__version__},

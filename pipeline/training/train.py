@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import runs
+from pipeline.backbone.pooling import POOLINGS
 from pipeline.cache.reader import FeatureView, load_fused_splits, load_splits, open_cache
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
@@ -25,8 +26,8 @@ from pipeline.runs import REPORTED_SPLIT, Run, RunSummary, score_splits
 @dataclass
 class TrainOptions:
     head: str = "logreg"
-    # a cache directory (or its name under cache_root), default the latest; several: fused features
-    features: Path | Sequence[Path] | None = None
+    # a cache (a FeatureStore, its directory or its name under cache_root), default the latest; several: fused
+    features: Path | FeatureStore | Sequence[Path | FeatureStore] | None = None
     cache_root: Path = Path("features")
     models: Path = Path("models")
     name: str | None = None
@@ -37,6 +38,21 @@ class TrainOptions:
     memory_budget: int | None = None  # bytes; default a quarter of physical memory
     stream: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """The one check of train-head's options, for the command line and Python alike: the head
+        and its parameters (a parameter of another head, a value out of range), the run name, the
+        pooling and the memory budget."""
+        make_head(self.head, None, self.head_params)
+        if self.name is not None:
+            runs.check_run_name(self.name)
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise PipelineError(f"--pooling {self.pooling!r}: choose from {', '.join(POOLINGS)}")
+        if self.layers is not None and (isinstance(self.layers, str)
+                                        or not all(isinstance(name, str) for name in self.layers)):
+            raise PipelineError("--layer takes layer names (a list in Python)")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise PipelineError("--memory-budget must be a positive number of MB")
 
 
 def _dataset_name(store: FeatureStore) -> str:
@@ -77,8 +93,9 @@ def _features_record(store: FeatureStore) -> dict[str, Any]:
 def open_features(features: Path | Sequence[Path] | None, cache_root: Path, layers: Sequence[str] | None,
                   pooling: str | None) -> tuple[list[FeatureStore], list[FeatureView]]:
     """The caches a head trains on (one, or several to fuse) and its view of each."""
-    named = [features] if features is None or isinstance(features, str | Path) else list(features)
-    stores = [open_cache(Path(f) if f is not None else None, cache_root) for f in named]
+    named = [features] if features is None or isinstance(features, str | Path | FeatureStore) else list(features)
+    stores = [open_cache(Path(f.directory if isinstance(f, FeatureStore) else f) if f is not None else None, cache_root)
+              for f in named]
     if len(stores) > 1 and layers:
         raise PipelineError("--layer applies to one cache: fused caches are read with the layers each was extracted "
                             "with (extract each with the layers you want)")
@@ -136,7 +153,7 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     head = opened.head()
     if opened.fused:
         stores = opened.fused_features(features, cache_root)
-        splits, store = load_fused_splits(stores, [view for _, view, _ in opened.parts], memory_budget), stores[0]
+        splits, store = load_fused_splits(stores, [part.view for part in opened.parts], memory_budget), stores[0]
     else:
         store = opened.features(features, cache_root)
         splits = load_splits(store, opened.view, memory_budget)

@@ -1,0 +1,228 @@
+"""The stages as Python functions: the front door (`import pipeline`) and what the command line calls.
+
+Each function takes its main input positionally and the command's flags as keyword arguments
+with the same names in snake_case and the same defaults (`--image-size` is `image_size`,
+`--no-progress` is `progress=False`); the command line passes its parsed flags straight through,
+so both are checked by the same code: the options' own constructors (ExtractOptions,
+TrainOptions, FinetuneOptions, Augmentation) and the stage functions behind them.
+
+    cache = extract("data/elpv", backbone="efficientnet_lite0")
+    run = train_head(cache, head="logreg")
+    predict(run, ["data/elpv/defective/cell0001.png"])
+
+Errors a user can cause are `PipelineError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import backend as backends
+from pipeline.errors import PipelineError
+from pipeline.images.formats import MEGAPIXEL
+
+if TYPE_CHECKING:
+    from pipeline.cache.store import FeatureStore
+    from pipeline.runs import Run
+    from pipeline.serving.export import ExportSummary
+    from pipeline.serving.predict import Prediction
+
+PathLike = str | os.PathLike
+
+
+def _run_path(run: Any) -> Any:
+    """A Run stands for its directory; "best" and paths pass as they are."""
+    directory = getattr(run, "directory", None)
+    return directory if directory is not None else run
+
+
+def _max_pixels(max_megapixels: float) -> int:
+    if not max_megapixels > 0:
+        raise PipelineError(f"--max-megapixels must be positive, not {max_megapixels}")
+    return int(max_megapixels * MEGAPIXEL)
+
+
+def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None = None, pooling: str | None = None,
+            layer: Sequence[str] | None = None, precision: str | None = None, weights: str = "imagenet",
+            preprocessing: str | None = None, batch_size: int = 32, shard_size: int = 1024,
+            cache: PathLike = "features", val_fraction: float | None = None, test_fraction: float | None = None,
+            split_seed: int = 0, rehash: bool = False, strict: bool = False, max_megapixels: float = 128,
+            engine: str = "local", ray_address: str | None = None, workers: int | None = None,
+            backend: str | None = None, progress: bool = True) -> FeatureStore:
+    """Stage one: bring the feature cache of the image folder `data` up to date (every new or
+    changed image through the frozen backbone once) and return it, opened: a FeatureStore with its
+    `path`, `fingerprint`, `class_names` and the run's `summary` (images, new, reused, skipped,
+    seconds, notes)."""
+    backends.select(backend)
+    from pipeline.cache.store import FeatureStore
+    from pipeline.data.dataset import SplitConfig
+    from pipeline.extraction.extract import ExtractOptions, extract_features
+
+    summary = extract_features(ExtractOptions(
+        data=Path(data), backbone=backbone, image_size=image_size, pooling=pooling,
+        layers=None if layer is None else list(layer), precision=precision, weights=weights,
+        preprocessing=preprocessing, batch_size=batch_size, shard_size=shard_size, cache_root=Path(cache),
+        splits=SplitConfig.from_flags(val_fraction, test_fraction, split_seed), rehash=rehash, strict=strict,
+        max_pixels=_max_pixels(max_megapixels), progress=progress, engine=engine, ray_address=ray_address,
+        workers=workers,
+    ))
+    store = FeatureStore(summary.cache_dir)
+    store.summary = summary
+    return store
+
+
+def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = "features",
+               models: PathLike = "models", name: str | None = None, layer: Sequence[str] | None = None,
+               pooling: str | None = None, seed: int = 0, class_weight: str | None = None,
+               units: int | None = None, dropout: float | None = None, batch_norm: bool | None = None,
+               optimizer: str | None = None, lr: float | None = None, epochs: int | None = None,
+               batch_size: int | None = None, patience: int | None = None, c_grid: str | None = None,
+               max_iter: int | None = None, n_jobs: int | None = None, memory_budget: int | None = None,
+               stream: bool = False, assert_accuracy_at_least: float | None = None, backend: str | None = None,
+               progress: bool = True) -> Run:
+    """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
+    (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
+    list of caches of the same images to fuse. Head parameters left at None take the head's
+    defaults; `memory_budget` is in MB. With `assert_accuracy_at_least`, a run whose validation
+    accuracy is below it is kept but PipelineError says so (the CI gate)."""
+    backends.select(backend)
+    from pipeline.heads import head_parameters
+    from pipeline.runs import Run
+    from pipeline.training.train import TrainOptions
+    from pipeline.training.train import train_head as fit_head
+
+    given = {"class_weight": class_weight, "units": units, "dropout": dropout, "batch_norm": batch_norm,
+             "optimizer": optimizer, "lr": lr, "epochs": epochs, "batch_size": batch_size, "patience": patience,
+             "c_grid": c_grid, "max_iter": max_iter, "n_jobs": n_jobs}
+    assert set(given) == set(head_parameters()), "every head parameter is a keyword of train_head"
+    if assert_accuracy_at_least is not None and not 0 <= assert_accuracy_at_least <= 1:
+        raise PipelineError(f"--assert-accuracy-at-least {assert_accuracy_at_least}: an accuracy from 0 to 1")
+    if isinstance(features, str) and "," in features and not Path(features).exists():
+        features = [part.strip() for part in features.split(",")]  # A,B as on the command line
+    summary = fit_head(TrainOptions(
+        head=head, features=features, cache_root=Path(cache), models=Path(models), name=name,
+        layers=None if layer is None else list(layer), pooling=pooling, seed=seed,
+        head_params={key: value for key, value in given.items() if value is not None},
+        memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
+        progress=progress,
+    ))
+    run = Run.open(summary.directory)
+    run.summary = summary
+    check_accuracy_at_least(run, assert_accuracy_at_least)
+    return run
+
+
+def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
+    """PipelineError where the run's validation accuracy is below `threshold` (None: no gate)."""
+    if threshold is None:
+        return
+    accuracy = run.metrics["validation"]["accuracy"]
+    if accuracy < threshold:
+        raise PipelineError(f"validation accuracy {accuracy:.4f} is below --assert-accuracy-at-least {threshold} "
+                            f"(the run is kept: {run.directory})")
+
+
+def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, backend: str | None = None) -> Run:
+    """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
+    metrics.json and the reports of `split`. Returns the run as it now stands."""
+    backends.select(backend)
+    from pipeline.runs import Run
+    from pipeline.training.train import evaluate_run
+
+    summary = evaluate_run(Path(_run_path(run)), split, None if features is None else Path(features))
+    scored = Run.open(summary.directory)
+    scored.summary = summary
+    return scored
+
+
+def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike | None = None,
+             name: str | None = None, unfreeze: str | None = None, epochs: int = 3, lr: float = 1e-4,
+             momentum: float = 0.9, clipnorm: float = 1.0, batch_size: int = 16, patience: int = 3,
+             precision: str | None = None, augment: str = "default", flip: str | None = None,
+             rotation: float = 0.0, zoom: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
+             cached: bool = False, cache: PathLike | None = None, seed: int = 0, backend: str | None = None,
+             progress: bool = True) -> Run:
+    """Stage three: put a head run (a Run, its directory, or "best") back on its backbone, unfreeze
+    from `unfreeze` (default the top block), train end to end with augmentation, and return the
+    fine-tuned Run. `augment="none"` switches every augmentation off."""
+    backends.select(backend)
+    backends.require_tensorflow("finetune (its image pipeline is tf.data)")
+    from pipeline.finetuning.examples import Augmentation
+    from pipeline.finetuning.finetune import FinetuneOptions
+    from pipeline.finetuning.finetune import finetune as tune
+    from pipeline.runs import Run
+
+    if augment not in ("default", "none"):
+        raise PipelineError(f"--augment {augment!r}: choose default or none")
+    augmentation = Augmentation.off() if augment == "none" else Augmentation(
+        flip or Augmentation.default(cached).flip, rotation, zoom, translation, contrast)
+    summary = tune(FinetuneOptions(
+        source=_run_path(run), models=Path(models), name=name, unfreeze=unfreeze, epochs=epochs, lr=lr,
+        momentum=momentum, clipnorm=clipnorm, batch_size=batch_size, patience=patience, augmentation=augmentation,
+        precision=precision, seed=seed, progress=progress, cached=cached,
+        cache_root=None if cache is None else Path(cache), data=None if data is None else Path(data),
+    ))
+    tuned = Run.open(summary.directory)
+    tuned.summary = summary
+    return tuned
+
+
+def predict(run: Any, images: Sequence[PathLike] | PathLike, *, top: int = 3, models: PathLike = "models",
+            data: PathLike | None = None, output: PathLike | None = None, max_megapixels: float = 128,
+            backend: str | None = None) -> list[Prediction]:
+    """The `top` labels of every image (files, or folders searched for images) with any run (a Run,
+    its directory, or "best"): one Prediction per image, in order, with `labels`, `probabilities`
+    and, for a file that is not a readable image, `error`. `output`: also write FILE.csv or .json."""
+    backends.select(backend)
+    from pipeline.serving.predict import check_output, write_predictions
+    from pipeline.serving.predict import predict as top_labels
+
+    if top < 1:
+        raise PipelineError(f"--top must be a positive integer, not {top}")
+    if output is not None:
+        check_output(Path(output))  # before the work, not after
+    targets = [images] if isinstance(images, str | os.PathLike) else list(images)
+    results = top_labels(_run_path(run), [Path(t) for t in targets], top, Path(models),
+                         None if data is None else Path(data), _max_pixels(max_megapixels))
+    if output is not None:
+        write_predictions(results, Path(output))
+    return results
+
+
+def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,  # noqa: A002 - the flag's name
+           quantize: bool = False, models: PathLike = "models", data: PathLike | None = None,
+           backend: str | None = None) -> ExportSummary:
+    """Write a run (a Run, its directory, or "best") as a model that needs no pipeline: `format`
+    keras, savedmodel or tflite, into `out` (default RUN/export/), with labels.txt and export.json
+    beside it. Returns what it wrote: `path`, `format`, `bytes`, `seconds`, `details`."""
+    backends.select(backend)
+    backends.require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
+    from pipeline.serving.export import export_run
+
+    return export_run(_run_path(run), format, None if out is None else Path(out), quantize, Path(models),
+                      None if data is None else Path(data))
+
+
+def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> list[dict[str, Any]]:
+    """Every finished run under `models` (of the image folder `data` if given) as a row, best
+    validation accuracy first; a damaged run is listed with its `problem`."""
+    from pipeline.runs import list_runs as rows
+
+    return rows(Path(models), None if data is None else Path(data))
+
+
+def list_backbones() -> list[str]:
+    """The backbones extract accepts."""
+    from pipeline.backbone.registry import BACKBONES
+
+    return list(BACKBONES)
+
+
+def open_run(run: Any = "best", *, models: PathLike = "models", data: PathLike | None = None) -> Run:
+    """A finished run (its directory, or "best"), read and checked."""
+    from pipeline.runs import Run
+
+    return Run.open(_run_path(run), Path(models), data=None if data is None else Path(data))

@@ -1,0 +1,195 @@
+"""The library: `import pipeline` is the front door, each stage a function whose keyword arguments
+are the command's flags (same names, same defaults, the same checks), the package installs with
+pip and its console command runs the stages."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import pipeline
+from conftest import ROOT, make_image_folder
+from pipeline import api
+from pipeline.cli import build_parser, main
+from pipeline.errors import PipelineError
+
+STAGES = {  # subcommand -> (function, its positional inputs as the command names them)
+    "extract": (api.extract, {"data": "data"}),
+    "train-head": (api.train_head, {"features": "features"}),
+    "evaluate": (api.evaluate, {"run": "model"}),
+    "finetune": (api.finetune, {"run": "source"}),
+    "predict": (api.predict, {"run": "model", "images": "images"}),
+    "export": (api.export, {"run": "model"}),
+    "runs": (api.list_runs, {}),
+}
+MINIMAL = {"extract": ["--data", "d"], "evaluate": ["--model", "m"], "predict": ["--model", "m", "x.png"],
+           "export": ["--model", "m"]}
+COMMAND_ONLY = {"json", "debug", "handler", "command", "no_progress"}
+
+
+def test_the_front_door_names_every_stage_and_class() -> None:
+    wanted = {"extract", "train_head", "evaluate", "finetune", "predict", "export", "list_runs", "Run",
+              "FeatureStore", "LogRegHead", "DenseHead", "Head"}
+    assert wanted <= set(pipeline.__all__)
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None, name
+    assert pipeline.Run.__module__.startswith("pipeline.runs")
+    assert isinstance(pipeline.__version__, str)
+
+
+def test_importing_the_package_imports_neither_tensorflow_nor_keras() -> None:
+    """So that the backend can still be chosen after `import pipeline`."""
+    code = "import sys, pipeline; print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+@pytest.mark.parametrize("command", sorted(STAGES))
+def test_every_flag_is_a_keyword_of_its_stage_function_with_the_same_default(command: str) -> None:
+    function, positional = STAGES[command]
+    parameters = inspect.signature(function).parameters
+    args = build_parser().parse_args([command, *MINIMAL.get(command, [])])
+    flags = {name: value for name, value in vars(args).items() if name not in COMMAND_ONLY}
+    for name in positional.values():
+        flags.pop(name, None)
+    missing = sorted(set(flags) - set(parameters))
+    assert not missing, f"{command}: flags without a keyword argument: {missing}"
+    for name, value in flags.items():
+        default = parameters[name].default
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(default, Path):
+            default = str(default)
+        assert default == value, f"{command} --{name.replace('_', '-')}: command {value!r}, Python {default!r}"
+    if "progress" in parameters:
+        assert parameters["progress"].default is True and args.no_progress is False
+    for name in positional:
+        assert parameters[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, (command, name)
+
+
+def test_options_are_checked_in_their_constructors_with_the_commands_words(tmp_path: Path, capsys) -> None:
+    """One check per options type: Python gets the PipelineError the command line prints."""
+    from pipeline.extraction.extract import ExtractOptions
+    from pipeline.training.train import TrainOptions
+
+    with pytest.raises(PipelineError, match="--image-size 5000"):
+        ExtractOptions(data=tmp_path, image_size=5000)
+    with pytest.raises(PipelineError, match="unknown backbone"):
+        pipeline.extract(tmp_path, backbone="alexnet")
+    with pytest.raises(PipelineError, match="unknown head 'svm'"):
+        TrainOptions(head="svm")
+    with pytest.raises(PipelineError, match="--units does not apply to --head logreg"):
+        pipeline.train_head(tmp_path, head="logreg", units=3)
+    assert main(["extract", "--data", str(tmp_path), "--image-size", "5000"]) == 1
+    assert "--image-size 5000" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def library_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The issue's recipe, from Python, on a small folder."""
+    root = tmp_path_factory.mktemp("library")
+    data = make_image_folder(root / "data", per_class=8)
+    cache = pipeline.extract(data, image_size=48, weights="none", pooling="avg", precision="fp32",
+                             cache=root / "features", progress=False)
+    run = pipeline.train_head(cache, head="logreg", models=root / "models", c_grid="1e-2:1e2:5", progress=False)
+    return {"root": root, "data": data, "cache": cache, "run": run}
+
+
+def test_extract_returns_the_cache_that_train_head_takes(library_run: dict[str, object]) -> None:
+    cache, run = library_run["cache"], library_run["run"]
+    assert isinstance(cache, pipeline.FeatureStore)
+    assert cache.path.is_dir() and cache.fingerprint.image_size == 48 and cache.fingerprint.pooling == "avg"
+    assert cache.summary.images == 16 and cache.summary.new == 16 and cache.class_names == ["cats", "dogs"]
+    assert isinstance(run, pipeline.Run) and run.kind == "head"
+    assert 0 <= run.metrics["test"]["accuracy"] <= 1
+    assert run.features().directory == cache.directory
+    again = pipeline.train_head(str(cache.path), head="logreg", models=library_run["root"] / "models",
+                                c_grid="1e-2:1e2:5", progress=False)
+    assert again.directory == run.directory  # a path does what the cache did: the same run
+
+
+def test_predict_export_evaluate_and_list_runs_take_the_run(library_run: dict[str, object], tmp_path: Path) -> None:
+    run, data = library_run["run"], library_run["data"]
+    images = sorted((data / "cats").glob("*.png"))[:3]
+    results = pipeline.predict(run, images, top=1)
+    assert [Path(r.path).name for r in results] == [p.name for p in images]
+    assert all(r.error is None and len(r.labels) == 1 for r in results)
+    exported = pipeline.export(run, "keras", tmp_path / "out")
+    assert exported.path == tmp_path / "out" / "model.keras" and exported.path.is_file() and exported.bytes > 0
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["parts"][0]["fingerprint"]["image_size"] == 48
+    scored = pipeline.evaluate(run, split="validation")
+    assert isinstance(scored, pipeline.Run) and scored.metrics["validation"] == run.metrics["validation"]
+    [row] = pipeline.list_runs(library_run["root"] / "models")
+    assert row["name"] == run.name and row["kind"] == "head"
+
+
+def test_the_readme_python_section_runs_as_written(tmp_path: Path) -> None:
+    """The README's "From Python" code, run as written in a fresh Python, in a folder holding a
+    small image folder under data/elpv (with real weights where the README names them: the
+    example is run with random weights and a small image size, swapped in the one marked line)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "pipeline.extract(" in code and "pipeline.train_head(" in code and "pipeline.finetune(" in code
+    make_image_folder(tmp_path / "data" / "elpv", per_class=8, classes=("defective", "functional"))
+    (tmp_path / "data" / "elpv" / "defective" / "img000.png").rename(tmp_path / "data" / "elpv" / "defective" /
+                                                                     "cell0001.png")
+    fast = code.replace('backbone="efficientnet_lite0"',
+                        'backbone="efficientnet_lite0", weights="none", image_size=48, precision="fp32"')
+    assert fast != code, "the README's extract line names its backbone as the test expects"
+    out = subprocess.run([sys.executable, "-c", fast], capture_output=True, text=True, cwd=tmp_path,
+                         env=os.environ | {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out").is_dir() and list((tmp_path / "models").iterdir())
+
+
+def test_the_package_installs_and_its_command_runs_the_stages(tmp_path: Path) -> None:
+    """pip builds the wheel from pyproject.toml; installed on its own (a folder outside the
+    repository, ahead of everything on the path), its console command runs extract -> train-head
+    -> predict on a small folder, from the installed files."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
+    [wheel] = wheels.glob("bottleneck_pipeline-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
+    assert "bottleneck-pipeline = pipeline.cli:main" in entry_points
+    assert "Requires-Python: >=3.11" in metadata and "Requires-Dist: tensorflow" in metadata
+    assert {"pipeline/api.py", "pipeline/runs/writer.py", "pipeline/heads/logreg.py"} <= set(names)
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    command = target / "bin" / "bottleneck-pipeline"
+    work = tmp_path / "work"
+    data = make_image_folder(work / "data", per_class=6)
+    environment = os.environ | {"PYTHONPATH": str(target), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, str(command), *args], capture_output=True, text=True, cwd=work,
+                              env=environment, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    where = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], capture_output=True,
+                           text=True, cwd=work, env=environment, check=True).stdout
+    assert where.startswith(str(target)), where
+    run("extract", "--data", str(data), "--image-size", "32", "--weights", "none", "--precision", "fp32",
+        "--pooling", "avg", "--no-progress")
+    assert "run:" in run("train-head", "--head", "logreg", "--c-grid", "1,10", "--no-progress")
+    assert "img000.png" in run("predict", "--model", "best", str(data / "cats" / "img000.png"))
