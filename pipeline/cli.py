@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="none keeps the full feature map (default; avg for the EfficientNet-Lite backbones, "
                               "whose default layers are four)")
     extract.add_argument("--layer", type=_layers, default=None, metavar="NAME[,NAME...]",
-                         help="feature layer(s) (default: the last convolutional block's output)")
+                         help="feature layer(s), comma-separated (default: the backbone's own: " + "; ".join(
+                             f"{','.join(spec.default_layers)} for {name}" for name, spec in BACKBONES.items())
+                         + "); `inspect --backbone NAME` lists them")
     extract.add_argument("--precision", default=None, choices=("fp32", "bf16", "mixed"),
                          help="default: mixed on a GPU, bf16 on a CPU with bf16 hardware, else fp32")
     extract.add_argument("--weights", default="imagenet",
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--strict", action="store_true",
                          help="stop at the first file that cannot be decoded (default: skip and list it)")
     extract.add_argument("--max-megapixels", type=_positive_float, default=128,
-                         help="images larger than this (decoded) are held back with an error (default 128)")
+                         help="images of more decoded pixels than this many millions (10^6) are held back with an "
+                              "error, never decoded (default 128)")
     extract.add_argument("--engine", default="local", choices=("local", "ray"),
                          help="local: this process (default); ray: Ray Data across processes, nodes and GPUs")
     extract.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -237,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("--top", type=_positive_int, default=3, help="labels per image (3)")
     guess.add_argument("--output", type=Path, default=None, help="also write FILE.csv or FILE.json")
     guess.add_argument("--max-megapixels", type=_positive_float, default=128,
-                       help="images larger than this (decoded) get an error instead of a prediction (default 128)")
+                       help="images of more decoded pixels than this many millions (10^6) get an error instead of a "
+                            "prediction (default 128)")
     _add_backend(guess, "; images decode with Pillow on jax")
     guess.set_defaults(handler=_predict)
 
@@ -264,6 +268,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="binary: functional (p<0.5) vs defective; 4class: p = 0, 1/3, 2/3, 1")
     demo.set_defaults(handler=_demo_data)
     return parser
+
+
+def flag_tables() -> str:
+    """docs/flags.md: every command's flags with their defaults and help, from the parser itself
+    (`make docs` writes it; a test checks that it matches)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    lines = ["# Flags", "",
+             "Generated from the argument parser by `make docs` (do not edit by hand). The same names in",
+             "snake_case are the keyword arguments of the Python functions (`pipeline.extract(data, image_size=...)`);",
+             "`--no-progress` is `progress=False` there.", ""]
+    for name, command in commands.choices.items():
+        lines += [f"## `{name}`", "", f"{helps.get(name, '')}.", "", "| flag | default | meaning |", "|---|---|---|"]
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = ", ".join(action.option_strings) or action.metavar or action.dest
+            if action.option_strings and action.nargs != 0:
+                flag += f" {action.metavar or action.dest.upper()}"
+            flag = flag.replace("|", "\\|")
+            if action.required or (not action.option_strings and action.nargs in ("+", None)):
+                default = "required"
+            elif action.nargs == 0:
+                default = "off"
+            else:
+                default = "" if action.default is None else f"`{action.default}`"
+            choices = f" ({' / '.join(map(str, action.choices))})" if action.choices else ""
+            meaning = (action.help or "").replace("|", "\\|").replace("\n", " ") + choices
+            lines.append(f"| `{flag}` | {default} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _flags(args: argparse.Namespace, function: Any, *positional: str) -> dict[str, Any]:

@@ -193,3 +193,20 @@ def test_the_package_installs_and_its_command_runs_the_stages(tmp_path: Path) ->
         "--pooling", "avg", "--no-progress")
     assert "run:" in run("train-head", "--head", "logreg", "--c-grid", "1,10", "--no-progress")
     assert "img000.png" in run("predict", "--model", "best", str(data / "cats" / "img000.png"))
+
+
+def test_the_flag_tables_are_generated_from_the_parser() -> None:
+    from pipeline.cli import flag_tables
+
+    assert (ROOT / "docs" / "flags.md").read_text() == flag_tables(), "run make docs"
+
+
+def test_the_readme_is_for_users_and_its_links_hold() -> None:
+    """About 300 lines; the manual in docs/; every relative link points at a file that exists."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 320
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([\w./-]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}"
