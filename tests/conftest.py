@@ -1,30 +1,72 @@
-"""Shared helpers: small image folders made by the tests themselves."""
+"""Shared helpers: small image folders made by the tests themselves, the command line in a
+subprocess, and one module-scoped "small cache and a head run". Importing this imports no
+TensorFlow: only the tests that need it do."""
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
-import tensorflow as tf
-
-from pipeline.data.dataset import SplitConfig
-from pipeline.extraction.extract import ExtractOptions
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+THREE_CLASSES = ["birds", "cats", "dogs"]  # sorted, as the pipeline names classes
+FAST_LOGREG = {"c_grid": "1e-3:1e1:5", "n_jobs": 1}  # a five-value C search: seconds, not minutes
 
 
 def write_image(path: Path, seed: int, size: int = 40, channels: int = 3, fmt: str = "png") -> Path:
-    """A small random image with a class-like pattern, encoded by TensorFlow."""
+    """A small random image, PNG (lossless) or JPEG (quality 95), encoded by Pillow."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size, size, channels), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoded = tf.io.encode_png(pixels) if fmt == "png" else tf.io.encode_jpeg(pixels)
-    path.write_bytes(encoded.numpy())
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    encoded = io.BytesIO()
+    if fmt == "png":
+        image.save(encoded, format="PNG")
+    else:
+        image.convert("L" if channels == 1 else "RGB").save(encoded, format="JPEG", quality=95)
+    path.write_bytes(encoded.getvalue())
     return path
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python run_pipeline.py ARGS` in a fresh process."""
+    return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line a failed command printed (and nothing else, no traceback)."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def train_test_folder(root: Path, train: int = 20, test: int = 4, size: int = 40) -> Path:
+    """A DIR/{train,test}/<class>/ layout without a validation folder."""
+    for c, name in enumerate(("boot", "shirt")):
+        for i in range(train):
+            write_image(root / "train" / name / f"{name}{i:03d}.png", seed=c * 1000 + i, size=size)
+        for i in range(test):
+            write_image(root / "test" / name / f"t{name}{i:03d}.png", seed=50_000 + c * 1000 + i, size=size)
+    return root
 
 
 def make_image_folder(root: Path, per_class: int = 6, classes: tuple[str, ...] = ("cats", "dogs"),
@@ -35,8 +77,11 @@ def make_image_folder(root: Path, per_class: int = 6, classes: tuple[str, ...] =
     return root
 
 
-def tiny_options(data: Path, cache: Path, **overrides) -> ExtractOptions:
+def tiny_options(data: Path, cache: Path, **overrides):  # noqa: ANN201 - an ExtractOptions
     """VGG16 with random weights at 32x32 in float32: fast and deterministic."""
+    from pipeline.data.dataset import SplitConfig
+    from pipeline.extraction.extract import ExtractOptions
+
     values = dict(
         data=data, backbone="vgg16", image_size=32, weights="none", precision="fp32",
         batch_size=4, shard_size=8, cache_root=cache, progress=False,
@@ -58,6 +103,23 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
 
 
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small cache (three classes, six images each, VGG16 with random weights at 32 px) and a
+    logistic-regression run on it named "run": one per test module that asks for it. Tests that
+    change the run work on a copy, or restore what they change."""
+    from pipeline.extraction.extract import extract_features
+    from pipeline.training.train import TrainOptions, train_head
+
+    root = tmp_path_factory.mktemp("head-run")
+    data = make_image_folder(root / "data", per_class=6, classes=tuple(THREE_CLASSES))
+    cache = extract_features(tiny_options(data, root / "features")).cache_dir
+    models = root / "models"
+    run = train_head(TrainOptions(head="logreg", features=cache, models=models, name="run", head_params=FAST_LOGREG,
+                                  progress=False)).directory
+    return {"root": root, "data": data, "cache": cache, "models": models, "run": run}
+
+
 @pytest.fixture(autouse=True)
 def _isolated_weights_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Converted weights go to a per-session folder, not the user's cache."""
@@ -69,6 +131,7 @@ def write_feature_cache(directory: Path, features: np.ndarray, labels: np.ndarra
                         pooling: str = "none") -> Path:
     """A feature cache written straight through the store, without a backbone: synthetic features
     with a known structure for the head tests."""
+    from pipeline import atomic
     from pipeline.cache import store
 
     fingerprint = store.Fingerprint("vgg16", "none", "synthetic", 32, "area-down-bilinear-up", "torch",
@@ -86,7 +149,7 @@ def write_feature_cache(directory: Path, features: np.ndarray, labels: np.ndarra
     manifest = store.manifest_core(fingerprint, class_names, indexes, {layer: features.shape[1:]})
     manifest["weights"] = {"source": "none", "pretrained": False}
     manifest["dataset"] = {"root": str(directory.parent / "synthetic")}
-    store.write_json_atomic(directory / store.MANIFEST_NAME, manifest)
+    atomic.write_json(directory / store.MANIFEST_NAME, manifest)
     return directory
 
 

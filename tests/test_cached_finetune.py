@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_image_folder, tiny_options
+from conftest import make_image_folder, tiny_options, write_feature_cache
 from pipeline.backbone.blocks import layer_below, unfreeze
 from pipeline.cache.store import FeatureStore
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.finetuning.examples import activation_batches, cached_activations
-from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.finetuning.examples import Augmentation, activation_batches, cached_activations
+from pipeline.finetuning.finetune import FinetuneOptions, finetune
 from pipeline.images.decode_tf import labelled_batches
 from pipeline.runs import Run, list_runs, read_config
 from pipeline.runs.classifier import top_model
@@ -169,3 +169,28 @@ def test_the_cli_flips_nothing_by_default_with_cached(setup: dict[str, Path]) ->
                  "--epochs", "1", "--batch-size", "4", "--name", "cli-cached", "--no-progress"]) == 0
     augmentation = read_config(setup["models"] / "cli-cached")["finetune"]["augmentation"]
     assert augmentation["flip"] == "none"
+
+
+def test_cached_batches_mix_classes_across_shards(tmp_path: Path) -> None:
+    from pipeline.cache.store import FeatureStore
+    from pipeline.finetuning.examples import activation_batches
+
+    # shards in path order, so in class order: each shard of 32 holds one class
+    classes = [f"c{i}" for i in range(8)]
+    labels = np.repeat(np.arange(8), 32).astype(np.int32)
+    features = np.random.default_rng(0).normal(size=(len(labels), 2, 2, 4)).astype(np.float32)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, ["train"] * len(labels), classes,
+                                shard_size=32, layer="block4_pool")
+    store = FeatureStore(cache)
+    batches = activation_batches(store, "block4_pool", "train", 16, shuffle_seed=0, rows=len(labels))
+    mixes = [len(set(batch_labels.tolist())) for _, batch_labels in batches]
+    assert np.mean(mixes) >= 5, f"classes per batch of 16 from 8 one-class shards: {mixes}"
+    epoch_one = np.concatenate([y for _, y in batches])
+    epoch_two = np.concatenate([y for _, y in batches])
+    assert sorted(epoch_one.tolist()) == sorted(labels.tolist()), "every row once per epoch"
+    assert not np.array_equal(epoch_one, epoch_two), "a new order every epoch"
+    for maps, batch_labels in batches:  # each map is its own row's
+        rows = [np.flatnonzero((features == m).all(axis=(1, 2, 3)))[0] for m in maps]
+        assert np.array_equal(labels[rows], batch_labels)
+    in_order = activation_batches(store, "block4_pool", "train", 16, rows=len(labels))
+    assert np.array_equal(np.concatenate([y for _, y in in_order]), labels), "unshuffled: the cache's order"

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder, write_image
+from conftest import (
+    FAST_LOGREG,
+    make_image_folder,
+    one_error_line,
+    run_cli,
+    tiny_options,
+    train_test_folder,
+    write_image,
+)
+from pipeline.cli import main
 from pipeline.data.dataset import SplitConfig, scan_dataset, split_position
 from pipeline.errors import PipelineError
+from pipeline.extraction.extract import extract_features
+from pipeline.training.train import TrainOptions, train_head
 
 
 def _splits(root: Path, config: SplitConfig = SplitConfig()) -> dict[str, str]:
@@ -81,3 +95,107 @@ def test_content_hash_identifies_bytes(tmp_path: Path) -> None:
     (root / "cats" / "copy.png").write_bytes((root / "cats" / "img000.png").read_bytes())
     hashes = {r.path: r.sha256 for r in scan_dataset(root).records}
     assert hashes["cats/copy.png"] == hashes["cats/img000.png"] != hashes["cats/img001.png"]
+
+
+@pytest.mark.parametrize("flag", ["--val-fraction", "--test-fraction"])
+def test_fractions_must_be_finite(tmp_path: Path, flag: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    result = run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), flag, "nan")
+    assert result.returncode != 0 and "finite" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(PipelineError, match="finite"):
+        extract_features(tiny_options(data, tmp_path / "c", splits=SplitConfig(float("nan"), 0.2, 0)))
+
+
+def test_a_class_folder_with_a_control_character_is_refused_by_name(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "dogs").rename(data / "dogs\nand wolves")
+    line = one_error_line(run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                                "--image-size", "32", "--no-progress"))
+    assert "dogs\\nand wolves" in line and "control character" in line
+
+
+def test_adding_an_image_keeps_a_small_class_s_fixed_up_splits(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    # three cats whose names all fall in train: the fix-up gives one to validation and one to test
+    (data / "cats").mkdir(exist_ok=True)
+    for path in (data / "cats").iterdir():
+        path.unlink()
+    names = [f"cat{i}.png" for i in range(1000) if split_position(f"cat{i}.png", 0) >= 0.4][:3]
+    for i, name in enumerate(names):
+        write_image(data / "cats" / name, seed=500 + i)
+    config = SplitConfig(0.2, 0.2, 0)
+    first = extract_features(tiny_options(data, tmp_path / "c", splits=config))
+    from pipeline.cache.store import FeatureStore
+
+    before = {p: s for shard in FeatureStore(first.cache_dir).split_indexes().items() for p, s in
+              [(path, shard[0]) for path in shard[1].paths]}
+    # a new cat whose name falls in validation by itself: the old fix-up was undone by it
+    name = next(f"new{i}.png" for i in range(1000) if 0.2 <= split_position(f"new{i}.png", 0) < 0.4)
+    write_image(data / "cats" / name, seed=999)
+    second = extract_features(tiny_options(data, tmp_path / "c", splits=config))
+    after = {p: s for shard in FeatureStore(second.cache_dir).split_indexes().items() for p, s in
+             [(path, shard[0]) for path in shard[1].paths]}
+    assert sorted(s for p, s in before.items() if p.startswith("cats/")) == ["test", "train", "validation"]
+    assert {p: after[p] for p in before} == before
+    assert after[f"cats/{name}"] == "validation"
+
+
+@pytest.mark.parametrize("name", ["a\u2028b", "a\u2029b", "a\x85b", "a\x0bb", "a\x1cb"])
+def test_a_class_name_with_any_line_boundary_is_refused(tmp_path: Path, name: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    write_image(data / name / "x.png", seed=3)
+    with pytest.raises(PipelineError, match="line break"):
+        scan_dataset(data)
+
+
+def test_a_class_folder_named_train_beside_other_classes_is_refused_with_them_listed(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    write_image(data / "train" / "sub" / "x.png", seed=3)
+    with pytest.raises(PipelineError, match=r"mixes split folders \(train\) with other folders \(cats, dogs\)"):
+        scan_dataset(data)
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_and_the_rest_extracted(tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    odd = os.fsdecode(b"caf\xe9.png")
+    write_image(data / "cats" / odd, seed=77)
+    summary = extract_features(tiny_options(data, tmp_path / "c"))
+    assert summary.images == 6
+    manifest = json.loads((summary.cache_dir / "manifest.json").read_text())
+    assert {"path": "cats/caf\\xe9.png", "reason": manifest["ignored"][0]["reason"]} in manifest["ignored"]
+    assert main(["predict", "--model", "best", "--models", str(tmp_path / "none"), str(data / "cats" / odd)]) == 1
+
+
+def test_a_train_test_layout_gets_a_stratified_validation_split_carved_out_of_train(tmp_path: Path) -> None:
+    root = train_test_folder(tmp_path / "data")
+    scanned = scan_dataset(root, SplitConfig.from_flags(None, None, 0))
+    assert scanned.carved == {"validation": 0.15}
+    for label in (0, 1):
+        splits = Counter(r.split for r in scanned.records if r.label == label)
+        assert splits["test"] == 4, "test/ stays the test split, whole"
+        assert splits["validation"] >= 1 and splits["train"] >= 10
+    validation = {r.path for r in scanned.records if r.split == "validation"}
+    assert all(path.startswith("train/") for path in validation), "validation comes out of train/ only"
+    assert validation == {r.path for r in scan_dataset(root, SplitConfig.from_flags(None, None, 0)).records
+                          if r.split == "validation"}, "the carve-out is stable"
+    bigger = scan_dataset(root, SplitConfig.from_flags(0.4, None, 0))
+    assert sum(r.split == "validation" for r in bigger.records) > len(validation), "--val-fraction sets it"
+
+
+def test_a_fraction_that_a_split_folder_overrides_is_refused_not_ignored(tmp_path: Path) -> None:
+    root = train_test_folder(tmp_path / "data")
+    with pytest.raises(PipelineError, match="--test-fraction does not apply.*test folder"):
+        scan_dataset(root, SplitConfig.from_flags(None, 0.2, 0))
+    for name in ("boot", "shirt"):
+        write_image(root / "validation" / name / "v.png", seed=7)
+    with pytest.raises(PipelineError, match="--val-fraction does not apply.*validation folder"):
+        scan_dataset(root, SplitConfig.from_flags(0.2, None, 0))
+    assert not scan_dataset(root, SplitConfig.from_flags(None, None, 0)).carved
+
+
+def test_a_tiny_extract_with_a_carved_split_trains_a_head(tmp_path: Path) -> None:
+    root = train_test_folder(tmp_path / "data", train=10, test=2, size=16)
+    summary = extract_features(tiny_options(root, tmp_path / "c", splits=SplitConfig.from_flags(None, None, 0)))
+    run = train_head(TrainOptions(features=summary.cache_dir, models=tmp_path / "m", head_params=FAST_LOGREG,
+                                  progress=False))
+    assert run.metrics["validation"]["images"] >= 2 and run.metrics["test"]["images"] == 4

@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
+from conftest import (
+    THREE_CLASSES,
+    clustered_features,
+    make_image_folder,
+    tiny_options,
+    write_feature_cache,
+)
 from pipeline.cli import main
+from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
 from pipeline.serving.export import export_run
@@ -190,3 +197,39 @@ def test_the_keras_model_resizes_small_images_as_extract_does_and_says_so(export
     for file, wanted in zip(files, expected):
         pixels = tf.io.decode_png(tf.io.read_file(file), channels=3).numpy()[None]
         np.testing.assert_allclose(np.asarray(model.predict(pixels, verbose=0))[0], wanted, atol=1e-5)
+
+
+def test_export_into_another_runs_export_folder_lists_only_its_own_formats(head_run: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    from pipeline.serving.export import export_run
+
+    out = tmp_path / "shipped"
+    out.mkdir()
+    (out / "export.json").write_text(json.dumps({"run": "/elsewhere/other-run", "classes": ["x", "y"],
+                                                 "formats": {"model.tflite": {"file": "model.tflite"}}}))
+    export_run(head_run["run"], "keras", out)
+    details = json.loads((out / "export.json").read_text())
+    assert list(details["formats"]) == ["model.keras"] and details["classes"] == THREE_CLASSES
+    export_run(head_run["run"], "keras", out)  # the same run again: its own formats stay listed
+    assert list(json.loads((out / "export.json").read_text())["formats"]) == ["model.keras"]
+
+
+def test_export_into_the_runs_own_folder_is_refused(head_run: dict[str, Path]) -> None:
+    from pipeline.serving.export import export_run
+
+    before = sorted(p.name for p in head_run["run"].iterdir())
+    with pytest.raises(PipelineError, match="is the run's own folder"):
+        export_run(head_run["run"], "keras", head_run["run"])
+    assert sorted(p.name for p in head_run["run"].iterdir()) == before
+
+
+def test_export_refuses_a_model_whose_outputs_disagree_with_its_labels(head_run: dict[str, Path], tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    from pipeline.runs import Run
+    from pipeline.serving import export
+
+    opened = Run.open(head_run["run"])
+    monkeypatch.setattr(Run, "open", classmethod(lambda cls, *a, **k: opened))
+    opened.class_names = THREE_CLASSES + ["extra"]  # labels.txt replaced while export read the run
+    with pytest.raises(PipelineError, match="labels.txt lists 4 classes, the model has 3 outputs"):
+        export.export_run(head_run["run"], "keras", tmp_path / "out")

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_image_folder, tiny_options, write_image
+from conftest import (
+    assert_features_close,
+    make_image_folder,
+    one_error_line,
+    run_cli,
+    tiny_options,
+    train_test_folder,
+    write_image,
+)
 from pipeline import artefacts
 from pipeline.backbone import network as backbones
 from pipeline.backbone.network import build_backbone
 from pipeline.backbone.registry import get_backbone
 from pipeline.cache import store
 from pipeline.cache.store import FeatureStore, shard_paths
+from pipeline.cli import main
+from pipeline.data.dataset import SplitConfig, scan_dataset
 from pipeline.errors import PipelineError
 from pipeline.extraction import extract
 from pipeline.extraction.extract import extract_features
@@ -301,7 +316,6 @@ def test_bmp_and_the_first_frame_of_an_animated_gif(tmp_path: Path) -> None:
 
 def test_rescan_of_an_unchanged_folder_reads_no_image_bytes(image_folder: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
 
 
     for path in image_folder.rglob("*.png"):  # older than the racy window
@@ -325,7 +339,6 @@ def test_rescan_of_an_unchanged_folder_reads_no_image_bytes(image_folder: Path, 
 
 def test_a_copied_data_folder_reuses_the_features_of_the_first(image_folder: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
 
     first = extract_features(tiny_options(image_folder, tmp_path / "cache"))
     copy = tmp_path / "copy-of-data"
@@ -339,3 +352,139 @@ def test_a_copied_data_folder_reuses_the_features_of_the_first(image_folder: Pat
     assert (second.new, second.backbone_images, second.reused) == (1, 1, 12)
     after = _by_path(FeatureStore(second.cache_dir))
     assert all(np.array_equal(after[p], before[p]) for p in before)  # exact: copied from the sibling cache
+
+
+def _rows_by_path(cache: Path) -> dict[str, tuple[str, np.ndarray]]:
+    rows = {}
+    for shard in store.shard_paths(cache):
+        with h5py.File(shard, "r") as handle:
+            for path, digest, values in zip(handle["paths"][()], handle["sha256"][()],
+                                            handle["features/block5_pool"][()]):
+                rows[path.decode()] = (digest.decode(), values)
+    return rows
+
+
+def test_an_image_overwritten_between_scan_and_decode_gets_the_hash_of_the_bytes_decoded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    victim = data / "cats" / "img001.png"
+    old_bytes = victim.read_bytes()
+    new_bytes = write_image(tmp_path / "other.png", seed=999).read_bytes()
+    reference = extract_features(tiny_options(data, tmp_path / "reference")).cache_dir
+    old_features = _rows_by_path(reference)["cats/img001.png"][1]
+
+    import pipeline.extraction.extract as extract_module
+
+    real_scan = extract_module.scan_dataset
+
+    def scan_then_overwrite(*args, **kwargs):
+        scanned = real_scan(*args, **kwargs)
+        victim.write_bytes(new_bytes)  # after the scan hashed the old bytes, before the decode
+        return scanned
+
+    monkeypatch.setattr(extract_module, "scan_dataset", scan_then_overwrite)
+    cache = extract_features(tiny_options(data, tmp_path / "cache")).cache_dir
+    monkeypatch.undo()
+    digest, features = _rows_by_path(cache)["cats/img001.png"]
+    assert digest == hashlib.sha256(new_bytes).hexdigest(), "the row records the bytes it was computed from"
+    new_features = _rows_by_path(extract_features(tiny_options(data, tmp_path / "fresh")).cache_dir)[
+        "cats/img001.png"][1]
+    assert_features_close(features, new_features)  # computed beside other images: see conftest
+
+    victim.write_bytes(old_bytes)  # the old bytes come back: that image must be extracted again
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+    assert summary.new == 1
+    digest, features = _rows_by_path(cache)["cats/img001.png"]
+    assert digest == hashlib.sha256(old_bytes).hexdigest()
+    assert_features_close(features, old_features)  # a batch of one now, of four before
+
+
+def test_resource_failures_are_errors_not_skipped_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow as tf
+
+    import pipeline.images.decode_tf as images_module
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    victim = hashlib.sha256((data / "dogs" / "img002.png").read_bytes()).hexdigest()
+    real = images_module.decode_bytes_and_resize
+
+    def exhausting(encoded, size):
+        def check(value):
+            if hashlib.sha256(value.numpy()).hexdigest() == victim:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+            return np.int32(0)
+
+        done = tf.py_function(check, [encoded], tf.int32)
+        with tf.control_dependencies([done]):
+            return real(encoded, size)
+
+    monkeypatch.setattr(images_module, "decode_bytes_and_resize", exhausting)
+    with pytest.raises(PipelineError, match="lack of resources"):
+        extract_features(tiny_options(data, tmp_path / "cache"))
+    monkeypatch.undo()
+    manifest = json.loads(next((tmp_path / "cache").glob("*/manifest.json")).read_text())
+    assert manifest["skipped"] == [] and manifest["counts"]["train"] + manifest["counts"]["validation"] + \
+        manifest["counts"]["test"] == 7
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+    assert (summary.new, summary.images, summary.skipped) == (1, 8, [])
+
+
+def test_image_size_and_pixel_count_are_bounded(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    line = one_error_line(run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                                "--image-size", "100000", "--no-progress"))
+    assert "--image-size 100000" in line
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    write_image(data / "cats" / "big.png", seed=5, size=1200)
+    result = run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                  "--image-size", "32", "--precision", "fp32", "--no-progress", "--max-megapixels", "1")
+    line = one_error_line(result)
+    assert "big.png is 1200 x 1200 pixels" in line and "--max-megapixels" in line
+    manifest = json.loads(next((tmp_path / "c").glob("*/manifest.json")).read_text())
+    assert sum(manifest["counts"].values()) == 6 and manifest["skipped"] == []
+    result = run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+                  "--image-size", "32", "--precision", "fp32", "--no-progress")
+    assert result.returncode == 0 and "1 new, 6 reused" in result.stdout
+
+
+def test_a_cache_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    with pytest.raises(PipelineError, match="inside the data folder"):
+        extract_features(tiny_options(data, data / "features"))
+    assert not (data / "features").exists()
+
+
+def test_extract_says_where_validation_came_from_and_that_the_images_are_small(tmp_path: Path, capsys) -> None:
+    root = train_test_folder(tmp_path / "data", train=12, test=2, size=8)
+    assert main(["extract", "--data", str(root), "--cache", str(tmp_path / "c"), "--weights", "none",
+                 "--image-size", "32", "--precision", "fp32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "note: no validation folder: validation is 15% of each class's train/ images" in out
+    assert "about 8 px on their shorter side, much smaller than the 32 px input" in out
+    assert "README: Small images" in out
+    manifest = json.loads(next((tmp_path / "c").glob("*/manifest.json")).read_text())
+    assert manifest["dataset"]["split"]["carved_from_train"] == {"validation": 0.15}
+    assert manifest["counts"]["validation"] >= 2, "train-head has a validation split to choose on"
+
+
+def test_images_near_the_input_size_get_no_small_image_note(tmp_path: Path) -> None:
+    from pipeline.extraction.extract import dataset_notes
+
+    root = train_test_folder(tmp_path / "data", train=4, test=1, size=40)
+    scanned = scan_dataset(root, SplitConfig.from_flags(None, None, 0))
+    notes = dataset_notes(scanned, 64)
+    assert not any("smaller" in note for note in notes)
+    assert any("smaller" in note for note in dataset_notes(scanned, 96))
+
+
+def test_an_interrupted_first_extract_donates_its_shards_to_the_next(tmp_path: Path) -> None:
+
+    from conftest import make_image_folder
+
+    first = make_image_folder(tmp_path / "first", per_class=6)
+    summary = extract_features(tiny_options(first, tmp_path / "c"))
+    (summary.cache_dir / "manifest.json").unlink()  # as if killed before its manifest was written
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    again = extract_features(tiny_options(second, tmp_path / "c"))
+    assert (again.new, again.reused) == (0, 12), "every image's features were copied, none recomputed"

@@ -15,8 +15,10 @@ from conftest import make_image_folder, tiny_options
 from pipeline.backbone.blocks import unfreeze
 from pipeline.cache.reader import load_splits
 from pipeline.cli import main
+from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.finetuning.examples import Augmentation
+from pipeline.finetuning.finetune import FinetuneOptions, finetune
 from pipeline.runs import Run, list_runs
 from pipeline.runs.classifier import build_classifier, weights_for
 from pipeline.serving.predict import predict
@@ -215,3 +217,60 @@ def test_inspect_lists_layers_with_indices(capsys: pytest.CaptureFixture) -> Non
     layers = json.loads(capsys.readouterr().out)
     assert layers[15]["name"] == "block5_conv1" and layers[15]["block"] == "block5"
     assert layers[15]["type"] == "Conv2D"
+
+
+@pytest.fixture(scope="module")
+def vgg16() -> object:
+    import keras
+
+    return keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+
+
+def test_the_default_unfreeze_point_is_what_the_head_reads(vgg16) -> None:
+    from pipeline.backbone.blocks import choose_unfreeze, unfreeze
+
+    assert choose_unfreeze(vgg16, None, "block5", ["block5_pool"]) == "block5"
+    assert choose_unfreeze(vgg16, None, "block5", ["block4_pool"]) == "block4"
+    assert choose_unfreeze(vgg16, None, "block5", ["block3_pool", "block4_conv2"]) == "block4"
+    assert choose_unfreeze(vgg16, "block3", "block5", ["block4_pool"]) == "block3"
+    trained = unfreeze(vgg16, "block4", ["block4_pool"])
+    assert trained == ["block4_conv1", "block4_conv2", "block4_conv3"], "block5 never sees a gradient"
+
+
+def test_an_unfreeze_point_above_every_layer_the_head_reads_is_refused(vgg16) -> None:
+    from pipeline.backbone.blocks import choose_unfreeze
+
+    with pytest.raises(PipelineError, match="--unfreeze block5: the head reads block4_pool.*unfreeze block4"):
+        choose_unfreeze(vgg16, "block5", "block5", ["block4_pool"])
+
+
+def test_flips_default_to_horizontal_in_the_api_and_on_the_command_line(monkeypatch) -> None:
+    import pipeline.finetuning.finetune as finetune_module
+    from pipeline.finetuning.finetune import FinetuneOptions
+
+    assert FinetuneOptions().augmentation.flip == "horizontal"
+    assert FinetuneOptions(cached=True).augmentation.flip == "none"
+    seen = []
+
+    def capture(options):
+        seen.append(options)
+        raise PipelineError("captured")
+
+    monkeypatch.setattr(finetune_module, "finetune", capture)
+    assert main(["finetune", "--from", "x"]) == 1
+    assert main(["finetune", "--from", "x", "--cached"]) == 1
+    assert [o.augmentation for o in seen] == [FinetuneOptions().augmentation,
+                                              FinetuneOptions(cached=True).augmentation]
+    assert Augmentation().describe() == "horizontal flips"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-0.1"], "--lr -0.1: must be a positive learning rate"),
+    (["--clipnorm", "-1"], "--clipnorm -1.0: must be a positive norm"),
+    (["--momentum", "5"], "--momentum 5.0: must be from 0 up to"),
+    (["--zoom", "-5"], "--zoom -5.0: must be from 0 (off) to 1"),
+])
+def test_fine_tune_parameters_out_of_range_are_one_line(capsys, flags: list[str], message: str) -> None:
+    assert main(["finetune", "--from", "x", *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import clustered_features, make_image_folder, tiny_options, write_feature_cache
+from conftest import (
+    FAST_LOGREG,
+    THREE_CLASSES,
+    clustered_features,
+    make_image_folder,
+    run_cli,
+    tiny_options,
+    write_feature_cache,
+)
 from pipeline import runs
 from pipeline.cache.reader import FeatureView, SplitData, load_splits, open_cache
 from pipeline.cache.store import FeatureStore
@@ -17,11 +26,11 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.heads import Head, LogRegHead, make_head
+from pipeline.heads.logreg import MAX_GRID, log_grid
 from pipeline.training.train import TrainOptions, evaluate_run, train_head
 
 CLASSES = ["ant", "bee", "cat"]
 FAST_DENSE = {"epochs": 40, "units": 32, "patience": 5}
-FAST_LOGREG = {"c_grid": "1e-3:1e1:5", "n_jobs": 1}
 
 
 @pytest.fixture
@@ -342,3 +351,116 @@ def test_a_head_learns_its_class_names_from_the_features() -> None:
     validation = ArrayFeatures(features[split == "validation"], labels[split == "validation"], names)
     head = make_head("logreg", params=FAST_LOGREG).fit(train, validation, progress=False)
     assert list(head.classes_) == names and head.predict_proba(validation).shape == (len(validation), 3)
+
+
+def test_reports_stay_fast_and_readable_at_hundreds_of_classes(tmp_path: Path) -> None:
+
+    classes = [f"class{i:03d}" for i in range(200)]
+    labels = np.repeat(np.arange(200), 3)
+    rng = np.random.default_rng(0)
+    features = (rng.normal(size=(600, 16)) + labels[:, None] * 0.05).astype(np.float32)
+    splits = np.array(["train", "validation", "test"] * 200)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, list(splits), classes, shard_size=256)
+    started = time.perf_counter()
+    result = run_cli("train-head", "--head", "logreg", "--features", str(cache), "--models", str(tmp_path / "m"),
+                  "--name", "many", "--c-grid", "0.1,1", "--n-jobs", "1", "--no-progress")
+    took = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "m" / "many"
+    assert not (run / "confusion_matrix.png").exists()
+    assert (run / "confusion_matrix.csv").read_text().count("\n") == 201
+    assert (run / "most_confused.csv").is_file()
+    assert len(result.stdout.splitlines()) < 60, "the terminal gets a summary, not 200 rows"
+    printed = float(result.stdout.split("head: ")[1].split(" s in all")[0])
+    assert printed <= took and printed > 0.5 * took - 3, (printed, took)  # the command's own time
+
+
+@pytest.mark.parametrize("grid", ["inf", "1e-3,inf", "nan,1", "1:0:5", "0:1:3", "1e-6:1e5:0", "-1:1:3",
+                                  "1e-6:1e5:100000000", "1:2"])
+def test_c_grids_that_cannot_be_searched_are_refused(grid: str) -> None:
+    with pytest.raises(PipelineError, match="--c-grid"):
+        log_grid(grid)
+
+
+def test_the_largest_c_grid_is_bounded() -> None:
+    assert len(log_grid(f"1e-3:1e3:{MAX_GRID}")) == MAX_GRID
+    with pytest.raises(PipelineError, match=f"COUNT must be 1 to {MAX_GRID}"):
+        log_grid(f"1e-3:1e3:{MAX_GRID + 1}")
+
+
+@pytest.mark.parametrize("kind, params, flag", [
+    ("logreg", {"n_jobs": 0}, "--n-jobs 0"),
+    ("dense", {"dropout": 1.5}, "--dropout 1.5"),
+    ("dense", {"dropout": -0.1}, "--dropout -0.1"),
+    ("dense", {"lr": -1e-3}, "--lr -0.001"),
+    ("dense", {"lr": 0.0}, "--lr 0.0"),
+])
+def test_head_parameters_out_of_range_are_refused(kind: str, params: dict, flag: str) -> None:
+    with pytest.raises(PipelineError, match=flag):
+        make_head(kind, THREE_CLASSES, params)
+
+
+def test_a_bad_c_grid_fails_in_one_line_before_the_features_are_read(tmp_path: Path, capsys, monkeypatch) -> None:
+    import pipeline.training.train as train_module
+
+    features, labels, splits = clustered_features(60, 3, seed=2)
+    cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
+    monkeypatch.setattr(train_module, "load_splits", lambda *a, **k: pytest.fail("features read"))
+    assert main(["train-head", "--features", str(cache), "--models", str(tmp_path / "m"),
+                 "--c-grid", "1e-6:1e5:100000000"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "COUNT must be 1 to" in err
+
+
+def test_a_streamed_source_that_fails_surfaces_its_own_error_from_fit() -> None:
+    import keras
+    import numpy as np
+
+    from pipeline.heads.fitting import StreamedExamples, fit
+
+    def chunks(epoch):
+        yield np.zeros((4, 2), np.float32), np.zeros(4, np.int32)
+        raise PipelineError("shard-00002.h5 changed while it was being read: rerun")
+
+    data = StreamedExamples(chunks, 8, 4)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.raises(PipelineError, match="^shard-00002.h5 changed while it was being read: rerun$"):
+        fit(model, data, epochs=1, verbose=0)
+
+
+def test_the_dense_head_keeps_the_epoch_of_the_best_validation_accuracy() -> None:
+    import keras
+
+    from pipeline.heads.fitting import KeepBest
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    keep = KeepBest()
+    keep.set_model(model)
+    keep.on_train_begin()
+    for epoch, (accuracy, loss) in enumerate([(0.6, 0.5), (0.8, 0.9), (0.7, 0.2)]):
+        model.layers[0].kernel.assign([[float(epoch)]])
+        keep.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
+    keep.on_train_end()
+    assert keep.best_epoch == 2, "accuracy decides, not the lowest loss (epoch 3)"
+    assert float(model.layers[0].kernel.numpy()[0, 0]) == 1.0
+
+    from pipeline.heads import DenseHead
+
+    head = DenseHead(["a", "b"])
+    head.history_ = [{"epoch": 1, "val_accuracy": 0.6, "val_loss": 0.5},
+                     {"epoch": 2, "val_accuracy": 0.8, "val_loss": 0.9},
+                     {"epoch": 3, "val_accuracy": 0.7, "val_loss": 0.2}]
+    assert head.outcome()["best_epoch"] == 2
+
+
+def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp_path: Path) -> None:
+    from pipeline.cache.reader import FeatureView, load_splits, open_cache
+    from pipeline.heads import LogRegHead
+
+    features, labels, splits = clustered_features(90, 3, seed=3)
+    store = open_cache(write_feature_cache(tmp_path / "cache", features, labels, splits, ["a", "b", "c"]), tmp_path)
+    data = load_splits(store, FeatureView.for_cache(store))
+    head = LogRegHead(["a", "b", "c"], {"c_grid": "1e-2:1e2:5", "n_jobs": 1}).fit(data["train"], data["validation"],
+                                                                                  progress=False)
+    assert [row["C"] for row in head.history_] == sorted(row["C"] for row in head.history_)

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT, make_image_folder, tiny_options
 from pipeline.cache.store import FeatureStore, shard_paths
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 
@@ -76,3 +77,23 @@ def test_reader_refuses_a_cache_whose_run_was_interrupted(tmp_path: Path) -> Non
     extra.write_bytes(shard_paths(summary.cache_dir)[0].read_bytes())  # as if a run died before its manifest
     with pytest.raises(PipelineError, match="interrupted"):
         FeatureStore(summary.cache_dir)
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["train-head"], "no run was saved"),
+    (["evaluate", "--model", "m"], "metrics and reports are as they were"),
+    (["extract", "--data", "d"], "finished shards are kept"),
+])
+def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, command: list[str], expected: str) -> None:
+    import pipeline.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    handlers = {"train-head": "_train_head", "evaluate": "_evaluate", "extract": "_extract"}
+    monkeypatch.setattr(cli, handlers[command[0]], interrupted)
+    assert main(command) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: ") and expected in err and len(err.splitlines()) == 1
+    if command[0] != "extract":
+        assert "shards" not in err and "resume" not in err

@@ -249,10 +249,6 @@ def write_shard(path: Path, rows: Rows, class_names: Sequence[str], fingerprint:
 _KEPT = "nothing half-written was left and earlier shards are intact"
 
 
-def write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    atomic.write_json(path, content)
-
-
 def shard_paths(directory: Path) -> list[Path]:
     """The cache's shard files. Anything else named like a shard (a folder, a FIFO, a device) is
     refused: opening a FIFO would wait for a writer for ever."""

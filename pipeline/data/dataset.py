@@ -237,9 +237,6 @@ class HashIndex:
                 self.saved_at_ns, self.entries = 0, {}  # only a speed-up: start afresh
         self._seen: dict[str, tuple[int, int, str]] = {}
 
-    def sha256(self, path: Path, key: str) -> str:
-        return self.lookup(path, key)[0]
-
     def lookup(self, path: Path, key: str, read: bool = True) -> tuple[str, int, int]:
         """(sha256, size, mtime_ns) of a file: the remembered hash where (size, mtime) still match,
         else the file is read (`read=False`: "" instead, for a worker to hash as it decodes)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import backend
+from pipeline import atomic, backend
 from pipeline.backbone.network import FeatureExtractor, build_backbone
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.precision import resolve_precision
@@ -305,7 +305,7 @@ class _Extraction:
             "ignored": [{"path": p, "reason": r} for p, r in dataset.ignored],
             "last_run": summary.as_dict() | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         }
-        store.write_json_atomic(directory / store.MANIFEST_NAME, manifest)
+        atomic.write_json(directory / store.MANIFEST_NAME, manifest)
 
     def feature_shapes(self, shards: Sequence[ShardIndex]) -> dict[str, tuple[int, ...]]:
         if shards:

@@ -17,7 +17,7 @@ from typing import Any
 import keras
 
 from pipeline import backend
-from pipeline.backbone.network import PREPROCESSING, build_backbone, preprocess, preprocessing_layers
+from pipeline.backbone.network import build_backbone, preprocessing_layers
 from pipeline.backbone.pooling import keras_layer
 from pipeline.backbone.registry import get_backbone
 from pipeline.backbone.weights import ResolvedWeights
@@ -27,34 +27,6 @@ from pipeline.errors import PipelineError
 from pipeline.heads import Head
 
 TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
-
-
-@keras.saving.register_keras_serializable(package="bottleneck")
-class ImagePreprocessing(keras.layers.Layer):
-    """Kept only to load models fine-tuned by earlier versions, which need this package to load:
-    pixels 0..255 of any size (RGB) -> the backbone's input, squashed to a square by area
-    averaging when shrinking and bilinear when growing, then the weights' normalisation. New
-    models use image_input (Keras' own layers)."""
-
-    def __init__(self, image_size: int, mode: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if mode not in PREPROCESSING:
-            raise PipelineError(f"unknown preprocessing {mode!r}")
-        self.image_size = int(image_size)
-        self.mode = mode
-
-    def call(self, images: Any) -> Any:
-        import tensorflow as tf
-
-        from pipeline.images.decode_tf import resize_like_extract
-
-        return preprocess(resize_like_extract(tf.cast(images, tf.float32), self.image_size), self.mode)
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0], self.image_size, self.image_size, 3)
-
-    def get_config(self) -> dict[str, Any]:
-        return super().get_config() | {"image_size": self.image_size, "mode": self.mode}
 
 
 def weights_for(fingerprint: Fingerprint, recorded_path: str | None) -> ResolvedWeights:
@@ -187,15 +159,28 @@ def load_finetuned(path: Path, float32: bool = False) -> keras.Model:
     (every mixed or low-precision dtype policy replaced: its weights are float32 already)."""
     from pipeline.artefacts import load_keras_model
 
+    _refuse_early_models(path)
     trained = load_keras_model(path, "fine-tune again")
     if not float32:
         return trained
-    if any(type(layer).__name__ == "ImagePreprocessing" for layer in trained.layers):
-        raise PipelineError(f"{path.parent} was fine-tuned by an earlier version whose model needs this package to "
-                            "load: fine-tune it again to export it")
     model = keras.Model.from_config(_float32_config(trained.get_config()))
     model.set_weights(trained.get_weights())
     return model
+
+
+def _refuse_early_models(path: Path) -> None:
+    """Models fine-tuned by early versions held a layer of this package (ImagePreprocessing)
+    instead of Keras' own: one policy for older formats, refused in one line."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = archive.read("config.json")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return  # the loader names what is wrong with the file
+    if b"ImagePreprocessing" in config:
+        raise PipelineError(f"{path.parent} was fine-tuned by an early version (its model holds a layer of this "
+                            "package): fine-tune it again")
 
 
 def _float32_config(value: Any) -> Any:

@@ -153,18 +153,21 @@ def write_split_record(directory: Path, splits: Mapping[str, SplitIndex]) -> Non
             writer.writerows(zip(index.paths, [split] * len(index.paths), index.sha256))
 
 
-def read_split_record(run: Path) -> list[tuple[str, str, str]] | None:
-    """(path, split, sha256) of every image as the run saw them (sha256 "" in records made before
-    it was kept); None for runs made before the record existed."""
+def read_split_record(run: Path) -> list[tuple[str, str, str]]:
+    """(path, split, sha256) of every image as the run saw them. A run without this record, or with
+    one that keeps no content hashes, was made by an early version: refused in one line."""
     path = Path(run) / SPLIT_RECORD
     if not path.is_file():
-        return None
+        raise PipelineError(f"{path} is missing (a run of an early version, or damaged): train the run again")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = csv.reader(handle)
             header = next(rows, None)
-            if header not in (["path", "split"], ["path", "split", "sha256"]):
+            if header == ["path", "split"]:
+                raise PipelineError(f"{path} records no content hashes (a run of an early version): train the run "
+                                    "again")
+            if header != ["path", "split", "sha256"]:
                 raise ValueError("unexpected header")
-            return [(row[0], row[1], row[2] if len(header) == 3 else "") for row in rows]
+            return [(row[0], row[1], row[2]) for row in rows]
     except (OSError, ValueError, IndexError, csv.Error) as error:
         raise PipelineError(f"{path} is damaged ({atomic.one_line(error)}): train the run again") from None

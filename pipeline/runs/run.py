@@ -42,16 +42,14 @@ class Run(RunRecord):
         return opened
 
     @cached_property
-    def split_record(self) -> dict[str, str] | None:
-        """path -> split as the run saw them; None for runs made before the record existed."""
-        rows = read_split_record(self.directory)
-        return None if rows is None else {path: split for path, split, _ in rows}
+    def split_record(self) -> dict[str, str]:
+        """path -> split as the run saw them."""
+        return {path: split for path, split, _ in read_split_record(self.directory)}
 
     @cached_property
     def trained_contents(self) -> dict[str, str]:
-        """sha256 -> path of every image the run trained on (empty for records without hashes)."""
-        return {digest: path for path, split, digest in read_split_record(self.directory) or [] if
-                split == "train" and digest}
+        """sha256 -> path of every image the run trained on."""
+        return {digest: path for path, split, digest in read_split_record(self.directory) if split == "train"}
 
     # --- what the run was trained on ----------------------------------------------------------------
 
@@ -91,8 +89,6 @@ class Run(RunRecord):
         run trained on under a new name in validation or test (a renamed or copied file: known by
         its content hash; copies the run already saw there are its own data's)."""
         recorded = self.split_record
-        if recorded is None:
-            return
         trained = self.trained_contents
         for split in ("validation", "test"):
             index = current.get(split)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,8 +18,15 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_features_close, make_image_folder, tiny_options, write_image
+from conftest import (
+    ROOT,
+    assert_features_close,
+    make_image_folder,
+    tiny_options,
+    write_image,
+)
 from pipeline.cache import store
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.extraction.ray_engine import check_cache_reachable
@@ -229,7 +237,6 @@ def test_ray_options_without_the_ray_engine_are_refused(tmp_path: Path, image_fo
 def test_a_ray_address_without_a_cluster_is_one_line_and_quick(tmp_path: Path, image_folder: Path,
                                                                 capsys: pytest.CaptureFixture[str], address: str,
                                                                 message: str) -> None:
-    from pipeline.cli import main
 
     started = time.perf_counter()
     assert main(["extract", "--data", str(image_folder), "--cache", str(tmp_path / "c"), "--weights", "none",
@@ -238,3 +245,58 @@ def test_a_ray_address_without_a_cluster_is_one_line_and_quick(tmp_path: Path, i
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+class _Cluster:
+    def __init__(self, cpus: int, gpus: int = 0, nodes: int = 1) -> None:
+        self.resources = {"CPU": float(cpus)} | ({"GPU": float(gpus)} if gpus else {})
+        self.gpus, self.nodes = gpus, nodes
+
+
+@pytest.mark.parametrize("workers, cpus, gpus", [(2, 2, 0), (1000, 16, 0), (1, 1, 0), (3, 16, 2)])
+def test_more_ray_workers_than_the_cluster_can_feed_are_refused(workers: int, cpus: int, gpus: int) -> None:
+    from pipeline.extraction.ray_engine import RayEngine
+
+    engine = RayEngine(None, None, 32, 8, 1 << 20, workers=workers)
+    with pytest.raises(PipelineError, match=f"--workers {workers}: the Ray cluster has"):
+        engine.actor_options(_Cluster(cpus, gpus))
+
+
+def test_ray_workers_the_cluster_can_feed_are_taken() -> None:
+    from pipeline.extraction.ray_engine import RayEngine
+
+    assert RayEngine(None, None, 32, 8, 1 << 20, workers=3).actor_options(_Cluster(4))[0] == 3
+    assert RayEngine(None, None, 32, 8, 1 << 20).actor_options(_Cluster(2, nodes=1))[0] == 1
+    assert RayEngine(None, None, 32, 8, 1 << 20).actor_options(_Cluster(16, gpus=2))[0] == 2
+
+
+def test_a_ray_address_where_something_else_listens_is_refused_quickly() -> None:
+    from pipeline.extraction.ray_engine import check_address
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        connection.recv(100)
+        connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        connection.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    started = time.perf_counter()
+    with pytest.raises(PipelineError, match="not a Ray head node"):
+        check_address(f"127.0.0.1:{server.getsockname()[1]}", timeout=2.0)
+    assert time.perf_counter() - started < 10
+    server.close()
+
+
+def test_a_ray_address_that_accepts_and_says_nothing_is_refused_after_the_timeout() -> None:
+    from pipeline.extraction.ray_engine import check_address
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    with pytest.raises(PipelineError, match="not a Ray head node"):
+        check_address(f"127.0.0.1:{server.getsockname()[1]}", timeout=1.0)
+    server.close()

@@ -1,0 +1,77 @@
+"""Images: the header parser, the pixel limit, images whose size cannot be read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    make_image_folder,
+    tiny_options,
+)
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.extraction.extract import extract_features
+
+
+def _webp(width: int, height: int, lossless: bool) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 30)).save(buffer, "WEBP", lossless=lossless)
+    return buffer.getvalue()
+
+
+def _jpeg_with_a_stray_byte(width: int, height: int) -> bytes:
+    """A JPEG with one junk byte before its frame header: libjpeg warns and decodes it."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    frame = data.index(b"\xff\xc0")
+    return data[:frame] + b"\x00" + data[frame:]
+
+
+@pytest.mark.parametrize("make", [lambda w, h: _jpeg_with_a_stray_byte(w, h),
+                                  lambda w, h: _webp(w, h, lossless=False),
+                                  lambda w, h: _webp(w, h, lossless=True)], ids=["jpeg-stray-byte", "webp", "webp-ll"])
+def test_the_header_parser_reads_what_the_decoder_accepts(make) -> None:
+    from pipeline.images.formats import image_dimensions
+
+    assert image_dimensions(make(321, 123)) == (321, 123)
+
+
+def test_disguised_large_images_are_held_back_by_predict_and_extract(tmp_path: Path, capsys,
+                                                                    head_run: dict[str, Path]) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "cats" / "bomb.png").write_bytes(_webp(400, 300, lossless=False))  # WebP bytes named .png
+    (data / "dogs" / "bomb.jpg").write_bytes(_jpeg_with_a_stray_byte(400, 300))
+    options = tiny_options(data, tmp_path / "c", max_pixels=100_000)
+    with pytest.raises(PipelineError, match=r"is 400 x 300 pixels, above the limit"):
+        extract_features(options)
+    for name in ("cats/bomb.png", "dogs/bomb.jpg"):
+        assert main(["predict", "--model", "best", "--models", str(tmp_path / "m"), str(data / name)]) == 1
+    capsys.readouterr()
+    for name in ("cats/bomb.png", "dogs/bomb.jpg"):
+        assert main(["predict", "--model", str(head_run["run"]), "--max-megapixels", "0.05", str(data / name)]) == 1
+    err = capsys.readouterr()
+    assert "400 x 300 pixels, above the limit of 0.05 megapixels" in err.out + err.err
+
+
+def test_an_image_whose_size_cannot_be_read_is_not_decoded(tmp_path: Path) -> None:
+    from pipeline.images.reading import EncodedImages, unchecked_reason
+
+    jpeg = _jpeg_with_a_stray_byte(40, 40)
+    headless = jpeg[:jpeg.index(b"\xff\xc0")]  # a JPEG cut before its frame header
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(headless)
+    source = EncodedImages([path])
+    assert list(source._encoded()) == []
+    assert source.failure_reason(0, 32) == unchecked_reason(headless)
+    assert "header does not say how large" in unchecked_reason(headless)
