@@ -1,13 +1,11 @@
-"""Shared helpers: small image folders made by the tests themselves, the command line in a
-subprocess, and one module-scoped "small cache and a head run". Importing this imports no
-TensorFlow: only the tests that need it do."""
+"""Shared helpers: small image folders made by the tests themselves, synthetic feature caches, and
+one module-scoped "small cache and a head run" (tests/commandline.py runs the command line).
+Importing this imports no TensorFlow: only the tests that need it do."""
 
 from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,28 +33,6 @@ def write_image(path: Path, seed: int, size: int = 40, channels: int = 3, fmt: s
         image.convert("L" if channels == 1 else "RGB").save(encoded, format="JPEG", quality=95)
     path.write_bytes(encoded.getvalue())
     return path
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`python run_pipeline.py ARGS` in a fresh process."""
-    return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=cwd,
-                          capture_output=True, text=True)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The one `error: ...` line a failed command printed (and nothing else, no traceback)."""
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def dead_pid() -> int:
-    """The PID of a process that has ended."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def train_test_folder(root: Path, train: int = 20, test: int = 4, size: int = 40) -> Path:

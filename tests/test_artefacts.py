@@ -9,13 +9,8 @@ import pickle
 import shutil
 from pathlib import Path
 
-from conftest import (
-    THREE_CLASSES,
-    clustered_features,
-    one_error_line,
-    run_cli,
-    write_feature_cache,
-)
+from commandline import one_error_line, run_cli
+from conftest import THREE_CLASSES, clustered_features, write_feature_cache
 from pipeline.cli import main
 from pipeline.training.train import TrainOptions, train_head
 

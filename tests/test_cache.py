@@ -12,16 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (
-    ROOT,
-    THREE_CLASSES,
-    clustered_features,
-    make_image_folder,
-    one_error_line,
-    run_cli,
-    tiny_options,
-    write_feature_cache,
-)
+from commandline import one_error_line, run_cli
+from conftest import ROOT, THREE_CLASSES, clustered_features, make_image_folder, tiny_options, write_feature_cache
 from pipeline.cache import store
 from pipeline.cache.reader import FeatureView, load_splits
 from pipeline.errors import PipelineError

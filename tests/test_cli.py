@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    ROOT,
-    THREE_CLASSES,
-    clustered_features,
-    make_image_folder,
-    one_error_line,
-    run_cli,
-    write_feature_cache,
-)
+from commandline import one_error_line, run_cli
+from conftest import ROOT, THREE_CLASSES, clustered_features, make_image_folder, write_feature_cache
 from pipeline import atomic, runs
 from pipeline.cli import main
 from pipeline.data.demo import class_of, elpv_data_dir, elpv_labels

@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    FAST_LOGREG,
-    make_image_folder,
-    one_error_line,
-    run_cli,
-    tiny_options,
-    train_test_folder,
-    write_image,
-)
+from commandline import one_error_line, run_cli
+from conftest import FAST_LOGREG, make_image_folder, tiny_options, train_test_folder, write_image
 from pipeline.cli import main
 from pipeline.data.dataset import SplitConfig, scan_dataset, split_position
 from pipeline.errors import PipelineError

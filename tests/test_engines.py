@@ -18,13 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (
-    ROOT,
-    assert_features_close,
-    make_image_folder,
-    tiny_options,
-    write_image,
-)
+from conftest import ROOT, assert_features_close, make_image_folder, tiny_options, write_image
 from pipeline.cache import store
 from pipeline.cli import main
 from pipeline.errors import PipelineError

@@ -12,13 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (
-    THREE_CLASSES,
-    clustered_features,
-    make_image_folder,
-    tiny_options,
-    write_feature_cache,
-)
+from conftest import THREE_CLASSES, clustered_features, make_image_folder, tiny_options, write_feature_cache
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features

@@ -13,15 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (
-    assert_features_close,
-    make_image_folder,
-    one_error_line,
-    run_cli,
-    tiny_options,
-    train_test_folder,
-    write_image,
-)
+from commandline import one_error_line, run_cli
+from conftest import assert_features_close, make_image_folder, tiny_options, train_test_folder, write_image
 from pipeline import artefacts
 from pipeline.backbone import network as backbones
 from pipeline.backbone.network import build_backbone

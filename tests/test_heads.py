@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from commandline import run_cli
 from conftest import (
     FAST_LOGREG,
     THREE_CLASSES,
     clustered_features,
     make_image_folder,
-    run_cli,
     tiny_options,
     write_feature_cache,
 )

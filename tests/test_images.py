@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    make_image_folder,
-    tiny_options,
-)
+from conftest import make_image_folder, tiny_options
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features

@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from commandline import dead_pid, one_error_line, run_cli
 from conftest import (
     FAST_LOGREG,
     ROOT,
     THREE_CLASSES,
     clustered_features,
-    dead_pid,
     make_image_folder,
-    one_error_line,
-    run_cli,
     tiny_options,
     write_feature_cache,
 )
@@ -44,6 +42,25 @@ def _copy_run(source: Path, target: Path) -> Path:
     return target
 
 
+def _edited_copy(head_run: dict[str, Path], target: Path, edit) -> Path:  # noqa: ANN001 - edits the config
+    """A copy of the shared run at `target` whose config.json `edit` changed."""
+    copy = _copy_run(head_run["run"], target)
+    config = json.loads((copy / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def _commands_say_one_line(head_run: dict[str, Path], run: Path, tmp_path: Path, capsys, *words: str) -> None:
+    """predict, evaluate and export on `run`: exit status 1 and one line holding every word."""
+    for command in (["predict", "--model", str(run), str(head_run["data"] / "cats" / "img000.png")],
+                    ["evaluate", "--model", str(run)],
+                    ["export", "--model", str(run), "--format", "keras", "--out", str(tmp_path / "out")]):
+        assert main(command) == 1
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and all(word in error[0] for word in words), (command, error)
+
+
 def test_a_run_opens_once_with_everything_a_command_needs(head_run: dict[str, Path]) -> None:
     run = Run.open(head_run["run"])
     assert run.kind == "head" and run.format_version == FORMAT_VERSION
@@ -60,40 +77,25 @@ def test_runs_without_a_format_version_are_refused_in_one_line(head_run: dict[st
                                                                capsys) -> None:
     """One policy for older formats: a run from before format versions is refused, saying what to
     run again; `runs` lists it with that problem instead of failing."""
-    old = _copy_run(head_run["run"], tmp_path / "models" / "old-run")
-    config = json.loads((old / "config.json").read_text())
-    del config["format_version"]
-    (old / "config.json").write_text(json.dumps(config))
+    old = _edited_copy(head_run, tmp_path / "models" / "old-run", lambda config: config.pop("format_version"))
     with pytest.raises(PipelineError, match="early version.*train the run again"):
         Run.open(old)
-    assert main(["predict", "--model", str(old), str(head_run["data"] / "cats" / "img000.png")]) == 1
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "train the run again" in error[0]
+    _commands_say_one_line(head_run, old, tmp_path, capsys, "train the run again")
     [row] = list_runs(tmp_path / "models")
     assert row["name"] == "old-run" and "early version" in row["problem"]
 
 
 def test_a_boolean_format_version_is_damage(head_run: dict[str, Path], tmp_path: Path) -> None:
-    damaged = _copy_run(head_run["run"], tmp_path / "damaged-run")
-    config = json.loads((damaged / "config.json").read_text())
-    config["format_version"] = True
-    (damaged / "config.json").write_text(json.dumps(config))
+    damaged = _edited_copy(head_run, tmp_path / "damaged-run", lambda config: config.update(format_version=True))
     with pytest.raises(PipelineError, match="damaged .format_version True"):
         Run.open(damaged)
 
 
 def test_a_run_from_a_newer_version_is_refused_in_one_line(head_run: dict[str, Path], tmp_path: Path,
                                                            capsys) -> None:
-    newer = _copy_run(head_run["run"], tmp_path / "newer-run")
-    config = json.loads((newer / "config.json").read_text())
-    config["format_version"] = FORMAT_VERSION + 1
-    (newer / "config.json").write_text(json.dumps(config))
-    for command in (["predict", "--model", str(newer), str(head_run["data"] / "cats" / "img000.png")],
-                    ["evaluate", "--model", str(newer)],
-                    ["export", "--model", str(newer), "--format", "keras", "--out", str(tmp_path / "out")]):
-        assert main(command) == 1
-        error = capsys.readouterr().err.strip().splitlines()
-        assert len(error) == 1 and "newer version" in error[0] and "upgrade" in error[0]
+    newer = _edited_copy(head_run, tmp_path / "newer-run",
+                         lambda config: config.update(format_version=FORMAT_VERSION + 1))
+    _commands_say_one_line(head_run, newer, tmp_path, capsys, "newer version", "upgrade")
 
 
 @pytest.mark.parametrize("damage", [
@@ -103,17 +105,23 @@ def test_a_run_from_a_newer_version_is_refused_in_one_line(head_run: dict[str, P
     lambda c: c.update(kind="resnet"),
     lambda c: c["view"].update(pooling="median"),
     lambda c: c["features"]["fingerprint"].update(image_size=3000),
+    lambda c: c.update(fusion=[]),
+    lambda c: c.update(fusion=[{"features": c["features"], "view": c["view"]}]),
 ])
 def test_a_config_of_the_wrong_shape_is_one_line(head_run: dict[str, Path], tmp_path: Path, damage, capsys) -> None:
-    broken = _copy_run(head_run["run"], tmp_path / "broken-run")
-    config = json.loads((broken / "config.json").read_text())
-    damage(config)
-    (broken / "config.json").write_text(json.dumps(config))
+    broken = _edited_copy(head_run, tmp_path / "broken-run", damage)
     with pytest.raises(PipelineError, match="config.json is damaged"):
         Run.open(broken)
-    assert main(["predict", "--model", str(broken), str(head_run["data"] / "cats" / "img000.png")]) == 1
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "damaged" in error[0]
+    _commands_say_one_line(head_run, broken, tmp_path, capsys, "damaged")
+
+
+def test_a_run_without_content_hashes_in_its_split_record_is_refused(head_run: dict[str, Path], tmp_path: Path,
+                                                                     capsys) -> None:
+    early = _copy_run(head_run["run"], tmp_path / "early-run")
+    rows = (early / runs.SPLIT_RECORD).read_text().splitlines()
+    (early / runs.SPLIT_RECORD).write_text("path,split\n" + "".join(",".join(r.split(",")[:2]) + "\n"
+                                                                 for r in rows[1:]))
+    _commands_say_one_line(head_run, early, tmp_path, capsys, "no content hashes", "train the run again")
 
 
 def test_labels_that_disagree_with_the_run_are_refused(head_run: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -132,7 +140,7 @@ def test_the_classifier_of_a_run_is_built_in_one_place(head_run: dict[str, Path]
     model = run.classifier("fp32")
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)
     probabilities = np.asarray(model.predict(pixels, verbose=0))
-    assert probabilities.shape == (2, 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert probabilities.shape == (2, 3) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     with pytest.raises(PipelineError, match="fine-tune starts from a head run|no separate head"):
         Run(run.directory, run.config | {"kind": "finetune"}, run.class_names, run.metrics).head()
 

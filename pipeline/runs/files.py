@@ -148,26 +148,40 @@ def write_split_record(directory: Path, splits: Mapping[str, SplitIndex]) -> Non
     with atomic.replacing(Path(directory) / SPLIT_RECORD) as temporary, \
             open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "split", "sha256"])
+        writer.writerow(SPLIT_RECORD_HEADER)
         for split, index in splits.items():
             writer.writerows(zip(index.paths, [split] * len(index.paths), index.sha256))
+
+
+SPLIT_RECORD_HEADER = ["path", "split", "sha256"]
+
+
+def check_split_record(run: Path) -> None:
+    """splits.csv is there and of this version (its header): read once by RunRecord.read."""
+    path = Path(run) / SPLIT_RECORD
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), None)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing (a run of an early version, or damaged): train the run again") \
+            from None
+    except (OSError, ValueError, csv.Error) as error:
+        raise PipelineError(f"{path} is damaged ({atomic.one_line(error)}): train the run again") from None
+    if header == ["path", "split"]:
+        raise PipelineError(f"{path} records no content hashes (a run of an early version): train the run again")
+    if header != SPLIT_RECORD_HEADER:
+        raise PipelineError(f"{path} is damaged (unexpected header): train the run again")
 
 
 def read_split_record(run: Path) -> list[tuple[str, str, str]]:
     """(path, split, sha256) of every image as the run saw them. A run without this record, or with
     one that keeps no content hashes, was made by an early version: refused in one line."""
+    check_split_record(run)
     path = Path(run) / SPLIT_RECORD
-    if not path.is_file():
-        raise PipelineError(f"{path} is missing (a run of an early version, or damaged): train the run again")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = csv.reader(handle)
-            header = next(rows, None)
-            if header == ["path", "split"]:
-                raise PipelineError(f"{path} records no content hashes (a run of an early version): train the run "
-                                    "again")
-            if header != ["path", "split", "sha256"]:
-                raise ValueError("unexpected header")
+            next(rows)
             return [(row[0], row[1], row[2]) for row in rows]
-    except (OSError, ValueError, IndexError, csv.Error) as error:
+    except (OSError, ValueError, IndexError, csv.Error, StopIteration) as error:
         raise PipelineError(f"{path} is damaged ({atomic.one_line(error)}): train the run again") from None

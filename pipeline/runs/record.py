@@ -15,7 +15,7 @@ from pipeline.backbone.pooling import POOLINGS
 from pipeline.cache.fingerprint import Fingerprint
 from pipeline.cache.reader import FeatureView
 from pipeline.errors import PipelineError
-from pipeline.runs.files import CONFIG, LABELS_FILE, read_config, read_labels, read_metrics
+from pipeline.runs.files import CONFIG, LABELS_FILE, check_split_record, read_config, read_labels, read_metrics
 
 FORMAT_VERSION = 1  # config.json's "format_version"
 KINDS = ("head", "finetune")
@@ -81,6 +81,7 @@ class RunRecord:
             record = cls(directory, config, read_labels(directory), read_metrics(directory))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PipelineError(f"{directory / CONFIG} is damaged (missing or wrong {error}): {WAY_OUT}") from None
+        check_split_record(directory)
         if record.class_names != record.trained_class_names:
             raise PipelineError(
                 f"{directory / LABELS_FILE} lists {len(record.class_names)} classes, the run was trained on "
