@@ -227,3 +227,75 @@ def test_export_refuses_a_model_whose_outputs_disagree_with_its_labels(head_run:
     opened.class_names = THREE_CLASSES + ["extra"]  # labels.txt replaced while export read the run
     with pytest.raises(PipelineError, match="labels.txt lists 4 classes, the model has 3 outputs"):
         export.export_run(head_run["run"], "keras", tmp_path / "out")
+
+
+# --- every size the pixel limit admits resizes as extract does (the .keras model's switch) ----------
+
+RESIZE_SHAPES = [(6000, 8000), (8000, 6000), (3, 20000), (20000, 3)]  # 48 megapixels both ways, very thin
+
+
+def _sides_around(n: int) -> list[tuple[int, int]]:
+    """Each side exactly N, N - 1 and N + 1."""
+    return [(h, w) for h in (n - 1, n, n + 1) for w in (n - 1, n, n + 1)]
+
+
+@pytest.mark.parametrize("n", [32, 150, 224, 2048])
+def test_the_keras_resize_switch_is_exact_at_every_size(n: int) -> None:
+    """The resize inside .keras models (Keras layers only) against extract's own rule, on inputs
+    of 48 megapixels in both orientations, very thin ones, and sides of N, N - 1 and N + 1 (the
+    switch of an average of ones, before, sent 6000 x 8000 to bilinear at 224 and blended at 150)."""
+    import keras
+
+    from pipeline.images.decode_tf import resize_like_extract
+    from pipeline.runs.classifier import resize_like_extract_layers
+
+    pixels = keras.Input((None, None, 3))
+    model = keras.Model(pixels, resize_like_extract_layers(pixels, n))
+    extra = {224: [(7000, 10000)], 2048: [(2048, 8500), (2056, 9000)]}.get(n, [])
+    for height, width in RESIZE_SHAPES + _sides_around(n) + extra:
+        image = np.random.default_rng(height * 7 + width).integers(0, 256, (height, width, 3)).astype(np.float32)
+        ours = np.asarray(model.predict_on_batch(image[None]))[0]
+        np.testing.assert_allclose(ours, resize_like_extract(tf.constant(image), n).numpy(), atol=1e-5,
+                                   err_msg=f"{height} x {width} at {n}")
+
+
+def _smooth_png(path: Path, height: int, width: int, seed: int) -> str:
+    """A large image that compresses (a gradient with a little noise): megapixels without a
+    hundred megabytes of PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0, 200, height, dtype=np.float32)[:, None, None]
+    columns = np.linspace(0, 50, width, dtype=np.float32)[None, :, None]
+    pixels = (rows + columns + rng.integers(0, 4, (1, width, 3))).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG", compress_level=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fused_run(exported_runs: dict[str, Path]) -> Path:
+    """The export fixture's images through EfficientNet-Lite0 too, fused with its VGG16 cache."""
+    root = exported_runs["root"]
+    lite = extract_features(tiny_options(exported_runs["data"], root / "features", backbone="efficientnet_lite0",
+                                         pooling="avg")).cache_dir
+    vgg = extract_features(tiny_options(exported_runs["data"], root / "features", pooling="avg")).cache_dir
+    return train_head(TrainOptions(head="logreg", features=[lite, vgg], models=exported_runs["models"],
+                                   head_params={"c_grid": "0.1,1", "n_jobs": 1}, progress=False)).directory
+
+
+@pytest.mark.parametrize("run", ["logreg", "fused", "finetune"])
+def test_large_thin_and_edge_sized_images_agree_in_every_format(exported_runs: dict[str, Path], fused_run: Path,
+                                                                 run: str, tmp_path: Path) -> None:
+    """predict, the .keras export, the SavedModel and TFLite with the README's recipe, each loaded
+    where the project cannot be imported, give the same probabilities for 48-megapixel images in
+    both orientations, 3 x 20000 and 20000 x 3, and sides of N - 1, N and N + 1."""
+    directory = fused_run if run == "fused" else exported_runs[run]
+    files = [_smooth_png(tmp_path / "images" / f"{h}x{w}.png", h, w, seed=h + w)
+             for h, w in RESIZE_SHAPES + [(31, 33), (32, 32), (33, 31), (33, 33)]]
+    expected = _predicted(directory, files, CLASSES)
+    formats = ["keras", "savedmodel", "tflite"] if run == "logreg" else ["keras"]
+    for fmt in formats:
+        summary = export_run(directory, fmt, tmp_path / fmt)
+        got = _load_elsewhere(tmp_path, fmt, summary.path, files)
+        np.testing.assert_allclose(got, expected, atol=1e-3 if fmt == "tflite" else 1e-5, err_msg=fmt)

@@ -68,30 +68,26 @@ def image_input(pixels: Any, image_size: int, normalisation: Sequence[Any], resi
 
 
 def resize_like_extract_layers(pixels: Any, image_size: int) -> Any:
-    """The Keras twin of images.resize_like_extract, in Keras' own layers (no Lambda, nothing of
+    """The Keras twin of decode_tf.resize_like_extract, in Keras' own layers (no Lambda, nothing of
     this package): area averaging when both sides are at least `image_size`, bilinear otherwise.
 
-    Both resizes are computed and one is kept by a 0-or-1 switch read from the input's own shape:
-    zero-padding a map of ones by `image_size` rows above and below and averaging it gives
-    height / (height + 2 * image_size), which grows with the height; a fixed Dense step (with
-    ReLU capped at 1) turns it into exactly 1 from height image_size on and exactly 0 below, and
-    the same for the width. So the kept image is the chosen resize exactly (1 * a + 0 * b)."""
+    Both resizes are computed and one is kept by a switch that is exactly 0 or 1, read from the
+    input's shape without arithmetic: a map of ones is zero-padded by N rows below and its top N - 1
+    rows cropped off; what is left holds a one (its maximum is 1) exactly when the input has a row
+    N - 1, that is a height of at least N; the same for the width. Maxima of zeros and ones are
+    exact at every size (an average of the map was not: float32 sums stop growing at 2^24)."""
     n = image_size
     kept = [keras.layers.Resizing(n, n, interpolation=method, name=f"resize_{method}", dtype="float32")(pixels)
             for method in ("area", "bilinear")]
     ones = keras.layers.Rescaling(0.0, offset=1.0, name="resize_ones", dtype="float32")(pixels)
-    steps = []
-    for axis, padding in (("height", ((n, n), (0, 0))), ("width", ((0, 0), (n, n)))):
-        share = keras.layers.GlobalAveragePooling2D(name=f"resize_{axis}_share", dtype="float32")(
-            keras.layers.ZeroPadding2D(padding, name=f"resize_{axis}_padding", dtype="float32")(ones))
-        below, at = (n - 1) / (3 * n - 1), n / (3 * n)  # the share at a side of n - 1 and of n
-        gain = 4.0 / (at - below)
-        step = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant([[gain / 3]] * 3),
-                                  bias_initializer=keras.initializers.Constant(-gain * (at + below) / 2),
-                                  trainable=False, name=f"resize_{axis}_step", dtype="float32")(share)
-        steps.append(keras.layers.ReLU(max_value=1.0, name=f"resize_{axis}_at_least_n", dtype="float32")(step))
-    area = keras.layers.Reshape((1, 1, 1), name="resize_area_switch", dtype="float32")(
-        keras.layers.Multiply(name="resize_both_at_least_n", dtype="float32")(steps))
+    switches = []
+    for axis, padding, cropping in (("height", ((0, n), (0, 0)), ((n - 1, 0), (0, 0))),
+                                    ("width", ((0, 0), (0, n)), ((0, 0), (n - 1, 0)))):
+        padded = keras.layers.ZeroPadding2D(padding, name=f"resize_{axis}_padding", dtype="float32")(ones)
+        beyond = keras.layers.Cropping2D(cropping, name=f"resize_{axis}_from_n", dtype="float32")(padded)
+        switches.append(keras.layers.GlobalMaxPooling2D(name=f"resize_{axis}_at_least_n", dtype="float32")(beyond))
+    area = keras.layers.Reshape((1, 1, 3), name="resize_area_switch", dtype="float32")(
+        keras.layers.Multiply(name="resize_both_at_least_n", dtype="float32")(switches))
     bilinear = keras.layers.Rescaling(-1.0, offset=1.0, name="resize_bilinear_switch", dtype="float32")(area)
     return keras.layers.Add(name="resize", dtype="float32")([
         keras.layers.Multiply(name="resize_area_kept", dtype="float32")([kept[0], area]),
