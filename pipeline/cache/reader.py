@@ -48,6 +48,18 @@ def open_cache(features: Path | None, cache_root: Path) -> FeatureStore:
     return FeatureStore(directory)
 
 
+def open_features(features: Path | Sequence[Path] | None, cache_root: Path, layers: Sequence[str] | None,
+                  pooling: str | None) -> tuple[list[FeatureStore], list[FeatureView]]:
+    """The caches a head trains on (one, or several to fuse) and its view of each."""
+    named = [features] if features is None or isinstance(features, str | Path | FeatureStore) else list(features)
+    stores = [open_cache(Path(f.directory if isinstance(f, FeatureStore) else f) if f is not None else None, cache_root)
+              for f in named]
+    if len(stores) > 1 and layers:
+        raise PipelineError("--layer applies to one cache: fused caches are read with the layers each was extracted "
+                            "with (extract each with the layers you want)")
+    return stores, [FeatureView.for_cache(store, layers, pooling) for store in stores]
+
+
 @dataclass(frozen=True)
 class FeatureView:
     """Which cached layers a head sees and how spatial maps become vectors: "none" flattens them

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline import runs
 from pipeline.backbone.pooling import POOLINGS
-from pipeline.cache.reader import FeatureView, load_fused_splits, load_splits, open_cache
+from pipeline.cache.reader import FeatureView, load_fused_splits, load_splits, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, make_head
@@ -88,18 +88,6 @@ def _features_record(store: FeatureStore) -> dict[str, Any]:
         "weights": store.manifest.get("weights", {}),
         "class_names": store.class_names,
     }
-
-
-def open_features(features: Path | Sequence[Path] | None, cache_root: Path, layers: Sequence[str] | None,
-                  pooling: str | None) -> tuple[list[FeatureStore], list[FeatureView]]:
-    """The caches a head trains on (one, or several to fuse) and its view of each."""
-    named = [features] if features is None or isinstance(features, str | Path | FeatureStore) else list(features)
-    stores = [open_cache(Path(f.directory if isinstance(f, FeatureStore) else f) if f is not None else None, cache_root)
-              for f in named]
-    if len(stores) > 1 and layers:
-        raise PipelineError("--layer applies to one cache: fused caches are read with the layers each was extracted "
-                            "with (extract each with the layers you want)")
-    return stores, [FeatureView.for_cache(store, layers, pooling) for store in stores]
 
 
 def train_head(options: TrainOptions) -> RunSummary:
