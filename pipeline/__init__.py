@@ -18,6 +18,8 @@ on first use.
 """
 
 from pipeline.api import (
+    audit,
+    embeddings,
     evaluate,
     export,
     extract,
@@ -46,8 +48,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "extract", "train_head", "evaluate", "finetune", "predict", "export", "list_runs", "open_run",
-    "list_backbones", "PipelineError", *_LAZY, "__version__",
+    "extract", "train_head", "evaluate", "finetune", "predict", "export", "embeddings", "audit", "list_runs",
+    "open_run", "list_backbones", "PipelineError", *_LAZY, "__version__",
 ]
 
 

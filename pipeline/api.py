@@ -81,13 +81,15 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                optimizer: str | None = None, lr: float | None = None, epochs: int | None = None,
                batch_size: int | None = None, patience: int | None = None, c_grid: str | None = None,
                max_iter: int | None = None, n_jobs: int | None = None, memory_budget: int | None = None,
-               stream: bool = False, assert_accuracy_at_least: float | None = None, backend: str | None = None,
-               progress: bool = True) -> Run:
+               stream: bool = False, exclude: PathLike | None = None, assert_accuracy_at_least: float | None = None,
+               backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
     list of caches of the same images to fuse. Head parameters left at None take the head's
-    defaults; `memory_budget` is in MB. With `assert_accuracy_at_least`, a run whose validation
-    accuracy is below it is kept but PipelineError says so (the CI gate)."""
+    defaults; `memory_budget` is in MB. `exclude`: a file of images to leave out of training (an
+    audit's suspects.csv, or paths or ids one a line; validation and test keep theirs). With
+    `assert_accuracy_at_least`, a run whose validation accuracy is below it is kept but
+    PipelineError says so (the CI gate)."""
     backends.select(backend)
     from pipeline.heads import head_parameters
     from pipeline.runs import Run
@@ -107,7 +109,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
         layers=None if layer is None else list(layer), pooling=pooling, seed=seed,
         head_params={key: value for key, value in given.items() if value is not None},
         memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
-        progress=progress,
+        exclude=None if exclude is None else Path(exclude), progress=progress,
     ))
     run = Run.open(summary.directory)
     run.summary = summary
@@ -204,6 +206,38 @@ def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,
 
     return export_run(_run_path(run), format, None if out is None else Path(out), quantize, Path(models),
                       None if data is None else Path(data))
+
+
+def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",
+               layer: Sequence[str] | None = None, pooling: str | None = None, progress: bool = True) -> Any:
+    """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
+    class, label, split and embedding, the cache's fingerprint in the file's metadata; written shard
+    by shard. Returns what it wrote: `path`, `rows`, `dimension`, `seconds`, `metadata`."""
+    from pipeline.audit.embeddings import check_output, write_embeddings
+    from pipeline.cache.reader import open_features
+
+    check_output(Path(out))  # before the work, not after
+    stores, views = open_features(features, Path(cache), None if layer is None else list(layer), pooling)
+    if len(stores) > 1:
+        raise PipelineError("embeddings writes one cache's vectors: name one cache (its rows carry that cache's "
+                            "fingerprint)")
+    return write_embeddings(stores[0], views[0], Path(out), progress)
+
+
+def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike = "models",
+          cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
+          memory_budget: int | None = None, progress: bool = True) -> Any:
+    """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
+    exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or
+    several of the same images, fused), into `out` (default models/audit-<cache>). Returns an
+    AuditSummary: `directory`, `images`, `suspects`, `duplicate_pairs`, `cross_split_pairs`,
+    `details` (audit.json). `memory_budget` is in MB."""
+    from pipeline.audit.audit import AuditOptions, run_audit
+
+    return run_audit(AuditOptions(
+        features=features, out=None if out is None else Path(out), models=Path(models), cache_root=Path(cache),
+        folds=folds, similarity=similarity, seed=seed,
+        memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress))
 
 
 def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> list[dict[str, Any]]:

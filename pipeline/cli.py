@@ -163,12 +163,49 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read features into memory up to this size, stream by shard above (default: "
                             "a quarter of physical memory)")
     train.add_argument("--stream", action="store_true", help="stream features by shard even when they fit")
+    train.add_argument("--exclude", type=Path, default=None, metavar="FILE",
+                       help="leave these images out of training (never out of validation or test): an audit's "
+                            "suspects.csv, or a file of paths or content-hash ids, one a line")
     train.add_argument("--assert-accuracy-at-least", type=_finite_float, default=None, metavar="X",
                        help="exit non-zero if validation accuracy is below X (0..1), e.g. to gate CI")
     _add_backend(train)
     train.add_argument("--no-progress", action="store_true", help="no progress output")
     train.add_argument("--json", action="store_true", help="print the run summary as JSON")
     train.set_defaults(handler=_train_head)
+
+    vectors = commands.add_parser("embeddings",
+                                  help="a cache's embeddings with their ids, for other tools (parquet, npz)")
+    vectors.add_argument("--features", type=_cache_list, default=None,
+                         help="a cache directory, or its name under --cache (default: the latest)")
+    vectors.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
+    vectors.add_argument("--out", type=Path, default=Path("embeddings.parquet"),
+                         help="FILE.parquet (default embeddings.parquet) or FILE.npz (with FILE.json beside it)")
+    vectors.add_argument("--layer", type=_layers, default=None, metavar="NAME[,NAME...]",
+                         help="cached layer(s) to write, concatenated (default: all the cache holds)")
+    vectors.add_argument("--pooling", default=None, choices=POOLINGS,
+                         help="pool spatial features (default: as extracted; none flattens)")
+    vectors.add_argument("--no-progress", action="store_true", help="no progress bar")
+    vectors.add_argument("--json", action="store_true", help="print the summary as JSON")
+    vectors.set_defaults(handler=_embeddings)
+
+    check = commands.add_parser("audit", help="label suspects and (cross-split) duplicates found from a cache")
+    check.add_argument("--features", type=_cache_list, default=None,
+                       help="a cache directory, or its name under --cache (default: the latest); several "
+                            "(A,B): their features fused")
+    check.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
+    check.add_argument("--out", type=Path, default=None,
+                       help="the audit's folder (default: models/audit-<cache directory name>)")
+    check.add_argument("--models", type=Path, default=Path("models"), help="where the default folder goes")
+    check.add_argument("--folds", type=_positive_int, default=5, help="stratified folds for the out-of-fold "
+                       "probabilities (5)")
+    check.add_argument("--similarity", type=_finite_float, default=0.98,
+                       help="cosine similarity from which two images count as near-duplicates (0.98)")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--memory-budget", type=_positive_int, default=None, metavar="MB",
+                       help="the features are held in memory up to this size (default: a quarter of memory)")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.add_argument("--json", action="store_true", help="print the summary as JSON")
+    check.set_defaults(handler=_audit)
 
     runs = commands.add_parser("runs", help="every run side by side, best validation accuracy first")
     runs.add_argument("--models", type=Path, default=Path("models"))
@@ -365,6 +402,43 @@ def _print_run(summary, as_json: bool, headline: str) -> None:
     print(f"run: {summary.directory}")
 
 
+def _embeddings(args: argparse.Namespace) -> int:
+    written = api.embeddings(args.features, args.out, **_flags(args, api.embeddings, "features", "out"))
+    if args.json:
+        print(json.dumps({"path": str(written.path), "rows": written.rows, "dimension": written.dimension,
+                          "seconds": round(written.seconds, 2)} | written.metadata, indent=2))
+        return 0
+    print(f"embeddings: {written.rows} images x {written.dimension} values in {written.path} "
+          f"({written.path.stat().st_size / 2**20:.1f} MB, {written.seconds:.1f} s); ids are content sha256")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    summary = api.audit(args.features, **_flags(args, api.audit, "features"))
+    details = summary.details
+    if args.json:
+        print(json.dumps({"directory": str(summary.directory), "seconds": round(summary.seconds, 2)} | details,
+                         indent=2))
+        return 0
+    issues, duplicates = details["label_issues"], details["duplicates"]
+    print(f"audit of {summary.images} images ({', '.join(details['backbones'])}): {summary.seconds:.1f} s")
+    print(f"  label suspects: {summary.suspects} (cleanlab on {issues['folds']}-fold out-of-fold probabilities; "
+          + ", ".join(f"{split} {count}" for split, count in sorted(issues["by_split"].items())) + ")")
+    print(f"  duplicate pairs: {summary.duplicate_pairs} ({summary.exact_pairs} of the same bytes, "
+          f"{duplicates['exact_under_two_classes']} of them under two classes; near: cosine >= "
+          f"{duplicates['similarity_threshold']}, {duplicates['neighbour_search']})")
+    crossing = ", ".join(f"{splits} {count}" for splits, count in sorted(summary.cross_split_pairs.items()))
+    print(f"  across splits: {sum(summary.cross_split_pairs.values())}" + (f" ({crossing})" if crossing else ""))
+    for name, counts in details["per_class"].items():
+        print(f"    {name:<20} {counts['images']:>7} images  {counts['suspects']:>5} suspects  "
+              f"{counts['in_duplicate_pairs']:>5} in duplicate pairs")
+    print(f"  look at: {summary.directory / 'map.png'}, suspects.png, duplicates.png; the lists: suspects.csv, "
+          "duplicates.csv; pred_probs.npy with ids.txt (for cleanlab)")
+    print(f"  train without the suspects: run_pipeline.py train-head --exclude {summary.directory / 'suspects.csv'}")
+    print(f"audit: {summary.directory}")
+    return 0
+
+
 def _runs(args: argparse.Namespace) -> int:
     from pipeline.report import runs_table
 
@@ -477,6 +551,8 @@ INTERRUPTED = {
                 "command to fine-tune again",
     "evaluate": "the run's metrics and reports are as they were",
     "predict": "no predictions were written",
+    "embeddings": "no embeddings file was written (it appears only when complete)",
+    "audit": "no audit was written (its folder appears only when complete)",
     "export": "no export was written (an export appears only when complete)",
     "demo-data": "rerun the command to finish exporting the images",
 }

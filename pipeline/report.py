@@ -253,6 +253,8 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     columns = [("name", "name"), ("head", "head"), ("data", "data"), ("backbone", "backbone"), ("image_size", "size"),
                ("pooling", "pooling"), ("validation_accuracy", "val acc"), ("validation_accuracy_ci95", "95% CI"),
                ("test_accuracy", "test acc"), ("test_accuracy_ci95", "95% CI"), ("seconds", "seconds")]
+    if any(row.get("excluded") for row in rows):  # train-head --exclude: images left out of training
+        columns.insert(6, ("excluded", "excluded"))
 
     def cell(row: dict[str, Any], key: str) -> str:
         value = row.get(key)
@@ -264,6 +266,8 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
             return f"{value[0]:.1%}-{value[1]:.1%}".replace("%-", "-", 1)
         if key == "seconds":
             return f"{value:.1f}"
+        if key == "excluded":
+            return f"{value:.0f}"
         if key == "data":
             return Path(value).name
         return ascii(value)[1:-1] if key == "name" else str(value)  # a newline in a name stays on its row

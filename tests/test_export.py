@@ -23,10 +23,16 @@ from pipeline.training.train import TrainOptions, train_head
 
 CLASSES = ["cats", "dogs", "owls"]
 
-# Runs with `python -I` (no current folder, no PYTHONPATH) from a folder outside the project:
-# it cannot import `pipeline`, and checks that it did not.
+# Runs with `python -I` (no current folder, no PYTHONPATH) from a folder outside the project, with
+# `import pipeline` made to fail (the dev venv has the project installed editable): it cannot import
+# the project, and checks that it did not.
 LOADER = r'''
 import json, sys
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pipeline" or name.startswith("pipeline."):
+            raise ImportError("the project is not importable here")
+sys.meta_path.insert(0, _Blocked())
 import numpy as np
 import tensorflow as tf
 kind, path, files = sys.argv[1], sys.argv[2], sys.argv[3:]

@@ -29,6 +29,8 @@ STAGES = {  # subcommand -> (function, its positional inputs as the command name
     "predict": (api.predict, {"run": "model", "images": "images"}),
     "export": (api.export, {"run": "model"}),
     "runs": (api.list_runs, {}),
+    "embeddings": (api.embeddings, {"features": "features", "out": "out"}),
+    "audit": (api.audit, {"features": "features"}),
 }
 MINIMAL = {"extract": ["--data", "d"], "evaluate": ["--model", "m"], "predict": ["--model", "m", "x.png"],
            "export": ["--model", "m"]}
@@ -36,7 +38,8 @@ COMMAND_ONLY = {"json", "debug", "handler", "command", "no_progress"}
 
 
 def test_the_front_door_names_every_stage_and_class() -> None:
-    wanted = {"extract", "train_head", "evaluate", "finetune", "predict", "export", "list_runs", "Run",
+    wanted = {"extract", "train_head", "evaluate", "finetune", "predict", "export", "embeddings", "audit", "list_runs",
+              "Run",
               "FeatureStore", "LogRegHead", "DenseHead", "Head"}
     assert wanted <= set(pipeline.__all__)
     for name in pipeline.__all__:

@@ -131,6 +131,14 @@ class SplitData:
     def in_memory(self) -> bool:
         return self.matrix is not None
 
+    def subset(self, rows: np.ndarray) -> SplitData:
+        """The split restricted to `rows` (indices into it), in memory or streamed alike."""
+        part = SplitData(self.name, self.labels[rows], [self.paths[i] for i in rows], self.dimension,
+                         None if self.matrix is None else self.matrix[rows], self._store, self._view,
+                         None if self._locations is None else self._locations[rows])
+        part.class_names = self.class_names
+        return part
+
     def __len__(self) -> int:
         return len(self.labels)
 

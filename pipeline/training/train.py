@@ -6,6 +6,7 @@ written under a temporary name and renamed when complete, so `runs` never lists 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import time
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import runs
 from pipeline.backbone.pooling import POOLINGS
-from pipeline.cache.reader import FeatureView, load_fused_splits, load_splits, open_features
+from pipeline.cache.reader import FeatureView, SplitData, load_fused_splits, load_splits, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, make_head
@@ -37,6 +40,7 @@ class TrainOptions:
     head_params: dict[str, Any] = field(default_factory=dict)
     memory_budget: int | None = None  # bytes; default a quarter of physical memory
     stream: bool = False
+    exclude: Path | None = None  # images left out of training: a suspects.csv, or paths or ids one a line
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -53,6 +57,9 @@ class TrainOptions:
             raise PipelineError("--layer takes layer names (a list in Python)")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise PipelineError("--memory-budget must be a positive number of MB")
+        if self.exclude is not None and not Path(self.exclude).is_file():
+            raise PipelineError(f"--exclude {self.exclude}: no such file (an audit's suspects.csv, or a list of paths "
+                                "or ids)")
 
 
 def _dataset_name(store: FeatureStore) -> str:
@@ -90,6 +97,32 @@ def _features_record(store: FeatureStore) -> dict[str, Any]:
     }
 
 
+def read_exclusions(path: Path) -> set[str]:
+    """The images a file names: an audit's suspects.csv (its id and path columns), or one path or
+    content-hash id a line (blank lines and # comments skipped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PipelineError(f"--exclude {path}: cannot read it ({error})") from None
+    lines = text.splitlines()
+    if lines and lines[0].split(",")[:2] == ["path", "split"]:  # suspects.csv, duplicates-like tables
+        rows = list(csv.DictReader(lines))
+        return {row[key] for row in rows for key in ("id", "path") if row.get(key)}
+    return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+
+def exclude_from_training(train: SplitData, ids: Sequence[str], path: Path) -> tuple[SplitData, dict[str, Any]]:
+    """The training split without the images `path` names (by path or content hash), and what the
+    run records of it."""
+    wanted = read_exclusions(path)
+    drop = np.asarray([p in wanted or i in wanted for p, i in zip(train.paths, ids)], bool)
+    kept = train.subset(np.flatnonzero(~drop))
+    if len(np.unique(kept.labels)) < 2:
+        raise PipelineError(f"--exclude {path} leaves fewer than two classes in the training split")
+    return kept, {"file": str(Path(path).resolve()), "named": len(wanted), "from_training": int(drop.sum()),
+                  "paths": [p for p, d in zip(train.paths, drop) if d]}
+
+
 def train_head(options: TrainOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     stores, views = open_features(options.features, options.cache_root, options.layers, options.pooling)
@@ -103,6 +136,10 @@ def train_head(options: TrainOptions) -> RunSummary:
         splits = load_fused_splits(stores, views, options.memory_budget)
     else:
         splits = load_splits(store, view, options.memory_budget, options.stream)
+    excluded = None
+    if options.exclude is not None:
+        splits["train"], excluded = exclude_from_training(splits["train"], store.split_indexes()["train"].sha256,
+                                                          Path(options.exclude))
     train, validation = splits["train"], splits["validation"]
 
     started = time.perf_counter()
@@ -118,6 +155,8 @@ def train_head(options: TrainOptions) -> RunSummary:
         "seed": options.seed,
         "seconds": round(seconds, 3),
     }
+    if excluded is not None:
+        config["excluded"] = excluded
     if len(stores) > 1:  # every cache, the first included, with the head's view of it, in input order
         config["fusion"] = [{"features": _features_record(s), "view": v.as_dict()} for s, v in zip(stores, views)]
     with runs.create(options.models, name, "head") as run:

@@ -1,0 +1,213 @@
+"""Know your data from the cache: label suspects (out-of-fold probabilities ranked by cleanlab),
+exact and near duplicates (above all across train and test), and the pictures a person checks
+them by, written whole into one folder:
+
+    suspects.csv      path,split,given,suggested,score,id: the images cleanlab flags, most suspicious first
+    pred_probs.npy    (images, classes) out-of-fold probabilities, columns in class order, rows as ids.txt
+    ids.txt           the content sha256 of each row of pred_probs.npy
+    duplicates.csv    path_a,split_a,class_a,path_b,split_b,class_b,similarity,exact
+    map.png, suspects.png, duplicates.png
+    audit.json        the summary: suspects, duplicate pairs, cross-split pairs, per class
+
+Validation and test labels are never changed: what the audit finds can only be excluded from
+training (`train-head --exclude DIR/suspects.csv`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.audit import pictures
+from pipeline.audit.duplicates import Pair, exact_duplicates, near_duplicates
+from pipeline.audit.labels import label_issues
+from pipeline.cache.reader import load_fused_splits, load_splits, open_features
+from pipeline.cache.store import SPLITS, FeatureStore
+from pipeline.errors import PipelineError
+
+SUSPECTS = "suspects.csv"
+DUPLICATES = "duplicates.csv"
+SUMMARY = "audit.json"
+DEFAULT_SIMILARITY = 0.98
+
+
+@dataclass
+class AuditOptions:
+    features: Any = None  # a cache (FeatureStore, directory or name under cache_root), or several fused
+    out: Path | None = None  # default: <models>/audit-<cache directory name>
+    models: Path = Path("models")
+    cache_root: Path = Path("features")
+    folds: int = 5
+    similarity: float = DEFAULT_SIMILARITY
+    seed: int = 0
+    memory_budget: int | None = None  # bytes
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+            raise PipelineError(f"--folds {self.folds}: a whole number, 2 or more")
+        if not (isinstance(self.similarity, int | float) and math.isfinite(self.similarity)
+                and 0 < self.similarity <= 1):
+            raise PipelineError(f"--similarity {self.similarity}: a cosine similarity above 0, at most 1")
+
+
+@dataclass
+class AuditSummary:
+    directory: Path
+    images: int
+    suspects: int
+    duplicate_pairs: int
+    exact_pairs: int
+    cross_split_pairs: dict[str, int]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Images:
+    """Every labelled image of the audited cache(s), in one order: split by split."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    ids: list[str]
+    splits: list[str]
+    root: Path
+    class_names: list[str]
+
+
+def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | None) -> _Images:
+    store = stores[0]
+    for each in stores:
+        if not each.manifest.get("weights", {}).get("pretrained", True):
+            raise PipelineError(f"{each.directory} was extracted with --weights none: neighbours and label errors "
+                                "of random features mean nothing; extract with pretrained weights and audit that")
+    indexes = store.split_indexes()
+    if not sum(len(index.paths) for index in indexes.values()):
+        raise PipelineError(f"{store.directory} holds no images: nothing to audit")
+    if len(stores) > 1:
+        splits = load_fused_splits(stores, views, budget)
+    else:
+        splits = load_splits(store, views[0], budget)
+        if not splits["train"].in_memory:
+            raise PipelineError(f"the audit holds the features in memory, and those of {store.directory} are more "
+                                "than the memory budget: pool them (extract --pooling avg) or raise --memory-budget")
+    present = [split for split in SPLITS if len(splits[split])]
+    return _Images(
+        vectors=np.concatenate([splits[s].matrix for s in present]).astype(np.float32),
+        labels=np.concatenate([splits[s].labels for s in present]).astype(np.int64),
+        paths=[p for s in present for p in splits[s].paths],
+        ids=[d for s in present for d in indexes[s].sha256],
+        splits=[s for s in present for _ in splits[s].paths],
+        root=Path(store.manifest.get("dataset", {}).get("root", "")),
+        class_names=list(store.class_names),
+    )
+
+
+def default_directory(models: Path, stores: Sequence[FeatureStore]) -> Path:
+    name = "+".join(store.directory.name for store in stores)
+    return Path(models) / f"audit-{name}"[:200]
+
+
+def run_audit(options: AuditOptions) -> AuditSummary:
+    started = time.perf_counter()
+    stores, views = open_features(options.features, options.cache_root, None, None)
+    final = Path(options.out) if options.out is not None else default_directory(options.models, stores)
+    images = _load(stores, views, options.memory_budget)
+    found = label_issues(images.vectors, images.labels, images.class_names, options.folds, options.seed,
+                         options.progress)
+    exact = exact_duplicates(images.ids)
+    near, method = near_duplicates(images.vectors, options.similarity)
+    exact_keys = {(p.a, p.b) for p in exact}
+    pairs = exact + [p for p in near if (p.a, p.b) not in exact_keys]
+    crossing = [p for p in pairs if images.splits[p.a] != images.splits[p.b]]
+    cross_counts = Counter("-".join(sorted((images.splits[p.a], images.splits[p.b]))) for p in crossing)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing_directory(final, "no audit was left half-written") as directory:
+        _write_suspects(directory / SUSPECTS, images, found)
+        np.save(directory / "pred_probs.npy", found.pred_probs.astype(np.float32), allow_pickle=False)
+        atomic.write_text(directory / "ids.txt", "".join(f"{i}\n" for i in images.ids))
+        _write_duplicates(directory / DUPLICATES, images, pairs)
+        how = pictures.embedding_map(images.vectors, images.labels, images.class_names, found.issues[:200],
+                                     sorted({r for p in crossing for r in (p.a, p.b)}), directory / "map.png",
+                                     options.seed)
+        top = found.issues[:pictures.SHEET]
+        pictures.contact_sheet(
+            [images.root / images.paths[r] for r in top],
+            [f"{Path(images.paths[r]).name} ({images.splits[r]})\ngiven {images.class_names[images.labels[r]]}, "
+             f"suggested {images.class_names[int(found.pred_probs[r].argmax())]}" for r in top],
+            f"Top {len(top)} label suspects of {len(found.issues)} (cleanlab, out-of-fold probabilities)",
+            directory / "suspects.png")
+        shown = sorted(crossing, key=lambda p: -p.similarity)[:pictures.PAIRS]
+        pictures.pairs_sheet(
+            [(images.root / images.paths[p.a], images.root / images.paths[p.b],
+              f"{images.splits[p.a]} / {images.splits[p.b]}: {p.similarity:.4f}{' (same bytes)' if p.exact else ''}"
+              f"\n{images.paths[p.a]}\n{images.paths[p.b]}") for p in shown],
+            f"Closest cross-split pairs ({len(crossing)} at similarity >= {options.similarity})",
+            directory / "duplicates.png")
+        details = _details(options, stores, images, found, pairs, crossing, cross_counts, method, how)
+        atomic.write_json(directory / SUMMARY, details)
+    return AuditSummary(final, len(images.labels), len(found.issues), len(pairs), len(exact), dict(cross_counts),
+                        time.perf_counter() - started, details)
+
+
+def _write_suspects(path: Path, images: _Images, found: Any) -> None:
+    names = images.class_names
+    with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "split", "given", "suggested", "score", "id"])
+        for row in found.issues:
+            writer.writerow([images.paths[row], images.splits[row], names[images.labels[row]],
+                             names[int(found.pred_probs[row].argmax())], f"{found.quality[row]:.6f}", images.ids[row]])
+
+
+def _write_duplicates(path: Path, images: _Images, pairs: Sequence[Pair]) -> None:
+    names = images.class_names
+    with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path_a", "split_a", "class_a", "path_b", "split_b", "class_b", "similarity", "exact"])
+        for p in sorted(pairs, key=lambda p: (not p.exact, -p.similarity)):
+            writer.writerow([images.paths[p.a], images.splits[p.a], names[images.labels[p.a]], images.paths[p.b],
+                             images.splits[p.b], names[images.labels[p.b]], f"{p.similarity:.6f}", p.exact])
+
+
+def _details(options: AuditOptions, stores: Sequence[FeatureStore], images: _Images, found: Any,
+             pairs: Sequence[Pair], crossing: Sequence[Pair], cross_counts: Counter, method: str,
+             how: str) -> dict[str, Any]:
+    names = images.class_names
+    per_class = {name: {"images": int((images.labels == i).sum()),
+                        "suspects": int(sum(1 for r in found.issues if images.labels[r] == i)),
+                        "in_duplicate_pairs": int(sum(1 for p in pairs if images.labels[p.a] == i
+                                                      or images.labels[p.b] == i))}
+                 for i, name in enumerate(names)}
+    return {
+        "caches": [str(store.directory.resolve()) for store in stores],
+        "backbones": [store.fingerprint.backbone for store in stores],
+        "images": len(images.labels),
+        "classes": names,
+        "label_issues": {
+            "method": "cleanlab.filter.find_label_issues on out-of-fold probabilities of a logistic regression "
+                      f"({options.folds}-fold stratified, C chosen inside each fold)",
+            "folds": options.folds, "chosen_C": found.chosen_c, "suspects": len(found.issues),
+            "by_split": dict(Counter(images.splits[r] for r in found.issues)),
+        },
+        "duplicates": {
+            "similarity_threshold": options.similarity, "neighbour_search": method,
+            "pairs": len(pairs), "exact_pairs": sum(1 for p in pairs if p.exact),
+            "cross_split_pairs": len(crossing), "cross_split_by_splits": dict(cross_counts),
+            "exact_under_two_classes": sum(1 for p in pairs if p.exact and images.labels[p.a] != images.labels[p.b]),
+        },
+        "per_class": per_class,
+        "map": how,
+        "seed": options.seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
