@@ -98,7 +98,7 @@ def contact_sheet(files: Sequence[Path], captions: Sequence[str], title: str, pa
     if not files:
         axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.9 * rows)))
     _save(figure, path)
 
 
@@ -118,5 +118,5 @@ def pairs_sheet(pairs: Sequence[tuple[Path, Path, str]], title: str, path: Path)
     if not pairs:
         axes[0][0].text(0.5, 0.5, "no cross-split pairs", ha="center", va="center")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.7 * rows)))
     _save(figure, path)
