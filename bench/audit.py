@@ -91,8 +91,8 @@ def _peak_mb() -> float:
 
 def run_step(step: str, cache: str, extra: list[str]) -> None:
     """One measured step, in this (child) process; prints a JSON line."""
-    from pipeline.audit.duplicates import exact_duplicates, nearest_neighbours, recall_at_k
-    from pipeline.audit.labels import label_issues
+    from pipeline.auditing.duplicates import exact_duplicates, nearest_neighbours, recall_at_k
+    from pipeline.auditing.labels import label_issues
     from pipeline.cache.reader import FeatureView, load_splits
     from pipeline.cache.store import FeatureStore
 
@@ -100,7 +100,7 @@ def run_step(step: str, cache: str, extra: list[str]) -> None:
     view = FeatureView.for_cache(store)
     started = time.perf_counter()
     if step == "export":
-        from pipeline.audit.embeddings import write_embeddings
+        from pipeline.auditing.embeddings import write_embeddings
 
         out = WORK / f"{store.directory.name}.parquet"
         written = write_embeddings(store, view, out, progress=False)
@@ -161,7 +161,7 @@ def scale(args: argparse.Namespace) -> None:
 
 def elpv(args: argparse.Namespace) -> None:
     import pipeline
-    from pipeline.audit.labels import label_issues
+    from pipeline.auditing.labels import label_issues
     from pipeline.cache.reader import FeatureView, load_splits
 
     results_path = RESULTS / "audit-elpv.json"

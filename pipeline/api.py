@@ -213,7 +213,7 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
     class, label, split and embedding, the cache's fingerprint in the file's metadata; written shard
     by shard. Returns what it wrote: `path`, `rows`, `dimension`, `seconds`, `metadata`."""
-    from pipeline.audit.embeddings import check_output, write_embeddings
+    from pipeline.auditing.embeddings import check_output, write_embeddings
     from pipeline.cache.reader import open_features
 
     check_output(Path(out))  # before the work, not after
@@ -232,7 +232,7 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
     several of the same images, fused), into `out` (default models/audit-<cache>). Returns an
     AuditSummary: `directory`, `images`, `suspects`, `duplicate_pairs`, `cross_split_pairs`,
     `details` (audit.json). `memory_budget` is in MB."""
-    from pipeline.audit.audit import AuditOptions, run_audit
+    from pipeline.auditing.audit import AuditOptions, run_audit
 
     return run_audit(AuditOptions(
         features=features, out=None if out is None else Path(out), models=Path(models), cache_root=Path(cache),

@@ -151,7 +151,7 @@ def test_the_planted_cross_split_copies_are_found(planted: dict[str, object]) ->
 
 
 def test_exact_copies_under_two_classes_are_pairs_of_the_same_bytes(tmp_path: Path) -> None:
-    from pipeline.audit.duplicates import exact_duplicates
+    from pipeline.auditing.duplicates import exact_duplicates
 
     pairs = exact_duplicates(["a", "b", "a", "c", "a"])
     assert {(p.a, p.b) for p in pairs} == {(0, 2), (0, 4), (2, 4)} and all(p.exact for p in pairs)
@@ -214,7 +214,7 @@ def test_an_audit_of_random_features_or_too_few_images_is_refused_in_one_line(tm
 
 
 def test_a_class_smaller_than_the_folds_is_refused_naming_it() -> None:
-    from pipeline.audit.labels import check_folds
+    from pipeline.auditing.labels import check_folds
 
     with pytest.raises(PipelineError, match="class b has 3 images, too few for 5 folds.*--folds 2"):
         check_folds(np.array([0] * 10 + [1] * 3), ["a", "b"], 5)

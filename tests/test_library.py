@@ -48,6 +48,20 @@ def test_the_front_door_names_every_stage_and_class() -> None:
     assert isinstance(pipeline.__version__, str)
 
 
+def test_no_subpackage_shadows_a_front_door_function() -> None:
+    """Importing pipeline.X.Y sets the attribute pipeline.X to the package X: no package may be
+    named like a function of the front door."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+        if "ray" not in module.name:
+            importlib.import_module(module.name)
+    for name in pipeline.__all__:
+        value = getattr(pipeline, name)
+        assert not inspect.ismodule(value), f"pipeline.{name} is a module"
+
+
 def test_importing_the_package_imports_neither_tensorflow_nor_keras() -> None:
     """So that the backend can still be chosen after `import pipeline`."""
     code = "import sys, pipeline; print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic
-from pipeline.audit import require
+from pipeline.auditing import require
 from pipeline.cache.reader import FeatureView
 from pipeline.cache.store import FeatureStore
 from pipeline.errors import PipelineError

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic
-from pipeline.audit import pictures
-from pipeline.audit.duplicates import Pair, exact_duplicates, near_duplicates
-from pipeline.audit.labels import label_issues
+from pipeline.auditing import pictures
+from pipeline.auditing.duplicates import Pair, exact_duplicates, near_duplicates
+from pipeline.auditing.labels import label_issues
 from pipeline.cache.reader import load_fused_splits, load_splits, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError

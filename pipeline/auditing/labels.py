@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.audit import require
+from pipeline.auditing import require
 from pipeline.errors import PipelineError
 
 # Five fits per fold. Not below 0.01: when labels are noisy, the validation loss that breaks the

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.audit import require
+from pipeline.auditing import require
 
 EXACT_LIMIT = 20_000  # images; above it the exact search's n^2 costs minutes on two cores (bench/audit.py)
 NEIGHBOURS = 10
