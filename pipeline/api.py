@@ -225,7 +225,7 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
 
 
 def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike = "models",
-          cache: PathLike = "features", folds: int = 5, similarity: float = 0.99, seed: int = 0,
+          cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
           memory_budget: int | None = None, progress: bool = True) -> Any:
     """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
     exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or

@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--models", type=Path, default=Path("models"), help="where the default folder goes")
     check.add_argument("--folds", type=_positive_int, default=5, help="stratified folds for the out-of-fold "
                        "probabilities (5)")
-    check.add_argument("--similarity", type=_finite_float, default=0.99,
-                       help="cosine similarity from which two images count as near-duplicates (0.99; see "
+    check.add_argument("--similarity", type=_finite_float, default=0.98,
+                       help="cosine similarity from which two images count as near-duplicates (0.98; see "
                             "docs/commands.md, audit)")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--memory-budget", type=_positive_int, default=None, metavar="MB",
