@@ -227,3 +227,26 @@ def test_the_readme_is_for_users_and_its_links_hold() -> None:
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([\w./-]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links to {target}"
+
+
+def test_the_old_import_paths_still_work_for_a_release_and_say_where_things_moved() -> None:
+    import importlib
+    import warnings
+
+    from pipeline._moved import MOVED
+
+    for old, new in MOVED.items():
+        if "ray" in old:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new)
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught) or \
+            old in __import__("sys").modules
+    from pipeline.images import EncodedImages, resize_like_extract  # names of the old pipeline/images.py
+    from pipeline.images.decode_tf import resize_like_extract as moved
+    from pipeline.images.reading import EncodedImages as reading
+
+    assert resize_like_extract is moved and EncodedImages is reading
+    assert callable(pipeline.extract) and callable(pipeline.export)  # the front door is not shadowed
