@@ -3,10 +3,11 @@ difference to `predict` (the run at its own precision) and to the float32 model.
 
     .venv/bin/python bench/export.py [--model best] [--models models] [--images 0 (all)]
 
-For each format (keras, savedmodel, tflite float, tflite quantised) the run is exported into a
-temporary folder, loaded in this process (load time), and run on the run's test images:
-keras on decoded images of their own size in batches of 32, the SavedModel on encoded bytes in
-batches of 32 (decoding inside), TFLite one image at a time on images resized as extract does.
+For each format (keras, savedmodel, tflite float, tflite quantised, onnx float32, onnx int8) the
+run is exported into a temporary folder, loaded in this process (load time), and run on the run's
+test images: keras on decoded images of their own size in batches of 32, the SavedModel on
+encoded bytes in batches of 32 (decoding inside), TFLite one image at a time and ONNX Runtime in
+batches of 32, both on images resized as extract does.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main() -> None:
 
     results = []
     with tempfile.TemporaryDirectory() as work:
-        for fmt, quantize in (("keras", False), ("savedmodel", False), ("tflite", False), ("tflite", True)):
+        for fmt, quantize in (("keras", False), ("savedmodel", False), ("tflite", False), ("tflite", True),
+                              ("onnx", False), ("onnx", True)):
             summary = export_run(run, fmt, Path(work), quantize)
             started = time.perf_counter()
             if fmt == "keras":
@@ -81,6 +83,13 @@ def main() -> None:
                 loaded = time.perf_counter() - started
                 started = time.perf_counter()
                 got = np.concatenate([serve(images=tf.constant(b))["probabilities"].numpy() for b in batches(encoded)])
+            elif fmt == "onnx":
+                from pipeline.serving.onnx_export import run_session, session
+
+                runtime = session(summary.path)
+                loaded = time.perf_counter() - started
+                started = time.perf_counter()
+                got = np.concatenate([run_session(runtime, np.stack(b)) for b in batches(resized)])
             else:
                 interpreter = tflite_interpreter(summary.path.read_bytes())
                 loaded = time.perf_counter() - started
@@ -93,7 +102,7 @@ def main() -> None:
                     got.append(interpreter.get_tensor(taken["index"])[0])
                 got = np.array(got)
             seconds = time.perf_counter() - started
-            name = fmt + (" quantised" if quantize else "")
+            name = fmt + ((" int8" if fmt == "onnx" else " quantised") if quantize else "")
             results.append({
                 "format": name, "file": summary.path.name, "megabytes": round(summary.bytes / 2**20, 1),
                 "export_seconds": round(summary.seconds, 2), "load_seconds": round(loaded, 2),

@@ -283,14 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(guess, "; images decode with Pillow on jax")
     guess.set_defaults(handler=_predict)
 
-    ship = commands.add_parser("export", help="a run as a model that needs only TensorFlow (keras, savedmodel, tflite)")
+    ship = commands.add_parser("export",
+                               help="a run as a model that needs no pipeline (keras, savedmodel, tflite, onnx)")
     ship.add_argument("--model", required=True, help="a run directory, e.g. models/NAME, or best")
     ship.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
     ship.add_argument("--data", type=Path, default=None, help="--model best: among the runs of this image folder")
-    ship.add_argument("--format", default="savedmodel", choices=("keras", "savedmodel", "tflite"),
-                      help="keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile")
+    ship.add_argument("--format", default="savedmodel", choices=("keras", "savedmodel", "tflite", "onnx"),
+                      help="keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile; onnx: "
+                           "for ONNX Runtime, OpenVINO, TensorRT, Triton")
     ship.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/)")
-    ship.add_argument("--quantize", action="store_true", help="tflite: dynamic-range int8 weights")
+    ship.add_argument("--quantize", action="store_true",
+                      help="tflite: dynamic-range int8 weights; onnx: int8 weights (ONNX Runtime), measured against "
+                           "float32 on the run's validation images and refused past the documented threshold")
     _add_backend(ship, "; SavedModel and TFLite are TensorFlow formats: export runs on tensorflow")
     ship.add_argument("--json", action="store_true")
     ship.set_defaults(handler=_export)
@@ -490,6 +494,16 @@ def _export(args: argparse.Namespace) -> int:
           f"{summary.seconds:.1f} s)")
     print(f"  input: {summary.details['format']['input']}")
     print(f"  output: {summary.details['format']['output']}")
+    details = summary.details["format"]
+    if "largest_difference_to_predict" in details:
+        print(f"  checked with ONNX Runtime (opset {details['onnx']['opset'].get('ai.onnx')}): largest probability "
+              f"difference to the run's model {details['largest_difference_to_predict']:.2e}")
+    if "int8" in details:
+        agreement = details["int8"]
+        print(f"  int8 on {agreement['images']} validation images: accuracy {agreement['accuracy_float32']:.2%} "
+              f"(float32) -> {agreement['accuracy_int8']:.2%}, top class agreeing on "
+              f"{agreement['top_class_agreement']:.1%}, largest probability difference "
+              f"{agreement['largest_probability_difference']:.3f}")
     if "largest_difference_to_keras_float32" in summary.details["format"]:
         print(f"  checked with the TFLite interpreter: largest probability difference to the Keras model "
               f"{summary.details['format']['largest_difference_to_keras_float32']:.2e}")

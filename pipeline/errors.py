@@ -22,3 +22,13 @@ def check_parameters(values: Mapping[str, Any], rules: Rules) -> None:
     for name, (valid, rule) in rules.items():
         if not valid(values[name]):
             raise PipelineError(f"--{name.replace('_', '-')} {values[name]}: must be {rule}")
+
+
+def require_module(module: str, what: str, extra: str) -> None:
+    """A one-line error where an optional dependency is missing, naming the extra that brings it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise PipelineError(f"{what} needs {module}: pip install 'bottleneck-pipeline[{extra}]' (make setup installs "
+                            "it)")
+

@@ -305,3 +305,92 @@ def test_large_thin_and_edge_sized_images_agree_in_every_format(exported_runs: d
         summary = export_run(directory, fmt, tmp_path / fmt)
         got = _load_elsewhere(tmp_path, fmt, summary.path, files)
         np.testing.assert_allclose(got, expected, atol=1e-3 if fmt == "tflite" else 1e-5, err_msg=fmt)
+
+
+# --- ONNX: every run kind, loaded with ONNX Runtime alone, fed by the documented resize -----------
+
+ONNX_LOADER = r'''
+import json, sys
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pipeline" or name.startswith("pipeline."):
+            raise ImportError("the project is not importable here")
+sys.meta_path.insert(0, _Blocked())
+import numpy as np, onnxruntime
+from PIL import Image
+recipe, path, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+exec(open(recipe).read())  # docs/commands.md's resize_like_extract, as written there
+session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+given = session.get_inputs()[0]
+n = given.shape[1]
+out = [session.run(None, {given.name: resize_like_extract(np.asarray(Image.open(f).convert("RGB")), n)[None]})[0][0]
+       for f in files]
+assert not any(name == "pipeline" or name.startswith("pipeline.") for name in sys.modules)
+print(json.dumps(np.asarray(out, np.float64).tolist()))
+'''
+
+
+def _documented_resize() -> str:
+    from conftest import ROOT
+
+    manual = (ROOT / "docs" / "commands.md").read_text()
+    return next(block.split("```", 1)[0] for block in manual.split("```python\n")[1:]
+                if "def resize_like_extract" in block)
+
+
+def _onnx_elsewhere(tmp_path: Path, path: Path, files: list[str]) -> np.ndarray:
+    (tmp_path / "recipe.py").write_text(_documented_resize())
+    (tmp_path / "onnx_loader.py").write_text(ONNX_LOADER)
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-I", str(tmp_path / "onnx_loader.py"), str(tmp_path / "recipe.py"),
+                             str(path), *files], cwd=outside, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.array(json.loads(result.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("run", ["logreg", "dense", "fused", "finetune"])
+def test_onnx_exports_reproduce_predict_with_onnx_runtime_alone(exported_runs: dict[str, Path], fused_run: Path,
+                                                               run: str, tmp_path: Path) -> None:
+    directory = fused_run if run == "fused" else exported_runs[run]
+    summary = export_run(directory, "onnx", tmp_path / "onnx")
+    details = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    recorded = details["formats"]["model.onnx"]
+    assert recorded["onnx"]["opset"]["ai.onnx"] >= 13 and recorded["largest_difference_to_predict"] <= 1e-4
+    assert "already squashed to N x N" in recorded["input"] and len(details["parts"]) == (2 if run == "fused" else 1)
+    files = (sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[::5] + _small_images(tmp_path)
+             + [_smooth_png(tmp_path / "large.png", 300, 200, seed=3)])
+    got = _onnx_elsewhere(tmp_path, summary.path, files)
+    np.testing.assert_allclose(got, _predicted(directory, files, CLASSES), atol=1e-4)
+
+
+def test_an_onnx_export_that_disagrees_with_the_run_is_refused_and_removed(exported_runs: dict[str, Path],
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    """The check at export time: the graph of another run's model (a mismatched export) is caught."""
+    from pipeline.runs import Run
+    from pipeline.serving import export as exporting
+
+    other = Run.open(exported_runs["dense"]).classifier("fp32")
+    monkeypatch.setattr(exporting, "without_resize", lambda model: exporting.keras.Model(
+        next(layer for layer in other.layers if layer.name.startswith("normalise_")).input, other.output))
+    with pytest.raises(PipelineError, match="disagrees with the run's model"):
+        export_run(exported_runs["logreg"], "onnx", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_int8_onnx_is_measured_on_validation_and_refused_past_its_threshold(exported_runs: dict[str, Path],
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    from pipeline.serving import onnx_export
+
+    monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(onnx_export, "INT8_MAX_ACCURACY_DROP", 1.0)
+    summary = export_run(exported_runs["logreg"], "onnx", tmp_path / "int8", quantize=True)
+    assert summary.path.name == "model-int8.onnx" and (tmp_path / "int8" / "model.onnx").is_file()
+    measured = json.loads((tmp_path / "int8" / "export.json").read_text())["formats"]["model-int8.onnx"]["int8"]
+    assert measured["images"] > 0 and 0 <= measured["top_class_agreement"] <= 1
+    assert {"accuracy_float32", "accuracy_int8", "largest_probability_difference"} <= set(measured)
+    monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 1.01)  # nothing can pass
+    with pytest.raises(PipelineError, match="int8 loses too much"):
+        export_run(exported_runs["logreg"], "onnx", tmp_path / "strict", quantize=True)
+    assert not (tmp_path / "strict" / "model-int8.onnx").exists()

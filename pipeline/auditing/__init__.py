@@ -3,11 +3,9 @@
 (duplicates.py), the pictures (pictures.py), and the audit that writes them all (audit.py)."""
 
 
+
 def require(module: str, what: str) -> None:
     """A one-line error where an optional dependency of the audit is missing."""
-    import importlib.util
+    from pipeline.errors import require_module
 
-    from pipeline.errors import PipelineError
-
-    if importlib.util.find_spec(module) is None:
-        raise PipelineError(f"{what} needs {module}: pip install 'bottleneck-pipeline[audit]' (make setup installs it)")
+    require_module(module, what, "audit")

@@ -35,7 +35,7 @@ from pipeline import atomic, runs
 from pipeline.errors import PipelineError
 from pipeline.runs import Run
 
-FORMATS = ("keras", "savedmodel", "tflite")
+FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 DETAILS = "export.json"
 RESIZE_RULE = "squashed to N x N: area interpolation when both sides shrink, bilinear otherwise"
 
@@ -59,8 +59,8 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
                models: Path = Path("models"), data: Path | None = None) -> ExportSummary:
     if fmt not in FORMATS:
         raise PipelineError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
-    if quantize and fmt != "tflite":
-        raise PipelineError("--quantize applies to --format tflite only")
+    if quantize and fmt not in ("tflite", "onnx"):
+        raise PipelineError("--quantize applies to --format tflite and onnx only")
     opened = Run.open(run, models, data=data)
     run, class_names, fingerprint = opened.directory, opened.class_names, opened.fingerprint
     out = Path(out) if out is not None else run / "export"
@@ -83,6 +83,8 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         path = out / "saved_model"
         _save_savedmodel(model, class_names, size, path)
         checks = {}
+    elif fmt == "onnx":
+        path, checks = _onnx(opened, model, size, out, quantize)
     else:
         path = out / ("model-quantized.tflite" if quantize else "model.tflite")
         flat = _tflite(model, quantize)
@@ -123,6 +125,8 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
                       "pixels: uint8 RGB (batch, height, width, 3) (key 'pixels'). Decoded (grayscale and RGBA "
                       f"become RGB, first GIF frame) and {RESIZE_RULE} with N = {size}, inside the graph",
         "tflite": f"float32 RGB pixels 0..255, shape (1, {size}, {size}, 3), already {RESIZE_RULE} with N = {size}",
+        "onnx": f"float32 RGB pixels 0..255, shape (batch, {size}, {size}, 3), already {RESIZE_RULE} with N = {size} "
+                "(ONNX's Resize has no area mode; docs/commands.md gives the rule in NumPy)",
     }[fmt]
     outputs = {
         "savedmodel": "probabilities (batch, classes) float32; class (batch,) string, the most likely; "
@@ -152,12 +156,43 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
             "bytes": size_bytes,
             "input": inputs,
             "output": outputs,
-            "precision": "float32 weights, dynamic-range int8 quantised" if quantize else "float32",
+            "precision": ("float32 weights, dynamic-range int8 quantised" if quantize and fmt == "tflite" else
+                          "int8 weights (ONNX Runtime dynamic quantisation), float32 input and output"
+                          if quantize else "float32"),
             "run_precision": precision,
             "note": ("exported in float32 from a run that computed in " + precision
                      if precision not in ("fp32", None) else "the run computed in float32"),
         } | checks,
     }
+
+
+def _onnx(opened: Run, model: keras.Model, size: int, out: Path, quantize: bool) -> tuple[Path, dict[str, Any]]:
+    """model.onnx (float32), checked against the run's own model; with `quantize`, model-int8.onnx
+    beside it, measured against float32 on the run's validation images."""
+    from pipeline.errors import require_module
+    from pipeline.serving import onnx_export
+
+    for module in ("onnx", "onnxruntime", "tf2onnx"):
+        require_module(module, "--format onnx", "onnx")
+    path = out / "model.onnx"
+    graph = onnx_export.write_onnx(without_resize(model), size, path)
+    checks: dict[str, Any] = {"onnx": graph,
+                              "largest_difference_to_predict": onnx_export.check_onnx(path, model, size)}
+    if quantize:
+        int8 = out / "model-int8.onnx"
+        onnx_export.quantize_int8(path, int8)
+        validation = _validation_images(opened)
+        checks["int8"] = onnx_export.int8_agreement(path, int8, validation.files, validation.labels, size)
+        path = int8
+    return path, checks
+
+
+def _validation_images(opened: Run) -> Any:
+    """The run's validation images (files and labels), for measuring a quantised export."""
+    from pipeline.cache.reader import split_images
+
+    store = opened.features() if not opened.fused else opened.fused_features()[0]
+    return split_images(store)["validation"]
 
 
 # --- SavedModel ------------------------------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""A run as ONNX, for ONNX Runtime, OpenVINO, TensorRT or Triton: one graph from float32 RGB pixels
+(0..255) of the model's N x N to class probabilities, converted by tf2onnx (the converter of
+Keras' own ONNX export on the TensorFlow backend) from the frozen serving function. The graph
+takes images already squashed to N x N by extract's rule, which ONNX cannot hold exactly for
+every input size (its Resize has no area mode): docs/commands.md gives the rule in NumPy.
+
+Checked at export: ONNX Runtime's probabilities against the run's own model (what `predict`
+computes) on images of several sizes, refused in one line past 1e-4. `--quantize`: int8 weights
+by ONNX Runtime's dynamic quantization, its agreement with float32 on the run's validation images
+measured, printed and recorded; refused past the documented threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.errors import PipelineError
+
+TOLERANCE = 1e-4  # largest probability difference to the run's own model, float32
+INT8_MAX_ACCURACY_DROP = 0.02  # int8 refused when validation accuracy falls by more than 2 points
+INT8_MIN_AGREEMENT = 0.98  # ... or when it agrees with float32 on fewer than 98% of the top classes
+CHECK_SHAPES = ((37, 61), (300, 200), (16, 16))  # larger, smaller and mixed against any N
+
+
+def squash(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (height, width, 3) -> float32 (1, size, size, 3), 0..255, by extract's rule (the
+    TensorFlow-free resize of pipeline/images/decode_pillow.py; docs/commands.md gives the same in a
+    few lines of NumPy). Not rounded: the resize's values are fractional, as predict's are."""
+    from pipeline.images.decode_pillow import resize
+
+    return resize(pixels, size)[None]
+
+
+OPSET = 17  # ONNX Runtime, OpenVINO and TensorRT all read it; tf2onnx's well-tested range
+
+
+def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
+    """The classifier (already without its resize) as ONNX at `path`; returns what export.json
+    records of the graph.
+
+    Keras' own `Model.export(format="onnx")` (tf2onnx on the TensorFlow backend) leaves the
+    constants of the Normalization layers (the backbone's and the head's standardisation) as
+    graph inputs that a runtime would have to feed; so the serving function is frozen first
+    (variables and captured constants into the graph) and converted by tf2onnx, the converter
+    Keras calls, directly."""
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="pixels"),)
+
+    @tf.function(input_signature=spec)
+    def serve(pixels: Any) -> Any:
+        return tf.cast(resized(pixels, training=False), tf.float32)
+
+    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+    with atomic.replacing(path, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=["pixels:0"],
+                                       output_names=[t.name for t in frozen.outputs], opset=OPSET,
+                                       output_path=str(temporary))
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    return {"opset": {entry.domain or "ai.onnx": int(entry.version) for entry in graph.opset_import},
+            "input": graph.graph.input[0].name, "output": graph.graph.output[0].name,
+            "producer": f"{graph.producer_name} {graph.producer_version}",
+            "made_by": "the frozen serving function converted by tf2onnx (Keras' own export leaves the "
+                       "Normalization layers' constants as graph inputs)"}
+
+
+def session(path: Path) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(runtime: Any, pixels: np.ndarray) -> np.ndarray:
+    name = runtime.get_inputs()[0].name
+    return np.asarray(runtime.run(None, {name: pixels})[0], np.float64)
+
+
+def check_onnx(path: Path, model: Any, size: int) -> float:
+    """Largest probability difference between ONNX Runtime (images squashed by the NumPy rule) and
+    the run's own model (images of any size, resized inside as extract does); refused past
+    TOLERANCE."""
+    runtime = session(path)
+    rng = np.random.default_rng(0)
+    largest = 0.0
+    for height, width in (*CHECK_SHAPES, (size, size)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        squashed = squash(image, size)
+        expected = np.asarray(model(image[None].astype(np.float32), training=False), np.float64)
+        largest = max(largest, float(np.abs(run_session(runtime, squashed) - expected).max()))
+    if largest > TOLERANCE:
+        path.unlink(missing_ok=True)
+        raise PipelineError(f"the ONNX export disagrees with the run's model by {largest:.2e} in probability (more "
+                            f"than {TOLERANCE:g}): nothing was exported; report it with the run's backbone")
+    return largest
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic.replacing(target, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()):
+        quantize_dynamic(str(source), str(temporary), weight_type=QuantType.QInt8)
+
+
+def int8_agreement(fp32: Path, int8: Path, images: Any, labels: np.ndarray, size: int,
+                   limit: int = 256) -> dict[str, Any]:
+    """int8 against float32 on up to `limit` validation images: both accuracies, top-class
+    agreement, the largest probability difference; refused past the thresholds."""
+    from PIL import Image
+
+    chosen = np.arange(len(labels))[:limit]
+    if not len(chosen):
+        raise PipelineError("--quantize measures int8 against float32 on the run's validation images, and it has none")
+    full, small = session(fp32), session(int8)
+    p32, p8 = [], []
+    for i in chosen:
+        with Image.open(images[i]) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        squashed = squash(pixels, size)
+        p32.append(run_session(full, squashed)[0])
+        p8.append(run_session(small, squashed)[0])
+    p32, p8, truth = np.asarray(p32), np.asarray(p8), labels[chosen]
+    found = {"images": len(chosen), "accuracy_float32": float(np.mean(p32.argmax(1) == truth)),
+             "accuracy_int8": float(np.mean(p8.argmax(1) == truth)),
+             "top_class_agreement": float(np.mean(p32.argmax(1) == p8.argmax(1))),
+             "largest_probability_difference": float(np.abs(p32 - p8).max()),
+             "thresholds": {"accuracy_drop_at_most": INT8_MAX_ACCURACY_DROP,
+                            "agreement_at_least": INT8_MIN_AGREEMENT}}
+    drop = found["accuracy_float32"] - found["accuracy_int8"]
+    if drop > INT8_MAX_ACCURACY_DROP or found["top_class_agreement"] < INT8_MIN_AGREEMENT:
+        int8.unlink(missing_ok=True)
+        raise PipelineError(f"int8 loses too much on the validation images: accuracy {found['accuracy_float32']:.2%} "
+                            f"-> {found['accuracy_int8']:.2%}, top class agreeing on "
+                            f"{found['top_class_agreement']:.1%}: not exported (export float32 instead)")
+    return found
