@@ -394,3 +394,21 @@ def test_int8_onnx_is_measured_on_validation_and_refused_past_its_threshold(expo
     with pytest.raises(PipelineError, match="int8 loses too much"):
         export_run(exported_runs["logreg"], "onnx", tmp_path / "strict", quantize=True)
     assert not (tmp_path / "strict" / "model-int8.onnx").exists()
+
+
+def test_a_damaged_onnx_graph_is_refused_in_one_line(exported_runs: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch) -> None:
+    import tf2onnx
+
+    real = tf2onnx.convert.from_graph_def
+
+    def truncated(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the converter's signature
+        result = real(*args, **kwargs)
+        path = Path(kwargs["output_path"])
+        path.write_bytes(path.read_bytes()[:1000])
+        return result
+
+    monkeypatch.setattr(tf2onnx.convert, "from_graph_def", truncated)
+    with pytest.raises(PipelineError, match="damaged graph"):
+        export_run(exported_runs["logreg"], "onnx", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.onnx").exists()

@@ -66,8 +66,13 @@ def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
         tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=["pixels:0"],
                                        output_names=[t.name for t in frozen.outputs], opset=OPSET,
                                        output_path=str(temporary))
-    graph = onnx.load(str(path))
-    onnx.checker.check_model(graph)
+    try:
+        graph = onnx.load(str(path))
+        onnx.checker.check_model(graph)
+    except Exception as error:  # noqa: BLE001 - onnx raises several types for a damaged graph
+        path.unlink(missing_ok=True)
+        raise PipelineError(f"the ONNX conversion wrote a damaged graph ({str(error).splitlines()[0][:200]}): "
+                            "nothing was exported") from None
     return {"opset": {entry.domain or "ai.onnx": int(entry.version) for entry in graph.opset_import},
             "input": graph.graph.input[0].name, "output": graph.graph.output[0].name,
             "producer": f"{graph.producer_name} {graph.producer_version}",
