@@ -6,8 +6,9 @@ difference to `predict` (the run at its own precision) and to the float32 model.
 For each format (keras, savedmodel, tflite float, tflite quantised, onnx float32, onnx int8) the
 run is exported into a temporary folder, loaded in this process (load time), and run on the run's
 test images: keras on decoded images of their own size in batches of 32, the SavedModel on
-encoded bytes in batches of 32 (decoding inside), TFLite one image at a time and ONNX Runtime in
-batches of 32, both on images resized as extract does.
+encoded bytes in batches of 32 (decoding inside), TFLite one image at a time and ONNX Runtime
+one at a time and in batches of 32, both on images resized as extract does (int8 ONNX is
+dynamically quantised: its activation scales are computed per call, so a batch shares them).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def main() -> None:
 
     results = []
     with tempfile.TemporaryDirectory() as work:
-        for fmt, quantize in (("keras", False), ("savedmodel", False), ("tflite", False), ("tflite", True),
-                              ("onnx", False), ("onnx", True)):
+        for fmt, quantize, batch in (("keras", False, BATCH), ("savedmodel", False, BATCH), ("tflite", False, 1),
+                                     ("tflite", True, 1), ("onnx", False, BATCH), ("onnx", False, 1),
+                                     ("onnx", True, 1), ("onnx", True, BATCH)):
             summary = export_run(run, fmt, Path(work), quantize)
             started = time.perf_counter()
             if fmt == "keras":
@@ -89,7 +91,7 @@ def main() -> None:
                 runtime = session(summary.path)
                 loaded = time.perf_counter() - started
                 started = time.perf_counter()
-                got = np.concatenate([run_session(runtime, np.stack(b)) for b in batches(resized)])
+                got = np.concatenate([run_session(runtime, np.stack(b)) for b in batches(resized, batch)])
             else:
                 interpreter = tflite_interpreter(summary.path.read_bytes())
                 loaded = time.perf_counter() - started
@@ -103,6 +105,7 @@ def main() -> None:
                 got = np.array(got)
             seconds = time.perf_counter() - started
             name = fmt + ((" int8" if fmt == "onnx" else " quantised") if quantize else "")
+            name += f" (batches of {batch})" if fmt == "onnx" else ""
             results.append({
                 "format": name, "file": summary.path.name, "megabytes": round(summary.bytes / 2**20, 1),
                 "export_seconds": round(summary.seconds, 2), "load_seconds": round(loaded, 2),

@@ -60,9 +60,10 @@ def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
     def serve(pixels: Any) -> Any:
         return tf.cast(resized(pixels, training=False), tf.float32)
 
-    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+    with _quiet_loggers("tensorflow", "tf2onnx"):  # TF1-API deprecation notes from the conversion
+        frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
     with atomic.replacing(path, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+            contextlib.redirect_stderr(io.StringIO()), _quiet_loggers("tensorflow", "tf2onnx"):
         tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=["pixels:0"],
                                        output_names=[t.name for t in frozen.outputs], opset=OPSET,
                                        output_path=str(temporary))
@@ -78,6 +79,21 @@ def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
             "producer": f"{graph.producer_name} {graph.producer_version}",
             "made_by": "the frozen serving function converted by tf2onnx (Keras' own export leaves the "
                        "Normalization layers' constants as graph inputs)"}
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Any:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def session(path: Path) -> Any:
@@ -121,8 +137,10 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 def int8_agreement(fp32: Path, int8: Path, images: Any, labels: np.ndarray, size: int,
                    limit: int = 256) -> dict[str, Any]:
-    """int8 against float32 on up to `limit` validation images: both accuracies, top-class
-    agreement, the largest probability difference; refused past the thresholds."""
+    """int8 against float32 on up to `limit` validation images, one image a call (dynamic
+    quantisation computes its activation scales per call: a batch would share them): both
+    accuracies, top-class agreement, the largest probability difference; refused past the
+    thresholds."""
     from PIL import Image
 
     chosen = np.arange(len(labels))[:limit]
@@ -141,6 +159,7 @@ def int8_agreement(fp32: Path, int8: Path, images: Any, labels: np.ndarray, size
              "accuracy_int8": float(np.mean(p8.argmax(1) == truth)),
              "top_class_agreement": float(np.mean(p32.argmax(1) == p8.argmax(1))),
              "largest_probability_difference": float(np.abs(p32 - p8).max()),
+             "measured": "one image per call (dynamic quantisation: a batch shares its activation scales)",
              "thresholds": {"accuracy_drop_at_most": INT8_MAX_ACCURACY_DROP,
                             "agreement_at_least": INT8_MIN_AGREEMENT}}
     drop = found["accuracy_float32"] - found["accuracy_int8"]
