@@ -24,7 +24,9 @@ from pipeline.errors import PipelineError
 
 TOLERANCE = 1e-4  # largest probability difference to the run's own model, float32
 INT8_MAX_ACCURACY_DROP = 0.02  # int8 refused when validation accuracy falls by more than 2 points
-INT8_MIN_AGREEMENT = 0.98  # ... or when it agrees with float32 on fewer than 98% of the top classes
+# ... or when it agrees with float32 on fewer than 99% of the top classes (on ELPV an int8 model that
+# agreed on 98.05% of the validation images agreed on 94% of the test images: bench/RESULTS.md)
+INT8_MIN_AGREEMENT = 0.99
 CHECK_SHAPES = ((37, 61), (300, 200), (16, 16))  # larger, smaller and mixed against any N
 
 
