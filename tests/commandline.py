@@ -29,3 +29,16 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+# The first lines of a script run with `python -I` where the project must not be importable: the
+# dev venv has it installed editable, so -I alone would still find it.
+WITHOUT_THE_PROJECT = r'''
+import sys
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pipeline" or name.startswith("pipeline."):
+            raise ImportError("the project is not importable here")
+sys.meta_path.insert(0, _Blocked())
+'''
+

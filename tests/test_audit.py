@@ -15,21 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from commandline import WITHOUT_THE_PROJECT
 from conftest import make_image_folder, tiny_options
 from pipeline import api
 from pipeline.errors import PipelineError
 
-# A Python in which `import pipeline` fails (the project is installed editable in the dev venv, so
-# -I alone would still find it), and which checks at the end that it never imported it.
-BLOCKED = r'''
-import sys
-class _Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name == "pipeline" or name.startswith("pipeline."):
-            raise ImportError("the project is not importable here")
-sys.meta_path.insert(0, _Blocked())
-'''
-PARQUET_READER = BLOCKED + r'''
+PARQUET_READER = WITHOUT_THE_PROJECT + r'''
 import json, pyarrow.parquet as pq
 table = pq.read_table(sys.argv[1])
 meta = json.loads(table.schema.metadata[b"bottleneck_pipeline"])
@@ -38,7 +29,7 @@ print(json.dumps({"columns": table.column_names, "rows": table.num_rows, "meta":
                   "path": table.column("path").to_pylist(), "split": table.column("split").to_pylist(),
                   "class": table.column("class").to_pylist(), "label": table.column("label").to_pylist()}))
 '''
-NPZ_READER = BLOCKED + r'''
+NPZ_READER = WITHOUT_THE_PROJECT + r'''
 import json, numpy as np
 with np.load(sys.argv[1], allow_pickle=False) as data:
     print(json.dumps({name: data[name].tolist() for name in ("embeddings", "ids", "paths", "labels", "splits")}))

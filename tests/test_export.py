@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from commandline import WITHOUT_THE_PROJECT
 from conftest import THREE_CLASSES, clustered_features, make_image_folder, tiny_options, write_feature_cache
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -26,13 +27,8 @@ CLASSES = ["cats", "dogs", "owls"]
 # Runs with `python -I` (no current folder, no PYTHONPATH) from a folder outside the project, with
 # `import pipeline` made to fail (the dev venv has the project installed editable): it cannot import
 # the project, and checks that it did not.
-LOADER = r'''
+LOADER = WITHOUT_THE_PROJECT + r'''
 import json, sys
-class _Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name == "pipeline" or name.startswith("pipeline."):
-            raise ImportError("the project is not importable here")
-sys.meta_path.insert(0, _Blocked())
 import numpy as np
 import tensorflow as tf
 kind, path, files = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -309,13 +305,8 @@ def test_large_thin_and_edge_sized_images_agree_in_every_format(exported_runs: d
 
 # --- ONNX: every run kind, loaded with ONNX Runtime alone, fed by the documented resize -----------
 
-ONNX_LOADER = r'''
+ONNX_LOADER = WITHOUT_THE_PROJECT + r'''
 import json, sys
-class _Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name == "pipeline" or name.startswith("pipeline."):
-            raise ImportError("the project is not importable here")
-sys.meta_path.insert(0, _Blocked())
 import numpy as np, onnxruntime
 from PIL import Image
 recipe, path, files = sys.argv[1], sys.argv[2], sys.argv[3:]
