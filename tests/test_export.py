@@ -148,7 +148,7 @@ def test_export_command_defaults_to_the_run_folder_and_quantizes(exported_runs: 
     quantized = details["formats"]["model-quantized.tflite"]
     assert "quantised" in quantized["precision"] and quantized["largest_difference_to_keras_float32"] < 0.05
     assert main(["export", "--model", str(run), "--format", "keras", "--quantize"]) == 1
-    assert "--quantize applies to --format tflite only" in capsys.readouterr().err
+    assert "--quantize applies to --format tflite and onnx only" in capsys.readouterr().err
 
 
 def test_a_bf16_run_is_exported_in_float32_and_says_so(tmp_path: Path) -> None:
