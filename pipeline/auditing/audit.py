@@ -90,7 +90,7 @@ class _Images:
 def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | None) -> _Images:
     store = stores[0]
     for each in stores:
-        if not each.manifest.get("weights", {}).get("pretrained", True):
+        if not each.pretrained:
             raise PipelineError(f"{each.directory} was extracted with --weights none: neighbours and label errors "
                                 "of random features mean nothing; extract with pretrained weights and audit that")
     indexes = store.split_indexes()
@@ -110,7 +110,7 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
         paths=[p for s in present for p in splits[s].paths],
         ids=[d for s in present for d in indexes[s].sha256],
         splits=[s for s in present for _ in splits[s].paths],
-        root=Path(store.manifest.get("dataset", {}).get("root", "")),
+        root=Path(store.data_root or ""),
         class_names=list(store.class_names),
     )
 

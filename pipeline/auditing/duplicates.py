@@ -65,11 +65,12 @@ def nearest_neighbours(x: np.ndarray, k: int = NEIGHBOURS, approximate: bool | N
         distances, indices = search.kneighbors(unit)
         similarities = 1.0 - distances
         method = "exact (scikit-learn)"
-    own = indices == np.arange(len(unit))[:, None]
-    keep = np.zeros_like(own)
-    for row in range(len(unit)):  # drop the row itself (or, among exact copies, one of k + 1)
-        others = np.flatnonzero(~own[row] & (indices[row] >= 0))[:k]
-        keep[row, others] = True
+    # Drop each row itself (or, among exact copies, one of the k + 1): the first k others, in order.
+    unusable = (indices == np.arange(len(unit))[:, None]) | (indices < 0)
+    columns = np.argsort(unusable, axis=1, kind="stable")[:, :k]
+    keep = ~np.take_along_axis(unusable, columns, axis=1)
+    similarities = np.take_along_axis(similarities, columns, axis=1)
+    indices = np.take_along_axis(indices, columns, axis=1)
     return (np.where(keep, similarities, -np.inf).astype(np.float64), np.where(keep, indices, -1), method)
 
 

@@ -46,7 +46,7 @@ def metadata(store: FeatureStore, view: FeatureView) -> dict[str, Any]:
         "fingerprint_digest": store.fingerprint.digest(),
         "view": view.as_dict(),
         "class_names": store.class_names,
-        "pretrained": store.manifest.get("weights", {}).get("pretrained", True),
+        "pretrained": store.pretrained,
         "id": "sha256 of the image file's bytes",
     }
 

@@ -189,7 +189,7 @@ class SplitImages:
 
 def split_images(store: FeatureStore) -> dict[str, SplitImages]:
     """For every split: the image files of the cache's rows, their labels and cache-relative paths."""
-    root = Path(store.manifest.get("dataset", {}).get("root", ""))
+    root = Path(store.data_root or "")
     records = {}
     for split, index in store.split_indexes().items():
         files = [str(root / p) for p in index.paths]

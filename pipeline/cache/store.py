@@ -352,6 +352,16 @@ class FeatureStore:
     def path(self) -> Path:
         return self.directory
 
+    @property
+    def data_root(self) -> str | None:
+        """The image folder the cache was extracted from (resolved), as its manifest records it."""
+        return self.manifest.get("dataset", {}).get("root")
+
+    @property
+    def pretrained(self) -> bool:
+        """False for a cache extracted with random weights (--weights none)."""
+        return self.manifest.get("weights", {}).get("pretrained", True)
+
     def __fspath__(self) -> str:  # a cache stands wherever a path to it does (open_cache, os.path)
         return str(self.directory)
 

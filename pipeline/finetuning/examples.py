@@ -101,7 +101,7 @@ def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None 
     images, backbone, weights, size and precision, with the same classes and splits; else one line
     with the extract command that adds it."""
     root = Path(cache_root) if cache_root is not None else store.directory.parent
-    data_root = store.manifest.get("dataset", {}).get("root")
+    data_root = store.data_root
     wanted = store.fingerprint.as_dict()
     found = []
     for directory, _ in find_caches(root):
@@ -111,7 +111,7 @@ def cached_activations(store: FeatureStore, layer: str, cache_root: Path | None 
             continue
         fingerprint = candidate.fingerprint.as_dict()
         if (all(fingerprint.get(k) == wanted.get(k) for k in _SAME_FEATURES) and fingerprint["pooling"] == "none"
-                and layer in fingerprint["layers"] and candidate.manifest.get("dataset", {}).get("root") == data_root):
+                and layer in fingerprint["layers"] and candidate.data_root == data_root):
             found.append(candidate)
     if not found:
         raise PipelineError(f"no cache holds {layer} activations for these images: add them with "

@@ -63,7 +63,7 @@ class TrainOptions:
 
 
 def _dataset_name(store: FeatureStore) -> str:
-    root = store.manifest.get("dataset", {}).get("root")
+    root = store.data_root
     return Path(root).name if root else store.directory.name.split("-")[0]
 
 
@@ -88,10 +88,10 @@ def _features_record(store: FeatureStore) -> dict[str, Any]:
     """What a run records of a cache it was trained on (Run reads it back)."""
     return {
         "directory": str(store.directory.resolve()),
-        "data": store.manifest.get("dataset", {}).get("root"),  # the image folder (resolved)
+        "data": store.data_root,  # the image folder (resolved)
         "fingerprint": store.fingerprint.as_dict(),
         "fingerprint_digest": store.fingerprint.digest(),
-        "pretrained": store.manifest.get("weights", {}).get("pretrained", True),
+        "pretrained": store.pretrained,
         "weights": store.manifest.get("weights", {}),
         "class_names": store.class_names,
     }
