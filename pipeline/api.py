@@ -195,17 +195,20 @@ def predict(run: Any, images: Sequence[PathLike] | PathLike, *, top: int = 3, mo
 
 
 def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,  # noqa: A002 - the flag's name
-           quantize: bool = False, models: PathLike = "models", data: PathLike | None = None,
-           backend: str | None = None) -> ExportSummary:
+           quantize: bool = False, precision: str = "float32", check_images: int = 500,
+           models: PathLike = "models", data: PathLike | None = None, backend: str | None = None) -> ExportSummary:
     """Write a run (a Run, its directory, or "best") as a model that needs no pipeline: `format`
-    keras, savedmodel or tflite, into `out` (default RUN/export/), with labels.txt and export.json
-    beside it. Returns what it wrote: `path`, `format`, `bytes`, `seconds`, `details`."""
+    keras, savedmodel, tflite or onnx, into `out` (default RUN/export/), with labels.txt and
+    export.json beside it. `precision`: float32 (runs anywhere) or run (the run's own: keras and
+    savedmodel). The export is measured against predict on up to `check_images` of the run's
+    validation images (0: not measured), recorded in export.json as agreement_with_predict.
+    Returns what it wrote: `path`, `format`, `bytes`, `seconds`, `details`."""
     backends.select(backend)
     backends.require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
     from pipeline.serving.export import export_run
 
     return export_run(_run_path(run), format, None if out is None else Path(out), quantize, Path(models),
-                      None if data is None else Path(data))
+                      None if data is None else Path(data), precision, check_images)
 
 
 def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",

@@ -44,6 +44,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -295,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     ship.add_argument("--quantize", action="store_true",
                       help="tflite: dynamic-range int8 weights; onnx: int8 weights (ONNX Runtime), measured against "
                            "float32 on the run's validation images and refused past the documented threshold")
+    ship.add_argument("--precision", default="float32", choices=("float32", "run"),
+                      help="float32: runs anywhere (default); run: computes in the run's precision (bf16 when extract "
+                           "chose it), as predict does: keras and savedmodel only (TFLite and ONNX Runtime have no "
+                           "bfloat16 kernels)")
+    ship.add_argument("--check-images", type=_non_negative_int, default=500, metavar="N",
+                      help="measure the export against predict on up to N of the run's validation images (accuracy, "
+                           "largest probability difference), printed and recorded in export.json (default 500; 0: "
+                           "skip)")
     _add_backend(ship, "; SavedModel and TFLite are TensorFlow formats: export runs on tensorflow")
     ship.add_argument("--json", action="store_true")
     ship.set_defaults(handler=_export)
@@ -485,6 +503,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pipeline.serving.agreement import describe as describe_agreement
+
     summary = api.export(args.model, **_flags(args, api.export, "run"))
     if args.json:
         print(json.dumps({"path": str(summary.path), "bytes": summary.bytes, "seconds": round(summary.seconds, 2)}
@@ -507,6 +527,7 @@ def _export(args: argparse.Namespace) -> int:
     if "largest_difference_to_keras_float32" in summary.details["format"]:
         print(f"  checked with the TFLite interpreter: largest probability difference to the Keras model "
               f"{summary.details['format']['largest_difference_to_keras_float32']:.2e}")
+    print(f"  {describe_agreement(details['agreement_with_predict'], details['precision'], details['run_precision'])}")
     print(f"  beside it: {summary.path.parent / 'labels.txt'}, {summary.path.parent / 'export.json'}")
     return 0
 

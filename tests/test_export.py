@@ -111,6 +111,8 @@ def test_every_format_reproduces_predict_without_the_pipeline(exported_runs: dic
     details = json.loads((tmp_path / "out" / "export.json").read_text())
     assert details["classes"] == CLASSES and details["image_size"] == 32
     assert details["formats"][summary.path.name]["precision"] == "float32"
+    measured = details["formats"][summary.path.name]["agreement_with_predict"]  # a float32 run: float32 rounding
+    assert measured["measured"] and measured["largest_probability_difference"] < (1e-3 if fmt == "tflite" else 1e-5)
     files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[::3] + _small_images(tmp_path)
     expected = _predicted(directory, files, CLASSES)
     got = _load_elsewhere(tmp_path, fmt, summary.path, files)
@@ -151,18 +153,95 @@ def test_export_command_defaults_to_the_run_folder_and_quantizes(exported_runs: 
     assert "--quantize applies to --format tflite and onnx only" in capsys.readouterr().err
 
 
-def test_a_bf16_run_is_exported_in_float32_and_says_so(tmp_path: Path) -> None:
-    data = make_image_folder(tmp_path / "data", per_class=5)
-    cache = extract_features(tiny_options(data, tmp_path / "features", precision="bf16")).cache_dir
-    run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models", progress=False,
-                                  head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
-    summary = export_run(run, "keras")
-    fmt = summary.details["format"]
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A head run on features extracted in bf16 (as extract chooses by itself on CPUs with bf16)."""
+    root = tmp_path_factory.mktemp("bf16")
+    data = make_image_folder(root / "data", per_class=8)
+    cache = extract_features(tiny_options(data, root / "features", precision="bf16")).cache_dir
+    return train_head(TrainOptions(head="logreg", features=cache, models=root / "models", progress=False,
+                                   head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
+
+
+def test_a_bf16_run_is_exported_in_float32_and_says_how_far_it_is_from_predict(bf16_run: Path, capsys) -> None:
+    assert main(["export", "--model", str(bf16_run), "--format", "keras"]) == 0
+    out = capsys.readouterr().out
+    assert "against predict (bf16) on" in out and "largest probability difference" in out
+    details = json.loads((bf16_run / "export" / "export.json").read_text())
+    fmt = details["formats"]["model.keras"]
     assert fmt["precision"] == "float32" and fmt["run_precision"] == "bf16" and "bf16" in fmt["note"]
     import keras
 
-    model = keras.models.load_model(summary.path)
-    assert {layer.dtype_policy.name for layer in model.layers} <= {"float32"}
+    model = keras.models.load_model(bf16_run / "export" / "model.keras")
+    assert _policies(model) == {"float32"}
+    # measured against predict on the run's validation images, as the file was written
+    measured = fmt["agreement_with_predict"]
+    validation = [row for row in (bf16_run / "splits.csv").read_text().splitlines()[1:] if ",validation," in row]
+    assert measured["measured"] and measured["images"] == len(validation) > 0
+    files = [str(bf16_run.parent.parent / "data" / row.split(",")[0]) for row in validation]
+    expected = _predicted(bf16_run, files, ["cats", "dogs"])
+    got = np.asarray(model.predict(np.stack([_pixels(f) for f in files]), verbose=0), np.float64)
+    assert measured["largest_probability_difference"] == pytest.approx(np.abs(got - expected).max(), abs=1e-6)
+    assert measured["top_class_differs"] == int(np.sum(got.argmax(1) != expected.argmax(1)))
+    assert measured["accuracy_recorded"] == json.loads((bf16_run / "metrics.json").read_text())["validation"][
+        "accuracy"]
+
+
+def _pixels(file: str) -> np.ndarray:
+    return tf.io.decode_png(Path(file).read_bytes(), channels=3).numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["keras", "savedmodel"])
+def test_precision_run_exports_what_predict_computes(bf16_run: Path, fmt: str, tmp_path: Path) -> None:
+    summary = export_run(bf16_run, fmt, tmp_path / "out", precision="run")
+    details = summary.details["format"]
+    assert details["precision"].startswith("bf16") and "as the run did" in details["note"]
+    measured = details["agreement_with_predict"]
+    assert measured["measured"] and measured["top_class_differs"] == 0
+    assert measured["largest_probability_difference"] < 1e-6
+    assert measured["accuracy_export"] == measured["accuracy_predict"]
+    if fmt == "keras":
+        import keras
+
+        assert "bfloat16" in _policies(keras.models.load_model(summary.path))
+
+
+def _policies(model) -> set[str]:
+    """The dtype policies of every layer, nested models' layers included."""
+    found = set()
+    for layer in model.layers:
+        found.add(layer.dtype_policy.name)
+        if hasattr(layer, "layers"):
+            found |= _policies(layer)
+    return found
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_precision_run_is_refused_where_the_format_has_no_bf16(bf16_run: Path, fmt: str, capsys) -> None:
+    assert main(["export", "--model", str(bf16_run), "--format", fmt, "--precision", "run", "--out",
+                 str(bf16_run.parent / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--precision run" in err and "bfloat16" in err
+    assert not (bf16_run.parent / "nowhere").exists()
+
+
+def test_an_export_whose_images_are_gone_is_written_and_says_it_was_not_measured(head_run: dict[str, Path],
+                                                                                 tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "models" / "run"
+    shutil.copytree(head_run["run"], copy)
+    data = head_run["data"]
+    moved = tmp_path / "moved-data"
+    shutil.move(data, moved)
+    try:
+        summary = export_run(copy, "keras", tmp_path / "out")
+    finally:
+        shutil.move(moved, data)
+    measured = summary.details["format"]["agreement_with_predict"]
+    assert summary.path.is_file() and not measured["measured"] and "no longer under" in measured["why"]
+    assert export_run(copy, "keras", tmp_path / "out2", check_images=0).details["format"][
+        "agreement_with_predict"] == {"measured": False, "why": "--check-images 0"}
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3])

@@ -12,9 +12,12 @@
   model's size (the resize is the app's, by the rule in export.json); float32, or dynamic-range
   quantised with `quantize`. Checked with the TFLite interpreter against the Keras model.
 
-Runs trained or extracted in bf16/mixed precision are exported in float32 (their weights are
-float32 already), so they run anywhere. Beside each export: `labels.txt` and `export.json`
-(classes, input contract, fingerprint, versions, the run's accuracy, checks made).
+Runs trained or extracted in bf16/mixed precision are exported in float32 by default (their
+weights are float32 already), so they run anywhere; `precision="run"` keeps the run's precision in
+the formats that can compute in it (keras, savedmodel: pipeline/serving/agreement.py says why the
+others cannot). Every export is loaded back and measured against `predict` with the run on the
+run's validation images (agreement.py); beside it: `labels.txt` and `export.json` (classes, input
+contract, fingerprint, versions, the run's accuracy, that agreement, the checks made).
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ import tensorflow as tf
 
 from pipeline import atomic, runs
 from pipeline.errors import PipelineError
+from pipeline.backbone.precision import keras_policy
 from pipeline.runs import Run
+from pipeline.serving import agreement
 
 FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 DETAILS = "export.json"
+PRECISIONS = ("float32", "run")
 RESIZE_RULE = "squashed to N x N: area interpolation when both sides shrink, bilinear otherwise"
 
 
@@ -56,12 +62,20 @@ def without_resize(model: keras.Model) -> keras.Model:
 
 
 def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: bool = False,
-               models: Path = Path("models"), data: Path | None = None) -> ExportSummary:
+               models: Path = Path("models"), data: Path | None = None, precision: str = "float32",
+               check_images: int = agreement.DEFAULT_IMAGES) -> ExportSummary:
     if fmt not in FORMATS:
         raise PipelineError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
     if quantize and fmt not in ("tflite", "onnx"):
         raise PipelineError("--quantize applies to --format tflite and onnx only")
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown --precision {precision!r}: float32 (any machine) or run (the run's own)")
+    if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 0:
+        raise PipelineError(f"--check-images {check_images!r}: a whole number of images, 0 or more (0: not measured)")
     opened = Run.open(run, models, data=data)
+    run_precision = run_precision_of(opened)
+    agreement.check_precision(fmt, precision, run_precision)
+    export_precision = "fp32" if precision == "float32" else run_precision
     run, class_names, fingerprint = opened.directory, opened.class_names, opened.fingerprint
     out = Path(out) if out is not None else run / "export"
     if out.resolve() == run.resolve():
@@ -72,7 +86,7 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     except OSError as error:
         raise PipelineError(atomic.os_error_message(error, "cannot export into")) from None
     started = time.perf_counter()
-    model = opened.classifier("fp32")  # checks the model's outputs against labels.txt
+    model = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
     size = fingerprint.image_size
     if fmt == "keras":
         path = out / "model.keras"
@@ -91,10 +105,14 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         with atomic.replacing(path) as temporary:
             temporary.write_bytes(flat)
         checks = {"largest_difference_to_keras_float32": check_tflite(flat, model, size)}
-    seconds = time.perf_counter() - started
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     size_bytes = sum(f.stat().st_size for f in files if f.is_file())
-    details = _details(opened, fmt, path, quantize, size_bytes, checks)
+    checks["agreement_with_predict"] = (
+        agreement.measure(opened, fmt, path, size, one_image_per_call=quantize, limit=check_images,
+                          reference=model if export_precision == run_precision else None) if check_images
+        else {"measured": False, "why": "--check-images 0"})
+    seconds = time.perf_counter() - started
+    details = _details(opened, fmt, path, quantize, size_bytes, checks, export_precision, run_precision)
     runs.write_labels(out, class_names)
     details_path = out / DETAILS
     try:
@@ -111,8 +129,13 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     return ExportSummary(path, fmt, size_bytes, seconds, details | {"format": formats[path.name]})
 
 
-def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
-             checks: dict[str, Any]) -> dict[str, Any]:
+def run_precision_of(opened: Run) -> str:
+    """The precision the run computed in: its fine-tuning's, else its features'."""
+    return opened.config.get("finetune", {}).get("precision") or opened.fingerprint.precision
+
+
+def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int, checks: dict[str, Any],
+             export_precision: str, run_precision: str) -> dict[str, Any]:
     import sklearn
 
     run, config, class_names, fingerprint = opened.directory, opened.config, opened.class_names, opened.fingerprint
@@ -132,7 +155,6 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
         "savedmodel": "probabilities (batch, classes) float32; class (batch,) string, the most likely; "
                       "class_names (batch, classes) string, in the order of the probabilities",
     }.get(fmt, f"probabilities (batch, {len(class_names)}) float32, in the order of labels.txt")
-    precision = config.get("finetune", {}).get("precision") or fingerprint.precision
     return {
         "run": str(Path(run).resolve()),
         "kind": config.get("kind"),
@@ -158,10 +180,15 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
             "output": outputs,
             "precision": ("float32 weights, dynamic-range int8 quantised" if quantize and fmt == "tflite" else
                           "int8 weights (ONNX Runtime dynamic quantisation), float32 input and output"
-                          if quantize else "float32"),
-            "run_precision": precision,
-            "note": ("exported in float32 from a run that computed in " + precision
-                     if precision not in ("fp32", None) else "the run computed in float32"),
+                          if quantize else "float32" if export_precision == "fp32" else
+                          f"{export_precision}, as the run (Keras dtype policy {keras_policy(export_precision)})"),
+            "run_precision": run_precision,
+            "note": ("the run computed in float32" if run_precision == "fp32" else
+                     f"computes in {export_precision}, as the run did" if export_precision == run_precision else
+                     f"exported in float32 from a run that computed in {run_precision}: agreement_with_predict "
+                     "says how far it is from predict"
+                     + ("; --precision run computes as the run did" if agreement.RUN_PRECISION[fmt] is None
+                        else f"; {agreement.RUN_PRECISION[fmt]}")),
         } | checks,
     }
 
@@ -181,14 +208,14 @@ def _onnx(opened: Run, model: keras.Model, size: int, out: Path, quantize: bool)
     if quantize:
         int8 = out / "model-int8.onnx"
         onnx_export.quantize_int8(path, int8)
-        validation = _validation_images(opened)
+        validation = validation_images(opened)
         checks["int8"] = onnx_export.int8_agreement(path, int8, validation.files, validation.labels, size)
         path = int8
     return path, checks
 
 
-def _validation_images(opened: Run) -> Any:
-    """The run's validation images (files and labels), for measuring a quantised export."""
+def validation_images(opened: Run) -> Any:
+    """The run's validation images (files and labels), for measuring an export."""
     from pipeline.cache.reader import split_images
 
     store = opened.features() if not opened.fused else opened.fused_features()[0]

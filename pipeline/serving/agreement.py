@@ -1,0 +1,136 @@
+"""How far an export is from the run it came from, measured as it is written.
+
+The exported file is loaded back (as a user would load it) and fed the run's validation images;
+`predict` with the run is fed the same images. A run whose features were computed in bf16 (extract
+chooses it by itself on CPUs with bf16 hardware) exported in float32 differs from `predict` by more
+than float32 rounding: this says by how much, with both accuracies, the largest and mean probability
+difference and the number of images whose top class differs. The run's own validation accuracy
+(scored from its cached features when it was trained) is recorded beside them.
+
+Each format is fed what it takes: the `.keras` model and ONNX and TFLite the pixels of the
+pipeline's image path (already N x N, so the `.keras` model's own resize is the identity), the
+SavedModel the files' encoded bytes (its own decoding and resize). Quantised TFLite and ONNX models
+are fed one image a call (dynamic quantisation computes its scales per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+DEFAULT_IMAGES = 500  # at most this many of the run's validation images, in split order
+BATCH = 32
+
+# Formats that can compute in the run's precision when it is not float32, and why the others cannot.
+RUN_PRECISION = {
+    "keras": None,  # the model keeps the run's dtype policies (Keras restores them on load)
+    "savedmodel": None,  # TensorFlow computes bfloat16 on CPUs (oneDNN) and float16 on GPUs
+    "tflite": "TFLite has no bfloat16 arithmetic: its kernels are float32 (or int8 with --quantize)",
+    "onnx": "ONNX Runtime's CPU kernels have no bfloat16 convolutions: the graph is float32 (or int8 with --quantize)",
+}
+
+
+def check_precision(fmt: str, precision: str, run_precision: str) -> None:
+    """--precision run is refused, in one line, for the formats that cannot compute in the run's
+    precision (where that is not float32 anyway)."""
+    if precision == "run" and run_precision != "fp32" and RUN_PRECISION[fmt] is not None:
+        raise PipelineError(f"--precision run: the run computed in {run_precision} and {RUN_PRECISION[fmt]}; "
+                            "export in float32 (the default: its agreement with predict is measured and recorded), "
+                            "or choose --format keras or savedmodel")
+
+
+def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bool = False,
+            limit: int = DEFAULT_IMAGES, reference: Any = None) -> dict[str, Any]:
+    """The exported model at `path` against `predict` with the run, on up to `limit` of the run's
+    validation images. Never fails the export: where the images cannot be read, says why.
+    `reference`: the run's model at its own precision, where the caller has it built already."""
+    from pipeline.images.reading import EncodedImages
+    from pipeline.serving.export import validation_images
+
+    try:
+        validation = validation_images(opened)
+    except PipelineError as error:
+        return {"measured": False, "why": str(error)}
+    files, labels = list(validation.files)[:limit], np.asarray(validation.labels)[:limit]
+    if not files:
+        return {"measured": False, "why": "the run has no validation images"}
+    if reference is None:
+        reference = opened.classifier()  # what predict computes: the run's model at the run's precision
+    exported = _exported_model(fmt, path, one_image_per_call)
+    source = EncodedImages(files)
+    kept, ours, theirs = [], [], []
+    for indices, pixels in source.batches(size, BATCH):
+        indices, pixels = np.asarray(indices), np.asarray(pixels, np.float32)
+        ours.append(np.asarray(reference.predict_on_batch(pixels), np.float64))
+        theirs.append(np.asarray(exported(pixels, [files[i] for i in indices]), np.float64))
+        kept.extend(indices.tolist())
+    if not kept:
+        return {"measured": False, "why": f"none of the run's {len(files)} validation images could be read"}
+    predicted, exported_probabilities = np.concatenate(ours), np.concatenate(theirs)
+    truth = labels[np.asarray(kept)]
+    difference = np.abs(predicted - exported_probabilities)
+    recorded = opened.metrics.get("validation", {}).get("accuracy")
+    return {
+        "measured": True,
+        "images": len(kept),
+        "split": "validation",
+        "against": "predict with the run (the run's model at its own precision)",
+        "accuracy_export": float(np.mean(exported_probabilities.argmax(1) == truth)),
+        "accuracy_predict": float(np.mean(predicted.argmax(1) == truth)),
+        "accuracy_recorded": recorded if len(kept) == len(validation.files) else None,
+        "largest_probability_difference": float(difference.max()),
+        "mean_probability_difference": float(difference.mean()),
+        "top_class_differs": int(np.sum(predicted.argmax(1) != exported_probabilities.argmax(1))),
+    }
+
+
+def _exported_model(fmt: str, path: Path, one_image_per_call: bool) -> Callable[[np.ndarray, list[str]], np.ndarray]:
+    """(pixels N x N, the files) -> probabilities, from the file as written."""
+    if fmt == "keras":
+        from pipeline.artefacts import load_keras_model
+
+        model = load_keras_model(path, "export again")
+        return lambda pixels, files: model.predict_on_batch(pixels)
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+        return lambda pixels, files: serving(images=tf.constant([Path(f).read_bytes() for f in files]))[
+            "probabilities"].numpy()
+    if fmt == "tflite":
+        from pipeline.serving.export import tflite_interpreter
+
+        interpreter = tflite_interpreter(path.read_bytes())
+        given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+        def one_by_one(pixels: np.ndarray, files: list[str]) -> np.ndarray:
+            rows = []
+            for image in pixels:
+                interpreter.set_tensor(given["index"], image[None])
+                interpreter.invoke()
+                rows.append(interpreter.get_tensor(taken["index"])[0].copy())
+            return np.stack(rows)
+
+        return one_by_one
+    from pipeline.serving import onnx_export
+
+    runtime = onnx_export.session(path)
+    if one_image_per_call:
+        return lambda pixels, files: np.concatenate([onnx_export.run_session(runtime, image[None]) for image in pixels])
+    return lambda pixels, files: onnx_export.run_session(runtime, pixels)
+
+
+def describe(agreement: dict[str, Any], export_precision: str, run_precision: str) -> str:
+    """One line for the console."""
+    if not agreement.get("measured"):
+        return f"agreement with predict not measured: {agreement.get('why')}"
+    return (f"against predict ({run_precision}) on {agreement['images']} validation images, this export "
+            f"({export_precision}): accuracy {agreement['accuracy_export']:.2%} (predict "
+            f"{agreement['accuracy_predict']:.2%}), largest probability difference "
+            f"{agreement['largest_probability_difference']:.2e} (mean {agreement['mean_probability_difference']:.1e}), "
+            f"top class differs on {agreement['top_class_differs']}")
