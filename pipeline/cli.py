@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--backbone", default="vgg16", help=f"{' or '.join(BACKBONES)} (default vgg16)")
     extract.add_argument("--image-size", type=_positive_int, default=None,
                          help="square input size (default: " + ", ".join(
-                             f"{spec.default_image_size} for {name}" for name, spec in BACKBONES.items()) + ")")
+                             f"{spec.default_image_size} for {name}" for name, spec in BACKBONES.items()) + "). For "
+                              "images much smaller than that, extract notes it before the backbone pass with the "
+                              "backbone's measured advice (28 px images: vgg16 --image-size 64 --layer block4_pool "
+                              "--pooling avg; efficientnet_lite0 --image-size 128)")
     extract.add_argument("--pooling", default=None, choices=POOLINGS,
                          help="none keeps the full feature map (default; avg for the EfficientNet-Lite backbones, "
                               "whose default layers are four)")

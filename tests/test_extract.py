@@ -447,27 +447,62 @@ def test_a_cache_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
     assert not (data / "features").exists()
 
 
-def test_extract_says_where_validation_came_from_and_that_the_images_are_small(tmp_path: Path, capsys) -> None:
+def test_extract_says_where_validation_came_from_and_that_the_images_are_small(tmp_path: Path, capsys,
+                                                                               monkeypatch) -> None:
+    from pipeline.extraction.local_engine import LocalEngine
+
     root = train_test_folder(tmp_path / "data", train=12, test=2, size=8)
+    said_before_the_backbone = []
+    original = LocalEngine.run
+
+    def run(self, *args, **kwargs):  # noqa: ANN202 - the engine's own signature
+        said_before_the_backbone.append(capsys.readouterr().err)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalEngine, "run", run)
     assert main(["extract", "--data", str(root), "--cache", str(tmp_path / "c"), "--weights", "none",
-                 "--image-size", "32", "--precision", "fp32", "--no-progress"]) == 0
+                 "--image-size", "64", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "note: no validation folder: validation is 15% of each class's train/ images" in out
-    assert "about 8 px on their shorter side, much smaller than the 32 px input" in out
-    assert "README: Small images" in out
+    note = "about 8 px on their shorter side and the input is 64 px: each is enlarged 8.0x"
+    assert note in out and "for vgg16 try --image-size 32 --layer block4_pool --pooling avg (measured" in out
+    assert "docs/commands.md: Small images" in out
+    assert note in said_before_the_backbone[0], "the note comes before the backbone pass, not after it"
     manifest = json.loads(next((tmp_path / "c").glob("*/manifest.json")).read_text())
     assert manifest["dataset"]["split"]["carved_from_train"] == {"validation": 0.15}
     assert manifest["counts"]["validation"] >= 2, "train-head has a validation split to choose on"
 
 
 def test_images_near_the_input_size_get_no_small_image_note(tmp_path: Path) -> None:
-    from pipeline.extraction.extract import dataset_notes
+    from pipeline.backbone.registry import get_backbone
+    from pipeline.extraction.extract import small_image_note
 
     root = train_test_folder(tmp_path / "data", train=4, test=1, size=40)
     scanned = scan_dataset(root, SplitConfig.from_flags(None, None, 0))
-    notes = dataset_notes(scanned, 64)
-    assert not any("smaller" in note for note in notes)
-    assert any("smaller" in note for note in dataset_notes(scanned, 96))
+    assert small_image_note(scanned, 64, get_backbone("vgg16")) is None
+    assert "enlarged 3.8x" in small_image_note(scanned, 150, get_backbone("vgg16"))
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "efficientnet_lite0", "efficientnet_lite2"])
+def test_the_small_image_advice_does_not_fire_on_its_own_recipe(tmp_path: Path, backbone: str) -> None:
+    """28 px images at each backbone's default size get a note with the backbone's measured
+    advice; extracting as it says gets none."""
+    import re
+
+    from pipeline.backbone.registry import get_backbone
+    from pipeline.extraction.extract import small_image_note
+
+    spec = get_backbone(backbone)
+    root = train_test_folder(tmp_path / "data", train=4, test=1, size=28)
+    scanned = scan_dataset(root, SplitConfig.from_flags(None, None, 0))
+    note = small_image_note(scanned, spec.default_image_size, spec)
+    advised = int(re.search(r"try --image-size (\d+)", note).group(1))
+    assert advised < spec.default_image_size and ("measured" in note)
+    assert small_image_note(scanned, advised, spec) is None
+    if backbone == "vgg16":
+        assert advised == 64 and "--layer block4_pool --pooling avg" in note
+    if backbone.startswith("efficientnet_lite"):
+        assert "try --image-size 128 (measured" in note, "Lite's measured best kept its default layers at 128 px"
 
 
 def test_an_interrupted_first_extract_donates_its_shards_to_the_next(tmp_path: Path) -> None:

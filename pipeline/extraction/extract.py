@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from pipeline import atomic, backend
 from pipeline.backbone.network import FeatureExtractor, build_backbone
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.precision import resolve_precision
-from pipeline.backbone.registry import get_backbone
+from pipeline.backbone.registry import BackboneSpec, get_backbone
 from pipeline.backbone.weights import ResolvedWeights
 from pipeline.cache import store
 from pipeline.cache.fingerprint import Fingerprint, cache_directory_name
@@ -190,6 +191,7 @@ class _Extraction:
             self.engine = RayEngine(self.backbone_weights, self.backbone_recipe, self.image_size, self.shard_size,
                                     self.max_pixels, options.workers, options.strict, options.progress)
         self.engine_result = EngineResult()
+        self.small_note: str | None = None
 
     def feature_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
@@ -218,6 +220,10 @@ class _Extraction:
         # listed by (path, size, mtime) and hashed by the worker that decodes them.
         dataset = scan_dataset(self.options.data, self.options.splits, hashes,
                                read_unknown=isinstance(self.engine, LocalEngine))
+        # said now, from a sample of headers, not after the backbone pass it is about
+        self.small_note = small_image_note(dataset, self.image_size, self.spec)
+        if self.small_note and self.options.progress:
+            print(f"note: {self.small_note}", file=sys.stderr, flush=True)
         created = not directory.exists()
         try:
             with store.exclusive_lock(directory):
@@ -286,7 +292,7 @@ class _Extraction:
             warmup_seconds=result.warmup_seconds,
             warmup_images=result.warmup_images,
             actor_build_seconds=result.actor_build_seconds,
-            notes=dataset_notes(dataset, self.image_size, self.spec.small_images),
+            notes=dataset_notes(dataset) + ([self.small_note] if self.small_note else []),
         )
         self._write_manifest(directory, dataset, summary)
         return summary
@@ -327,15 +333,13 @@ def _hash_cached_paths(dataset: ScannedDataset, shards: Sequence[ShardIndex], ha
             dataset.records[i] = dataclasses.replace(record, sha256=digest, size=size, mtime_ns=mtime_ns)
 
 
-SMALL_IMAGE_FACTOR = 2  # images this many times smaller than the input size are worth a note
 SIZE_SAMPLE = 64  # images whose headers are read to tell the typical size
 HEADER_BYTES = 1 << 16  # enough for a JPEG's frame header after its EXIF block
 
 
-def dataset_notes(dataset: ScannedDataset, image_size: int, small_images: str = "") -> list[str]:
-    """What a user should hear about the data at extract time: splits carved out of train/, splits
-    that came out empty, and images much smaller than the backbone's input (`small_images`: the
-    backbone's options for them, from the registry)."""
+def dataset_notes(dataset: ScannedDataset) -> list[str]:
+    """What a user should hear about the data at extract time: splits carved out of train/ and
+    splits that came out empty (small_image_note is said apart, before the backbone pass)."""
     notes = []
     for split, fraction in dataset.carved.items():
         flag = "--val-fraction" if split == "validation" else "--test-fraction"
@@ -346,13 +350,19 @@ def dataset_notes(dataset: ScannedDataset, image_size: int, small_images: str = 
         if not counts[split]:
             notes.append(f"the {split} split is empty: train-head needs train and validation images "
                          "(see README: Dataset layouts)")
-    typical = _typical_side(dataset)
-    if typical and typical * SMALL_IMAGE_FACTOR <= image_size:
-        notes.append(f"the images are about {typical} px on their shorter side, much smaller than the {image_size} "
-                     f"px input: each is enlarged {image_size / typical:.1f}x, which costs time and gains little; "
-                     "for small images see README: Small images"
-                     + (f" (e.g. {small_images})" if small_images else " (a smaller --image-size, --pooling avg)"))
     return notes
+
+
+def small_image_note(dataset: ScannedDataset, image_size: int, spec: BackboneSpec) -> str | None:
+    """A note when the images are much smaller than the input (more than the backbone's advice
+    allows: SmallImageAdvice), from a sample of headers, with the backbone's measured advice."""
+    typical = _typical_side(dataset)
+    advice = spec.small_images
+    if not typical or image_size <= advice.most * typical or advice.image_size(typical, spec.min_image_size) >= image_size:
+        return None  # within the advice, or as small as the backbone takes
+    return (f"the images are about {typical} px on their shorter side and the input is {image_size} px: each is "
+            f"enlarged {image_size / typical:.1f}x, which costs time and gains little; for {spec.name} try "
+            f"{advice.options(typical, spec.min_image_size)} ({advice.measured}; docs/commands.md: Small images)")
 
 
 def _typical_side(dataset: ScannedDataset) -> int | None:
