@@ -26,6 +26,7 @@ from pipeline.api import (
     extract,
     finetune,
     list_backbones,
+    list_caches,
     list_runs,
     open_run,
     predict,
@@ -51,7 +52,7 @@ _LAZY = {
 
 __all__ = [
     "extract", "train_head", "evaluate", "finetune", "predict", "export", "embeddings", "audit", "list_runs",
-    "open_run", "list_backbones", "PipelineError", *_LAZY, "__version__",
+    "list_caches", "open_run", "list_backbones", "PipelineError", *_LAZY, "__version__",
 ]
 
 

@@ -251,6 +251,14 @@ def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> l
     return rows(Path(models), None if data is None else Path(data))
 
 
+def list_caches(cache: PathLike = "features") -> list[dict[str, Any]]:
+    """Every feature cache under `cache`, newest first (the one train_head takes by default), as a
+    row: name, directory, backbone, image_size, layers, pooling, precision, data, images, updated."""
+    from pipeline.cache.catalogue import cache_rows
+
+    return cache_rows(Path(cache))
+
+
 def list_backbones() -> list[str]:
     """The backbones extract accepts."""
     from pipeline.backbone.registry import BACKBONES

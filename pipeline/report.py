@@ -38,9 +38,27 @@ def accuracy_text(values: dict[str, Any]) -> str:
     return f"{values['accuracy']:.2%} (95% CI {low:.2%}-{high:.2%})".replace("%-", "-", 1)
 
 
+ECE_BINS = 15  # equal-width bins of the top-class probability (Guo et al. 2017)
+
+
+def expected_calibration_error(labels: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
+    """How far the top-class probability is from the accuracy it claims: the images binned by that
+    probability into `bins` equal-width bins over [0, 1], the gap between each bin's mean
+    probability and its accuracy, weighted by the bin's share of the images (0: calibrated)."""
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            error += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
+    return float(error)
+
+
 def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy with its 95% Wilson interval, mean per-class accuracy (over classes present), macro
-    F1 and log loss."""
+    F1, log loss and expected calibration error."""
     import warnings
 
     from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss
@@ -61,6 +79,7 @@ def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[s
         "mean_per_class_accuracy": float(per_class),
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
         "loss": float(log_loss(labels, _normalised(proba), labels=classes)),
+        "ece": expected_calibration_error(labels, _normalised(proba)),
     }
 
 
@@ -250,11 +269,13 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "no runs yet: train one with `run_pipeline.py train-head --head logreg`"
-    columns = [("name", "name"), ("head", "head"), ("data", "data"), ("backbone", "backbone"), ("image_size", "size"),
-               ("pooling", "pooling"), ("validation_accuracy", "val acc"), ("validation_accuracy_ci95", "95% CI"),
-               ("test_accuracy", "test acc"), ("test_accuracy_ci95", "95% CI"), ("seconds", "seconds")]
+    columns = [("name", "name"), ("kind", "kind"), ("head", "head"), ("data", "data"), ("backbone", "backbone"),
+               ("image_size", "size"), ("layers", "layers"), ("pooling", "pooling"),
+               ("validation_accuracy", "val acc"), ("validation_accuracy_ci95", "95% CI"),
+               ("test_accuracy", "test acc"), ("test_accuracy_ci95", "95% CI"), ("test_loss", "test loss"),
+               ("test_ece", "test ECE"), ("seconds", "seconds")]
     if any(row.get("excluded") for row in rows):  # train-head --exclude: images left out of training
-        columns.insert(6, ("excluded", "excluded"))
+        columns.insert(8, ("excluded", "excluded"))
 
     def cell(row: dict[str, Any], key: str) -> str:
         value = row.get(key)
@@ -262,6 +283,8 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
             return row.get("problem", "-") if key == "head" else "-"
         if key.endswith("accuracy"):
             return f"{value:.2%}"
+        if key in ("test_loss", "test_ece"):
+            return f"{value:.3f}"
         if key.endswith("_ci95"):
             return f"{value[0]:.1%}-{value[1]:.1%}".replace("%-", "-", 1)
         if key == "seconds":
@@ -281,7 +304,11 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"data: {len(folders)} folders ({', '.join(folders)}): validation accuracies of different "
                      "folders do not compare; `runs --data DIR` lists one folder's runs")
     lines.append("95% CI: Wilson score interval of the split's accuracy (how far the figure could move "
-                 "from the split alone)")
+                 "from the split alone); test loss: log loss; test ECE: expected calibration error (15 bins: how far "
+                 "the top-class probability is from its accuracy, 0 is calibrated)")
+    if any(row.get("kind") == "finetune" for row in rows):
+        lines.append("finetune: the head's backbone trained end to end; head: the head it started from, and its "
+                     "scores are the fine-tuned model's, from pixels")
     untrained = [row["name"] for row in rows if row.get("pretrained") is False]
     if untrained:
         lines.append(f"note: {', '.join(untrained)} used randomly initialised backbone weights (--weights none)")

@@ -467,6 +467,8 @@ def test_extract_says_where_validation_came_from_and_that_the_images_are_small(t
     note = "about 8 px on their shorter side and the input is 64 px: each is enlarged 8.0x"
     assert note in out and "for vgg16 try --image-size 32 --layer block4_pool --pooling avg (measured" in out
     assert "docs/commands.md: Small images" in out
+    speed = next(line for line in out.splitlines() if line.startswith("  speed:"))
+    assert "images/s by wall clock" in speed and "in the extraction loop" in speed and "progress bar" in speed
     assert note in said_before_the_backbone[0], "the note comes before the backbone pass, not after it"
     manifest = json.loads(next((tmp_path / "c").glob("*/manifest.json")).read_text())
     assert manifest["dataset"]["split"]["carved_from_train"] == {"validation": 0.15}

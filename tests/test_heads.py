@@ -298,7 +298,7 @@ def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], expected: st
 
 def test_clear_errors(tmp_path: Path, separable_cache: Path, capsys: pytest.CaptureFixture) -> None:
     train = ["train-head", "--models", str(tmp_path / "models"), "--no-progress"]
-    _one_line_error(capsys, [*train, "--features", str(tmp_path / "nowhere")], "does not exist")
+    _one_line_error(capsys, [*train, "--features", str(tmp_path / "nowhere")], "no cache")
     (tmp_path / "plain").mkdir()
     _one_line_error(capsys, [*train, "--features", str(tmp_path / "plain")], "not a feature cache")
     _one_line_error(capsys, [*train, "--cache", str(tmp_path / "plain")], "no feature cache under")

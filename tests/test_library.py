@@ -29,6 +29,7 @@ STAGES = {  # subcommand -> (function, its positional inputs as the command name
     "predict": (api.predict, {"run": "model", "images": "images"}),
     "export": (api.export, {"run": "model"}),
     "runs": (api.list_runs, {}),
+    "caches": (api.list_caches, {}),
     "embeddings": (api.embeddings, {"features": "features", "out": "out"}),
     "audit": (api.audit, {"features": "features"}),
 }

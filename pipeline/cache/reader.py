@@ -35,15 +35,20 @@ def latest_cache(cache_root: Path) -> Path:
 
 
 def open_cache(features: Path | None, cache_root: Path) -> FeatureStore:
-    """--features as given (a directory, or a name under the cache root), else the latest cache."""
+    """--features as given (a directory, a name under the cache root, or a short form that names one
+    cache: catalogue.py), else the latest cache."""
     if features is None:
         return FeatureStore(latest_cache(cache_root))
     candidates = [Path(features), Path(cache_root) / features]
     directory = next((c for c in candidates if c.is_dir()), None)
     if directory is None:
+        from pipeline.cache.catalogue import find_cache
+
+        directory = find_cache(str(features), cache_root)  # a short form: vgg16:64, lite0, a name's start
+    if directory is None:
         raise PipelineError(
-            f"features directory {features} does not exist: pass a directory made by extract "
-            f"(see `ls {cache_root}`)"
+            f"no cache {features}: name a directory made by extract, or BACKBONE[:SIZE[:LAYER]] "
+            f"(`run_pipeline.py caches --cache {cache_root}` lists them)"
         )
     return FeatureStore(directory)
 

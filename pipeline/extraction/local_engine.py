@@ -117,8 +117,10 @@ class LocalEngine:
         started = time.perf_counter()
         batches_before, images_before = extractor.batches, extractor.images
         expected = 0  # the next record index; batches arrive in record order, failures leave gaps
+        # smoothing=0: the bar's rate is the loop's average (decode, backbone, shards), the figure
+        # the summary prints as the extraction loop's, not a moving average of the last batches
         with tqdm(total=len(records), unit="img", desc="extract", disable=not self.progress,
-                  dynamic_ncols=True) as bar, _StopRequest() as stop:
+                  dynamic_ncols=True, smoothing=0) as bar, _StopRequest() as stop:
             iterator = iter(batches)
             while True:
                 waiting = time.perf_counter()

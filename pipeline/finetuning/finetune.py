@@ -124,7 +124,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     callbacks = [
         timer,
         keep_best,
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=options.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, options.patience // 2),
                                           min_lr=1e-7),
     ]
@@ -152,7 +152,11 @@ def finetune(options: FinetuneOptions) -> RunSummary:
             "batch_norm": "frozen, inference mode",
             "trained_on": data.describe(),
         },
+        # scored end to end from pixels by the model fine-tuning starts from; the head run's own
+        # figures (from its cached features) differ by the features' rounding and precision
         "test_before_finetune": test_before,
+        "head_run_accuracy": {split: head_run.metrics.get(split, {}).get("accuracy")
+                              for split in ("validation", "test")},
         "seed": options.seed,
         "seconds": round(seconds, 3),
         "epoch_seconds": [round(t, 3) for t in timer.seconds],

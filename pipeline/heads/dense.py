@@ -1,4 +1,4 @@
-"""The Keras dense head: Dense -> [BatchNorm] -> ReLU -> Dropout -> softmax, early stopping on validation."""
+"""The Keras dense head: Dense -> [BatchNorm] -> ReLU -> Dropout -> softmax, early stopping on validation accuracy."""
 
 from __future__ import annotations
 
@@ -27,10 +27,13 @@ def training_statistics(train: Features) -> tuple[np.ndarray, np.ndarray]:
 
 
 class DenseHead(Head):
-    """Dense(units) -> [BatchNorm] -> ReLU -> Dropout -> Dense(classes, softmax), the seeds' head,
-    with early stopping on validation loss, the weights of the epoch with the best validation
-    accuracy kept (what the run reports; ties: lower loss), and learning-rate decay; the
-    learning rate of every epoch lands in the history (ReduceLROnPlateau logs it)."""
+    """Dense(units) -> [BatchNorm] -> ReLU -> Dropout -> Dense(classes, softmax), the seeds' head.
+    Stopped and kept by what runs are chosen by: training stops when validation accuracy has not
+    improved for `patience` epochs, and the weights of the epoch with the best validation accuracy
+    are kept (ties: lower loss). Stopping on validation loss stopped a head whose loss rose while
+    its accuracy still climbed (0.87 -> 0.96, 86.4% -> 89.4%, stopped at epoch 9 of 50). The
+    learning rate halves when validation loss stalls (the smoother signal); every epoch's lands in
+    the history (ReduceLROnPlateau logs it)."""
 
     kind = "dense"
     HISTORY_AXIS = "epochs"
@@ -131,7 +134,7 @@ class DenseHead(Head):
         patience = int(self.params["patience"])
         callbacks = [
             KeepBest(),  # the epoch of the best validation accuracy, what the run reports
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+            keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3),
                                               min_lr=1e-6),
         ]

@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.heads.base import SIDECAR, Features, Head, class_weights
 
 MAX_GRID = 1000  # C values a search may try: each is one fit
+QUICK_GRID = "1e-4:1e2:7"  # one C a decade over the range where standardised features' best C falls
 
 
 def log_grid(text: str) -> tuple[float, ...]:
@@ -111,6 +112,10 @@ class LogRegHead(Head):
         return None if self.params["class_weight"] in (None, "none") else self.params["class_weight"]
 
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
+        if progress and str(self.params["c_grid"]) == self.DEFAULTS["c_grid"]:
+            print(f"C search: {len(self.grid)} fits (--c-grid {self.DEFAULTS['c_grid']}, the linear-probe protocol); "
+                  f"for a quicker first look, --c-grid {QUICK_GRID} ({len(log_grid(QUICK_GRID))} fits, one a decade)",
+                  file=sys.stderr, flush=True)
         if train.in_memory and validation.in_memory:
             rows = self._search_in_memory(train, validation, progress)
         else:

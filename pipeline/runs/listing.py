@@ -64,6 +64,8 @@ def _run_row(record: RunRecord, metrics: dict[str, Any]) -> dict[str, Any]:
         "validation_accuracy_ci95": _interval(split("validation")),
         "test_accuracy_ci95": _interval(split("test")),
         "test_mean_per_class_accuracy": _fraction(split("test").get("mean_per_class_accuracy")),
+        "test_loss": _number(split("test").get("loss")),
+        "test_ece": _fraction(split("test").get("ece")),  # none for runs scored before ECE was recorded
         "excluded": _number(_mapping(config.get("excluded")).get("from_training")),  # images left out of training
         "seconds": _number(config.get("seconds")),
         "created": _text(config.get("created")),

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline import runs
 from pipeline.backbone.pooling import POOLINGS
+from pipeline.backbone.registry import BACKBONES
 from pipeline.cache.reader import FeatureView, SplitData, load_fused_splits, load_splits, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
@@ -78,7 +79,11 @@ def default_run_name(kind: str, stores: Sequence[FeatureStore], views: Sequence[
                      sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:6]
     fingerprint, view = stores[0].fingerprint, views[0]
-    layers = "" if len(stores) > 1 or view.layers == fingerprint.layers else "-" + "+".join(view.layers)
+    # the layers read enter the name unless they are the backbone's default (given to extract or
+    # to train-head alike), so runs on caches of other layers are told apart by name
+    spec = BACKBONES.get(fingerprint.backbone)
+    default = tuple(spec.default_layers) if spec else fingerprint.layers
+    layers = "" if len(stores) > 1 or tuple(view.layers) == default else "-" + "+".join(view.layers)
     backbones = "+".join(store.fingerprint.backbone for store in stores)
     return (f"{_dataset_name(stores[0])}-{kind}-{backbones}-{fingerprint.image_size}"
             f"{layers}-{view.pooling}-{digest}")
