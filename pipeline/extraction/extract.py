@@ -358,7 +358,8 @@ def small_image_note(dataset: ScannedDataset, image_size: int, spec: BackboneSpe
     allows: SmallImageAdvice), from a sample of headers, with the backbone's measured advice."""
     typical = _typical_side(dataset)
     advice = spec.small_images
-    if not typical or image_size <= advice.most * typical or advice.image_size(typical, spec.min_image_size) >= image_size:
+    if not typical or image_size <= advice.most * typical \
+            or advice.image_size(typical, spec.min_image_size) >= image_size:
         return None  # within the advice, or as small as the backbone takes
     return (f"the images are about {typical} px on their shorter side and the input is {image_size} px: each is "
             f"enlarged {image_size / typical:.1f}x, which costs time and gains little; for {spec.name} try "

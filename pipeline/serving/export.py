@@ -35,8 +35,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import atomic, runs
-from pipeline.errors import PipelineError
 from pipeline.backbone.precision import keras_policy
+from pipeline.errors import PipelineError
 from pipeline.runs import Run
 from pipeline.serving import agreement
 
