@@ -162,6 +162,13 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
     assert summary.metrics["validation"]["accuracy"] >= config["finetune"]["validation_before"]["accuracy"] - 1e-9
     assert "learning_rate" in (summary.directory / "history.csv").read_text().splitlines()[0]
     assert any(r["name"] == summary.directory.name and r["kind"] == "finetune" for r in list_runs(models))
+    assert config["head_run_accuracy"]["test"] == head_test["accuracy"], "the head run's own figure, kept beside"
+    from pipeline.cli import _head_run_figure
+    from pipeline.report import runs_table
+
+    assert "scored from its cached features" in _head_run_figure(config)
+    row = next(line for line in runs_table(list_runs(models)).splitlines() if line.startswith(summary.directory.name))
+    assert " finetune " in row and " logreg " in row, "a fine-tuned run shows its kind and the head it started from"
 
     # the exported model takes raw images: predict through it gives the test report's probabilities
     misclassified = list(csv.DictReader(open(summary.directory / "misclassified.csv")))
@@ -274,3 +281,27 @@ def test_fine_tune_parameters_out_of_range_are_one_line(capsys, flags: list[str]
     assert main(["finetune", "--from", "x", *flags]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_heads_and_fine_tuning_stop_on_what_runs_are_chosen_by(head_runs: dict[str, Path], monkeypatch,
+                                                              tmp_path: Path) -> None:
+    """EarlyStopping watches validation accuracy, the figure the kept epoch and `runs` go by (not
+    validation loss, which stopped a head while its accuracy still climbed)."""
+    import keras
+
+    from pipeline.training.train import TrainOptions, train_head
+
+    watched = []
+
+    class Watching(keras.callbacks.EarlyStopping):
+        def __init__(self, **kwargs) -> None:
+            watched.append((kwargs.get("monitor"), kwargs.get("mode")))
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(keras.callbacks, "EarlyStopping", Watching)
+    head_run = Run.open(head_runs["logreg-none"])
+    train_head(TrainOptions(head="dense", features=head_run.features().directory, models=tmp_path / "models",
+                            head_params={"epochs": 2}, progress=False))
+    finetune(FinetuneOptions(source=str(head_runs["logreg-none"]), models=tmp_path / "models", epochs=1, batch_size=4,
+                             augmentation=Augmentation.off(), progress=False))
+    assert watched == [("val_accuracy", "max"), ("val_accuracy", "max")]
