@@ -2,9 +2,10 @@
 the TensorFlow backend's through the whole `extract` command, and nothing on the JAX path imports
 TensorFlow (tests/without_tensorflow.py runs the command line with `import tensorflow` raising).
 
-Equality of features across backends is within 1e-4 relative (fp32): the two backends' kernels
-sum in different orders, and a wrong row differs by orders of magnitude more. Decoded pixels of
-PNG, BMP and GIF are exactly TensorFlow's; after a resize they agree to float32 rounding."""
+Equality of features across backends is within 1e-4 relative (fp32), JPEGs included: the two
+backends' kernels sum in different orders, and a wrong row differs by orders of magnitude more.
+Decoded pixels of PNG, BMP, GIF and JPEG are exactly TensorFlow's; after a resize they agree to
+float32 rounding."""
 
 from __future__ import annotations
 
@@ -102,24 +103,78 @@ def test_damaged_bytes_are_undecodable_on_both_paths() -> None:
             decode_bytes_and_resize(tf.constant(damaged), 16).numpy()
 
 
-def test_jpeg_decoders_are_named_in_the_fingerprint() -> None:
-    """JPEG's inverse DCT is each decoder's own: Pillow's and TensorFlow's pixels differ, so the
-    fingerprint names the decoder and the two never share a cache."""
-    rgb = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    data = _encoded(Image.fromarray(rgb), "JPEG", quality=90)
-    differ = np.abs(pixels.decode(data).astype(int)
-                    - tf.io.decode_jpeg(data).numpy().astype(int)).max()
-    assert differ > 0  # if this ever fails, the decoders agree: still named, never mixed
+def _jpegs() -> dict[str, bytes]:
+    """JPEGs of a photo-like image (gradients, texture and noise) as cameras and tools write them."""
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:120, 0:160]
+    photo = np.dstack([(x * 0.6 + 20 * np.sin(y / 7)) % 256, (y * 0.8) % 256, (x + y) % 256])
+    photo = np.clip(photo + rng.normal(0, 12, photo.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(photo)
+    return {
+        "jpeg 4:2:0 q75": _encoded(image, "JPEG", quality=75),
+        "jpeg 4:4:4 q95": _encoded(image, "JPEG", quality=95, subsampling=0),
+        "jpeg progressive": _encoded(image, "JPEG", quality=85, progressive=True),
+        "jpeg gray": _encoded(Image.fromarray(photo[..., 0]), "JPEG", quality=80),
+        "jpeg cmyk": _encoded(image.convert("CMYK"), "JPEG", quality=90),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_jpegs()))
+def test_jpegs_decode_on_tensorflow_exactly_as_pillow_decodes_them(name: str) -> None:
+    """TensorFlow's default inverse DCT (fast integer) is not Pillow's (accurate integer): the
+    pipeline asks TensorFlow for the accurate one, and the pixels are the same to the level."""
+    from pipeline.images.decode_tf import decode_pixels
+
+    data = _jpegs()[name]
+    ours = pixels.decode(data).astype(int)
+    theirs = decode_pixels(tf.constant(data)).numpy().astype(int)
+    assert ours.shape == theirs.shape and np.array_equal(ours, theirs)
+    if name != "jpeg cmyk":  # the reason for asking: the default differs
+        assert np.abs(tf.io.decode_jpeg(data).numpy().astype(int) - theirs).max() > 0
+    for size in (32, 100, 224):
+        got = decode_bytes_and_resize(tf.constant(data), size).numpy()
+        assert np.abs(pixels.decode_and_resize(data, size) - got).max() <= 255 * 3e-5
+
+
+def test_decoders_are_named_in_the_fingerprint() -> None:
+    """Each decoder is named in the fingerprint, so caches never mix them: Pillow with its libjpeg,
+    TensorFlow with the accurate JPEG decoding (caches made before it are named "tensorflow")."""
+    from pipeline.images import decode_tf
+
     assert pixels.decoder_identity().startswith("pillow-")
     common = dict(backbone="vgg16", weights_source="none", weights_identity="x", image_size=32,
                   resize_method="area-down-bilinear-up", preprocessing="torch", layers=("block5_pool",),
                   pooling="none", precision="fp32")
-    on_tf = Fingerprint(**common, tensorflow="2.21")
+    before = Fingerprint(**common, tensorflow="2.21")
+    on_tf = Fingerprint(**common, tensorflow="2.21", decoder=decode_tf.decoder_identity())
     on_jax = Fingerprint(**common, tensorflow="none", backend="jax-0.10", decoder=pixels.decoder_identity())
-    assert on_tf.digest() != on_jax.digest()
-    # a TensorFlow cache made before the fields existed keeps its digest, and so its directory
-    assert "backend" not in on_tf.as_dict()
-    assert Fingerprint.from_dict(on_jax.as_dict()) == on_jax
+    assert len({before.digest(), on_tf.digest(), on_jax.digest()}) == 3
+    assert "backend" not in before.as_dict(), "a cache of the old decoding keeps its digest: found, not continued"
+    assert Fingerprint.from_dict(on_jax.as_dict()) == on_jax and Fingerprint.from_dict(on_tf.as_dict()) == on_tf
+
+
+def test_a_cache_of_the_fast_jpeg_decoding_is_not_continued(tmp_path: Path, capsys) -> None:
+    import dataclasses
+
+    from conftest import tiny_options
+    from pipeline.cache import store
+    from pipeline.cache.fingerprint import cache_directory_name
+    from pipeline.extraction.extract import extract_features
+
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    first = extract_features(tiny_options(data, tmp_path / "cache"))
+    # the same cache as an earlier version named it: decoder "tensorflow"
+    fingerprint = dataclasses.replace(store.FeatureStore(first.cache_dir).fingerprint, backend="tensorflow",
+                                      decoder="tensorflow")
+    old = tmp_path / "cache" / cache_directory_name(fingerprint, data)
+    first.cache_dir.rename(old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest |= {"fingerprint": fingerprint.as_dict(), "fingerprint_digest": fingerprint.digest()}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    again = extract_features(tiny_options(data, tmp_path / "cache"))
+    assert again.cache_dir != old and again.new == 6 and again.reused == 0
+    assert any(str(old) in note and "not continued" in note for note in again.notes)
+    assert old.is_dir(), "the old cache is left as it was"
 
 
 def _run(*args: str, without_tensorflow: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -151,6 +206,8 @@ def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_
     data = make_image_folder(tmp_path / "data", per_class=5)
     write_image(data / "cats" / "big.png", seed=99, size=90)  # shrinks: area
     write_image(data / "dogs" / "small.png", seed=98, size=20, channels=1)  # grows, gray: bilinear
+    for name, encoded in list(_jpegs().items())[:3]:  # JPEGs: one inverse DCT on both backends
+        (data / "cats" / f"{name.replace(' ', '-').replace(':', '')}.jpg").write_bytes(encoded)
     common = ["extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--backbone", backbone,
               "--weights", "none", "--image-size", str(size), "--pooling", pooling, "--precision", "fp32",
               "--batch-size", "4", "--no-progress", "--json"]
@@ -163,7 +220,7 @@ def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_
     fingerprint = json.loads((jax_cache / "manifest.json").read_text())["fingerprint"]
     assert fingerprint["backend"].startswith("jax-") and fingerprint["decoder"].startswith("pillow-")
     ours, theirs = _rows(jax_cache), _rows(tf_cache)
-    assert sorted(ours) == sorted(theirs) and len(ours) == 12
+    assert sorted(ours) == sorted(theirs) and len(ours) == 15
     for path in theirs:
         scale = np.abs(theirs[path]).max()
         assert np.abs(ours[path] - theirs[path]).max() <= 1e-4 * scale, path

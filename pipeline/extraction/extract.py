@@ -36,6 +36,7 @@ from pipeline.extraction.local_engine import LocalEngine
 from pipeline.extraction.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.extraction.ray_engine import BackboneRecipe, RayCluster, RayEngine
 from pipeline.images.formats import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, image_dimensions
+from pipeline.images import decode_tf
 from pipeline.images.reading import decoder_identity
 
 DEFAULT_SHARD_SIZE = 1024
@@ -192,6 +193,16 @@ class _Extraction:
                                     self.max_pixels, options.workers, options.strict, options.progress)
         self.engine_result = EngineResult()
         self.small_note: str | None = None
+        self.early_notes: list[str] = []  # said before the backbone pass, and again in the summary
+
+    def _cache_of_earlier_jpeg_decoding(self) -> Path | None:
+        """The cache of these settings that TensorFlow filled before JPEGs were decoded accurately
+        (its fingerprint's decoder was "tensorflow"), where there is one."""
+        if self.fingerprint.decoder != decode_tf.DECODER:
+            return None
+        earlier = dataclasses.replace(self.fingerprint, backend="tensorflow", decoder="tensorflow")
+        directory = Path(self.options.cache_root) / cache_directory_name(earlier, self.options.data)
+        return directory if (directory / store.MANIFEST_NAME).is_file() else None
 
     def feature_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
@@ -215,6 +226,12 @@ class _Extraction:
                                 "the next scan would take it for a class folder; put the cache elsewhere "
                                 "(default features/)")
         directory = Path(self.options.cache_root) / cache_directory_name(self.fingerprint, self.options.data)
+        earlier_decoding = self._cache_of_earlier_jpeg_decoding()
+        if earlier_decoding is not None and not directory.exists():
+            self.early_notes.append(
+                f"{earlier_decoding} holds these images' features decoded with TensorFlow's fast JPEG inverse DCT "
+                "(up to 18 levels from Pillow's); JPEGs are now decoded accurately, as on every backend, so that "
+                "cache is not continued: this one starts afresh (delete the old one when done with it)")
         hashes = HashIndex(directory / store.HASH_INDEX_NAME, trusted=not self.options.rehash)
         # The Ray engine's driver reads no image bytes: files the hash index does not know are
         # listed by (path, size, mtime) and hashed by the worker that decodes them.
@@ -222,8 +239,11 @@ class _Extraction:
                                read_unknown=isinstance(self.engine, LocalEngine))
         # said now, from a sample of headers, not after the backbone pass it is about
         self.small_note = small_image_note(dataset, self.image_size, self.spec)
-        if self.small_note and self.options.progress:
-            print(f"note: {self.small_note}", file=sys.stderr, flush=True)
+        if self.small_note:
+            self.early_notes.append(self.small_note)
+        if self.options.progress:
+            for note in self.early_notes:
+                print(f"note: {note}", file=sys.stderr, flush=True)
         created = not directory.exists()
         try:
             with store.exclusive_lock(directory):
@@ -292,7 +312,7 @@ class _Extraction:
             warmup_seconds=result.warmup_seconds,
             warmup_images=result.warmup_images,
             actor_build_seconds=result.actor_build_seconds,
-            notes=dataset_notes(dataset) + ([self.small_note] if self.small_note else []),
+            notes=dataset_notes(dataset) + self.early_notes,
         )
         self._write_manifest(directory, dataset, summary)
         return summary

@@ -46,11 +46,24 @@ def decode_bytes_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
     """
     import tensorflow as tf
 
-    image = tf.io.decode_image(data, expand_animations=False, dtype=tf.uint8)
+    image = decode_pixels(data)
     image.set_shape([None, None, None])
     image = resize_like_extract(image, image_size)
     channels = tf.shape(image)[-1]  # resized before this, so gray images cost a third
     return tf.cond(channels < 3, lambda: tf.repeat(image[..., :1], 3, axis=-1), lambda: image[..., :3])
+
+
+def decode_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> uint8 pixels (height, width, channels) as decoded everywhere TensorFlow
+    decodes for the pipeline. JPEGs with libjpeg's accurate integer inverse DCT, as Pillow
+    decodes them (TensorFlow's default, the fast integer one, differed from it by up to 18 levels
+    on a photo, mean 1.3, and so moved features 1%; accurate, the two agree exactly); the other
+    formats by tf.io.decode_image (first GIF frame)."""
+    import tensorflow as tf
+
+    return tf.cond(tf.io.is_jpeg(data),
+                   lambda: tf.io.decode_jpeg(data, dct_method="INTEGER_ACCURATE"),
+                   lambda: tf.io.decode_image(data, expand_animations=False, dtype=tf.uint8))
 
 
 def resize_like_extract(images: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -85,9 +98,14 @@ def decode_one(path: Path, data: bytes, image_size: int) -> tuple[np.ndarray | N
         ) from None
 
 
+DECODER = "tensorflow-jpeg-accurate"
+
+
 def decoder_identity() -> str:
-    """The decoder as the fingerprint names it ("tensorflow": its version is the backend's)."""
-    return "tensorflow"
+    """The decoder as the fingerprint names it (its version is the backend's). Caches made before
+    JPEGs were decoded accurately are named "tensorflow": another fingerprint, never continued
+    with the new decoding."""
+    return DECODER
 
 
 def header_dimensions(data: bytes) -> tuple[int, int] | None:
