@@ -482,3 +482,31 @@ def test_a_damaged_onnx_graph_is_refused_in_one_line(exported_runs: dict[str, Pa
     with pytest.raises(PipelineError, match="damaged graph"):
         export_run(exported_runs["logreg"], "onnx", tmp_path / "out")
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("edit", ["reversed", "three parts"])
+def test_a_fused_config_whose_parts_are_not_the_heads_is_refused_in_one_line(exported_runs: dict[str, Path],
+                                                                             fused_run: Path, tmp_path: Path,
+                                                                             edit: str, capsys) -> None:
+    """The head records the caches it reads in its input order (head.json's input_parts): a
+    config.json that lists them otherwise (reversed, even with its features made to match, or with
+    a part more) would feed each part's features to another part's weights."""
+    import shutil
+
+    copy = tmp_path / "models" / "fused-copy"
+    shutil.copytree(fused_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    if edit == "reversed":
+        config["fusion"] = config["fusion"][::-1]
+        config["features"], config["view"] = config["fusion"][0]["features"], config["fusion"][0]["view"]
+    else:
+        config["fusion"].append(config["fusion"][1])
+    (copy / "config.json").write_text(json.dumps(config))
+    image = str(sorted(exported_runs["data"].rglob("*.png"))[0])
+    for command in (["predict", "--model", str(copy), image],
+                    ["export", "--model", str(copy), "--format", "keras", "--out", str(tmp_path / "out")],
+                    ["evaluate", "--model", str(copy)]):
+        assert main(command) == 1, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "otherwise than the head was trained on" in err[0], (command, err)
+    assert not (tmp_path / "out" / "model.keras").exists()

@@ -233,8 +233,8 @@ class HashIndex:
                 content = atomic.read_json(path)
                 self.saved_at_ns = int(content["saved_at_ns"])
                 self.entries = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in content["files"].items()}
-            except (OSError, ValueError, KeyError, TypeError, IndexError):
-                self.saved_at_ns, self.entries = 0, {}  # only a speed-up: start afresh
+            except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+                self.saved_at_ns, self.entries = 0, {}  # only a speed-up: start afresh (e.g. "files": [])
         self._seen: dict[str, tuple[int, int, str]] = {}
 
     def lookup(self, path: Path, key: str, read: bool = True) -> tuple[str, int, int]:

@@ -103,6 +103,8 @@ class Head(ABC):
         self.params = dict(self.DEFAULTS) | {k: v for k, v in (params or {}).items() if v is not None}
         check_parameters(self.params, self.RULES)
         self.n_features_in_: int | None = None
+        # the caches it reads, in input order ({fingerprint_digest, view} each): set by train-head
+        self.input_parts_: list[dict[str, Any]] | None = None
         self.history_: list[dict[str, float]] = []
 
     @property
@@ -159,6 +161,8 @@ class Head(ABC):
             "params": self.params,
             "versions": self.versions(),
         }
+        if self.input_parts_:
+            sidecar["input_parts"] = self.input_parts_
         sidecar |= self._save_model(Path(directory))
         (Path(directory) / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
 
@@ -178,6 +182,7 @@ class Head(ABC):
                 raise TypeError("class_names, params or input_dimension")
             head = head_class(names, params)
             head.n_features_in_ = dimension
+            head.input_parts_ = sidecar.get("input_parts")  # None for heads saved before it was recorded
             head._load_model(Path(directory), sidecar)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PipelineError(f"{sidecar_path} is damaged (missing or wrong {one_line(error)}): train the head "

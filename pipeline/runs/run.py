@@ -115,7 +115,17 @@ class Run(RunRecord):
 
         if self.kind != "head":
             raise PipelineError(f"{self.directory} is a {self.kind} run: it has no separate head")
-        return Head.load(self.directory)
+        head = Head.load(self.directory)
+        recorded = head.input_parts_
+        if recorded is not None:
+            listed = [{"fingerprint_digest": part.record.get("fingerprint_digest"), "view": part.view.as_dict()}
+                      for part in self.parts]
+            if listed != recorded:
+                raise PipelineError(
+                    f"{self.directory / 'config.json'} lists the head's {len(listed)} input part(s) otherwise than "
+                    f"the head was trained on ({len(recorded)}, in the order of head.json's input_parts): its "
+                    "features would be fed to the wrong weights; restore config.json, or train the head again")
+        return head
 
     def classifier(self, precision: str | None = None, resize: bool = True) -> Any:
         """The run as one Keras model, pixels 0..255 -> probabilities: a head run's backbone

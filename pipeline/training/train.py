@@ -164,6 +164,9 @@ def train_head(options: TrainOptions) -> RunSummary:
         config["excluded"] = excluded
     if len(stores) > 1:  # every cache, the first included, with the head's view of it, in input order
         config["fusion"] = [{"features": _features_record(s), "view": v.as_dict()} for s, v in zip(stores, views)]
+    # what the head reads, in its input order: checked against config.json's parts whenever it is loaded
+    head.input_parts_ = [{"fingerprint_digest": s.fingerprint.digest(), "view": v.as_dict()}
+                         for s, v in zip(stores, views)]
     with runs.create(options.models, name, "head") as run:
         head.save(run.directory)
         config = run.write_config(config, store.class_names, store.split_indexes())
