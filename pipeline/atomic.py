@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -175,25 +177,39 @@ def library_os_error(error: BaseException) -> OSError | None:
 STAGING_LOCK = ".staging.lock"  # held (flock) by the process writing a staging directory
 
 
+def staging_token() -> str:
+    """`<pid>-<random>`: names a writer's staging directories. The PID alone is not unique where
+    processes in two PID namespaces (two containers) share a folder."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
 @contextmanager
 def replacing_directory(path: Path, after: str = "nothing half-written was left") -> Iterator[Path]:
-    """Yield a hidden staging directory (`.<name>.tmp-<pid>`) beside `path`; on success it
-    replaces `path` in one rename (an earlier directory of that name is retired as
-    `.<name>.old-<pid>` and removed). On failure the staging directory is removed.
+    """Yield a hidden staging directory (`.<name>.tmp-<pid>-<random>`) beside `path`; on success it
+    replaces `path` in one step and an earlier directory of that name is removed. On failure the
+    staging directory is removed.
 
     While it works, the writer holds an exclusive lock on the staging directory's STAGING_LOCK
     file: ownership that every process sharing the folder can see (another PID namespace, another
-    NFS client), where a PID is not. See `staging_is_abandoned`."""
+    NFS client), where a PID is not (see `staging_is_abandoned`). It renames in only the staging
+    directory whose lock file is the one it holds. An earlier `path` is swapped with the staging
+    directory in one rename (Linux renameat2 RENAME_EXCHANGE), so the old or the new directory is
+    whole under `path` at every instant; where the file system cannot swap, the old one is moved
+    aside first, and a writer killed between the two renames leaves it to be put back by the next
+    (runs.files.remove_leftovers)."""
     path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    token = staging_token()
+    staging = path.with_name(f".{path.name}.tmp-{token}")
     lock = None
     try:
         lock = _locked_directory(staging)
         yield staging
-        if not (staging / STAGING_LOCK).is_file():
-            raise _lost(staging)
-        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        _check_still_ours(staging, lock)
+        if path.exists() and _exchange(staging, path):
+            (path / STAGING_LOCK).unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)  # the old directory, now under the staging name
+            return
+        retired = path.with_name(f".{path.name}.old-{token}")
         if path.exists():
             os.replace(path, retired)
         os.replace(staging, path)
@@ -201,7 +217,8 @@ def replacing_directory(path: Path, after: str = "nothing half-written was left"
         shutil.rmtree(retired, ignore_errors=True)
     except BaseException as error:
         lost = lock is not None and not staging.is_dir()
-        shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None and _holds(staging, lock):
+            shutil.rmtree(staging, ignore_errors=True)
         if lost and not isinstance(error, PipelineError):
             raise _lost(staging) from None
         if isinstance(error, OSError):
@@ -212,13 +229,50 @@ def replacing_directory(path: Path, after: str = "nothing half-written was left"
             lock.close()
 
 
+def _holds(staging: Path, lock: Any) -> bool:
+    """Whether `staging`'s lock file is the very file `lock` has open (same device and inode)."""
+    try:
+        found = os.stat(staging / STAGING_LOCK, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(lock.fileno())
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _check_still_ours(staging: Path, lock: Any) -> None:
+    if not _holds(staging, lock):
+        raise _lost(staging)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one rename (Linux renameat2 with RENAME_EXCHANGE). False where the C
+    library, the kernel or the file system cannot (the caller renames in two steps)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(number, os.strerror(number), str(second))
+
+
 def _locked_directory(staging: Path) -> Any:
     """Make `staging` with its lock file already locked: the directory is made under another name
     and renamed into place once locked, so no other process ever sees it unlocked. Returns the
     open lock file (closing it releases the lock)."""
     making = staging.with_name(staging.name.replace(".tmp-", ".new-"))
-    shutil.rmtree(making, ignore_errors=True)
-    making.mkdir()
+    making.mkdir()  # the token makes the name this writer's alone
     lock = open(making / STAGING_LOCK, "w")  # noqa: SIM115 - held until the rename into place
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -231,15 +285,31 @@ def _locked_directory(staging: Path) -> Any:
 
 
 def _lost(staging: Path) -> PipelineError:
-    return PipelineError(f"{staging} was deleted by another process while this run was being written: nothing was "
-                         "saved; rerun the command (and check what else cleans that folder)")
+    return PipelineError(f"{staging} was deleted or replaced by another process while this run was being written: "
+                         "nothing was saved; rerun the command (and check what else cleans that folder)")
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """A file descriptor for `path` only if it is a regular file: opened without blocking (a FIFO
+    would block the open until a writer came) and without following a final symlink. OSError
+    (EINVAL) for a FIFO, a device, a socket or a directory."""
+    descriptor = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(descriptor, True)
+        return descriptor
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def staging_is_abandoned(staging: Path) -> bool:
-    """True when no live process holds `staging`'s lock (its writer died); False while one does, and
-    for a directory without a lock file (made by an older version: see runs.remove_leftovers)."""
+    """True when no live process holds `staging`'s lock (its writer died); False while one does,
+    for a directory without a lock file (made by an older version: see runs.remove_leftovers), and
+    for a lock that is not a regular file (no writer of this pipeline made it; never waited on)."""
     try:
-        handle = open(Path(staging) / STAGING_LOCK)  # noqa: SIM115
+        handle = os.fdopen(open_regular(Path(staging) / STAGING_LOCK))
     except OSError:
         return False
     with handle:
@@ -262,9 +332,11 @@ def write_json(path: Path, content: Any, compact: bool = False) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file as written by write_json, or by anyone: OSError when it cannot be read,
-    ValueError when it is not JSON, nested too deeply included (json raises RecursionError)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A JSON file as written by write_json, or by anyone: OSError when it cannot be read or is not
+    a regular file (a FIFO is never waited on), ValueError when it is not JSON, nested too deeply
+    included (json raises RecursionError)."""
+    with os.fdopen(open_regular(Path(path)), encoding="utf-8") as handle:
+        text = handle.read()
     try:
         return json.loads(text)
     except RecursionError:

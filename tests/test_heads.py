@@ -464,3 +464,21 @@ def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp
     head = LogRegHead(["a", "b", "c"], {"c_grid": "1e-2:1e2:5", "n_jobs": 1}).fit(data["train"], data["validation"],
                                                                                   progress=False)
     assert [row["C"] for row in head.history_] == sorted(row["C"] for row in head.history_)
+
+
+def test_a_class_found_only_in_test_is_one_line_not_a_scikit_learn_traceback(tmp_path: Path, capsys) -> None:
+    from conftest import tiny_options, write_image
+    from pipeline.data.dataset import SplitConfig
+    from pipeline.extraction.extract import extract_features
+
+    data = tmp_path / "data"
+    for split, classes in (("train", ("boot", "shirt")), ("validation", ("boot", "shirt")),
+                           ("test", ("boot", "shirt", "sock"))):
+        for c, name in enumerate(classes):
+            for i in range(3):
+                write_image(data / split / name / f"{name}{i}.png", seed=hash((split, name, i)) % 1000)
+    cache = extract_features(tiny_options(data, tmp_path / "features", splits=SplitConfig())).cache_dir
+    for head in ("logreg", "dense"):
+        _one_line_error(capsys, ["train-head", "--head", head, "--features", str(cache), "--models",
+                                 str(tmp_path / "models"), "--no-progress"], "class 'sock' has no training images")
+    assert not list((tmp_path / "models").glob("*/config.json"))

@@ -107,6 +107,7 @@ def test_a_run_from_a_newer_version_is_refused_in_one_line(head_run: dict[str, P
     lambda c: c["features"]["fingerprint"].update(image_size=3000),
     lambda c: c.update(fusion=[]),
     lambda c: c.update(fusion=[{"features": c["features"], "view": c["view"]}]),
+    lambda c: c["view"].update(layers=["nope"]),
 ])
 def test_a_config_of_the_wrong_shape_is_one_line(head_run: dict[str, Path], tmp_path: Path, damage, capsys) -> None:
     broken = _edited_copy(head_run, tmp_path / "broken-run", damage)
@@ -407,7 +408,7 @@ def test_a_live_staging_directory_survives_a_cleaner_that_cannot_see_its_pid(tmp
                               text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         staging = Path(holder.stdout.readline().strip())
-        assert staging.name == f".run.tmp-{holder.pid}"
+        assert staging.name.startswith(f".run.tmp-{holder.pid}-"), "the PID and a random token"
         # Another PID namespace (a container, an NFS client): the writer's PID looks dead.
         monkeypatch.setattr(atomic, "process_alive", lambda pid: False)
         assert runs.remove_leftovers(models) == []
@@ -421,10 +422,97 @@ def test_a_live_staging_directory_survives_a_cleaner_that_cannot_see_its_pid(tmp
 def test_a_run_whose_staging_directory_was_deleted_says_so(tmp_path: Path) -> None:
     import shutil
 
-    with pytest.raises(PipelineError, match="deleted by another process.*nothing was saved"):
+    with pytest.raises(PipelineError, match="deleted or replaced by another process.*nothing was saved"):
         with atomic.replacing_directory(tmp_path / "run") as staging:
             shutil.rmtree(staging)
     assert not (tmp_path / "run").exists()
+
+
+def test_two_writers_with_one_pid_never_mix_their_files(tmp_path: Path) -> None:
+    """Two containers sharing --models can run train-heads with the same PID: each writer's staging
+    directory is its own (PID and a random token), and the run renamed in is one writer's, whole."""
+    final = tmp_path / "run"
+    with atomic.replacing_directory(final) as first:
+        (first / "head.json").write_text("first")
+        with atomic.replacing_directory(final) as second:  # the same PID, as in another PID namespace
+            assert second != first and first.is_dir()
+            (second / "head.json").write_text("second")
+            (second / "config.json").write_text("second")
+        assert (final / "head.json").read_text() == "second"
+        (first / "config.json").write_text("first")
+    assert (final / "head.json").read_text() == "first" and (final / "config.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "nothing else is left"
+
+
+def test_a_writer_renames_in_only_its_own_staging_directory(tmp_path: Path) -> None:
+    import shutil
+
+    final = tmp_path / "run"
+    with pytest.raises(PipelineError, match="deleted or replaced by another process"):
+        with atomic.replacing_directory(final) as staging:
+            (staging / "head.json").write_text("mine")
+            shutil.rmtree(staging)  # another process's cleaner, then another writer, under the same name
+            staging.mkdir()
+            (staging / atomic.STAGING_LOCK).write_text("")
+            (staging / "head.json").write_text("theirs")
+    assert not final.exists(), "another writer's files are never renamed in as this run"
+
+
+def test_replacing_a_run_leaves_the_old_or_the_new_one_whole_at_every_instant(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """The old run and the new one are swapped in one rename; a writer killed right after it
+    leaves the new run in place (its old one is a leftover the next writer removes)."""
+    final = tmp_path / "models" / "run"
+    final.mkdir(parents=True)
+    (final / "head.json").write_text("old")
+    seen = []
+    real_exchange = atomic._exchange
+
+    def exchange_then_look(first: Path, second: Path) -> bool:
+        done = real_exchange(first, second)
+        seen.append((second / "head.json").read_text())  # the instant after the swap
+        return done
+
+    monkeypatch.setattr(atomic, "_exchange", exchange_then_look)
+    with atomic.replacing_directory(final) as staging:
+        (staging / "head.json").write_text("new")
+    assert seen == ["new"] and (final / "head.json").read_text() == "new"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["run"]
+
+
+def test_a_writer_killed_between_moving_the_old_run_aside_and_renaming_the_new_one_in(tmp_path: Path) -> None:
+    """Where the file system cannot swap two directories, the old run is moved aside first: a kill
+    between the two renames leaves it whole under its retired name, and the next writer puts it
+    back instead of removing it (and removes the dead writer's staging directory)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    pid = dead_pid()
+    retired = models / f".run.old-{pid}-0a1b2c3d"
+    retired.mkdir()
+    (retired / "head.json").write_text("old")
+    staging = models / f".run.tmp-{pid}-0a1b2c3d"
+    staging.mkdir()
+    (staging / atomic.STAGING_LOCK).write_text("")
+    (staging / "head.json").write_text("new, never renamed in")
+    removed = runs.remove_leftovers(models)
+    assert removed == [staging]
+    assert (models / "run" / "head.json").read_text() == "old"
+    assert sorted(p.name for p in models.iterdir()) == ["run"]
+
+
+def test_a_fifo_where_a_lock_or_json_file_belongs_is_never_waited_on(tmp_path: Path, head_run: dict[str, Path],
+                                                                    capsys) -> None:
+    models = tmp_path / "models"
+    leftover = models / f".run.tmp-{dead_pid()}-0a1b2c3d"
+    leftover.mkdir(parents=True)
+    os.mkfifo(leftover / atomic.STAGING_LOCK)
+    assert atomic.staging_is_abandoned(leftover) is False  # answered at once, not waited on
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(OSError, match="not a regular file"):
+        atomic.read_json(tmp_path / "config.json")
+    assert main(["train-head", "--features", str(head_run["cache"]), "--models", str(models), "--no-progress",
+                 "--c-grid", "1", "--n-jobs", "1", "--name", "next"]) == 0
+    assert (models / "next" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.1, "0.9", float("inf")])

@@ -74,6 +74,22 @@ def test_damaged_converted_weights_are_refused(tmp_path: Path, monkeypatch: pyte
         spec.resolve_weights("imagenet")
 
 
+@pytest.mark.parametrize("damage", ["not json", "no checksum", "a fifo"])
+def test_a_damaged_or_hostile_weights_sidecar_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         damage: str) -> None:
+    from pipeline.backbone.weights import CONVERTED_VGG16_NAME
+
+    monkeypatch.setenv("PIPELINE_WEIGHTS_DIR", str(tmp_path))
+    (tmp_path / f"{CONVERTED_VGG16_NAME}.weights.h5").write_bytes(b"weights")
+    sidecar = tmp_path / f"{CONVERTED_VGG16_NAME}.json"
+    if damage == "a fifo":
+        os.mkfifo(sidecar)  # opening it to read would wait for a writer forever
+    else:
+        sidecar.write_text("{not json" if damage == "not json" else '{"source": "x"}')
+    with pytest.raises(PipelineError, match="is damaged .*: delete it and .*weights.h5 to convert them again"):
+        get_backbone("vgg16").resolve_weights("imagenet")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch pwned-by-pickle",))

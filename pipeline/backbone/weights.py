@@ -168,7 +168,15 @@ def converted_path(name: str, convert: Callable[[], tuple[Any, Path]], note: str
 
 def converted_weights(source: str, path: Path, preprocessing: str) -> ResolvedWeights:
     """Converted weights, checked against the checksum recorded when they were written."""
-    recorded = atomic.read_json(_sidecar(path))["sha256"]
+    sidecar = _sidecar(path)
+    try:
+        recorded = atomic.read_json(sidecar)["sha256"]
+        if not isinstance(recorded, str):
+            raise TypeError("sha256 is not a string")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:  # a FIFO is refused, not waited on
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else atomic.one_line(error)
+        raise PipelineError(f"{sidecar} (the checksum of the converted weights {path.name}) is damaged ({reason}): "
+                            f"delete it and {path.name} to convert them again") from None
     return ResolvedWeights(source, preprocessing, _verified(path, recorded), path)
 
 

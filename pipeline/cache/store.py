@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -286,7 +287,12 @@ def remove_temporaries(directory: Path) -> None:
 def exclusive_lock(directory: Path) -> Iterator[None]:
     """One writer per cache directory; a second one stops with a clear message."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
+    try:
+        descriptor = atomic.open_regular(directory / ".lock", os.O_WRONLY | os.O_CREAT)
+    except OSError as error:  # a FIFO or a folder named .lock: never waited on
+        raise PipelineError(f"{directory / '.lock'} cannot be used as the cache's lock ({error.strerror}): "
+                            "remove it and rerun") from None
+    with os.fdopen(descriptor, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

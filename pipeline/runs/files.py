@@ -1,6 +1,6 @@
 """A run directory on disk: its name, its files (config.json, labels.txt, metrics.json, splits.csv),
-and its staging: a run is made in a hidden staging directory (`.<name>.tmp-<pid>`) and renamed into
-place when complete, so it appears whole, under its own name, or not at all. Staging and retired
+and its staging: a run is made in a hidden staging directory (`.<name>.tmp-<pid>-<random>`) and
+swapped into place when complete, so it appears whole, under its own name, or not at all. Staging and retired
 directories are never listed or chosen, and those of dead processes are removed by the next run.
 Reading a run's files reads JSON, text and CSV only: nothing in a run directory is executed.
 """
@@ -8,6 +8,7 @@ Reading a run's files reads JSON, text and CSV only: nothing in a run directory 
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,7 +25,9 @@ METRICS = "metrics.json"
 LABELS_FILE = "labels.txt"
 SPLIT_RECORD = "splits.csv"  # the split of every image a run was trained, validated and tested on
 MODEL_FILE = "model.keras"  # a fine-tuned run's end-to-end model
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+# `.<name>.tmp-<pid>-<random>` (staging), `.old-` (moved aside), `.new-` (being made); older versions
+# named them by the PID alone
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|new)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
 
 
 def check_run_name(name: str) -> str:
@@ -53,11 +56,21 @@ def remove_leftovers(models_root: Path) -> list[Path]:
     root = Path(models_root)
     if not root.is_dir():
         return removed
-    for entry in root.iterdir():
+    for entry in sorted(root.iterdir(), key=lambda e: ".old-" not in e.name):  # put back before removing
         match = _LEFTOVER.match(entry.name)
-        if match and entry.is_dir() and _abandoned(entry, int(match["pid"])):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        if not (match and entry.is_dir() and not entry.is_symlink() and _abandoned(entry, int(match["pid"]))):
+            continue
+        original = root / match["name"]
+        if match["kind"] == "old" and not original.exists():
+            # its writer was killed between moving the old run aside and renaming the new one in
+            # (a file system without an atomic swap): the old run is put back, whole
+            try:
+                os.rename(entry, original)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
     return removed
 
 

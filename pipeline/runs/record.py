@@ -110,6 +110,10 @@ def _check_shape(run: RunRecord) -> None:
     for part in run.parts:
         if not part.view.layers or not all(isinstance(name, str) for name in part.view.layers):
             raise ValueError("view.layers")
+        unknown = [name for name in part.view.layers if name not in part.fingerprint.layers]
+        if unknown:  # the head reads layers its cache holds, and no others
+            raise ValueError(f"view.layers: {unknown[0]!r} is not a layer of its cache "
+                             f"({', '.join(part.fingerprint.layers)})")
         if part.view.pooling not in POOLINGS:
             raise ValueError(f"view.pooling {part.view.pooling!r}")
         if not isinstance(part.record["fingerprint_digest"], str):

@@ -124,8 +124,20 @@ def exclude_from_training(train: SplitData, ids: Sequence[str], path: Path) -> t
     kept = train.subset(np.flatnonzero(~drop))
     if len(np.unique(kept.labels)) < 2:
         raise PipelineError(f"--exclude {path} leaves fewer than two classes in the training split")
+    check_every_class_trained(kept.labels, train.class_names or [], f" after --exclude {path}")
     return kept, {"file": str(Path(path).resolve()), "named": len(wanted), "from_training": int(drop.sum()),
                   "paths": [p for p, d in zip(train.paths, drop) if d]}
+
+
+def check_every_class_trained(labels: np.ndarray, class_names: Sequence[str], when: str = "") -> None:
+    """Every class has training images: a class folder found only in validation/ or test/ cannot
+    be learned (and scikit-learn would fail on its missing column)."""
+    present = set(np.unique(np.asarray(labels)).tolist())
+    absent = [name for index, name in enumerate(class_names) if index not in present]
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise PipelineError(f"class {absent[0]!r}{more} has no training images{when}: it is only in validation or "
+                            "test, and a head cannot learn it; add training images of it, or remove its folders")
 
 
 def train_head(options: TrainOptions) -> RunSummary:
@@ -136,6 +148,7 @@ def train_head(options: TrainOptions) -> RunSummary:
     if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
         params["seed"] = options.seed
     head = make_head(options.head, store.class_names, params)
+    check_every_class_trained(store.split_indexes()["train"].labels, store.class_names)
     name = runs.check_run_name(options.name or default_run_name(head.kind, stores, views, head.params, options.seed))
     if len(stores) > 1:
         splits = load_fused_splits(stores, views, options.memory_budget)
