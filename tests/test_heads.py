@@ -474,7 +474,7 @@ def test_a_class_found_only_in_test_is_one_line_not_a_scikit_learn_traceback(tmp
     data = tmp_path / "data"
     for split, classes in (("train", ("boot", "shirt")), ("validation", ("boot", "shirt")),
                            ("test", ("boot", "shirt", "sock"))):
-        for c, name in enumerate(classes):
+        for name in classes:
             for i in range(3):
                 write_image(data / split / name / f"{name}{i}.png", seed=hash((split, name, i)) % 1000)
     cache = extract_features(tiny_options(data, tmp_path / "features", splits=SplitConfig())).cache_dir

@@ -35,8 +35,8 @@ from pipeline.extraction.engine import Engine, EngineResult, strict_error
 from pipeline.extraction.local_engine import LocalEngine
 from pipeline.extraction.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.extraction.ray_engine import BackboneRecipe, RayCluster, RayEngine
-from pipeline.images.formats import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, image_dimensions
 from pipeline.images import decode_tf
+from pipeline.images.formats import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, image_dimensions
 from pipeline.images.reading import decoder_identity
 
 DEFAULT_SHARD_SIZE = 1024
