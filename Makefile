@@ -36,12 +36,7 @@ demo: setup
 	$(PY) run_pipeline.py predict --model best $$(ls data/elpv/defective/*.png | head -3) $$(ls data/elpv/functional/*.png | head -3)
 	$(PY) run_pipeline.py export --model best --format savedmodel --out models/best-export
 	@echo "loading the SavedModel in a plain-TensorFlow Python (python -I: no pipeline import possible):"
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -I -c 'import sys, tensorflow as tf; \
-	model = tf.saved_model.load(sys.argv[1]); \
-	out = model.signatures["serving_default"](images=tf.constant([open(sys.argv[2], "rb").read()])); \
-	assert "pipeline" not in sys.modules; \
-	print(sys.argv[2], out["class"].numpy()[0].decode(), dict(zip([n.decode() for n in out["class_names"].numpy()[0]], out["probabilities"].numpy()[0].round(4).tolist())))' \
-	  models/best-export/saved_model $$(ls data/elpv/defective/*.png | head -1)
+	$(PY) -I docs/examples/load_savedmodel.py models/best-export/saved_model $$(ls data/elpv/defective/*.png | head -1)
 
 test: setup
 	$(PY) -m pytest -q

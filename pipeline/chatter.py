@@ -21,12 +21,15 @@ from contextlib import contextmanager
 CHATTER = re.compile(
     r"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]"  # absl: I0000 00:00:1795... 12426 port.cc:153]
     r"|E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ cuda_\w+\.cc:\d+\]"  # absl errors of the CUDA stubs on a CPU machine
+    # absl errors of TensorFlow's JPEG decoder on damaged files (E0000 ... jpeg_mem.cc:...] Premature end
+    # of JPEG data): the pipeline says what it did with such a file itself
+    r"|E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ jpeg_\w+\.cc:\d+\]"
     r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] "  # TensorFlow's own: 2026-11-22 18:00:00.0: I tensorflow/...
     r"|To enable the following instructions:.*rebuild TensorFlow"
     r"|INFO: Created TensorFlow Lite XNNPACK delegate"
     # libjpeg's warnings on damaged JPEGs: the pipeline says what it did with such a file itself
-    r"|Corrupt JPEG data: |Premature end of JPEG file|Warning: unknown JFIF revision number"
+    r"|Corrupt JPEG data: |Premature end of JPEG (?:file|data)|Warning: unknown JFIF revision number"
     # Ray's advice on actors restarted with arguments in the object store: the driver holds them
     r"|\[[\d :,-]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
     r"object store"

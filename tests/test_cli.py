@@ -168,6 +168,10 @@ def test_libjpeg_and_library_warnings_stay_off_stderr() -> None:
 
     assert is_chatter("Corrupt JPEG data: 1 extraneous bytes before marker 0xc0")
     assert is_chatter("Premature end of JPEG file")
+    # TensorFlow's JPEG decoder reports through absl, with an E prefix
+    assert is_chatter("E0000 00:00:1796291419.859174    7697 jpeg_mem.cc:332] Premature end of JPEG data. "
+                      "Stopped at line 40/60")
+    assert not is_chatter("E0000 00:00:1796291419.859174    7697 model.cc:12] a real error")
     assert not is_chatter("error: data/cats is not a folder")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

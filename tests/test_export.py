@@ -510,3 +510,17 @@ def test_a_fused_config_whose_parts_are_not_the_heads_is_refused_in_one_line(exp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "otherwise than the head was trained on" in err[0], (command, err)
     assert not (tmp_path / "out" / "model.keras").exists()
+
+
+def test_the_demos_plain_tensorflow_load_prints_its_answer_and_no_native_chatter(exported_runs: dict[str, Path],
+                                                                                 tmp_path: Path) -> None:
+    from conftest import ROOT
+
+    summary = export_run(exported_runs["logreg"], "savedmodel", tmp_path / "out", check_images=0)
+    image = sorted(exported_runs["data"].rglob("*.png"))[0]
+    result = subprocess.run([sys.executable, "-I", str(ROOT / "docs" / "examples" / "load_savedmodel.py"),
+                             str(summary.path), str(image)], capture_output=True, text=True, cwd=tmp_path,
+                            env={"PATH": "/usr/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(str(image)) and result.stdout.split()[1] in CLASSES
+    assert result.stderr == "", result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -64,7 +65,8 @@ class _StopRequest:
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, self._previous)
-        print("\nstopping after the current batch (Ctrl-C again to stop at once)", flush=True)
+        # on stderr, where progress goes: stdout may be a --json document being written
+        print("\nstopping after the current batch (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
