@@ -518,3 +518,15 @@ def test_an_interrupted_first_extract_donates_its_shards_to_the_next(tmp_path: P
     shutil.copytree(first, second)
     again = extract_features(tiny_options(second, tmp_path / "c"))
     assert (again.new, again.reused) == (0, 12), "every image's features were copied, none recomputed"
+
+
+def test_the_same_bytes_under_two_classes_are_listed_and_said(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    shutil.copy(data / "cats" / "img001.png", data / "dogs" / "copy-of-a-cat.png")
+    summary = extract_features(tiny_options(data, tmp_path / "cache"))
+    [note] = [n for n in summary.notes if "same bytes" in n]
+    assert "cats/img001.png and dogs/copy-of-a-cat.png" in note
+    manifest = json.loads((summary.cache_dir / "manifest.json").read_text())
+    [clash] = manifest["same_bytes_in_several_classes"]
+    assert clash["paths"] == ["cats/img001.png", "dogs/copy-of-a-cat.png"] and clash["classes"] == ["cats", "dogs"]
+    assert len(clash["sha256"]) == 64

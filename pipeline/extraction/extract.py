@@ -329,6 +329,7 @@ class _Extraction:
             },
             "skipped": summary.skipped,
             "ignored": [{"path": p, "reason": r} for p, r in dataset.ignored],
+            "same_bytes_in_several_classes": same_bytes_in_several_classes(dataset),
             "last_run": summary.as_dict() | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         }
         atomic.write_json(directory / store.MANIFEST_NAME, manifest)
@@ -370,7 +371,30 @@ def dataset_notes(dataset: ScannedDataset) -> list[str]:
         if not counts[split]:
             notes.append(f"the {split} split is empty: train-head needs train and validation images "
                          "(see README: Dataset layouts)")
+    clashes = same_bytes_in_several_classes(dataset)
+    if clashes:
+        first = clashes[0]["paths"]
+        notes.append(f"{len(clashes)} image(s) are the same bytes under more than one class (e.g. {first[0]} and "
+                     f"{first[1]}): a head trains on each copy with its folder's label; listed in manifest.json under "
+                     "same_bytes_in_several_classes (remove the wrong copies)")
     return notes
+
+
+def same_bytes_in_several_classes(dataset: ScannedDataset) -> list[dict[str, object]]:
+    """Images whose bytes (content hash) appear under more than one class: {sha256, paths,
+    classes} each, by first path. Files not hashed yet (the Ray engine's driver reads no bytes)
+    are not compared."""
+    by_content: dict[str, list] = {}
+    for record in dataset.records:
+        if record.sha256:
+            by_content.setdefault(record.sha256, []).append(record)
+    clashes = []
+    for digest, records in by_content.items():
+        labels = sorted({record.label for record in records})
+        if len(labels) > 1:
+            clashes.append({"sha256": digest, "paths": sorted(record.path for record in records),
+                            "classes": [dataset.class_names[label] for label in labels]})
+    return sorted(clashes, key=lambda clash: clash["paths"][0])
 
 
 def small_image_note(dataset: ScannedDataset, image_size: int, spec: BackboneSpec) -> str | None:
