@@ -104,13 +104,13 @@ def _isolated_weights_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
 
 def write_feature_cache(directory: Path, features: np.ndarray, labels: np.ndarray, splits: list[str],
                         class_names: list[str], shard_size: int = 64, layer: str = "block5_pool",
-                        pooling: str = "none") -> Path:
+                        pooling: str = "none", backbone: str = "vgg16") -> Path:
     """A feature cache written straight through the store, without a backbone: synthetic features
     with a known structure for the head tests."""
     from pipeline import atomic
     from pipeline.cache import store
 
-    fingerprint = store.Fingerprint("vgg16", "none", "synthetic", 32, "area-down-bilinear-up", "torch",
+    fingerprint = store.Fingerprint(backbone, "none", "synthetic", 32, "area-down-bilinear-up", "torch",
                                     (layer,), pooling, "fp32", "2.21")
     directory.mkdir(parents=True, exist_ok=True)
     indexes = []

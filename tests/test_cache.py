@@ -83,3 +83,30 @@ def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path: Path) -> N
     assert result.returncode != 0
     assert "is named like a shard but is not a regular file" in result.stderr
     assert math.isfinite(first.seconds)
+
+
+def test_fused_features_are_read_one_cache_at_a_time(tmp_path: Path) -> None:
+    """The fused matrices are allocated once and filled shard by shard: the peak is the fused
+    features and one shard's vectors (holding every cache and their concatenation took more than
+    twice the fused features)."""
+    import tracemalloc
+
+    from pipeline.cache.reader import load_fused_splits
+
+    features, labels, splits = clustered_features(3000, 3, seed=2, shape=(512,))
+    first = write_feature_cache(tmp_path / "a", features, labels, splits, THREE_CLASSES, shard_size=500,
+                                layer="pool", pooling="avg")
+    second = write_feature_cache(tmp_path / "b", features * 2, labels, splits, THREE_CLASSES, shard_size=500,
+                                 layer="pool", pooling="avg", backbone="resnet50")
+    stores = [store.FeatureStore(first), store.FeatureStore(second)]
+    views = [FeatureView.for_cache(s) for s in stores]
+    fused_bytes = 3000 * 1024 * 4
+    tracemalloc.start()
+    fused = load_fused_splits(stores, views)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert fused["train"].matrix.shape[1] == 1024
+    np.testing.assert_array_equal(fused["train"].matrix[:, 512:], 2 * fused["train"].matrix[:, :512])
+    assert peak < 1.5 * fused_bytes, f"peak {peak / fused_bytes:.2f}x the fused features"
+    with pytest.raises(PipelineError, match="more than the memory budget"):
+        load_fused_splits(stores, views, memory_budget=int(0.9 * fused_bytes))

@@ -248,9 +248,13 @@ def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | Non
     for split, index in indexes.items():
         labels = index.labels
         data = SplitData(split, labels, index.paths, dimension, store=store, view=view, locations=index.locations)
-        if in_memory and len(labels):
-            parts = [vectors for vectors, _ in data.chunks()]
-            data.matrix = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if in_memory and len(labels):  # filled shard by shard: no second copy of the split
+            matrix = np.empty((len(labels), dimension), np.float32)
+            row = 0
+            for vectors, _ in data.chunks():
+                matrix[row:row + len(vectors)] = vectors
+                row += len(vectors)
+            data.matrix = matrix
         elif in_memory:
             data.matrix = np.zeros((0, dimension), np.float32)
         splits[split] = data
@@ -329,20 +333,30 @@ def load_fused_splits(stores: Sequence[FeatureStore], views: Sequence[FeatureVie
                       memory_budget: int | None = None) -> dict[str, SplitData]:
     """Train, validation and test inputs from several caches of the same images: each cache's
     vectors (its own view) side by side, in the first cache's row order. Held in memory (they are
-    pooled vectors as a rule); more than `memory_budget` bytes is refused in one line."""
+    pooled vectors as a rule): the fused matrices are allocated once and filled shard by shard of
+    each cache, so the peak is the fused features and one shard's vectors; fused features of more
+    than `memory_budget` bytes are refused in one line."""
     check_fusable(stores)
     orders = fused_row_orders(stores)
-    dimension = sum(view.dimension(store.manifest["feature_shapes"]) for store, view in zip(stores, views))
-    rows = sum(len(index.labels) for index in stores[0].split_indexes().values())
+    dimensions = [view.dimension(store.manifest["feature_shapes"]) for store, view in zip(stores, views)]
+    dimension = sum(dimensions)
+    indexes = stores[0].split_indexes()
+    rows = sum(len(index.labels) for index in indexes.values())
     budget = default_memory_budget() if memory_budget is None else memory_budget
     if rows * dimension * 4 > budget:
         raise PipelineError(f"fused features take {rows * dimension * 4 / 2**30:.1f} GiB, more than the memory budget "
                             f"({budget / 2**30:.1f} GiB): pool them (--pooling avg) or fuse fewer layers")
-    parts = [load_splits(store, view, budget) for store, view in zip(stores, views)]
-    first = parts[0]
-    fused = {}
-    for split, data in first.items():
-        matrices = [part[split].matrix[order] for part, order in zip(parts, orders[split])]
-        fused[split] = SplitData(split, data.labels, data.paths, dimension, matrix=np.concatenate(matrices, axis=1),
-                                 store=stores[0], view=views[0], locations=None)
-    return fused
+    matrices = {split: np.empty((len(index.labels), dimension), np.float32) for split, index in indexes.items()}
+    start = 0
+    for number, (store, view, width) in enumerate(zip(stores, views, dimensions)):
+        for split, data in load_splits(store, view, stream=True).items():  # read below, shard by shard
+            # row r of this cache goes to the fused row where the first cache has that image
+            destination = np.empty(len(data), np.int64)
+            destination[orders[split][number]] = np.arange(len(data))
+            row = 0
+            for vectors, _ in data.chunks():
+                matrices[split][destination[row:row + len(vectors)], start:start + width] = vectors
+                row += len(vectors)
+        start += width
+    return {split: SplitData(split, index.labels, index.paths, dimension, matrix=matrices[split], store=stores[0],
+                             view=views[0], locations=None) for split, index in indexes.items()}
