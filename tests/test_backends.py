@@ -292,3 +292,98 @@ def test_unknown_backends_and_late_choices_are_refused_in_one_line(tmp_path: Pat
     # in a process whose Keras already runs on TensorFlow, asking for JAX is one line, not a mix
     assert main(["extract", "--data", str(data), "--backend", "jax"]) == 1
     assert "already running on tensorflow" in capsys.readouterr().err
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _gif_bomb() -> bytes:
+    """A 297-byte-class GIF: its screen says 16 x 16, its one frame says 20000 x 20000."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 16, 16, 0, 0, 0)
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 20000, 20000, 0x80) + b"\x00\x00\x00\xff\xff\xff"
+    return screen + frame + b"\x02\x02\x4c\x01\x00" + b"\x3b"
+
+
+def _rule_corpus() -> dict[str, tuple[bytes, bool]]:
+    """name -> (bytes, read by the pipeline on both backends)."""
+    rng = np.random.default_rng(11)
+    rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    gray = rgb[..., 0]
+    palette = rng.integers(0, 256, 48).tolist()
+    indices = rng.integers(0, 16, (40, 30), dtype=np.uint8)
+    paletted = Image.fromarray(indices, "P")
+    paletted.putpalette(palette)
+    png = _encoded(Image.fromarray(rgb), "PNG")
+    damaged_crc = bytearray(png)
+    idat = png.index(b"IDAT")
+    damaged_crc[idat + 10] ^= 0xFF  # a byte of the compressed pixels: its CRC no longer matches
+    big_text = zlib.compress(b"\0" * (2 << 20))  # 2 MB once inflated: Pillow refuses text chunks past 1 MB
+    with_metadata = png[:33] + _chunk(b"zTXt", b"comment\0\0" + big_text) + \
+        _chunk(b"iCCP", b"profile\0\0" + big_text) + png[33:]
+    partial = bytearray(_encoded(paletted, "GIF"))
+    partial[6:10] = struct.pack("<HH", 60, 60)  # the screen grows: the frame covers a corner of it
+    return {
+        "bmp 24-bit": (_encoded(Image.fromarray(rgb), "BMP"), True),
+        "bmp 32-bit": (_encoded(Image.fromarray(np.dstack([rgb, gray])), "BMP"), True),
+        "bmp 8-bit gray": (_encoded(Image.fromarray(gray), "BMP"), True),
+        "bmp 8-bit palette": (_encoded(paletted, "BMP"), False),
+        "bmp 1-bit": (_encoded(Image.fromarray(gray > 128), "BMP"), False),
+        "gif transparent": (_encoded(paletted, "GIF", transparency=5), True),
+        "gif partial first frame": (bytes(partial), False),
+        "gif frame beyond its screen": (_gif_bomb(), False),
+        "png bad idat crc": (bytes(damaged_crc), False),
+        "png big ztxt and iccp": (with_metadata, True),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_rule_corpus()))
+def test_one_file_rule_on_both_backends(name: str) -> None:
+    """Each file of the corpus is read by both decoders to the same pixels, or refused before
+    either decodes it, with one reason (pipeline/images/formats.py, refusal)."""
+    from pipeline.images.reading import checked_before_decoding
+
+    data, read = _rule_corpus()[name]
+    problem, found = checked_before_decoding(data, 10**8)
+    assert (problem is None) == read, (problem, found)
+    if read:
+        for size in (16, 30, 64):
+            ours = pixels.decode_and_resize(data, size)
+            theirs = decode_bytes_and_resize(tf.constant(data), size).numpy()
+            assert np.abs(ours - theirs).max() <= 255 * 3e-5, (size, np.abs(ours - theirs).max())
+    else:
+        assert problem == "skipped" and isinstance(found, str) and found
+
+
+def test_the_pixel_limit_counts_every_gif_frame_decoded() -> None:
+    from pipeline.images.reading import checked_before_decoding
+
+    frames = [Image.fromarray(np.full((100, 100), i, np.uint8)).convert("P") for i in range(30)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    animated = buffer.getvalue()
+    assert checked_before_decoding(animated, 250_000) == ("too large", (100, 100))  # 30 x 10^4 pixels
+    assert checked_before_decoding(animated, 300_000)[0] is None
+    assert checked_before_decoding(_gif_bomb(), 10**6)[0] == "skipped"
+
+
+def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    for name, (encoded, _) in _rule_corpus().items():
+        kind = name.split()[0]
+        (data / ("cats" if len(name) % 2 else "dogs") / f"{name.replace(' ', '-')}.{kind}").write_bytes(encoded)
+    common = ["extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
+              "--image-size", "32", "--precision", "fp32", "--batch-size", "4", "--no-progress", "--json"]
+    caches = {}
+    for backend, hidden in (("jax", True), ("tensorflow", False)):
+        result = _run(*common, "--backend", backend, without_tensorflow=hidden)
+        assert result.returncode == 0, result.stderr[-2000:]
+        caches[backend] = _cache_of(result.stdout)
+    skipped = {backend: sorted((s["path"], s["reason"]) for s in
+                               json.loads((cache / "manifest.json").read_text())["skipped"])
+               for backend, cache in caches.items()}
+    assert skipped["jax"] == skipped["tensorflow"] and len(skipped["jax"]) == 5, skipped
+    ours, theirs = _rows(caches["jax"]), _rows(caches["tensorflow"])
+    assert sorted(ours) == sorted(theirs) and len(ours) == 6 + 5
+    for path in theirs:
+        assert np.abs(ours[path] - theirs[path]).max() <= 1e-4 * np.abs(theirs[path]).max(), path

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.images.formats import PNG_SIGNATURE, png_without_metadata
 
 FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "WEBP"})  # what tf.io.decode_image reads
 NAME = "Pillow"  # what messages call this decoder
@@ -67,6 +68,8 @@ def decode(data: bytes) -> np.ndarray:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # the pipeline checks the header against its own limit first
+    if data[:8] == PNG_SIGNATURE:
+        data = png_without_metadata(data)  # text and colour profiles: no decoder here uses them
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -75,6 +78,8 @@ def decode(data: bytes) -> np.ndarray:
                     raise UndecodableImage(f"{image.format} is not a format the pipeline reads")
                 image.seek(0)
                 image.load()
+                if image.format == "GIF" and image.mode == "P" and isinstance(image.info.get("transparency"), int):
+                    return _gif_as_tensorflow(image)
                 return _as_tensorflow_channels(image)
     except UndecodableImage:
         raise
@@ -82,6 +87,14 @@ def decode(data: bytes) -> np.ndarray:
         raise
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for damaged bytes
         raise UndecodableImage(str(error) or type(error).__name__) from None
+
+
+def _gif_as_tensorflow(image) -> np.ndarray:  # noqa: ANN001 - a PIL image
+    """A GIF frame with a transparent colour as TensorFlow decodes it: those pixels black."""
+    indices = np.asarray(image)
+    pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+    pixels[indices == image.info["transparency"]] = 0
+    return pixels
 
 
 def _as_tensorflow_channels(image) -> np.ndarray:  # noqa: ANN001 - a PIL image

@@ -29,7 +29,9 @@ from pipeline.errors import PipelineError
 from pipeline.images.formats import (
     DEFAULT_MAX_PIXELS,
     SIGNATURES,
+    decoded_pixels,
     image_dimensions,
+    refusal,
     too_large_error,
     unreadable_reason,
 )
@@ -69,6 +71,22 @@ def header_dimensions(data: bytes) -> tuple[int, int] | None:
     return image_dimensions(data) or decoder().header_dimensions(data)
 
 
+def checked_before_decoding(data: bytes, max_pixels: int) -> tuple[str | None, Any]:
+    """What happens to these bytes before any decoder sees them, the same on every backend:
+    ("skipped", why) when the header says nothing of the size or the file rules refuse them
+    (formats.refusal), ("too large", (width, height)) past the pixel limit (every GIF frame
+    counted), else (None, (width, height))."""
+    dimensions = header_dimensions(data)
+    if dimensions is None:
+        return "skipped", unchecked_reason(data)
+    refused = refusal(data)
+    if refused is not None:
+        return "skipped", refused
+    if decoded_pixels(data, dimensions) > max_pixels:
+        return "too large", dimensions
+    return None, dimensions
+
+
 def decode_one(path: Path, data: bytes, image_size: int) -> tuple[np.ndarray | None, str | None]:
     """One image's bytes decoded on their own: (pixels, None), or (None, why) when the bytes are
     damaged; PipelineError when decoding fails for another cause (memory, resources)."""
@@ -100,12 +118,12 @@ def read_and_decode(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_P
     except OSError as error:
         return ReadImage(None, -1, -1, skipped=unreadable_reason(error))
     read = ReadImage(hashlib.sha256(data).hexdigest(), stat.st_size, stat.st_mtime_ns)
-    dimensions = header_dimensions(data)
-    if dimensions is None:
-        read.skipped = unchecked_reason(data)
+    problem, dimensions = checked_before_decoding(data, max_pixels)
+    if problem == "skipped":
+        read.skipped = dimensions
         return read
-    if dimensions[0] * dimensions[1] > max_pixels:
-        read.held_back = str(too_large_error(path, dimensions, max_pixels))
+    if problem == "too large":
+        read.held_back = str(too_large_error(path, dimensions, max_pixels, decoded_pixels(data, dimensions)))
         return read
     try:
         read.pixels, read.skipped = decode_one(path, data, image_size)
@@ -125,6 +143,7 @@ class EncodedImages:
         self.max_pixels = max_pixels
         self.sha256: dict[int, str] = {}  # file index -> hash of the bytes that were decoded
         self.too_large: dict[int, tuple[int, int]] = {}
+        self.too_large_pixels: dict[int, int] = {}
         self.unreadable: dict[int, str] = {}
         self.failed: dict[int, ReadImage] = {}  # the threaded path: how each failed file failed
 
@@ -136,12 +155,13 @@ class EncodedImages:
                 self.unreadable[index] = unreadable_reason(error)
                 continue
             self.sha256[index] = hashlib.sha256(data).hexdigest()
-            dimensions = header_dimensions(data)
-            if dimensions is None:
-                self.unreadable[index] = unchecked_reason(data)
+            problem, found = checked_before_decoding(data, self.max_pixels)
+            if problem == "skipped":
+                self.unreadable[index] = found
                 continue
-            if dimensions[0] * dimensions[1] > self.max_pixels:
-                self.too_large[index] = dimensions
+            if problem == "too large":
+                self.too_large[index] = found
+                self.too_large_pixels[index] = decoded_pixels(data, found)
                 continue
             yield index, data
 
@@ -223,7 +243,7 @@ class EncodedImages:
                 raise PipelineError(read.held_back)
             return read.skipped or "cannot be decoded"
         if index in self.too_large:
-            raise too_large_error(path, self.too_large[index], self.max_pixels)
+            raise too_large_error(path, self.too_large[index], self.max_pixels, self.too_large_pixels.get(index))
         if index in self.unreadable:
             return self.unreadable[index]
         try:
