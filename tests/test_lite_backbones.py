@@ -3,6 +3,7 @@ every command, and fused features (several caches, one head, one model on one in
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 import io
 import json
@@ -11,6 +12,7 @@ import pickle
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,3 +249,111 @@ def test_fusion_refuses_caches_that_do_not_join(lite_run: dict[str, Path], tmp_p
     with pytest.raises(PipelineError, match="--layer applies to one cache"):
         train_head(TrainOptions(features=[lite, lite_run["vgg16"]], layers=["block5_pool"], models=models,
                                 progress=False))
+
+
+class _Storage:
+    """A stand-in for torch.FloatStorage in a hand-made checkpoint (pickled as a persistent id)."""
+
+    def __init__(self, key: str, count: int) -> None:
+        self.key, self.count = key, count
+
+
+def _fake_torch(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Modules named torch and torch._utils holding the two globals a state dict pickles."""
+    import sys
+    import types
+
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    class FloatStorage:
+        pass
+
+    def _rebuild_tensor_v2(*args):  # noqa: ANN202 - pickled by reference only
+        raise AssertionError("never called when writing")
+
+    FloatStorage.__module__, _rebuild_tensor_v2.__module__ = "torch", "torch._utils"
+    FloatStorage.__qualname__, _rebuild_tensor_v2.__qualname__ = "FloatStorage", "_rebuild_tensor_v2"
+    torch.FloatStorage, utils._rebuild_tensor_v2 = FloatStorage, _rebuild_tensor_v2
+    torch._utils = utils
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils)
+    return torch
+
+
+def _write_checkpoint(path: Path, monkeypatch: pytest.MonkeyPatch, tensors: dict[str, tuple],
+                      storages: dict[str, np.ndarray], persistent: Any = None) -> Path:
+    """A legacy torch.save file: each tensor (storage key, offset, shape, stride) over `storages`."""
+    torch = _fake_torch(monkeypatch)
+
+    class Tensor:
+        def __init__(self, key: str, offset: Any, shape: Any, stride: Any) -> None:
+            self.args = (_Storage(key, len(storages[key])), offset, shape, stride, False, collections.OrderedDict())
+
+        def __reduce__(self):  # noqa: ANN204
+            return (torch._utils._rebuild_tensor_v2, self.args)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            if isinstance(obj, _Storage):
+                if isinstance(persistent, bytes):
+                    return "PLACEHOLDER"
+                return persistent if persistent is not None else ("storage", torch.FloatStorage, obj.key, "cpu",
+                                                                   obj.count)
+            return None
+
+    stream = io.BytesIO()
+    for part in (LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(part, stream, protocol=2)
+    state = io.BytesIO()
+    Pickler(state, protocol=2).dump(collections.OrderedDict((n, Tensor(*t)) for n, t in tensors.items()))
+    if isinstance(persistent, bytes):  # opcodes written by hand in place of the placeholder's
+        placeholder = b"X" + struct.pack("<I", len("PLACEHOLDER")) + b"PLACEHOLDER"
+        stream.write(state.getvalue().replace(placeholder, persistent, 1))
+    else:
+        stream.write(state.getvalue())
+    pickle.dump(list(storages), stream, protocol=2)
+    for values in storages.values():
+        stream.write(struct.pack("<q", len(values)) + np.asarray(values, "<f4").tobytes())
+    path.write_bytes(stream.getvalue())
+    return path
+
+
+def test_a_hand_made_checkpoint_reads_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = np.arange(12, dtype=np.float32)
+    path = _write_checkpoint(tmp_path / "ok.pth", monkeypatch, {"w": ("0", 2, (2, 5), (5, 1))}, {"0": storage})
+    np.testing.assert_array_equal(read_state_dict(path)["w"], storage[2:12].reshape(2, 5))
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (("0", 0, (200_000, 200_000), (0, 0)), "zero or negative stride"),  # would ask for 160 GB
+    (("0", 0, (2.5,), (1,)), "malformed offset, shape or stride"),  # 2.5 is not 2
+    (("0", 0, (True,), (1,)), "malformed offset, shape or stride"),
+    (("0", 4, (3, 3), (3, 1)), "reaches outside its storage"),
+])
+def test_a_checkpoint_tensor_that_does_not_fit_its_storage_is_one_line(tmp_path: Path, monkeypatch, tensor,
+                                                                      message: str) -> None:
+    path = _write_checkpoint(tmp_path / "bad.pth", monkeypatch, {"w": tensor}, {"0": np.zeros(12, np.float32)})
+    with pytest.raises(PipelineError, match=message) as error:
+        read_state_dict(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_built_to_exhaust_the_reader_is_one_line_at_once(tmp_path: Path, monkeypatch) -> None:
+    """A persistent id 200,000 lists deep (RecursionError), and one built from memo references (a
+    few hundred bytes that are astronomically large as text: printing it would never end)."""
+    import time
+
+    depth = 200_000  # MARK ... LIST opcodes: nested by the unpickler without recursion, written by hand
+    deep = b"(" * depth + b"X" + struct.pack("<I", 7) + b"storage" + b"l" * depth
+    laughs: Any = ["ha"]
+    for _ in range(60):
+        laughs = [laughs, laughs]  # 2^60 leaves, each list pickled once and then referenced by the memo
+    for persistent, message in ((deep, "nested too deeply|unexpected persistent reference"),
+                                (tuple(laughs), "unexpected persistent reference")):
+        path = _write_checkpoint(tmp_path / "hostile.pth", monkeypatch, {"w": ("0", 0, (2,), (1,))},
+                                 {"0": np.zeros(2, np.float32)}, persistent=persistent)
+        assert path.stat().st_size < 2_000_000
+        started = time.monotonic()
+        with pytest.raises(PipelineError, match=message) as error:
+            read_state_dict(path)
+        assert time.monotonic() - started < 10 and "\n" not in str(error.value)

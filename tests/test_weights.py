@@ -122,6 +122,22 @@ def test_resnet50_without_weights_says_how_to_provide_them(tmp_path: Path, monke
         spec.resolve_weights("imagenet")
 
 
+def test_a_weights_file_declaring_more_than_the_backbone_holds_is_refused_before_reading(tmp_path: Path) -> None:
+    """An HDF5 dataset can declare 2 GiB and store nothing; reading it would allocate it all."""
+    import h5py
+
+    spec = get_backbone("vgg16")
+    donor = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg16.weights.h5"
+    donor.save_weights(path)
+    with h5py.File(path, "a") as handle:
+        handle.create_dataset("layers/block1_conv1/vars/huge", shape=(1 << 29,), dtype="float32")  # nothing stored
+    assert path.stat().st_size < 100 << 20
+    weights = spec.resolve_weights(str(path))
+    with pytest.raises(PipelineError, match="declares shape .536870912,. .2 GiB as float32.*nothing was read"):
+        build_backbone(spec, 32, "fp32", weights)
+
+
 def test_resnet50_from_a_local_weights_file(tmp_path: Path) -> None:
     spec = get_backbone("resnet50")
     donor = tf.keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))

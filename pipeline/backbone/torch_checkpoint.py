@@ -50,13 +50,22 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _rebuild_tensor(storage: Any, offset: Any, shape: Any, stride: Any, *_: Any) -> _TensorRef:
+    """A tensor as a reference into its storage. Offsets, shapes and strides must be whole
+    numbers (a shape of 2.5 is damage, not 2), strides positive, as torch.save writes them."""
     if not isinstance(storage, _StorageRef):
         raise pickle.UnpicklingError("a tensor without a storage")
-    try:
-        return _TensorRef(storage, int(offset), tuple(int(s) for s in shape), tuple(int(s) for s in stride))
-    except (TypeError, ValueError):
-        raise pickle.UnpicklingError("a tensor with a malformed shape or stride") from None
+    if not (_whole(offset) and isinstance(shape, tuple | list) and isinstance(stride, tuple | list)
+            and len(shape) == len(stride) and all(_whole(n) and n >= 0 for n in shape)
+            and all(_whole(s) for s in stride)):
+        raise pickle.UnpicklingError("a tensor with a malformed offset, shape or stride")
+    if any(s <= 0 for n, s in zip(shape, stride) if n > 1):
+        raise pickle.UnpicklingError("a tensor with a zero or negative stride (torch.save writes none)")
+    return _TensorRef(storage, offset, tuple(shape), tuple(stride))
 
 
 class _StateDictOnly(pickle.Unpickler):
@@ -72,10 +81,13 @@ class _StateDictOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
-            raise pickle.UnpicklingError(f"unexpected persistent reference {str(pid)[:80]}")
-        return _StorageRef(str(pid[2]), _STORAGE_DTYPES[pid[1].name], pid[4])
+        # Nothing of the reference is printed or turned into text: a structure built from memo
+        # references can be tiny in the file and astronomically large as text.
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and isinstance(pid[0], str) and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _whole(pid[4])
+                and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"an unexpected persistent reference (a {type(pid).__name__})")
+        return _StorageRef(pid[2], _STORAGE_DTYPES[pid[1].name], pid[4])
 
 
 def read_state_dict(path: Path) -> dict[str, np.ndarray]:
@@ -92,11 +104,18 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
         keys = _StateDictOnly(stream).load()
         if not isinstance(tree, dict) or not isinstance(keys, list):
             raise pickle.UnpicklingError("no state dict")
+        if not all(isinstance(name, str) for name in tree) or not all(isinstance(key, str) for key in keys):
+            raise pickle.UnpicklingError("a state dict whose names or storage keys are not text")
         storages = _read_storages(stream, keys, tree)
-        return {str(name): _materialise(ref, storages) for name, ref in tree.items()}
+        return {name: _materialise(ref, storages) for name, ref in tree.items()}
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, struct.error, AttributeError,
             IndexError) as error:
-        raise PipelineError(f"{path} is not a readable, safe PyTorch state dict: {error}") from None
+        raise PipelineError(f"{path} is not a readable, safe PyTorch state dict: {str(error)[:200]}") from None
+    except RecursionError:
+        raise PipelineError(f"{path} is not a readable, safe PyTorch state dict: it is nested too deeply") from None
+    except MemoryError:
+        raise PipelineError(f"{path} is not a readable, safe PyTorch state dict: reading it ran out of "
+                            "memory") from None
 
 
 def _read_storages(stream: io.BytesIO, keys: list[Any], tree: dict[Any, Any]) -> dict[str, np.ndarray]:
@@ -125,9 +144,10 @@ def _materialise(ref: Any, storages: dict[str, np.ndarray]) -> np.ndarray:
     flat = storages[ref.storage.key]
     if not ref.shape:
         return flat[ref.offset:ref.offset + 1].reshape(()).copy()
+    elements = int(np.prod(ref.shape, dtype=np.float64))
     end = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) + 1
-    if ref.offset < 0 or end > len(flat) or any(s < 0 for s in ref.stride):
-        raise ValueError("a tensor reaches outside its storage")
+    if ref.offset < 0 or end > len(flat) or elements > len(flat) - ref.offset:
+        raise ValueError(f"a tensor of shape {ref.shape} reaches outside its storage of {len(flat)} values")
     view = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape,
                                            tuple(s * flat.itemsize for s in ref.stride), writeable=False)
     return np.array(view, dtype=flat.dtype.newbyteorder("="))

@@ -280,12 +280,45 @@ def initialise_randomly(model: Any, seed: int = RANDOM_SEED) -> None:
         variable.assign(rng.uniform(-limit, limit, size=shape).astype(np.float32))
 
 
+def check_declared_sizes(path: Path, model: Any) -> None:
+    """Refuse, before anything is read, an HDF5 weights file whose datasets declare more than the
+    backbone could hold: any one larger than its largest weight, or all of them together more
+    than twice its weights. (An HDF5 dataset can declare gigabytes and store nothing: reading it
+    would allocate the declared size.) A file h5py cannot open is left to Keras' loader."""
+    import h5py
+
+    sizes = [int(np.prod(variable.shape)) for variable in model.weights]
+    largest, total = max(sizes, default=0), sum(sizes)
+    declared: list[tuple[str, tuple[int, ...], int]] = []
+
+    def visit(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset):
+            declared.append((name, tuple(item.shape), int(np.prod(item.shape, dtype=np.float64))))
+
+    try:
+        with h5py.File(path, "r") as handle:
+            handle.visititems(visit)
+    except OSError:
+        return
+    for name, shape, count in declared:
+        if count > largest:
+            raise PipelineError(
+                f"--weights {path}: its dataset {name} declares shape {shape} ({count * 4 / 2**30:.2g} GiB as "
+                f"float32), larger than any weight of {model.name} (the largest holds {largest:,} values): "
+                "not a weights file of this backbone; nothing was read")
+    if sum(count for _, _, count in declared) > 2 * total:
+        raise PipelineError(f"--weights {path}: its datasets declare {sum(c for _, _, c in declared):,} values in "
+                            f"all, more than twice what {model.name} holds ({total:,}): not a weights file of this "
+                            "backbone; nothing was read")
+
+
 def load_weights(model: Any, weights: ResolvedWeights) -> None:
     """Put `weights` into a backbone built without weights (include_top=False)."""
     if weights.source == "none":
         initialise_randomly(model)
         return
     assert weights.path is not None
+    check_declared_sizes(Path(weights.path), model)
     try:
         model.load_weights(weights.path)
     except Exception as error:  # noqa: BLE001 - Keras raises many types for a mismatched file
