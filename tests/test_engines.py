@@ -97,8 +97,9 @@ def test_ray_engine_gives_the_local_engines_rows_and_leaves_no_ray_behind(tmp_pa
     # shards are named by their unit, and every unit is a whole shard of the plan
     names = [p.name for p in store.shard_paths(summary.cache_dir)]
     assert len(names) == 3 and all(n.startswith("shard-u") for n in names)
-    # the local instance started for the command is gone with it
-    deadline = time.time() + 20
+    # the local instance started for the command is gone with it (waited for: a loaded machine
+    # takes its time to end processes)
+    deadline = time.time() + 120
     while set(ray_processes()) - before and time.time() < deadline:
         time.sleep(0.5)
     assert not set(ray_processes()) - before
@@ -131,7 +132,8 @@ def test_incremental_update_on_the_ray_engine(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Path) -> None:
+def test_a_killed_actor_is_replaced_and_every_image_is_cached_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PIPELINE_RAY_UNIT_PAUSE_S", "0.5")  # 12 units: the run outlasts the kill on any machine
     data = make_image_folder(tmp_path / "data", per_class=24)
     options = dict(image_size=96, batch_size=4, shard_size=4)
     killed: list[int] = []
@@ -169,7 +171,8 @@ def test_a_driver_killed_mid_run_resumes_with_only_the_rest(tmp_path: Path) -> N
     before = set(ray_processes())
     driver = subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), "extract", "--engine", "ray",
                                "--no-progress", *arguments], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                              stderr=subprocess.DEVNULL, start_new_session=True,
+                              env=dict(os.environ, PIPELINE_RAY_UNIT_PAUSE_S="0.5"))  # outlasts the kill
     deadline = time.time() + 120
     while not list((tmp_path / "ray").glob("*/shard-u*.h5")) and time.time() < deadline:
         assert driver.poll() is None, "the driver ended before it could be killed"

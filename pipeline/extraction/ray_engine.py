@@ -293,7 +293,12 @@ class BackboneActor:
         from pipeline.backbone.network import preprocess
 
         keys, nodes, counts, outcomes, seconds, began = [], [], [], [], [], []
+        # fault-injection for the tests that kill actors and drivers mid-run: a pause before each
+        # unit, so that on a loaded machine the run cannot end before the kill (unset: none)
+        pause = float(os.environ.get("PIPELINE_RAY_UNIT_PAUSE_S", "0") or 0)
         for i, key in enumerate(batch["key"]):
+            if pause > 0:
+                time.sleep(pause)
             started = time.perf_counter()
             began.append(time.time())
             self.attempts.start.remote("backbone", key)
