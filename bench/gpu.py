@@ -1,13 +1,14 @@
 """Stage one on a GPU, in one go: the backbone alone, decoding alone, the seeds' loop and `extract`,
 side by side, for VGG16 and ResNet50, with the ratios.
 
+    python bench/gpu.py --check      # in seconds: is everything there?
     python bench/gpu.py [--backend jax] [--images 2048] [--image-size 224] [--batch-size 256]
                         [--precision mixed] [--backbones vgg16,resnet50] [--wheels bench/wheels]
                         [--work bench/work/gpu] [--json bench/results/gpu.json]
 
 Made for a GPU machine that has JAX but no TensorFlow or Keras: when Keras cannot be imported,
 the wheels in --wheels (`make gpu-wheels` downloads them here: keras 3.15.1 is pure Python,
-optree, namex, absl-py and rich are small) are installed first, from that folder only. It makes
+optree, namex, absl-py and rich are small) are unpacked first, from that folder only. It makes
 its own images (an ELPV-like set, 300x300 grayscale PNG, and a photo-like one, 500x375 colour
 JPEG: speed does not depend on the pixels, and the real data is too large to carry), and uses
 `--weights none` (speed does not depend on the weights' values either). For each backbone and
@@ -21,18 +22,28 @@ image set, on the same images, batch size and precision:
      compilation too), of its whole extraction loop, and of the whole call (set-up included).
 
 Ratios: extract / min(backbone, decode) (goal >= 0.9: extract as fast as its slower half allows)
-and extract / seeds. It also runs on a CPU with a handful of images (tests/test_bench.py), so
-that minutes on a GPU machine measure, not debug.
+and extract / seeds.
+
+Its one try on a lent GPU cannot be wasted:
+- `--check` answers in seconds: it imports everything the run needs, lists JAX's devices, builds
+  every backbone and runs one batch through it, and says what is missing (exit status 1);
+- Keras comes from the carried wheels, the ones bench/gpu-wheels.txt lists (the list `make
+  gpu-wheels` downloads), unpacked into a private folder under --work and put at the end of the
+  import path: the machine's interpreter is never installed into, and what it has wins;
+- the JSON (--json) is rewritten after every row, so a crash keeps what was measured.
+tests/test_gpu_bench.py runs it (and --check) on a CPU from a virtual environment holding only
+what the GPU machines hold (numpy, jax, h5py, pillow, tqdm, scikit-learn, joblib) and the wheels,
+with TensorFlow unimportable.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,24 +54,148 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 WHEELS = ROOT / "bench" / "wheels"
-KERAS_WHEELS = ("keras==3.15.1", "optree", "namex", "absl-py", "rich", "markdown-it-py", "mdurl", "pygments",
-                "packaging", "typing-extensions")  # as the Makefile's GPU_WHEELS
+WHEEL_LIST = ROOT / "bench" / "gpu-wheels.txt"  # shared with `make gpu-wheels`
 IMAGE_SETS = {  # name: (width, height, channels, format)
     "elpv-like 300x300 gray png": (300, 300, 1, "PNG"),
     "photo-like 500x375 colour jpeg": (500, 375, 3, "JPEG"),
 }
+NEEDED = ("numpy", "jax", "h5py", "PIL", "tqdm", "sklearn", "joblib")  # on the machine already
 
 
-def ensure_keras(wheels: Path) -> None:
-    """Install Keras from the carried wheels when this Python has none (a GPU machine with JAX only)."""
+def wheel_requirements() -> list[str]:
+    """The requirements of bench/gpu-wheels.txt (comments and blank lines dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in WHEEL_LIST.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def _normalised(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def _fits_this_python(wheel: Path) -> bool:
+    """A wheel's tags (name-version[-build]-python-abi-platform.whl) fit this interpreter: pure
+    Python, or CPython of this version on Linux x86-64."""
+    import platform
+
+    python, abi, plat = wheel.stem.split("-")[-3:]
+    ours = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    pythons, platforms = python.split("."), plat.split(".")
+    machine = platform.machine()
+    return (any(tag in ("py3", "py2.py3", ours) or tag == "py" + str(sys.version_info.major) for tag in pythons)
+            and abi in ("none", ours, "abi3")
+            and any(tag == "any" or (tag.startswith(("manylinux", "linux")) and tag.endswith(machine))
+                    for tag in platforms))
+
+
+def install_wheels(wheels: Path, site: Path) -> list[str]:
+    """Unpack the listed wheels found in `wheels` into `site` (a private folder) and put it at the
+    end of sys.path. Returns the requirements no fitting wheel was found for. A wheel is a zip
+    of files laid out as site-packages holds them: unpacking is installing, without pip."""
+    import importlib
+    import zipfile
+
+    missing = []
+    site.mkdir(parents=True, exist_ok=True)
+    for requirement in wheel_requirements():
+        name, _, version = requirement.partition("==")
+        candidates = sorted(w for w in wheels.glob("*.whl") if _normalised(w.name.split("-")[0]) == _normalised(name)
+                            and (not version or w.name.split("-")[1] == version) and _fits_this_python(w))
+        if not candidates:
+            missing.append(requirement)
+            continue
+        marker = site / f".{candidates[-1].name}.unpacked"
+        if not marker.exists():
+            with zipfile.ZipFile(candidates[-1]) as archive:
+                archive.extractall(site)
+            marker.touch()
+    if str(site) not in sys.path:
+        sys.path.append(str(site))  # last: what the machine has wins
+    importlib.invalidate_caches()
+    return missing
+
+
+def ensure_keras(wheels: Path, site: Path) -> str:
+    """Keras importable: the machine's own, else from the carried wheels (a GPU machine with JAX
+    only). Returns where it came from; exits in one line when it cannot be had."""
     if importlib.util.find_spec("keras") is not None:
-        return
+        return "keras: the machine's own"
     if not wheels.is_dir() or not any(wheels.glob("*.whl")):
         sys.exit(f"error: Keras is not installed and {wheels} holds no wheels: run `make gpu-wheels` where PyPI "
                  "can be reached, and carry that folder along")
-    print(f"installing Keras from {wheels} (no index) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheels),
-                    *KERAS_WHEELS], check=True)
+    missing = install_wheels(wheels, site)
+    if missing:
+        sys.exit(f"error: {wheels} has no wheel for this Python ({sys.version.split()[0]}) of: {', '.join(missing)}: "
+                 "run `make gpu-wheels` for the GPU machine's Python")
+    return f"keras: from {wheels}, unpacked into {site}"
+
+
+def check(args: argparse.Namespace) -> int:
+    """Everything the run needs, in seconds: modules, Keras from the wheels, JAX's devices, every
+    backbone built and run on one batch. Prints one line per check; 1 when anything is missing."""
+    problems = []
+    print(f"python {sys.version.split()[0]} at {sys.executable}")
+    for module in NEEDED:
+        try:
+            imported = importlib.import_module(module)
+            print(f"ok       {module} {getattr(imported, '__version__', '')}")
+        except ImportError as error:
+            problems.append(f"{module} ({error})")
+            print(f"MISSING  {module}: {error}")
+    try:
+        print(f"ok       {ensure_keras(args.wheels, args.work / 'site')}")
+    except SystemExit as stop:
+        problems.append("keras")
+        print(f"MISSING  {stop.code}")
+    if problems:
+        print(f"check failed: {', '.join(problems)}")
+        return 1
+    from pipeline import backend
+
+    backend.select(args.backend)
+    import numpy as np
+
+    if args.backend == "jax":
+        import jax
+
+        devices = jax.devices()
+        print(f"ok       jax devices: {', '.join(f'{d.platform}:{d.device_kind}' for d in devices)}")
+        if not any(d.platform == "gpu" for d in devices):
+            print("note     no GPU among JAX's devices: the figures would be a CPU's")
+    from pipeline.backbone.network import FeatureExtractor, build_backbone, preprocess
+    from pipeline.backbone.precision import resolve_precision
+    from pipeline.backbone.registry import get_backbone
+
+    precision = resolve_precision(args.precision)
+    for name in args.backbones.split(","):
+        try:
+            spec = get_backbone(name)
+            weights = spec.resolve_weights("none")
+            extractor = FeatureExtractor(build_backbone(spec, 64, precision, weights), spec.default_layers, "none")
+            batch = preprocess(np.zeros((2, 64, 64, 3), np.float32), weights.preprocessing)
+            shapes = {layer: tuple(np.asarray(v).shape) for layer, v in extractor(batch).items()}
+            print(f"ok       {name} ({precision}) builds and runs: {shapes}")
+        except Exception as error:  # noqa: BLE001 - every failure is a line of the report
+            problems.append(name)
+            print(f"FAILED   {name}: {type(error).__name__}: {str(error)[:200]}")
+    try:
+        args.work.mkdir(parents=True, exist_ok=True)
+        probe = args.work / ".probe"
+        probe.write_text("")
+        probe.unlink()
+        print(f"ok       {args.work} is writable")
+    except OSError as error:
+        problems.append(f"{args.work} ({error.strerror})")
+        print(f"FAILED   {args.work}: {error.strerror}")
+    print("check passed: the run can start" if not problems else f"check failed: {', '.join(problems)}")
+    return 1 if problems else 0
+
+
+def write_json(path: Path, report: dict) -> None:
+    """The report so far, replaced whole (a crash between rows keeps the rows before it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, path)
 
 
 def make_images(folder: Path, count: int, width: int, height: int, channels: int, fmt: str) -> Path:
@@ -182,12 +317,17 @@ def main() -> None:
     parser.add_argument("--backbone-seconds", type=float, default=10.0, help="seconds of the backbone-alone loop")
     parser.add_argument("--wheels", type=Path, default=WHEELS)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "gpu")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON (after every row)")
+    parser.add_argument("--check", action="store_true",
+                        help="in seconds: imports, Keras from the wheels, JAX's devices, every backbone built and run "
+                             "once; exit status 1 and what is missing")
     args = parser.parse_args()
+    if args.check:
+        sys.exit(check(args))
 
     from pipeline import backend
 
-    ensure_keras(args.wheels)
+    print(ensure_keras(args.wheels, args.work / "site"), flush=True)
     backend.select(args.backend)
     from bench.common import machine_line, markdown_table
     from pipeline.backbone.network import FeatureExtractor, build_backbone
@@ -202,6 +342,8 @@ def main() -> None:
           f"--weights none (speed does not depend on the weights' values)", flush=True)
     folders = {name: make_images(args.work / "images" / str(index), args.images, *shape)
                for index, (name, shape) in enumerate(IMAGE_SETS.items())}
+    report = {"machine": machine_line(), "precision": precision, "image_size": args.image_size,
+              "batch_size": args.batch_size}
     rows, records = [], []
     for name in args.backbones.split(","):
         spec = get_backbone(name)
@@ -224,6 +366,8 @@ def main() -> None:
                       "input_wait_share": extract["input_wait_share"], "extract_over_bound": warm / bound,
                       "extract_over_seeds": warm / seeds, "bound_by": "decode" if decode < alone else "backbone"}
             records.append(record)
+            if args.json:
+                write_json(args.json, report | {"rows": records, "complete": False})
             rows.append([name, set_name, f"{alone:,.0f}", f"{decode:,.0f}", f"{seeds:,.0f}", f"{warm:,.0f}",
                          f"{extract['loop']:,.0f} / {extract['wall']:,.0f}", f"{extract['warmup_seconds']:.1f}",
                          f"{record['extract_over_bound']:.2f}", record["bound_by"],
@@ -237,10 +381,7 @@ def main() -> None:
                           "extract waiting for images"], rows))
     print(f"\nimages/s; goal extract / min >= 0.9; {time.perf_counter() - began:.0f} s in all")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine_line(), "precision": precision,
-                                         "image_size": args.image_size, "batch_size": args.batch_size,
-                                         "rows": records}, indent=2))
+        write_json(args.json, report | {"rows": records, "complete": True})
 
 
 if __name__ == "__main__":
