@@ -72,3 +72,35 @@ def test_an_image_whose_size_cannot_be_read_is_not_decoded(tmp_path: Path) -> No
     assert list(source._encoded()) == []
     assert source.failure_reason(0, 32) == unchecked_reason(headless)
     assert "header does not say how large" in unchecked_reason(headless)
+
+
+def test_a_gif_whose_frame_is_far_larger_than_its_screen_is_never_decoded(tmp_path: Path, capsys,
+                                                                          head_run: dict[str, Path]) -> None:
+    """Its header says 16 x 16 and its one frame 20000 x 20000 (2.7 GB on TensorFlow once decoded):
+    extract and predict refuse it from its blocks, whatever --max-megapixels says."""
+    import struct
+
+    screen = b"GIF89a" + struct.pack("<HHBBB", 16, 16, 0, 0, 0)
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 20000, 20000, 0x80) + b"\x00\x00\x00\xff\xff\xff"
+    bomb = screen + frame + b"\x02\x02\x4c\x01\x00" + b"\x3b"
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "cats" / "bomb.gif").write_bytes(bomb)
+    summary = extract_features(tiny_options(data, tmp_path / "c", max_pixels=10**6))
+    [skipped] = summary.skipped
+    assert skipped["path"] == "cats/bomb.gif"
+    assert "20000 x 20000" in skipped["reason"] and "outside" in skipped["reason"]
+    bomb_file = str(data / "cats" / "bomb.gif")
+    assert main(["predict", "--model", str(head_run["run"]), "--max-megapixels", "1", bomb_file]) == 1
+    out = capsys.readouterr().out
+    assert "bomb.gif  error:" in out and "20000 x 20000" in out
+
+
+def test_a_hash_index_of_the_wrong_shape_is_started_afresh(tmp_path: Path) -> None:
+    """file_hashes.json holding a list where a mapping belongs (damage, or another tool's file)."""
+    from pipeline.cache import store
+
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    first = extract_features(tiny_options(data, tmp_path / "c"))
+    (first.cache_dir / store.HASH_INDEX_NAME).write_text('{"saved_at_ns": 1, "files": []}')
+    again = extract_features(tiny_options(data, tmp_path / "c"))
+    assert (again.new, again.reused) == (0, 6)
