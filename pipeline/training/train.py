@@ -148,7 +148,9 @@ def train_head(options: TrainOptions) -> RunSummary:
     if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
         params["seed"] = options.seed
     head = make_head(options.head, store.class_names, params)
-    check_every_class_trained(store.split_indexes()["train"].labels, store.class_names)
+    trained_labels = store.split_indexes()["train"].labels
+    if len(np.unique(trained_labels)) >= 2:  # one class only: load_splits says so
+        check_every_class_trained(trained_labels, store.class_names)
     name = runs.check_run_name(options.name or default_run_name(head.kind, stores, views, head.params, options.seed))
     if len(stores) > 1:
         splits = load_fused_splits(stores, views, options.memory_budget)
@@ -210,3 +212,42 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
                                  store.class_names, opened.name, split)
     return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,
                       opened.config)
+
+
+def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> RunSummary:
+    """Any run (head or fine-tuned) scored from its images end to end, its probabilities averaged
+    over the test-time views of `tta` (pipeline/finetuning/views.py), into RUN/tta-<views>/:
+    metrics.json and the reports of `split`. The run's own metrics are left as they are."""
+    from pipeline.cache.reader import split_images
+    from pipeline.finetuning.views import averaged, view_transforms
+    from pipeline.images.reading import EncodedImages
+
+    view_transforms(tta)  # refuses an unknown name before any work
+    if split not in SPLITS:
+        raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    opened = Run.open(run)
+    store = opened.features() if not opened.fused else opened.fused_features()[0]
+    records = split_images(store)
+    model = opened.classifier()
+    size = opened.fingerprint.image_size
+    started = time.perf_counter()
+    probabilities = {}
+    for name, images in records.items():
+        source = EncodedImages(images.files)
+        rows: dict[int, np.ndarray] = {}
+        for indices, batch in source.batches(size, 32):
+            for index, row in zip(np.asarray(indices).tolist(), averaged(model.predict_on_batch, np.asarray(batch),
+                                                                         tta)):
+                rows[index] = row
+        missing = sorted(set(range(len(images.files))) - set(rows))
+        if missing:
+            raise PipelineError(f"{images.files[missing[0]]} can no longer be read as an image "
+                                f"({source.failure_reason(missing[0], size)}): the run's {name} split cannot be "
+                                "scored from its images")
+        probabilities[name] = np.stack([rows[i] for i in range(len(images.files))]) if rows else \
+            np.zeros((0, len(opened.class_names)))
+    target = opened.directory / f"tta-{tta}"
+    target.mkdir(exist_ok=True)
+    metrics, text = score_splits(target, lambda name: probabilities[name], records, opened.class_names,
+                                 f"{opened.name} with test-time views: {tta}", split)
+    return RunSummary(target, metrics, time.perf_counter() - started, text, True, opened.config)
