@@ -1,7 +1,12 @@
 """ELPV accuracy over 5 split seeds, through the pipeline's own commands.
 
-    .venv/bin/python bench/accuracy.py [--suite backbones|vgg16] [--task binary 4class]
+    .venv/bin/python bench/accuracy.py [--suite backbones|vgg16|finetune] [--task binary 4class]
                                        [--seeds 0 1 2 3 4] [--finetune-epochs N] [--quick]
+                                       [--recipes NAME ...] [--protocols 75/25 70/15/15]
+
+--suite finetune: stage three, EfficientNet-Lite0 end to end (bench/accuracy_finetune.py), resumable
+row by row into bench/results/accuracy-finetune.json.
+
 
 --suite backbones (the default): every backbone alone (VGG16, EfficientNet-Lite0/1/2) and the
 useful fusions of their features (`train-head --features A,B`), frozen features with a logistic
@@ -399,7 +404,7 @@ def report(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="backbones", choices=("backbones", "vgg16"))
+    parser.add_argument("--suite", default="backbones", choices=("backbones", "vgg16", "finetune"))
     parser.add_argument("--task", nargs="+", default=["binary", "4class"], choices=("binary", "4class"))
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--finetune-epochs", type=int, default=0,
@@ -408,9 +413,19 @@ def main() -> None:
                         help="vgg16: only the 150 px configurations; backbones: Lite0 alone and Lite0 + Lite2")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="split seeds (default 0-4)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default bench/results/accuracy.json (vgg16), accuracy-backbones.json (backbones)")
+                        help="default bench/results/accuracy.json (vgg16), accuracy-backbones.json (backbones), "
+                             "accuracy-finetune.json (finetune)")
+    parser.add_argument("--recipes", nargs="+", default=None, help="finetune: only these recipes (default all)")
+    parser.add_argument("--protocols", nargs="+", default=None, choices=("75/25", "70/15/15"),
+                        help="finetune: only these protocols (default both)")
     args = parser.parse_args()
     print(machine_line(), flush=True)
+    if args.suite == "finetune":
+        from bench import accuracy_finetune
+
+        out = args.out or Path("bench/results/accuracy-finetune.json")
+        accuracy_finetune.run(args.work, args.task, args.seeds, out, args.recipes, args.protocols)
+        return
     if args.suite == "backbones":
         out = args.out or Path("bench/results/accuracy-backbones.json")
         configs = BACKBONE_QUICK if args.quick else BACKBONE_CONFIGS

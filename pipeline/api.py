@@ -127,15 +127,22 @@ def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
                             f"(the run is kept: {run.directory})")
 
 
-def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, backend: str | None = None) -> Run:
+def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, tta: str = "none",
+             backend: str | None = None) -> Run:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
-    metrics.json and the reports of `split`. Returns the run as it now stands."""
+    metrics.json and the reports of `split`. With `tta` (flip, dihedral): any run scored from its
+    images, end to end, averaging the test-time views, into RUN/tta-<views>/ (the run's own
+    metrics stay). Returns the run as it now stands."""
     backends.select(backend)
     from pipeline.runs import Run
-    from pipeline.training.train import evaluate_run
+    from pipeline.training.train import evaluate_run, evaluate_with_views
 
-    summary = evaluate_run(Path(_run_path(run)), split, None if features is None else Path(features))
-    scored = Run.open(summary.directory)
+    if tta != "none":  # written beside the run's own figures, into RUN/tta-<views>/
+        summary = evaluate_with_views(Path(_run_path(run)), tta, split)
+        scored = Run.open(summary.directory.parent)
+    else:
+        summary = evaluate_run(Path(_run_path(run)), split, None if features is None else Path(features))
+        scored = Run.open(summary.directory)
     scored.summary = summary
     return scored
 
@@ -145,11 +152,16 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
              momentum: float = 0.9, clipnorm: float = 1.0, batch_size: int = 16, patience: int = 3,
              precision: str | None = None, augment: str = "default", flip: str | None = None,
              rotation: float = 0.0, zoom: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
-             cached: bool = False, cache: PathLike | None = None, seed: int = 0, backend: str | None = None,
-             progress: bool = True) -> Run:
+             cached: bool = False, cache: PathLike | None = None, seed: int = 0, optimizer: str = "sgd",
+             weight_decay: float = 0.0, schedule: str = "plateau", warmup_epochs: float = 0.0,
+             label_smoothing: float = 0.0, lr_decay: float = 1.0, head_epochs: int = 0, tta: str = "none",
+             backend: str | None = None, progress: bool = True) -> Run:
     """Stage three: put a head run (a Run, its directory, or "best") back on its backbone, unfreeze
     from `unfreeze` (default the top block), train end to end with augmentation, and return the
-    fine-tuned Run. `augment="none"` switches every augmentation off."""
+    fine-tuned Run. `augment="none"` switches every augmentation off. The recipe: `optimizer` sgd
+    or adamw, `schedule` plateau or cosine (with `warmup_epochs`), `lr_decay` per block below the
+    top one, `label_smoothing`, `head_epochs` of the head alone first; `tta` none, flip or
+    dihedral views averaged when the run is scored (pipeline/finetuning/recipe.py, views.py)."""
     backends.select(backend)
     backends.require_tensorflow("finetune (its image pipeline is tf.data)")
     from pipeline.finetuning.examples import Augmentation
@@ -166,6 +178,8 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
         momentum=momentum, clipnorm=clipnorm, batch_size=batch_size, patience=patience, augmentation=augmentation,
         precision=precision, seed=seed, progress=progress, cached=cached,
         cache_root=None if cache is None else Path(cache), data=None if data is None else Path(data),
+        optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing, lr_decay=lr_decay, head_epochs=head_epochs, tta=tta,
     ))
     tuned = Run.open(summary.directory)
     tuned.summary = summary
@@ -174,7 +188,7 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
 
 def predict(run: Any, images: Sequence[PathLike] | PathLike, *, top: int = 3, models: PathLike = "models",
             data: PathLike | None = None, output: PathLike | None = None, max_megapixels: float = 128,
-            backend: str | None = None) -> list[Prediction]:
+            tta: str = "none", backend: str | None = None) -> list[Prediction]:
     """The `top` labels of every image (files, or folders searched for images) with any run (a Run,
     its directory, or "best"): one Prediction per image, in order, with `labels`, `probabilities`
     and, for a file that is not a readable image, `error`. `output`: also write FILE.csv or .json."""
@@ -188,7 +202,7 @@ def predict(run: Any, images: Sequence[PathLike] | PathLike, *, top: int = 3, mo
         check_output(Path(output))  # before the work, not after
     targets = [images] if isinstance(images, str | os.PathLike) else list(images)
     results = top_labels(_run_path(run), [Path(t) for t in targets], top, Path(models),
-                         None if data is None else Path(data), _max_pixels(max_megapixels))
+                         None if data is None else Path(data), _max_pixels(max_megapixels), tta)
     if output is not None:
         write_predictions(results, Path(output))
     return results

@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="whose reports to write: train, validation, test")
     evaluate.add_argument("--features", type=Path, default=None,
                           help="the cache to read (default: the one the run was trained on)")
+    evaluate.add_argument("--tta", default="none", choices=("none", "flip", "dihedral"),
+                          help="score the run (head or fine-tuned) from its images, averaging test-time views: flip "
+                               "(2) or dihedral (8); written to RUN/tta-VIEWS/ (default none: from the cache)")
     _add_backend(evaluate)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
@@ -255,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{spec.default_unfreeze} for {name}" for name, spec in BACKBONES.items())
                            + "); see `inspect`")
     tune.add_argument("--epochs", type=_positive_int, default=3, help="(3: CPUs are slow; more on a GPU)")
-    tune.add_argument("--lr", type=_finite_float, default=1e-4, help="SGD learning rate (1e-4)")
+    tune.add_argument("--lr", type=_finite_float, default=1e-4,
+                      help="learning rate (1e-4) of the head and the top unfrozen block")
     tune.add_argument("--momentum", type=_finite_float, default=0.9)
     tune.add_argument("--clipnorm", type=_finite_float, default=1.0,
                       help="clip gradients to this norm (0: off; default 1)")
@@ -284,6 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--cache", type=Path, default=None,
                       help="--cached: where to look for that cache (default: beside the head's cache)")
     tune.add_argument("--seed", type=int, default=0)
+    steps = tune.add_argument_group("the recipe")
+    steps.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                       help="sgd with --momentum (default), or adamw (decoupled --weight-decay)")
+    steps.add_argument("--weight-decay", type=_finite_float, default=0.0, help="(default 0)")
+    steps.add_argument("--schedule", default="plateau", choices=("plateau", "cosine"),
+                       help="plateau: halve the rate when validation loss stalls (default); cosine: a linear "
+                            "warm-up over --warmup-epochs, then a cosine decay to 0 at the last epoch")
+    steps.add_argument("--warmup-epochs", type=_finite_float, default=0.0, help="with --schedule cosine (default 0)")
+    steps.add_argument("--label-smoothing", type=_finite_float, default=0.0, help="e.g. 0.1 (default 0: off)")
+    steps.add_argument("--lr-decay", type=_finite_float, default=1.0,
+                       help="discriminative rates: each block below the top unfrozen one learns at this factor of "
+                            "the one above (e.g. 0.5; default 1: one rate)")
+    steps.add_argument("--head-epochs", type=int, default=0,
+                       help="of --epochs, train the head alone first (the backbone frozen), then unfreeze (default 0)")
+    steps.add_argument("--tta", default="none", choices=("none", "flip", "dihedral"),
+                       help="score the run averaging test-time views: flip (2) or dihedral (8, for images without "
+                            "an up); default none")
     _add_backend(tune, "; fine-tuning runs on tensorflow")
     tune.add_argument("--no-progress", action="store_true")
     tune.add_argument("--json", action="store_true")
@@ -300,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("--max-megapixels", type=_positive_float, default=128,
                        help="images of more decoded pixels than this many millions (10^6) get an error instead of a "
                             "prediction (default 128)")
+    guess.add_argument("--tta", default="none", choices=("none", "flip", "dihedral"),
+                       help="average the probabilities over test-time views: flip (2) or dihedral (8, for images "
+                            "without an up); default none")
     _add_backend(guess, "; images decode with Pillow on jax")
     guess.set_defaults(handler=_predict)
 
@@ -504,7 +528,8 @@ def _runs(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     summary = api.evaluate(args.model, **_flags(args, api.evaluate, "run")).summary
-    _print_run(summary, args.json, f"evaluated {summary.directory.name} ({args.split} reports written)")
+    where = f"{args.split} reports written" + ("" if args.tta == "none" else f" to {summary.directory}")
+    _print_run(summary, args.json, f"evaluated {args.model.name} ({where})")
     return 0
 
 

@@ -39,11 +39,11 @@ class Augmentation:
     never beat the starting model; with flips only it rose from 84.5% to 85.9%. Centred, aligned
     images (cells, scans, documents) lose more from geometric jitter than they gain."""
 
-    FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+    FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical", "dihedral")  # dihedral: views.py
     RANGES: ClassVar[Rules] = {name: (lambda v: 0 <= v <= 1, "from 0 (off) to 1")
                                for name in ("rotation", "zoom", "translation", "contrast")}
 
-    flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
+    flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical | dihedral (and transposes)
 
     rotation: float = 0.0  # fraction of a full turn
     zoom: float = 0.0
@@ -68,7 +68,9 @@ class Augmentation:
 
     def describe(self) -> str:
         """In words, for reports: "horizontal flips, zoom 0.1", or "none"."""
-        parts = [] if self.flip == "none" else [self.flip.replace("_and_", " and ") + " flips"]
+        parts = [] if self.flip == "none" else ["dihedral (flips, transposes: all eight symmetries of the square)"
+                                                if self.flip == "dihedral" else
+                                                self.flip.replace("_and_", " and ") + " flips"]
         parts += [f"{name} {getattr(self, name):g}" for name in self.RANGES if getattr(self, name)]
         return ", ".join(parts) or "none"
 
@@ -76,8 +78,16 @@ class Augmentation:
         import keras
 
         layers: list[Any] = []
-        if self.flip != "none":
-            layers.append(keras.layers.RandomFlip(self.flip, seed=seed))
+        if self.flip == "dihedral":
+            from pipeline.finetuning.views import random_transpose_layer
+
+            layers.append(random_transpose_layer(seed))
+        # Two layers for both axes: Keras' RandomFlip("horizontal_and_vertical") draws one coin per
+        # image for both, so it gives the image or its half turn, never a mirror (measured)
+        if self.flip in ("horizontal", "horizontal_and_vertical", "dihedral"):
+            layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        if self.flip in ("vertical", "horizontal_and_vertical", "dihedral"):
+            layers.append(keras.layers.RandomFlip("vertical", seed=seed + 1))
         if self.rotation:
             layers.append(keras.layers.RandomRotation(self.rotation, fill_mode="reflect", seed=seed))
         if self.zoom:
@@ -213,7 +223,7 @@ class TrainingData(Protocol):
 
     def batches(self, split: str) -> Any: ...
 
-    def predict(self, split: str) -> np.ndarray: ...
+    def predict(self, split: str, tta: str = "none") -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -238,12 +248,17 @@ class ImageExamples:
         data = self.records[split]
         return labelled_batches(data.files, data.labels, self.image_size, self.batch_size)
 
-    def predict(self, split: str) -> np.ndarray:
+    def predict(self, split: str, tta: str = "none") -> np.ndarray:
+        """The split's probabilities, averaged over the test-time views of `tta` (views.py)."""
         files = self.records[split].files
         if not files:
             return np.zeros((0, self.model.output_shape[-1]))
         images = self.batches(split).map(lambda x, y: x)
-        return np.asarray(self.model.predict(images, verbose=0), np.float64)
+        if tta == "none":
+            return np.asarray(self.model.predict(images, verbose=0), np.float64)
+        from pipeline.finetuning.views import averaged
+
+        return np.concatenate([averaged(self.model.predict_on_batch, np.asarray(batch), tta) for batch in images])
 
     def describe(self) -> dict[str, Any]:
         return {"source": "images", "image_size": self.image_size}
@@ -271,7 +286,7 @@ class CachedActivationExamples:
     def batches(self, split: str) -> Any:
         return activation_batches(self.store, self.layer, split, self.batch_size, rows=len(self.records[split]))
 
-    def predict(self, split: str) -> np.ndarray:
+    def predict(self, split: str, tta: str = "none") -> np.ndarray:  # no views of cached maps (FinetuneOptions)
         if not len(self.records[split]):
             return np.zeros((0, self.model.output_shape[-1]))
         return np.asarray(self.model.predict(self.batches(split), verbose=0), np.float64)  # labels unused

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import keras
 
@@ -23,6 +23,7 @@ from pipeline.backbone.registry import get_backbone
 from pipeline.cache.reader import split_images
 from pipeline.cache.store import SPLITS
 from pipeline.errors import PipelineError, Rules, check_parameters
+from pipeline.finetuning import recipe
 from pipeline.finetuning.examples import (
     Augmentation,
     CachedActivationExamples,
@@ -30,6 +31,7 @@ from pipeline.finetuning.examples import (
     TrainingData,
     cached_activations,
 )
+from pipeline.finetuning.views import TTA
 from pipeline.heads.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
 from pipeline.runs import Run, RunSummary
 from pipeline.runs.classifier import TRAINING_POLICY, top_model
@@ -58,6 +60,15 @@ class FinetuneOptions:
     cached: bool = False  # train on cached activations of the layer below the unfreeze point
     cache_root: Path | None = None  # where to look for them (default: beside the head's cache)
     data: Path | None = None  # with source "best": choose among the head runs of this data folder
+    # the recipe (pipeline/finetuning/recipe.py)
+    optimizer: str = "sgd"  # sgd (with momentum) or adamw
+    weight_decay: float = 0.0
+    schedule: str = "plateau"  # plateau: halve on a validation-loss plateau; cosine: warm-up, then cosine to 0
+    warmup_epochs: float = 0.0  # with cosine: a linear warm-up over this many epochs
+    label_smoothing: float = 0.0
+    lr_decay: float = 1.0  # each block below the top unfrozen one learns at this factor of the one above
+    head_epochs: int = 0  # of `epochs`: first train the head alone (the backbone frozen), then unfreeze
+    tta: str = "none"  # none, flip, dihedral: views averaged when the run is scored (views.py)
 
     RULES: ClassVar[Rules] = {
         "epochs": (lambda v: v >= 1, "a positive integer"),
@@ -66,16 +77,37 @@ class FinetuneOptions:
         "clipnorm": (lambda v: 0 <= v < float("inf"), "a positive norm, or 0 for no clipping"),
         "batch_size": (lambda v: v >= 1, "a positive integer"),
         "patience": (lambda v: v >= 1, "a positive integer"),
+        "weight_decay": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+        "warmup_epochs": (lambda v: 0 <= v < float("inf"), "0 or more epochs"),
+        "label_smoothing": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+        "lr_decay": (lambda v: 0 < v <= 1, "above 0, at most 1 (1: one rate for every block)"),
+        "head_epochs": (lambda v: v >= 0, "0 or more epochs"),
     }
 
     def __post_init__(self) -> None:
         check_parameters(vars(self), self.RULES)
+        choices = {"optimizer": recipe.OPTIMIZERS, "schedule": recipe.SCHEDULES, "tta": TTA}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise PipelineError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose from "
+                                    f"{', '.join(allowed)}")
+        if self.head_epochs >= self.epochs:
+            raise PipelineError(f"--head-epochs {self.head_epochs}: fewer than --epochs ({self.epochs}), which "
+                                "counts them (the rest train with the backbone unfrozen)")
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise PipelineError("--warmup-epochs applies to --schedule cosine")
+        if self.warmup_epochs >= self.epochs - self.head_epochs:
+            raise PipelineError(f"--warmup-epochs {self.warmup_epochs:g}: fewer than the epochs with the backbone "
+                                f"unfrozen ({self.epochs - self.head_epochs})")
+        if self.cached and self.tta != "none":
+            raise PipelineError("--tta averages views of images: fine-tune without --cached to use it")
         if self.augmentation is None:
             self.augmentation = Augmentation.default(self.cached)
         a = self.augmentation
-        if self.cached and any((a.rotation, a.zoom, a.translation, a.contrast)):
-            raise PipelineError("--cached augments by flipping the cached maps only: rotation, zoom, translation and "
-                                "contrast need images (drop them, or fine-tune without --cached)")
+        if self.cached and (any((a.rotation, a.zoom, a.translation, a.contrast)) or a.flip == "dihedral"):
+            raise PipelineError("--cached augments by flipping the cached maps only: rotation, zoom, translation, "
+                                "contrast and dihedral transposes need images (drop them, or fine-tune without "
+                                "--cached)")
 
 
 def finetune(options: FinetuneOptions) -> RunSummary:
@@ -108,33 +140,64 @@ def finetune(options: FinetuneOptions) -> RunSummary:
 
     say(f"scoring the test split before fine-tuning ({len(data.records['test'])} images)")
     scoring = time.perf_counter()
-    before = data.predict("test")
+    before = data.predict("test", options.tta)
     test_before = report.split_metrics(data.records["test"].labels, before, store.class_names)
     per_image = (time.perf_counter() - scoring) / max(1, len(data.records["test"]))
-    trained_layers = unfreeze(backbone, unfreeze_point, view.layers)  # the head's layers are trainable already
-    optimizer = keras.optimizers.SGD(options.lr, momentum=options.momentum, clipnorm=options.clipnorm or None)
-    target.compile(optimizer=optimizer,
-                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # after changing trainable
+    spec = get_backbone(fingerprint.backbone)
+    steps_per_epoch = recipe.steps(len(data.records["train"]), batch_size)
+    loss = recipe.loss(len(store.class_names), options.label_smoothing)
+
+    def compile_phase(epochs: int, factors: dict[str, float], schedule: str, warmup: float) -> None:
+        """A fresh optimizer for the trainable flags as they are now (Keras needs a compile after
+        they change)."""
+        target.compile(optimizer=recipe.optimizer(options.optimizer, options.lr, options.momentum, options.clipnorm,
+                                                  options.weight_decay, schedule, warmup, epochs, steps_per_epoch,
+                                                  factors),
+                       loss=loss, metrics=["accuracy"])
+
+    # phase 1 (with --head-epochs): the head alone, the backbone still frozen as built
+    trained_layers: list[str] = []
+    if not options.head_epochs:
+        trained_layers = unfreeze(backbone, unfreeze_point, view.layers)  # the head's layers train already
+    compile_phase(options.epochs, {}, "plateau" if options.head_epochs else options.schedule, options.warmup_epochs)
     train, validation = data.training_batches(), data.batches("validation")
     say(f"scoring the validation split before fine-tuning ({len(data.records['validation'])} images)")
     initial_loss, initial_accuracy = target.evaluate(validation, verbose=0)
     say(epoch_estimate(per_image, len(data.records["train"]), len(data.records["validation"]), options.epochs))
     keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
     timer = EpochTimer()
-    callbacks = [
-        timer,
-        keep_best,
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=options.patience),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, options.patience // 2),
-                                          min_lr=1e-7),
-    ]
-    started = time.perf_counter()
-    history = fit(target, train, validation_data=validation, epochs=options.epochs, callbacks=callbacks,
-                  shuffle=False, verbose=fit_verbosity(options.progress))
-    seconds = time.perf_counter() - started
-    rows = history_rows(history)
 
-    probabilities = {split: data.predict(split) for split in SPLITS}
+    def callbacks(schedule: str) -> list[Any]:
+        stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=options.patience)
+        found = [timer, keep_best, stopping, recipe.RateLogger()]
+        if schedule == "plateau":
+            found.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                           patience=max(1, options.patience // 2), min_lr=1e-7))
+        return found
+
+    verbose = fit_verbosity(options.progress)
+    started = time.perf_counter()
+    rows: list[dict[str, float]] = []
+    if options.head_epochs:
+        history = fit(target, train, validation_data=validation, epochs=options.head_epochs,
+                      callbacks=callbacks("plateau"), shuffle=False, verbose=verbose)
+        rows = history_rows(history)
+        trained_layers = unfreeze(backbone, unfreeze_point, view.layers)
+        factors = recipe.block_rate_factors(backbone, spec.blocks, trained_layers, options.lr_decay)
+        compile_phase(options.epochs - options.head_epochs, factors, options.schedule, options.warmup_epochs)
+    elif options.lr_decay != 1.0:
+        compile_phase(options.epochs, recipe.block_rate_factors(backbone, spec.blocks, trained_layers,
+                                                                options.lr_decay), options.schedule,
+                      options.warmup_epochs)
+    history = fit(target, train, validation_data=validation, initial_epoch=options.head_epochs,
+                  epochs=options.epochs, callbacks=callbacks(options.schedule), shuffle=False, verbose=verbose)
+    rows += [row | {"epoch": row["epoch"] + options.head_epochs} for row in history_rows(history)]
+    seconds = time.perf_counter() - started
+
+    say(f"scoring every split{'' if options.tta == 'none' else f' (test-time views: {options.tta})'}")
+    # the views are averaged for validation and test; the train split (its score a diagnostic, never a
+    # choice) is scored once, as eight views of every training image would cost eight scoring passes
+    probabilities = {split: data.predict(split, "none" if split == "train" else options.tta) for split in SPLITS}
     train_images = len(data.records["train"])
     run_config = {
         "from": str(source.resolve()),
@@ -145,11 +208,16 @@ def finetune(options: FinetuneOptions) -> RunSummary:
             "unfreeze": unfreeze_point, "trained_layers": trained_layers, "epochs": options.epochs,
             "epochs_run": len(rows), "kept_epoch": keep_best.best_epoch,
             "validation_before": {"accuracy": float(initial_accuracy), "loss": float(initial_loss)},
-            "optimizer": "sgd", "lr": options.lr, "momentum": options.momentum,
-            "clipnorm": options.clipnorm,
+            "optimizer": options.optimizer, "lr": options.lr, "momentum": options.momentum,
+            "weight_decay": options.weight_decay, "clipnorm": options.clipnorm, "schedule": options.schedule,
+            "warmup_epochs": options.warmup_epochs, "label_smoothing": options.label_smoothing,
+            "lr_decay": options.lr_decay, "head_epochs": options.head_epochs, "tta": options.tta,
+            "tta_splits": [] if options.tta == "none" else ["validation", "test"],
             "batch_size": options.batch_size, "patience": options.patience, "precision": precision,
             "augmentation": vars(options.augmentation) | data.augmentation_note(),
-            "batch_norm": "frozen, inference mode",
+            # every BatchNormalization layer, in unfrozen blocks too: frozen, so it runs in inference
+            # mode on its ImageNet statistics (batches of 16 are too small to estimate new ones)
+            "batch_norm": "frozen, inference mode (also in unfrozen blocks)",
             "trained_on": data.describe(),
         },
         # scored end to end from pixels by the model fine-tuning starts from; the head run's own
@@ -164,12 +232,23 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "images_per_second": round(train_images * len(rows) / seconds, 2) if seconds else None,
     }
     with runs.create(options.models, name, "finetune") as run:
-        model.save(run.directory / runs.MODEL_FILE)  # the whole classifier: its layers above `below` were trained
+        # the whole classifier (its layers above `below` were trained), without its optimizer: it
+        # loads in a Keras that has never seen this package
+        uncompiled(model).save(run.directory / runs.MODEL_FILE)
         run_config = run.write_config(run_config, store.class_names, store.split_indexes())
         # epoch 0: the model before fine-tuning, on validation (the kept epoch may be it)
         start = {"epoch": 0, "val_loss": float(initial_loss), "val_accuracy": float(initial_accuracy)}
         run.write_history([start, *rows], "epochs")
-        title = f"{name} (fine-tuned from {unfreeze_point}; augmentation: {options.augmentation.describe()})"
+        views = "" if options.tta == "none" else f"; scored with test-time views: {options.tta}"
+        title = f"{name} (fine-tuned from {unfreeze_point}; augmentation: {options.augmentation.describe()}{views})"
         run.score(lambda split: probabilities[split], data.records, store.class_names, title)
         run.add_metrics({"test_before_finetune": test_before})
     return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, True, run_config)
+
+
+def uncompiled(model: keras.Model) -> keras.Model:
+    """The same model and weights, never compiled: saved without an optimizer (the recipe's holds
+    per-variable rates in a class of this package)."""
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy

@@ -41,11 +41,15 @@ def image_files(targets: list[Path]) -> list[Path]:
 
 
 def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models"),
-            data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
+            data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none") -> list[Prediction]:
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
-    among the runs of this data folder."""
+    among the runs of this data folder. `tta`: average the probabilities over test-time views
+    (flip: 2, dihedral: 8; pipeline/finetuning/views.py)."""
+    from pipeline.finetuning.views import averaged, view_transforms
     from pipeline.images.reading import EncodedImages
+
+    view_transforms(tta)  # an unknown name is refused before any work
 
     opened = Run.open(run, models, data=data)
     if opened.kind == "finetune":
@@ -62,7 +66,7 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     source = EncodedImages(files, max_pixels)
     done: set[int] = set()
     for indices, images in source.batches(size, BATCH):
-        proba = np.asarray(model.predict_on_batch(images), np.float64)[:len(indices)]
+        proba = averaged(model.predict_on_batch, np.asarray(images), tta)[:len(indices)]
         for index, row in zip(np.asarray(indices).tolist(), proba):
             top = np.argsort(-row, kind="stable")[:top_k]
             results[index] = Prediction(results[index].path, [class_names[i] for i in top],

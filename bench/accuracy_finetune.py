@@ -1,0 +1,210 @@
+"""`bench/accuracy.py --suite finetune`: stage three on ELPV, EfficientNet-Lite0 end to end.
+
+For each task (binary, 4class), protocol (75/25 and 70/15/15) and split seed: Lite0's cache at
+224 px (its default layers, averaged) split with the seed, a logistic-regression head on it (the
+frozen baseline, scored as the head run scores it), then each recipe fine-tuning that head. A
+recipe is chosen per task and protocol on mean validation accuracy only; its per-seed test
+accuracies are the headline. Every (task, protocol, recipe, seed) row is written to the JSON as
+it ends, and a rerun skips the rows it holds, so the suite resumes across sessions and no row is
+lost to a time limit. The majority baselines (the share of the largest class in the shipped
+labels) are printed beside every figure.
+
+bench/results/accuracy-finetune.json holds, for each task ("binary", "4class") and protocol
+("75/25", "70/15/15"): `chosen` (the recipe), `test` (its per-seed test accuracies, fractions,
+in seed order), `validation`, `seeds`, and every recipe's rows with seconds per epoch and in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import machine_line, markdown_table
+from pipeline.data.dataset import SplitConfig
+from pipeline.extraction.extract import ExtractOptions, extract_features
+from pipeline.training.train import TrainOptions, train_head
+
+PROTOCOLS = {"75/25": SplitConfig(validation_fraction=0.125, test_fraction=0.25, seed=0),
+             "70/15/15": SplitConfig(validation_fraction=0.15, test_fraction=0.15, seed=0)}
+ANCHORS = {"binary": 0.8842, "4class": 0.835}  # Deitsch et al. 2019 (fine-tuned VGG19); a light CNN (2023)
+BACKBONE = "efficientnet_lite0"
+HEAD_GRID = "1e-4:1e2:7"  # the starting head: one C a decade (its choice moves the start, not the recipe)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way of fine-tuning (FinetuneOptions' settings), named for the tables."""
+
+    name: str
+    settings: dict = field(default_factory=dict, hash=False)
+
+    def options(self) -> dict:
+        return dict(self.settings)
+
+
+RECIPES = [
+    # the modern recipe: AdamW, a warm-up then cosine, rates halving per block below the top one,
+    # label smoothing, the head alone for an epoch, all eight symmetries (solar cells have no up),
+    # and the eight views averaged when scored
+    Recipe("adamw-cosine-dihedral", {"unfreeze": "block5a", "epochs": 6, "head_epochs": 1, "optimizer": "adamw",
+                                     "lr": 3e-4, "weight_decay": 0.01, "schedule": "cosine", "warmup_epochs": 1.0,
+                                     "lr_decay": 0.5, "label_smoothing": 0.1, "flip": "dihedral", "tta": "dihedral",
+                                     "batch_size": 32, "patience": 6}),
+    # the project's earlier recipe: SGD 1e-4 with momentum on the top block, flips both ways
+    Recipe("sgd-top-block", {"epochs": 6, "lr": 1e-4, "flip": "horizontal_and_vertical", "batch_size": 16,
+                             "patience": 3}),
+]
+
+
+def majority(data: Path) -> float:
+    """The largest class's share of the images (what always answering it scores)."""
+    counts = [sum(1 for p in folder.iterdir() if p.is_file()) for folder in data.iterdir() if folder.is_dir()]
+    return max(counts) / sum(counts)
+
+
+def load(out: Path) -> dict:
+    if out.is_file():
+        return json.loads(out.read_text())
+    return {"rows": []}
+
+
+def save(out: Path, state: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(temporary, out)
+
+
+def _done(state: dict, task: str, protocol: str, recipe: str, seed: int) -> dict | None:
+    return next((r for r in state["rows"] if (r["task"], r["protocol"], r["recipe"], r["split_seed"])
+                 == (task, protocol, recipe, seed)), None)
+
+
+def head_row(data: Path, work: Path, task: str, protocol: str, seed: int) -> tuple[dict, Path]:
+    """The frozen baseline of one split: Lite0's cache split with `seed`, a logistic regression."""
+    splits = PROTOCOLS[protocol]
+    started = time.perf_counter()
+    cache = extract_features(ExtractOptions(data=data, backbone=BACKBONE, cache_root=work / "features",
+                                            splits=SplitConfig(splits.validation_fraction, splits.test_fraction,
+                                                               seed), progress=False)).cache_dir
+    name = f"lite0-head-{task}-{protocol.replace('/', '-')}-split{seed}"
+    run = train_head(TrainOptions(head="logreg", features=cache, models=work / "models" / "finetune-suite", name=name,
+                                  head_params={"c_grid": HEAD_GRID}, progress=False))
+    return {"task": task, "protocol": protocol, "recipe": "frozen features, logistic regression",
+            "split_seed": seed, "validation_accuracy": run.metrics["validation"]["accuracy"],
+            "test_accuracy": run.metrics["test"]["accuracy"], "seconds": round(time.perf_counter() - started, 1),
+            "run": run.directory.name}, run.directory
+
+
+def finetune_row(source: Path, task: str, protocol: str, recipe: Recipe, seed: int) -> dict:
+    from pipeline import api
+
+    started = time.perf_counter()
+    settings = recipe.options()
+    tuned = api.finetune(source, models=source.parent, name=f"{source.name}-{recipe.name}", seed=seed,
+                         progress=False, **settings)
+    config = tuned.config
+    return {"task": task, "protocol": protocol, "recipe": recipe.name, "settings": settings, "split_seed": seed,
+            "validation_accuracy": tuned.metrics["validation"]["accuracy"],
+            "test_accuracy": tuned.metrics["test"]["accuracy"],
+            "test_before": config["test_before_finetune"]["accuracy"],
+            "kept_epoch": config["finetune"]["kept_epoch"], "epochs_run": config["finetune"]["epochs_run"],
+            "seconds_per_epoch": config["seconds_per_epoch"], "seconds_training": config["seconds"],
+            "seconds": round(time.perf_counter() - started, 1), "run": tuned.directory.name}
+
+
+def summary(state: dict, tasks: list[str], majorities: dict[str, float]) -> dict:
+    """Per task and protocol: every recipe's mean validation and test, and the chosen one (on mean
+    validation only) with its per-seed test accuracies."""
+    results: dict = {}
+    for task in tasks:
+        for protocol in PROTOCOLS:
+            rows = [r for r in state["rows"] if r["task"] == task and r["protocol"] == protocol]
+            by_recipe: dict[str, list[dict]] = {}
+            for row in sorted(rows, key=lambda r: r["split_seed"]):
+                by_recipe.setdefault(row["recipe"], []).append(row)
+            recipes = {name: {"seeds": [r["split_seed"] for r in found],
+                              "validation": [r["validation_accuracy"] for r in found],
+                              "test": [r["test_accuracy"] for r in found],
+                              "validation_mean": float(np.mean([r["validation_accuracy"] for r in found])),
+                              "test_mean": float(np.mean([r["test_accuracy"] for r in found])),
+                              "test_std": float(np.std([r["test_accuracy"] for r in found], ddof=1))
+                              if len(found) > 1 else 0.0,
+                              "seconds_per_epoch": _mean([r.get("seconds_per_epoch") for r in found]),
+                              "seconds": _mean([r.get("seconds") for r in found])}
+                       for name, found in by_recipe.items()}
+            if not recipes:
+                continue
+            chosen = max(recipes, key=lambda name: recipes[name]["validation_mean"])
+            results.setdefault(task, {})[protocol] = {
+                "chosen": chosen, "test": recipes[chosen]["test"], "validation": recipes[chosen]["validation"],
+                "seeds": recipes[chosen]["seeds"], "complete": len(recipes[chosen]["seeds"]) == 5,
+                "majority_baseline": majorities.get(task), "anchor": ANCHORS[task], "recipes": recipes}
+    return results
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, int | float)]
+    return round(float(np.mean(values)), 1) if values else None
+
+
+def report(results: dict) -> str:
+    lines = []
+    for task, protocols in results.items():
+        for protocol, outcome in protocols.items():
+            lines.append(f"ELPV {task}, {protocol}: seeds {', '.join(map(str, outcome['seeds']))} of the chosen; "
+                         f"majority baseline {outcome['majority_baseline']:.1%}; anchor {outcome['anchor']:.2%}")
+            table = [[("**" if name == outcome["chosen"] else "") + name + ("**" if name == outcome["chosen"] else ""),
+                      str(len(r["seeds"])), f"{r['validation_mean']:.2%}",
+                      f"{r['test_mean']:.2%} +- {r['test_std'] * 100:.2f}",
+                      "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']}", f"{r['seconds']}"]
+                     for name, r in outcome["recipes"].items()]
+            lines.append(markdown_table(["recipe", "seeds", "validation (mean)", "test", "s/epoch", "s per seed"],
+                                        table))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def run(work: Path, tasks: list[str], seeds: list[int], out: Path, recipes: list[str] | None = None,
+        protocols: list[str] | None = None) -> dict:
+    from bench.accuracy import export
+
+    state = load(out)
+    state["machine"] = machine_line()
+    chosen_recipes = [r for r in RECIPES if recipes is None or r.name in recipes]
+    majorities = {}
+    for task in tasks:
+        data = export(task, work)
+        majorities[task] = majority(data)
+        for protocol in protocols or list(PROTOCOLS):
+            for seed in seeds:
+                baseline = _done(state, task, protocol, "frozen features, logistic regression", seed)
+                head_dir = work / "models" / "finetune-suite" / \
+                    f"lite0-head-{task}-{protocol.replace('/', '-')}-split{seed}"
+                if baseline is None or not head_dir.is_dir():
+                    baseline, head_dir = head_row(data, work, task, protocol, seed)
+                    state["rows"] = [r for r in state["rows"] if not (
+                        r["task"], r["protocol"], r["recipe"], r["split_seed"]) == (task, protocol, baseline["recipe"],
+                                                                                    seed)] + [baseline]
+                    save(out, state | {"results": summary(state, tasks, majorities)})
+                print(f"{task} {protocol} split {seed}: frozen validation {baseline['validation_accuracy']:.2%}, "
+                      f"test {baseline['test_accuracy']:.2%} (majority {majorities[task]:.1%})", flush=True)
+                for recipe in chosen_recipes:
+                    if _done(state, task, protocol, recipe.name, seed):
+                        continue
+                    row = finetune_row(head_dir, task, protocol, recipe, seed)
+                    state["rows"].append(row)
+                    save(out, state | {"results": summary(state, tasks, majorities)})
+                    print(f"  {recipe.name}: validation {row['validation_accuracy']:.2%}, test "
+                          f"{row['test_before']:.2%} -> {row['test_accuracy']:.2%} (kept epoch {row['kept_epoch']} "
+                          f"of {row['epochs_run']}, {row['seconds_per_epoch']} s/epoch, {row['seconds']} s)",
+                          flush=True)
+    results = summary(state, tasks, majorities)
+    save(out, state | {"results": results, "recipes": [asdict(r) for r in RECIPES]})
+    print(report(results))
+    return results
