@@ -1,0 +1,77 @@
+"""bench/accuracy.py --suite finetune's bookkeeping: a row is written as it ends, a rerun skips the
+rows it holds (the suite resumes across sessions), and the chosen recipe per task and protocol is
+chosen on mean validation accuracy, its per-seed test accuracies listed as fractions in seed order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import accuracy_finetune as suite
+
+
+def _fake(monkeypatch: pytest.MonkeyPatch, calls: list[tuple]) -> None:
+    def head_row(data: Path, work: Path, task: str, protocol: str, seed: int) -> tuple[dict, Path]:
+        calls.append(("head", task, protocol, seed))
+        directory = work / "models" / "finetune-suite" / f"lite0-head-{task}-{protocol.replace('/', '-')}-split{seed}"
+        directory.mkdir(parents=True, exist_ok=True)
+        return {"task": task, "protocol": protocol, "recipe": "frozen features, logistic regression",
+                "split_seed": seed, "validation_accuracy": 0.80, "test_accuracy": 0.81, "seconds": 1.0}, directory
+
+    def finetune_row(source: Path, task: str, protocol: str, recipe: suite.Recipe, seed: int) -> dict:
+        calls.append((recipe.name, task, protocol, seed))
+        better = recipe.name == "adamw-cosine-dihedral"
+        return {"task": task, "protocol": protocol, "recipe": recipe.name, "split_seed": seed,
+                "validation_accuracy": 0.9 if better else 0.7, "test_accuracy": 0.88 + seed / 1000,
+                "seconds_per_epoch": 10.0, "seconds": 60.0, "test_before": 0.81, "kept_epoch": 3, "epochs_run": 6}
+
+    monkeypatch.setattr(suite, "head_row", head_row)
+    monkeypatch.setattr(suite, "finetune_row", finetune_row)
+    monkeypatch.setattr("bench.accuracy.export", lambda task, work: _data(work, task))
+
+
+def _data(work: Path, task: str) -> Path:
+    data = work / "data" / task
+    for name, count in (("functional", 7), ("defective", 3)):
+        (data / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            (data / name / f"{i}.png").write_bytes(b"x")
+    return data
+
+
+def test_rows_are_kept_as_they_end_and_a_rerun_resumes(tmp_path: Path, monkeypatch) -> None:
+    calls: list[tuple] = []
+    _fake(monkeypatch, calls)
+    out = tmp_path / "accuracy-finetune.json"
+    suite.run(tmp_path / "work", ["binary"], [0, 1], out, protocols=["75/25"])
+    assert len(calls) == 2 * 3
+    state = json.loads(out.read_text())
+    result = state["results"]["binary"]["75/25"]
+    assert result["chosen"] == "adamw-cosine-dihedral" and result["seeds"] == [0, 1]
+    assert result["test"] == [0.88, 0.881] and result["majority_baseline"] == pytest.approx(0.7)
+    assert not result["complete"], "five seeds make a result complete"
+    calls.clear()
+    suite.run(tmp_path / "work", ["binary"], [0, 1, 2], out, protocols=["75/25"])
+    assert calls == [("head", "binary", "75/25", 2), ("adamw-cosine-dihedral", "binary", "75/25", 2),
+                     ("sgd-top-block", "binary", "75/25", 2)], "only the new seed's rows are run"
+    assert json.loads(out.read_text())["results"]["binary"]["75/25"]["test"] == [0.88, 0.881, 0.882]
+
+
+def test_a_crash_keeps_the_rows_before_it(tmp_path: Path, monkeypatch) -> None:
+    calls: list[tuple] = []
+    _fake(monkeypatch, calls)
+    real = suite.finetune_row
+
+    def crash_on_the_second(source, task, protocol, recipe, seed):  # noqa: ANN001, ANN202
+        if recipe.name == "sgd-top-block":
+            raise RuntimeError("the machine went away")
+        return real(source, task, protocol, recipe, seed)
+
+    monkeypatch.setattr(suite, "finetune_row", crash_on_the_second)
+    out = tmp_path / "accuracy-finetune.json"
+    with pytest.raises(RuntimeError):
+        suite.run(tmp_path / "work", ["binary"], [0], out, protocols=["75/25"])
+    recipes = {row["recipe"] for row in json.loads(out.read_text())["rows"]}
+    assert recipes == {"frozen features, logistic regression", "adamw-cosine-dihedral"}
