@@ -65,6 +65,9 @@ RECIPES = [
     # the project's earlier recipe: SGD 1e-4 with momentum on the top block, flips both ways
     Recipe("sgd-top-block", {"epochs": 6, "lr": 1e-4, "flip": "horizontal_and_vertical", "batch_size": 16,
                              "patience": 3}),
+    # that recipe kept its last epoch on split 0 (still climbing): twice the epochs, all eight symmetries
+    Recipe("sgd-top-block-dihedral-12", {"epochs": 12, "lr": 1e-4, "flip": "dihedral", "batch_size": 16,
+                                         "patience": 4}),
 ]
 
 
