@@ -104,3 +104,15 @@ def test_a_hash_index_of_the_wrong_shape_is_started_afresh(tmp_path: Path) -> No
     (first.cache_dir / store.HASH_INDEX_NAME).write_text('{"saved_at_ns": 1, "files": []}')
     again = extract_features(tiny_options(data, tmp_path / "c"))
     assert (again.new, again.reused) == (0, 6)
+
+
+def test_a_fifo_named_like_an_image_is_an_error_row_not_a_hang(tmp_path: Path, capsys,
+                                                               head_run: dict[str, Path]) -> None:
+    import os
+
+    fifo = tmp_path / "cat.png"
+    os.mkfifo(fifo)
+    good = sorted(head_run["data"].rglob("*.png"))[0]
+    assert main(["predict", "--model", str(head_run["run"]), str(fifo), str(good)]) == 1
+    out = capsys.readouterr().out
+    assert "cat.png  error: not a readable image: unreadable: not a regular file" in out and str(good) in out

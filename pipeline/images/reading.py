@@ -71,6 +71,19 @@ def header_dimensions(data: bytes) -> tuple[int, int] | None:
     return image_dimensions(data) or decoder().header_dimensions(data)
 
 
+def open_image_file(path: Path) -> Any:
+    """An image file opened for reading only if it is a regular file: a FIFO named like an image
+    (given to predict, or swapped in after the scan) is refused at once, never waited on."""
+    from pipeline.atomic import open_regular
+
+    return os.fdopen(open_regular(Path(path)), "rb")
+
+
+def read_image_bytes(path: Path) -> bytes:
+    with open_image_file(path) as handle:
+        return handle.read()
+
+
 def checked_before_decoding(data: bytes, max_pixels: int) -> tuple[str | None, Any]:
     """What happens to these bytes before any decoder sees them, the same on every backend:
     ("skipped", why) when the header says nothing of the size or the file rules refuse them
@@ -112,7 +125,7 @@ class ReadImage:
 def read_and_decode(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ReadImage:
     """Read, hash and decode one file from a single read (the Ray engine's decode tasks)."""
     try:
-        with open(path, "rb") as handle:
+        with open_image_file(path) as handle:
             stat = os.fstat(handle.fileno())
             data = handle.read()
     except OSError as error:
@@ -150,7 +163,7 @@ class EncodedImages:
     def _encoded(self) -> Iterator[tuple[int, bytes]]:
         for index, path in enumerate(self.files):
             try:
-                data = path.read_bytes()
+                data = read_image_bytes(path)
             except OSError as error:
                 self.unreadable[index] = unreadable_reason(error)
                 continue
@@ -247,7 +260,7 @@ class EncodedImages:
         if index in self.unreadable:
             return self.unreadable[index]
         try:
-            data = path.read_bytes()
+            data = read_image_bytes(path)
         except OSError as error:
             return unreadable_reason(error)
         _, reason = decode_one(path, data, image_size)
