@@ -289,11 +289,12 @@ def _lost(staging: Path) -> PipelineError:
                          "nothing was saved; rerun the command (and check what else cleans that folder)")
 
 
-def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666, follow_links: bool = False) -> int:
     """A file descriptor for `path` only if it is a regular file: opened without blocking (a FIFO
-    would block the open until a writer came) and without following a final symlink. OSError
-    (EINVAL) for a FIFO, a device, a socket or a directory."""
-    descriptor = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW, mode)
+    would block the open until a writer came) and, unless `follow_links` (image files: a link to
+    an image is read), without following a final symlink. OSError (EINVAL) for a FIFO, a device,
+    a socket or a directory."""
+    descriptor = os.open(path, flags | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW), mode)
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))

@@ -72,11 +72,12 @@ def header_dimensions(data: bytes) -> tuple[int, int] | None:
 
 
 def open_image_file(path: Path) -> Any:
-    """An image file opened for reading only if it is a regular file: a FIFO named like an image
-    (given to predict, or swapped in after the scan) is refused at once, never waited on."""
+    """An image file opened for reading only if it is a regular file (a link to one is followed, as
+    the scan reads links to files): a FIFO named like an image (given to predict, or swapped in
+    after the scan) is refused at once, never waited on."""
     from pipeline.atomic import open_regular
 
-    return os.fdopen(open_regular(Path(path)), "rb")
+    return os.fdopen(open_regular(Path(path), follow_links=True), "rb")
 
 
 def read_image_bytes(path: Path) -> bytes:
