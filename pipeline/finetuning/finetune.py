@@ -157,9 +157,12 @@ def finetune(options: FinetuneOptions) -> RunSummary:
 
     # phase 1 (with --head-epochs): the head alone, the backbone still frozen as built
     trained_layers: list[str] = []
+    factors: dict[str, float] = {}
     if not options.head_epochs:
         trained_layers = unfreeze(backbone, unfreeze_point, view.layers)  # the head's layers train already
-    compile_phase(options.epochs, {}, "plateau" if options.head_epochs else options.schedule, options.warmup_epochs)
+        factors = recipe.block_rate_factors(backbone, spec.blocks, trained_layers, options.lr_decay)
+    compile_phase(options.epochs, factors, "plateau" if options.head_epochs else options.schedule,
+                  options.warmup_epochs)
     train, validation = data.training_batches(), data.batches("validation")
     say(f"scoring the validation split before fine-tuning ({len(data.records['validation'])} images)")
     initial_loss, initial_accuracy = target.evaluate(validation, verbose=0)
@@ -185,10 +188,6 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         trained_layers = unfreeze(backbone, unfreeze_point, view.layers)
         factors = recipe.block_rate_factors(backbone, spec.blocks, trained_layers, options.lr_decay)
         compile_phase(options.epochs - options.head_epochs, factors, options.schedule, options.warmup_epochs)
-    elif options.lr_decay != 1.0:
-        compile_phase(options.epochs, recipe.block_rate_factors(backbone, spec.blocks, trained_layers,
-                                                                options.lr_decay), options.schedule,
-                      options.warmup_epochs)
     history = fit(target, train, validation_data=validation, initial_epoch=options.head_epochs,
                   epochs=options.epochs, callbacks=callbacks(options.schedule), shuffle=False, verbose=verbose)
     rows += [row | {"epoch": row["epoch"] + options.head_epochs} for row in history_rows(history)]
