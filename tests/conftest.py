@@ -4,11 +4,19 @@ Importing this imports no TensorFlow: only the tests that need it do."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Ray's memory monitor kills a local instance's workers once the whole machine passes 95% of its
+# memory, counting every process on it: under `-n auto` the other test workers' TensorFlow, so CI
+# saw a Ray test killed for memory other tests held (22.5 of 23.5 GB). Off in the tests (a local
+# instance's raylet inherits this environment); the kernel's own limit still holds.
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
 
 import numpy as np
 import pytest
@@ -72,6 +80,29 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     TensorFlow, a Ray instance starting, a process to kill): on a 2-core Xeon, three workers ran
     the suite in 15:13; two had taken 19:46 (with a few slow tests since trimmed)."""
     return (os.cpu_count() or 1) + 1
+
+
+RELEASE_ABOVE_BYTES = 2 << 30
+
+
+@pytest.fixture(autouse=True)
+def _release_keras_state() -> Iterator[None]:
+    """After a test, a worker holding more than 2 GiB drops Keras' global state and collects:
+    a worker keeps every model its tests built until then (the ONNX export tests, one worker
+    under --dist loadfile, had grown it to 17 GB; released, its peak is the largest test's)."""
+    yield
+    keras = sys.modules.get("keras")
+    if keras is not None and _resident_bytes() > RELEASE_ABOVE_BYTES:
+        keras.backend.clear_session()
+        gc.collect()
+
+
+def _resident_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: never released
+        return 0
 
 
 @pytest.fixture
