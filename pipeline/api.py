@@ -79,8 +79,9 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                pooling: str | None = None, seed: int = 0, class_weight: str | None = None,
                units: int | None = None, dropout: float | None = None, batch_norm: bool | None = None,
                optimizer: str | None = None, lr: float | None = None, epochs: int | None = None,
-               batch_size: int | None = None, patience: int | None = None, c_grid: str | None = None,
-               max_iter: int | None = None, n_jobs: int | None = None, memory_budget: int | None = None,
+               batch_size: int | None = None, patience: int | None = None, loss: str | None = None,
+               c_grid: str | None = None, max_iter: int | None = None, n_jobs: int | None = None,
+               memory_budget: int | None = None,
                stream: bool = False, exclude: PathLike | None = None, assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
@@ -98,7 +99,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
 
     given = {"class_weight": class_weight, "units": units, "dropout": dropout, "batch_norm": batch_norm,
              "optimizer": optimizer, "lr": lr, "epochs": epochs, "batch_size": batch_size, "patience": patience,
-             "c_grid": c_grid, "max_iter": max_iter, "n_jobs": n_jobs}
+             "loss": loss, "c_grid": c_grid, "max_iter": max_iter, "n_jobs": n_jobs}
     assert set(given) == set(head_parameters()), "every head parameter is a keyword of train_head"
     if assert_accuracy_at_least is not None and not 0 <= assert_accuracy_at_least <= 1:
         raise PipelineError(f"--assert-accuracy-at-least {assert_accuracy_at_least}: an accuracy from 0 to 1")
@@ -154,14 +155,15 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
              rotation: float = 0.0, zoom: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
              cached: bool = False, cache: PathLike | None = None, seed: int = 0, optimizer: str = "sgd",
              weight_decay: float = 0.0, schedule: str = "plateau", warmup_epochs: float = 0.0,
-             label_smoothing: float = 0.0, lr_decay: float = 1.0, head_epochs: int = 0, tta: str = "none",
-             backend: str | None = None, progress: bool = True) -> Run:
+             label_smoothing: float = 0.0, loss: str | None = None, lr_decay: float = 1.0, head_epochs: int = 0,
+             tta: str = "none", backend: str | None = None, progress: bool = True) -> Run:
     """Stage three: put a head run (a Run, its directory, or "best") back on its backbone, unfreeze
     from `unfreeze` (default the top block), train end to end with augmentation, and return the
     fine-tuned Run. `augment="none"` switches every augmentation off. The recipe: `optimizer` sgd
     or adamw, `schedule` plateau or cosine (with `warmup_epochs`), `lr_decay` per block below the
-    top one, `label_smoothing`, `head_epochs` of the head alone first; `tta` none, flip or
-    dihedral views averaged when the run is scored (pipeline/finetuning/recipe.py, views.py)."""
+    top one, `label_smoothing`, `head_epochs` of the head alone first; `loss` crossentropy or
+    ordinal (default: the head run's); `tta` none, flip or dihedral views averaged when the run is
+    scored (pipeline/finetuning/recipe.py, views.py, pipeline/heads/ordinal.py)."""
     backends.select(backend)
     backends.require_tensorflow("finetune (its image pipeline is tf.data)")
     from pipeline.finetuning.examples import Augmentation
@@ -179,7 +181,7 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
         precision=precision, seed=seed, progress=progress, cached=cached,
         cache_root=None if cache is None else Path(cache), data=None if data is None else Path(data),
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing, lr_decay=lr_decay, head_epochs=head_epochs, tta=tta,
+        label_smoothing=label_smoothing, loss=loss, lr_decay=lr_decay, head_epochs=head_epochs, tta=tta,
     ))
     tuned = Run.open(summary.directory)
     tuned.summary = summary
@@ -209,20 +211,21 @@ def predict(run: Any, images: Sequence[PathLike] | PathLike, *, top: int = 3, mo
 
 
 def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,  # noqa: A002 - the flag's name
-           quantize: bool = False, precision: str = "float32", check_images: int = 500,
+           quantize: bool = False, precision: str = "float32", check_images: int = 500, tta: str = "none",
            models: PathLike = "models", data: PathLike | None = None, backend: str | None = None) -> ExportSummary:
     """Write a run (a Run, its directory, or "best") as a model that needs no pipeline: `format`
     keras, savedmodel, tflite or onnx, into `out` (default RUN/export/), with labels.txt and
     export.json beside it. `precision`: float32 (runs anywhere) or run (the run's own: keras and
     savedmodel). The export is measured against predict on up to `check_images` of the run's
-    validation images (0: not measured), recorded in export.json as agreement_with_predict.
-    Returns what it wrote: `path`, `format`, `bytes`, `seconds`, `details`."""
+    validation images (0: not measured), recorded in export.json as agreement_with_predict. `tta`
+    (flip, dihedral): the model averages those test-time views inside, as predict's `tta` does
+    (every format; not with `quantize`). Returns what it wrote: `path`, `format`, `bytes`, `seconds`, `details`."""
     backends.select(backend)
     backends.require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
     from pipeline.serving.export import export_run
 
     return export_run(_run_path(run), format, None if out is None else Path(out), quantize, Path(models),
-                      None if data is None else Path(data), precision, check_images)
+                      None if data is None else Path(data), precision, check_images, tta)
 
 
 def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",

@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--batch-size", type=_positive_int, default=None, help="(32)")
     dense.add_argument("--patience", type=_positive_int, default=None,
                        help="epochs without validation accuracy improvement before stopping (8)")
+    dense.add_argument("--loss", default=None, choices=("crossentropy", "ordinal"),
+                       help="crossentropy (default), or ordinal: the classes, in their sorted order, are ordered "
+                            "levels (ELPV's defect-0.00 .. defect-1.00): the mean cross-entropy of every cut "
+                            "'at or above level k'; metrics.json adds each cut's accuracy and the error in levels")
     logreg = train.add_argument_group("logreg head")
     logreg.add_argument("--c-grid", default=None, metavar="LOW:HIGH:COUNT",
                         help="log-spaced C values, or C1,C2,... (1e-6:1e5:45: 45 fits, the slowest step on small "
@@ -297,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "warm-up over --warmup-epochs, then a cosine decay to 0 at the last epoch")
     steps.add_argument("--warmup-epochs", type=_finite_float, default=0.0, help="with --schedule cosine (default 0)")
     steps.add_argument("--label-smoothing", type=_finite_float, default=0.0, help="e.g. 0.1 (default 0: off)")
+    steps.add_argument("--loss", default=None, choices=("crossentropy", "ordinal"),
+                       help="ordinal: the classes, in their sorted order, are ordered levels (see train-head --loss); "
+                            "default: the head run's loss")
     steps.add_argument("--lr-decay", type=_finite_float, default=1.0,
                        help="discriminative rates: each block below the top unfrozen one learns at this factor of "
                             "the one above (e.g. 0.5; default 1: one rate)")
@@ -347,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="measure the export against predict on up to N of the run's validation images (accuracy, "
                            "largest probability difference), printed and recorded in export.json (default 500; 0: "
                            "skip)")
+    ship.add_argument("--tta", default="none", choices=("none", "flip", "dihedral"),
+                      help="average test-time views inside the model, as predict --tta does: flip (2 passes) or "
+                           "dihedral (8, for images without an up); every format, not with --quantize (default none)")
     _add_backend(ship, "; SavedModel and TFLite are TensorFlow formats: export runs on tensorflow")
     ship.add_argument("--json", action="store_true")
     ship.set_defaults(handler=_export)
@@ -540,7 +550,9 @@ def _finetune(args: argparse.Namespace) -> int:
     on = " on cached " + tuned["trained_on"]["layer"] if tuned["trained_on"]["source"] != "images" else ""
     headline = (f"fine-tuned {summary.config['from']}{on} for {tuned['epochs_run']} epochs: "
                 f"{_elapsed(args) / 60:.1f} min in all, {summary.seconds / 60:.1f} min training (kept epoch "
-                f"{tuned['kept_epoch']}, chosen on validation accuracy; 0 = unchanged); "
+                f"{tuned['kept_epoch']}, chosen on validation accuracy; 0 = unchanged); validation accuracy "
+                f"before {tuned['validation_before']['accuracy']:.2%}, after "
+                f"{summary.metrics['validation'].get('accuracy', float('nan')):.2%}; "
                 f"test accuracy before {before.get('accuracy', float('nan')):.2%}, "
                 f"after {summary.metrics['test'].get('accuracy', float('nan')):.2%} (both of the model from "
                 f"pixels, end to end{_head_run_figure(summary.config)})")
@@ -578,6 +590,9 @@ def _export(args: argparse.Namespace) -> int:
           f"{summary.seconds:.1f} s)")
     print(f"  input: {summary.details['format']['input']}")
     print(f"  output: {summary.details['format']['output']}")
+    views = summary.details["format"].get("test_time_views", {})
+    if views.get("views", "none") != "none":
+        print(f"  test-time views: {views['views']} ({views['count']} backbone passes an image, averaged inside)")
     details = summary.details["format"]
     if "largest_difference_to_predict" in details:
         print(f"  checked with ONNX Runtime (opset {details['onnx']['opset'].get('ai.onnx')}): largest probability "

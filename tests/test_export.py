@@ -75,8 +75,8 @@ def _load_elsewhere(tmp_path: Path, kind: str, path: Path, files: list[str]) -> 
     return np.array(json.loads(result.stdout.splitlines()[-1]))
 
 
-def _predicted(run: Path, files: list[str], class_names: list[str]) -> np.ndarray:
-    rows = predict(run, [Path(f) for f in files], top_k=len(class_names))
+def _predicted(run: Path, files: list[str], class_names: list[str], tta: str = "none") -> np.ndarray:
+    rows = predict(run, [Path(f) for f in files], top_k=len(class_names), tta=tta)
     proba = np.zeros((len(rows), len(class_names)))
     for i, row in enumerate(rows):
         for label, p in zip(row.labels, row.probabilities):
@@ -121,6 +121,43 @@ def test_every_format_reproduces_predict_without_the_pipeline(exported_runs: dic
         assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
     else:
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_keras_export_with_test_time_views_is_predict_tta_in_plain_keras(exported_runs: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """The eight dihedral views averaged inside the .keras file (Keras' own layers): loaded by a
+    Python without the pipeline, it gives what predict --tta dihedral gives, on images of any size."""
+    directory = exported_runs["finetune"]
+    summary = export_run(directory, "keras", tmp_path / "out", tta="dihedral", check_images=8)
+    recorded = json.loads((tmp_path / "out" / "export.json").read_text())["formats"]["model.keras"]
+    assert recorded["test_time_views"]["views"] == "dihedral" and recorded["test_time_views"]["count"] == 8
+    measured = recorded["agreement_with_predict"]
+    assert measured["against"].endswith("--tta dihedral") and measured["largest_probability_difference"] < 1e-5
+    files = sorted(str(p) for p in exported_runs["data"].rglob("*.png"))[::4] + _small_images(tmp_path)
+    expected = _predicted(directory, files, CLASSES, tta="dihedral")
+    np.testing.assert_allclose(_load_elsewhere(tmp_path, "keras", summary.path, files), expected, atol=1e-5)
+    # the views matter: this model is not invariant, so one pass differs
+    assert np.abs(_predicted(directory, files, CLASSES) - expected).max() > 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx", "savedmodel"])
+def test_every_format_carries_the_views(exported_runs: dict[str, Path], fmt: str, tmp_path: Path) -> None:
+    export_run(exported_runs["dense"], fmt, tmp_path / "out", tta="flip", check_images=8)
+    details = json.loads((tmp_path / "out" / "export.json").read_text())
+    (recorded,) = details["formats"].values()
+    assert recorded["test_time_views"]["count"] == 2
+    measured = recorded["agreement_with_predict"]
+    assert measured["against"].endswith("--tta flip")
+    assert measured["largest_probability_difference"] < (1e-3 if fmt == "tflite" else 1e-5)
+
+
+def test_views_with_quantisation_or_unknown_views_are_refused_in_one_line(exported_runs: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="--tta with --quantize"):
+        export_run(exported_runs["dense"], "tflite", tmp_path / "out", quantize=True, tta="flip")
+    with pytest.raises(PipelineError, match="--tta 'spin': choose from none, flip, dihedral"):
+        export_run(exported_runs["dense"], "keras", tmp_path / "out", tta="spin")
+    assert not (tmp_path / "out").exists()
 
 
 def _small_images(folder: Path) -> list[str]:

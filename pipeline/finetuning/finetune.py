@@ -33,6 +33,7 @@ from pipeline.finetuning.examples import (
 )
 from pipeline.finetuning.views import TTA
 from pipeline.heads.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
+from pipeline.heads.ordinal import check_loss, describe_order
 from pipeline.runs import Run, RunSummary
 from pipeline.runs.classifier import TRAINING_POLICY, top_model
 
@@ -66,6 +67,7 @@ class FinetuneOptions:
     schedule: str = "plateau"  # plateau: halve on a validation-loss plateau; cosine: warm-up, then cosine to 0
     warmup_epochs: float = 0.0  # with cosine: a linear warm-up over this many epochs
     label_smoothing: float = 0.0
+    loss: str | None = None  # crossentropy or ordinal (pipeline/heads/ordinal.py); default: the head run's
     lr_decay: float = 1.0  # each block below the top unfrozen one learns at this factor of the one above
     head_epochs: int = 0  # of `epochs`: first train the head alone (the backbone frozen), then unfreeze
     tta: str = "none"  # none, flip, dihedral: views averaged when the run is scored (views.py)
@@ -99,6 +101,11 @@ class FinetuneOptions:
         if self.warmup_epochs >= self.epochs - self.head_epochs:
             raise PipelineError(f"--warmup-epochs {self.warmup_epochs:g}: fewer than the epochs with the backbone "
                                 f"unfrozen ({self.epochs - self.head_epochs})")
+        if self.loss is not None:
+            check_loss(self.loss)
+        if self.loss == "ordinal" and self.label_smoothing:
+            raise PipelineError("--label-smoothing applies to --loss crossentropy (the ordinal loss's targets are "
+                                "the cuts, not the classes)")
         if self.cached and self.tta != "none":
             raise PipelineError("--tta averages views of images: fine-tune without --cached to use it")
         if self.augmentation is None:
@@ -117,6 +124,11 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     store = head_run.features()
     fingerprint = store.fingerprint
     precision = options.precision or TRAINING_POLICY[fingerprint.precision]
+    loss_name = options.loss or head_run.loss
+    check_loss(loss_name, len(store.class_names))
+    if loss_name == "ordinal" and options.label_smoothing:
+        raise PipelineError(f"--label-smoothing applies to --loss crossentropy ({head_run.name} was trained with "
+                            "the ordinal loss, which fine-tuning takes: give --loss crossentropy to change it)")
     keras.utils.set_random_seed(options.seed)
     model, backbone = head_run.trainable_classifier(precision)
     unfreeze_point = choose_unfreeze(backbone, options.unfreeze, get_backbone(fingerprint.backbone).default_unfreeze,
@@ -145,7 +157,9 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     per_image = (time.perf_counter() - scoring) / max(1, len(data.records["test"]))
     spec = get_backbone(fingerprint.backbone)
     steps_per_epoch = recipe.steps(len(data.records["train"]), batch_size)
-    loss = recipe.loss(len(store.class_names), options.label_smoothing)
+    if loss_name == "ordinal":
+        say(f"ordinal loss: {describe_order(store.class_names)}")
+    loss = recipe.loss(len(store.class_names), options.label_smoothing, loss_name)
 
     def compile_phase(epochs: int, factors: dict[str, float], schedule: str, warmup: float) -> None:
         """A fresh optimizer for the trainable flags as they are now (Keras needs a compile after
@@ -209,7 +223,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
             "validation_before": {"accuracy": float(initial_accuracy), "loss": float(initial_loss)},
             "optimizer": options.optimizer, "lr": options.lr, "momentum": options.momentum,
             "weight_decay": options.weight_decay, "clipnorm": options.clipnorm, "schedule": options.schedule,
-            "warmup_epochs": options.warmup_epochs, "label_smoothing": options.label_smoothing,
+            "warmup_epochs": options.warmup_epochs, "label_smoothing": options.label_smoothing, "loss": loss_name,
             "lr_decay": options.lr_decay, "head_epochs": options.head_epochs, "tta": options.tta,
             "tta_splits": [] if options.tta == "none" else ["validation", "test"],
             "batch_size": options.batch_size, "patience": options.patience, "precision": precision,
@@ -240,7 +254,8 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         run.write_history([start, *rows], "epochs")
         views = "" if options.tta == "none" else f"; scored with test-time views: {options.tta}"
         title = f"{name} (fine-tuned from {unfreeze_point}; augmentation: {options.augmentation.describe()}{views})"
-        run.score(lambda split: probabilities[split], data.records, store.class_names, title)
+        run.score(lambda split: probabilities[split], data.records, store.class_names, title,
+                  ordered=loss_name == "ordinal")
         run.add_metrics({"test_before_finetune": test_before})
     return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, True, run_config)
 

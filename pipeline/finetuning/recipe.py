@@ -21,6 +21,7 @@ from typing import Any
 import keras
 
 from pipeline.backbone.blocks import unfreeze_index
+from pipeline.heads.ordinal import ordinal_loss
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("plateau", "cosine")
@@ -87,8 +88,11 @@ def rated(base: type) -> type:
     return Rated
 
 
-def loss(classes: int, label_smoothing: float) -> Any:
-    """Cross-entropy on integer labels, with label smoothing when asked (Keras' sparse loss has none)."""
+def loss(classes: int, label_smoothing: float, kind: str = "crossentropy") -> Any:
+    """Cross-entropy on integer labels, with label smoothing when asked (Keras' sparse loss has
+    none); or the ordinal loss of ordered classes (pipeline/heads/ordinal.py)."""
+    if kind == "ordinal":
+        return ordinal_loss(classes)
     if not label_smoothing:
         return "sparse_categorical_crossentropy"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 from pipeline.artefacts import checked_file, file_sha256, load_keras_model
 from pipeline.errors import PipelineError
 from pipeline.heads.base import SIDECAR, Features, Head, class_weights
+from pipeline.heads.ordinal import check_loss, describe_order, ordinal_loss
 
 
 def training_statistics(train: Features) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +49,7 @@ class DenseHead(Head):
         "batch_size": 32,
         "patience": 8,
         "class_weight": "none",
+        "loss": "crossentropy",  # or ordinal: the classes' sorted order is an order (pipeline/heads/ordinal.py)
         "seed": 0,
     }
     RULES = {
@@ -65,6 +68,7 @@ class DenseHead(Head):
         if self.params["optimizer"] not in self.OPTIMIZERS:
             choices = ", ".join(self.OPTIMIZERS)
             raise PipelineError(f"unknown optimizer {self.params['optimizer']!r}: choose from {choices}")
+        check_loss(self.params["loss"], len(self.class_names) or None)
         self.model_ = None
 
     @staticmethod
@@ -127,9 +131,13 @@ class DenseHead(Head):
 
         from pipeline.heads.fitting import KeepBest, fit, fit_verbosity, history_rows
 
+        check_loss(self.params["loss"], len(self.class_names))
+        if progress and self.params["loss"] == "ordinal":
+            print(f"ordinal loss: {describe_order(self.class_names)}", file=sys.stderr, flush=True)
         self.model_ = self.build(*training_statistics(train))
-        self.model_.compile(optimizer=self.optimizer(), loss="sparse_categorical_crossentropy",
-                           metrics=["accuracy"])
+        loss = ordinal_loss(len(self.class_names)) if self.params["loss"] == "ordinal" else \
+            "sparse_categorical_crossentropy"
+        self.model_.compile(optimizer=self.optimizer(), loss=loss, metrics=["accuracy"])
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
         patience = int(self.params["patience"])
         callbacks = [

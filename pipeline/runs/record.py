@@ -102,6 +102,19 @@ class RunRecord:
     def backbones(self) -> str:
         return "+".join(part.fingerprint.backbone for part in self.parts)
 
+    @property
+    def loss(self) -> str:
+        """What the run was trained with: crossentropy, or ordinal (its sorted classes as ordered
+        levels): a fine-tuned run's own loss, else its head's."""
+        if self.kind == "finetune":
+            return str(self.config["finetune"].get("loss", "crossentropy"))
+        return str(self.config["head"].get("params", {}).get("loss", "crossentropy"))
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the run's classes are ordered levels (scored with the order's figures too)."""
+        return self.loss == "ordinal"
+
 
 def _check_shape(run: RunRecord) -> None:
     """Types a run's config must have; a KeyError/TypeError/ValueError names what is wrong."""

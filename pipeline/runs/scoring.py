@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic, report
+from pipeline.heads.ordinal import ordinal_metrics
 from pipeline.runs.files import read_metrics, write_metrics
 
 REPORTED_SPLIT = "test"  # whose reports sit at the top of a run directory
@@ -28,10 +29,13 @@ class RunSummary:
     config: dict[str, Any]
 
 def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any],
-                 class_names: list[str], title: str, report_split: str = REPORTED_SPLIT) -> tuple[dict[str, Any], str]:
+                 class_names: list[str], title: str, report_split: str = REPORTED_SPLIT,
+                 ordered: bool = False) -> tuple[dict[str, Any], str]:
     """metrics.json for every split (`splits` maps a split to something with labels and paths;
     `predict(split)` gives its probabilities), and the reports of `report_split` (at the top of the
-    run directory for the test split, in a subfolder named after any other). Returns the metrics
+    run directory for the test split, in a subfolder named after any other). `ordered`: the classes
+    are ordered levels, and every split's metrics add the order's figures under "ordinal" (each cut
+    as a binary classifier, the error in levels: pipeline/heads/ordinal.py). Returns the metrics
     and the report text."""
     atomic.remove_abandoned_temporaries(directory)  # e.g. a killed evaluate's .metrics.json.<pid>.tmp
     metrics: dict[str, Any] = {}
@@ -39,6 +43,8 @@ def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: 
     for split, data in splits.items():
         proba = predict(split)
         metrics[split] = report.split_metrics(data.labels, proba, class_names)
+        if ordered:
+            metrics[split]["ordinal"] = ordinal_metrics(data.labels, proba, class_names)
         if split == report_split and len(data):
             target = directory if split == REPORTED_SPLIT else directory / split
             text = report.write_split_reports(target, data.labels, proba, data.paths, class_names,

@@ -45,10 +45,12 @@ def check_precision(fmt: str, precision: str, run_precision: str) -> None:
 
 
 def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bool = False,
-            limit: int = DEFAULT_IMAGES, reference: Any = None) -> dict[str, Any]:
-    """The exported model at `path` against `predict` with the run, on up to `limit` of the run's
-    validation images. Never fails the export: where the images cannot be read, says why.
-    `reference`: the run's model at its own precision, where the caller has it built already."""
+            limit: int = DEFAULT_IMAGES, reference: Any = None, tta: str = "none") -> dict[str, Any]:
+    """The exported model at `path` against `predict` with the run (`predict --tta` with the
+    export's views), on up to `limit` of the run's validation images. Never fails the export:
+    where the images cannot be read, says why. `reference`: the run's model at its own precision,
+    where the caller has it built already."""
+    from pipeline.finetuning.views import averaged
     from pipeline.images.reading import EncodedImages
     from pipeline.serving.export import validation_images
 
@@ -66,7 +68,7 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
     kept, ours, theirs = [], [], []
     for indices, pixels in source.batches(size, BATCH):
         indices, pixels = np.asarray(indices), np.asarray(pixels, np.float32)
-        ours.append(np.asarray(reference.predict_on_batch(pixels), np.float64))
+        ours.append(np.asarray(averaged(reference.predict_on_batch, pixels, tta), np.float64))
         theirs.append(np.asarray(exported(pixels, [files[i] for i in indices]), np.float64))
         kept.extend(indices.tolist())
     if not kept:
@@ -79,7 +81,8 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
         "measured": True,
         "images": len(kept),
         "split": "validation",
-        "against": "predict with the run (the run's model at its own precision)",
+        "against": "predict with the run (the run's model at its own precision)"
+                   + ("" if tta == "none" else f", --tta {tta}"),
         "accuracy_export": float(np.mean(exported_probabilities.argmax(1) == truth)),
         "accuracy_predict": float(np.mean(predicted.argmax(1) == truth)),
         "accuracy_recorded": recorded if len(kept) == len(validation.files) else None,

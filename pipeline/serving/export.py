@@ -37,6 +37,7 @@ import tensorflow as tf
 from pipeline import atomic, runs
 from pipeline.backbone.precision import keras_policy
 from pipeline.errors import PipelineError
+from pipeline.finetuning.views import view_steps, view_transforms, with_averaged_views
 from pipeline.runs import Run
 from pipeline.serving import agreement
 
@@ -63,7 +64,7 @@ def without_resize(model: keras.Model) -> keras.Model:
 
 def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: bool = False,
                models: Path = Path("models"), data: Path | None = None, precision: str = "float32",
-               check_images: int = agreement.DEFAULT_IMAGES) -> ExportSummary:
+               check_images: int = agreement.DEFAULT_IMAGES, tta: str = "none") -> ExportSummary:
     if fmt not in FORMATS:
         raise PipelineError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
     if quantize and fmt not in ("tflite", "onnx"):
@@ -72,6 +73,10 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         raise PipelineError(f"unknown --precision {precision!r}: float32 (any machine) or run (the run's own)")
     if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 0:
         raise PipelineError(f"--check-images {check_images!r}: a whole number of images, 0 or more (0: not measured)")
+    view_transforms(tta)  # an unknown name is refused before any work
+    if tta != "none" and quantize:
+        raise PipelineError("--tta with --quantize: the views' fixed flips would be quantised with the weights "
+                            "(int8 pixels); export the views in float32, or quantise without --tta")
     opened = Run.open(run, models, data=data)
     run_precision = run_precision_of(opened)
     agreement.check_precision(fmt, precision, run_precision)
@@ -86,8 +91,12 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     except OSError as error:
         raise PipelineError(atomic.os_error_message(error, "cannot export into")) from None
     started = time.perf_counter()
-    model = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
+    classifier = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
     size = fingerprint.image_size
+    # the served model (pixels of any size in) and its form from N x N pixels (TFLite, ONNX): with
+    # --tta, each averaging the views (pipeline/finetuning/views.py, Keras' own layers)
+    model = with_averaged_views(classifier, tta, size)
+    resized = with_averaged_views(without_resize(classifier), tta, size, resize=False)
     if fmt == "keras":
         path = out / "model.keras"
         with atomic.replacing(path, suffix=".keras") as temporary:
@@ -95,13 +104,13 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         checks = {}
     elif fmt == "savedmodel":
         path = out / "saved_model"
-        _save_savedmodel(model, class_names, size, path)
+        _save_savedmodel(classifier, class_names, size, path, tta)
         checks = {}
     elif fmt == "onnx":
-        path, checks = _onnx(opened, model, size, out, quantize)
+        path, checks = _onnx(opened, model, resized, size, out, quantize)
     else:
         path = out / ("model-quantized.tflite" if quantize else "model.tflite")
-        flat = _tflite(model, quantize)
+        flat = _tflite(resized, quantize)
         with atomic.replacing(path) as temporary:
             temporary.write_bytes(flat)
         checks = {"largest_difference_to_keras_float32": check_tflite(flat, model, size)}
@@ -109,10 +118,11 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     size_bytes = sum(f.stat().st_size for f in files if f.is_file())
     checks["agreement_with_predict"] = (
         agreement.measure(opened, fmt, path, size, one_image_per_call=quantize, limit=check_images,
-                          reference=model if export_precision == run_precision else None) if check_images
+                          reference=classifier if export_precision == run_precision else None, tta=tta)
+        if check_images
         else {"measured": False, "why": "--check-images 0"})
     seconds = time.perf_counter() - started
-    details = _details(opened, fmt, path, quantize, size_bytes, checks, export_precision, run_precision)
+    details = _details(opened, fmt, path, quantize, size_bytes, checks, export_precision, run_precision, tta)
     runs.write_labels(out, class_names)
     details_path = out / DETAILS
     try:
@@ -135,7 +145,7 @@ def run_precision_of(opened: Run) -> str:
 
 
 def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int, checks: dict[str, Any],
-             export_precision: str, run_precision: str) -> dict[str, Any]:
+             export_precision: str, run_precision: str, tta: str) -> dict[str, Any]:
     import sklearn
 
     run, config, class_names, fingerprint = opened.directory, opened.config, opened.class_names, opened.fingerprint
@@ -178,6 +188,11 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
             "bytes": size_bytes,
             "input": inputs,
             "output": outputs,
+            "test_time_views": {"views": tta, "count": len(view_transforms(tta)),
+                                "how": "none: one pass" if tta == "none" else
+                                "the probabilities averaged over the views of the N x N image, inside the model "
+                                "(transposes and flips in Keras' own layers), as predict --tta does; one backbone "
+                                "pass per view"},
             "precision": ("float32 weights, dynamic-range int8 quantised" if quantize and fmt == "tflite" else
                           "int8 weights (ONNX Runtime dynamic quantisation), float32 input and output"
                           if quantize else "float32" if export_precision == "fp32" else
@@ -193,7 +208,8 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
     }
 
 
-def _onnx(opened: Run, model: keras.Model, size: int, out: Path, quantize: bool) -> tuple[Path, dict[str, Any]]:
+def _onnx(opened: Run, model: keras.Model, resized: keras.Model, size: int, out: Path,
+          quantize: bool) -> tuple[Path, dict[str, Any]]:
     """model.onnx (float32), checked against the run's own model; with `quantize`, model-int8.onnx
     beside it, measured against float32 on the run's validation images."""
     from pipeline.errors import require_module
@@ -202,7 +218,7 @@ def _onnx(opened: Run, model: keras.Model, size: int, out: Path, quantize: bool)
     for module in ("onnx", "onnxruntime", "tf2onnx"):
         require_module(module, "--format onnx", "onnx")
     path = out / "model.onnx"
-    graph = onnx_export.write_onnx(without_resize(model), size, path)
+    graph = onnx_export.write_onnx(resized, size, path)
     checks: dict[str, Any] = {"onnx": graph,
                               "largest_difference_to_predict": onnx_export.check_onnx(path, model, size)}
     if quantize:
@@ -226,14 +242,18 @@ def validation_images(opened: Run) -> Any:
 
 
 class _Serving(tf.Module):
-    def __init__(self, model: keras.Model, class_names: list[str], image_size: int) -> None:
+    def __init__(self, model: keras.Model, class_names: list[str], image_size: int, tta: str = "none") -> None:
         super().__init__()
         self.model = model
         self.class_names = tf.constant(class_names)
         self.image_size = image_size
+        self.tta = tta
 
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.cast(self.model(images, training=False), tf.float32)
+        # the test-time views as TensorFlow ops on the N x N batch, in views.py's order (a Keras
+        # model nesting the classifier would leave its Dropout's seed state unreachable here)
+        probabilities = tf.add_n([tf.cast(self.model(view(images), training=False), tf.float32)
+                                  for view in tf_views(self.tta)]) / len(tf_views(self.tta))
         batch = tf.shape(probabilities)[0]
         return {
             "probabilities": probabilities,
@@ -257,9 +277,22 @@ class _Serving(tf.Module):
         return self._outputs(resize_like_extract(pixels, self.image_size))
 
 
-def _save_savedmodel(model: keras.Model, class_names: list[str], image_size: int, path: Path) -> None:
+def tf_views(tta: str) -> list[Any]:
+    """The views of `tta` (views.view_steps) as TensorFlow ops on (batch, N, N, channels) tensors."""
+    views = []
+    for transpose, horizontal, vertical in view_steps(tta):
+        def view(x: tf.Tensor, t: bool = transpose, h: bool = horizontal, v: bool = vertical) -> tf.Tensor:
+            x = tf.transpose(x, (0, 2, 1, 3)) if t else x
+            x = tf.reverse(x, [2]) if h else x
+            return tf.reverse(x, [1]) if v else x
+        views.append(view)
+    return views
+
+
+def _save_savedmodel(model: keras.Model, class_names: list[str], image_size: int, path: Path,
+                     tta: str = "none") -> None:
     """tf.saved_model.save into a staging folder, renamed into place when complete."""
-    serving = _Serving(model, class_names, image_size)
+    serving = _Serving(model, class_names, image_size, tta)
     with atomic.replacing_directory(path) as staging, contextlib.redirect_stdout(io.StringIO()):
         try:
             tf.saved_model.save(serving, str(staging), signatures={
@@ -274,8 +307,9 @@ def _save_savedmodel(model: keras.Model, class_names: list[str], image_size: int
 # --- TFLite ----------------------------------------------------------------------------------------
 
 
-def _tflite(model: keras.Model, quantize: bool) -> bytes:
-    converter = tf.lite.TFLiteConverter.from_keras_model(without_resize(model))
+def _tflite(resized: keras.Model, quantize: bool) -> bytes:
+    """The flat buffer of the classifier from N x N pixels."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(resized)
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic-range: int8 weights, float compute
     with contextlib.redirect_stdout(io.StringIO()):

@@ -186,7 +186,8 @@ def train_head(options: TrainOptions) -> RunSummary:
         head.save(run.directory)
         config = run.write_config(config, store.class_names, store.split_indexes())
         run.write_history(head.history_, head.HISTORY_AXIS)
-        run.score(lambda split: head.predict_proba(splits[split]), splits, store.class_names, name)
+        run.score(lambda split: head.predict_proba(splits[split]), splits, store.class_names, name,
+                  ordered=head.params.get("loss") == "ordinal")
     return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, train.in_memory, config)
 
 
@@ -209,7 +210,7 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
         splits = load_splits(store, opened.view, memory_budget)
     opened.check_same_splits(store.split_indexes(), store.directory)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
-                                 store.class_names, opened.name, split)
+                                 store.class_names, opened.name, split, opened.ordered)
     return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,
                       opened.config)
 
@@ -249,5 +250,5 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     target = opened.directory / f"tta-{tta}"
     target.mkdir(exist_ok=True)
     metrics, text = score_splits(target, lambda name: probabilities[name], records, opened.class_names,
-                                 f"{opened.name} with test-time views: {tta}", split)
+                                 f"{opened.name} with test-time views: {tta}", split, opened.ordered)
     return RunSummary(target, metrics, time.perf_counter() - started, text, True, opened.config)
