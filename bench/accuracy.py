@@ -1,11 +1,15 @@
 """ELPV accuracy over 5 split seeds, through the pipeline's own commands.
 
-    .venv/bin/python bench/accuracy.py [--suite backbones|vgg16|finetune] [--task binary 4class]
+    .venv/bin/python bench/accuracy.py [--suite backbones|vgg16|finetune|ordinal] [--task binary 4class]
                                        [--seeds 0 1 2 3 4] [--finetune-epochs N] [--quick]
                                        [--recipes NAME ...] [--protocols 75/25 70/15/15]
 
 --suite finetune: stage three, EfficientNet-Lite0 end to end (bench/accuracy_finetune.py), resumable
 row by row into bench/results/accuracy-finetune.json.
+
+--suite ordinal: ELPV's four levels as ordered classes on frozen Lite0 features, the dense head
+with cross-entropy against the ordinal loss, each also read as a binary classifier
+(bench/accuracy_ordinal.py), resumable into bench/results/accuracy-ordinal.json.
 
 
 --suite backbones (the default): every backbone alone (VGG16, EfficientNet-Lite0/1/2) and the
@@ -404,7 +408,7 @@ def report(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="backbones", choices=("backbones", "vgg16", "finetune"))
+    parser.add_argument("--suite", default="backbones", choices=("backbones", "vgg16", "finetune", "ordinal"))
     parser.add_argument("--task", nargs="+", default=["binary", "4class"], choices=("binary", "4class"))
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--finetune-epochs", type=int, default=0,
@@ -417,7 +421,7 @@ def main() -> None:
                              "accuracy-finetune.json (finetune)")
     parser.add_argument("--recipes", nargs="+", default=None, help="finetune: only these recipes (default all)")
     parser.add_argument("--protocols", nargs="+", default=None, choices=("75/25", "70/15/15"),
-                        help="finetune: only these protocols (default both)")
+                        help="finetune, ordinal: only these protocols (default both)")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     if args.suite == "finetune":
@@ -425,6 +429,12 @@ def main() -> None:
 
         out = args.out or Path("bench/results/accuracy-finetune.json")
         accuracy_finetune.run(args.work, args.task, args.seeds, out, args.recipes, args.protocols)
+        return
+    if args.suite == "ordinal":
+        from bench import accuracy_ordinal
+
+        out = args.out or Path("bench/results/accuracy-ordinal.json")
+        accuracy_ordinal.run(args.work, args.seeds, out, args.protocols)
         return
     if args.suite == "backbones":
         out = args.out or Path("bench/results/accuracy-backbones.json")

@@ -75,3 +75,28 @@ def test_a_crash_keeps_the_rows_before_it(tmp_path: Path, monkeypatch) -> None:
         suite.run(tmp_path / "work", ["binary"], [0], out, protocols=["75/25"])
     recipes = {row["recipe"] for row in json.loads(out.read_text())["rows"]}
     assert recipes == {"frozen features, logistic regression", "adamw-cosine-dihedral"}
+
+
+def test_the_ordinal_suite_summarises_per_head_and_resumes_without_work(tmp_path: Path) -> None:
+    from bench import accuracy_ordinal as ordinal
+
+    rows = []
+    for seed in range(5):
+        for head in [*ordinal.HEADS, ordinal.BINARY_HEAD]:
+            row = {"protocol": "75/25", "split_seed": seed, "head": head, "validation_accuracy": 0.78,
+                   "test_accuracy": 0.70 + seed / 100, "seconds": 1.0}
+            if head != ordinal.BINARY_HEAD:
+                row |= {"test_mae_levels": 0.4, "test_binary_read_off": 0.86}
+            rows.append(row)
+    state = {"rows": rows}
+    results = ordinal.summary(state)
+    entry = results["75/25"]["dense, ordinal loss"]
+    assert entry["seeds"] == [0, 1, 2, 3, 4] and entry["test_accuracy"] == pytest.approx([0.70, 0.71, 0.72, 0.73, 0.74])
+    assert entry["test_accuracy_mean"] == pytest.approx(0.72)
+    assert entry["test_binary_read_off_mean"] == pytest.approx(0.86)
+    assert "test_binary_read_off" not in results["75/25"][ordinal.BINARY_HEAD]
+    text = ordinal.report(results, {"4class": 0.575, "binary": 0.687})
+    assert "majority baselines: 4-class 57.5%, binary 68.7%" in text and "| dense, ordinal loss | 5 |" in text
+    # every row of a seed held: nothing is extracted or trained again (the paths do not exist)
+    ordinal.rows_for("75/25", 3, tmp_path / "missing4", tmp_path / "missing2", tmp_path, state, tmp_path / "out.json")
+    assert len(state["rows"]) == len(rows) and not (tmp_path / "out.json").exists()
