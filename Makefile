@@ -30,7 +30,9 @@ demo: setup
 	$(PY) run_pipeline.py extract --data data/elpv
 	$(PY) run_pipeline.py train-head --head logreg
 	$(PY) run_pipeline.py train-head --head dense
-	$(PY) run_pipeline.py finetune --from best --epochs 1 --flip horizontal_and_vertical
+	$(PY) run_pipeline.py extract --data data/elpv --backbone efficientnet_lite0
+	$(PY) run_pipeline.py train-head --head logreg --features lite0 --c-grid 1e-4:1e2:7 --name elpv-lite0-logreg
+	$(PY) run_pipeline.py finetune --from models/elpv-lite0-logreg --epochs 3 --flip horizontal_and_vertical
 	$(PY) run_pipeline.py runs
 	$(PY) run_pipeline.py predict --model best $$(ls data/elpv/defective/*.png | head -3) $$(ls data/elpv/functional/*.png | head -3)
 	$(PY) run_pipeline.py export --model best --format savedmodel --out models/best-export
