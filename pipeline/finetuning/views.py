@@ -56,6 +56,19 @@ def averaged(predict: Callable[[np.ndarray], Any], images: np.ndarray, tta: str)
     return total / len(views)
 
 
+def averaged_by_image(predict: Callable[[np.ndarray], Any], source: Any, image_size: int, batch_size: int,
+                      tta: str) -> dict[int, np.ndarray]:
+    """Every readable image of `source` (an EncodedImages) decoded and resized as extract does,
+    its probabilities averaged over the views of `tta`, by its index in `source`; an image that
+    cannot be read has no entry (its reason: source.failure_reason)."""
+    rows: dict[int, np.ndarray] = {}
+    for indices, batch in source.batches(image_size, batch_size):
+        indices = np.asarray(indices).tolist()
+        for index, row in zip(indices, averaged(predict, np.asarray(batch), tta)[:len(indices)]):
+            rows[index] = row
+    return rows
+
+
 def random_transpose_layer(seed: int) -> Any:
     """A Keras layer that transposes each image of a batch with probability one half: with random
     horizontal and vertical flips, every element of the dihedral group is equally likely. Used in

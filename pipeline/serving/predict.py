@@ -46,7 +46,7 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
     among the runs of this data folder. `tta`: average the probabilities over test-time views
     (flip: 2, dihedral: 8; pipeline/finetuning/views.py)."""
-    from pipeline.finetuning.views import averaged, view_transforms
+    from pipeline.finetuning.views import averaged_by_image, view_transforms
     from pipeline.images.reading import EncodedImages
 
     view_transforms(tta)  # an unknown name is refused before any work
@@ -64,15 +64,11 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
         raise PipelineError(f"no images found in {', '.join(map(str, targets))}")
     results = [Prediction(printable(path), [], []) for path in files]
     source = EncodedImages(files, max_pixels)
-    done: set[int] = set()
-    for indices, images in source.batches(size, BATCH):
-        proba = averaged(model.predict_on_batch, np.asarray(images), tta)[:len(indices)]
-        for index, row in zip(np.asarray(indices).tolist(), proba):
-            top = np.argsort(-row, kind="stable")[:top_k]
-            results[index] = Prediction(results[index].path, [class_names[i] for i in top],
-                                        [float(row[i]) for i in top])
-            done.add(index)
-    for index in sorted(set(range(len(files))) - done):
+    rows = averaged_by_image(model.predict_on_batch, source, size, BATCH, tta)
+    for index, row in rows.items():
+        top = np.argsort(-row, kind="stable")[:top_k]
+        results[index] = Prediction(results[index].path, [class_names[i] for i in top], [float(row[i]) for i in top])
+    for index in sorted(set(range(len(files))) - set(rows)):
         try:
             reason = f"not a readable image: {source.failure_reason(index, size)}"
         except PipelineError as error:  # too large, or no memory: said as it is

@@ -220,7 +220,7 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     over the test-time views of `tta` (pipeline/finetuning/views.py), into RUN/tta-<views>/:
     metrics.json and the reports of `split`. The run's own metrics are left as they are."""
     from pipeline.cache.reader import split_images
-    from pipeline.finetuning.views import averaged, view_transforms
+    from pipeline.finetuning.views import averaged_by_image, view_transforms
     from pipeline.images.reading import EncodedImages
 
     view_transforms(tta)  # refuses an unknown name before any work
@@ -235,11 +235,7 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     probabilities = {}
     for name, images in records.items():
         source = EncodedImages(images.files)
-        rows: dict[int, np.ndarray] = {}
-        for indices, batch in source.batches(size, 32):
-            for index, row in zip(np.asarray(indices).tolist(), averaged(model.predict_on_batch, np.asarray(batch),
-                                                                         tta)):
-                rows[index] = row
+        rows = averaged_by_image(model.predict_on_batch, source, size, 32, tta)
         missing = sorted(set(range(len(images.files))) - set(rows))
         if missing:
             raise PipelineError(f"{images.files[missing[0]]} can no longer be read as an image "
