@@ -35,7 +35,7 @@ demo: setup
 	$(PY) run_pipeline.py finetune --from models/elpv-lite0-logreg --epochs 3 --flip horizontal_and_vertical
 	$(PY) run_pipeline.py runs
 	$(PY) run_pipeline.py predict --model best $$(ls data/elpv/defective/*.png | head -3) $$(ls data/elpv/functional/*.png | head -3)
-	$(PY) run_pipeline.py export --model best --format savedmodel --out models/best-export
+	$(PY) run_pipeline.py export --model best --format savedmodel --out models/best-export --precision run
 	@echo "loading the SavedModel in a plain-TensorFlow Python (python -I: no pipeline import possible):"
 	$(PY) -I docs/examples/load_savedmodel.py models/best-export/saved_model $$(ls data/elpv/defective/*.png | head -1)
 
