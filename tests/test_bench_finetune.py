@@ -100,3 +100,13 @@ def test_the_ordinal_suite_summarises_per_head_and_resumes_without_work(tmp_path
     # every row of a seed held: nothing is extracted or trained again (the paths do not exist)
     ordinal.rows_for("75/25", 3, tmp_path / "missing4", tmp_path / "missing2", tmp_path, state, tmp_path / "out.json")
     assert len(state["rows"]) == len(rows) and not (tmp_path / "out.json").exists()
+
+
+def test_a_recipe_measured_on_one_seed_is_not_chosen_over_one_measured_on_five() -> None:
+    rows = [{"task": "binary", "protocol": "75/25", "recipe": "five", "split_seed": seed,
+             "validation_accuracy": 0.85, "test_accuracy": 0.86} for seed in range(5)]
+    rows.append({"task": "binary", "protocol": "75/25", "recipe": "one", "split_seed": 0,
+                 "validation_accuracy": 0.95, "test_accuracy": 0.80})
+    chosen = suite.summary({"rows": rows}, ["binary"], {"binary": 0.687})["binary"]["75/25"]
+    assert chosen["chosen"] == "five" and chosen["complete"] and len(chosen["test"]) == 5
+    assert chosen["recipes"]["one"]["validation_mean"] == 0.95  # still listed beside it
