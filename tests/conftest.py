@@ -82,12 +82,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return (os.cpu_count() or 1) + 1
 
 
-RELEASE_ABOVE_BYTES = 2 << 30
+RELEASE_ABOVE_BYTES = 4 << 30
 
 
 @pytest.fixture(autouse=True)
 def _release_keras_state() -> Iterator[None]:
-    """After a test, a worker holding more than 2 GiB drops Keras' global state and collects:
+    """After a test, a worker holding more than 4 GiB drops Keras' global state and collects:
     a worker keeps every model its tests built until then (the ONNX export tests, one worker
     under --dist loadfile, had grown it to 17 GB; released, its peak is the largest test's)."""
     yield
