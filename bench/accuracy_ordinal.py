@@ -17,6 +17,7 @@ bench/results/accuracy-ordinal.json: `rows` (one per protocol, seed and head) an
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,8 @@ BINARY_CUT = ">= defect-0.67"  # functional (0, 1/3) against defective (2/3, 1),
 
 
 def _cache(data: Path, work: Path, protocol: str, seed: int) -> Path:
-    split = PROTOCOLS[protocol]
-    return extract_features(ExtractOptions(
-        data=data, backbone=BACKBONE, cache_root=work / "features", progress=False,
-        splits=type(split)(split.validation_fraction, split.test_fraction, seed))).cache_dir
+    return extract_features(ExtractOptions(data=data, backbone=BACKBONE, cache_root=work / "features", progress=False,
+                                           splits=replace(PROTOCOLS[protocol], seed=seed))).cache_dir
 
 
 def _scored(directory: Path) -> dict:

@@ -37,7 +37,7 @@ import tensorflow as tf
 from pipeline import atomic, runs
 from pipeline.backbone.precision import keras_policy
 from pipeline.errors import PipelineError
-from pipeline.finetuning.views import view_steps, view_transforms, with_averaged_views
+from pipeline.finetuning.views import view_steps, with_averaged_views
 from pipeline.runs import Run
 from pipeline.serving import agreement
 
@@ -54,6 +54,12 @@ class ExportSummary:
     bytes: int
     seconds: float
     details: dict[str, Any]
+
+
+def from_squashed(classifier: keras.Model, tta: str, size: int) -> keras.Model:
+    """The classifier from N x N pixels already squashed (the form TFLite and ONNX take), with
+    `tta`'s views averaged inside."""
+    return with_averaged_views(without_resize(classifier), tta, size, resize=False)
 
 
 def without_resize(model: keras.Model) -> keras.Model:
@@ -73,7 +79,7 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         raise PipelineError(f"unknown --precision {precision!r}: float32 (any machine) or run (the run's own)")
     if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 0:
         raise PipelineError(f"--check-images {check_images!r}: a whole number of images, 0 or more (0: not measured)")
-    view_transforms(tta)  # an unknown name is refused before any work
+    view_steps(tta)  # an unknown name is refused before any work
     if tta != "none" and quantize:
         raise PipelineError("--tta with --quantize: the views' fixed flips would be quantised with the weights "
                             "(int8 pixels); export the views in float32, or quantise without --tta")
@@ -93,10 +99,9 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     started = time.perf_counter()
     classifier = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
     size = fingerprint.image_size
-    # the served model (pixels of any size in) and its form from N x N pixels (TFLite, ONNX): with
-    # --tta, each averaging the views (pipeline/finetuning/views.py, Keras' own layers)
+    # the served model (pixels of any size in): with --tta, averaging the views in Keras' own
+    # layers (pipeline/finetuning/views.py); the SavedModel applies them as TensorFlow ops
     model = with_averaged_views(classifier, tta, size)
-    resized = with_averaged_views(without_resize(classifier), tta, size, resize=False)
     if fmt == "keras":
         path = out / "model.keras"
         with atomic.replacing(path, suffix=".keras") as temporary:
@@ -107,10 +112,10 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         _save_savedmodel(classifier, class_names, size, path, tta)
         checks = {}
     elif fmt == "onnx":
-        path, checks = _onnx(opened, model, resized, size, out, quantize)
+        path, checks = _onnx(opened, model, from_squashed(classifier, tta, size), size, out, quantize)
     else:
         path = out / ("model-quantized.tflite" if quantize else "model.tflite")
-        flat = _tflite(resized, quantize)
+        flat = _tflite(from_squashed(classifier, tta, size), quantize)
         with atomic.replacing(path) as temporary:
             temporary.write_bytes(flat)
         checks = {"largest_difference_to_keras_float32": check_tflite(flat, model, size)}
@@ -188,11 +193,12 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
             "bytes": size_bytes,
             "input": inputs,
             "output": outputs,
-            "test_time_views": {"views": tta, "count": len(view_transforms(tta)),
+            "test_time_views": {"views": tta, "count": len(view_steps(tta)),
                                 "how": "none: one pass" if tta == "none" else
                                 "the probabilities averaged over the views of the N x N image, inside the model "
-                                "(transposes and flips in Keras' own layers), as predict --tta does; one backbone "
-                                "pass per view"},
+                                + ("(transposes and flips as TensorFlow ops)" if fmt == "savedmodel" else
+                                   "(transposes and flips in Keras' own layers)")
+                                + ", as predict --tta does; one backbone pass per view"},
             "precision": ("float32 weights, dynamic-range int8 quantised" if quantize and fmt == "tflite" else
                           "int8 weights (ONNX Runtime dynamic quantisation), float32 input and output"
                           if quantize else "float32" if export_precision == "fp32" else
@@ -252,8 +258,9 @@ class _Serving(tf.Module):
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         # the test-time views as TensorFlow ops on the N x N batch, in views.py's order (a Keras
         # model nesting the classifier would leave its Dropout's seed state unreachable here)
+        views = tf_views(self.tta)
         probabilities = tf.add_n([tf.cast(self.model(view(images), training=False), tf.float32)
-                                  for view in tf_views(self.tta)]) / len(tf_views(self.tta))
+                                  for view in views]) / len(views)
         batch = tf.shape(probabilities)[0]
         return {
             "probabilities": probabilities,
