@@ -361,6 +361,22 @@ def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Pat
     assert main(["evaluate", "--model", str(models / "run")]) == 0
 
 
+def test_finetune_refuses_a_cache_that_was_re_split_since_the_head_was_trained(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    cache_root, models = tmp_path / "features", tmp_path / "models"
+    common = ["--data", str(data), "--cache", str(cache_root), "--weights", "none", "--image-size", "32",
+              "--precision", "fp32", "--no-progress"]
+    assert main(["extract", *common]) == 0
+    assert main(["train-head", "--head", "logreg", "--cache", str(cache_root), "--models", str(models),
+                 "--c-grid", "0.1,1", "--n-jobs", "1", "--name", "run", "--no-progress"]) == 0
+    assert main(["extract", *common, "--split-seed", "7"]) == 0  # the same images, dealt into other splits
+    result = run_cli("finetune", "--from", str(models / "run"), "--models", str(models), "--epochs", "1",
+                     "--batch-size", "4", "--no-progress")
+    line = one_error_line(result)
+    assert "other splits than run run was trained with" in line
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["run"], "nothing written"
+
+
 @pytest.mark.parametrize("target", ["file_hashes.json", "classification_report.txt", "config.json"])
 def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing_half_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, target: str) -> None:

@@ -122,6 +122,8 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     head_run = Run.open(options.source, options.models, kind="head", data=options.data)
     source, config, view = head_run.directory, head_run.config, head_run.view
     store = head_run.features()
+    # a cache re-split since the head was trained would put its training images into "test"
+    head_run.check_same_splits(store.split_indexes(), store.directory)
     fingerprint = store.fingerprint
     precision = options.precision or TRAINING_POLICY[fingerprint.precision]
     loss_name = options.loss or head_run.loss
