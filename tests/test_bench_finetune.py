@@ -13,12 +13,17 @@ from bench import accuracy_finetune as suite
 
 
 def _fake(monkeypatch: pytest.MonkeyPatch, calls: list[tuple]) -> None:
-    def head_row(data: Path, work: Path, task: str, protocol: str, seed: int) -> tuple[dict, Path]:
-        calls.append(("head", task, protocol, seed))
-        directory = work / "models" / "finetune-suite" / f"lite0-head-{task}-{protocol.replace('/', '-')}-split{seed}"
+    def head_row(data: Path, work: Path, task: str, protocol: str, seed: int,
+                 image_size: int = suite.DEFAULT_SIZE) -> tuple[dict, Path]:
+        calls.append(("head", task, protocol, seed, image_size))
+        directory = suite.head_directory(work, task, protocol, seed, image_size)
         directory.mkdir(parents=True, exist_ok=True)
-        return {"task": task, "protocol": protocol, "recipe": "frozen features, logistic regression",
+        return {"task": task, "protocol": protocol, "recipe": suite.baseline_name(image_size),
                 "split_seed": seed, "validation_accuracy": 0.80, "test_accuracy": 0.81, "seconds": 1.0}, directory
+
+    def split_cache(data: Path, work: Path, protocol: str, seed: int, image_size: int = suite.DEFAULT_SIZE) -> Path:
+        calls.append(("split", protocol, seed, image_size))
+        return work / "features"
 
     def finetune_row(source: Path, task: str, protocol: str, recipe: suite.Recipe, seed: int) -> dict:
         calls.append((recipe.name, task, protocol, seed))
@@ -28,6 +33,7 @@ def _fake(monkeypatch: pytest.MonkeyPatch, calls: list[tuple]) -> None:
                 "seconds_per_epoch": 10.0, "seconds": 60.0, "test_before": 0.81, "kept_epoch": 3, "epochs_run": 6}
 
     monkeypatch.setattr(suite, "head_row", head_row)
+    monkeypatch.setattr(suite, "split_cache", split_cache)
     monkeypatch.setattr(suite, "finetune_row", finetune_row)
     monkeypatch.setattr("bench.accuracy.export", lambda task, work: _data(work, task))
 
@@ -46,7 +52,8 @@ def test_rows_are_kept_as_they_end_and_a_rerun_resumes(tmp_path: Path, monkeypat
     _fake(monkeypatch, calls)
     out = tmp_path / "accuracy-finetune.json"
     suite.run(tmp_path / "work", ["binary"], [0, 1], out, protocols=["75/25"])
-    assert len(calls) == 2 * (1 + len(suite.RECIPES))
+    sizes = sorted({r.image_size for r in suite.RECIPES})
+    assert len(calls) == 2 * (len(sizes) + len(suite.RECIPES))
     state = json.loads(out.read_text())
     result = state["results"]["binary"]["75/25"]
     assert result["chosen"] == "adamw-cosine-dihedral" and result["seeds"] == [0, 1]
@@ -54,8 +61,10 @@ def test_rows_are_kept_as_they_end_and_a_rerun_resumes(tmp_path: Path, monkeypat
     assert not result["complete"], "five seeds make a result complete"
     calls.clear()
     suite.run(tmp_path / "work", ["binary"], [0, 1, 2], out, protocols=["75/25"])
-    assert calls == [("head", "binary", "75/25", 2)] + [(r.name, "binary", "75/25", 2) for r in suite.RECIPES], \
-        "only the new seed's rows are run"
+    assert calls == [call for size in sizes for call in
+                     [("head", "binary", "75/25", 2, size)]
+                     + [(r.name, "binary", "75/25", 2) for r in suite.RECIPES if r.image_size == size]], \
+        "only the new seed's rows are run, each size's head before its recipes"
     assert json.loads(out.read_text())["results"]["binary"]["75/25"]["test"] == [0.88, 0.881, 0.882]
 
 
@@ -110,3 +119,36 @@ def test_a_recipe_measured_on_one_seed_is_not_chosen_over_one_measured_on_five()
     chosen = suite.summary({"rows": rows}, ["binary"], {"binary": 0.687})["binary"]["75/25"]
     assert chosen["chosen"] == "five" and chosen["complete"] and len(chosen["test"]) == 5
     assert chosen["recipes"]["one"]["validation_mean"] == 0.95  # still listed beside it
+
+
+def test_a_held_head_is_re_split_before_a_new_recipe_fine_tunes_it(tmp_path: Path, monkeypatch) -> None:
+    """The seeds and protocols share one cache: a head run whose row is held gets its own splits
+    back (a re-split, no backbone pass) before another recipe fine-tunes it; a seed with nothing
+    left to run re-splits nothing."""
+    calls: list[tuple] = []
+    _fake(monkeypatch, calls)
+    out = tmp_path / "accuracy-finetune.json"
+    suite.run(tmp_path / "work", ["binary"], [0, 1], out, recipes=["sgd-top-block"], protocols=["75/25"])
+    calls.clear()
+    suite.run(tmp_path / "work", ["binary"], [0, 1], out, recipes=["sgd-top-block", "sgd-top-block-12"],
+              protocols=["75/25"])
+    assert calls == [("split", "75/25", 0, 224), ("sgd-top-block-12", "binary", "75/25", 0),
+                     ("split", "75/25", 1, 224), ("sgd-top-block-12", "binary", "75/25", 1)]
+    calls.clear()
+    suite.run(tmp_path / "work", ["binary"], [0, 1], out, recipes=["sgd-top-block", "sgd-top-block-12"],
+              protocols=["75/25"])
+    assert calls == []
+
+
+def test_the_native_size_has_its_own_head_and_baseline_row(tmp_path: Path, monkeypatch) -> None:
+    calls: list[tuple] = []
+    _fake(monkeypatch, calls)
+    out = tmp_path / "accuracy-finetune.json"
+    suite.run(tmp_path / "work", ["binary"], [0], out, recipes=["sgd-top-block", "sgd-top-block-300px"],
+              protocols=["75/25"])
+    assert calls == [("head", "binary", "75/25", 0, 224), ("sgd-top-block", "binary", "75/25", 0),
+                     ("head", "binary", "75/25", 0, 300), ("sgd-top-block-300px", "binary", "75/25", 0)]
+    recipes = json.loads(out.read_text())["results"]["binary"]["75/25"]["recipes"]
+    assert set(recipes) == {"frozen features, logistic regression", "frozen features, logistic regression, 300 px",
+                            "sgd-top-block", "sgd-top-block-300px"}
+    assert suite.head_directory(tmp_path, "binary", "75/25", 0, 300).name == "lite0-head-binary-75-25-split0-300px"
