@@ -14,11 +14,11 @@ from bench import accuracy_finetune as suite
 
 def _fake(monkeypatch: pytest.MonkeyPatch, calls: list[tuple]) -> None:
     def head_row(data: Path, work: Path, task: str, protocol: str, seed: int,
-                 image_size: int = suite.DEFAULT_SIZE) -> tuple[dict, Path]:
-        calls.append(("head", task, protocol, seed, image_size))
-        directory = suite.head_directory(work, task, protocol, seed, image_size)
+                 start: suite.Start = suite.Start()) -> tuple[dict, Path]:
+        calls.append(("head", task, protocol, seed, start.image_size, start.head))
+        directory = start.directory(work, task, protocol, seed)
         directory.mkdir(parents=True, exist_ok=True)
-        return {"task": task, "protocol": protocol, "recipe": suite.baseline_name(image_size),
+        return {"task": task, "protocol": protocol, "recipe": start.name,
                 "split_seed": seed, "validation_accuracy": 0.80, "test_accuracy": 0.81, "seconds": 1.0}, directory
 
     def split_cache(data: Path, work: Path, protocol: str, seed: int, image_size: int = suite.DEFAULT_SIZE) -> Path:
@@ -52,8 +52,8 @@ def test_rows_are_kept_as_they_end_and_a_rerun_resumes(tmp_path: Path, monkeypat
     _fake(monkeypatch, calls)
     out = tmp_path / "accuracy-finetune.json"
     suite.run(tmp_path / "work", ["binary"], [0, 1], out, protocols=["75/25"])
-    sizes = sorted({r.image_size for r in suite.RECIPES})
-    assert len(calls) == 2 * (len(sizes) + len(suite.RECIPES))
+    starts = sorted({r.start for r in suite.RECIPES})
+    assert len(calls) == 2 * (len(starts) + len(suite.RECIPES))
     state = json.loads(out.read_text())
     result = state["results"]["binary"]["75/25"]
     assert result["chosen"] == "adamw-cosine-dihedral" and result["seeds"] == [0, 1]
@@ -61,10 +61,10 @@ def test_rows_are_kept_as_they_end_and_a_rerun_resumes(tmp_path: Path, monkeypat
     assert not result["complete"], "five seeds make a result complete"
     calls.clear()
     suite.run(tmp_path / "work", ["binary"], [0, 1, 2], out, protocols=["75/25"])
-    assert calls == [call for size in sizes for call in
-                     [("head", "binary", "75/25", 2, size)]
-                     + [(r.name, "binary", "75/25", 2) for r in suite.RECIPES if r.image_size == size]], \
-        "only the new seed's rows are run, each size's head before its recipes"
+    assert calls == [call for start in starts for call in
+                     [("head", "binary", "75/25", 2, start.image_size, start.head)]
+                     + [(r.name, "binary", "75/25", 2) for r in suite.RECIPES if r.start == start]], \
+        "only the new seed's rows are run, each start's head before its recipes"
     assert json.loads(out.read_text())["results"]["binary"]["75/25"]["test"] == [0.88, 0.881, 0.882]
 
 
@@ -81,7 +81,8 @@ def test_a_crash_keeps_the_rows_before_it(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(suite, "finetune_row", crash_on_the_second)
     out = tmp_path / "accuracy-finetune.json"
     with pytest.raises(RuntimeError):
-        suite.run(tmp_path / "work", ["binary"], [0], out, protocols=["75/25"])
+        suite.run(tmp_path / "work", ["binary"], [0], out, recipes=["adamw-cosine-dihedral", "sgd-top-block"],
+                  protocols=["75/25"])
     recipes = {row["recipe"] for row in json.loads(out.read_text())["rows"]}
     assert recipes == {"frozen features, logistic regression", "adamw-cosine-dihedral"}
 
@@ -140,15 +141,20 @@ def test_a_held_head_is_re_split_before_a_new_recipe_fine_tunes_it(tmp_path: Pat
     assert calls == []
 
 
-def test_the_native_size_has_its_own_head_and_baseline_row(tmp_path: Path, monkeypatch) -> None:
+def test_each_start_has_its_own_head_and_baseline_row(tmp_path: Path, monkeypatch) -> None:
     calls: list[tuple] = []
     _fake(monkeypatch, calls)
     out = tmp_path / "accuracy-finetune.json"
-    suite.run(tmp_path / "work", ["binary"], [0], out, recipes=["sgd-top-block", "sgd-top-block-300px"],
-              protocols=["75/25"])
-    assert calls == [("head", "binary", "75/25", 0, 224), ("sgd-top-block", "binary", "75/25", 0),
-                     ("head", "binary", "75/25", 0, 300), ("sgd-top-block-300px", "binary", "75/25", 0)]
+    suite.run(tmp_path / "work", ["binary"], [0], out,
+              recipes=["sgd-top-block", "sgd-top-block-300px", "sgd-top-block-from-dense"], protocols=["75/25"])
+    assert calls == [("head", "binary", "75/25", 0, 224, "dense"), ("sgd-top-block-from-dense", "binary", "75/25", 0),
+                     ("head", "binary", "75/25", 0, 224, "logreg"), ("sgd-top-block", "binary", "75/25", 0),
+                     ("head", "binary", "75/25", 0, 300, "logreg"), ("sgd-top-block-300px", "binary", "75/25", 0)]
     recipes = json.loads(out.read_text())["results"]["binary"]["75/25"]["recipes"]
     assert set(recipes) == {"frozen features, logistic regression", "frozen features, logistic regression, 300 px",
-                            "sgd-top-block", "sgd-top-block-300px"}
-    assert suite.head_directory(tmp_path, "binary", "75/25", 0, 300).name == "lite0-head-binary-75-25-split0-300px"
+                            "frozen features, dense head", "sgd-top-block", "sgd-top-block-300px",
+                            "sgd-top-block-from-dense"}
+    assert suite.BASELINE == "frozen features, logistic regression"  # the rows already measured keep their name
+    assert suite.Start(300).directory(tmp_path, "binary", "75/25", 0).name == "lite0-head-binary-75-25-split0-300px"
+    assert suite.Start(head="dense").directory(tmp_path, "4class", "70/15/15", 3).name == \
+        "lite0-head-4class-70-15-15-split3-dense"
