@@ -153,13 +153,15 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
              momentum: float = 0.9, clipnorm: float = 1.0, batch_size: int = 16, patience: int = 3,
              precision: str | None = None, augment: str = "default", flip: str | None = None,
              rotation: float = 0.0, zoom: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
+             brightness: float = 0.0, saturation: float = 0.0,
              cached: bool = False, cache: PathLike | None = None, seed: int = 0, optimizer: str = "sgd",
              weight_decay: float = 0.0, schedule: str = "plateau", warmup_epochs: float = 0.0,
              label_smoothing: float = 0.0, loss: str | None = None, lr_decay: float = 1.0, head_epochs: int = 0,
              tta: str = "none", backend: str | None = None, progress: bool = True) -> Run:
     """Stage three: put a head run (a Run, its directory, or "best") back on its backbone, unfreeze
     from `unfreeze` (default the top block), train end to end with augmentation, and return the
-    fine-tuned Run. `augment="none"` switches every augmentation off. The recipe: `optimizer` sgd
+    fine-tuned Run. `augment="none"` switches every augmentation off; `flip`, `rotation`, `zoom`,
+    `translation`, `contrast`, `brightness` and `saturation` choose it (Augmentation). The recipe: `optimizer` sgd
     or adamw, `schedule` plateau or cosine (with `warmup_epochs`), `lr_decay` per block below the
     top one, `label_smoothing`, `head_epochs` of the head alone first; `loss` crossentropy or
     ordinal (default: the head run's); `tta` none, flip or dihedral views averaged when the run is
@@ -174,7 +176,7 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
     if augment not in ("default", "none"):
         raise PipelineError(f"--augment {augment!r}: choose default or none")
     augmentation = Augmentation.off() if augment == "none" else Augmentation(
-        flip or Augmentation.default(cached).flip, rotation, zoom, translation, contrast)
+        flip or Augmentation.default(cached).flip, rotation, zoom, translation, contrast, brightness, saturation)
     summary = tune(FinetuneOptions(
         source=_run_path(run), models=Path(models), name=name, unfreeze=unfreeze, epochs=epochs, lr=lr,
         momentum=momentum, clipnorm=clipnorm, batch_size=batch_size, patience=patience, augmentation=augmentation,

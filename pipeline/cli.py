@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--translation", type=_finite_float, default=defaults.translation,
                       help="e.g. 0.05 (default 0: off)")
     tune.add_argument("--contrast", type=_finite_float, default=defaults.contrast, help="e.g. 0.1 (default 0: off)")
+    tune.add_argument("--brightness", type=_finite_float, default=defaults.brightness,
+                      help="photos: scale each image's pixels by a factor from [1-B, 1+B], e.g. 0.2 (default 0: off)")
+    tune.add_argument("--saturation", type=_finite_float, default=defaults.saturation,
+                      help="photos: scale each image's colour saturation by a factor from [1-S, 1+S], e.g. 0.2 "
+                           "(default 0: off; gray images stay gray)")
     tune.add_argument("--cached", action="store_true",
                       help="train on cached activations of the layer below --unfreeze (e.g. block4_pool for "
                            "block5; extract them with --layer NAME --pooling none): no pass through the frozen "

@@ -140,11 +140,12 @@ def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them() -> No
 def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs: dict[str, Path], capsys) -> None:
     models = head_runs["models"]
     summary = finetune(FinetuneOptions(source=str(head_runs["logreg-none"]), models=models, epochs=2, batch_size=4,
-                                       progress=True, augmentation=Augmentation(rotation=0.1)))
+                                       progress=True,
+                                       augmentation=Augmentation(rotation=0.1, brightness=0.1, saturation=0.2)))
     said = capsys.readouterr().err
     assert "scoring the test split before fine-tuning" in said and "an epoch on this machine" in said, said
     report = (summary.directory / "classification_report.txt").read_text().splitlines()[0]
-    assert "augmentation: horizontal flips, rotation 0.1" in report
+    assert "augmentation: horizontal flips, rotation 0.1, brightness 0.1, saturation 0.2" in report
     history = list(csv.DictReader(open(summary.directory / "history.csv")))
     assert history[0]["epoch"] == "0" and history[0]["val_accuracy"], "the curves start at the model before"
     names = {p.name for p in summary.directory.iterdir()}

@@ -77,6 +77,40 @@ def test_dihedral_augmentation_draws_every_symmetry() -> None:
     assert len(seen) == 4, "flips on both axes drawn apart: the image, its two mirrors and its half turn"
 
 
+def test_colour_changes_scale_brightness_and_saturation_within_their_ranges_and_keep_gray_gray() -> None:
+    rng = np.random.default_rng(0)
+    colour = rng.uniform(100, 150, size=(256, 4, 4, 3)).astype(np.float32)
+    gray = np.repeat(colour[..., :1], 3, axis=-1)
+    bright = keras.Sequential(Augmentation("none", brightness=0.3).layers(seed=1))(colour, training=True).numpy()
+    factors = bright / colour  # one factor an image, from [0.7, 1.3] (nothing clips: 1.3 x 150 = 195)
+    assert np.allclose(factors, factors[:, :1, :1, :1], rtol=1e-5)
+    assert 0.7 <= factors.min() < 0.8 and 1.2 < factors.max() <= 1.3
+    saturated = keras.Sequential(Augmentation("none", saturation=0.5).layers(seed=1))
+    weights = np.array([0.299, 0.587, 0.114], np.float32)
+    out = saturated(colour, training=True).numpy()
+    np.testing.assert_allclose((out * weights).sum(-1), np.clip((colour * weights).sum(-1), 0, 255), rtol=1e-4,
+                               err_msg="the luminance is kept (nothing clips: 50 x 1.5 from a gray of 100-150)")
+    spread = (out.max(-1) - out.min(-1)) / (colour.max(-1) - colour.min(-1))
+    assert 0.5 <= spread.min() < 0.6 and 1.4 < spread.max() <= 1.5 + 1e-4
+    np.testing.assert_allclose(saturated(gray, training=True).numpy(), gray, rtol=1e-6)
+    assert np.all((out >= 0) & (out <= 255))
+    assert Augmentation("none", brightness=0.2, saturation=0.1).describe() == "brightness 0.2, saturation 0.1"
+    with pytest.raises(PipelineError, match="brightness"):
+        Augmentation(brightness=1.5)
+
+
+def test_colour_changes_are_flags_of_finetune_and_refused_with_cached(monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setattr("pipeline.finetuning.finetune.finetune",
+                        lambda options: seen.setdefault("options", options) and (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        main(["finetune", "--from", "somewhere", "--brightness", "0.2", "--saturation", "0.3"])
+    augmentation = seen["options"].augmentation
+    assert (augmentation.brightness, augmentation.saturation) == (0.2, 0.3)
+    with pytest.raises(PipelineError, match="brightness, saturation and dihedral transposes need images"):
+        FinetuneOptions(cached=True, augmentation=Augmentation("none", saturation=0.1))
+
+
 def test_block_rates_fall_by_the_decay_below_the_top_block(lite_head: dict[str, Path]) -> None:
     from pipeline.backbone.blocks import unfreeze
     from pipeline.backbone.registry import get_backbone

@@ -41,7 +41,7 @@ class Augmentation:
 
     FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical", "dihedral")  # dihedral: views.py
     RANGES: ClassVar[Rules] = {name: (lambda v: 0 <= v <= 1, "from 0 (off) to 1")
-                               for name in ("rotation", "zoom", "translation", "contrast")}
+                               for name in ("rotation", "zoom", "translation", "contrast", "brightness", "saturation")}
 
     flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical | dihedral (and transposes)
 
@@ -49,6 +49,10 @@ class Augmentation:
     zoom: float = 0.0
     translation: float = 0.0
     contrast: float = 0.0
+    # colour changes for photos, as torchvision's ColorJitter: each image's pixels scaled by a factor
+    # drawn from [1 - brightness, 1 + brightness], its saturation by one from [1 - saturation, 1 + saturation]
+    brightness: float = 0.0
+    saturation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.flip not in self.FLIPS:
@@ -57,7 +61,7 @@ class Augmentation:
 
     @classmethod
     def off(cls) -> Augmentation:
-        return cls("none", 0.0, 0.0, 0.0, 0.0)
+        return cls("none")
 
     @classmethod
     def default(cls, cached: bool = False) -> Augmentation:
@@ -97,7 +101,44 @@ class Augmentation:
                                                          seed=seed))
         if self.contrast:
             layers.append(keras.layers.RandomContrast(self.contrast, value_range=(0, 255), seed=seed))
+        if self.brightness or self.saturation:
+            layers.append(random_colour_layer(self.brightness, self.saturation, seed))
         return layers
+
+
+def random_colour_layer(brightness: float, saturation: float, seed: int) -> Any:
+    """A Keras layer that changes each image's colours, on pixels from 0 to 255 (before the
+    backbone's preprocessing), as torchvision's ColorJitter does: the saturation first (the image
+    blended with its gray version by a factor from [1 - saturation, 1 + saturation]: 0 is gray, 1
+    the image, above 1 more saturated), then the brightness (blended with black by a factor from
+    [1 - brightness, 1 + brightness]), clipped to 0-255. Gray images stay gray. Written here rather
+    than Keras' RandomBrightness (an offset, not a factor) and RandomSaturation (which clips the HSV
+    saturation to the pixel range): used in the training data pipeline only, never saved in a model."""
+    import keras
+    import tensorflow as tf
+
+    class RandomColour(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__(name="random_colour")
+
+        def call(self, images: Any, training: bool = True) -> Any:
+            if not training:
+                return images
+            n = tf.shape(images)[0]
+            images = tf.cast(images, tf.float32)
+            if saturation:
+                factor = tf.random.uniform((n, 1, 1, 1), 1 - saturation, 1 + saturation, seed=seed + 2)
+                if images.shape[-1] == 3:
+                    gray = tf.reduce_sum(images * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+                    images = gray + factor * (images - gray)
+            if brightness:
+                images = images * tf.random.uniform((n, 1, 1, 1), 1 - brightness, 1 + brightness, seed=seed + 3)
+            return tf.clip_by_value(images, 0.0, 255.0)
+
+        def compute_output_shape(self, shape: Any) -> Any:
+            return shape
+
+    return RandomColour()
 
 
 # What must match for another cache's activations to be this head's: everything in the

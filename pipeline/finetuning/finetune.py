@@ -111,10 +111,11 @@ class FinetuneOptions:
         if self.augmentation is None:
             self.augmentation = Augmentation.default(self.cached)
         a = self.augmentation
-        if self.cached and (any((a.rotation, a.zoom, a.translation, a.contrast)) or a.flip == "dihedral"):
+        if self.cached and (any((a.rotation, a.zoom, a.translation, a.contrast, a.brightness, a.saturation))
+                            or a.flip == "dihedral"):
             raise PipelineError("--cached augments by flipping the cached maps only: rotation, zoom, translation, "
-                                "contrast and dihedral transposes need images (drop them, or fine-tune without "
-                                "--cached)")
+                                "contrast, brightness, saturation and dihedral transposes need images (drop them, "
+                                "or fine-tune without --cached)")
 
 
 def finetune(options: FinetuneOptions) -> RunSummary:
