@@ -357,6 +357,9 @@ def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Pat
     line = one_error_line(result)
     assert "other splits than run run was trained with" in line
     assert (models / "run" / "metrics.json").read_text() == before, "the run's metrics are untouched"
+    result = run_cli("evaluate", "--model", str(models / "run"), "--tta", "flip")  # scored from images: the same
+    assert "other splits than run run was trained with" in one_error_line(result)
+    assert not (models / "run" / "tta-flip").exists()
     assert main(["extract", *common]) == 0  # the split the run was trained with: evaluate works again
     assert main(["evaluate", "--model", str(models / "run")]) == 0
 

@@ -228,6 +228,7 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     opened = Run.open(run)
     store = opened.features() if not opened.fused else opened.fused_features()[0]
+    opened.check_same_splits(store.split_indexes(), store.directory)
     records = split_images(store)
     model = opened.classifier()
     size = opened.fingerprint.image_size
