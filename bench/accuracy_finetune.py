@@ -115,6 +115,23 @@ RECIPES = [
 ]
 
 
+@dataclass(frozen=True)
+class Views:
+    """A fine-tuned recipe's runs scored again with the test-time views of `tta` averaged
+    (`evaluate --tta`): a lever with no training, on every seed the recipe has."""
+
+    of: str  # the recipe
+    tta: str  # flip (the image and its mirror) or dihedral (all eight symmetries)
+
+    @property
+    def name(self) -> str:
+        return f"{self.of}, {self.tta} views at test"
+
+
+# sgd-top-block trained on flips both ways: its runs with the mirror averaged in
+VIEWS = [Views("sgd-top-block", "flip")]
+
+
 def majority(data: Path) -> float:
     """The largest class's share of the images (what always answering it scores)."""
     counts = [sum(1 for p in folder.iterdir() if p.is_file()) for folder in data.iterdir() if folder.is_dir()]
@@ -183,6 +200,18 @@ def finetune_row(source: Path, task: str, protocol: str, recipe: Recipe, seed: i
             "seconds": round(time.perf_counter() - started, 1), "run": tuned.directory.name}
 
 
+def views_row(tuned: Path, task: str, protocol: str, views: Views, seed: int) -> dict:
+    """A fine-tuned run scored from its images with `views.tta` averaged (into RUN/tta-<views>/)."""
+    from pipeline import api
+
+    started = time.perf_counter()
+    metrics = api.evaluate(tuned, tta=views.tta).summary.metrics
+    return {"task": task, "protocol": protocol, "recipe": views.name, "of": views.of, "tta": views.tta,
+            "split_seed": seed, "validation_accuracy": metrics["validation"]["accuracy"],
+            "test_accuracy": metrics["test"]["accuracy"], "seconds": round(time.perf_counter() - started, 1),
+            "run": f"{tuned.name}/tta-{views.tta}"}
+
+
 def summary(state: dict, tasks: list[str], majorities: dict[str, float]) -> dict:
     """Per task and protocol: every recipe's mean validation and test, and the chosen one (on mean
     validation only, among the recipes measured on the most seeds) with its per-seed test
@@ -247,12 +276,15 @@ def run(work: Path, tasks: list[str], seeds: list[int], out: Path, recipes: list
     state = load(out)
     state["machine"] = machine_line()
     chosen_recipes = [r for r in RECIPES if recipes is None or r.name in recipes]
+    chosen_views = [v for v in VIEWS if recipes is None or v.name in recipes]
+    by_name = {r.name: r for r in RECIPES}
+    starts = sorted({r.start for r in chosen_recipes} | {by_name[v.of].start for v in chosen_views})
     majorities = {}
     for task in tasks:
         data = export(task, work)
         majorities[task] = majority(data)
         for protocol in protocols or list(PROTOCOLS):
-            for seed, start in ((seed, start) for seed in seeds for start in sorted({r.start for r in chosen_recipes})):
+            for seed, start in ((seed, start) for seed in seeds for start in starts):
                 baseline = _done(state, task, protocol, start.name, seed)
                 head_dir = start.directory(work, task, protocol, seed)
                 fresh = baseline is None or not head_dir.is_dir()
@@ -267,7 +299,10 @@ def run(work: Path, tasks: list[str], seeds: list[int], out: Path, recipes: list
                       f"(majority {majorities[task]:.1%})", flush=True)
                 pending = [r for r in chosen_recipes
                            if r.start == start and not _done(state, task, protocol, r.name, seed)]
-                if pending and not fresh:  # the head's splits, which another seed or protocol replaced
+                rescored = [v for v in chosen_views if by_name[v.of].start == start
+                            and not _done(state, task, protocol, v.name, seed)
+                            and (_done(state, task, protocol, v.of, seed) or by_name[v.of] in pending)]
+                if (pending or rescored) and not fresh:  # the head's splits, which another seed or protocol replaced
                     split_cache(data, work, protocol, seed, start.image_size)
                 for recipe in pending:
                     row = finetune_row(head_dir, task, protocol, recipe, seed)
@@ -277,7 +312,16 @@ def run(work: Path, tasks: list[str], seeds: list[int], out: Path, recipes: list
                           f"{row['test_before']:.2%} -> {row['test_accuracy']:.2%} (kept epoch {row['kept_epoch']} "
                           f"of {row['epochs_run']}, {row['seconds_per_epoch']} s/epoch, {row['seconds']} s)",
                           flush=True)
+                for views in rescored:
+                    tuned = _done(state, task, protocol, views.of, seed)
+                    row = views_row(head_dir.parent / tuned["run"], task, protocol, views, seed)
+                    state["rows"].append(row)
+                    save(out, state | {"results": summary(state, tasks, majorities)})
+                    print(f"  {views.name}: validation {tuned['validation_accuracy']:.2%} -> "
+                          f"{row['validation_accuracy']:.2%}, test {tuned['test_accuracy']:.2%} -> "
+                          f"{row['test_accuracy']:.2%} ({row['seconds']} s)", flush=True)
     results = summary(state, tasks, majorities)
-    save(out, state | {"results": results, "recipes": [asdict(r) for r in RECIPES]})
+    save(out, state | {"results": results, "recipes": [asdict(r) for r in RECIPES],
+                       "views": [asdict(v) for v in VIEWS]})
     print(report(results))
     return results

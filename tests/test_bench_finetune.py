@@ -30,9 +30,16 @@ def _fake(monkeypatch: pytest.MonkeyPatch, calls: list[tuple]) -> None:
         better = recipe.name == "adamw-cosine-dihedral"
         return {"task": task, "protocol": protocol, "recipe": recipe.name, "split_seed": seed,
                 "validation_accuracy": 0.9 if better else 0.7, "test_accuracy": 0.88 + seed / 1000,
-                "seconds_per_epoch": 10.0, "seconds": 60.0, "test_before": 0.81, "kept_epoch": 3, "epochs_run": 6}
+                "seconds_per_epoch": 10.0, "seconds": 60.0, "test_before": 0.81, "kept_epoch": 3, "epochs_run": 6,
+                "run": f"{source.name}-{recipe.name}"}
+
+    def views_row(tuned: Path, task: str, protocol: str, views: suite.Views, seed: int) -> dict:
+        calls.append((views.name, task, protocol, seed, tuned.name))
+        return {"task": task, "protocol": protocol, "recipe": views.name, "split_seed": seed,
+                "validation_accuracy": 0.75, "test_accuracy": 0.8, "seconds": 5.0}
 
     monkeypatch.setattr(suite, "head_row", head_row)
+    monkeypatch.setattr(suite, "views_row", views_row)
     monkeypatch.setattr(suite, "split_cache", split_cache)
     monkeypatch.setattr(suite, "finetune_row", finetune_row)
     monkeypatch.setattr("bench.accuracy.export", lambda task, work: _data(work, task))
@@ -53,7 +60,7 @@ def test_rows_are_kept_as_they_end_and_a_rerun_resumes(tmp_path: Path, monkeypat
     out = tmp_path / "accuracy-finetune.json"
     suite.run(tmp_path / "work", ["binary"], [0, 1], out, protocols=["75/25"])
     starts = sorted({r.start for r in suite.RECIPES})
-    assert len(calls) == 2 * (len(starts) + len(suite.RECIPES))
+    assert len(calls) == 2 * (len(starts) + len(suite.RECIPES) + len(suite.VIEWS))
     state = json.loads(out.read_text())
     result = state["results"]["binary"]["75/25"]
     assert result["chosen"] == "adamw-cosine-dihedral" and result["seeds"] == [0, 1]
@@ -63,7 +70,9 @@ def test_rows_are_kept_as_they_end_and_a_rerun_resumes(tmp_path: Path, monkeypat
     suite.run(tmp_path / "work", ["binary"], [0, 1, 2], out, protocols=["75/25"])
     assert calls == [call for start in starts for call in
                      [("head", "binary", "75/25", 2, start.image_size, start.head)]
-                     + [(r.name, "binary", "75/25", 2) for r in suite.RECIPES if r.start == start]], \
+                     + [(r.name, "binary", "75/25", 2) for r in suite.RECIPES if r.start == start]
+                     + [(v.name, "binary", "75/25", 2, f"lite0-head-binary-75-25-split2-{v.of}") for v in suite.VIEWS
+                        if next(r for r in suite.RECIPES if r.name == v.of).start == start]], \
         "only the new seed's rows are run, each start's head before its recipes"
     assert json.loads(out.read_text())["results"]["binary"]["75/25"]["test"] == [0.88, 0.881, 0.882]
 
@@ -158,3 +167,22 @@ def test_each_start_has_its_own_head_and_baseline_row(tmp_path: Path, monkeypatc
     assert suite.Start(300).directory(tmp_path, "binary", "75/25", 0).name == "lite0-head-binary-75-25-split0-300px"
     assert suite.Start(head="dense").directory(tmp_path, "4class", "70/15/15", 3).name == \
         "lite0-head-4class-70-15-15-split3-dense"
+
+
+def test_views_rescore_a_recipes_runs_after_it_and_only_where_it_ran(tmp_path: Path, monkeypatch) -> None:
+    calls: list[tuple] = []
+    _fake(monkeypatch, calls)
+    out = tmp_path / "accuracy-finetune.json"
+    views = suite.Views("sgd-top-block", "flip")
+    assert views.name == "sgd-top-block, flip views at test" and views in suite.VIEWS
+    suite.run(tmp_path / "work", ["binary"], [0], out, recipes=[views.name], protocols=["75/25"])
+    assert calls == [("head", "binary", "75/25", 0, 224, "logreg")], "no run of the recipe: nothing to score"
+    calls.clear()
+    suite.run(tmp_path / "work", ["binary"], [0], out, recipes=["sgd-top-block", views.name], protocols=["75/25"])
+    assert calls == [("split", "75/25", 0, 224), ("sgd-top-block", "binary", "75/25", 0),
+                     (views.name, "binary", "75/25", 0, "lite0-head-binary-75-25-split0-sgd-top-block")]
+    calls.clear()
+    suite.run(tmp_path / "work", ["binary"], [0], out, recipes=["sgd-top-block", views.name], protocols=["75/25"])
+    assert calls == []
+    recipes = json.loads(out.read_text())["results"]["binary"]["75/25"]["recipes"]
+    assert recipes[views.name]["test"] == [0.8]
