@@ -342,7 +342,8 @@ def test_every_file_a_run_writes_is_renamed_into_place(tmp_path: Path, monkeypat
     assert not visible, visible
 
 
-def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Path) -> None:
+def _a_head_run(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A logistic-regression run "run" on a small cache; extract's flags, to re-split that cache."""
     data = make_image_folder(tmp_path / "data", per_class=10)
     cache_root, models = tmp_path / "features", tmp_path / "models"
     common = ["--data", str(data), "--cache", str(cache_root), "--weights", "none", "--image-size", "32",
@@ -350,6 +351,11 @@ def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Pat
     assert main(["extract", *common]) == 0
     assert main(["train-head", "--head", "logreg", "--cache", str(cache_root), "--models", str(models),
                  "--c-grid", "0.1,1", "--n-jobs", "1", "--name", "run", "--no-progress"]) == 0
+    return models, common
+
+
+def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Path) -> None:
+    models, common = _a_head_run(tmp_path)
     before = (models / "run" / "metrics.json").read_text()
     assert (models / "run" / runs.SPLIT_RECORD).is_file()
     assert main(["extract", *common, "--val-fraction", "0.05", "--test-fraction", "0.6"]) == 0
@@ -365,13 +371,7 @@ def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Pat
 
 
 def test_finetune_refuses_a_cache_that_was_re_split_since_the_head_was_trained(tmp_path: Path) -> None:
-    data = make_image_folder(tmp_path / "data", per_class=10)
-    cache_root, models = tmp_path / "features", tmp_path / "models"
-    common = ["--data", str(data), "--cache", str(cache_root), "--weights", "none", "--image-size", "32",
-              "--precision", "fp32", "--no-progress"]
-    assert main(["extract", *common]) == 0
-    assert main(["train-head", "--head", "logreg", "--cache", str(cache_root), "--models", str(models),
-                 "--c-grid", "0.1,1", "--n-jobs", "1", "--name", "run", "--no-progress"]) == 0
+    models, common = _a_head_run(tmp_path)
     assert main(["extract", *common, "--split-seed", "7"]) == 0  # the same images, dealt into other splits
     result = run_cli("finetune", "--from", str(models / "run"), "--models", str(models), "--epochs", "1",
                      "--batch-size", "4", "--no-progress")
