@@ -110,7 +110,9 @@ def test_ray_engine_gives_the_local_engines_rows_and_leaves_no_ray_behind(tmp_pa
 
 def test_incremental_update_on_the_ray_engine(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=8)
-    extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
+    # the first pass on the local engine (a Ray pass of its own is the test above): the Ray engine
+    # continues a cache the local engine wrote, and further down the other way round
+    extract_features(tiny_options(data, tmp_path / "ray"))
     write_image(data / "cats" / "new1.png", seed=901)
     write_image(data / "dogs" / "new2.png", seed=902)
     write_image(data / "dogs" / "img001.png", seed=903)  # changed bytes
@@ -120,7 +122,7 @@ def test_incremental_update_on_the_ray_engine(tmp_path: Path) -> None:
     assert (summary.new, summary.images) == (3, 17)
     local = extract_features(tiny_options(data, tmp_path / "local"))
     assert_same_cache(summary.cache_dir, local.cache_dir)
-    # the local engine continues a cache the Ray engine wrote, and the other way round
+    # the local engine continues a cache the Ray engine wrote
     write_image(data / "cats" / "new3.png", seed=904)
     local_after_ray = extract_features(tiny_options(data, tmp_path / "ray"))
     assert (local_after_ray.new, local_after_ray.reused) == (1, 17)

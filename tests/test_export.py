@@ -360,8 +360,9 @@ def _sides_around(n: int) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("n", [32, 150, 224, 2048])
 def test_the_keras_resize_switch_is_exact_at_every_size(n: int) -> None:
     """The resize inside .keras models (Keras layers only) against extract's own rule, on inputs
-    of 48 megapixels in both orientations, very thin ones, and sides of N, N - 1 and N + 1 (the
-    switch of an average of ones, before, sent 6000 x 8000 to bilinear at 224 and blended at 150)."""
+    of 48 megapixels in both orientations at 150 and 224 (the switch of an average of ones, before,
+    sent 6000 x 8000 to bilinear at 224 and blended at 150), very thin ones at every size, and
+    sides of N, N - 1 and N + 1."""
     import keras
 
     from pipeline.images.decode_tf import resize_like_extract
@@ -369,9 +370,11 @@ def test_the_keras_resize_switch_is_exact_at_every_size(n: int) -> None:
 
     pixels = keras.Input((None, None, 3))
     model = keras.Model(pixels, resize_like_extract_layers(pixels, n))
+    large = RESIZE_SHAPES if n in (150, 224) else RESIZE_SHAPES[2:]
     extra = {224: [(7000, 10000)], 2048: [(2048, 8500), (2056, 9000)]}.get(n, [])
-    for height, width in RESIZE_SHAPES + _sides_around(n) + extra:
-        image = np.random.default_rng(height * 7 + width).integers(0, 256, (height, width, 3)).astype(np.float32)
+    for height, width in large + _sides_around(n) + extra:
+        image = np.random.default_rng(height * 7 + width).integers(0, 256, (height, width, 3), np.uint8).astype(
+            np.float32)
         ours = np.asarray(model.predict_on_batch(image[None]))[0]
         np.testing.assert_allclose(ours, resize_like_extract(tf.constant(image), n).numpy(), atol=1e-5,
                                    err_msg=f"{height} x {width} at {n}")
@@ -379,16 +382,27 @@ def test_the_keras_resize_switch_is_exact_at_every_size(n: int) -> None:
 
 def _smooth_png(path: Path, height: int, width: int, seed: int) -> str:
     """A large image that compresses (a gradient with a little noise): megapixels without a
-    hundred megabytes of PNG."""
+    hundred megabytes of PNG. Summed in uint8 (at most 200 + 50 + 3): a float image of 48
+    megapixels took 4 s to build."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    rows = np.linspace(0, 200, height, dtype=np.float32)[:, None, None]
-    columns = np.linspace(0, 50, width, dtype=np.float32)[None, :, None]
-    pixels = (rows + columns + rng.integers(0, 4, (1, width, 3))).astype(np.uint8)
+    rows = np.linspace(0, 200, height).astype(np.uint8)[:, None, None]
+    columns = np.linspace(0, 50, width).astype(np.uint8)[None, :, None] + rng.integers(0, 4, (1, width, 3),
+                                                                                       dtype=np.uint8)
+    pixels = rows + columns
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format="PNG", compress_level=1)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def large_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The large, thin and edge-sized images, written once for the module (two 48-megapixel
+    PNGs cost seconds each)."""
+    folder = tmp_path_factory.mktemp("large-images")
+    return [_smooth_png(folder / f"{h}x{w}.png", h, w, seed=h + w)
+            for h, w in RESIZE_SHAPES + [(31, 33), (32, 32), (33, 31), (33, 33)]]
 
 
 @pytest.fixture(scope="module")
@@ -404,13 +418,13 @@ def fused_run(exported_runs: dict[str, Path]) -> Path:
 
 @pytest.mark.parametrize("run", ["logreg", "fused", "finetune"])
 def test_large_thin_and_edge_sized_images_agree_in_every_format(exported_runs: dict[str, Path], fused_run: Path,
-                                                                 run: str, tmp_path: Path) -> None:
+                                                                 large_files: list[str], run: str,
+                                                                 tmp_path: Path) -> None:
     """predict, the .keras export, the SavedModel and TFLite with the README's recipe, each loaded
     where the project cannot be imported, give the same probabilities for 48-megapixel images in
     both orientations, 3 x 20000 and 20000 x 3, and sides of N - 1, N and N + 1."""
     directory = fused_run if run == "fused" else exported_runs[run]
-    files = [_smooth_png(tmp_path / "images" / f"{h}x{w}.png", h, w, seed=h + w)
-             for h, w in RESIZE_SHAPES + [(31, 33), (32, 32), (33, 31), (33, 33)]]
+    files = large_files
     expected = _predicted(directory, files, CLASSES)
     formats = ["keras", "savedmodel", "tflite"] if run == "logreg" else ["keras"]
     for fmt in formats:
