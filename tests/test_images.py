@@ -116,3 +116,27 @@ def test_a_fifo_named_like_an_image_is_an_error_row_not_a_hang(tmp_path: Path, c
     assert main(["predict", "--model", str(head_run["run"]), str(fifo), str(good)]) == 1
     out = capsys.readouterr().out
     assert "cat.png  error: not a readable image: unreadable: not a regular file" in out and str(good) in out
+
+
+def test_decode_threads_each_call_blas_in_their_own_thread(tmp_path: Path, monkeypatch) -> None:
+    """Several decode threads each starting OpenBLAS's whole pool oversubscribed a 16-core machine
+    (bench/RESULTS.md, GPU: 3x slower); one decode thread keeps the pool."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from pipeline.images import reading
+
+    folder = make_image_folder(tmp_path / "data", per_class=3, classes=("a",))
+    files = sorted(folder.rglob("*.png"))
+    seen: list[int] = []
+
+    def transform(x):
+        seen.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+        return x
+
+    batches = list(reading.EncodedImages(files)._threaded_batches(32, 2, transform, workers=2))
+    assert sum(len(indices) for indices, _ in batches) == 3 and seen and set(seen) == {1}
+    outside = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    with reading.one_blas_thread_each(1):  # one decode thread: BLAS's pool is left as it is
+        assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == outside
+    assert np.isfinite(batches[0][1]).all()
