@@ -230,7 +230,8 @@ class EncodedImages:
             return index, read
 
         window = max(2 * batch_size, 4 * workers)
-        with one_blas_thread_each(workers), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        with one_blas_thread_each(workers), \
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
             pending: collections.deque = collections.deque()
             upcoming = iter(range(len(self.files)))
             indices: list[int] = []
