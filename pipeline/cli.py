@@ -24,6 +24,7 @@ from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.registry import BACKBONES, PREPROCESSING
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError
+from pipeline.errors import command as invoked_as
 from pipeline.finetuning.examples import Augmentation
 
 
@@ -508,8 +509,9 @@ def _audit(args: argparse.Namespace) -> int:
         return 0
     issues, duplicates = details["label_issues"], details["duplicates"]
     print(f"audit of {summary.images} images ({', '.join(details['backbones'])}): {summary.seconds:.1f} s")
-    print(f"  label suspects: {summary.suspects} (cleanlab on {issues['folds']}-fold out-of-fold probabilities; "
-          + ", ".join(f"{split} {count}" for split, count in sorted(issues["by_split"].items())) + ")")
+    by_split = ", ".join(f"{split} {count}" for split, count in sorted(issues["by_split"].items()))
+    print(f"  label suspects: {summary.suspects} (cleanlab on {issues['folds']}-fold out-of-fold probabilities"
+          + (f"; {by_split})" if by_split else ")"))
     print(f"  duplicate pairs: {summary.duplicate_pairs} ({summary.exact_pairs} of the same bytes, "
           f"{duplicates['exact_under_two_classes']} of them under two classes; near: cosine >= "
           f"{duplicates['similarity_threshold']}, {duplicates['neighbour_search']})")
@@ -520,7 +522,7 @@ def _audit(args: argparse.Namespace) -> int:
               f"{counts['in_duplicate_pairs']:>5} in duplicate pairs")
     print(f"  look at: {summary.directory / 'map.png'}, suspects.png, duplicates.png; the lists: suspects.csv, "
           "duplicates.csv; pred_probs.npy with ids.txt (for cleanlab)")
-    print(f"  train without the suspects: run_pipeline.py train-head --exclude {summary.directory / 'suspects.csv'}")
+    print(f"  train without the suspects: {invoked_as()} train-head --exclude {summary.directory / 'suspects.csv'}")
     print(f"audit: {summary.directory}")
     return 0
 

@@ -4,6 +4,7 @@ ranges that raises it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 Rules = Mapping[str, tuple[Callable[[Any], bool], str]]  # parameter -> (is the value valid?, what it must be)
@@ -24,11 +25,29 @@ def check_parameters(values: Mapping[str, Any], rules: Rules) -> None:
             raise PipelineError(f"--{name.replace('_', '-')} {values[name]}: must be {rule}")
 
 
+def command() -> str:
+    """How the user started the pipeline, for hints: `run_pipeline.py` from a clone, else the
+    console command that pip installs."""
+    import sys
+
+    return "run_pipeline.py" if sys.argv and Path(sys.argv[0]).name == "run_pipeline.py" else "bottleneck-pipeline"
+
+
+def from_a_clone() -> bool:
+    """Started from a clone (run_pipeline.py, where `make setup` exists), not a pip install."""
+    return command() == "run_pipeline.py" and (Path(__file__).resolve().parent.parent / "Makefile").is_file()
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra: pip's words, and `make setup` only where the user has it."""
+    text = f"pip install 'bottleneck-pipeline[{extra}]'"
+    return text + " (make setup installs it)" if from_a_clone() else text
+
+
 def require_module(module: str, what: str, extra: str) -> None:
     """A one-line error where an optional dependency is missing, naming the extra that brings it."""
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise PipelineError(f"{what} needs {module}: pip install 'bottleneck-pipeline[{extra}]' (make setup installs "
-                            "it)")
+        raise PipelineError(f"{what} needs {module}: {install_hint(extra)}")
 

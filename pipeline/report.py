@@ -3,14 +3,14 @@ the table of all runs side by side. Pictures beside machine-readable CSV and JSO
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, tables
+from pipeline.errors import command
 
 CONFIDENCE = 0.95
 
@@ -127,11 +127,11 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     report = f"{report}\n{accuracy_line}"
     atomic.write_text(directory / "classification_report.txt", f"{title}\n\n{report}\n{matrix_text}\n{pairs_text}")
     with atomic.replacing(directory / "most_confused.csv") as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(["true_label", "predicted_label", "images", "share_of_true_class"])
         writer.writerows([true, guess, count, f"{share:.4f}"] for true, guess, count, share in pairs)
     with atomic.replacing(directory / "confusion_matrix.csv") as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(["true \\ predicted", *class_names, "images", "class_accuracy"])
         for name, row in zip(class_names, matrix):
             total = int(row.sum())
@@ -145,7 +145,7 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")]  # most confident first
     with atomic.replacing(directory / "misclassified.csv") as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(["path", "true_label", "predicted_label", "probability", "probability_of_true"])
         for i in wrong:
             writer.writerow([paths[i], class_names[labels[i]], class_names[predicted[i]],
@@ -233,7 +233,7 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with atomic.replacing(directory / "history.csv") as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns)
+        writer = tables.dict_writer(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
     plt = _pyplot()
@@ -268,7 +268,7 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
 
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
-        return "no runs yet: train one with `run_pipeline.py train-head --head logreg`"
+        return f"no runs yet: train one with `{command()} train-head --head logreg`"
     columns = [("name", "name"), ("kind", "kind"), ("head", "head"), ("data", "data"), ("backbone", "backbone"),
                ("image_size", "size"), ("layers", "layers"), ("pooling", "pooling"),
                ("validation_accuracy", "val acc"), ("validation_accuracy_ci95", "95% CI"),

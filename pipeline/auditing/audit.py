@@ -15,7 +15,6 @@ training (`train-head --exclude DIR/suspects.csv`).
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, outputs, tables
 from pipeline.auditing import pictures
 from pipeline.auditing.duplicates import Pair, exact_duplicates, near_duplicates
 from pipeline.auditing.labels import label_issues
@@ -57,6 +56,8 @@ class AuditOptions:
     def __post_init__(self) -> None:
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
             raise PipelineError(f"--folds {self.folds}: a whole number, 2 or more")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
+            raise PipelineError(f"--seed {self.seed}: a whole number from 0 to {2**32 - 1}")
         if not (isinstance(self.similarity, int | float) and math.isfinite(self.similarity)
                 and 0 < self.similarity <= 1):
             raise PipelineError(f"--similarity {self.similarity}: a cosine similarity above 0, at most 1")
@@ -104,6 +105,8 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
             raise PipelineError(f"the audit holds the features in memory, and those of {store.directory} are more "
                                 "than the memory budget: pool them (extract --pooling avg) or raise --memory-budget")
     present = [split for split in SPLITS if len(splits[split])]
+    for split in present:
+        check_feature_values(splits[split].matrix, store.directory)
     return _Images(
         vectors=np.concatenate([splits[s].matrix for s in present]).astype(np.float32),
         labels=np.concatenate([splits[s].labels for s in present]).astype(np.int64),
@@ -115,6 +118,19 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
     )
 
 
+LARGEST_FEATURE = 1e15  # no backbone's features come near; squares of larger ones overflow float32 statistics
+
+
+def check_feature_values(matrix: np.ndarray, cache: Path) -> None:
+    """Features a neighbour search and a logistic regression can take: finite, and far from
+    float32's limits (a damaged or hand-edited cache)."""
+    for start in range(0, len(matrix), 4096):
+        block = matrix[start:start + 4096]
+        if not np.isfinite(block).all() or (block.size and float(np.abs(block).max()) > LARGEST_FEATURE):
+            raise PipelineError(f"{cache} holds feature values that are not finite or beyond {LARGEST_FEATURE:g} "
+                                "(damaged?): extract again into a new cache")
+
+
 def default_directory(models: Path, stores: Sequence[FeatureStore]) -> Path:
     name = "+".join(store.directory.name for store in stores)
     return Path(models) / f"audit-{name}"[:200]
@@ -124,6 +140,11 @@ def run_audit(options: AuditOptions) -> AuditSummary:
     started = time.perf_counter()
     stores, views = open_features(options.features, options.cache_root, None, None)
     final = Path(options.out) if options.out is not None else default_directory(options.models, stores)
+    inputs = [("feature cache", store.directory) for store in stores]
+    inputs += [("image folder", Path(store.data_root)) for store in stores if store.data_root]
+    final = outputs.check_output_folder(final, "--out", inputs, replaces_whole=True, marker=SUMMARY,
+                                        what="an earlier audit")
+    outputs.remove_abandoned_staging(final)
     images = _load(stores, views, options.memory_budget)
     found = label_issues(images.vectors, images.labels, images.class_names, options.folds, options.seed,
                          options.progress)
@@ -165,7 +186,7 @@ def run_audit(options: AuditOptions) -> AuditSummary:
 def _write_suspects(path: Path, images: _Images, found: Any) -> None:
     names = images.class_names
     with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(["path", "split", "given", "suggested", "score", "id"])
         for row in found.issues:
             writer.writerow([images.paths[row], images.splits[row], names[images.labels[row]],
@@ -175,7 +196,7 @@ def _write_suspects(path: Path, images: _Images, found: Any) -> None:
 def _write_duplicates(path: Path, images: _Images, pairs: Sequence[Pair]) -> None:
     names = images.class_names
     with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(["path_a", "split_a", "class_a", "path_b", "split_b", "class_b", "similarity", "exact"])
         for p in sorted(pairs, key=lambda p: (not p.exact, -p.similarity)):
             writer.writerow([images.paths[p.a], images.splits[p.a], names[images.labels[p.a]], images.paths[p.b],

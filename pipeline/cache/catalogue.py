@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.store import find_caches
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, command
 
 LITE_PREFIX = "efficientnet_"
 
@@ -86,7 +86,7 @@ def find_cache(selector: str, cache_root: Path) -> Path | None:
 
 def caches_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
-        return "no caches yet: make one with `run_pipeline.py extract --data DIR`"
+        return f"no caches yet: make one with `{command()} extract --data DIR`"
     columns = [("name", "name"), ("backbone", "backbone"), ("image_size", "size"), ("layers", "layers"),
                ("pooling", "pooling"), ("precision", "precision"), ("images", "images"), ("data", "data"),
                ("updated", "updated")]

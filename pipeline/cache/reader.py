@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.backbone.pooling import POOLINGS, pool
 from pipeline.cache.store import FeatureStore, find_caches
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, command
 
 DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the features of all splits together
 
@@ -28,7 +28,7 @@ def latest_cache(cache_root: Path) -> Path:
     caches = find_caches(cache_root)
     if not caches:
         raise PipelineError(
-            f"no feature cache under {cache_root}/: run `run_pipeline.py extract --data DIR` first, "
+            f"no feature cache under {cache_root}/: run `{command()} extract --data DIR` first, "
             "or pass --features DIR"
         )
     return caches[0][0]
@@ -48,7 +48,7 @@ def open_cache(features: Path | None, cache_root: Path) -> FeatureStore:
     if directory is None:
         raise PipelineError(
             f"no cache {features}: name a directory made by extract, or BACKBONE[:SIZE[:LAYER]] "
-            f"(`run_pipeline.py caches --cache {cache_root}` lists them)"
+            f"(`{command()} caches --cache {cache_root}` lists them)"
         )
     return FeatureStore(directory)
 

@@ -26,7 +26,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.atomic import one_line
 from pipeline.cache.fingerprint import Fingerprint
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, command
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
@@ -328,7 +328,7 @@ class FeatureStore:
         if not manifest_path.is_file():
             raise PipelineError(
                 f"{self.directory} is not a feature cache (no {MANIFEST_NAME}): "
-                "point at a directory made by `run_pipeline.py extract`"
+                f"point at a directory made by `{command()} extract`"
             )
         damaged = f"{manifest_path} is damaged"
         try:

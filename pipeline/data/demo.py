@@ -6,12 +6,12 @@ exported folder is never committed.
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import shutil
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline import tables
+from pipeline.errors import PipelineError, from_a_clone
 
 ELPV_PACKAGE = "elpv-dataset"
 CLASSINGS = ("binary", "4class")
@@ -21,8 +21,8 @@ def elpv_data_dir() -> Path:
     try:
         dist = importlib.metadata.distribution(ELPV_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise PipelineError(f"the demo data needs the package {ELPV_PACKAGE}: run `make setup` "
-                            f"or `pip install {ELPV_PACKAGE}`") from None
+        raise PipelineError(f"the demo data needs the package {ELPV_PACKAGE}: `pip install {ELPV_PACKAGE}`"
+                            + (" (make setup installs it)" if from_a_clone() else "")) from None
     data = Path(str(dist.locate_file("elpv_dataset/data")))
     if not (data / "labels.csv").is_file():
         raise PipelineError(f"{data}/labels.csv is missing: reinstall {ELPV_PACKAGE}")
@@ -67,7 +67,7 @@ def export_elpv(destination: Path, classing: str = "binary") -> dict[str, int]:
         counts[name] = counts.get(name, 0) + 1
         table.append((f"{name}/{target.name}", name, probability, cell_type))
     with open(destination / "elpv_labels.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(["file", "class", "defect_probability", "cell_type"])
         writer.writerows(table)
     return dict(sorted(counts.items()))

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.data.dataset import ImageRecord
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, install_hint
 from pipeline.extraction.engine import EngineResult, strict_error
 from pipeline.extraction.plan import ShardWriter, cut_units, unit_description, unit_key
 
@@ -64,8 +64,7 @@ class RayCluster:
             import ray
             import ray.data  # noqa: F401
         except ImportError as error:  # ray is an optional dependency (the "ray" extra)
-            raise PipelineError(f"--engine ray needs ray[data] ({error}): pip install 'bottleneck-pipeline[ray]' "
-                                "(make setup installs it)") from None
+            raise PipelineError(f"--engine ray needs ray[data] ({error}): {install_hint('ray')}") from None
         if self.address is not None:
             check_address(self.address)
         options: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
+from pipeline import atomic, tables
 from pipeline.cache.store import SplitIndex
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, command
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -114,9 +114,9 @@ def read_config(run: Path) -> dict[str, Any]:
     run = Path(run)
     path = run / CONFIG
     if not run.is_dir():
-        raise PipelineError(f"run {run} does not exist: see `run_pipeline.py runs` for the runs there are")
+        raise PipelineError(f"run {run} does not exist: see `{command()} runs` for the runs there are")
     if not is_visible_run(run):
-        raise PipelineError(f"{run} is a staging directory, not a finished run: see `run_pipeline.py runs`")
+        raise PipelineError(f"{run} is a staging directory, not a finished run: see `{command()} runs`")
     try:
         config = atomic.read_json(path)
     except FileNotFoundError:
@@ -160,7 +160,7 @@ def write_split_record(directory: Path, splits: Mapping[str, SplitIndex]) -> Non
     tested on."""
     with atomic.replacing(Path(directory) / SPLIT_RECORD) as temporary, \
             open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(SPLIT_RECORD_HEADER)
         for split, index in splits.items():
             writer.writerows(zip(index.paths, [split] * len(index.paths), index.sha256))
@@ -195,6 +195,6 @@ def read_split_record(run: Path) -> list[tuple[str, str, str]]:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = csv.reader(handle)
             next(rows)
-            return [(row[0], row[1], row[2]) for row in rows]
+            return [(tables.unquoted(row[0]), row[1], row[2]) for row in rows]
     except (OSError, ValueError, IndexError, csv.Error, StopIteration) as error:
         raise PipelineError(f"{path} is damaged ({atomic.one_line(error)}): train the run again") from None

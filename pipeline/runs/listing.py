@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline import atomic
 from pipeline.atomic import one_line
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, command
 from pipeline.runs.files import CONFIG, METRICS, is_visible_run
 from pipeline.runs.record import RunRecord
 
@@ -107,7 +107,7 @@ def best_run(models_root: Path, kind: str | None = None, data: Path | None = Non
     if not rows:
         what = "head run" if kind == "head" else "run"
         where = f" on {data}" if data is not None else ""
-        raise PipelineError(f"no {what}{where} under {models_root}/: train one with `run_pipeline.py train-head` first")
+        raise PipelineError(f"no {what}{where} under {models_root}/: train one with `{command()} train-head` first")
     folders = sorted({r["data"] for r in rows if r.get("data")})
     if data is None and len(folders) > 1:
         shown = ", ".join(folders[:4]) + (", ..." if len(folders) > 4 else "")

@@ -3,13 +3,12 @@ run (its exported model). Top-k labels per image; unreadable files are reported,
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, backend
+from pipeline import atomic, backend, tables
 from pipeline.data.dataset import printable
 from pipeline.errors import PipelineError
 from pipeline.images.formats import DEFAULT_MAX_PIXELS
@@ -95,7 +94,7 @@ def write_predictions(results: list[Prediction], output: Path) -> None:
     k = max((len(r.labels) for r in results), default=0)
     with atomic.replacing(output) as temporary, \
             open(temporary, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
-        writer = csv.writer(handle)
+        writer = tables.writer(handle)
         writer.writerow(["path", *[f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")], "error"])
         for r in results:
             cells = [c for label, p in zip(r.labels, r.probabilities) for c in (label, f"{p:.6f}")]

@@ -6,9 +6,12 @@ written under a temporary name and renamed when complete, so `runs` never lists 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import runs
+from pipeline import runs, tables
+from pipeline.atomic import one_line
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.registry import BACKBONES
 from pipeline.cache.reader import FeatureView, SplitData, load_fused_splits, load_splits, open_features
@@ -102,31 +106,102 @@ def _features_record(store: FeatureStore) -> dict[str, Any]:
     }
 
 
-def read_exclusions(path: Path) -> set[str]:
-    """The images a file names: an audit's suspects.csv (its id and path columns), or one path or
-    content-hash id a line (blank lines and # comments skipped)."""
+@dataclass
+class Exclusions:
+    """What an --exclude file names: image paths (relative to the data folder, as the cache keeps
+    them) and content ids. An audit's rows name an image by its path first; its id stands in only
+    where no image of the cache has that path any more."""
+
+    paths: list[str]
+    ids: list[str]
+    fallback_ids: dict[str, str]  # path -> id, from tables whose rows carry both
+    entries: int
+
+
+ID_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+def read_exclusions(path: Path, data_root: str | None = None) -> Exclusions:
+    """The images a file names: an audit's suspects.csv (its path and id columns), or one path or
+    content-hash id a line (blank lines and # comments skipped). Absolute paths under the data
+    folder are taken relative to it."""
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"--exclude {path} is a folder: name a file (an audit's suspects.csv, or paths or ids "
+                            "one a line)")
+    if path.exists() and not path.is_file():
+        raise PipelineError(f"--exclude {path} is not a regular file (a pipe or device): name a file")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"--exclude {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise PipelineError(f"--exclude {path}: cannot read it ({error})") from None
+        raise PipelineError(f"--exclude {path}: cannot read it ({one_line(error)})") from None
+    root = Path(data_root).resolve() if data_root else None
+
+    def relative(name: str) -> str:
+        name = tables.unquoted(name.strip())
+        if root is not None and Path(name).is_absolute():
+            with contextlib.suppress(ValueError):
+                return Path(name).resolve().relative_to(root).as_posix()
+        return name
+
     lines = text.splitlines()
+    found = Exclusions([], [], {}, 0)
     if lines and lines[0].split(",")[:2] == ["path", "split"]:  # suspects.csv, duplicates-like tables
-        rows = list(csv.DictReader(lines))
-        return {row[key] for row in rows for key in ("id", "path") if row.get(key)}
-    return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+        for row in csv.DictReader(lines):
+            found.entries += 1
+            name, digest = relative(row.get("path") or ""), (row.get("id") or "").strip()
+            if name:
+                found.paths.append(name)
+                if digest:
+                    found.fallback_ids[name] = digest
+            elif digest:
+                found.ids.append(digest)
+        return found
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        found.entries += 1
+        (found.ids if ID_PATTERN.fullmatch(entry) else found.paths).append(entry if ID_PATTERN.fullmatch(entry)
+                                                                            else relative(entry))
+    return found
 
 
-def exclude_from_training(train: SplitData, ids: Sequence[str], path: Path) -> tuple[SplitData, dict[str, Any]]:
-    """The training split without the images `path` names (by path or content hash), and what the
-    run records of it."""
-    wanted = read_exclusions(path)
-    drop = np.asarray([p in wanted or i in wanted for p, i in zip(train.paths, ids)], bool)
+def exclude_from_training(train: SplitData, ids: Sequence[str], path: Path, every_path: set[str],
+                          every_id: set[str], data_root: str | None = None) -> tuple[SplitData, dict[str, Any]]:
+    """The training split without the images `path` names (by path, or by content id where the
+    file gives only an id or the path is gone), and what the run records of it: how many entries
+    named images outside training (kept there), and how many named no image of the cache."""
+    wanted = read_exclusions(path, data_root)
+    by_id = set(wanted.ids) | {digest for name, digest in wanted.fallback_ids.items() if name not in every_path}
+    by_path = set(wanted.paths)
+    drop = np.asarray([p in by_path or i in by_id for p, i in zip(train.paths, ids)], bool)
+    unmatched = [name for name in wanted.paths
+                 if name not in every_path and wanted.fallback_ids.get(name) not in every_id]
+    unmatched += [digest for digest in wanted.ids if digest not in every_id]
     kept = train.subset(np.flatnonzero(~drop))
     if len(np.unique(kept.labels)) < 2:
         raise PipelineError(f"--exclude {path} leaves fewer than two classes in the training split")
     check_every_class_trained(kept.labels, train.class_names or [], f" after --exclude {path}")
-    return kept, {"file": str(Path(path).resolve()), "named": len(wanted), "from_training": int(drop.sum()),
-                  "paths": [p for p, d in zip(train.paths, drop) if d]}
+    by_content = [p for p, i, d in zip(train.paths, ids, drop) if d and p not in by_path]
+    return kept, {"file": str(Path(path).resolve()), "named": wanted.entries, "from_training": int(drop.sum()),
+                  "paths": [p for p, d in zip(train.paths, drop) if d],
+                  "by_content_id": by_content, "matched_nothing": len(unmatched),
+                  "matched_nothing_first": unmatched[:5]}
+
+
+def exclusion_note(excluded: dict[str, Any]) -> str:
+    """One line for the summary: what --exclude left out, and what it could not match."""
+    text = f"--exclude: {excluded['from_training']} training images left out of {excluded['named']} entries named"
+    if excluded.get("by_content_id"):
+        text += f", {len(excluded['by_content_id'])} of them by content id (their paths were not named)"
+    if excluded.get("matched_nothing"):
+        first = ", ".join(map(str, excluded.get("matched_nothing_first", [])[:3]))
+        text += (f"; {excluded['matched_nothing']} entries matched no image of the cache (paths are relative to the "
+                 f"data folder, or absolute under it; ids are content sha256), e.g. {first}")
+    return text
 
 
 def check_every_class_trained(labels: np.ndarray, class_names: Sequence[str], when: str = "") -> None:
@@ -158,8 +233,14 @@ def train_head(options: TrainOptions) -> RunSummary:
         splits = load_splits(store, view, options.memory_budget, options.stream)
     excluded = None
     if options.exclude is not None:
-        splits["train"], excluded = exclude_from_training(splits["train"], store.split_indexes()["train"].sha256,
-                                                          Path(options.exclude))
+        indexes = store.split_indexes()
+        every_path = {p for index in indexes.values() for p in index.paths}
+        every_id = {i for index in indexes.values() for i in index.sha256}
+        splits["train"], excluded = exclude_from_training(splits["train"], indexes["train"].sha256,
+                                                          Path(options.exclude), every_path, every_id,
+                                                          store.data_root)
+        if options.progress:
+            print(f"note: {exclusion_note(excluded)}", file=sys.stderr, flush=True)
     train, validation = splits["train"], splits["validation"]
 
     started = time.perf_counter()
