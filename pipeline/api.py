@@ -16,11 +16,12 @@ Errors a user can cause are `PipelineError` with a one-line message.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import backend as backends
+from pipeline.arguments import check_image_target, checked, image_targets
 from pipeline.errors import PipelineError
 from pipeline.images.formats import MEGAPIXEL
 
@@ -45,6 +46,7 @@ def _max_pixels(max_megapixels: float) -> int:
     return int(max_megapixels * MEGAPIXEL)
 
 
+@checked
 def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None = None, pooling: str | None = None,
             layer: Sequence[str] | None = None, precision: str | None = None, weights: str = "imagenet",
             preprocessing: str | None = None, batch_size: int = 32, shard_size: int = 1024,
@@ -74,6 +76,7 @@ def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None =
     return store
 
 
+@checked
 def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = "features",
                models: PathLike = "models", name: str | None = None, layer: Sequence[str] | None = None,
                pooling: str | None = None, seed: int = 0, class_weight: str | None = None,
@@ -128,6 +131,7 @@ def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
                             f"(the run is kept: {run.directory})")
 
 
+@checked
 def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, tta: str = "none",
              backend: str | None = None) -> Run:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
@@ -148,6 +152,7 @@ def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None,
     return scored
 
 
+@checked
 def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike | None = None,
              name: str | None = None, unfreeze: str | None = None, epochs: int = 3, lr: float = 1e-4,
              momentum: float = 0.9, clipnorm: float = 1.0, batch_size: int = 16, patience: int = 3,
@@ -190,28 +195,49 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
     return tuned
 
 
-def predict(run: Any, images: Sequence[PathLike] | PathLike, *, top: int = 3, models: PathLike = "models",
+@checked
+def predict(run: Any, images: Any, *, top: int = 3, models: PathLike = "models",
             data: PathLike | None = None, output: PathLike | None = None, max_megapixels: float = 128,
-            tta: str = "none", backend: str | None = None) -> list[Prediction]:
+            tta: str = "none", backend: str | None = None) -> list[Prediction] | Iterator[Prediction]:
     """The `top` labels of every image (files, or folders searched for images) with any run (a Run,
     its directory, or "best"): one Prediction per image, in order, with `labels`, `probabilities`
-    and, for a file that is not a readable image, `error`. `output`: also write FILE.csv or .json."""
+    and, for a file that is not a readable image, `error`. `images`: one path, a list (or tuple)
+    of paths, answered with a list; or any other iterable of paths (a generator), answered with a
+    generator that yields each Prediction in order as its chunk of 256 paths is done, in flat
+    memory. `output`: also write FILE.csv or .json (a stream is then collected to write it)."""
     backends.select(backend)
-    from pipeline.serving.predict import check_output, write_predictions
-    from pipeline.serving.predict import predict as top_labels
+    from pipeline.serving.predict import Predictor, check_output, image_files, predict_stream, write_predictions
 
     if top < 1:
         raise PipelineError(f"--top must be a positive integer, not {top}")
     if output is not None:
         check_output(Path(output))  # before the work, not after
-    targets = [images] if isinstance(images, str | os.PathLike) else list(images)
-    results = top_labels(_run_path(run), [Path(t) for t in targets], top, Path(models),
-                         None if data is None else Path(data), _max_pixels(max_megapixels), tta)
+    targets = image_targets(images)
+    predictor = Predictor(_run_path(run), Path(models), None if data is None else Path(data),
+                          _max_pixels(max_megapixels), tta)
+    if not isinstance(targets, list | tuple):  # a stream: answered as one
+        streamed = predict_stream(predictor, (_checked_path(t) for t in targets), top)
+        if output is None:
+            return streamed
+        results = list(streamed)
+        write_predictions(results, Path(output))
+        return results
+    paths = [_checked_path(t) for t in targets]
+    files = image_files(paths)
+    if not files:
+        raise PipelineError(f"no images found in {', '.join(map(str, paths)) or 'an empty list'}")
+    results = predictor(files, top)
     if output is not None:
         write_predictions(results, Path(output))
     return results
 
 
+def _checked_path(target: Any) -> Path:
+    check_image_target(target)
+    return Path(target)
+
+
+@checked
 def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,  # noqa: A002 - the flag's name
            quantize: bool = False, precision: str = "float32", check_images: int = 500, tta: str = "none",
            models: PathLike = "models", data: PathLike | None = None, backend: str | None = None) -> ExportSummary:
@@ -230,6 +256,7 @@ def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,
                       None if data is None else Path(data), precision, check_images, tta)
 
 
+@checked
 def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",
                layer: Sequence[str] | None = None, pooling: str | None = None, progress: bool = True) -> Any:
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
@@ -246,6 +273,7 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
     return write_embeddings(stores[0], views[0], Path(out), progress)
 
 
+@checked
 def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike = "models",
           cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
           memory_budget: int | None = None, progress: bool = True) -> Any:
@@ -262,6 +290,7 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
         memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress))
 
 
+@checked
 def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> list[dict[str, Any]]:
     """Every finished run under `models` (of the image folder `data` if given) as a row, best
     validation accuracy first; a damaged run is listed with its `problem`."""
@@ -270,6 +299,7 @@ def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> l
     return rows(Path(models), None if data is None else Path(data))
 
 
+@checked
 def list_caches(cache: PathLike = "features") -> list[dict[str, Any]]:
     """Every feature cache under `cache`, newest first (the one train_head takes by default), as a
     row: name, directory, backbone, image_size, layers, pooling, precision, data, images, updated."""
@@ -285,6 +315,7 @@ def list_backbones() -> list[str]:
     return list(BACKBONES)
 
 
+@checked
 def open_run(run: Any = "best", *, models: PathLike = "models", data: PathLike | None = None) -> Run:
     """A finished run (its directory, or "best"), read and checked."""
     from pipeline.runs import Run

@@ -3,6 +3,7 @@ run (its exported model). Top-k labels per image; unreadable files are reported,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,41 +40,81 @@ def image_files(targets: list[Path]) -> list[Path]:
     return files
 
 
+class Predictor:
+    """A run opened once for predictions: its classifier built at the precision the features had,
+    for any number of calls on lists of files."""
+
+    def __init__(self, run: Path, models: Path = Path("models"), data: Path | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none") -> None:
+        from pipeline.finetuning.views import view_transforms
+
+        view_transforms(tta)  # an unknown name is refused before any work
+        opened = Run.open(run, models, data=data)
+        if opened.kind == "finetune":
+            backend.require_tensorflow("predict with a fine-tuned run (its model.keras resizes by area, which only "
+                                       "TensorFlow's Keras has)")
+        # At the precision the features had. On TensorFlow the model resizes inside (as exported);
+        # elsewhere the pipeline's image path has squashed the images already.
+        self.model = opened.classifier(resize=backend.is_tensorflow())
+        self.class_names, self.size = opened.class_names, opened.fingerprint.image_size
+        self.max_pixels, self.tta = max_pixels, tta
+
+    def __call__(self, files: list[Path], top_k: int) -> list[Prediction]:
+        """Top-k labels of every file, in order; a file that is not a readable image gets an error."""
+        from pipeline.finetuning.views import averaged_by_image
+        from pipeline.images.reading import EncodedImages
+
+        results = [Prediction(printable(path), [], []) for path in files]
+        if not files:
+            return results
+        source = EncodedImages(files, self.max_pixels)
+        rows = averaged_by_image(self.model.predict_on_batch, source, self.size, BATCH, self.tta)
+        for index, row in rows.items():
+            top = np.argsort(-row, kind="stable")[:top_k]
+            results[index] = Prediction(results[index].path, [self.class_names[i] for i in top],
+                                        [float(row[i]) for i in top])
+        for index in sorted(set(range(len(files))) - set(rows)):
+            try:
+                reason = f"not a readable image: {source.failure_reason(index, self.size)}"
+            except PipelineError as error:  # too large, or no memory: said as it is
+                reason = str(error)
+            results[index].error = reason
+        return results
+
+
 def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models"),
             data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none") -> list[Prediction]:
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
     among the runs of this data folder. `tta`: average the probabilities over test-time views
     (flip: 2, dihedral: 8; pipeline/finetuning/views.py)."""
-    from pipeline.finetuning.views import averaged_by_image, view_transforms
-    from pipeline.images.reading import EncodedImages
-
-    view_transforms(tta)  # an unknown name is refused before any work
-
-    opened = Run.open(run, models, data=data)
-    if opened.kind == "finetune":
-        backend.require_tensorflow("predict with a fine-tuned run (its model.keras resizes by area, which only "
-                                   "TensorFlow's Keras has)")
-    # At the precision the features had. On TensorFlow the model resizes inside (as exported);
-    # elsewhere the pipeline's image path has squashed the images already.
-    model = opened.classifier(resize=backend.is_tensorflow())
-    class_names, size = opened.class_names, opened.fingerprint.image_size
+    predictor = Predictor(run, models, data, max_pixels, tta)
     files = image_files(targets)
     if not files:
         raise PipelineError(f"no images found in {', '.join(map(str, targets))}")
-    results = [Prediction(printable(path), [], []) for path in files]
-    source = EncodedImages(files, max_pixels)
-    rows = averaged_by_image(model.predict_on_batch, source, size, BATCH, tta)
-    for index, row in rows.items():
-        top = np.argsort(-row, kind="stable")[:top_k]
-        results[index] = Prediction(results[index].path, [class_names[i] for i in top], [float(row[i]) for i in top])
-    for index in sorted(set(range(len(files))) - set(rows)):
-        try:
-            reason = f"not a readable image: {source.failure_reason(index, size)}"
-        except PipelineError as error:  # too large, or no memory: said as it is
-            reason = str(error)
-        results[index].error = reason
-    return results
+    return predictor(files, top_k)
+
+
+STREAM_CHUNK = 256  # paths taken from a stream at a time: memory bounded by a chunk, not the stream
+
+
+def predict_stream(predictor: Predictor, targets: Iterator[Path], top_k: int,
+                   chunk: int = STREAM_CHUNK) -> Iterator[Prediction]:
+    """Predictions of a stream of paths (files or folders), yielded in order, `chunk` paths at a
+    time: a generator of 10,000 paths starts answering after its first chunk, in flat memory."""
+    for paths in _chunks(targets, chunk):
+        yield from predictor(image_files(paths), top_k)
+
+
+def _chunks(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
+    chunk: list[Path] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def check_output(output: Path) -> None:
