@@ -204,17 +204,18 @@ def replacing_directory(path: Path, after: str = "nothing half-written was left"
     try:
         lock = _locked_directory(staging)
         yield staging
-        _check_still_ours(staging, lock)
-        if path.exists() and _exchange(staging, path):
+        with _swapping_in(path.parent):  # two writers of one name (threads or processes) swap in turn
+            _check_still_ours(staging, lock)
+            if path.exists() and _exchange(staging, path):
+                (path / STAGING_LOCK).unlink(missing_ok=True)
+                shutil.rmtree(staging, ignore_errors=True)  # the old directory, now under the staging name
+                return
+            retired = path.with_name(f".{path.name}.old-{token}")
+            if path.exists():
+                os.replace(path, retired)
+            os.replace(staging, path)
             (path / STAGING_LOCK).unlink(missing_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)  # the old directory, now under the staging name
-            return
-        retired = path.with_name(f".{path.name}.old-{token}")
-        if path.exists():
-            os.replace(path, retired)
-        os.replace(staging, path)
-        (path / STAGING_LOCK).unlink(missing_ok=True)
-        shutil.rmtree(retired, ignore_errors=True)
+            shutil.rmtree(retired, ignore_errors=True)
     except BaseException as error:
         lost = lock is not None and not staging.is_dir()
         if lock is not None and _holds(staging, lock):
@@ -227,6 +228,19 @@ def replacing_directory(path: Path, after: str = "nothing half-written was left"
     finally:
         if lock is not None:
             lock.close()
+
+
+@contextmanager
+def _swapping_in(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` itself (flock on the directory) while a finished directory is
+    swapped in: the check that the staging directory is still ours, the rename and the removal of
+    the old one happen as one step for every writer of that folder, in this process or another."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _holds(staging: Path, lock: Any) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic, tables
+from pipeline.drawing import pyplot, serialised
 from pipeline.errors import command
 
 CONFIDENCE = 0.95
@@ -188,17 +189,9 @@ def _confusion_text(matrix: np.ndarray, class_names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
+@serialised
 def _confusion_picture(path: Path, matrix: np.ndarray, class_names: Sequence[str], title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     size = max(4.0, 0.9 * len(class_names) + 2.5)
     figure, axes = plt.subplots(figsize=(size + 1, size))
     totals = matrix.sum(axis=1, keepdims=True)
@@ -224,9 +217,10 @@ def _save_figure(figure: Any, path: Path) -> None:
         with atomic.replacing(path) as temporary:
             figure.savefig(temporary, dpi=110, format="png")
     finally:
-        _pyplot().close(figure)
+        pyplot().close(figure)
 
 
+@serialised
 def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) -> None:
     """history.csv and curves.png: per epoch for dense heads, per C tried for logistic regression."""
     if not rows:
@@ -236,7 +230,7 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
         writer = tables.dict_writer(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
-    plt = _pyplot()
+    plt = pyplot()
     if kind == "epochs":
         panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
                   ("learning rate", ["learning_rate"])]

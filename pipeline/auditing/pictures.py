@@ -12,34 +12,27 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic
+from pipeline.drawing import pyplot, serialised
 
 MAP_POINTS = 5000  # t-SNE on more costs minutes; a sample keeps every marked point
 SHEET = 20  # suspects on the contact sheet
 PAIRS = 10  # cross-split pairs shown
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(figure: Any, path: Path) -> None:
     with atomic.replacing(path, suffix=".png") as temporary:
         figure.savefig(temporary, dpi=100, format="png")
-    _pyplot().close(figure)
+    pyplot().close(figure)
 
 
+@serialised
 def embedding_map(x: np.ndarray, labels: np.ndarray, class_names: Sequence[str], suspects: Sequence[int],
                   cross_split: Sequence[int], path: Path, seed: int = 0) -> str:
     """map.png; returns how the map was made."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    plt = _pyplot()
+    plt = pyplot()
     rng = np.random.default_rng(seed)
     marked = np.unique(np.concatenate([np.asarray(suspects, np.int64), np.asarray(cross_split, np.int64)]))
     rest = np.setdiff1d(np.arange(len(x)), marked)
@@ -84,9 +77,10 @@ def _thumbnail(file: Path, size: int = 160) -> np.ndarray:
         return np.full((size, size, 3), 127, np.uint8)  # an image that has gone since: grey
 
 
+@serialised
 def contact_sheet(files: Sequence[Path], captions: Sequence[str], title: str, path: Path, columns: int = 5) -> None:
     """suspects.png: images in a grid, each with its caption."""
-    plt = _pyplot()
+    plt = pyplot()
     shown = max(1, len(files))
     rows = -(-shown // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
@@ -102,9 +96,10 @@ def contact_sheet(files: Sequence[Path], captions: Sequence[str], title: str, pa
     _save(figure, path)
 
 
+@serialised
 def pairs_sheet(pairs: Sequence[tuple[Path, Path, str]], title: str, path: Path) -> None:
     """duplicates.png: each pair side by side, with its caption."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(1, len(pairs))
     figure, axes = plt.subplots(rows, 2, figsize=(5.4, 2.7 * rows), squeeze=False)
     for i, (left, right) in enumerate(axes):

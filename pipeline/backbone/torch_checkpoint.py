@@ -68,12 +68,53 @@ def _rebuild_tensor(storage: Any, offset: Any, shape: Any, stride: Any, *_: Any)
     return _TensorRef(storage, offset, tuple(shape), tuple(stride))
 
 
-class _StateDictOnly(pickle.Unpickler):
-    """Allows exactly what a state dict of tensors needs; refuses every other global."""
+def _plain_key(key: Any) -> Any:
+    """Dictionary keys of a state dict are names (or numbers). Anything else is refused before it
+    is hashed: a tuple built of memo references can be tiny in the file and take forever to hash."""
+    if not isinstance(key, str | int):
+        raise pickle.UnpicklingError(f"a dictionary key that is a {type(key).__name__}, not a name")
+    return key
+
+
+def _ordered_dict(*args: Any) -> collections.OrderedDict:
+    if args:  # torch.save writes OrderedDict() and fills it with SETITEMS
+        raise pickle.UnpicklingError("an OrderedDict built from arguments")
+    return collections.OrderedDict()
+
+
+class _StateDictOnly(pickle._Unpickler):  # the Python unpickler: its dictionary opcodes can check keys
+    """Allows exactly what a state dict of tensors needs; refuses every other global, dictionary keys
+    that are not names, and sets."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = _plain_key(self.stack.pop())
+        self.stack[-1][key] = value
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        for i in range(0, len(items), 2):
+            target[_plain_key(items[i])] = items[i + 1]
+
+    def load_dict(self) -> None:
+        items = self.pop_mark()
+        self.append({_plain_key(items[i]): items[i + 1] for i in range(0, len(items), 2)})
+
+    def load_refused(self) -> None:
+        raise pickle.UnpicklingError("a set (a state dict holds none)")
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    for _opcode in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
+        dispatch[_opcode[0]] = load_refused
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
+            return _ordered_dict
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:

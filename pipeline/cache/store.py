@@ -108,13 +108,65 @@ def _check_shard_attributes(handle: h5py.File, path: Path, fingerprint: Fingerpr
         )
 
 
+MAX_VALUES_PER_IMAGE = 1 << 24  # 64 MB of float32 an image: far above any backbone's map at any size
+MAX_SHARD_ROWS = 1 << 22
+TEXT_COLUMNS = ("paths", "sha256", "labels", "splits")
+_HEX = frozenset("0123456789abcdef")
+
+
+def _declared_shape_problem(handle: h5py.File, layers: Sequence[str], rows: int | None,
+                            shapes: Mapping[str, Sequence[int]] | None) -> str | None:
+    """What is wrong with the shapes a shard declares, found before anything is read: a column
+    declaring 10^9 rows in a 300 KB file must not be allocated first."""
+    declared = {}
+    for name in TEXT_COLUMNS:
+        shape = handle[name].shape
+        if shape is None or len(shape) != 1:
+            return f"column {name} has shape {shape}, not one value per image"
+        declared[name] = shape[0]
+    for name in layers:
+        shape = handle["features"][name].shape
+        if shape is None or len(shape) < 2:
+            return f"features {name} have shape {shape}, not one row per image"
+        declared[f"features {name}"] = shape[0]
+        if int(np.prod(shape[1:], dtype=np.int64)) > MAX_VALUES_PER_IMAGE:
+            return f"features {name} declare {shape[1:]} values an image, more than any backbone gives"
+        if shapes is not None and name in shapes and tuple(shape[1:]) != tuple(shapes[name]):
+            expected = ", ".join(map(str, shapes[name]))
+            return f"features {name} have shape {tuple(shape)}, the cache's are (n, {expected})"
+    lengths = set(declared.values())
+    if rows is not None and lengths != {rows}:
+        return f"its columns declare {sorted(lengths)} rows, the manifest {rows}"
+    if len(lengths) != 1:
+        return "columns of different lengths"
+    if max(lengths) > MAX_SHARD_ROWS:
+        return f"{max(lengths)} rows declared, more than a shard holds"
+    return None
+
+
+def _identity_problem(paths: Sequence[str], ids: Sequence[str]) -> str | None:
+    """Content ids are sha256 hex digests; paths are relative, inside the data folder, one line each."""
+    for digest in ids:
+        if len(digest) != 64 or not _HEX.issuperset(digest):
+            return f"id {digest[:80]!r} is not a sha256 hex digest"
+    for name in paths:
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or any(c in name for c in "\n\r\0"):
+            return f"path {name[:80]!r} is not a path inside the data folder"
+    return None
+
+
 def read_shard_index(path: Path, fingerprint: Fingerprint,
-                     shapes: Mapping[str, Sequence[int]] | None = None) -> ShardIndex:
-    """A shard's metadata, checked: its fingerprint, columns of one length, labels within its
-    classes, known split names, and float features of every layer (of `shapes` when given)."""
+                     shapes: Mapping[str, Sequence[int]] | None = None, rows: int | None = None) -> ShardIndex:
+    """A shard's metadata, checked: its fingerprint, the shapes its columns declare (against the
+    manifest's `rows` and `shapes`, before reading any), labels within its classes, known split
+    names, ids that are sha256 digests, relative paths, and float features of every layer."""
     try:
         with h5py.File(path, "r") as handle:
             _check_shard_attributes(handle, path, fingerprint)
+            declared = _declared_shape_problem(handle, fingerprint.layers, rows, shapes)
+            if declared:
+                raise _damaged(path, declared)
             shard = ShardIndex(
                 path,
                 str(handle.attrs["shard_uuid"]),
@@ -138,6 +190,9 @@ def read_shard_index(path: Path, fingerprint: Fingerprint,
     unknown = set(shard.splits) - set(SPLITS)
     if unknown:
         raise _damaged(path, f"unknown split {sorted(unknown)[0]!r}")
+    identity = _identity_problem(shard.paths, shard.sha256)
+    if identity:
+        raise _damaged(path, identity)
     return shard
 
 
@@ -345,6 +400,13 @@ class FeatureStore:
             self.feature_shapes = {str(name): tuple(int(n) for n in shape)
                                    for name, shape in self.manifest.get("feature_shapes", {}).items()}
             listed = {str(entry["file"]): str(entry["uuid"]) for entry in self.manifest["shards"]}
+            self._rows = {str(entry["file"]): entry["rows"] for entry in self.manifest["shards"] if "rows" in entry}
+            for name, shape in self.feature_shapes.items():
+                if not shape or min(shape) < 1 or int(np.prod(shape, dtype=np.int64)) > MAX_VALUES_PER_IMAGE:
+                    raise ValueError(f"feature_shapes {name} {list(shape)} is not a backbone's output")
+            for rows in self._rows.values():
+                if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= MAX_SHARD_ROWS:
+                    raise ValueError(f"a shard's rows {rows!r}")
         except (OSError, ValueError) as error:
             raise PipelineError(f"{damaged} ({one_line(error)}): rerun extract to rewrite it") from None
         except (KeyError, TypeError, AttributeError, IndexError) as error:
@@ -397,12 +459,24 @@ class FeatureStore:
         numbers, when given): memory stays bounded by the shard size."""
         layers = tuple(layers or self.layers)
         for path in self.shards if order is None else [self.shards[i] for i in order]:
-            index = read_shard_index(path, self.fingerprint, self.feature_shapes)
+            index = read_shard_index(path, self.fingerprint, self.feature_shapes, self._rows.get(path.name))
             self._check_uuid(index)
+            self._check_fits_memory(path, len(index), layers)
             chosen = [i for i, s in enumerate(index.splits) if split is None or s == split]
             if chosen:
                 rows = read_shard_rows(path, layers, chosen, expected_uuid=index.uuid)
                 yield rows
+
+    def _check_fits_memory(self, path: Path, rows: int, layers: Sequence[str]) -> None:
+        """A shard is read whole: refuse, before reading, one whose features exceed the memory budget."""
+        from pipeline.cache.reader import default_memory_budget
+
+        values = sum(int(np.prod(self.feature_shapes.get(name, (1,)), dtype=np.int64)) for name in layers)
+        needed, budget = rows * values * 4, default_memory_budget()
+        if needed > budget:
+            raise PipelineError(f"{path} holds {needed / 2**30:.1f} GiB of features, more than the memory budget "
+                                f"({budget / 2**30:.1f} GiB): extract with a smaller --shard-size, or pool the "
+                                "features (--pooling avg)")
 
     def split_indexes(self) -> dict[str, SplitIndex]:
         """For every split: labels, paths, (shard number, row) locations and content hashes, in
@@ -415,7 +489,7 @@ class FeatureStore:
     def _read_split_indexes(self) -> dict[str, SplitIndex]:
         parts: dict[str, tuple[list, list, list, list]] = {split: ([], [], [], []) for split in SPLITS}
         for number, path in enumerate(self.shards):
-            shard = read_shard_index(path, self.fingerprint, self.feature_shapes)
+            shard = read_shard_index(path, self.fingerprint, self.feature_shapes, self._rows.get(path.name))
             self._check_uuid(shard)
             for split, (labels, paths, locations, digests) in parts.items():
                 chosen = np.array([i for i, s in enumerate(shard.splits) if s == split], np.int64)

@@ -274,6 +274,13 @@ class LogRegHead(Head):
                 or scale.shape != (dimension,) or coef.dtype.kind != "f" or not np.isfinite(coef).all()):
             raise PipelineError(f"{path} holds arrays of the wrong shape or type for {classes} classes and "
                                 f"{dimension} features (damaged?): train the head again")
+        if not (np.isfinite(mean).all() and np.isfinite(intercept).all() and np.isfinite(scale).all()
+                and (scale > 0).all()):
+            raise PipelineError(f"{path} holds a scale of zero or values that are not finite (damaged?): every "
+                                "prediction would be the same; train the head again")
+        if not np.any(coef):
+            raise PipelineError(f"{path} holds coefficients that are all zero (damaged?): every prediction would be "
+                                "the same; train the head again")
         scaler = StandardScaler()
         scaler.mean_, scaler.scale_, scaler.var_ = mean, scale, scale ** 2
         scaler.n_features_in_ = dimension
