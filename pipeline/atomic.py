@@ -7,6 +7,7 @@ a full disk or a read-only folder never leaves a half-written file under a real 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -104,6 +105,20 @@ def remove_abandoned_temporaries(directory: Path) -> list[Path]:
         except OSError:
             continue
         removed.append(entry)
+    return removed
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files (`.<name>.<pid>.tmp<suffix>`, see temporary_name) that a killed
+    writer left in `folder`: those whose process no longer runs. Returns what was removed."""
+    removed = []
+    pattern = re.compile(rf"^\..+\.(?P<pid>\d+){re.escape(TEMPORARY_MARK)}(\.[A-Za-z0-9]+)*$")
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            match = pattern.match(entry.name)
+            if match and entry.is_file() and not entry.is_symlink() and not process_alive(int(match["pid"])):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
     return removed
 
 

@@ -34,9 +34,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import atomic, runs
+from pipeline import atomic, outputs, runs
 from pipeline.backbone.precision import keras_policy
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, require_module
 from pipeline.finetuning.views import view_steps, with_averaged_views
 from pipeline.runs import Run
 from pipeline.serving import agreement
@@ -87,15 +87,47 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     run_precision = run_precision_of(opened)
     agreement.check_precision(fmt, precision, run_precision)
     export_precision = "fp32" if precision == "float32" else run_precision
-    run, class_names, fingerprint = opened.directory, opened.class_names, opened.fingerprint
+    run = opened.directory
     out = Path(out) if out is not None else run / "export"
     if out.resolve() == run.resolve():
         raise PipelineError(f"--out {out} is the run's own folder: exporting there would replace the run's files; "
                             f"choose another folder (default {run / 'export'})")
+    outputs.check_output_folder(out, "--out", [("run", run), *_inputs_of(opened)])
+    if fmt == "onnx":  # before the folder is made: a missing extra leaves nothing behind
+        for module in ("onnx", "onnxruntime", "tf2onnx"):
+            require_module(module, "--format onnx", "onnx")
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PipelineError(atomic.os_error_message(error, "cannot export into")) from None
+    atomic.remove_dead_temporaries(out)
+    try:
+        return _export_into(opened, fmt, out, quantize, precision, check_images, tta, run_precision,
+                            export_precision)
+    except BaseException:
+        if made:  # a folder this call made and left empty goes too
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _inputs_of(opened: Run) -> list[tuple[str, Path]]:
+    """The caches and image folders a run was trained from, as its config records them."""
+    records = [opened.config.get("features", {})]
+    records += [part.get("features", {}) for part in opened.config.get("fusion", []) if isinstance(part, dict)]
+    found = []
+    for record in records:
+        if isinstance(record, dict):
+            found += [(name, Path(record[key])) for key, name in (("directory", "feature cache"),
+                                                                  ("data", "image folder"))
+                      if isinstance(record.get(key), str) and record[key]]
+    return found
+
+
+def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: str, check_images: int, tta: str,
+                 run_precision: str, export_precision: str) -> ExportSummary:
+    class_names, fingerprint = opened.class_names, opened.fingerprint
     started = time.perf_counter()
     classifier = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
     size = fingerprint.image_size
@@ -218,21 +250,25 @@ def _onnx(opened: Run, model: keras.Model, resized: keras.Model, size: int, out:
           quantize: bool) -> tuple[Path, dict[str, Any]]:
     """model.onnx (float32), checked against the run's own model; with `quantize`, model-int8.onnx
     beside it, measured against float32 on the run's validation images."""
-    from pipeline.errors import require_module
     from pipeline.serving import onnx_export
 
-    for module in ("onnx", "onnxruntime", "tf2onnx"):
-        require_module(module, "--format onnx", "onnx")
-    path = out / "model.onnx"
-    graph = onnx_export.write_onnx(resized, size, path)
-    checks: dict[str, Any] = {"onnx": graph,
-                              "largest_difference_to_predict": onnx_export.check_onnx(path, model, size)}
-    if quantize:
-        int8 = out / "model-int8.onnx"
-        onnx_export.quantize_int8(path, int8)
-        validation = validation_images(opened)
-        checks["int8"] = onnx_export.int8_agreement(path, int8, validation.files, validation.labels, size)
-        path = int8
+    path, int8 = out / "model.onnx", out / "model-int8.onnx"
+    written = []
+    try:
+        graph = onnx_export.write_onnx(resized, size, path)
+        written.append(path)
+        checks: dict[str, Any] = {"onnx": graph,
+                                  "largest_difference_to_predict": onnx_export.check_onnx(path, model, size)}
+        if quantize:
+            onnx_export.quantize_int8(path, int8)
+            written.append(int8)
+            validation = validation_images(opened)
+            checks["int8"] = onnx_export.int8_agreement(path, int8, validation.files, validation.labels, size)
+            path = int8
+    except BaseException:  # nothing of a failed export is left in --out without its export.json
+        for each in written:
+            each.unlink(missing_ok=True)
+        raise
     return path, checks
 
 

@@ -99,11 +99,18 @@ def _quiet_loggers(*names: str) -> Any:
 
 
 def session(path: Path) -> Any:
+    """An ONNX Runtime session on `path`; a graph the runtime refuses is one line (and the caller
+    removes the file)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types (Fail, InvalidGraph, ...)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise PipelineError(f"ONNX Runtime refuses the exported graph {path.name} ({first}): nothing was "
+                            "exported; report it with the run's backbone") from None
 
 
 def run_session(runtime: Any, pixels: np.ndarray) -> np.ndarray:
@@ -133,7 +140,8 @@ def check_onnx(path: Path, model: Any, size: int) -> float:
 def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with atomic.replacing(target, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()):
+    with atomic.replacing(target, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()), \
+            _quiet_loggers("", "onnxruntime"):  # its "consider pre-processing" advice is for static quantisation
         quantize_dynamic(str(source), str(temporary), weight_type=QuantType.QInt8)
 
 
