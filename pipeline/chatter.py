@@ -30,6 +30,7 @@ CHATTER = re.compile(
     r"|INFO: Created TensorFlow Lite XNNPACK delegate"
     # libjpeg's warnings on damaged JPEGs: the pipeline says what it did with such a file itself
     r"|Corrupt JPEG data: |Premature end of JPEG (?:file|data)|Warning: unknown JFIF revision number"
+    r"|Improper call to JPEG library in state \d+$"  # a JPEG cut inside its headers
     # Ray's advice on actors restarted with arguments in the object store: the driver holds them
     r"|\[[\d :,-]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
     r"object store"

@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.artefacts import checked_file, file_sha256, load_arrays
 from pipeline.errors import PipelineError
 from pipeline.heads.base import SIDECAR, Features, Head, class_weights
+from pipeline.parallel import parallel
 
 MAX_GRID = 1000  # C values a search may try: each is one fit
 QUICK_GRID = "1e-4:1e2:7"  # one C a decade over the range where standardised features' best C falls
@@ -131,7 +132,7 @@ class LogRegHead(Head):
         return {key: [row[key] for row in self.history_] for key in (self.history_[0] if self.history_ else {})}
 
     def _search_in_memory(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
-        from joblib import Parallel, delayed
+        from joblib import delayed
         from sklearn.preprocessing import StandardScaler
         from tqdm import tqdm
 
@@ -143,7 +144,7 @@ class LogRegHead(Head):
         jobs = (delayed(_score_one_c)(x, train.labels, vx, validation.labels, len(self.class_names), C,
                                       self._sklearn_class_weight(),
                                       self.params["max_iter"], self.params["tol"]) for C in sorted(self.grid)[::-1])
-        results = Parallel(n_jobs=self.params["n_jobs"], return_as="generator")(jobs)
+        results = parallel(self.params["n_jobs"], return_as="generator")(jobs)
         rows = list(tqdm(results, total=len(self.grid), desc=f"C search ({len(self.grid)} fits, largest C first)",
                          unit="fit", disable=not progress, file=sys.stderr))
         return sorted(rows, key=lambda row: row["C"])
