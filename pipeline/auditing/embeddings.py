@@ -65,7 +65,26 @@ def check_output(out: Path) -> Path:
         raise PipelineError(f"--out {out} is a folder: name a file, e.g. {out / 'embeddings.parquet'}")
     if not out.parent.is_dir():
         raise PipelineError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.exists() and not _earlier_embeddings(out):
+        raise PipelineError(f"--out {out} already exists and is not an earlier embeddings file: it is not replaced; "
+                            "name a new file (or delete it first)")
     return out
+
+
+def _earlier_embeddings(path: Path) -> bool:
+    """Whether `path` is a file this command wrote (and may replace): a Parquet file carrying its
+    metadata key, or an .npz holding its arrays."""
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                return {"embeddings.npy", "ids.npy", "paths.npy"} <= set(archive.namelist())
+        import pyarrow.parquet as pq
+
+        return METADATA_KEY in (pq.read_schema(str(path)).metadata or {})
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
+        return False
 
 
 def write_embeddings(store: FeatureStore, view: FeatureView, out: Path, progress: bool = True) -> EmbeddingsSummary:
