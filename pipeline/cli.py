@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import api
+from pipeline import api, summaries
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.registry import BACKBONES, PREPROCESSING
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
-from pipeline.errors import PipelineError
-from pipeline.errors import command as invoked_as
+from pipeline.errors import PipelineError, speak_as_command_line
 from pipeline.finetuning.examples import Augmentation
 
 
@@ -174,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "'at or above level k'; metrics.json adds each cut's accuracy and the error in levels")
     logreg = train.add_argument_group("logreg head")
     logreg.add_argument("--c-grid", default=None, metavar="LOW:HIGH:COUNT",
-                        help="log-spaced C values, or C1,C2,... (1e-6:1e5:45: 45 fits, the slowest step on small "
-                             "features; 1e-4:1e2:7 is a quicker first look)")
+                        help="log-spaced C values, or C1,C2,... (1e-6:1e5:45; --c-search path fits about 15 of "
+                             "them, grid all 45)")
+    logreg.add_argument("--c-search", default=None, choices=("path", "grid"),
+                        help="path (default): C ascending, warm-started, about one a decade, stopped three "
+                             "decades after validation stops improving, then refined between the best's "
+                             "neighbours; grid: every C of --c-grid (grids of 12 values or fewer are always "
+                             "fitted whole)")
     logreg.add_argument("--max-iter", type=_positive_int, default=None, help="L-BFGS iterations per fit (1000)")
     logreg.add_argument("--n-jobs", type=int, default=None, help="parallel fits (-1: all cores)")
     train.add_argument("--memory-budget", type=_positive_int, default=None, metavar="MB",
@@ -429,27 +433,7 @@ def _extract(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.as_dict() | {"skipped_images": summary.skipped}, indent=2))
         return 0
-    print(
-        f"extracted: {summary.images} images in cache, {summary.new} new, {summary.reused} reused, "
-        f"{len(summary.skipped)} skipped; {summary.seconds:.1f} s in all"
-    )
-    if summary.new:
-        print(f"  speed: {summary.new / summary.seconds:.1f} images/s by wall clock (scan, set-up and weights "
-              f"included); {summary.images_per_second:.1f} images/s in the extraction loop (decode, backbone, "
-              f"shards: the progress bar's figure)"
-              + (f"; {summary.warm_images_per_second:.1f} images/s once warm (after the first batch, which "
-                 "compiles the backbone)" if summary.warm_images_per_second else ""))
-    if summary.engine == "ray" and summary.new:
-        print(f"ray: shards written on {summary.nodes} node(s); {summary.retried_units} units retried, "
-              f"{summary.restarted_actors} backbone actors restarted")
-    shown = 20
-    for item in summary.skipped[:shown]:
-        print(f"  skipped {item['path']}: {item['reason']}")
-    if len(summary.skipped) > shown:
-        print(f"  ... and {len(summary.skipped) - shown} more: see skipped in {summary.cache_dir / 'manifest.json'}")
-    for note in summary.notes:
-        print(f"note: {note}")
-    print(f"cache: {summary.cache_dir}")
+    print(summaries.extract_text(summary))
     return 0
 
 
@@ -473,20 +457,11 @@ def _train_head(args: argparse.Namespace) -> int:
 
 
 def _print_run(summary, as_json: bool, headline: str) -> None:
-    from pipeline import report
-
     if as_json:
         print(json.dumps({"run": str(summary.directory), "seconds": summary.seconds, "metrics": summary.metrics},
                          indent=2))
         return
-    print(summary.report)
-    print(headline)
-    for split, values in summary.metrics.items():
-        if values.get("images"):
-            print(f"  {split:<10} accuracy {report.accuracy_text(values)}  "
-                  f"mean per-class {values['mean_per_class_accuracy']:.2%}  macro F1 {values['macro_f1']:.4f}  "
-                  f"loss {values['loss']:.4f}  ({values['images']} images)")
-    print(f"run: {summary.directory}")
+    print(summaries.run_text(summary, headline))
 
 
 def _embeddings(args: argparse.Namespace) -> int:
@@ -507,23 +482,7 @@ def _audit(args: argparse.Namespace) -> int:
         print(json.dumps({"directory": str(summary.directory), "seconds": round(summary.seconds, 2)} | details,
                          indent=2))
         return 0
-    issues, duplicates = details["label_issues"], details["duplicates"]
-    print(f"audit of {summary.images} images ({', '.join(details['backbones'])}): {summary.seconds:.1f} s")
-    by_split = ", ".join(f"{split} {count}" for split, count in sorted(issues["by_split"].items()))
-    print(f"  label suspects: {summary.suspects} (cleanlab on {issues['folds']}-fold out-of-fold probabilities"
-          + (f"; {by_split})" if by_split else ")"))
-    print(f"  duplicate pairs: {summary.duplicate_pairs} ({summary.exact_pairs} of the same bytes, "
-          f"{duplicates['exact_under_two_classes']} of them under two classes; near: cosine >= "
-          f"{duplicates['similarity_threshold']}, {duplicates['neighbour_search']})")
-    crossing = ", ".join(f"{splits} {count}" for splits, count in sorted(summary.cross_split_pairs.items()))
-    print(f"  across splits: {sum(summary.cross_split_pairs.values())}" + (f" ({crossing})" if crossing else ""))
-    for name, counts in details["per_class"].items():
-        print(f"    {name:<20} {counts['images']:>7} images  {counts['suspects']:>5} suspects  "
-              f"{counts['in_duplicate_pairs']:>5} in duplicate pairs")
-    print(f"  look at: {summary.directory / 'map.png'}, suspects.png, duplicates.png; the lists: suspects.csv, "
-          "duplicates.csv; pred_probs.npy with ids.txt (for cleanlab)")
-    print(f"  train without the suspects: {invoked_as()} train-head --exclude {summary.directory / 'suspects.csv'}")
-    print(f"audit: {summary.directory}")
+    print(summaries.audit_text(summary))
     return 0
 
 
@@ -586,35 +545,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.serving.agreement import describe as describe_agreement
-
     summary = api.export(args.model, **_flags(args, api.export, "run"))
     if args.json:
         print(json.dumps({"path": str(summary.path), "bytes": summary.bytes, "seconds": round(summary.seconds, 2)}
                          | summary.details, indent=2))
         return 0
-    print(f"exported {summary.details['run']} as {args.format}: {summary.path} ({summary.bytes / 2**20:.1f} MB, "
-          f"{summary.seconds:.1f} s)")
-    print(f"  input: {summary.details['format']['input']}")
-    print(f"  output: {summary.details['format']['output']}")
-    views = summary.details["format"].get("test_time_views", {})
-    if views.get("views", "none") != "none":
-        print(f"  test-time views: {views['views']} ({views['count']} backbone passes an image, averaged inside)")
-    details = summary.details["format"]
-    if "largest_difference_to_predict" in details:
-        print(f"  checked with ONNX Runtime (opset {details['onnx']['opset'].get('ai.onnx')}): largest probability "
-              f"difference to the run's model {details['largest_difference_to_predict']:.2e}")
-    if "int8" in details:
-        agreement = details["int8"]
-        print(f"  int8 on {agreement['images']} validation images: accuracy {agreement['accuracy_float32']:.2%} "
-              f"(float32) -> {agreement['accuracy_int8']:.2%}, top class agreeing on "
-              f"{agreement['top_class_agreement']:.1%}, largest probability difference "
-              f"{agreement['largest_probability_difference']:.3f}")
-    if "largest_difference_to_keras_float32" in summary.details["format"]:
-        print(f"  checked with the TFLite interpreter: largest probability difference to the Keras model "
-              f"{summary.details['format']['largest_difference_to_keras_float32']:.2e}")
-    print(f"  {describe_agreement(details['agreement_with_predict'], details['precision'], details['run_precision'])}")
-    print(f"  beside it: {summary.path.parent / 'labels.txt'}, {summary.path.parent / 'export.json'}")
+    print(summaries.export_text(summary))
     return 0
 
 
@@ -652,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.started = started
     with contextlib.ExitStack() as cleanup:
+        speak_as_command_line()  # advice in flags, and the summaries printed here rather than by the API
+        cleanup.callback(speak_as_command_line, False)
         if not args.debug:
             cleanup.enter_context(native_chatter_filtered())
             cleanup.enter_context(library_warnings_quiet())
