@@ -40,7 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work" / "audit"
 
 
-def synthetic_cache(directory: Path, rows: int, dimension: int, shard_rows: int = 8192, seed: int = 0) -> Path:
+def synthetic_cache(directory: Path, rows: int, dimension: int, shard_rows: int = 8192, seed: int = 0,
+                    spread: float = 0.6) -> Path:
     """A finished cache of `rows` pooled vectors in 10 Gaussian clusters (5% of labels flipped),
     shard by shard; reused when it is there."""
     from pipeline import atomic
@@ -50,7 +51,7 @@ def synthetic_cache(directory: Path, rows: int, dimension: int, shard_rows: int 
         return directory
     rng = np.random.default_rng(seed)
     classes = [f"class{i}" for i in range(10)]
-    centres = rng.normal(size=(10, dimension)).astype(np.float32) * 0.6
+    centres = rng.normal(size=(10, dimension)).astype(np.float32) * spread
     fingerprint = store.Fingerprint("efficientnet_lite0", "none", "synthetic", 224, "area-down-bilinear-up", "lite",
                                     ("features",), "avg", "fp32", "2.21")
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,16 @@
-"""Head training from the feature cache against the seeds' way, one epoch each on the same images.
+"""Head training from the feature cache against the seeds' way, one epoch each on the same images;
+and the heads' own searches, today's against the new defaults.
 
     .venv/bin/python bench/heads.py [--data data/elpv] [--image-size 150]
+    .venv/bin/python bench/heads.py --suite search [--sizes 10000x2000,100000x1280]
+
+search: synthetic caches (10 Gaussian clusters, 5% of labels flipped, 70/15/15 splits; written through
+the store as extract writes them) of ROWS x DIMENSION: the logistic regression's C search over the
+default grid (1e-6:1e5:45) fitted whole (`--c-search grid`, today's protocol) and walked as a path
+(`--c-search path`, the default), side by side with seconds, fits, the chosen C and validation
+and test accuracy; on the largest size, streamed by shard (the path only: the whole grid streamed
+would take hours). Then the dense head with patience 8 (before) and 4 (now). Each row is written to
+bench/results/heads-search.json as it ends (a rerun skips the rows there).
 
 seeds: the dense head trained with the frozen VGG16 conv base inside the model, so every epoch
 decodes every training image and runs the backbone on it again (the classic recipe before
@@ -72,13 +82,83 @@ def pipeline_epoch(store: FeatureStore, head: DenseHead) -> tuple[float, float, 
     return read, time.perf_counter() - started, train.dimension
 
 
+SEARCH_RESULTS = Path("bench/results/heads-search.json")
+
+
+def search_suite(sizes: list[tuple[int, int]], work: Path, spread: float) -> None:
+    """The C search, whole grid against path, and the dense head's patience, side by side."""
+    from bench.audit import synthetic_cache
+    from pipeline.heads import LogRegHead
+
+    print(machine_line(), flush=True)
+    done = json.loads(SEARCH_RESULTS.read_text()) if SEARCH_RESULTS.is_file() else {"rows": []}
+    done["machine"] = machine_line()
+    seen = {(r["size"], r["head"], r["setting"]) for r in done["rows"]}
+
+    def record(row: dict) -> None:
+        done["rows"].append(row)
+        SEARCH_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        SEARCH_RESULTS.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"  {row['size']} {row['head']} {row['setting']}: {row['seconds']:.1f} s, {row['fits']} fits, "
+              f"validation {row['validation_accuracy']:.2%}, test {row['test_accuracy']:.2%}", flush=True)
+
+    for rows, dimension in sizes:
+        size = f"{rows}x{dimension}"
+        cache = synthetic_cache(work / f"search-{size}-{spread}", rows, dimension, spread=spread)
+        store = FeatureStore(cache)
+        largest = (rows, dimension) == max(sizes)
+        streamed = largest and len(sizes) > 1
+        splits = load_splits(store, FeatureView.for_cache(store), stream=streamed)
+        names = store.class_names
+        for setting in (("path",) if streamed else ("grid", "path")):
+            label = f"logreg c-search {setting}" + (" (streamed)" if streamed else "")
+            if (size, "logreg", label) in seen:
+                continue
+            head = LogRegHead(names, {"c_search": setting})
+            started = time.perf_counter()
+            head.fit(splits["train"], splits["validation"], progress=sys.stderr.isatty())
+            seconds = time.perf_counter() - started
+            test = head.predict_proba(splits["test"]).argmax(axis=1) == splits["test"].labels
+            best = max(head.history_, key=lambda r: (r["validation_accuracy"], -r["validation_loss"]))
+            record({"size": size, "head": "logreg", "setting": label, "seconds": seconds, "fits": len(head.history_),
+                    "chosen_C": head.C_, "validation_accuracy": best["validation_accuracy"],
+                    "test_accuracy": float(np.mean(test)), "train_images": len(splits["train"])})
+        if streamed:
+            continue
+        for patience in (8, 4):
+            label = f"dense patience {patience}"
+            if (size, "dense", label) in seen:
+                continue
+            head = DenseHead(names, {"patience": patience})
+            started = time.perf_counter()
+            head.fit(splits["train"], splits["validation"], progress=False)
+            seconds = time.perf_counter() - started
+            test = head.predict_proba(splits["test"]).argmax(axis=1) == splits["test"].labels
+            outcome = head.outcome()
+            record({"size": size, "head": "dense", "setting": label, "seconds": seconds,
+                    "fits": len(head.history_), "epochs_run": len(head.history_), "outcome": outcome,
+                    "validation_accuracy": max(r.get("val_accuracy", 0) for r in head.history_),
+                    "test_accuracy": float(np.mean(test)), "train_images": len(splits["train"])})
+    table = markdown_table(["size", "head", "setting", "seconds", "fits or epochs", "validation", "test"],
+                           [[r["size"], r["head"], r["setting"], f"{r['seconds']:.1f}", r["fits"],
+                             f"{r['validation_accuracy']:.2%}", f"{r['test_accuracy']:.2%}"] for r in done["rows"]])
+    print(f"\n{table}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("epoch", "search"), default="epoch")
+    parser.add_argument("--sizes", default="10000x2000,100000x1280", help="ROWSxDIMENSION,... (the search suite)")
+    parser.add_argument("--spread", type=float, default=0.08, help="cluster centres' scale (the search suite)")
     parser.add_argument("--data", type=Path, default=Path("data/elpv"))
     parser.add_argument("--image-size", type=int, default=150)
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/heads.json"))
     args = parser.parse_args()
+    if args.suite == "search":
+        sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
+        search_suite(sizes, args.work / "heads", args.spread)
+        return
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} does not exist: run `run_pipeline.py demo-data` (or `make bench`) first")
     print(machine_line(), flush=True)

@@ -83,7 +83,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                units: int | None = None, dropout: float | None = None, batch_norm: bool | None = None,
                optimizer: str | None = None, lr: float | None = None, epochs: int | None = None,
                batch_size: int | None = None, patience: int | None = None, loss: str | None = None,
-               c_grid: str | None = None, max_iter: int | None = None, n_jobs: int | None = None,
+               c_grid: str | None = None, c_search: str | None = None, max_iter: int | None = None,
+               n_jobs: int | None = None,
                memory_budget: int | None = None,
                stream: bool = False, exclude: PathLike | None = None, assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
@@ -102,7 +103,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
 
     given = {"class_weight": class_weight, "units": units, "dropout": dropout, "batch_norm": batch_norm,
              "optimizer": optimizer, "lr": lr, "epochs": epochs, "batch_size": batch_size, "patience": patience,
-             "loss": loss, "c_grid": c_grid, "max_iter": max_iter, "n_jobs": n_jobs}
+             "loss": loss, "c_grid": c_grid, "c_search": c_search, "max_iter": max_iter, "n_jobs": n_jobs}
     assert set(given) == set(head_parameters()), "every head parameter is a keyword of train_head"
     if assert_accuracy_at_least is not None and not 0 <= assert_accuracy_at_least <= 1:
         raise PipelineError(f"--assert-accuracy-at-least {assert_accuracy_at_least}: an accuracy from 0 to 1")

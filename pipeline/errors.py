@@ -33,6 +33,26 @@ def command() -> str:
     return "run_pipeline.py" if sys.argv and Path(sys.argv[0]).name == "run_pipeline.py" else "bottleneck-pipeline"
 
 
+_COMMAND_LINE = {"on": False}  # set by the command line: advice is then spoken in flags
+
+
+def speak_as_command_line(on: bool = True) -> None:
+    """Advice in flags (`--image-size 128`, the command line's) or keywords (`image_size=128`)."""
+    _COMMAND_LINE["on"] = on
+
+
+def spoken_by_command_line() -> bool:
+    return _COMMAND_LINE["on"]
+
+
+def option(name: str, value: object = None) -> str:
+    """An option as the caller writes it: `--image-size 128` on the command line, `image_size=128`
+    in Python (a flag without a value: `--stream`, `stream=True`)."""
+    if _COMMAND_LINE["on"]:
+        return f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}")
+    return f"{name}={True if value is None else value!r}"
+
+
 def from_a_clone() -> bool:
     """Started from a clone (run_pipeline.py, where `make setup` exists), not a pip install."""
     return command() == "run_pipeline.py" and (Path(__file__).resolve().parent.parent / "Makefile").is_file()

@@ -24,7 +24,7 @@ from pipeline.backbone.weights import (
     torchvision_vgg16_weights,
     weights_file,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, option, spoken_by_command_line
 
 # The input normalisations weights are trained with (network.py implements them): "torch" and
 # "caffe" as Keras' imagenet_utils modes, "lite" (x - 127) / 128.
@@ -52,26 +52,28 @@ class SmallImageAdvice:
 
     advised: float
     most: float
-    flags: str  # extract options besides --image-size ("" keeps the backbone's default layers)
+    flags: tuple[tuple[str, str], ...]  # extract options besides image_size (none: the default layers)
     measured: str  # where the advice comes from: a measurement, or that there is none
 
     def image_size(self, side: int, smallest: int) -> int:
         return max(smallest, 32 * round(side * self.advised / 32))
 
     def options(self, side: int, smallest: int) -> str:
-        return " ".join(filter(None, (f"--image-size {self.image_size(side, smallest)}", self.flags)))
+        """The advice in the caller's words: flags on the command line, keywords in Python."""
+        chosen = (("image_size", self.image_size(side, smallest)), *self.flags)
+        return (" " if spoken_by_command_line() else ", ").join(option(name, value) for name, value in chosen)
 
 
 # Measured by an outside trial on 10 classes of 28 x 28 gray images (8,551 train, 3,000 test), a
 # logistic-regression head, test accuracy (issue 34 of this project; docs/commands.md, Small images).
-VGG16_SMALL = SmallImageAdvice(2.3, 3, "--layer block4_pool --pooling avg",
+VGG16_SMALL = SmallImageAdvice(2.3, 3, (("layer", "block4_pool"), ("pooling", "avg")),
                                "measured on 28 px images (10 classes): 64 px with block4_pool averaged was 0.5 points "
                                "above the default 150 px, in 92 s instead of 416 s")
-LITE_SMALL = SmallImageAdvice(4.6, 5, "",
+LITE_SMALL = SmallImageAdvice(4.6, 5, (),
                               "measured for efficientnet_lite0 on 28 px images (10 classes): its default layers at "
                               "128 px gave 89.63% test, against 86.90% at 64 px and 86.23% with --layer block6d_out at "
                               "64 px")
-UNMEASURED_SMALL = SmallImageAdvice(2.5, 3, "", "not measured for this backbone: the rule of thumb is an input 2-3 "
+UNMEASURED_SMALL = SmallImageAdvice(2.5, 3, (), "not measured for this backbone: the rule of thumb is an input 2-3 "
                                                 "times the images' side")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,59 @@ def log_grid(text: str) -> tuple[float, ...]:
 
 
 def _score_one_c(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, classes: int, C: float,
-                 class_weight: str | None, max_iter: int, tol: float) -> dict[str, float]:
+                 class_weight: str | None, max_iter: int, tol: float,
+                 start: Any = None) -> tuple[dict[str, float], Any]:
+    """One C fitted (warm-started from `start`, a LinearSolution, where given): its history row and
+    its solution."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    from pipeline.heads.linear import LinearSolution
+
+    model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, tol=tol, warm_start=start is not None)
+    if start is not None:
+        model.coef_, model.intercept_ = start.coef.copy(), start.intercept.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, tol=tol).fit(x, y)
-    return _c_row(C, model.score(x, y), model.predict_proba(vx), vy, classes, int(model.n_iter_[0]) < max_iter)
+        model.fit(x, y)
+    converged = int(model.n_iter_[0]) < max_iter
+    row = _c_row(C, model.score(x, y), model.predict_proba(vx), vy, classes, converged)
+    return row, LinearSolution(model.coef_.copy(), model.intercept_.copy(), int(model.n_iter_[0]), converged)
+
+
+PATH_PATIENCE = 3  # coarse steps (about a decade each) without a better validation score: the path stops
+COARSE_STEPS = 12  # grids longer than this are walked coarse first (about one C a decade), then refined
+
+
+def _row_key(row: dict[str, float]) -> tuple[float, float, float]:
+    return (-row["validation_accuracy"], row["validation_loss"], row["C"])
+
+
+def path_search(grid: Sequence[float], fit_at: Callable[[int, int | None], dict[str, float]]) -> list[int]:
+    """The C values of `grid` (ascending) that the path search fits, in the order it fits them:
+    every `stride`-th C from the smallest (about one a decade on the default grid) until
+    PATH_PATIENCE of them in a row have not beaten the best validation score (accuracy, ties
+    broken by the lower loss), then every C of the grid between the best one's coarse neighbours.
+    `fit_at(i, warm)` fits grid[i], warm-started from the solution of grid[warm] (None: cold), and
+    returns its row. Small C fits are cheap and large ones slow, so stopping the climb where
+    validation has stopped improving skips the slowest fits of the grid."""
+    stride = max(1, math.ceil(len(grid) / COARSE_STEPS))
+    rows: dict[int, dict[str, float]] = {}
+    best, since, previous = None, 0, None
+    for i in range(0, len(grid), stride):
+        rows[i] = fit_at(i, previous)
+        previous = i
+        if best is None or _row_key(rows[i]) < _row_key(rows[best]):
+            best, since = i, 0
+        else:
+            since += 1
+            if since >= PATH_PATIENCE:
+                break
+    for i in range(max(0, best - stride + 1), min(len(grid), best + stride)):
+        if i not in rows:
+            below = [j for j in rows if j < i]
+            rows[i] = fit_at(i, max(below) if below else None)
+    return sorted(rows)
 
 
 def _c_row(C: float, train_accuracy: float, proba: np.ndarray, labels: np.ndarray, classes: int,
@@ -88,11 +133,14 @@ class LogRegHead(Head):
         "max_iter": 1000,
         "tol": 1e-4,
         "n_jobs": -1,
+        "c_search": "path",  # or grid: every C of the grid (the linear-probe protocol's full search)
     }
     RULES = {
         "max_iter": (lambda v: v >= 1, "a positive integer"),
         "tol": (lambda v: 0 < v < math.inf, "a positive number"),
         "n_jobs": (lambda v: v != 0, "a number of parallel fits, or -1 for all cores (not 0)"),
+        "c_search": (lambda v: v in ("path", "grid"), "path (warm-started, stops where validation stops "
+                                                      "improving) or grid (every C)"),
     }
     MODEL_FILE = "head.joblib"
     PORTABLE_FILE = "head.npz"
@@ -112,18 +160,19 @@ class LogRegHead(Head):
     def _sklearn_class_weight(self) -> str | None:
         return None if self.params["class_weight"] in (None, "none") else self.params["class_weight"]
 
+    def _walks_the_path(self) -> bool:
+        return self.params["c_search"] == "path" and len(self.grid) > COARSE_STEPS
+
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
-        if progress and str(self.params["c_grid"]) == self.DEFAULTS["c_grid"]:
+        if progress and str(self.params["c_grid"]) == self.DEFAULTS["c_grid"] and not self._walks_the_path():
             print(f"C search: {len(self.grid)} fits (--c-grid {self.DEFAULTS['c_grid']}, the linear-probe protocol); "
-                  f"for a quicker first look, --c-grid {QUICK_GRID} ({len(log_grid(QUICK_GRID))} fits, one a decade)",
-                  file=sys.stderr, flush=True)
+                  f"for a quicker first look, --c-grid {QUICK_GRID} ({len(log_grid(QUICK_GRID))} fits, one a decade) "
+                  "or --c-search path", file=sys.stderr, flush=True)
         if train.in_memory and validation.in_memory:
             rows = self._search_in_memory(train, validation, progress)
         else:
             rows = self._search_streamed(train, validation, progress)
         self.C_ = _best_row(rows)["C"]
-        if train.in_memory:
-            self._refit_in_memory(train)
         return rows
 
     @property
@@ -132,6 +181,9 @@ class LogRegHead(Head):
         return {key: [row[key] for row in self.history_] for key in (self.history_[0] if self.history_ else {})}
 
     def _search_in_memory(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
+        """The C search on standardised features: the path (warm-started, C ascending, stopped
+        where validation stops improving, then refined) or every C of the grid in parallel. The
+        chosen C's solution is the model: nothing is fitted again."""
         from joblib import delayed
         from sklearn.preprocessing import StandardScaler
         from tqdm import tqdm
@@ -139,32 +191,40 @@ class LogRegHead(Head):
         scaler = StandardScaler().fit(train.matrix)
         x = scaler.transform(train.matrix).astype(np.float32)
         vx = scaler.transform(validation.matrix).astype(np.float32)
-        # The largest C first: those fits take the most iterations, so the progress bar's estimate
-        # of the time left is an upper bound from the start instead of growing at the end.
-        jobs = (delayed(_score_one_c)(x, train.labels, vx, validation.labels, len(self.class_names), C,
-                                      self._sklearn_class_weight(),
-                                      self.params["max_iter"], self.params["tol"]) for C in sorted(self.grid)[::-1])
-        results = parallel(self.params["n_jobs"], return_as="generator")(jobs)
-        rows = list(tqdm(results, total=len(self.grid), desc=f"C search ({len(self.grid)} fits, largest C first)",
-                         unit="fit", disable=not progress, file=sys.stderr))
+        score = (x, train.labels, vx, validation.labels, len(self.class_names))
+        settings = (self._sklearn_class_weight(), self.params["max_iter"], self.params["tol"])
+        grid = sorted(self.grid)
+        if self._walks_the_path():
+            solutions: dict[float, Any] = {}
+            rows: list[dict[str, float]] = []
+            bar = tqdm(desc="C path (warm-started, stops where validation does)", unit="fit", disable=not progress,
+                       file=sys.stderr)
+
+            def fit_at(i: int, warm: int | None) -> dict[str, float]:
+                row, solutions[grid[i]] = _score_one_c(*score, grid[i], *settings,
+                                                       start=None if warm is None else solutions[grid[warm]])
+                rows.append(row)
+                bar.update()
+                return row
+
+            path_search(grid, fit_at)
+            bar.close()
+        else:
+            # The largest C first: those fits take the most iterations, so the progress bar's estimate
+            # of the time left is an upper bound from the start instead of growing at the end.
+            jobs = (delayed(_score_one_c)(*score, C, *settings) for C in grid[::-1])
+            results = parallel(self.params["n_jobs"], return_as="generator")(jobs)
+            fitted = list(tqdm(results, total=len(grid), desc=f"C search ({len(grid)} fits, largest C first)",
+                               unit="fit", disable=not progress, file=sys.stderr))
+            rows = [row for row, _ in fitted]
+            solutions = {row["C"]: solution for row, solution in fitted}
+        best = _best_row(rows)["C"]
+        self.model_ = self._pipeline_from(scaler, solutions[best], best)
         return sorted(rows, key=lambda row: row["C"])
 
-    def _refit_in_memory(self, train: Features) -> None:
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            self.model_ = make_pipeline(
-                StandardScaler(),
-                LogisticRegression(C=self.C_, class_weight=self._sklearn_class_weight(),
-                                   max_iter=self.params["max_iter"], tol=self.params["tol"]),
-            ).fit(train.matrix, train.labels)
-
     def _search_streamed(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
-        """The same objective solved by pipeline.heads.linear over shards, C ascending with warm starts."""
+        """The same objective solved by pipeline.heads.linear over shards, C ascending with warm
+        starts: the path, or every C of the grid."""
         from sklearn.preprocessing import StandardScaler
         from tqdm import tqdm
 
@@ -177,19 +237,33 @@ class LogRegHead(Head):
         weights = class_weights(train.labels, classes, self.params["class_weight"])
         weight_sum = float(weights[train.labels].sum())
         scaled = lambda data: (lambda: ((scaler.transform(v), y) for v, y in data.chunks()))  # noqa: E731
-        rows, solutions, solution = [], {}, None
-        for C in tqdm(sorted(self.grid), desc="C search (streamed)", unit="fit", disable=not progress,
-                      file=sys.stderr):
-            solution = fit_logistic(scaled(train), train.dimension, classes, C, weights, weight_sum,
-                                    self.params["tol"], self.params["max_iter"], start=solution)
-            self.model_ = self._pipeline_from(scaler, solution, C)
+        grid = sorted(self.grid)
+        rows: list[dict[str, float]] = []
+        solutions: dict[float, Any] = {}
+        bar = tqdm(desc="C search (streamed)", unit="fit", disable=not progress, file=sys.stderr,
+                   total=None if self._walks_the_path() else len(grid))
+
+        def fit_at(i: int, warm: int | None) -> dict[str, float]:
+            C = grid[i]
+            solutions[C] = fit_logistic(scaled(train), train.dimension, classes, C, weights, weight_sum,
+                                        self.params["tol"], self.params["max_iter"],
+                                        start=None if warm is None else solutions[grid[warm]])
+            self.model_ = self._pipeline_from(scaler, solutions[C], C)
             train_accuracy = np.mean(self.predict_proba(train).argmax(axis=1) == train.labels)
             rows.append(_c_row(C, train_accuracy, self.predict_proba(validation), validation.labels, classes,
-                               solution.converged))
-            solutions[C] = solution
+                               solutions[C].converged))
+            bar.update()
+            return rows[-1]
+
+        if self._walks_the_path():
+            path_search(grid, fit_at)
+        else:
+            for i in range(len(grid)):
+                fit_at(i, i - 1 if i else None)
+        bar.close()
         best = _best_row(rows)["C"]
         self.model_ = self._pipeline_from(scaler, solutions[best], best)
-        return rows
+        return sorted(rows, key=lambda row: row["C"])
 
     def _pipeline_from(self, scaler: Any, solution: Any, C: float) -> Any:
         from sklearn.linear_model import LogisticRegression
