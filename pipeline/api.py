@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import backend as backends
+from pipeline import summaries
 from pipeline.arguments import check_image_target, checked, image_targets
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, spoken_by_command_line
 from pipeline.images.formats import MEGAPIXEL
 
 if TYPE_CHECKING:
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
     from pipeline.serving.predict import Prediction
 
 PathLike = str | os.PathLike
+
+
+def _say(progress: bool, text: Any) -> None:
+    """Print a stage's summary from Python, as the command line does (which prints its own, or JSON)."""
+    if progress and not spoken_by_command_line():
+        print(text(), flush=True)
 
 
 def _run_path(run: Any) -> Any:
@@ -73,6 +80,7 @@ def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None =
     ))
     store = FeatureStore(summary.cache_dir)
     store.summary = summary
+    _say(progress, lambda: summaries.extract_text(summary))
     return store
 
 
@@ -118,6 +126,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
     ))
     run = Run.open(summary.directory)
     run.summary = summary
+    _say(progress, lambda: summaries.run_text(summary, f"trained {summary.config['head']['kind']} head: "
+                                                       f"{summary.seconds:.1f} s fitting ({summary.config['read']})"))
     check_accuracy_at_least(run, assert_accuracy_at_least)
     return run
 
@@ -241,7 +251,8 @@ def _checked_path(target: Any) -> Path:
 @checked
 def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,  # noqa: A002 - the flag's name
            quantize: bool = False, precision: str = "float32", check_images: int = 500, tta: str = "none",
-           models: PathLike = "models", data: PathLike | None = None, backend: str | None = None) -> ExportSummary:
+           models: PathLike = "models", data: PathLike | None = None, backend: str | None = None,
+           progress: bool = True) -> ExportSummary:
     """Write a run (a Run, its directory, or "best") as a model that needs no pipeline: `format`
     keras, savedmodel, tflite or onnx, into `out` (default RUN/export/), with labels.txt and
     export.json beside it. `precision`: float32 (runs anywhere) or run (the run's own: keras and
@@ -253,8 +264,10 @@ def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,
     backends.require_tensorflow("export (SavedModel and TFLite are TensorFlow formats)")
     from pipeline.serving.export import export_run
 
-    return export_run(_run_path(run), format, None if out is None else Path(out), quantize, Path(models),
-                      None if data is None else Path(data), precision, check_images, tta)
+    summary = export_run(_run_path(run), format, None if out is None else Path(out), quantize, Path(models),
+                         None if data is None else Path(data), precision, check_images, tta, progress)
+    _say(progress, lambda: summaries.export_text(summary))
+    return summary
 
 
 @checked
@@ -277,6 +290,7 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
 @checked
 def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike = "models",
           cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
+          c_grid: str | None = None,
           memory_budget: int | None = None, progress: bool = True) -> Any:
     """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
     exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or
@@ -285,10 +299,12 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
     `details` (audit.json). `memory_budget` is in MB."""
     from pipeline.auditing.audit import AuditOptions, run_audit
 
-    return run_audit(AuditOptions(
+    summary = run_audit(AuditOptions(
         features=features, out=None if out is None else Path(out), models=Path(models), cache_root=Path(cache),
-        folds=folds, similarity=similarity, seed=seed,
+        folds=folds, similarity=similarity, seed=seed, c_grid=c_grid,
         memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress))
+    _say(progress, lambda: summaries.audit_text(summary))
+    return summary
 
 
 @checked

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--models", type=Path, default=Path("models"), help="where the default folder goes")
     check.add_argument("--folds", type=_positive_int, default=5, help="stratified folds for the out-of-fold "
                        "probabilities (5)")
+    check.add_argument("--c-grid", default=None, metavar="LOW:HIGH:COUNT",
+                       help="the C values the first fold searches (1e-2:1e2:5); the other folds fit the C it "
+                            "chose. One value (e.g. 1.0) is quickest")
     check.add_argument("--similarity", type=_finite_float, default=0.98,
                        help="cosine similarity from which two images count as near-duplicates (0.98; see "
                             "docs/commands.md, audit)")
@@ -368,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="average test-time views inside the model, as predict --tta does: flip (2 passes) or "
                            "dihedral (8, for images without an up); every format, not with --quantize (default none)")
     _add_backend(ship, "; SavedModel and TFLite are TensorFlow formats: export runs on tensorflow")
+    ship.add_argument("--no-progress", action="store_true", help="no progress output")
     ship.add_argument("--json", action="store_true")
     ship.set_defaults(handler=_export)
 

@@ -265,7 +265,9 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
         return f"no runs yet: train one with `{command()} train-head --head logreg`"
     columns = [("name", "name"), ("kind", "kind"), ("head", "head"), ("data", "data"), ("backbone", "backbone"),
                ("image_size", "size"), ("layers", "layers"), ("pooling", "pooling"),
+               ("split_counts", "train/val/test"),
                ("validation_accuracy", "val acc"), ("validation_accuracy_ci95", "95% CI"),
+               ("validation_loss", "val loss"),
                ("test_accuracy", "test acc"), ("test_accuracy_ci95", "95% CI"), ("test_loss", "test loss"),
                ("test_ece", "test ECE"), ("seconds", "seconds")]
     if any(row.get("excluded") for row in rows):  # train-head --exclude: images left out of training
@@ -277,7 +279,7 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
             return row.get("problem", "-") if key == "head" else "-"
         if key.endswith("accuracy"):
             return f"{value:.2%}"
-        if key in ("test_loss", "test_ece"):
+        if key in ("test_loss", "test_ece", "validation_loss"):
             return f"{value:.3f}"
         if key.endswith("_ci95"):
             return f"{value[0]:.1%}-{value[1]:.1%}".replace("%-", "-", 1)
@@ -299,7 +301,8 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
                      "folders do not compare; `runs --data DIR` lists one folder's runs")
     lines.append("95% CI: Wilson score interval of the split's accuracy (how far the figure could move "
                  "from the split alone); test loss: log loss; test ECE: expected calibration error (15 bins: how far "
-                 "the top-class probability is from its accuracy, 0 is calibrated)")
+                 "the top-class probability is from its accuracy, 0 is calibrated). `best` is the top run by "
+                 "validation accuracy, or among runs whose validation intervals overlap it, the lowest val loss")
     if any(row.get("kind") == "finetune" for row in rows):
         lines.append("finetune: the head's backbone trained end to end; head: the head it started from, and its "
                      "scores are the fine-tuned model's, from pixels")

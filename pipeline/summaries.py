@@ -31,6 +31,11 @@ def extract_text(summary: Any) -> str:
         say(f"  ... and {len(summary.skipped) - shown} more: see skipped in {summary.cache_dir / 'manifest.json'}")
     for note in summary.notes:
         say(f"note: {note}")
+    counts = _split_counts(summary.cache_dir)
+    if counts:
+        total = sum(counts.values()) or 1
+        say("  splits: " + ", ".join(f"{split} {count} ({count / total:.1%})" for split, count in counts.items())
+            + " (by the stable rule on file names: each class's shares come out near the fractions asked for)")
     say(f"cache: {summary.cache_dir}")
     return "\n".join(lines)
 
@@ -61,6 +66,10 @@ def audit_text(summary: Any) -> str:
     say(f"  duplicate pairs: {summary.duplicate_pairs} ({summary.exact_pairs} of the same bytes, "
           f"{duplicates['exact_under_two_classes']} of them under two classes; near: cosine >= "
           f"{duplicates['similarity_threshold']}, {duplicates['neighbour_search']})")
+    bands = duplicates.get("pairs_by_similarity")
+    if bands:
+        say("    by similarity: " + ", ".join(f"{band} {count}" for band, count in bands.items())
+            + " (re-encoded or resized copies sit near 1; distinct look-alikes lower)")
     crossing = ", ".join(f"{splits} {count}" for splits, count in sorted(summary.cross_split_pairs.items()))
     say(f"  across splits: {sum(summary.cross_split_pairs.values())}" + (f" ({crossing})" if crossing else ""))
     for name, counts in details["per_class"].items():
@@ -105,3 +114,15 @@ def export_text(summary: Any) -> str:
     say(f"  {describe_agreement(agreement, details['precision'], details['run_precision'])}")
     say(f"  beside it: {summary.path.parent / 'labels.txt'}, {summary.path.parent / 'export.json'}")
     return "\n".join(lines)
+
+
+def _split_counts(cache: Any) -> dict[str, int]:
+    """Images per split, as the cache's manifest counts them ({} where it cannot be read)."""
+    from pipeline import atomic
+    from pipeline.cache.store import MANIFEST_NAME
+
+    try:
+        counts = atomic.read_json(cache / MANIFEST_NAME).get("counts", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {split: int(n) for split, n in counts.items() if isinstance(n, int)} if isinstance(counts, dict) else {}

@@ -52,10 +52,15 @@ class AuditOptions:
     seed: int = 0
     memory_budget: int | None = None  # bytes
     progress: bool = True
+    c_grid: str | None = None  # the first fold's C search (default AUDIT_C_GRID); the other folds fit its C
 
     def __post_init__(self) -> None:
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
             raise PipelineError(f"--folds {self.folds}: a whole number, 2 or more")
+        if self.c_grid is not None:
+            from pipeline.heads import log_grid
+
+            log_grid(str(self.c_grid))  # a grid that cannot be searched is refused before any work
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
             raise PipelineError(f"--seed {self.seed}: a whole number from 0 to {2**32 - 1}")
         if not (isinstance(self.similarity, int | float) and math.isfinite(self.similarity)
@@ -147,7 +152,7 @@ def run_audit(options: AuditOptions) -> AuditSummary:
     outputs.remove_abandoned_staging(final)
     images = _load(stores, views, options.memory_budget)
     found = label_issues(images.vectors, images.labels, images.class_names, options.folds, options.seed,
-                         options.progress)
+                         options.progress, options.c_grid)
     exact = exact_duplicates(images.ids)
     near, method = near_duplicates(images.vectors, options.similarity)
     exact_keys = {(p.a, p.b) for p in exact}
@@ -181,6 +186,23 @@ def run_audit(options: AuditOptions) -> AuditSummary:
         atomic.write_json(directory / SUMMARY, details)
     return AuditSummary(final, len(images.labels), len(found.issues), len(pairs), len(exact), dict(cross_counts),
                         time.perf_counter() - started, details)
+
+
+BANDS = (0.999, 0.99)  # re-encoded copies sit above 0.999 on real data; distinct look-alikes mostly below 0.99
+
+
+def similarity_bands(pairs: Sequence[Pair], threshold: float) -> dict[str, int]:
+    """Pairs counted per band of similarity (exact copies in the top band), so that a headline
+    count of look-alikes does not read as a count of copies: ">=0.999", "0.99-0.999", and from
+    the threshold to 0.99."""
+    edges = [edge for edge in BANDS if edge > threshold] + [threshold]
+    names = [f">={edges[0]:g}"] + [f"{low:g}-{high:g}" for low, high in zip(edges[1:], edges[:-1])]
+    counts = dict.fromkeys(names, 0)
+    for pair in pairs:
+        value = 1.0 if pair.exact else pair.similarity
+        band = next((i for i, edge in enumerate(edges) if value >= edge), len(edges) - 1)
+        counts[names[band]] += 1
+    return counts
 
 
 def _write_suspects(path: Path, images: _Images, found: Any) -> None:
@@ -219,7 +241,8 @@ def _details(options: AuditOptions, stores: Sequence[FeatureStore], images: _Ima
         "classes": names,
         "label_issues": {
             "method": "cleanlab.filter.find_label_issues on out-of-fold probabilities of a logistic regression "
-                      f"({options.folds}-fold stratified, C chosen inside each fold)",
+                      f"({options.folds}-fold stratified; C chosen in the first fold on a validation part of its "
+                      "training images, the other folds fit that C)",
             "folds": options.folds, "chosen_C": found.chosen_c, "suspects": len(found.issues),
             "by_split": dict(Counter(images.splits[r] for r in found.issues)),
         },
@@ -228,6 +251,8 @@ def _details(options: AuditOptions, stores: Sequence[FeatureStore], images: _Ima
             "pairs": len(pairs), "exact_pairs": sum(1 for p in pairs if p.exact),
             "cross_split_pairs": len(crossing), "cross_split_by_splits": dict(cross_counts),
             "exact_under_two_classes": sum(1 for p in pairs if p.exact and images.labels[p.a] != images.labels[p.b]),
+            "pairs_by_similarity": similarity_bands(pairs, options.similarity),
+            "cross_split_by_similarity": similarity_bands(crossing, options.similarity),
         },
         "per_class": per_class,
         "map": how,

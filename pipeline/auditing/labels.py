@@ -47,24 +47,34 @@ def check_folds(labels: np.ndarray, class_names: list[str], folds: int) -> None:
 
 
 def out_of_fold_probabilities(x: np.ndarray, labels: np.ndarray, class_names: list[str], folds: int = 5,
-                              seed: int = 0, c_grid: str = AUDIT_C_GRID, progress: bool = True
-                              ) -> tuple[np.ndarray, list[float]]:
-    """(images, classes) probabilities, each row from a head that never saw that image."""
+                              seed: int = 0, c_grid: str = AUDIT_C_GRID, progress: bool = True,
+                              c_per_fold: bool = False) -> tuple[np.ndarray, list[float]]:
+    """(images, classes) probabilities, each row from a head that never saw that image. C is
+    chosen in the first fold (on a validation part of its training images) and the other folds
+    fit that one C (`c_per_fold`: each fold searches the grid again, as before, for the bench to
+    compare). After the first fold the time the rest will take is said, with the quicker options."""
+    import sys
+    import time
+
     from sklearn.model_selection import StratifiedKFold, train_test_split
     from tqdm import tqdm
 
+    from pipeline.errors import option
     from pipeline.heads import ArrayFeatures, LogRegHead
 
     classes = len(class_names)
     proba = np.zeros((len(labels), classes))
-    chosen = []
+    chosen: list[float] = []
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for kept, held in tqdm(list(splitter.split(x, labels)), desc="label issues: folds", disable=not progress,
-                           leave=False):
+    bar = tqdm(list(splitter.split(x, labels)), desc="label issues: folds", disable=not progress, leave=False,
+               file=sys.stderr)
+    for number, (kept, held) in enumerate(bar):
+        started = time.perf_counter()
         counts = np.bincount(labels[kept], minlength=classes)
         stratify = labels[kept] if counts[counts > 0].min() >= 2 else None
         inner, validation = train_test_split(kept, test_size=0.2, random_state=seed, stratify=stratify)
-        head = LogRegHead(class_names, {"c_grid": c_grid, "n_jobs": -1})
+        grid = c_grid if number == 0 or c_per_fold else repr(chosen[0])
+        head = LogRegHead(class_names, {"c_grid": grid, "n_jobs": -1})
         head.fit(ArrayFeatures(x[inner], labels[inner], class_names),
                  ArrayFeatures(x[validation], labels[validation], class_names), progress=False)
         fold = head.predict_proba(ArrayFeatures(x[held], labels[held], class_names))
@@ -74,6 +84,13 @@ def out_of_fold_probabilities(x: np.ndarray, labels: np.ndarray, class_names: li
         else:  # a class absent from this fold's training part gets probability 0
             proba[np.ix_(held, present)] = fold
         chosen.append(float(head.C_))
+        if number == 0 and progress and folds > 1:
+            seconds = time.perf_counter() - started
+            fits = len(head.history_)
+            rest = (folds - 1) * seconds * (1 if c_per_fold else 1 / max(fits, 1))
+            bar.write(f"label issues: fold 1 of {folds} took {seconds:.0f} s ({fits} fits of C); the other "
+                      f"{folds - 1} take about {rest:.0f} s more. Quicker: {option('folds', 3)}, or one C "
+                      f"({option('c_grid', repr(chosen[0]))}, the one chosen here)", file=sys.stderr)
     return proba, chosen
 
 
@@ -88,9 +105,10 @@ def find_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.nd
 
 
 def label_issues(x: np.ndarray, labels: np.ndarray, class_names: list[str], folds: int = 5, seed: int = 0,
-                 progress: bool = True) -> LabelIssues:
+                 progress: bool = True, c_grid: str | None = None, c_per_fold: bool = False) -> LabelIssues:
     require("cleanlab", "finding label issues")
     check_folds(labels, class_names, folds)
-    proba, chosen = out_of_fold_probabilities(x, labels, class_names, folds, seed, progress=progress)
+    proba, chosen = out_of_fold_probabilities(x, labels, class_names, folds, seed, c_grid or AUDIT_C_GRID, progress,
+                                              c_per_fold)
     issues, quality = find_label_issues(labels, proba)
     return LabelIssues(proba, issues, quality, chosen)

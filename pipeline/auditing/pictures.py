@@ -83,17 +83,27 @@ def contact_sheet(files: Sequence[Path], captions: Sequence[str], title: str, pa
     plt = pyplot()
     shown = max(1, len(files))
     rows = -(-shown // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    # constrained layout sizes each caption's room from its text: two- or three-line captions (long
+    # file names wrapped) never run into the images above them, as tight_layout's did
+    figure, axes = plt.subplots(rows, columns, figsize=(2.8 * columns, 3.3 * rows), squeeze=False,
+                                layout="constrained")
     for i, axis in enumerate(axes.flat):
         axis.axis("off")
         if i < len(files):
             axis.imshow(_thumbnail(files[i]))
-            axis.set_title(captions[i], fontsize=7)
+            axis.set_title(_wrapped(captions[i]), fontsize=7)
     if not files:
         axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.9 * rows)))
     _save(figure, path)
+
+
+def _wrapped(caption: str, width: int = 34) -> str:
+    """Each line of a caption cut to lines of at most `width` characters (file names included)."""
+    import textwrap
+
+    return "\n".join(part for line in caption.splitlines()
+                     for part in (textwrap.wrap(line, width, break_long_words=True) or [""]))
 
 
 @serialised

@@ -64,9 +64,13 @@ def _run_row(record: RunRecord, metrics: dict[str, Any]) -> dict[str, Any]:
         "validation_accuracy_ci95": _interval(split("validation")),
         "test_accuracy_ci95": _interval(split("test")),
         "test_mean_per_class_accuracy": _fraction(split("test").get("mean_per_class_accuracy")),
+        "validation_loss": _number(split("validation").get("loss")),
+        "validation_ece": _fraction(split("validation").get("ece")),
         "test_loss": _number(split("test").get("loss")),
         "test_ece": _fraction(split("test").get("ece")),  # none for runs scored before ECE was recorded
         "excluded": _number(_mapping(config.get("excluded")).get("from_training")),  # images left out of training
+        "split_counts": "/".join(str(_mapping(features.get("counts")).get(split, "?"))
+                                 for split in ("train", "validation", "test")),
         "seconds": _number(config.get("seconds")),
         "created": _text(config.get("created")),
     }
@@ -98,10 +102,11 @@ def _data_key(data: Path) -> str:
 
 
 def best_run(models_root: Path, kind: str | None = None, data: Path | None = None) -> Path:
-    """The finished run with the highest validation accuracy (of `kind`: head or finetune), among
-    the runs of one data folder: `data`, or the only one the runs under `models_root` were trained
-    on. Validation accuracies of different folders are measured on different images, so where runs
-    of several folders stand side by side `best` asks which one."""
+    """The finished run with the highest validation accuracy (of `kind`: head or finetune), near
+    ties broken by validation log loss (near_tie_by_loss), among the runs of one data folder: `data`,
+    or the only one the runs under `models_root` were trained on. Validation accuracies of
+    different folders are measured on different images, so where runs of several folders stand
+    side by side `best` asks which one."""
     rows = [r for r in list_runs(models_root, data)
             if r.get("validation_accuracy") is not None and (kind is None or r.get("kind") == kind)]
     if not rows:
@@ -114,7 +119,21 @@ def best_run(models_root: Path, kind: str | None = None, data: Path | None = Non
         raise PipelineError(f"best: the runs under {models_root}/ were trained on {len(folders)} data folders "
                             f"({shown}), whose validation accuracies do not compare: add --data DIR to choose among "
                             "one folder's runs, or name the run")
-    return Path(models_root) / rows[0]["name"]
+    return Path(models_root) / near_tie_by_loss(rows)["name"]
+
+
+def near_tie_by_loss(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best of `rows` (best validation accuracy first): the top run, unless runs whose 95%
+    validation intervals overlap its own (a tie the validation split cannot break) have a lower
+    validation log loss, the better calibrated probabilities: then the lowest-loss run of those.
+    Runs without an interval or a loss (made before they were recorded) compete on accuracy alone."""
+    top = rows[0]
+    if top.get("validation_accuracy_ci95") is None or top.get("validation_loss") is None:
+        return top
+    low = top["validation_accuracy_ci95"][0]
+    tied = [r for r in rows if r.get("validation_accuracy_ci95") is not None and r.get("validation_loss") is not None
+            and r["validation_accuracy_ci95"][1] >= low]
+    return min(tied, key=lambda r: (r["validation_loss"], -(r["validation_accuracy"] or 0), r["name"]))
 
 
 def resolve(run: str | Path, models_root: Path, kind: str | None = None, data: Path | None = None) -> Path:

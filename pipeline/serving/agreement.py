@@ -45,7 +45,8 @@ def check_precision(fmt: str, precision: str, run_precision: str) -> None:
 
 
 def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bool = False,
-            limit: int = DEFAULT_IMAGES, reference: Any = None, tta: str = "none") -> dict[str, Any]:
+            limit: int = DEFAULT_IMAGES, reference: Any = None, tta: str = "none",
+            progress: bool = False) -> dict[str, Any]:
     """The exported model at `path` against `predict` with the run (`predict --tta` with the
     export's views), on up to `limit` of the run's validation images. Never fails the export:
     where the images cannot be read, says why. `reference`: the run's model at its own precision,
@@ -63,14 +64,25 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
         return {"measured": False, "why": "the run has no validation images"}
     if reference is None:
         reference = opened.classifier()  # what predict computes: the run's model at the run's precision
+    import sys
+
+    from tqdm import tqdm
+
+    from pipeline.errors import option
+
     exported = _exported_model(fmt, path, one_image_per_call)
     source = EncodedImages(files)
     kept, ours, theirs = [], [], []
+    bar = tqdm(total=len(files), unit="img", leave=False, disable=not progress, file=sys.stderr,
+               desc=f"agreement check: {len(files)} of {len(validation.files)} validation images "
+                    f"({option('check_images', 0)} skips it)")
     for indices, pixels in source.batches(size, BATCH):
+        bar.update(len(indices))
         indices, pixels = np.asarray(indices), np.asarray(pixels, np.float32)
         ours.append(np.asarray(averaged(reference.predict_on_batch, pixels, tta), np.float64))
         theirs.append(np.asarray(exported(pixels, [files[i] for i in indices]), np.float64))
         kept.extend(indices.tolist())
+    bar.close()
     if not kept:
         return {"measured": False, "why": f"none of the run's {len(files)} validation images could be read"}
     predicted, exported_probabilities = np.concatenate(ours), np.concatenate(theirs)

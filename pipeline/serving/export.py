@@ -70,7 +70,8 @@ def without_resize(model: keras.Model) -> keras.Model:
 
 def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: bool = False,
                models: Path = Path("models"), data: Path | None = None, precision: str = "float32",
-               check_images: int = agreement.DEFAULT_IMAGES, tta: str = "none") -> ExportSummary:
+               check_images: int = agreement.DEFAULT_IMAGES, tta: str = "none",
+               progress: bool = False) -> ExportSummary:
     if fmt not in FORMATS:
         raise PipelineError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
     if quantize and fmt not in ("tflite", "onnx"):
@@ -104,7 +105,7 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
     atomic.remove_dead_temporaries(out)
     try:
         return _export_into(opened, fmt, out, quantize, precision, check_images, tta, run_precision,
-                            export_precision)
+                            export_precision, progress)
     except BaseException:
         if made:  # a folder this call made and left empty goes too
             with contextlib.suppress(OSError):
@@ -126,9 +127,16 @@ def _inputs_of(opened: Run) -> list[tuple[str, Path]]:
 
 
 def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: str, check_images: int, tta: str,
-                 run_precision: str, export_precision: str) -> ExportSummary:
+                 run_precision: str, export_precision: str, progress: bool = False) -> ExportSummary:
+    import sys
+
     class_names, fingerprint = opened.class_names, opened.fingerprint
     started = time.perf_counter()
+    if progress:
+        checked = (f"then checked against predict on up to {check_images} validation images"
+                   if check_images else "not checked against predict (check_images 0)")
+        print(f"export: building the {fmt} model ({'converted, ' if fmt in ('tflite', 'onnx') else ''}{checked})",
+              file=sys.stderr, flush=True)
     classifier = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
     size = fingerprint.image_size
     # the served model (pixels of any size in): with --tta, averaging the views in Keras' own
@@ -155,7 +163,8 @@ def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: st
     size_bytes = sum(f.stat().st_size for f in files if f.is_file())
     checks["agreement_with_predict"] = (
         agreement.measure(opened, fmt, path, size, one_image_per_call=quantize, limit=check_images,
-                          reference=classifier if export_precision == run_precision else None, tta=tta)
+                          reference=classifier if export_precision == run_precision else None, tta=tta,
+                          progress=progress)
         if check_images
         else {"measured": False, "why": "--check-images 0"})
     seconds = time.perf_counter() - started

@@ -69,6 +69,7 @@ def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
         tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=["pixels:0"],
                                        output_names=[t.name for t in frozen.outputs], opset=OPSET,
                                        output_path=str(temporary))
+        named_batch_dimension(temporary)
     try:
         graph = onnx.load(str(path))
         onnx.checker.check_model(graph)
@@ -81,6 +82,19 @@ def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
             "producer": f"{graph.producer_name} {graph.producer_version}",
             "made_by": "the frozen serving function converted by tf2onnx (Keras' own export leaves the "
                        "Normalization layers' constants as graph inputs)"}
+
+
+def named_batch_dimension(path: Path) -> None:
+    """The graph's first (batch) dimension named `batch` on its inputs and outputs, where tf2onnx
+    leaves a generated name (`unk__651`)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    for value in (*graph.graph.input, *graph.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+    onnx.save(graph, str(path))
 
 
 @contextlib.contextmanager
