@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import backend as backends
 from pipeline import summaries
 from pipeline.arguments import check_image_target, checked, image_targets
+from pipeline.chatter import kept_off
 from pipeline.errors import PipelineError, spoken_by_command_line
 from pipeline.images.formats import MEGAPIXEL
 
@@ -54,6 +55,7 @@ def _max_pixels(max_megapixels: float) -> int:
 
 
 @checked
+@kept_off
 def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None = None, pooling: str | None = None,
             layer: Sequence[str] | None = None, precision: str | None = None, weights: str = "imagenet",
             preprocessing: str | None = None, batch_size: int = 32, shard_size: int = 1024,
@@ -85,6 +87,7 @@ def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None =
 
 
 @checked
+@kept_off
 def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = "features",
                models: PathLike = "models", name: str | None = None, layer: Sequence[str] | None = None,
                pooling: str | None = None, seed: int = 0, class_weight: str | None = None,
@@ -143,6 +146,7 @@ def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
 
 
 @checked
+@kept_off
 def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, tta: str = "none",
              backend: str | None = None) -> Run:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
@@ -164,6 +168,7 @@ def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None,
 
 
 @checked
+@kept_off
 def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike | None = None,
              name: str | None = None, unfreeze: str | None = None, epochs: int = 3, lr: float = 1e-4,
              momentum: float = 0.9, clipnorm: float = 1.0, batch_size: int = 16, patience: int = 3,
@@ -207,6 +212,7 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
 
 
 @checked
+@kept_off
 def predict(run: Any, images: Any, *, top: int = 3, models: PathLike = "models",
             data: PathLike | None = None, output: PathLike | None = None, max_megapixels: float = 128,
             tta: str = "none", backend: str | None = None) -> list[Prediction] | Iterator[Prediction]:
@@ -249,6 +255,7 @@ def _checked_path(target: Any) -> Path:
 
 
 @checked
+@kept_off
 def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,  # noqa: A002 - the flag's name
            quantize: bool = False, precision: str = "float32", check_images: int = 500, tta: str = "none",
            models: PathLike = "models", data: PathLike | None = None, backend: str | None = None,
@@ -271,6 +278,7 @@ def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,
 
 
 @checked
+@kept_off
 def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",
                layer: Sequence[str] | None = None, pooling: str | None = None, progress: bool = True) -> Any:
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
@@ -288,6 +296,7 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
 
 
 @checked
+@kept_off
 def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike = "models",
           cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
           c_grid: str | None = None,

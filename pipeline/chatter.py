@@ -17,6 +17,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 CHATTER = re.compile(
     r"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]"  # absl: I0000 00:00:1795... 12426 port.cc:153]
@@ -106,3 +107,17 @@ def _write(terminal: int, lines: list[bytes]) -> None:
             os.write(terminal, b"".join(line + b"\n" for line in kept))
         except OSError:
             pass
+
+
+def kept_off(function: Any) -> Any:
+    """A Python API function with TensorFlow's native start-up chatter (the cuInit line on a machine
+    without a GPU, absl's notices) filtered from descriptor 2 while it runs, as the command line
+    does. A no-op where stderr is not the process's own (a notebook, a test's capture)."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with native_chatter_filtered():
+            return function(*args, **kwargs)
+
+    return wrapper

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--epochs", type=_positive_int, default=None, help="at most this many epochs (50)")
     dense.add_argument("--batch-size", type=_positive_int, default=None, help="(32)")
     dense.add_argument("--patience", type=_positive_int, default=None,
-                       help="epochs without validation accuracy improvement before stopping (8)")
+                       help="epochs without validation accuracy improvement before stopping (4)")
     dense.add_argument("--loss", default=None, choices=("crossentropy", "ordinal"),
                        help="crossentropy (default), or ordinal: the classes, in their sorted order, are ordered "
                             "levels (ELPV's defect-0.00 .. defect-1.00): the mean cross-entropy of every cut "

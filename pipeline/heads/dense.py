@@ -47,7 +47,9 @@ class DenseHead(Head):
         "lr": 1e-3,
         "epochs": 50,
         "batch_size": 32,
-        "patience": 8,
+        # 4, not 8: on 10,000 x 2,000 synthetic features it stopped at 11 epochs instead of 22, in 17.9 s
+        # instead of 38.1 s, validation 80.63% against 80.69% (bench/heads.py --suite search)
+        "patience": 4,
         "class_weight": "none",
         "loss": "crossentropy",  # or ordinal: the classes' sorted order is an order (pipeline/heads/ordinal.py)
         "seed": 0,
