@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/audit.py --suite scale [--rows 100000] [--export-rows 1000000] [--dimension 1280]
     .venv/bin/python bench/audit.py --suite elpv [--data data/elpv] [--seeds 5]
+    .venv/bin/python bench/audit.py --suite speed --baseline DIR [--rows 13000 --dimension 1900]
+
+speed: the audit's label issues (the folds, most of its time) of today's code against a checkout
+of an earlier version (--baseline, e.g. `git worktree add /tmp/base <commit>`), on the same
+synthetic cache (10 overlapping clusters, 5% of labels flipped), each in a child process of this
+run that imports its own tree: seconds, the C chosen, the suspects and how far they agree
+(the share of either's suspects both found). Written to bench/results/audit-speed.json.
 
 scale: a synthetic cache (Gaussian clusters, written through the store like extract writes it) of
 --rows x --dimension float32: the embeddings export (Parquet) and the audit's parts, each timed
@@ -36,6 +43,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work" / "audit"
 
@@ -207,9 +215,55 @@ def elpv(args: argparse.Namespace) -> None:
     print(markdown_table(["training images", "split", f"accuracy ({len(results['seeds'])} seeds)", "per seed"], table))
 
 
+LABEL_ISSUES = r'''
+import json, sys, time
+import numpy as np
+from pipeline.cache.reader import FeatureView, load_splits
+from pipeline.cache.store import FeatureStore
+from pipeline.auditing.labels import label_issues
+store = FeatureStore(sys.argv[1])
+splits = load_splits(store, FeatureView.for_cache(store))
+x = np.concatenate([splits[s].matrix for s in ("train", "validation", "test")]).astype(np.float32)
+y = np.concatenate([splits[s].labels for s in ("train", "validation", "test")]).astype(np.int64)
+started = time.perf_counter()
+found = label_issues(x, y, list(store.class_names), 5, 0, progress=False)
+print(json.dumps({"seconds": time.perf_counter() - started, "suspects": found.issues.tolist(),
+                  "chosen_C": found.chosen_c}))
+'''
+
+
+def speed(args: argparse.Namespace) -> None:
+    """The audit's folds, an earlier checkout against this one, on the same features."""
+    from bench.common import cpu_model
+
+    cache = synthetic_cache(WORK / f"speed-{args.rows}x{args.dimension}-{args.spread}", args.rows, args.dimension,
+                            spread=args.spread)
+    print(machine_line(), flush=True)
+    results = {"machine": machine_line(), "cpu": cpu_model(), "rows": args.rows, "dimension": args.dimension,
+               "trees": {}}
+    for name, tree in (("before", args.baseline.resolve()), ("now", ROOT)):
+        done = subprocess.run([sys.executable, "-c", LABEL_ISSUES, str(cache)], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(tree)), cwd=tree, check=True)
+        results["trees"][name] = json.loads(done.stdout.strip().splitlines()[-1]) | {"tree": str(tree)}
+        row = results["trees"][name]
+        print(f"  {name}: {row['seconds']:.1f} s, {len(row['suspects'])} suspects, C {row['chosen_C']}", flush=True)
+    before, now = (set(results["trees"][k]["suspects"]) for k in ("before", "now"))
+    results["suspects_in_both"] = len(before & now)
+    results["agreement"] = len(before & now) / max(len(before | now), 1)
+    results["speed_up"] = results["trees"]["before"]["seconds"] / results["trees"]["now"]["seconds"]
+    (RESULTS / "audit-speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown_table(["code", "seconds (5 folds)", "suspects", "C chosen"],
+                         [[k, f"{v['seconds']:.1f}", len(v["suspects"]), ", ".join(f"{c:g}" for c in v["chosen_C"])]
+                          for k, v in results["trees"].items()]))
+    print(f"speed-up {results['speed_up']:.1f}x; suspects found by both: {results['suspects_in_both']} "
+          f"(agreement {results['agreement']:.1%} of either's)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("scale", "elpv"), default="scale")
+    parser.add_argument("--suite", choices=("scale", "elpv", "speed"), default="scale")
+    parser.add_argument("--baseline", type=Path, default=None, help="speed: a checkout of the earlier version")
+    parser.add_argument("--spread", type=float, default=0.08, help="speed: the clusters' centres' scale")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--export-rows", type=int, default=1_000_000)
     parser.add_argument("--dimension", type=int, default=1280)
@@ -220,6 +274,10 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     if args.step:
         run_step(args.step, rest[0], rest[1:])
+    elif args.suite == "speed":
+        if args.baseline is None:
+            raise SystemExit("--suite speed needs --baseline DIR: a checkout of the earlier version")
+        speed(args)
     elif args.suite == "scale":
         scale(args)
     else:
