@@ -236,11 +236,12 @@ def speed(args: argparse.Namespace) -> None:
     """The audit's folds, an earlier checkout against this one, on the same features."""
     from bench.common import cpu_model
 
-    cache = synthetic_cache(WORK / f"speed-{args.rows}x{args.dimension}-{args.spread}", args.rows, args.dimension,
-                            spread=args.spread)
+    cache = args.cache or synthetic_cache(WORK / f"speed-{args.rows}x{args.dimension}-{args.spread}", args.rows,
+                                          args.dimension, spread=args.spread)
     print(machine_line(), flush=True)
-    results = {"machine": machine_line(), "cpu": cpu_model(), "rows": args.rows, "dimension": args.dimension,
-               "trees": {}}
+    results = {"machine": machine_line(), "cpu": cpu_model(), "cache": str(cache), "trees": {}}
+    if args.cache is None:
+        results |= {"rows": args.rows, "dimension": args.dimension, "spread": args.spread}
     for name, tree in (("before", args.baseline.resolve()), ("now", ROOT)):
         done = subprocess.run([sys.executable, "-c", LABEL_ISSUES, str(cache)], capture_output=True, text=True,
                               env=dict(os.environ, PYTHONPATH=str(tree)), cwd=tree, check=True)
@@ -251,7 +252,8 @@ def speed(args: argparse.Namespace) -> None:
     results["suspects_in_both"] = len(before & now)
     results["agreement"] = len(before & now) / max(len(before | now), 1)
     results["speed_up"] = results["trees"]["before"]["seconds"] / results["trees"]["now"]["seconds"]
-    (RESULTS / "audit-speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    name = "audit-speed.json" if args.cache is None else f"audit-speed-{Path(args.cache).name}.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=1) + "\n")
     print(markdown_table(["code", "seconds (5 folds)", "suspects", "C chosen"],
                          [[k, f"{v['seconds']:.1f}", len(v["suspects"]), ", ".join(f"{c:g}" for c in v["chosen_C"])]
                           for k, v in results["trees"].items()]))
@@ -264,6 +266,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=("scale", "elpv", "speed"), default="scale")
     parser.add_argument("--baseline", type=Path, default=None, help="speed: a checkout of the earlier version")
     parser.add_argument("--spread", type=float, default=0.08, help="speed: the clusters' centres' scale")
+    parser.add_argument("--cache", type=Path, default=None, help="speed: a real cache instead of the synthetic one")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--export-rows", type=int, default=1_000_000)
     parser.add_argument("--dimension", type=int, default=1280)

@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -85,10 +86,9 @@ def pipeline_epoch(store: FeatureStore, head: DenseHead) -> tuple[float, float, 
 SEARCH_RESULTS = Path("bench/results/heads-search.json")
 
 
-def search_suite(sizes: list[tuple[int, int]], work: Path, spread: float) -> None:
+def search_suite(sizes: list[tuple[int, int]], work: Path, spread: float, caches: list[Path]) -> None:
     """The C search, whole grid against path, and the dense head's patience, side by side."""
     from bench.audit import synthetic_cache
-    from pipeline.heads import LogRegHead
 
     print(machine_line(), flush=True)
     done = json.loads(SEARCH_RESULTS.read_text()) if SEARCH_RESULTS.is_file() else {"rows": []}
@@ -108,41 +108,51 @@ def search_suite(sizes: list[tuple[int, int]], work: Path, spread: float) -> Non
         store = FeatureStore(cache)
         largest = (rows, dimension) == max(sizes)
         streamed = largest and len(sizes) > 1
-        splits = load_splits(store, FeatureView.for_cache(store), stream=streamed)
-        names = store.class_names
-        for setting in (("path",) if streamed else ("grid", "path")):
-            label = f"logreg c-search {setting}" + (" (streamed)" if streamed else "")
-            if (size, "logreg", label) in seen:
-                continue
-            head = LogRegHead(names, {"c_search": setting})
-            started = time.perf_counter()
-            head.fit(splits["train"], splits["validation"], progress=sys.stderr.isatty())
-            seconds = time.perf_counter() - started
-            test = head.predict_proba(splits["test"]).argmax(axis=1) == splits["test"].labels
-            best = max(head.history_, key=lambda r: (r["validation_accuracy"], -r["validation_loss"]))
-            record({"size": size, "head": "logreg", "setting": label, "seconds": seconds, "fits": len(head.history_),
-                    "chosen_C": head.C_, "validation_accuracy": best["validation_accuracy"],
-                    "test_accuracy": float(np.mean(test)), "train_images": len(splits["train"])})
-        if streamed:
-            continue
-        for patience in (8, 4):
-            label = f"dense patience {patience}"
-            if (size, "dense", label) in seen:
-                continue
-            head = DenseHead(names, {"patience": patience})
-            started = time.perf_counter()
-            head.fit(splits["train"], splits["validation"], progress=False)
-            seconds = time.perf_counter() - started
-            test = head.predict_proba(splits["test"]).argmax(axis=1) == splits["test"].labels
-            outcome = head.outcome()
-            record({"size": size, "head": "dense", "setting": label, "seconds": seconds,
-                    "fits": len(head.history_), "epochs_run": len(head.history_), "outcome": outcome,
-                    "validation_accuracy": max(r.get("val_accuracy", 0) for r in head.history_),
-                    "test_accuracy": float(np.mean(test)), "train_images": len(splits["train"])})
+        _search_rows(store, size, streamed, seen, record)
+    for cache in caches:
+        store = FeatureStore(cache)
+        _search_rows(store, f"{Path(cache).name} ({store.fingerprint.backbone})", False, seen, record)
     table = markdown_table(["size", "head", "setting", "seconds", "fits or epochs", "validation", "test"],
                            [[r["size"], r["head"], r["setting"], f"{r['seconds']:.1f}", r["fits"],
                              f"{r['validation_accuracy']:.2%}", f"{r['test_accuracy']:.2%}"] for r in done["rows"]])
     print(f"\n{table}")
+
+
+def _search_rows(store: FeatureStore, size: str, streamed: bool, seen: set, record: Callable[[dict], None]) -> None:
+    """The logistic regression's two searches and the dense head's two patiences on one cache."""
+    from pipeline.heads import LogRegHead
+
+    splits = load_splits(store, FeatureView.for_cache(store), stream=streamed)
+    names = store.class_names
+    for setting in (("path",) if streamed else ("grid", "path")):
+        label = f"logreg c-search {setting}" + (" (streamed)" if streamed else "")
+        if (size, "logreg", label) in seen:
+            continue
+        head = LogRegHead(names, {"c_search": setting})
+        started = time.perf_counter()
+        head.fit(splits["train"], splits["validation"], progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - started
+        test = head.predict_proba(splits["test"]).argmax(axis=1) == splits["test"].labels
+        best = max(head.history_, key=lambda r: (r["validation_accuracy"], -r["validation_loss"]))
+        record({"size": size, "head": "logreg", "setting": label, "seconds": seconds, "fits": len(head.history_),
+                "chosen_C": head.C_, "validation_accuracy": best["validation_accuracy"],
+                "test_accuracy": float(np.mean(test)), "train_images": len(splits["train"])})
+    if streamed:
+        return
+    for patience in (8, 4):
+        label = f"dense patience {patience}"
+        if (size, "dense", label) in seen:
+            continue
+        head = DenseHead(names, {"patience": patience})
+        started = time.perf_counter()
+        head.fit(splits["train"], splits["validation"], progress=False)
+        seconds = time.perf_counter() - started
+        test = head.predict_proba(splits["test"]).argmax(axis=1) == splits["test"].labels
+        outcome = head.outcome()
+        record({"size": size, "head": "dense", "setting": label, "seconds": seconds,
+                "fits": len(head.history_), "epochs_run": len(head.history_), "outcome": outcome,
+                "validation_accuracy": max(r.get("val_accuracy", 0) for r in head.history_),
+                "test_accuracy": float(np.mean(test)), "train_images": len(splits["train"])})
 
 
 def main() -> None:
@@ -150,14 +160,16 @@ def main() -> None:
     parser.add_argument("--suite", choices=("epoch", "search"), default="epoch")
     parser.add_argument("--sizes", default="10000x2000,100000x1280", help="ROWSxDIMENSION,... (the search suite)")
     parser.add_argument("--spread", type=float, default=0.08, help="cluster centres' scale (the search suite)")
+    parser.add_argument("--cache", type=Path, action="append", default=[],
+                        help="the search suite on a real cache too (repeatable)")
     parser.add_argument("--data", type=Path, default=Path("data/elpv"))
     parser.add_argument("--image-size", type=int, default=150)
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/heads.json"))
     args = parser.parse_args()
     if args.suite == "search":
-        sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
-        search_suite(sizes, args.work / "heads", args.spread)
+        sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",") if size]
+        search_suite(sizes, args.work / "heads", args.spread, args.cache)  # --sizes "": the caches only
         return
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} does not exist: run `run_pipeline.py demo-data` (or `make bench`) first")
