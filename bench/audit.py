@@ -243,7 +243,8 @@ def speed(args: argparse.Namespace) -> None:
     if args.cache is None:
         results |= {"rows": args.rows, "dimension": args.dimension, "spread": args.spread}
     for name, tree in (("before", args.baseline.resolve()), ("now", ROOT)):
-        done = subprocess.run([sys.executable, "-c", LABEL_ISSUES, str(cache)], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", LABEL_ISSUES, str(Path(cache).resolve())], capture_output=True,
+                              text=True,
                               env=dict(os.environ, PYTHONPATH=str(tree)), cwd=tree, check=True)
         results["trees"][name] = json.loads(done.stdout.strip().splitlines()[-1]) | {"tree": str(tree)}
         row = results["trees"][name]
