@@ -70,8 +70,7 @@ def native_chatter_filtered() -> Iterator[None]:
         yield
         return
     previous = sys.stderr
-    sys.stderr = io.TextIOWrapper(io.FileIO(os.dup(terminal), "w"), encoding=previous.encoding,
-                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = _direct_stderr(terminal, previous.encoding)
     os.dup2(write_end, 2)
     os.close(write_end)
     forwarder = threading.Thread(target=_forward, args=(read_end, terminal), daemon=True, name="stderr-filter")
@@ -82,8 +81,20 @@ def native_chatter_filtered() -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(terminal, 2)  # closes this process's write end of the pipe
         forwarder.join(timeout=2)  # children (joblib workers) may hold the pipe open: don't wait on them
-        sys.stderr.close()
         sys.stderr = previous
+
+
+_DIRECT: list[io.TextIOWrapper] = []
+
+
+def _direct_stderr(terminal: int, encoding: str | None) -> io.TextIOWrapper:
+    """Python's own stderr while descriptor 2 is filtered: straight to the terminal. One for the
+    process, never closed: a logging handler made during one filtered call (TensorFlow's) keeps
+    writing to it after the call, from the Python API's many calls as from the command line's one."""
+    if not _DIRECT:
+        _DIRECT.append(io.TextIOWrapper(io.FileIO(os.dup(terminal), "w"), encoding=encoding,
+                                        errors="backslashreplace", line_buffering=True))
+    return _DIRECT[0]
 
 
 def _forward(read_end: int, terminal: int) -> None:
@@ -115,8 +126,12 @@ def kept_off(function: Any) -> Any:
     does. A no-op where stderr is not the process's own (a notebook, a test's capture)."""
     import functools
 
+    from pipeline.errors import spoken_by_command_line
+
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if spoken_by_command_line():  # the command line filters (or, with --debug, shows) for itself
+            return function(*args, **kwargs)
         with native_chatter_filtered():
             return function(*args, **kwargs)
 

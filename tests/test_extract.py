@@ -492,12 +492,17 @@ def test_the_small_image_advice_does_not_fire_on_its_own_recipe(tmp_path: Path, 
     import re
 
     from pipeline.backbone.registry import get_backbone
+    from pipeline.errors import speak_as_command_line
     from pipeline.extraction.extract import small_image_note
 
     spec = get_backbone(backbone)
     root = train_test_folder(tmp_path / "data", train=4, test=1, size=28)
     scanned = scan_dataset(root, SplitConfig.from_flags(None, None, 0))
-    note = small_image_note(scanned, spec.default_image_size, spec)
+    speak_as_command_line()  # the note as the command line says it (Python's words: tests/test_newcomer_three.py)
+    try:
+        note = small_image_note(scanned, spec.default_image_size, spec)
+    finally:
+        speak_as_command_line(False)
     advised = int(re.search(r"try --image-size (\d+)", note).group(1))
     assert advised < spec.default_image_size and ("measured" in note)
     assert small_image_note(scanned, advised, spec) is None

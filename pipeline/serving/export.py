@@ -132,12 +132,12 @@ def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: st
 
     class_names, fingerprint = opened.class_names, opened.fingerprint
     started = time.perf_counter()
+    classifier = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
     if progress:
         checked = (f"then checked against predict on up to {check_images} validation images"
                    if check_images else "not checked against predict (check_images 0)")
         print(f"export: building the {fmt} model ({'converted, ' if fmt in ('tflite', 'onnx') else ''}{checked})",
               file=sys.stderr, flush=True)
-    classifier = opened.classifier(export_precision)  # checks the model's outputs against labels.txt
     size = fingerprint.image_size
     # the served model (pixels of any size in): with --tta, averaging the views in Keras' own
     # layers (pipeline/finetuning/views.py); the SavedModel applies them as TensorFlow ops
