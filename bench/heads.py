@@ -60,7 +60,7 @@ def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
     x = keras.layers.Flatten()(keras.layers.Activation("linear", dtype="float32")(backbone(x, training=False)))
     identity = np.zeros(dimension), np.ones(dimension)  # the same layers as the pipeline's head, same cost
     model = keras.Model(pixels, head.build(*identity)(x))
-    model.compile(optimizer=head.optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=head.make_optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     train_images = split_images(store)["train"]
     files, labels = train_images.files, train_images.labels
     train = labelled_batches(files, labels, fingerprint.image_size, int(head.params["batch_size"]), shuffle_seed=0)
@@ -76,7 +76,7 @@ def pipeline_epoch(store: FeatureStore, head: DenseHead) -> tuple[float, float, 
     read = time.perf_counter() - started
     train = splits["train"]
     model = head.build(*training_statistics(train))
-    model.compile(optimizer=head.optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=head.make_optimizer(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     started = time.perf_counter()
     model.fit(train.matrix, train.labels, batch_size=int(head.params["batch_size"]), epochs=1, shuffle=True,
               verbose=0)
@@ -123,12 +123,11 @@ def _search_rows(store: FeatureStore, size: str, streamed: bool, seen: set, reco
     from pipeline.heads import LogRegHead
 
     splits = load_splits(store, FeatureView.for_cache(store), stream=streamed)
-    names = store.class_names
     for setting in (("path",) if streamed else ("grid", "path")):
         label = f"logreg c-search {setting}" + (" (streamed)" if streamed else "")
         if (size, "logreg", label) in seen:
             continue
-        head = LogRegHead(names, {"c_search": setting})
+        head = LogRegHead(c_search=setting)
         started = time.perf_counter()
         head.fit(splits["train"], splits["validation"], progress=sys.stderr.isatty())
         seconds = time.perf_counter() - started
@@ -143,7 +142,7 @@ def _search_rows(store: FeatureStore, size: str, streamed: bool, seen: set, reco
         label = f"dense patience {patience}"
         if (size, "dense", label) in seen:
             continue
-        head = DenseHead(names, {"patience": patience})
+        head = DenseHead(patience=patience)
         started = time.perf_counter()
         head.fit(splits["train"], splits["validation"], progress=False)
         seconds = time.perf_counter() - started
@@ -177,7 +176,7 @@ def main() -> None:
     cache = extract_features(ExtractOptions(data=args.data, image_size=args.image_size,
                                             cache_root=args.work / "features", progress=sys.stderr.isatty())).cache_dir
     store = FeatureStore(cache)
-    head = DenseHead(store.class_names)
+    head = DenseHead()
     read, ours, dimension = pipeline_epoch(store, head)
     theirs = seeds_epoch(store, head, dimension)
     logreg = train_head(TrainOptions(head="logreg", features=cache, models=args.work / "models", progress=False))

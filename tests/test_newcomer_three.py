@@ -47,7 +47,7 @@ def test_the_default_search_matches_the_whole_grid_in_fewer_fits(tmp_path: Path)
     store = FeatureStore(write_feature_cache(tmp_path / "cache", features, labels, splits, ["a", "b", "c"],
                                              pooling="avg"))
     data = load_splits(store, FeatureView.for_cache(store))
-    heads = {search: LogRegHead(["a", "b", "c"], {"c_search": search, "n_jobs": 1}).fit(
+    heads = {search: LogRegHead(c_search=search, n_jobs=1).fit(
         data["train"], data["validation"], progress=False) for search in ("grid", "path")}
     grid, path = (max(row["validation_accuracy"] for row in heads[s].history_) for s in ("grid", "path"))
     assert len(heads["path"].history_) < len(heads["grid"].history_) == 45

@@ -74,7 +74,7 @@ def out_of_fold_probabilities(x: np.ndarray, labels: np.ndarray, class_names: li
         stratify = labels[kept] if counts[counts > 0].min() >= 2 else None
         inner, validation = train_test_split(kept, test_size=0.2, random_state=seed, stratify=stratify)
         grid = c_grid if number == 0 or c_per_fold else repr(chosen[0])
-        head = LogRegHead(class_names, {"c_grid": grid, "n_jobs": -1})
+        head = LogRegHead(c_grid=grid, n_jobs=-1)
         head.fit(ArrayFeatures(x[inner], labels[inner], class_names),
                  ArrayFeatures(x[validation], labels[validation], class_names), progress=False)
         fold = head.predict_proba(ArrayFeatures(x[held], labels[held], class_names))

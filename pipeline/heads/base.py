@@ -1,16 +1,24 @@
 """Classifier heads trained on cached feature vectors, behind one small interface.
 
-Heads follow scikit-learn's estimator contract: made with their parameters, `fit(train,
-validation)` returns the head itself, having learned its classes (`classes_`, the class names of
-the features) and kept its search or training history (`history_`: one row per C tried or per
-epoch; the logistic regression's also as `cv_results_`, a mapping of columns); `predict_proba(data)`
-gives (n, classes) probabilities; `save(dir)` / `load(dir)` round-trip it with a JSON sidecar that
-loading checks (pipeline/artefacts.py). Adding a head is adding a subclass with its own `kind`
-(it registers itself in HEADS) and importing it in pipeline/heads/__init__.py.
+Every head is a scikit-learn estimator: its parameters are keyword arguments with defaults in
+`__init__` (and nothing else: `get_params`, `set_params`, `clone`, `Pipeline`, `GridSearchCV` and
+`cross_val_score` work), `fit(X, y)` takes arrays and learns the classes (`classes_`, whatever
+labels `y` holds), `predict`, `predict_proba` and `score` answer for arrays. A head's own search
+(the logistic regression's C, the dense head's early stopping) needs a validation split: `fit(X,
+y)` holds out `validation_fraction` of X (stratified) for it, or takes `validation=(X_val, y_val)`.
+
+The pipeline's fitting is a thin layer over the same code: `fit(train, validation)` on Features
+(the cache's splits, in memory or streamed by shard), the class names taken from the cache. Either
+way the head keeps its search or training history (`history_`: one row per C tried or per epoch;
+the logistic regression's also as `cv_results_`); `save(dir)` / `load(dir)` round-trip it with a
+JSON sidecar that loading checks (pipeline/artefacts.py), without executing anything from the
+files. Adding a head is adding a subclass with its own `kind` (it registers itself in HEADS) and
+importing it in pipeline/heads/__init__.py.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -18,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from pipeline.artefacts import read_json_object
 from pipeline.atomic import one_line
@@ -81,53 +90,132 @@ def class_weights(labels: np.ndarray, classes: int, mode: str | None) -> np.ndar
     return weights
 
 
+COMMON_RULES: Rules = {
+    "validation_fraction": (lambda v: 0 <= v < 1, "a fraction from 0 up to, not including, 1 (0: choose on the "
+                                                  "training data itself)"),
+}
 HEADS: dict[str, type[Head]] = {}  # kind -> class; every concrete head registers itself
 
 
-class Head(ABC):
+def is_features(data: Any) -> bool:
+    """A Features source (the cache's splits, ArrayFeatures), as opposed to a plain array."""
+    return all(hasattr(data, name) for name in ("chunks", "labels", "dimension"))
+
+
+class Head(ClassifierMixin, BaseEstimator, ABC):
     kind: ClassVar[str]
-    DEFAULTS: ClassVar[dict[str, Any]]
+    DEFAULTS: ClassVar[dict[str, Any]] = {}  # from __init__'s signature: every parameter and its default
     RULES: ClassVar[Rules] = {}
+    ARRAY_ONLY: ClassVar[frozenset[str]] = frozenset({"validation_fraction"})  # no train-head flag: the cache splits
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters
+                            .items() if name != "self"}
         if "kind" in cls.__dict__:
             HEADS[cls.kind] = cls
 
-    def __init__(self, class_names: list[str] | None = None, params: Mapping[str, Any] | None = None) -> None:
-        unknown = sorted(set(params or {}) - set(self.DEFAULTS))
-        if unknown:
-            flag = "--" + unknown[0].replace("_", "-")
-            raise PipelineError(f"{flag} does not apply to --head {self.kind}")
-        self.class_names = list(class_names or [])  # learned again by fit where the features name them
-        self.params = dict(self.DEFAULTS) | {k: v for k, v in (params or {}).items() if v is not None}
-        check_parameters(self.params, self.RULES)
-        self.n_features_in_: int | None = None
-        # the caches it reads, in input order ({fingerprint_digest, view} each): set by train-head
-        self.input_parts_: list[dict[str, Any]] | None = None
-        self.history_: list[dict[str, float]] = []
+    @property
+    def params(self) -> dict[str, Any]:
+        """Every parameter's value, as the run records it."""
+        return {name: getattr(self, name) for name in self.DEFAULTS}
 
     @property
-    def classes_(self) -> np.ndarray:
-        return np.asarray(self.class_names)
+    def class_names(self) -> list[str]:
+        """The classes' names, in output order: the cache's, or the labels of `fit(X, y)` as text."""
+        return list(getattr(self, "class_names_", []))
 
-    def fit(self, train: Features, validation: Features, progress: bool = True) -> Head:
-        """Learn the classes and the dimension from `train`, fit, keep the history; returns self."""
-        names = getattr(train, "class_names", None) or self.class_names
+    @class_names.setter
+    def class_names(self, names: list[str]) -> None:
+        self.class_names_ = list(names)
+
+    def check_params(self) -> None:
+        """Refuse the first parameter outside its rule in one line (PipelineError), as the command line says it."""
+        check_parameters(self.params, self.RULES | COMMON_RULES)
+        self._check_more()
+
+    def _check_more(self) -> None:
+        """A head's checks beyond its RULES (choices, combinations)."""
+
+    def fit(self, X: Any, y: Any = None, validation: Any = None, progress: bool = False) -> Head:  # noqa: N803
+        """Learn the classes and the dimension, fit, keep the history; returns self. `X` and `y`:
+        arrays (scikit-learn's way; `validation=(X_val, y_val)` or a held-out part of X chooses
+        the head's settings), or `fit(train, validation)` on Features (the pipeline's way)."""
+        if not is_features(X):
+            return self._fit_arrays(X, y, validation, progress)
+        validation = y if is_features(y) else validation
+        if not is_features(validation):
+            raise PipelineError("fit(train, validation): both Features (the cache's splits, or ArrayFeatures)")
+        self.check_params()
+        names = getattr(X, "class_names", None) or self.class_names
         if not names:
-            names = [str(i) for i in range(int(np.max(train.labels)) + 1 if len(train.labels) else 0)]
+            names = [str(i) for i in range(int(np.max(X.labels)) + 1 if len(X.labels) else 0)]
         self.class_names = list(names)
-        self.n_features_in_ = train.dimension
-        self.history_ = self._fit(train, validation, progress)
+        self.classes_ = np.asarray(self.class_names)
+        self.n_features_in_ = X.dimension
+        self.history_ = self._fit(X, validation, progress)
         return self
+
+    def _fit_arrays(self, X: Any, y: Any, validation: Any, progress: bool) -> Head:  # noqa: N803
+        from sklearn.model_selection import train_test_split
+        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.validation import validate_data
+
+        self.check_params()
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_, encoded = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes in the data, but the data "
+                             f"contain only one class: {self.classes_[0]!r}")
+        self.class_names = [str(c) for c in self.classes_]
+        if validation is not None:
+            vx, vy = validation
+            vx = validate_data(self, vx, reset=False, dtype=[np.float64, np.float32])
+            vy = np.asarray(vy)
+            if not np.isin(vy, self.classes_).all():
+                raise ValueError("validation labels outside the classes of y")
+            train_rows, train_labels = X, encoded
+            held_rows, held_labels = vx, np.searchsorted(self.classes_, vy)
+        else:
+            fraction = float(self.validation_fraction)
+            held = round(len(encoded) * fraction)
+            counts = np.bincount(encoded)
+            if 0 < fraction < 1 and counts.min() >= 2 and held >= len(counts) and len(encoded) - held >= len(counts):
+                kept, out = train_test_split(np.arange(len(encoded)), test_size=held, stratify=encoded,
+                                             random_state=0)
+            else:  # too few to hold any out: the settings are chosen on the training data itself
+                kept = out = np.arange(len(encoded))
+            train_rows, train_labels, held_rows, held_labels = X[kept], encoded[kept], X[out], encoded[out]
+        train = ArrayFeatures(train_rows, train_labels, self.class_names)
+        held_out = ArrayFeatures(held_rows, held_labels, self.class_names)
+        self.history_ = self._fit(train, held_out, progress)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:  # noqa: N803
+        """(n, classes) probabilities, columns in the order of `classes_`: of Features, or of an array."""
+        if is_features(X):
+            self._check_input(X)
+            return self._proba(X)
+        from sklearn.utils.validation import check_is_fitted, validate_data
+
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self._proba(ArrayFeatures(X, np.zeros(len(X), np.int32), self.class_names))
+
+    def predict(self, X: Any) -> np.ndarray:  # noqa: N803
+        """The most likely class of each row, as `classes_` names it."""
+        proba = self.predict_proba(X)  # first: unfitted, it says so (NotFittedError)
+        return np.asarray(self.classes_)[np.argmax(proba, axis=1)]
 
     @abstractmethod
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         """Fit on learned classes; return the history rows."""
 
     @abstractmethod
-    def predict_proba(self, data: Features) -> np.ndarray:
-        ...
+    def _proba(self, data: Features) -> np.ndarray:
+        """(n, classes) probabilities of Features the head was fitted for."""
 
     HISTORY_AXIS: ClassVar[str]  # what one history row stands for: "epochs" or "C"
 
@@ -161,7 +249,7 @@ class Head(ABC):
             "params": self.params,
             "versions": self.versions(),
         }
-        if self.input_parts_:
+        if getattr(self, "input_parts_", None):
             sidecar["input_parts"] = self.input_parts_
         sidecar |= self._save_model(Path(directory))
         (Path(directory) / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -180,7 +268,9 @@ class Head(ABC):
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(params, dict)
                     and isinstance(dimension, int) and not isinstance(dimension, bool) and dimension > 0):
                 raise TypeError("class_names, params or input_dimension")
-            head = head_class(names, params)
+            head = head_class(**{key: value for key, value in params.items() if key in head_class.DEFAULTS})
+            head.class_names = names
+            head.classes_ = np.asarray(names)
             head.n_features_in_ = dimension
             head.input_parts_ = sidecar.get("input_parts")  # None for heads saved before it was recorded
             head._load_model(Path(directory), sidecar)
@@ -199,10 +289,21 @@ class Head(ABC):
 
 def head_parameters() -> list[str]:
     """Every parameter some head accepts from the command line (a flag --name-with-dashes)."""
-    return sorted({name for head in HEADS.values() for name in head.DEFAULTS} - {"seed", "tol"})
+    return sorted({name for head in HEADS.values() for name in head.DEFAULTS if name not in head.ARRAY_ONLY}
+                  - {"seed", "tol"})
 
 
 def make_head(kind: str, class_names: list[str] | None = None, params: Mapping[str, Any] | None = None) -> Head:
+    """The pipeline's way to make a head: by kind, its parameters checked at once (a flag that does
+    not apply, or a value outside its rule, is one line before any work)."""
     if kind not in HEADS:
         raise PipelineError(f"unknown head {kind!r}: choose from {', '.join(sorted(HEADS))}")
-    return HEADS[kind](class_names, params)
+    head_class = HEADS[kind]
+    unknown = sorted(set(params or {}) - set(head_class.DEFAULTS))
+    if unknown:
+        flag = "--" + unknown[0].replace("_", "-")
+        raise PipelineError(f"{flag} does not apply to --head {kind}")
+    head = head_class(**{key: value for key, value in (params or {}).items() if value is not None})
+    head.class_names = list(class_names or [])
+    head.check_params()
+    return head

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +39,6 @@ class DenseHead(Head):
 
     kind = "dense"
     HISTORY_AXIS = "epochs"
-    DEFAULTS = {
-        "units": 256,
-        "batch_norm": False,
-        "dropout": 0.5,
-        "optimizer": "rmsprop",
-        "lr": 1e-3,
-        "epochs": 50,
-        "batch_size": 32,
-        # 4, not 8: on 10,000 x 2,000 synthetic features it stopped at 11 epochs instead of 22, in 17.9 s
-        # instead of 38.1 s, validation 80.63% against 80.69% (bench/heads.py --suite search)
-        "patience": 4,
-        "class_weight": "none",
-        "loss": "crossentropy",  # or ordinal: the classes' sorted order is an order (pipeline/heads/ordinal.py)
-        "seed": 0,
-    }
     RULES = {
         "units": (lambda v: v >= 1, "a positive integer"),
         "dropout": (lambda v: 0 <= v < 1, "a rate from 0 up to, not including, 1"),
@@ -65,13 +50,30 @@ class DenseHead(Head):
     OPTIMIZERS = ("rmsprop", "adam", "sgd")
     MODEL_FILE = "head.keras"
 
-    def __init__(self, class_names: list[str], params: Mapping[str, Any] | None = None) -> None:
-        super().__init__(class_names, params)
-        if self.params["optimizer"] not in self.OPTIMIZERS:
+    def __init__(self, *, units: int = 256, batch_norm: bool = False, dropout: float = 0.5,
+                 optimizer: str = "rmsprop", lr: float = 1e-3, epochs: int = 50, batch_size: int = 32,
+                 patience: int = 4, class_weight: str = "none", loss: str = "crossentropy", seed: int = 0,
+                 validation_fraction: float = 0.2) -> None:
+        self.units = units
+        self.batch_norm = batch_norm
+        self.dropout = dropout
+        self.optimizer = optimizer  # rmsprop, adam or sgd
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        # 4, not 8: on 10,000 x 2,000 synthetic features it stopped at 11 epochs instead of 22, in 17.9 s
+        # instead of 38.1 s, validation 80.63% against 80.69% (bench/heads.py --suite search)
+        self.patience = patience
+        self.class_weight = class_weight
+        self.loss = loss  # or ordinal: the classes' sorted order is an order (pipeline/heads/ordinal.py)
+        self.seed = seed
+        self.validation_fraction = validation_fraction  # fit(X, y): the part held out for early stopping
+
+    def _check_more(self) -> None:
+        if self.optimizer not in self.OPTIMIZERS:
             choices = ", ".join(self.OPTIMIZERS)
-            raise PipelineError(f"unknown optimizer {self.params['optimizer']!r}: choose from {choices}")
-        check_loss(self.params["loss"], len(self.class_names) or None)
-        self.model_ = None
+            raise PipelineError(f"unknown optimizer {self.optimizer!r}: choose from {choices}")
+        check_loss(self.loss, len(self.class_names) or None)
 
     @staticmethod
     def versions() -> dict[str, str]:
@@ -103,7 +105,7 @@ class DenseHead(Head):
                                      dtype="float32")(x)
         return keras.Model(inputs, outputs, name="dense_head")
 
-    def optimizer(self) -> Any:
+    def make_optimizer(self) -> Any:
         """A fresh Keras optimizer as the head's parameters say (also for models built around it)."""
         import keras
 
@@ -139,7 +141,7 @@ class DenseHead(Head):
         self.model_ = self.build(*training_statistics(train))
         loss = ordinal_loss(len(self.class_names)) if self.params["loss"] == "ordinal" else \
             "sparse_categorical_crossentropy"
-        self.model_.compile(optimizer=self.optimizer(), loss=loss, metrics=["accuracy"])
+        self.model_.compile(optimizer=self.make_optimizer(), loss=loss, metrics=["accuracy"])
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
         patience = int(self.params["patience"])
         callbacks = [
@@ -169,8 +171,7 @@ class DenseHead(Head):
     def as_keras(self) -> Any:
         return self.model_
 
-    def predict_proba(self, data: Features) -> np.ndarray:
-        self._check_input(data)
+    def _proba(self, data: Features) -> np.ndarray:
         parts = [self.model_.predict_on_batch(vectors) if len(vectors) else np.zeros((0, len(self.class_names)))
                  for vectors, _ in data.chunks(rows=1024)]
         return np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, len(self.class_names)))

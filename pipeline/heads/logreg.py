@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +127,6 @@ class LogRegHead(Head):
 
     kind = "logreg"
     HISTORY_AXIS = "C"
-    DEFAULTS = {
-        "c_grid": "1e-6:1e5:45",
-        "class_weight": "none",
-        "max_iter": 1000,
-        "tol": 1e-4,
-        "n_jobs": -1,
-        "c_search": "path",  # or grid: every C of the grid (the linear-probe protocol's full search)
-    }
     RULES = {
         "max_iter": (lambda v: v >= 1, "a positive integer"),
         "tol": (lambda v: 0 < v < math.inf, "a positive number"),
@@ -145,11 +137,22 @@ class LogRegHead(Head):
     MODEL_FILE = "head.joblib"
     PORTABLE_FILE = "head.npz"
 
-    def __init__(self, class_names: list[str], params: Mapping[str, Any] | None = None) -> None:
-        super().__init__(class_names, params)
-        self.grid = log_grid(str(self.params["c_grid"]))
-        self.model_ = None
-        self.C_: float | None = None
+    def __init__(self, *, c_grid: str = "1e-6:1e5:45", c_search: str = "path", class_weight: str = "none",
+                 max_iter: int = 1000, tol: float = 1e-4, n_jobs: int = -1, validation_fraction: float = 0.2) -> None:
+        self.c_grid = c_grid  # log-spaced C values LOW:HIGH:COUNT, or C1,C2,...
+        self.c_search = c_search  # path (warm-started, stops where validation does) or grid (every C)
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_jobs = n_jobs
+        self.validation_fraction = validation_fraction  # fit(X, y): the part held out to choose C on
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        return log_grid(str(self.c_grid))
+
+    def _check_more(self) -> None:
+        log_grid(str(self.c_grid))  # a grid that cannot be searched is refused at once
 
     @staticmethod
     def versions() -> dict[str, str]:
@@ -173,6 +176,7 @@ class LogRegHead(Head):
         else:
             rows = self._search_streamed(train, validation, progress)
         self.C_ = _best_row(rows)["C"]
+        self.n_iter_ = int(np.max(self.model_[-1].n_iter_))  # L-BFGS iterations of the chosen C's fit
         return rows
 
     @property
@@ -249,8 +253,8 @@ class LogRegHead(Head):
                                         self.params["tol"], self.params["max_iter"],
                                         start=None if warm is None else solutions[grid[warm]])
             self.model_ = self._pipeline_from(scaler, solutions[C], C)
-            train_accuracy = np.mean(self.predict_proba(train).argmax(axis=1) == train.labels)
-            rows.append(_c_row(C, train_accuracy, self.predict_proba(validation), validation.labels, classes,
+            train_accuracy = np.mean(self._proba(train).argmax(axis=1) == train.labels)
+            rows.append(_c_row(C, train_accuracy, self._proba(validation), validation.labels, classes,
                                solutions[C].converged))
             bar.update()
             return rows[-1]
@@ -278,8 +282,7 @@ class LogRegHead(Head):
         model.n_iter_ = np.array([solution.iterations], dtype=np.int32)
         return make_pipeline(scaler, model)
 
-    def predict_proba(self, data: Features) -> np.ndarray:
-        self._check_input(data)
+    def _proba(self, data: Features) -> np.ndarray:
         classes = len(self.class_names)
         parts = [self.model_.predict_proba(vectors) for vectors, _ in data.chunks()]
         return np.concatenate(parts) if parts else np.zeros((0, classes))
