@@ -1,11 +1,15 @@
 """ELPV accuracy over 5 split seeds, through the pipeline's own commands.
 
-    .venv/bin/python bench/accuracy.py [--suite backbones|vgg16|finetune|ordinal] [--task binary 4class]
+    .venv/bin/python bench/accuracy.py [--suite backbones|heads|vgg16|finetune|ordinal] [--task binary 4class]
                                        [--seeds 0 1 2 3 4] [--finetune-epochs N] [--quick]
                                        [--recipes NAME ...] [--protocols 75/25 70/15/15]
 
 --suite finetune: stage three, EfficientNet-Lite0 end to end (bench/accuracy_finetune.py), resumable
 row by row into bench/results/accuracy-finetune.json.
+
+--suite heads: every head (logistic regression, dense, SVM, nearest neighbours) on EfficientNet-Lite0's
+features (224 px, average-pooled), both protocols, five split seeds, binary and 4-class; each head
+chosen on validation as it chooses itself.
 
 --suite ordinal: ELPV's four levels as ordered classes on frozen Lite0 features, the dense head
 with cross-entropy against the ordinal loss, each also read as a binary classifier
@@ -151,6 +155,8 @@ BACKBONE_CONFIGS = [
     Config((VGG, LITE[0], LITE[1], LITE[2]), "logreg", "avg"),
 ]
 BACKBONE_QUICK = [BACKBONE_CONFIGS[1], BACKBONE_CONFIGS[4]]
+# --suite heads: every head on the same cached features (EfficientNet-Lite0, 224 px, average-pooled)
+HEAD_CONFIGS = [Config(LITE[0], head, "avg") for head in ("logreg", "dense", "svm", "knn")]
 # VGG16 at 224 px extracts at about 2 images/s on a 2-core CPU in fp32 (20 minutes for ELPV, per
 # task): the 4-class task runs the Lite models and their fusions only (VGG16's 4-class figure is
 # --suite vgg16's, at 150 px)
@@ -408,7 +414,7 @@ def report(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="backbones", choices=("backbones", "vgg16", "finetune", "ordinal"))
+    parser.add_argument("--suite", default="backbones", choices=("backbones", "heads", "vgg16", "finetune", "ordinal"))
     parser.add_argument("--task", nargs="+", default=["binary", "4class"], choices=("binary", "4class"))
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--finetune-epochs", type=int, default=0,
@@ -436,9 +442,9 @@ def main() -> None:
         out = args.out or Path("bench/results/accuracy-ordinal.json")
         accuracy_ordinal.run(args.work, args.seeds, out, args.protocols)
         return
-    if args.suite == "backbones":
-        out = args.out or Path("bench/results/accuracy-backbones.json")
-        configs = BACKBONE_QUICK if args.quick else BACKBONE_CONFIGS
+    if args.suite in ("backbones", "heads"):
+        out = args.out or Path(f"bench/results/accuracy-{args.suite}.json")
+        configs = HEAD_CONFIGS if args.suite == "heads" else BACKBONE_QUICK if args.quick else BACKBONE_CONFIGS
         results = [run_backbones_task(task, configs, args.work, args.seeds) for task in args.task]
         print()
         for result in results:

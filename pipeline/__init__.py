@@ -44,6 +44,8 @@ _LAZY = {
     "Head": "pipeline.heads",
     "LogRegHead": "pipeline.heads",
     "DenseHead": "pipeline.heads",
+    "SVMHead": "pipeline.heads",
+    "KNNHead": "pipeline.heads",
     "ArrayFeatures": "pipeline.heads",
     "make_head": "pipeline.heads",
     "Prediction": "pipeline.serving.predict",

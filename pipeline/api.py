@@ -95,7 +95,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                optimizer: str | None = None, lr: float | None = None, epochs: int | None = None,
                batch_size: int | None = None, patience: int | None = None, loss: str | None = None,
                c_grid: str | None = None, c_search: str | None = None, max_iter: int | None = None,
-               n_jobs: int | None = None,
+               n_jobs: int | None = None, kernel: str | None = None, gamma_grid: str | None = None,
+               rbf_limit: int | None = None, k_grid: str | None = None, weighting: str | None = None,
                memory_budget: int | None = None,
                stream: bool = False, exclude: PathLike | None = None, assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
@@ -114,7 +115,9 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
 
     given = {"class_weight": class_weight, "units": units, "dropout": dropout, "batch_norm": batch_norm,
              "optimizer": optimizer, "lr": lr, "epochs": epochs, "batch_size": batch_size, "patience": patience,
-             "loss": loss, "c_grid": c_grid, "c_search": c_search, "max_iter": max_iter, "n_jobs": n_jobs}
+             "loss": loss, "c_grid": c_grid, "c_search": c_search, "max_iter": max_iter, "n_jobs": n_jobs,
+             "kernel": kernel, "gamma_grid": gamma_grid, "rbf_limit": rbf_limit, "k_grid": k_grid,
+             "weighting": weighting}
     assert set(given) == set(head_parameters()), "every head parameter is a keyword of train_head"
     if assert_accuracy_at_least is not None and not 0 <= assert_accuracy_at_least <= 1:
         raise PipelineError(f"--assert-accuracy-at-least {assert_accuracy_at_least}: an accuracy from 0 to 1")

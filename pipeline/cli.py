@@ -25,6 +25,7 @@ from pipeline.backbone.registry import BACKBONES, PREPROCESSING
 from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError, speak_as_command_line
 from pipeline.finetuning.examples import Augmentation
+from pipeline.heads import HEADS
 
 
 def _cache_list(value: str) -> list[Path]:
@@ -142,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(handler=_extract)
 
     train = commands.add_parser("train-head", help="stage two: fit a head on cached features")
-    train.add_argument("--head", default="logreg", help="dense or logreg (default)")
+    train.add_argument("--head", default="logreg",
+                       help=f"one of {', '.join(sorted(HEADS))}: logreg (default), dense, svm (support-vector "
+                            "machine, RBF or linear) or knn (cosine nearest neighbours, the few-shot baseline)")
     train.add_argument("--features", type=_cache_list, default=None,
                        help="a cache directory from extract, or its name under --cache (default: the latest); "
                             "several, comma-separated (A,B), fuse their features: the same images, one image size, "
@@ -182,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "fitted whole)")
     logreg.add_argument("--max-iter", type=_positive_int, default=None, help="L-BFGS iterations per fit (1000)")
     logreg.add_argument("--n-jobs", type=int, default=None, help="parallel fits (-1: all cores)")
+    svm = train.add_argument_group("svm head (--c-grid too: 1e-1:1e2:4)")
+    svm.add_argument("--kernel", default=None, choices=("auto", "rbf", "linear"),
+                     help="auto (default): rbf up to --rbf-limit training images, linear above")
+    svm.add_argument("--gamma-grid", default=None, metavar="G1,G2,...",
+                     help="the RBF kernel's widths to try, as multiples of 1/features (0.25,1,4)")
+    svm.add_argument("--rbf-limit", type=_positive_int, default=None, metavar="N",
+                     help="training images up to which auto uses the RBF kernel (20000)")
+    knn = train.add_argument_group("knn head")
+    knn.add_argument("--k-grid", default=None, metavar="K1,K2,...", help="neighbours to try (1,3,5,10,20)")
+    knn.add_argument("--weighting", default=None, choices=("search", "uniform", "distance"),
+                     help="votes uniform, or weighted by 1/cosine distance; search (default) tries both")
     train.add_argument("--memory-budget", type=_positive_int, default=None, metavar="MB",
                        help="read features into memory up to this size, stream by shard above (default: "
                             "a quarter of physical memory)")

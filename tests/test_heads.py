@@ -302,7 +302,8 @@ def test_clear_errors(tmp_path: Path, separable_cache: Path, capsys: pytest.Capt
     (tmp_path / "plain").mkdir()
     _one_line_error(capsys, [*train, "--features", str(tmp_path / "plain")], "not a feature cache")
     _one_line_error(capsys, [*train, "--cache", str(tmp_path / "plain")], "no feature cache under")
-    _one_line_error(capsys, [*train, "--features", str(separable_cache), "--head", "svm"], "unknown head 'svm'")
+    _one_line_error(capsys, [*train, "--features", str(separable_cache), "--head", "xgboost"],
+                    "unknown head 'xgboost'")
     _one_line_error(capsys, [*train, "--features", str(separable_cache), "--units", "8"],
                     "--units does not apply to --head logreg")
     _one_line_error(capsys, [*train, "--features", str(separable_cache), "--layer", "block4_pool"],
@@ -447,7 +448,7 @@ def test_the_dense_head_keeps_the_epoch_of_the_best_validation_accuracy() -> Non
 
     from pipeline.heads import DenseHead
 
-    head = DenseHead(["a", "b"])
+    head = DenseHead()
     head.history_ = [{"epoch": 1, "val_accuracy": 0.6, "val_loss": 0.5},
                      {"epoch": 2, "val_accuracy": 0.8, "val_loss": 0.9},
                      {"epoch": 3, "val_accuracy": 0.7, "val_loss": 0.2}]
@@ -461,7 +462,7 @@ def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp
     features, labels, splits = clustered_features(90, 3, seed=3)
     store = open_cache(write_feature_cache(tmp_path / "cache", features, labels, splits, ["a", "b", "c"]), tmp_path)
     data = load_splits(store, FeatureView.for_cache(store))
-    head = LogRegHead(["a", "b", "c"], {"c_grid": "1e-2:1e2:5", "n_jobs": 1}).fit(data["train"], data["validation"],
+    head = LogRegHead(c_grid="1e-2:1e2:5", n_jobs=1).fit(data["train"], data["validation"],
                                                                                   progress=False)
     assert [row["C"] for row in head.history_] == sorted(row["C"] for row in head.history_)
 

@@ -107,8 +107,8 @@ def test_options_are_checked_in_their_constructors_with_the_commands_words(tmp_p
         ExtractOptions(data=tmp_path, image_size=5000)
     with pytest.raises(PipelineError, match="unknown backbone"):
         pipeline.extract(tmp_path, backbone="alexnet")
-    with pytest.raises(PipelineError, match="unknown head 'svm'"):
-        TrainOptions(head="svm")
+    with pytest.raises(PipelineError, match="unknown head 'xgboost'"):
+        TrainOptions(head="xgboost")
     with pytest.raises(PipelineError, match="--units does not apply to --head logreg"):
         pipeline.train_head(tmp_path, head="logreg", units=3)
     assert main(["extract", "--data", str(tmp_path), "--image-size", "5000"]) == 1

@@ -1,12 +1,14 @@
 """Heads: the learners that stage two fits on cached features, behind one interface (pipeline/heads/base.py).
 
-Importing the package registers every head: the logistic regression (logreg.py) and the dense
-head (dense.py).
+Importing the package registers every head: the logistic regression (logreg.py), the dense head
+(dense.py), the support-vector machine (svm.py) and nearest neighbours (knn.py).
 """
 
 from pipeline.heads.base import HEADS, ArrayFeatures, Features, Head, class_weights, head_parameters, make_head
 from pipeline.heads.dense import DenseHead, training_statistics
+from pipeline.heads.knn import KNNHead
 from pipeline.heads.logreg import LogRegHead, log_grid
+from pipeline.heads.svm import SVMHead
 
-__all__ = ["HEADS", "ArrayFeatures", "DenseHead", "Features", "Head", "LogRegHead", "class_weights",
-           "head_parameters", "log_grid", "make_head", "training_statistics"]
+__all__ = ["HEADS", "ArrayFeatures", "DenseHead", "Features", "Head", "KNNHead", "LogRegHead", "SVMHead",
+           "class_weights", "head_parameters", "log_grid", "make_head", "training_statistics"]
