@@ -93,6 +93,7 @@ def test_batch_norm_statistics_do_not_move_while_neighbours_train(tmp_path: Path
     fingerprint = Fingerprint("resnet50", "none", "random-seed-0", 32, "area-down-bilinear-up", "caffe",
                               ("conv5_block3_out",), "avg", "fp32", "2.21")
     head = DenseHead(units=8)
+    head.class_names = ["a", "b"]  # what fit would learn
     head.model_ = head.build(np.zeros(2048), np.ones(2048))
     model, backbone = build_classifier(fingerprint, ResolvedWeights("none", "caffe", "random-seed-0"),
                                        FeatureView(("conv5_block3_out",), "avg"), head)
