@@ -412,6 +412,11 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _plain(value: object) -> object:
+    """JSON for what a result holds beside numbers and text: sets sorted, anything else as text."""
+    return sorted(value) if isinstance(value, frozenset | set) else str(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="backbones", choices=("backbones", "heads", "vgg16", "finetune", "ordinal"))
@@ -450,7 +455,7 @@ def main() -> None:
         for result in results:
             print(report_backbones(result) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine_line(), "results": results}, indent=2) + "\n")
+        out.write_text(json.dumps({"machine": machine_line(), "results": results}, indent=2, default=_plain) + "\n")
         return
     args.out = args.out or Path("bench/results/accuracy.json")
     results = [run_task(task, QUICK if args.quick else CONFIGS, args.work, args.seeds, args.finetune_epochs)
