@@ -4,13 +4,11 @@
 export): never a folder that is, or holds, an input (a cache, the image folder, a run); and, for a
 command that replaces its folder whole (audit), never an existing folder holding files of anything
 else (it must be empty, or an earlier output of that command, known by its marker file).
-`remove_abandoned_staging` clears what a killed writer left beside the folder.
+What a killed writer left beside the folder is cleared by runs.files.remove_leftovers.
 """
 
 from __future__ import annotations
 
-import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,19 +45,3 @@ def check_output_folder(out: Path, flag: str, inputs: Iterable[tuple[str, Path]]
                                 "this command replaces its folder whole: name a new or empty folder, or an earlier "
                                 f"output of {what}")
     return resolved
-
-
-def remove_abandoned_staging(final: Path) -> list[Path]:
-    """Delete the hidden staging folders (`.<name>.tmp-...`) a killed writer of `final` left beside
-    it: those whose lock no live process holds. Returns what was removed."""
-    final = Path(final)
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.tmp-")
-    for entry in final.parent.iterdir():
-        if pattern.match(entry.name) and entry.is_dir() and not entry.is_symlink() \
-                and atomic.staging_is_abandoned(entry):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed

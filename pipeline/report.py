@@ -222,7 +222,8 @@ def _save_figure(figure: Any, path: Path) -> None:
 
 @serialised
 def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) -> None:
-    """history.csv and curves.png: per epoch for dense heads, per C tried for logistic regression."""
+    """history.csv and curves.png: per epoch for dense heads, per setting tried for a search (`kind`,
+    the head's HISTORY_AXIS: the logistic regression's and the SVM's C, the kNN's k)."""
     if not rows:
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -235,9 +236,9 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
         panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
                   ("learning rate", ["learning_rate"])]
         x_key, x_label, log_x = "epoch", "epoch", False
-    else:
+    else:  # a search: one row per setting of the head's axis (C for logreg and svm, k for knn)
         panels = [("accuracy", ["train_accuracy", "validation_accuracy"]), ("validation loss", ["validation_loss"])]
-        x_key, x_label, log_x = "C", "C (inverse regularisation)", True
+        x_key, x_label, log_x = kind, "C (inverse regularisation)" if kind == "C" else kind, kind == "C"
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     x = [row[x_key] for row in rows]
     for ax, (title, keys) in zip(np.atleast_1d(axes), panels):

@@ -32,6 +32,7 @@ from pipeline.auditing.labels import label_issues
 from pipeline.cache.reader import load_fused_splits, load_splits, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
+from pipeline.runs.files import remove_leftovers
 
 SUSPECTS = "suspects.csv"
 DUPLICATES = "duplicates.csv"
@@ -149,7 +150,7 @@ def run_audit(options: AuditOptions) -> AuditSummary:
     inputs += [("image folder", Path(store.data_root)) for store in stores if store.data_root]
     final = outputs.check_output_folder(final, "--out", inputs, replaces_whole=True, marker=SUMMARY,
                                         what="an earlier audit")
-    outputs.remove_abandoned_staging(final)
+    remove_leftovers(final.parent)  # what a killed audit (or run) left beside it
     images = _load(stores, views, options.memory_budget)
     found = label_issues(images.vectors, images.labels, images.class_names, options.folds, options.seed,
                          options.progress, options.c_grid)

@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.heads.base import SIDECAR, Features, Head
 from pipeline.heads.logreg import _best_row, _c_row
 
-EPSILON = 1e-6  # also in knn_layer.NeighbourVotes
+EPSILON = 1e-6  # distance weights 1 / (distance + EPSILON), here and in knn_layer.NeighbourVotes
 WEIGHTINGS = ("uniform", "distance")
 
 
@@ -96,14 +96,12 @@ class KNNHead(Head):
             proba = knn_probabilities(validation.matrix, vectors, labels, classes, k, weighting)
             kept = np.clip(proba, 1e-7, 1)  # a unanimous vote is probability 1: log loss needs no zero
             row = _c_row(float(k), float("nan"), kept / kept.sum(axis=1, keepdims=True), validation.labels, classes,
-                         True)
-            row |= {"k": k, "weighting": weighting}
-            row.pop("train_accuracy")
-            rows.append(row)
+                         True)  # "C" holds k for the shared ranking (_best_row); the history keeps "k"
+            rows.append(row | {"k": k, "weighting": weighting})
         best = _best_row(rows)
         self.k_, self.weighting_ = int(best["k"]), best["weighting"]
         self.vectors_, self.labels_ = vectors, labels
-        return [{key: value for key, value in row.items() if key != "C"} | {"C": row["k"]} for row in rows]
+        return [{key: value for key, value in row.items() if key not in ("C", "train_accuracy")} for row in rows]
 
     def _proba(self, data: Features) -> np.ndarray:
         classes = len(self.class_names)

@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-EPSILON = 1e-6  # as pipeline/heads/knn.py
+from pipeline.heads.knn import EPSILON
 
 
 @keras.saving.register_keras_serializable(package="bottleneck_pipeline")

@@ -32,8 +32,9 @@ from pipeline.heads.logreg import _best_row, _c_row, log_grid
 ARRAYS = ("mean", "scale", "vectors", "dual", "intercept", "gamma", "platt_a", "platt_b")
 
 
-def svm_probabilities(z: np.ndarray, arrays: dict[str, np.ndarray], classes: int) -> np.ndarray:
-    """Probabilities of standardised rows `z` from the head's arrays (float32, as the Keras layers)."""
+def svm_decisions(z: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Each machine's decision value (before Platt scaling) for standardised rows `z`, in float32
+    as the Keras layers compute it."""
     z = np.asarray(z, np.float32)
     vectors, gamma = arrays["vectors"].astype(np.float32), float(arrays["gamma"])
     dot = z @ vectors.T
@@ -42,8 +43,12 @@ def svm_probabilities(z: np.ndarray, arrays: dict[str, np.ndarray], classes: int
         kernel = np.exp(-gamma * squared)
     else:
         kernel = dot
-    decision = kernel @ arrays["dual"].astype(np.float32).T + arrays["intercept"].astype(np.float32)
-    score = arrays["platt_a"].astype(np.float32) * decision + arrays["platt_b"].astype(np.float32)
+    return kernel @ arrays["dual"].astype(np.float32).T + arrays["intercept"].astype(np.float32)
+
+
+def svm_probabilities(z: np.ndarray, arrays: dict[str, np.ndarray], classes: int) -> np.ndarray:
+    """Probabilities of standardised rows `z` from the head's arrays."""
+    score = arrays["platt_a"].astype(np.float32) * svm_decisions(z, arrays) + arrays["platt_b"].astype(np.float32)
     if classes == 2:
         positive = 1 / (1 + np.exp(-score[:, 0].astype(np.float64)))
         return np.stack([1 - positive, positive], axis=1)
@@ -132,7 +137,7 @@ class SVMHead(Head):
                              disable=not progress, file=sys.stderr):
             arrays = self._machines(x, train.labels, C, gamma, kernel)
             arrays |= {"mean": scaler.mean_, "scale": scaler.scale_}
-            decision = self._decisions(vx, arrays)
+            decision = svm_decisions(vx, arrays)
             targets = validation.labels == 1 if len(self.class_names) == 2 else None
             a, b = zip(*[_platt(decision[:, j], targets if targets is not None else validation.labels == j)
                          for j in range(decision.shape[1])])
@@ -177,15 +182,6 @@ class SVMHead(Head):
             start += len(v)
         return {"vectors": np.concatenate(vectors), "dual": dual, "intercept": np.asarray(intercepts),
                 "gamma": np.asarray(gamma if kernel == "rbf" else 0.0)}
-
-    @staticmethod
-    def _decisions(z: np.ndarray, arrays: dict[str, Any]) -> np.ndarray:
-        """Each machine's decision value (before Platt scaling) for standardised rows `z`."""
-        vectors, gamma = arrays["vectors"].astype(np.float32), float(arrays["gamma"])
-        dot = z @ vectors.T
-        kernel = np.exp(-gamma * ((z * z).sum(1, keepdims=True) - 2 * dot + (vectors * vectors).sum(1))) \
-            if gamma > 0 else dot
-        return kernel @ arrays["dual"].T + arrays["intercept"]
 
     def _proba(self, data: Features) -> np.ndarray:
         arrays, classes = self.arrays_, len(self.class_names)
