@@ -46,6 +46,7 @@ _LAZY = {
     "DenseHead": "pipeline.heads",
     "SVMHead": "pipeline.heads",
     "KNNHead": "pipeline.heads",
+    "EstimatorHead": "pipeline.heads",
     "ArrayFeatures": "pipeline.heads",
     "make_head": "pipeline.heads",
     "Prediction": "pipeline.serving.predict",

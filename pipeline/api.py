@@ -16,7 +16,7 @@ Errors a user can cause are `PipelineError` with a one-line message.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,7 +97,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                c_grid: str | None = None, c_search: str | None = None, max_iter: int | None = None,
                n_jobs: int | None = None, kernel: str | None = None, gamma_grid: str | None = None,
                rbf_limit: int | None = None, k_grid: str | None = None, weighting: str | None = None,
-               memory_budget: int | None = None,
+               estimator: str | None = None, estimator_params: Mapping[str, Any] | str | None = None,
+               trust_module: str | None = None, memory_budget: int | None = None,
                stream: bool = False, exclude: PathLike | None = None, assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
@@ -117,7 +118,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
              "optimizer": optimizer, "lr": lr, "epochs": epochs, "batch_size": batch_size, "patience": patience,
              "loss": loss, "c_grid": c_grid, "c_search": c_search, "max_iter": max_iter, "n_jobs": n_jobs,
              "kernel": kernel, "gamma_grid": gamma_grid, "rbf_limit": rbf_limit, "k_grid": k_grid,
-             "weighting": weighting}
+             "weighting": weighting, "estimator": estimator, "estimator_params": estimator_params,
+             "trust_module": trust_module}
     assert set(given) == set(head_parameters()), "every head parameter is a keyword of train_head"
     if assert_accuracy_at_least is not None and not 0 <= assert_accuracy_at_least <= 1:
         raise PipelineError(f"--assert-accuracy-at-least {assert_accuracy_at_least}: an accuracy from 0 to 1")

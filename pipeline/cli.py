@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train-head", help="stage two: fit a head on cached features")
     train.add_argument("--head", default="logreg",
                        help=f"one of {', '.join(sorted(HEADS))}: logreg (default), dense, svm (support-vector "
-                            "machine, RBF or linear) or knn (cosine nearest neighbours, the few-shot baseline)")
+                            "machine, RBF or linear), knn (cosine nearest neighbours, the few-shot baseline) or "
+                            "sklearn (any scikit-learn classifier: --estimator, --params)")
     train.add_argument("--features", type=_cache_list, default=None,
                        help="a cache directory from extract, or its name under --cache (default: the latest); "
                             "several, comma-separated (A,B), fuse their features: the same images, one image size, "
@@ -196,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--k-grid", default=None, metavar="K1,K2,...", help="neighbours to try (1,3,5,10,20)")
     knn.add_argument("--weighting", default=None, choices=("search", "uniform", "distance"),
                      help="votes uniform, or weighted by 1/cosine distance; search (default) tries both")
+    generic = train.add_argument_group("sklearn head: any scikit-learn classifier")
+    generic.add_argument("--estimator", default=None, metavar="DOTTED.NAME",
+                         help="the classifier's class, e.g. sklearn.ensemble.HistGradientBoostingClassifier "
+                              "(default sklearn.linear_model.LogisticRegression)")
+    generic.add_argument("--params", dest="estimator_params", default=None, metavar="JSON",
+                         help="the estimator's parameters as a JSON object, e.g. '{\"max_iter\": 200}'")
+    generic.add_argument("--trust-module", default=None, metavar="MODULE[,MODULE...]",
+                         help="import estimators from these modules outside scikit-learn (importing runs their "
+                              "code; loading the run later needs BOTTLENECK_PIPELINE_TRUST=MODULE)")
     train.add_argument("--memory-budget", type=_positive_int, default=None, metavar="MB",
                        help="read features into memory up to this size, stream by shard above (default: "
                             "a quarter of physical memory)")

@@ -107,6 +107,7 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
     DEFAULTS: ClassVar[dict[str, Any]] = {}  # from __init__'s signature: every parameter and its default
     RULES: ClassVar[Rules] = {}
     ARRAY_ONLY: ClassVar[frozenset[str]] = frozenset({"validation_fraction"})  # no train-head flag: the cache splits
+    KERAS_FORM: ClassVar[bool] = True  # as_keras() builds it from Keras' layers (False: predicted in NumPy, ONNX only)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

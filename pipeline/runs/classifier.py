@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from pipeline import backend
 from pipeline.backbone.network import build_backbone, preprocessing_layers
@@ -143,8 +144,29 @@ def build_fused_classifier(parts: Sequence[ClassifierPart], head: Head, precisio
         vectors.append(feature_vector(list(outputs), view, prefix))  # a pooled cache has view.pooling == its pooling
         backbones.append(backbone)
     vector = vectors[0] if len(vectors) == 1 else keras.layers.Concatenate(name="fused_features")(vectors)
+    if not head.KERAS_FORM:
+        return FeaturesThenHead(keras.Model(pixels, vector, name="features"), head), backbones
     probabilities = head.as_keras()(vector)
     return keras.Model(pixels, probabilities, name="classifier"), backbones
+
+
+class FeaturesThenHead:
+    """A classifier whose head has no Keras form (the sklearn head): the Keras model from pixels
+    to the head's feature vector, then the head's `predict_proba` in NumPy. It answers as the
+    Keras classifier does where predict, evaluate and the export's checks call it
+    (`predict_on_batch`, calling it, `output_shape`); it cannot be saved, fine-tuned or converted
+    as one model (export --format onnx joins the two graphs instead)."""
+
+    def __init__(self, features: keras.Model, head: Head) -> None:
+        self.features, self.head = features, head
+        self.output_shape = (None, len(head.class_names))
+
+    def predict_on_batch(self, pixels: Any) -> np.ndarray:
+        vectors = np.asarray(self.features.predict_on_batch(pixels), np.float32)
+        return self.head.predict_proba(vectors.reshape(len(vectors), -1)).astype(np.float32)
+
+    def __call__(self, pixels: Any, training: bool = False) -> np.ndarray:
+        return self.predict_on_batch(np.asarray(pixels, np.float32))
 
 
 _MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "bfloat16", "float16")

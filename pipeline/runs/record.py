@@ -99,6 +99,17 @@ class RunRecord:
         return len(self.parts) > 1
 
     @property
+    def keras_form(self) -> bool:
+        """Whether the run is one Keras model end to end: every run but one whose head has no Keras
+        form (the sklearn head: predicted in NumPy after the backbone, exported to ONNX only)."""
+        if self.kind != "head":
+            return True
+        from pipeline.heads import HEADS
+
+        head = HEADS.get(str(self.config["head"].get("kind")))
+        return head is None or head.KERAS_FORM
+
+    @property
     def backbones(self) -> str:
         return "+".join(part.fingerprint.backbone for part in self.parts)
 

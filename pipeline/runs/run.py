@@ -154,8 +154,11 @@ class Run(RunRecord):
         if self.kind != "head":
             raise PipelineError(f"{self.directory} is a {self.kind} run: fine-tune starts from a head run")
         self._one_backbone()
+        head = self.head()
+        if not head.KERAS_FORM:
+            head.as_keras()  # says, in one line, which heads fine-tuning starts from
         weights = classifier.weights_for(self.fingerprint, _weights_path(self.config["features"]))
-        return classifier.build_classifier(self.fingerprint, weights, self.view, self.head(), precision)
+        return classifier.build_classifier(self.fingerprint, weights, self.view, head, precision)
 
 
 def _weights_path(features: dict[str, Any]) -> str | None:

@@ -85,6 +85,13 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         raise PipelineError("--tta with --quantize: the views' fixed flips would be quantised with the weights "
                             "(int8 pixels); export the views in float32, or quantise without --tta")
     opened = Run.open(run, models, data=data)
+    if not opened.keras_form:
+        if fmt != "onnx":
+            raise PipelineError(f"{opened.name} has a scikit-learn head, which exports to --format onnx only "
+                                "(converted by skl2onnx); keras, savedmodel and tflite hold Keras layers")
+        if quantize or tta != "none":
+            raise PipelineError(f"{opened.name} has a scikit-learn head: its ONNX export is float32 with one view "
+                                "(no --quantize, no --tta)")
     run_precision = run_precision_of(opened)
     agreement.check_precision(fmt, precision, run_precision)
     export_precision = "fp32" if precision == "float32" else run_precision
@@ -95,7 +102,7 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
                             f"choose another folder (default {run / 'export'})")
     outputs.check_output_folder(out, "--out", [("run", run), *_inputs_of(opened)])
     if fmt == "onnx":  # before the folder is made: a missing extra leaves nothing behind
-        for module in ("onnx", "onnxruntime", "tf2onnx"):
+        for module in ("onnx", "onnxruntime", "tf2onnx") + (() if opened.keras_form else ("skl2onnx",)):
             require_module(module, "--format onnx", "onnx")
     made = not out.exists()
     try:
@@ -151,6 +158,9 @@ def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: st
         path = out / "saved_model"
         _save_savedmodel(classifier, class_names, size, path, tta)
         checks = {}
+    elif fmt == "onnx" and not opened.keras_form:  # the backbone's graph and the estimator's, joined
+        path, checks = _onnx(opened, classifier, without_resize(classifier.features), size, out, False,
+                             head=classifier.head)
     elif fmt == "onnx":
         path, checks = _onnx(opened, model, from_squashed(classifier, tta, size), size, out, quantize)
     else:
@@ -255,16 +265,17 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
     }
 
 
-def _onnx(opened: Run, model: keras.Model, resized: keras.Model, size: int, out: Path,
-          quantize: bool) -> tuple[Path, dict[str, Any]]:
+def _onnx(opened: Run, model: Any, resized: keras.Model, size: int, out: Path,
+          quantize: bool, head: Any = None) -> tuple[Path, dict[str, Any]]:
     """model.onnx (float32), checked against the run's own model; with `quantize`, model-int8.onnx
-    beside it, measured against float32 on the run's validation images."""
+    beside it, measured against float32 on the run's validation images. `head`: a head with no
+    Keras form, whose own ONNX graph (Head.as_onnx) is joined after `resized` (pixels to features)."""
     from pipeline.serving import onnx_export
 
     path, int8 = out / "model.onnx", out / "model-int8.onnx"
     written = []
     try:
-        graph = onnx_export.write_onnx(resized, size, path)
+        graph = onnx_export.write_onnx(resized, size, path, head)
         written.append(path)
         checks: dict[str, Any] = {"onnx": graph,
                                   "largest_difference_to_predict": onnx_export.check_onnx(path, model, size)}

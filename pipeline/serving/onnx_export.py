@@ -42,9 +42,10 @@ def squash(pixels: np.ndarray, size: int) -> np.ndarray:
 OPSET = 17  # ONNX Runtime, OpenVINO and TensorRT all read it; tf2onnx's well-tested range
 
 
-def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
+def write_onnx(resized: Any, size: int, path: Path, head: Any = None) -> dict[str, Any]:
     """The classifier (already without its resize) as ONNX at `path`; returns what export.json
-    records of the graph.
+    records of the graph. `head`: a head with no Keras form (the sklearn head), `resized` then
+    ending at its feature vector: the head's own graph (`head.as_onnx`, skl2onnx) is joined after.
 
     Keras' own `Model.export(format="onnx")` (tf2onnx on the TensorFlow backend) leaves the
     constants of the Normalization layers (the backbone's and the head's standardisation) as
@@ -70,6 +71,8 @@ def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
                                        output_names=[t.name for t in frozen.outputs], opset=OPSET,
                                        output_path=str(temporary))
         named_batch_dimension(temporary)
+        if head is not None:
+            join_head(temporary, head)
     try:
         graph = onnx.load(str(path))
         onnx.checker.check_model(graph)
@@ -81,7 +84,29 @@ def write_onnx(resized: Any, size: int, path: Path) -> dict[str, Any]:
             "input": graph.graph.input[0].name, "output": graph.graph.output[0].name,
             "producer": f"{graph.producer_name} {graph.producer_version}",
             "made_by": "the frozen serving function converted by tf2onnx (Keras' own export leaves the "
-                       "Normalization layers' constants as graph inputs)"}
+                       "Normalization layers' constants as graph inputs)"
+                       + ("" if head is None else f"; the head, {type(head.model_).__name__}, converted by "
+                          "skl2onnx and joined after the feature vector (onnx.compose.merge_models)")}
+
+
+def join_head(path: Path, head: Any) -> None:
+    """The graph at `path` (pixels to feature vectors) followed by the head's graph (feature
+    vectors to `probabilities`), as one graph written back to `path`."""
+    import onnx
+    from onnx import compose
+
+    features = onnx.load(str(path))
+    estimator = compose.add_prefix(head.as_onnx(OPSET), "head_", rename_outputs=False)
+    estimator.ir_version = features.ir_version
+    versions: dict[str, int] = {}  # one version per domain, the higher (tf2onnx names ai.onnx.ml too)
+    for entry in (*features.opset_import, *estimator.opset_import):
+        versions[entry.domain] = max(versions.get(entry.domain, 0), int(entry.version))
+    for graph in (features, estimator):
+        del graph.opset_import[:]
+        graph.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in versions.items())
+    joined = compose.merge_models(features, estimator, io_map=[(features.graph.output[0].name, "head_features")],
+                                  outputs=["probabilities"])
+    onnx.save(joined, str(path))
 
 
 def named_batch_dimension(path: Path) -> None:
