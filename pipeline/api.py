@@ -98,8 +98,9 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                n_jobs: int | None = None, kernel: str | None = None, gamma_grid: str | None = None,
                rbf_limit: int | None = None, k_grid: str | None = None, weighting: str | None = None,
                estimator: str | None = None, estimator_params: Mapping[str, Any] | str | None = None,
-               trust_module: str | None = None, memory_budget: int | None = None,
-               stream: bool = False, exclude: PathLike | None = None, assert_accuracy_at_least: float | None = None,
+               trust_module: str | None = None, candidates: Sequence[str] | None = None,
+               memory_budget: int | None = None, stream: bool = False, exclude: PathLike | None = None,
+               assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
@@ -107,7 +108,9 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
     defaults; `memory_budget` is in MB. `exclude`: a file of images to leave out of training (an
     audit's suspects.csv, or paths or ids one a line; validation and test keep theirs). With
     `assert_accuracy_at_least`, a run whose validation accuracy is below it is kept but
-    PipelineError says so (the CI gate)."""
+    PipelineError says so (the CI gate). `head="auto"`: every head of `candidates` (default
+    logreg, svm, knn, dense) fitted, each kept as a run; the one with the highest validation
+    accuracy is returned, with `comparison` (every candidate's figures, and the table's path)."""
     backends.select(backend)
     from pipeline.heads import head_parameters
     from pipeline.runs import Run
@@ -125,17 +128,35 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
         raise PipelineError(f"--assert-accuracy-at-least {assert_accuracy_at_least}: an accuracy from 0 to 1")
     if isinstance(features, str) and "," in features and not Path(features).exists():
         features = [part.strip() for part in features.split(",")]  # A,B as on the command line
-    summary = fit_head(TrainOptions(
-        head=head, features=features, cache_root=Path(cache), models=Path(models), name=name,
-        layers=None if layer is None else list(layer), pooling=pooling, seed=seed,
-        head_params={key: value for key, value in given.items() if value is not None},
-        memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
-        exclude=None if exclude is None else Path(exclude), progress=progress,
-    ))
+    head_params = {key: value for key, value in given.items() if value is not None}
+
+    def fit(kind: str, params: dict[str, Any], run_name: str | None) -> Any:
+        return fit_head(TrainOptions(
+            head=kind, features=features, cache_root=Path(cache), models=Path(models), name=run_name,
+            layers=None if layer is None else list(layer), pooling=pooling, seed=seed, head_params=params,
+            memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
+            exclude=None if exclude is None else Path(exclude), progress=progress,
+        ))
+
+    comparison = None
+    if head == "auto":  # every candidate a run; the best on validation chosen
+        from pipeline.training.auto import check_candidates, compare_heads, comparison_text
+
+        kinds = check_candidates(candidates, head_params)
+        comparison = compare_heads(fit, kinds, head_params, Path(models), name, progress)
+        summary = comparison.chosen
+        _say(progress, lambda: comparison_text(comparison))
+    else:
+        if candidates is not None:
+            raise PipelineError("--candidates applies to --head auto only")
+        summary = fit(head, head_params, name)
     run = Run.open(summary.directory)
     run.summary = summary
-    _say(progress, lambda: summaries.run_text(summary, f"trained {summary.config['head']['kind']} head: "
-                                                       f"{summary.seconds:.1f} s fitting ({summary.config['read']})"))
+    run.comparison = comparison  # --head auto: every candidate's figures (None otherwise)
+    if comparison is None:
+        headline = (f"trained {summary.config['head']['kind']} head: {summary.seconds:.1f} s fitting "
+                    f"({summary.config['read']})")
+        _say(progress, lambda: summaries.run_text(summary, headline))
     check_accuracy_at_least(run, assert_accuracy_at_least)
     return run
 

@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", default="logreg",
                        help=f"one of {', '.join(sorted(HEADS))}: logreg (default), dense, svm (support-vector "
                             "machine, RBF or linear), knn (cosine nearest neighbours, the few-shot baseline) or "
-                            "sklearn (any scikit-learn classifier: --estimator, --params)")
+                            "sklearn (any scikit-learn classifier: --estimator, --params); auto fits every "
+                            "--candidates head and keeps the best on validation")
+    train.add_argument("--candidates", default=None, metavar="HEAD[,HEAD...]",
+                       help="--head auto: the heads to fit and compare, each kept as a run, the best on validation "
+                            "chosen (default logreg,svm,knn,dense)")
     train.add_argument("--features", type=_cache_list, default=None,
                        help="a cache directory from extract, or its name under --cache (default: the latest); "
                             "several, comma-separated (A,B), fuse their features: the same images, one image size, "
@@ -478,6 +482,16 @@ def _train_head(args: argparse.Namespace) -> int:
                       "chooses another, `caches` lists them)", flush=True)
     run = api.train_head(features, **flags)
     summary = run.summary
+    if run.comparison is not None:
+        from pipeline.training.auto import comparison_text
+
+        if args.json:
+            print(json.dumps({"run": str(summary.directory), "chosen": summary.config["head"]["kind"],
+                              "comparison": str(run.comparison.path), "candidates": run.comparison.rows}, indent=2))
+        else:
+            print(comparison_text(run.comparison))
+        api.check_accuracy_at_least(run, args.assert_accuracy_at_least)
+        return 0
     _print_run(summary, args.json, f"trained {summary.config['head']['kind']} head: {_elapsed(args):.1f} s in all, "
                f"{summary.seconds:.1f} s fitting ({summary.config['read']})")
     api.check_accuracy_at_least(run, args.assert_accuracy_at_least)

@@ -30,6 +30,7 @@ class Run(RunRecord):
     """A finished run directory, read once and checked (see the module docstring)."""
 
     summary: Any = None  # what the command that returned this run left (pipeline.train_head sets it)
+    comparison: Any = None  # train_head(head="auto"): every candidate's figures (pipeline/training/auto.py)
 
     @classmethod
     def open(cls, run: str | Path, models: Path = Path("models"), kind: str | None = None,
