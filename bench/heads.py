@@ -3,6 +3,14 @@ and the heads' own searches, today's against the new defaults.
 
     .venv/bin/python bench/heads.py [--data data/elpv] [--image-size 150]
     .venv/bin/python bench/heads.py --suite search [--sizes 10000x2000,100000x1280]
+    .venv/bin/python bench/heads.py --suite scale [--scale-sizes 2500,5000,10000,20000,100000]
+
+scale: the SVM and nearest-neighbour heads on synthetic features of 1,280 values (EfficientNet-Lite0's
+width; 4 Gaussian classes, 5% of labels flipped) at growing training sizes: one fit of one setting
+(the default search fits 12 RBF settings or 4 linear ones, and kNN's 10 settings are votes only),
+then predicting 2,000 images; seconds and the peak resident memory of a fresh process for each.
+The RBF kernel stops at 20,000 images (its --rbf-limit: above it, it is extrapolated, never run).
+Each row is written to bench/results/heads-scale.json as it ends (a rerun skips the rows there).
 
 search: synthetic caches (10 Gaussian clusters, 5% of labels flipped, 70/15/15 splits; written through
 the store as extract writes them) of ROWS x DIMENSION: the logistic regression's C search over the
@@ -154,9 +162,95 @@ def _search_rows(store: FeatureStore, size: str, streamed: bool, seen: set, reco
                 "test_accuracy": float(np.mean(test)), "train_images": len(splits["train"])})
 
 
+SCALE_RESULTS = Path("bench/results/heads-scale.json")
+SCALE_DIMENSION, SCALE_CLASSES, SCALE_PREDICT = 1280, 4, 2000
+SCALE_HEADS = {  # name -> (head kind, one setting of its search, largest training size run)
+    "svm rbf": ("svm", {"kernel": "rbf", "c_grid": "1", "gamma_grid": "1", "rbf_limit": 10**9}, 20_000),
+    "svm linear": ("svm", {"kernel": "linear", "c_grid": "1"}, 10**9),
+    "knn": ("knn", {"k_grid": "10", "weighting": "distance"}, 10**9),
+}
+
+
+def scale_features(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian classes in SCALE_DIMENSION values, 5% of the labels flipped."""
+    centres = np.random.default_rng(1234).normal(0, 0.08, (SCALE_CLASSES, SCALE_DIMENSION)).astype(np.float32)
+    rng = np.random.default_rng(seed)  # the same classes, other images
+    labels = rng.integers(0, SCALE_CLASSES, rows)
+    features = centres[labels] + rng.normal(0, 1, (rows, SCALE_DIMENSION)).astype(np.float32)
+    flipped = rng.random(rows) < 0.05
+    labels[flipped] = rng.integers(0, SCALE_CLASSES, int(flipped.sum()))
+    return features, labels.astype(np.int32)
+
+
+def scale_row(name: str, rows: int) -> dict:
+    """One head at one size, in this process (run in a fresh one: its peak memory is the row's)."""
+    import resource
+
+    from pipeline.heads import ArrayFeatures, make_head
+
+    kind, params, _ = SCALE_HEADS[name]
+    import keras  # noqa: F401 - the pipeline imports it anyway: its memory is in the baseline, not the head's
+
+    x, y = scale_features(rows)
+    vx, vy = scale_features(1000, seed=1)
+    tx, ty = scale_features(SCALE_PREDICT, seed=2)
+    names = [f"c{i}" for i in range(SCALE_CLASSES)]
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    head = make_head(kind, names, params)
+    started = time.perf_counter()
+    head.fit(ArrayFeatures(x, y, names), ArrayFeatures(vx, vy, names))
+    fit = time.perf_counter() - started
+    started = time.perf_counter()
+    proba = head.predict_proba(ArrayFeatures(tx, ty, names))
+    predict = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"head": name, "rows": rows, "fit_seconds": fit, "predict_seconds": predict,
+            "predict_images": SCALE_PREDICT, "test_accuracy": float(np.mean(proba.argmax(1) == ty)),
+            "peak_rss_mb": peak / 1024, "features_mb": x.nbytes / 2**20, "rss_before_fit_mb": baseline / 1024,
+            "outcome": {k: v for k, v in head.outcome().items() if isinstance(v, int | float | str)}}
+
+
+def scale_suite(sizes: list[int]) -> None:
+    """Every head of SCALE_HEADS at every size, each in a fresh process, resumable."""
+    import subprocess
+
+    print(machine_line(), flush=True)
+    done = json.loads(SCALE_RESULTS.read_text()) if SCALE_RESULTS.is_file() else {"rows": []}
+    done["machine"] = machine_line()
+    seen = {(r["head"], r["rows"]) for r in done["rows"]}
+    for rows in sizes:
+        for name, (_, _, largest) in SCALE_HEADS.items():
+            if (name, rows) in seen or rows > largest:
+                continue
+            code = (f"import json; from bench.heads import scale_row; "
+                    f"print('ROW ' + json.dumps(scale_row({name!r}, {rows})))")
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    cwd=Path(__file__).resolve().parent.parent)
+            found = [line[4:] for line in result.stdout.splitlines() if line.startswith("ROW ")]
+            if result.returncode != 0 or not found:
+                print(f"  {name} at {rows}: failed ({result.stderr.strip().splitlines()[-1:]})", flush=True)
+                continue
+            row = json.loads(found[0])
+            done["rows"].append(row)
+            SCALE_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            SCALE_RESULTS.write_text(json.dumps(done, indent=1) + "\n")
+            print(f"  {name} at {rows}: fit {row['fit_seconds']:.1f} s, predict {SCALE_PREDICT} in "
+                  f"{row['predict_seconds']:.2f} s, peak {row['peak_rss_mb']:.0f} MB, test {row['test_accuracy']:.2%}",
+                  flush=True)
+    table = markdown_table(["head", "training images", "one fit (s)", f"predict {SCALE_PREDICT} (s)",
+                            "peak MB above the imports", "features MB", "test"],
+                           [[r["head"], r["rows"], f"{r['fit_seconds']:.1f}", f"{r['predict_seconds']:.2f}",
+                             f"{r['peak_rss_mb'] - r['rss_before_fit_mb']:.0f}", f"{r['features_mb']:.0f}",
+                             f"{r['test_accuracy']:.2%}"]
+                            for r in sorted(done["rows"], key=lambda r: (r["head"], r["rows"]))])
+    print(f"\n{table}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("epoch", "search"), default="epoch")
+    parser.add_argument("--suite", choices=("epoch", "search", "scale"), default="epoch")
+    parser.add_argument("--scale-sizes", default="2500,5000,10000,20000,100000",
+                        help="training sizes of the scale suite")
     parser.add_argument("--sizes", default="10000x2000,100000x1280", help="ROWSxDIMENSION,... (the search suite)")
     parser.add_argument("--spread", type=float, default=0.08, help="cluster centres' scale (the search suite)")
     parser.add_argument("--cache", type=Path, action="append", default=[],
@@ -166,6 +260,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/heads.json"))
     args = parser.parse_args()
+    if args.suite == "scale":
+        scale_suite([int(n) for n in args.scale_sizes.split(",") if n])
+        return
     if args.suite == "search":
         sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",") if size]
         search_suite(sizes, args.work / "heads", args.spread, args.cache)  # --sizes "": the caches only
