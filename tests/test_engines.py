@@ -4,6 +4,7 @@ incremental updates without a backbone pass, and two nodes writing one cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -299,3 +300,44 @@ def test_a_ray_address_that_accepts_and_says_nothing_is_refused_after_the_timeou
     with pytest.raises(PipelineError, match="not a Ray head node"):
         check_address(f"127.0.0.1:{server.getsockname()[1]}", timeout=1.0)
     server.close()
+
+
+def test_ray_workers_import_the_package_the_driver_runs_and_nothing_inside_it(tmp_path: Path) -> None:
+    """Issue 40: the driver runs a copy of the package that is not installed (importable only from
+    the folder that holds it, through PYTHONPATH) and starts from another folder; a worker must
+    import `pipeline` from that copy, and no folder inside the package may be on its path (its
+    modules data, images, errors, ... would shadow installed packages of those names)."""
+    import shutil
+    import subprocess
+    import sys
+
+    home = tmp_path / "copy"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "pipeline", home / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (
+        "import json, sys\n"
+        "import ray\n"
+        "from pipeline.extraction.ray_engine import RayCluster\n"
+        "@ray.remote\n"
+        "def where():\n"
+        "    import importlib.util, sys\n"
+        "    import pipeline\n"
+        "    return {'file': pipeline.__file__, 'path': sys.path,\n"
+        "            'errors': getattr(importlib.util.find_spec('errors'), 'origin', None)}\n"
+        "with RayCluster(num_cpus=1):\n"
+        "    print('WORKER ' + json.dumps(ray.get(where.remote())))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {
+        "PYTHONPATH": str(home)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    found = [line[7:] for line in result.stdout.splitlines() if line.startswith("WORKER ")]
+    assert result.returncode == 0 and found, result.stderr[-2000:]
+    worker = json.loads(found[0])
+    package = (home / "pipeline").resolve()
+    assert Path(worker["file"]).resolve() == package / "__init__.py"
+    inside = [entry for entry in worker["path"] if entry and Path(entry).resolve().is_relative_to(package)]
+    assert not inside, inside
+    assert worker["errors"] is None or not Path(worker["errors"]).resolve().is_relative_to(package)

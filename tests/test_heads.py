@@ -446,25 +446,40 @@ def test_the_dense_head_keeps_the_epoch_of_the_best_validation_accuracy() -> Non
     assert keep.best_epoch == 2, "accuracy decides, not the lowest loss (epoch 3)"
     assert float(model.layers[0].kernel.numpy()[0, 0]) == 1.0
 
-    from pipeline.heads import DenseHead
+    # a dense head fitted for real ends with its best validation epoch's weights, and says which
+    from pipeline.heads import ArrayFeatures, DenseHead
 
-    head = DenseHead()
-    head.history_ = [{"epoch": 1, "val_accuracy": 0.6, "val_loss": 0.5},
-                     {"epoch": 2, "val_accuracy": 0.8, "val_loss": 0.9},
-                     {"epoch": 3, "val_accuracy": 0.7, "val_loss": 0.2}]
-    assert head.outcome()["best_epoch"] == 2
+    features, labels, _ = clustered_features(160, 3, seed=8, shape=(6,), separation=0.4)
+    train, validation = ArrayFeatures(features[:100], labels[:100]), ArrayFeatures(features[100:], labels[100:])
+    head = DenseHead(units=8, epochs=8, patience=8, lr=0.05, seed=1).fit(train, validation)
+    rows = head.history_
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -rows[i]["val_loss"]))
+    assert len(rows) == 8 and head.outcome()["best_epoch"] == best + 1
+    kept = float(np.mean(head.predict_proba(validation).argmax(1) == validation.labels))
+    assert kept == pytest.approx(rows[best]["val_accuracy"])
+    if best + 1 < len(rows):  # the last epoch's accuracy differs from the best's: the weights were restored
+        assert kept >= rows[-1]["val_accuracy"]
 
 
-def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp_path: Path) -> None:
+def test_the_c_search_runs_the_largest_c_first_and_keeps_its_rows_in_c_order(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.cache.reader import FeatureView, load_splits, open_cache
-    from pipeline.heads import LogRegHead
+    from pipeline.heads import LogRegHead, logreg
 
     features, labels, splits = clustered_features(90, 3, seed=3)
     store = open_cache(write_feature_cache(tmp_path / "cache", features, labels, splits, ["a", "b", "c"]), tmp_path)
     data = load_splits(store, FeatureView.for_cache(store))
-    head = LogRegHead(c_grid="1e-2:1e2:5", n_jobs=1).fit(data["train"], data["validation"],
-                                                                                  progress=False)
-    assert [row["C"] for row in head.history_] == sorted(row["C"] for row in head.history_)
+    fitted_in_order = []
+    score_one_c = logreg._score_one_c
+
+    def recording(*args, **kwargs):
+        fitted_in_order.append(args[5])  # (x, y, vx, vy, classes, C, ...)
+        return score_one_c(*args, **kwargs)
+
+    monkeypatch.setattr(logreg, "_score_one_c", recording)
+    head = LogRegHead(c_grid="1e-2:1e2:5", n_jobs=1).fit(data["train"], data["validation"], progress=False)
+    assert len(fitted_in_order) == 5 and fitted_in_order == sorted(fitted_in_order, reverse=True), fitted_in_order
+    assert [row["C"] for row in head.history_] == sorted(fitted_in_order)
 
 
 def test_a_class_found_only_in_test_is_one_line_not_a_scikit_learn_traceback(tmp_path: Path, capsys) -> None:

@@ -135,13 +135,28 @@ def test_labels_that_disagree_with_the_run_are_refused(head_run: dict[str, Path]
         assert len(error) == 1 and "labels.txt lists 2 classes" in error[0]
 
 
-def test_the_classifier_of_a_run_is_built_in_one_place(head_run: dict[str, Path]) -> None:
+def test_the_classifier_of_a_run_is_built_in_one_place(head_run: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """predict and export stand on Run.classifier: the same model, the same probabilities."""
     run = Run.open(head_run["run"])
     model = run.classifier("fp32")
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)
     probabilities = np.asarray(model.predict(pixels, verbose=0))
     assert probabilities.shape == (2, 3) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+    # predict answers with whatever Run.classifier builds: a model of its own would not say 0.7
+    class Marked:
+        output_shape = (None, 3)
+
+        def predict_on_batch(self, batch):
+            return np.tile(np.array([[0.1, 0.2, 0.7]], np.float32), (len(batch), 1))
+
+    built = []
+    monkeypatch.setattr(Run, "classifier", lambda self, *args, **kwargs: built.append(args) or Marked())
+    from pipeline import api
+
+    found = api.predict(head_run["run"], [str(head_run["data"] / "cats" / "img000.png")])
+    assert built and found[0].labels[0] == run.class_names[2] and found[0].probabilities[0] == pytest.approx(0.7)
     with pytest.raises(PipelineError, match="fine-tune starts from a head run|no separate head"):
         Run(run.directory, run.config | {"kind": "finetune"}, run.class_names, run.metrics).head()
 

@@ -39,12 +39,15 @@ from pipeline.errors import PipelineError, install_hint
 from pipeline.extraction.engine import EngineResult, strict_error
 from pipeline.extraction.plan import ShardWriter, cut_units, unit_description, unit_key
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The folder that holds the package (a clone's root, or site-packages where it is installed): what a
+# worker needs on its path to import `pipeline` as the driver does. Never a folder inside the
+# package: there, its modules (data, images, cache, errors, ...) would import as top-level ones.
+PACKAGE_HOME = Path(__file__).resolve().parents[2]
 
 
 def _worker_env() -> dict[str, str]:
     """Workers import this project (installed at the same path on every node) and keep quiet."""
-    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(PACKAGE_HOME), os.environ.get("PYTHONPATH", "")) if p)
     return {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
 
 
