@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     svm.add_argument("--gamma-grid", default=None, metavar="G1,G2,...",
                      help="the RBF kernel's widths to try, as multiples of 1/features (0.25,1,4)")
     svm.add_argument("--rbf-limit", type=_positive_int, default=None, metavar="N",
-                     help="training images up to which auto uses the RBF kernel (20000)")
+                     help="training images up to which auto uses the RBF kernel (5000: bench/RESULTS.md says why)")
     knn = train.add_argument_group("knn head")
     knn.add_argument("--k-grid", default=None, metavar="K1,K2,...", help="neighbours to try (1,3,5,10,20)")
     knn.add_argument("--weighting", default=None, choices=("search", "uniform", "distance"),

@@ -11,7 +11,11 @@ one thing. The RBF kernel is exp(-gamma |z - v|^2) with |z - v|^2 = |z|^2 - 2 z.
 Scale: scikit-learn's SVC trains in time growing about with the square of the training images, so
 `kernel="auto"` uses the RBF kernel up to `rbf_limit` training images and a linear machine
 (LinearSVC, stored as one "support vector" per machine: its weights) above; asking for `rbf` above
-the limit is refused in one line that suggests the linear kernel.
+the limit is refused in one line that suggests the linear kernel. The limit, 5,000, is where the
+default search (12 RBF settings) stays near ten minutes on two cores: one setting of a 4-class
+machine on 1,280 features took 10.5 s at 2,500 images, 51 s at 5,000 and 161 s (3.5 GB) at 10,000,
+where the linear machine took 5.8 s and 29 s at 100,000 (bench/heads.py --suite scale,
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ class SVMHead(Head):
     MODEL_FILE = "head.npz"
 
     def __init__(self, *, kernel: str = "auto", c_grid: str = "1e-1:1e2:4", gamma_grid: str = "0.25,1,4",
-                 class_weight: str = "none", rbf_limit: int = 20_000, validation_fraction: float = 0.2) -> None:
+                 class_weight: str = "none", rbf_limit: int = 5_000, validation_fraction: float = 0.2) -> None:
         self.kernel = kernel  # auto: rbf up to rbf_limit training images, linear above
         self.c_grid = c_grid
         self.gamma_grid = gamma_grid  # multiples of 1 / features
@@ -166,7 +170,13 @@ class SVMHead(Head):
             warnings.simplefilter("ignore", ConvergenceWarning)
             for side in sides:
                 if kernel == "linear":
-                    machine = LinearSVC(C=C, class_weight=weight, max_iter=5000).fit(x, side)
+                    # the dual solver up to 4 images per feature, the primal one above. One machine, C 1,
+                    # 1,280 standardised features (bench/heads.py's data, 2-core EPYC): dual 0.7 s and primal
+                    # 14 s at 2,500 images; 6.6 and 10.7 s at 5,000; 158 (its iteration limit) and 1.6 s
+                    # at 20,000. scikit-learn's "auto" switches at 1 image per feature.
+                    dual = len(x) <= 4 * x.shape[1]
+                    machine = LinearSVC(C=C, class_weight=weight, dual=dual, max_iter=5000 if dual else 1000)
+                    machine.fit(x, side)
                     vectors.append(machine.coef_.astype(np.float32))
                     duals.append(np.ones((1, 1)))
                 else:
