@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-head", help="stage two: fit a head on cached features")
     train.add_argument("--head", default="logreg",
-                       help=f"one of {', '.join(sorted(HEADS))}: logreg (default), dense, svm (support-vector "
+                       help=f"one of {', '.join(sorted(HEADS))}, or auto: logreg (default), dense, svm (support-vector "
                             "machine, RBF or linear), knn (cosine nearest neighbours, the few-shot baseline) or "
                             "sklearn (any scikit-learn classifier: --estimator, --params); auto fits every "
                             "--candidates head and keeps the best on validation")
