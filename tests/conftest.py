@@ -173,6 +173,14 @@ def clustered_features(n: int, classes: int, seed: int = 0, shape: tuple[int, ..
     return features, labels.astype(np.int32), splits
 
 
+def pooled_cluster_cache(root: Path, rows: int, seed: int, dimension: int, separation: float) -> Path:
+    """A pooled cache of three classes a, b, c (clustered_features) under root/features/synthetic:
+    the heads' tests' cache."""
+    features, labels, splits = clustered_features(rows, 3, seed=seed, shape=(dimension,), separation=separation)
+    return write_feature_cache(root / "features" / "synthetic", features, labels, splits, ["a", "b", "c"],
+                               pooling="avg")
+
+
 def assert_features_close(actual: np.ndarray, expected: np.ndarray, what: str = "features") -> None:
     """Features of one image computed in batches of different composition (another engine, a
     rerun with other images beside it). oneDNN's fp32 kernels do not promise bit-identical results

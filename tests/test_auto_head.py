@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 
 from commandline import run_cli
-from conftest import clustered_features, write_feature_cache
+from conftest import pooled_cluster_cache
 from pipeline import api
 from pipeline.errors import PipelineError
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    features, labels, splits = clustered_features(240, 3, seed=6, shape=(12,), separation=0.35)
-    root = tmp_path_factory.mktemp("auto-head")
-    return write_feature_cache(root / "features" / "synthetic", features, labels, splits, ["a", "b", "c"],
-                               pooling="avg")
+    return pooled_cluster_cache(tmp_path_factory.mktemp("auto-head"), 240, seed=6, dimension=12, separation=0.35)
 
 
 def test_auto_keeps_every_candidate_and_returns_the_best_on_validation(cache: Path, tmp_path: Path) -> None:

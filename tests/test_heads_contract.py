@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from conftest import clustered_features, write_feature_cache
+from conftest import pooled_cluster_cache
 from pipeline import api
 from pipeline.errors import PipelineError
 from pipeline.heads import DenseHead, Head, KNNHead, LogRegHead, SVMHead
@@ -81,10 +81,7 @@ def test_the_dense_head_clones_and_fits_arrays() -> None:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    features, labels, splits = clustered_features(300, 3, seed=2, shape=(16,), separation=1.0)
-    root = tmp_path_factory.mktemp("heads")
-    return write_feature_cache(root / "features" / "synthetic", features, labels, splits, ["a", "b", "c"],
-                               pooling="avg")
+    return pooled_cluster_cache(tmp_path_factory.mktemp("heads"), 300, seed=2, dimension=16, separation=1.0)
 
 
 @pytest.mark.parametrize("kind,extra", [("svm", {}), ("svm", {"kernel": "linear"}), ("knn", {})])

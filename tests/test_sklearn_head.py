@@ -14,7 +14,7 @@ import pytest
 from sklearn.utils.estimator_checks import check_estimator
 
 from commandline import run_cli
-from conftest import clustered_features, write_feature_cache
+from conftest import pooled_cluster_cache
 from pipeline import api
 from pipeline.errors import PipelineError
 from pipeline.heads import EstimatorHead, Head
@@ -22,10 +22,7 @@ from pipeline.heads import EstimatorHead, Head
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    features, labels, splits = clustered_features(240, 3, seed=4, shape=(12,), separation=1.0)
-    root = tmp_path_factory.mktemp("sklearn-head")
-    return write_feature_cache(root / "features" / "synthetic", features, labels, splits, ["a", "b", "c"],
-                               pooling="avg")
+    return pooled_cluster_cache(tmp_path_factory.mktemp("sklearn-head"), 240, seed=4, dimension=12, separation=1.0)
 
 
 @pytest.mark.parametrize("estimator", ["sklearn.linear_model.LogisticRegression",
@@ -142,13 +139,13 @@ def test_predict_and_an_onnx_export_that_agrees_and_the_other_formats_refused(he
     predictions = api.predict(run, [str(f) for f in files], top=3)
     assert all(p.error is None and abs(sum(p.probabilities) - 1) < 1e-5 for p in predictions)
     # the probabilities are the head's on the cached features of the same images
-    head, opened = Head.load(run.directory), run
-    classifier = opened.classifier()
+    head = Head.load(run.directory)
+    classifier = run.classifier()
     from PIL import Image
 
     from pipeline.serving.onnx_export import squash
 
-    pixels = np.concatenate([squash(np.asarray(Image.open(f).convert("RGB")), opened.fingerprint.image_size)
+    pixels = np.concatenate([squash(np.asarray(Image.open(f).convert("RGB")), run.fingerprint.image_size)
                              for f in files])
     direct = head.predict_proba(np.asarray(classifier.features.predict_on_batch(pixels)))
     by_label = [dict(zip(p.labels, p.probabilities)) for p in predictions]

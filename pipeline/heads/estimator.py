@@ -147,7 +147,7 @@ class EstimatorHead(Head):
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         import sys
 
-        from pipeline.heads.logreg import _c_row
+        from pipeline.heads.logreg import validation_scores
 
         if not (train.in_memory and validation.in_memory):
             raise PipelineError("the sklearn head fits the training features in memory, and these are streamed: "
@@ -169,9 +169,9 @@ class EstimatorHead(Head):
         rows = []
         if len(validation):
             proba = np.clip(self._proba(validation), 1e-7, 1)
-            row = _c_row(float("nan"), float(np.mean(self._proba(train).argmax(1) == train.labels)),
-                         proba / proba.sum(1, keepdims=True), validation.labels, len(self.class_names), True)
-            rows.append({"fit": 1} | {k: v for k, v in row.items() if k not in ("C", "converged")})
+            rows.append({"fit": 1, "train_accuracy": float(np.mean(self._proba(train).argmax(1) == train.labels)),
+                         **validation_scores(proba / proba.sum(1, keepdims=True), validation.labels,
+                                             len(self.class_names))})
         return rows
 
     def _calibrated(self, model: Any, train: Features) -> Any:

@@ -103,17 +103,18 @@ def path_search(grid: Sequence[float], fit_at: Callable[[int, int | None], dict[
     return sorted(rows)
 
 
-def _c_row(C: float, train_accuracy: float, proba: np.ndarray, labels: np.ndarray, classes: int,
-           converged: bool) -> dict[str, float]:
+def validation_scores(proba: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, float]:
+    """A search row's figures on validation: accuracy and log loss."""
     from sklearn.metrics import log_loss
 
-    return {
-        "C": C,
-        "train_accuracy": float(train_accuracy),
-        "validation_accuracy": float(np.mean(proba.argmax(axis=1) == labels)),
-        "validation_loss": float(log_loss(labels, proba, labels=list(range(classes)))),
-        "converged": bool(converged),
-    }
+    return {"validation_accuracy": float(np.mean(proba.argmax(axis=1) == labels)),
+            "validation_loss": float(log_loss(labels, proba, labels=list(range(classes))))}
+
+
+def _c_row(C: float, train_accuracy: float, proba: np.ndarray, labels: np.ndarray, classes: int,
+           converged: bool) -> dict[str, float]:
+    return {"C": C, "train_accuracy": float(train_accuracy), **validation_scores(proba, labels, classes),
+            "converged": bool(converged)}
 
 
 def _best_row(rows: list[dict[str, float]]) -> dict[str, float]:
