@@ -56,7 +56,8 @@ def _max_pixels(max_megapixels: float) -> int:
 
 @checked
 @kept_off
-def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None = None, pooling: str | None = None,
+def extract(data: Any = None, *, images: Any = None, path: str = "path", missing: str = "error",
+            backbone: str = "vgg16", image_size: int | None = None, pooling: str | None = None,
             layer: Sequence[str] | None = None, precision: str | None = None, weights: str = "imagenet",
             preprocessing: str | None = None, batch_size: int = 32, shard_size: int = 1024,
             cache: PathLike = "features", val_fraction: float | None = None, test_fraction: float | None = None,
@@ -66,14 +67,22 @@ def extract(data: PathLike, *, backbone: str = "vgg16", image_size: int | None =
     """Stage one: bring the feature cache of the image folder `data` up to date (every new or
     changed image through the frozen backbone once) and return it, opened: a FeatureStore with its
     `path`, `fingerprint`, `class_names` and the run's `summary` (images, new, reused, skipped,
-    seconds, notes)."""
+    seconds, notes). A folder without class folders is extracted unlabelled. `images`: a table of
+    image paths instead (a CSV, TSV or Parquet file, or a dataframe; its column `path`), relative to
+    `data` where given, else to the table's folder; also accepted as `data` itself. `missing`:
+    "skip" goes on past paths that are not image files."""
+    from pipeline.labelling import is_dataframe
+
+    if images is None and data is not None and (is_dataframe(data) or Path(data).is_file()):
+        images, data = data, None  # extract(table) as extract(images=table)
     backends.select(backend)
     from pipeline.cache.store import FeatureStore
     from pipeline.data.dataset import SplitConfig
     from pipeline.extraction.extract import ExtractOptions, extract_features
 
     summary = extract_features(ExtractOptions(
-        data=Path(data), backbone=backbone, image_size=image_size, pooling=pooling,
+        data=None if data is None else Path(data), images=images, path_column=path, missing=missing,
+        backbone=backbone, image_size=image_size, pooling=pooling,
         layers=None if layer is None else list(layer), precision=precision, weights=weights,
         preprocessing=preprocessing, batch_size=batch_size, shard_size=shard_size, cache_root=Path(cache),
         splits=SplitConfig.from_flags(val_fraction, test_fraction, split_seed), rehash=rehash, strict=strict,
@@ -100,7 +109,9 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                estimator: str | None = None, estimator_params: Mapping[str, Any] | str | None = None,
                trust_module: str | None = None, candidates: Sequence[str] | None = None,
                memory_budget: int | None = None, stream: bool = False, exclude: PathLike | None = None,
-               assert_accuracy_at_least: float | None = None,
+               labels: Any = None, label: str | None = None, target: str | None = None,
+               split_column: str | None = None, group: str | None = None, path: str = "path",
+               missing: str = "error", assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
@@ -110,7 +121,10 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
     `assert_accuracy_at_least`, a run whose validation accuracy is below it is kept but
     PipelineError says so (the CI gate). `head="auto"`: every head of `candidates` (default
     logreg, svm, knn, dense) fitted, each kept as a run; the one with the highest validation
-    accuracy is returned, with `comparison` (every candidate's figures, and the table's path)."""
+    accuracy is returned, with `comparison` (every candidate's figures, and the table's path).
+    `labels`: a labels table (CSV, TSV, Parquet or a dataframe) joined to the cache by `path` (or
+    its `id` column): `label` its column of classes (default "label"), or `target` a soft target
+    (the probability of class "1"); `split_column`, `group` and `missing` as label_spec says."""
     backends.select(backend)
     from pipeline.heads import head_parameters
     from pipeline.runs import Run
@@ -136,6 +150,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
             layers=None if layer is None else list(layer), pooling=pooling, seed=seed, head_params=params,
             memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
             exclude=None if exclude is None else Path(exclude), progress=progress,
+            labels=label_spec(labels, label, target, split_column, group, path, missing),
         ))
 
     comparison = None
@@ -159,6 +174,16 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
         _say(progress, lambda: summaries.run_text(summary, headline))
     check_accuracy_at_least(run, assert_accuracy_at_least)
     return run
+
+
+def label_spec(labels: Any, label: str | None, target: str | None, split_column: str | None, group: str | None,
+               path: str, missing: str) -> Any:
+    """Where a stage's labels come from (pipeline/labelling/labelling.LabelSpec): the table `labels`
+    and its columns; None: the cache's own labels (its class folders)."""
+    from pipeline.labelling import LabelSpec
+
+    spec = LabelSpec(labels, path, label, target, split_column, group, missing)
+    return spec if spec.given else None
 
 
 def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
@@ -306,38 +331,47 @@ def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,
 @checked
 @kept_off
 def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",
-               layer: Sequence[str] | None = None, pooling: str | None = None, progress: bool = True) -> Any:
+               layer: Sequence[str] | None = None, pooling: str | None = None, labels: Any = None,
+               label: str | None = None, target: str | None = None, split_column: str | None = None,
+               group: str | None = None, path: str = "path", missing: str = "error", progress: bool = True) -> Any:
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
     class, label, split and embedding, the cache's fingerprint in the file's metadata; written shard
-    by shard. Returns what it wrote: `path`, `rows`, `dimension`, `seconds`, `metadata`."""
+    by shard; unlabelled images with an empty class. `labels`...: a labels table's classes and
+    splits instead of the cache's (see train_head). Returns what it wrote: `path`, `rows`,
+    `dimension`, `seconds`, `metadata`."""
     from pipeline.auditing.embeddings import check_output, write_embeddings
     from pipeline.cache.reader import open_features
+    from pipeline.labelling import label_cache
 
     check_output(Path(out))  # before the work, not after
     stores, views = open_features(features, Path(cache), None if layer is None else list(layer), pooling)
     if len(stores) > 1:
         raise PipelineError("embeddings writes one cache's vectors: name one cache (its rows carry that cache's "
                             "fingerprint)")
-    return write_embeddings(stores[0], views[0], Path(out), progress)
+    store = label_cache(stores[0], label_spec(labels, label, target, split_column, group, path, missing))
+    return write_embeddings(store, views[0], Path(out), progress)
 
 
 @checked
 @kept_off
 def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike = "models",
           cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
-          c_grid: str | None = None,
-          memory_budget: int | None = None, progress: bool = True) -> Any:
+          c_grid: str | None = None, memory_budget: int | None = None, labels: Any = None,
+          label: str | None = None, target: str | None = None, split_column: str | None = None,
+          group: str | None = None, path: str = "path", missing: str = "error", progress: bool = True) -> Any:
     """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
     exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or
     several of the same images, fused), into `out` (default models/audit-<cache>). Returns an
     AuditSummary: `directory`, `images`, `suspects`, `duplicate_pairs`, `cross_split_pairs`,
-    `details` (audit.json). `memory_budget` is in MB."""
+    `details` (audit.json). `memory_budget` is in MB. `labels`...: audit a labels table's labels
+    instead of the cache's (see train_head)."""
     from pipeline.auditing.audit import AuditOptions, run_audit
 
     summary = run_audit(AuditOptions(
         features=features, out=None if out is None else Path(out), models=Path(models), cache_root=Path(cache),
         folds=folds, similarity=similarity, seed=seed, c_grid=c_grid,
-        memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress))
+        memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress,
+        labels=label_spec(labels, label, target, split_column, group, path, missing)))
     _say(progress, lambda: summaries.audit_text(summary))
     return summary
 

@@ -81,6 +81,36 @@ def _add_backend(command: argparse.ArgumentParser, note: str = "") -> None:
                          help="the Keras backend (default: KERAS_BACKEND if set, else tensorflow)" + note)
 
 
+def _add_label_flags(command: argparse.ArgumentParser) -> None:
+    """The labels-table flags, the same for every command that reads labels (docs/formats.md: The
+    labelling table)."""
+    group = command.add_argument_group("labels from a table (default: the cache's class folders)")
+    group.add_argument("--labels", default=None, metavar="TABLE",
+                       help="a CSV, TSV or Parquet table of images and labels, joined to the cache by path (relative "
+                            "to the table's folder or the data folder, or absolute) or by an id column (content "
+                            "sha256); it relabels the images it names (an audit's suspects.csv too), others keep the "
+                            "cache's labels; a row with an empty label makes its image unlabelled")
+    group.add_argument("--label-column", dest="label", default=None, metavar="COL",
+                       help="the table's column of classes, one a row (default: label)")
+    group.add_argument("--target-column", dest="target", default=None, metavar="COL",
+                       help="a soft target instead: the probability (0..1) of class 1 of a binary task, e.g. ELPV's "
+                            "defect probability (logreg and dense heads; images the table does not name are "
+                            "unlabelled)")
+    group.add_argument("--split-column", default=None, metavar="COL",
+                       help="train, validation (val) or test per row (default: the cache's split, else a stable "
+                            "rule from the content id, stratified by class)")
+    group.add_argument("--group-column", dest="group", default=None, metavar="COL",
+                       help="images of one group (a patient, a module, a cell type) are kept in one split")
+    _add_path_flags(group, "--labels")
+
+
+def _add_path_flags(group: Any, table: str) -> None:
+    group.add_argument("--path-column", dest="path", default="path", metavar="COL",
+                       help=f"{table}'s column of image paths (default: path)")
+    group.add_argument("--missing", default="error", choices=("error", "skip"),
+                       help=f"rows of {table} that name no image: error (default) or skip them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Transfer-learning image classification in stages: extract caches a frozen backbone's features "
@@ -90,8 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     extract = commands.add_parser("extract", help="stage one: cache backbone features of an image folder")
-    extract.add_argument("--data", type=Path, required=True,
-                         help="DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image>")
+    extract.add_argument("--data", type=Path, default=None,
+                         help="DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image>; a folder "
+                              "of images without class folders is extracted unlabelled; with --images, the folder "
+                              "the table's paths are relative to (default: the table's folder)")
+    table = extract.add_argument_group("images from a table instead of a folder scan (extracted unlabelled)")
+    table.add_argument("--images", default=None, metavar="TABLE",
+                       help="a CSV, TSV or Parquet table with a column of image paths; labels come at train-head "
+                            "(--labels TABLE, the same file)")
+    _add_path_flags(table, "--images")
     extract.add_argument("--backbone", default="vgg16", help=f"{' or '.join(BACKBONES)} (default vgg16)")
     extract.add_argument("--image-size", type=_positive_int, default=None,
                          help="square input size (default: " + ", ".join(
@@ -219,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "suspects.csv, or a file of paths or content-hash ids, one a line")
     train.add_argument("--assert-accuracy-at-least", type=_finite_float, default=None, metavar="X",
                        help="exit non-zero if validation accuracy is below X (0..1), e.g. to gate CI")
+    _add_label_flags(train)
     _add_backend(train)
     train.add_argument("--no-progress", action="store_true", help="no progress output")
     train.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -235,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cached layer(s) to write, concatenated (default: all the cache holds)")
     vectors.add_argument("--pooling", default=None, choices=POOLINGS,
                          help="pool spatial features (default: as extracted; none flattens)")
+    _add_label_flags(vectors)
     vectors.add_argument("--no-progress", action="store_true", help="no progress bar")
     vectors.add_argument("--json", action="store_true", help="print the summary as JSON")
     vectors.set_defaults(handler=_embeddings)
@@ -258,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--memory-budget", type=_positive_int, default=None, metavar="MB",
                        help="the features are held in memory up to this size (default: a quarter of memory)")
+    _add_label_flags(check)
     check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.set_defaults(handler=_audit)

@@ -84,6 +84,23 @@ def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[s
     }
 
 
+def soft_metrics(targets: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+    """Scores against soft targets (a probability per class and image, e.g. ELPV's defect
+    probability): the cross-entropy against them ("log_loss"), the Brier score (mean squared
+    difference summed over classes) and, for two classes, the mean absolute error of the
+    probability of class 1. The hard figures (accuracy against the thresholded target) are
+    split_metrics' own."""
+    if len(targets) == 0:
+        return {"images": 0}
+    q = np.clip(_normalised(proba), 1e-15, 1.0)
+    t = np.asarray(targets, np.float64)
+    figures = {"images": int(len(t)), "log_loss": float(np.mean(-np.sum(t * np.log(q), axis=1))),
+               "brier": float(np.mean(np.sum((q - t) ** 2, axis=1)))}
+    if t.shape[1] == 2:
+        figures["mean_absolute_error"] = float(np.mean(np.abs(q[:, 1] - t[:, 1])))
+    return figures
+
+
 def _normalised(proba: np.ndarray) -> np.ndarray:
     """float32 softmax outputs sum to one only within float32 rounding; log_loss wants float64 rows."""
     proba = np.asarray(proba, np.float64)

@@ -108,11 +108,11 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_the_planted_mislabels_are_the_top_suspects(planted: dict[str, object]) -> None:
     summary = planted["audit"]
     suspects = _rows(summary.directory / "suspects.csv")
-    assert list(suspects[0]) == ["path", "split", "given", "suggested", "score", "id"]
+    assert list(suspects[0]) == ["path", "split", "label", "suggested", "score", "id"]
     top = {row["path"] for row in suspects[:len(PLANTED_MISLABELS)]}
     assert top == set(PLANTED_MISLABELS), [row["path"] for row in suspects[:6]]
     for row in suspects[:len(PLANTED_MISLABELS)]:
-        assert row["given"] != row["suggested"] and row["split"] == "train"
+        assert row["label"] != row["suggested"] and row["split"] == "train"
         assert row["suggested"] == Path(row["path"]).name.split("-")[0]
     scores = [float(row["score"]) for row in suspects]
     assert scores == sorted(scores)  # most suspicious (lowest label quality) first

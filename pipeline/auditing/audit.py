@@ -2,7 +2,8 @@
 exact and near duplicates (above all across train and test), and the pictures a person checks
 them by, written whole into one folder:
 
-    suspects.csv      path,split,given,suggested,score,id: the images cleanlab flags, most suspicious first
+    suspects.csv      path,split,label,suggested,score,id: the images cleanlab flags, most suspicious first;
+                      a labels table (train-head --labels suspects.csv [--label-column suggested])
     pred_probs.npy    (images, classes) out-of-fold probabilities, columns in class order, rows as ids.txt
     ids.txt           the content sha256 of each row of pred_probs.npy
     duplicates.csv    path_a,split_a,class_a,path_b,split_b,class_b,similarity,exact
@@ -32,6 +33,7 @@ from pipeline.auditing.labels import label_issues
 from pipeline.cache.reader import load_fused_splits, load_splits, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
+from pipeline.labelling import label_cache
 from pipeline.runs.files import remove_leftovers
 
 SUSPECTS = "suspects.csv"
@@ -54,6 +56,7 @@ class AuditOptions:
     memory_budget: int | None = None  # bytes
     progress: bool = True
     c_grid: str | None = None  # the first fold's C search (default AUDIT_C_GRID); the other folds fit its C
+    labels: Any = None  # a labels table (pipeline/labelling.LabelSpec): audit its labels instead of the cache's
 
     def __post_init__(self) -> None:
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
@@ -145,6 +148,7 @@ def default_directory(models: Path, stores: Sequence[FeatureStore]) -> Path:
 def run_audit(options: AuditOptions) -> AuditSummary:
     started = time.perf_counter()
     stores, views = open_features(options.features, options.cache_root, None, None)
+    stores = [label_cache(store, options.labels) for store in stores]
     final = Path(options.out) if options.out is not None else default_directory(options.models, stores)
     inputs = [("feature cache", store.directory) for store in stores]
     inputs += [("image folder", Path(store.data_root)) for store in stores if store.data_root]
@@ -206,11 +210,17 @@ def similarity_bands(pairs: Sequence[Pair], threshold: float) -> dict[str, int]:
     return counts
 
 
+SUSPECTS_HEADER = ["path", "split", "label", "suggested", "score", "id"]  # a labels table: path, label (given), id
+
+
 def _write_suspects(path: Path, images: _Images, found: Any) -> None:
+    """suspects.csv, in the labels table's form: `--labels suspects.csv` retrains on its `label`
+    column as edited, `--label-column suggested` accepts cleanlab's suggestions; either way the
+    images it does not list keep their labels."""
     names = images.class_names
     with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = tables.writer(handle)
-        writer.writerow(["path", "split", "given", "suggested", "score", "id"])
+        writer.writerow(SUSPECTS_HEADER)
         for row in found.issues:
             writer.writerow([images.paths[row], images.splits[row], names[images.labels[row]],
                              names[int(found.pred_probs[row].argmax())], f"{found.quality[row]:.6f}", images.ids[row]])

@@ -121,7 +121,8 @@ class SplitData:
 
     def __init__(self, name: str, labels: np.ndarray, paths: list[str], dimension: int,
                  matrix: np.ndarray | None = None, store: FeatureStore | None = None,
-                 view: FeatureView | None = None, locations: np.ndarray | None = None) -> None:
+                 view: FeatureView | None = None, locations: np.ndarray | None = None,
+                 targets: np.ndarray | None = None) -> None:
         self.name = name
         self.class_names: list[str] | None = list(store.class_names) if store is not None else None
         self.labels = labels
@@ -131,6 +132,7 @@ class SplitData:
         self._store = store
         self._view = view
         self._locations = locations
+        self.targets = targets  # soft targets (one row of class probabilities an image), where the labelling has them
 
     @property
     def in_memory(self) -> bool:
@@ -140,7 +142,8 @@ class SplitData:
         """The split restricted to `rows` (indices into it), in memory or streamed alike."""
         part = SplitData(self.name, self.labels[rows], [self.paths[i] for i in rows], self.dimension,
                          None if self.matrix is None else self.matrix[rows], self._store, self._view,
-                         None if self._locations is None else self._locations[rows])
+                         None if self._locations is None else self._locations[rows],
+                         None if self.targets is None else self.targets[rows])
         part.class_names = self.class_names
         return part
 
@@ -223,6 +226,9 @@ def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | Non
                 stream: bool = False) -> dict[str, SplitData]:
     """Train, validation and test inputs: in memory when all of them fit `memory_budget` bytes
     (and `stream` is off), streamed by shard otherwise."""
+    if not store.class_names:
+        raise PipelineError(f"{store.directory} holds {store.unlabelled} images without labels: pass a labels table "
+                            "(--labels TABLE --label-column COL), or extract from DIR/<class>/ folders")
     if len(store.class_names) < 2:
         raise PipelineError(
             f"{store.directory} has one class ({', '.join(store.class_names)}): a classifier needs at least two"
@@ -247,7 +253,8 @@ def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | Non
     splits = {}
     for split, index in indexes.items():
         labels = index.labels
-        data = SplitData(split, labels, index.paths, dimension, store=store, view=view, locations=index.locations)
+        data = SplitData(split, labels, index.paths, dimension, store=store, view=view, locations=index.locations,
+                         targets=index.targets)
         if in_memory and len(labels):  # filled shard by shard: no second copy of the split
             matrix = np.empty((len(labels), dimension), np.float32)
             row = 0
@@ -359,4 +366,4 @@ def load_fused_splits(stores: Sequence[FeatureStore], views: Sequence[FeatureVie
                 row += len(vectors)
         start += width
     return {split: SplitData(split, index.labels, index.paths, dimension, matrix=matrices[split], store=stores[0],
-                             view=views[0], locations=None) for split, index in indexes.items()}
+                             view=views[0], locations=None, targets=index.targets) for split, index in indexes.items()}

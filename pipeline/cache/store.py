@@ -11,6 +11,7 @@ Layout of one cache directory (see README, "Feature cache schema"):
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -30,6 +31,7 @@ from pipeline.errors import PipelineError, command
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
+UNLABELLED = -1  # the label of an image extracted without a class (a flat folder, a table of paths)
 MANIFEST_NAME = "manifest.json"
 HASH_INDEX_NAME = "file_hashes.json"  # a speed-up for rescans, not part of the contract
 SHARD_PREFIX = "shard-"
@@ -185,8 +187,8 @@ def read_shard_index(path: Path, fingerprint: Fingerprint,
         raise _damaged(path, problem)
     if len({len(shard.sha256), len(shard.labels), len(shard.splits)} | lengths) != 1:
         raise _damaged(path, "columns of different lengths")
-    if len(shard.labels) and (shard.labels.min() < 0 or shard.labels.max() >= len(shard.class_names)):
-        raise _damaged(path, f"labels outside 0..{len(shard.class_names) - 1}")
+    if len(shard.labels) and (shard.labels.min() < UNLABELLED or shard.labels.max() >= len(shard.class_names)):
+        raise _damaged(path, f"labels outside 0..{len(shard.class_names) - 1} (or {UNLABELLED}, unlabelled)")
     unknown = set(shard.splits) - set(SPLITS)
     if unknown:
         raise _damaged(path, f"unknown split {sorted(unknown)[0]!r}")
@@ -364,21 +366,48 @@ def exclusive_lock(directory: Path) -> Iterator[None]:
 
 
 class SplitIndex(NamedTuple):
-    """Where one split's rows are: labels and paths in shard order, and (shard number, row) of each."""
+    """Where one split's rows are: labels and paths in shard order, and (shard number, row) of each.
+    `targets`: where a labelling gives soft targets, one row of class probabilities per image
+    (`labels` is then their most probable class)."""
 
     labels: np.ndarray
     paths: list[str]
     locations: np.ndarray
     sha256: list[str] = []  # the content hash of each row's image
+    targets: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray) -> SplitIndex:
+        """The index restricted to `rows` (positions in it), in that order."""
+        rows = np.asarray(rows, np.int64)
+        return SplitIndex(self.labels[rows], [self.paths[i] for i in rows], self.locations[rows],
+                          [self.sha256[i] for i in rows] if self.sha256 else [],
+                          None if self.targets is None else self.targets[rows])
+
+
+@dataclass(frozen=True)
+class CacheRows:
+    """Every row of a cache in shard order, labelled or not: what a labelling is joined to."""
+
+    paths: list[str]
+    sha256: list[str]
+    labels: np.ndarray  # the labels the shards carry (UNLABELLED for an image without a class)
+    splits: list[str]
+    locations: np.ndarray  # (shard number, row) of each
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 class FeatureStore:
     """A finished cache directory, opened for reading. Checks that the manifest describes the
     shards on disk exactly, so an interrupted extract is never read as a complete one."""
 
+    labelling: Any = None  # the labelling (pipeline/labelling) that gave class_names and split_indexes(), if any
+
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._split_indexes: dict[str, SplitIndex] | None = None
+        self._rows_index: CacheRows | None = None
         manifest_path = self.directory / MANIFEST_NAME
         if not manifest_path.is_file():
             raise PipelineError(
@@ -480,28 +509,57 @@ class FeatureStore:
 
     def split_indexes(self) -> dict[str, SplitIndex]:
         """For every split: labels, paths, (shard number, row) locations and content hashes, in
-        shard order, read from the shards' metadata once per FeatureStore (no features). The
-        store is a snapshot of its manifest; reading rows checks each shard's identity again."""
+        shard order, read from the shards' metadata once per FeatureStore (no features). Images
+        without a label are in no split. The store is a snapshot of its manifest; reading rows
+        checks each shard's identity again. A relabelled store (`relabelled`) answers with its
+        labelling's splits."""
         if self._split_indexes is None:
-            self._split_indexes = self._read_split_indexes()
+            rows = self.rows_index()
+            labelled = rows.labels != UNLABELLED
+            self._split_indexes = {}
+            for split in SPLITS:
+                chosen = np.flatnonzero(labelled & (np.asarray(rows.splits, dtype=object) == split)) if len(rows) \
+                    else np.zeros(0, np.int64)
+                self._split_indexes[split] = SplitIndex(rows.labels[chosen], [rows.paths[i] for i in chosen],
+                                                        rows.locations[chosen], [rows.sha256[i] for i in chosen])
         return self._split_indexes
 
-    def _read_split_indexes(self) -> dict[str, SplitIndex]:
-        parts: dict[str, tuple[list, list, list, list]] = {split: ([], [], [], []) for split in SPLITS}
-        for number, path in enumerate(self.shards):
-            shard = read_shard_index(path, self.fingerprint, self.feature_shapes, self._rows.get(path.name))
-            self._check_uuid(shard)
-            for split, (labels, paths, locations, digests) in parts.items():
-                chosen = np.array([i for i, s in enumerate(shard.splits) if s == split], np.int64)
-                labels.append(shard.labels[chosen])
-                paths.extend(shard.paths[i] for i in chosen)
-                digests.extend(shard.sha256[i] for i in chosen)
-                locations.append(np.stack([np.full(len(chosen), number), chosen], axis=1))
-        return {
-            split: SplitIndex(np.concatenate(labels) if labels else np.zeros(0, np.int32), paths,
-                              np.concatenate(locations) if locations else np.zeros((0, 2), np.int64), digests)
-            for split, (labels, paths, locations, digests) in parts.items()
-        }
+    def rows_index(self) -> CacheRows:
+        """Every row of the cache, labelled or not, in shard order (read once per FeatureStore)."""
+        if self._rows_index is None:
+            paths: list[str] = []
+            digests: list[str] = []
+            splits: list[str] = []
+            labels, locations = [], []
+            for number, path in enumerate(self.shards):
+                shard = read_shard_index(path, self.fingerprint, self.feature_shapes, self._rows.get(path.name))
+                self._check_uuid(shard)
+                paths.extend(shard.paths)
+                digests.extend(shard.sha256)
+                splits.extend(shard.splits)
+                labels.append(shard.labels)
+                locations.append(np.stack([np.full(len(shard), number), np.arange(len(shard))], axis=1))
+            self._rows_index = CacheRows(paths, digests,
+                                         np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32),
+                                         splits, np.concatenate(locations).astype(np.int64) if locations
+                                         else np.zeros((0, 2), np.int64))
+        return self._rows_index
+
+    @property
+    def unlabelled(self) -> int:
+        """How many images have no label (in the cache, or in the labelling that relabelled it)."""
+        if self.labelling is not None:
+            return int(self.labelling.counts.get("unlabelled", 0))
+        return int(np.sum(self.rows_index().labels == UNLABELLED))
+
+    def relabelled(self, class_names: Sequence[str], indexes: Mapping[str, SplitIndex], labelling: Any) -> FeatureStore:
+        """This cache seen through a labelling: the same features and rows, with `class_names` and
+        the splits of `indexes` (pipeline/labelling applies one). The shards are not touched."""
+        view = copy.copy(self)
+        view.class_names = list(class_names)
+        view._split_indexes = {split: indexes[split] for split in SPLITS}
+        view.labelling = labelling
+        return view
 
     def read_rows(self, locations: np.ndarray, layers: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Features of the rows at `locations` (from split_indexes()), in that order, reading only those rows."""
@@ -538,14 +596,15 @@ def manifest_core(
     shapes: Mapping[str, Sequence[int]],
 ) -> dict[str, Any]:
     """The part of manifest.json a reader relies on; extract adds its run report beside it."""
-    splits = [s for shard in shards for s in shard.splits]
+    splits = [s for shard in shards for s, label in zip(shard.splits, shard.labels) if label != UNLABELLED]
+    unlabelled = sum(int(np.sum(shard.labels == UNLABELLED)) for shard in shards)
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint.as_dict(),
         "fingerprint_digest": fingerprint.digest(),
         "class_names": list(class_names),
         "feature_shapes": {name: list(shape) for name, shape in shapes.items()},
-        "counts": {split: splits.count(split) for split in SPLITS},
+        "counts": {split: splits.count(split) for split in SPLITS} | ({"unlabelled": unlabelled} if unlabelled else {}),
         "shards": [{"file": s.path.name, "uuid": s.uuid, "rows": len(s)} for s in shards],
     }
 

@@ -13,12 +13,15 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline import artefacts, atomic
 from pipeline.errors import PipelineError
 from pipeline.images.formats import IMAGE_EXTENSIONS, is_image_file
 
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+UNLABELLED = -1  # pipeline/cache/store.UNLABELLED: an image without a class (a flat folder, a table of paths)
+UNLABELLED_LAYOUTS = ("unlabelled", "table")  # layouts whose images carry no class: labels come from a table
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class SplitConfig:
 @dataclass
 class ScannedDataset:
     root: Path
-    layout: str  # "class-folders" | "split-folders"
+    layout: str  # "class-folders" | "split-folders" | "unlabelled" (a flat folder) | "table" (a table of paths)
     class_names: list[str]
     records: list[ImageRecord]
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -84,6 +87,8 @@ class ScannedDataset:
 
     def split_rule(self) -> dict[str, object] | str:
         """How the splits came about, for the manifest and the summary."""
+        if self.layout in UNLABELLED_LAYOUTS:
+            return "none: the images are unlabelled (labels and splits come from a labels table)"
         if self.layout == "class-folders":
             return self.splits.as_dict()
         if not self.carved:
@@ -95,7 +100,7 @@ class ScannedDataset:
         """Give every image the cache already holds (path -> split) the split it had, and split
         only the new ones: adding images never moves existing ones. A class that would lack a
         validation or test image gets one from its new images only."""
-        if self.layout == "split-folders" and not self.carved:
+        if self.layout in UNLABELLED_LAYOUTS or (self.layout == "split-folders" and not self.carved):
             return
         by_class: dict[int, list[int]] = {}
         for i, record in enumerate(self.records):
@@ -325,6 +330,13 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIn
             for path, split in zip(images, assign_splits(names, splits)):
                 files.append((path, class_name, split))
 
+    if layout == "class-folders" and not files:
+        ignored.clear()  # walked again below, whole
+        loose = _images_below(root, ignored, root)
+        if loose:  # a flat folder: every image, unlabelled
+            records = [_record(root, path, UNLABELLED, "train", hashes or HashIndex(), read_unknown) for path in loose]
+            return ScannedDataset(root, "unlabelled", [], records, ignored, {}, splits)
+
     class_names = sorted({name for _, name, _ in files} | _class_folder_names(root, layout))
     counts = {name: 0 for name in class_names}
     for _, name, _ in files:
@@ -343,10 +355,72 @@ def scan_dataset(root: Path, splits: SplitConfig = SplitConfig(), hashes: HashIn
     hashes = hashes or HashIndex()
     records = []
     for path, name, split in files:
-        relative = path.relative_to(root).as_posix()
-        digest, size, mtime_ns = hashes.lookup(path, relative, read=read_unknown)
-        records.append(ImageRecord(relative, label_of[name], split, digest, size, mtime_ns))
+        records.append(_record(root, path, label_of[name], split, hashes, read_unknown))
     return ScannedDataset(root, layout, class_names, records, ignored, carved, splits)
+
+
+def _record(root: Path, path: Path, label: int, split: str, hashes: HashIndex, read_unknown: bool) -> ImageRecord:
+    relative = path.relative_to(root).as_posix()
+    digest, size, mtime_ns = hashes.lookup(path, relative, read=read_unknown)
+    return ImageRecord(relative, label, split, digest, size, mtime_ns)
+
+
+def table_root(table: Any, data: Path | None) -> Path:
+    """The folder a table's images are relative to: `data` where given, else the table's own folder."""
+    from pipeline.data.table import Table, is_dataframe
+
+    if data is not None:
+        return Path(data)
+    if is_dataframe(table):
+        raise PipelineError("a dataframe of images needs the folder its paths are relative to: pass data=FOLDER "
+                            "(absolute paths: the folder that holds them all)")
+    return Table(table, "--images").folder or Path(".")
+
+
+def scan_table(table_source: Any, path_column: str, root: Path, hashes: HashIndex | None = None,
+               read_unknown: bool = True, missing: str = "error") -> ScannedDataset:
+    """The images a table names (its `path_column`; relative to `root`, or absolute under it), unlabelled:
+    labels come from a labels table at train time. A path that is not an image file under `root`
+    is refused with the count and the first few, or skipped with `missing="skip"` (listed as ignored)."""
+    from pipeline.data.table import Table
+
+    table = Table(table_source, "--images")
+    table.require(path_column, "--path-column")
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise PipelineError(f"data folder {root} does not exist or is not a folder")
+    hashes = hashes or HashIndex()
+    found: dict[str, Path] = {}
+    problems: list[tuple[str, str]] = []
+    for _, (cell,) in table.rows([path_column]):
+        if cell is None:
+            continue
+        name = str(cell)
+        candidate = Path(os.path.normpath(name if Path(name).is_absolute() else root / name))
+        try:
+            relative = candidate.relative_to(root).as_posix()
+        except ValueError:
+            problems.append((name, f"outside the data folder {root}"))
+            continue
+        if relative in found:
+            continue
+        if not is_utf8(name):
+            problems.append((printable(Path(name)), NOT_UTF8))
+        elif not is_image_file(candidate):
+            problems.append((name, "not an image file extension"))
+        elif not candidate.is_file():
+            problems.append((name, "no such file"))
+        else:
+            found[relative] = candidate
+    if problems and missing != "skip":
+        first = "; ".join(f"{name} ({why})" for name, why in problems[:3])
+        raise PipelineError(f"{len(problems)} path(s) in column {path_column!r} of {table} are not image files under "
+                            f"{root}: {first}; fix them, pass --data FOLDER (the folder they are relative to), or "
+                            "--missing skip")
+    if not found:
+        raise PipelineError(f"column {path_column!r} of {table} names no image file under {root}")
+    records = [_record(root, found[key], UNLABELLED, "train", hashes, read_unknown) for key in sorted(found)]
+    return ScannedDataset(root, "table", [], records, problems, {}, SplitConfig())
 
 
 def _carving(carved: dict[str, float], seed: int) -> SplitConfig:

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from pipeline.backbone.weights import ResolvedWeights
 from pipeline.cache import store
 from pipeline.cache.fingerprint import Fingerprint, cache_directory_name
 from pipeline.cache.store import SPLITS, ShardIndex
-from pipeline.data.dataset import HashIndex, ScannedDataset, SplitConfig, scan_dataset
+from pipeline.data.dataset import UNLABELLED_LAYOUTS, HashIndex, ScannedDataset, SplitConfig, scan_dataset, scan_table
 from pipeline.errors import PipelineError
 from pipeline.extraction.engine import Engine, EngineResult, strict_error
 from pipeline.extraction.local_engine import LocalEngine
@@ -45,7 +46,7 @@ ENGINES = ("local", "ray")
 
 @dataclass
 class ExtractOptions:
-    data: Path
+    data: Path | None  # the image folder; with `images`, the folder the table's paths are relative to
     backbone: str = "vgg16"
     image_size: int | None = None  # the backbone's default
     pooling: str | None = None  # the backbone's default (none: full maps; avg for EfficientNet-Lite's layers)
@@ -64,10 +65,23 @@ class ExtractOptions:
     engine: str = "local"  # "local" (this process) or "ray" (pipeline/extraction/ray_engine.py)
     ray_address: str | None = None  # None: a local Ray instance for the command; "auto" or HOST:PORT: join one
     workers: int | None = None  # Ray engine: backbone actors (default: one per GPU, else one per node)
+    images: Any = None  # a table of image paths (CSV, TSV, Parquet or a dataframe) instead of a folder scan
+    path_column: str = "path"  # the table's column of paths
+    missing: str = "error"  # a path in the table that is not an image file: "error", or "skip" it
 
     def __post_init__(self) -> None:
         """The one check of extract's options, for the command line and Python alike."""
         get_backbone(self.backbone)  # an unknown name: one line listing the known ones
+        if self.missing not in ("error", "skip"):
+            raise PipelineError(f"--missing {self.missing!r}: choose error or skip")
+        if self.images is None and self.data is None:
+            raise PipelineError("extract needs --data DIR (an image folder), or --images TABLE (a table of paths)")
+        if self.images is None and (self.path_column != "path" or self.missing != "error"):
+            raise PipelineError("--path-column and --missing read a table of images: add --images TABLE")
+        if self.images is not None:
+            from pipeline.data.dataset import table_root
+
+            self.data = table_root(self.images, self.data)
         if self.image_size is not None and not 0 < self.image_size <= MAX_IMAGE_SIZE:
             raise PipelineError(f"--image-size {self.image_size}: use 1 to {MAX_IMAGE_SIZE} pixels (a backbone's "
                                 "activations at larger sizes need tens of GB per batch)")
@@ -235,8 +249,12 @@ class _Extraction:
         hashes = HashIndex(directory / store.HASH_INDEX_NAME, trusted=not self.options.rehash)
         # The Ray engine's driver reads no image bytes: files the hash index does not know are
         # listed by (path, size, mtime) and hashed by the worker that decodes them.
-        dataset = scan_dataset(self.options.data, self.options.splits, hashes,
-                               read_unknown=isinstance(self.engine, LocalEngine))
+        read_unknown = isinstance(self.engine, LocalEngine)
+        if self.options.images is not None:
+            dataset = scan_table(self.options.images, self.options.path_column, self.options.data, hashes,
+                                 read_unknown, self.options.missing)
+        else:
+            dataset = scan_dataset(self.options.data, self.options.splits, hashes, read_unknown=read_unknown)
         # said now, from a sample of headers, not after the backbone pass it is about
         self.small_note = small_image_note(dataset, self.image_size, self.spec)
         if self.small_note:
@@ -366,6 +384,9 @@ def dataset_notes(dataset: ScannedDataset) -> list[str]:
         flag = "--val-fraction" if split == "validation" else "--test-fraction"
         notes.append(f"no {split} folder: {split} is {fraction:.0%} of each class's train/ images, chosen by file "
                      f"name (stable as images are added; {flag} sets the fraction)")
+    if dataset.layout in UNLABELLED_LAYOUTS:
+        return [f"the {len(dataset.records)} images are unlabelled (no class folders): give train-head their labels "
+                "with --labels TABLE (docs/formats.md: The labelling table)"]
     counts = Counter(record.split for record in dataset.records)
     for split in SPLITS:
         if not counts[split]:

@@ -108,6 +108,7 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
     RULES: ClassVar[Rules] = {}
     ARRAY_ONLY: ClassVar[frozenset[str]] = frozenset({"validation_fraction"})  # no train-head flag: the cache splits
     KERAS_FORM: ClassVar[bool] = True  # as_keras() builds it from Keras' layers (False: predicted in NumPy, ONNX only)
+    SOFT_TARGETS: ClassVar[bool] = False  # trains on soft targets (Features.targets: class probabilities an image)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -149,6 +150,10 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
         if not is_features(validation):
             raise PipelineError("fit(train, validation): both Features (the cache's splits, or ArrayFeatures)")
         self.check_params()
+        if getattr(X, "targets", None) is not None and not self.SOFT_TARGETS:
+            soft = ", ".join(sorted(kind for kind, head in HEADS.items() if head.SOFT_TARGETS))
+            raise PipelineError(f"the {self.kind} head trains on classes, not on soft targets (--target-column): "
+                                f"choose --head {soft.replace(', ', ' or ')}, or give classes (--label-column)")
         names = getattr(X, "class_names", None) or self.class_names
         if not names:
             names = [str(i) for i in range(int(np.max(X.labels)) + 1 if len(X.labels) else 0)]

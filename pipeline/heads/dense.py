@@ -38,6 +38,7 @@ class DenseHead(Head):
     the history (ReduceLROnPlateau logs it)."""
 
     kind = "dense"
+    SOFT_TARGETS = True  # in memory, categorical cross-entropy against the targets
     HISTORY_AXIS = "epochs"
     RULES = {
         "units": (lambda v: v >= 1, "a positive integer"),
@@ -139,8 +140,12 @@ class DenseHead(Head):
         if progress and self.params["loss"] == "ordinal":
             print(f"ordinal loss: {describe_order(self.class_names)}", file=sys.stderr, flush=True)
         self.model_ = self.build(*training_statistics(train))
+        soft = getattr(train, "targets", None) is not None
+        if soft and (self.params["loss"] == "ordinal" or not (train.in_memory and validation.in_memory)):
+            raise PipelineError("soft targets train the dense head in memory with --loss crossentropy: drop --loss "
+                                "ordinal, --stream (or raise --memory-budget)")
         loss = ordinal_loss(len(self.class_names)) if self.params["loss"] == "ordinal" else \
-            "sparse_categorical_crossentropy"
+            "categorical_crossentropy" if soft else "sparse_categorical_crossentropy"
         self.model_.compile(optimizer=self.make_optimizer(), loss=loss, metrics=["accuracy"])
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
         patience = int(self.params["patience"])
@@ -153,7 +158,14 @@ class DenseHead(Head):
         verbose = fit_verbosity(progress)
         common = dict(epochs=int(self.params["epochs"]), callbacks=callbacks, verbose=verbose,
                       class_weight=None if self.params["class_weight"] == "none" else dict(enumerate(weights)))
-        if train.in_memory and validation.in_memory:
+        if soft:  # cross-entropy against the soft targets; validation's accuracy against its thresholded ones
+            onehot = np.eye(len(self.class_names), dtype=np.float32)
+            held = validation.targets if getattr(validation, "targets", None) is not None else \
+                onehot[validation.labels]
+            history = self.model_.fit(train.matrix, np.asarray(train.targets, np.float32),
+                                      validation_data=(validation.matrix, np.asarray(held, np.float32)),
+                                      batch_size=int(self.params["batch_size"]), shuffle=True, **common)
+        elif train.in_memory and validation.in_memory:
             history = self.model_.fit(train.matrix, train.labels,
                                       validation_data=(validation.matrix, validation.labels),
                                       batch_size=int(self.params["batch_size"]), shuffle=True, **common)

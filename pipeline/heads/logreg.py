@@ -49,9 +49,9 @@ def log_grid(text: str) -> tuple[float, ...]:
 
 def _score_one_c(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, classes: int, C: float,
                  class_weight: str | None, max_iter: int, tol: float,
-                 start: Any = None) -> tuple[dict[str, float], Any]:
+                 start: Any = None, sample_weight: np.ndarray | None = None) -> tuple[dict[str, float], Any]:
     """One C fitted (warm-started from `start`, a LinearSolution, where given): its history row and
-    its solution."""
+    its solution. `sample_weight`: soft targets, as rows of (x, class k) weighted by p_k."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -62,10 +62,17 @@ def _score_one_c(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, c
         model.coef_, model.intercept_ = start.coef.copy(), start.intercept.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(x, y)
+        model.fit(x, y, sample_weight=sample_weight)
     converged = int(model.n_iter_[0]) < max_iter
-    row = _c_row(C, model.score(x, y), model.predict_proba(vx), vy, classes, converged)
+    row = _c_row(C, model.score(x, y, sample_weight=sample_weight), model.predict_proba(vx), vy, classes, converged)
     return row, LinearSolution(model.coef_.copy(), model.intercept_.copy(), int(model.n_iter_[0]), converged)
+
+
+def soft_rows(x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft targets as weighted hard rows: each image once per class of non-zero probability,
+    weighted by it. The weighted log loss is then the cross-entropy against the soft targets."""
+    rows, classes = np.nonzero(np.asarray(targets) > 0)
+    return x[rows], classes.astype(np.int64), np.asarray(targets, np.float64)[rows, classes]
 
 
 PATH_PATIENCE = 3  # coarse steps (about a decade each) without a better validation score: the path stops
@@ -128,6 +135,7 @@ class LogRegHead(Head):
 
     kind = "logreg"
     HISTORY_AXIS = "C"
+    SOFT_TARGETS = True  # in memory: each image once per class, weighted by its probability (soft_rows)
     RULES = {
         "max_iter": (lambda v: v >= 1, "a positive integer"),
         "tol": (lambda v: 0 < v < math.inf, "a positive number"),
@@ -197,6 +205,10 @@ class LogRegHead(Head):
         x = scaler.transform(train.matrix).astype(np.float32)
         vx = scaler.transform(validation.matrix).astype(np.float32)
         score = (x, train.labels, vx, validation.labels, len(self.class_names))
+        weight = None
+        if getattr(train, "targets", None) is not None:  # cross-entropy against soft targets: each image once
+            x, y, weight = soft_rows(x, train.targets)  # per class, weighted by its probability
+            score = (x, y, vx, validation.labels, len(self.class_names))
         settings = (self._sklearn_class_weight(), self.params["max_iter"], self.params["tol"])
         grid = sorted(self.grid)
         if self._walks_the_path():
@@ -207,7 +219,8 @@ class LogRegHead(Head):
 
             def fit_at(i: int, warm: int | None) -> dict[str, float]:
                 row, solutions[grid[i]] = _score_one_c(*score, grid[i], *settings,
-                                                       start=None if warm is None else solutions[grid[warm]])
+                                                       start=None if warm is None else solutions[grid[warm]],
+                                                       sample_weight=weight)
                 rows.append(row)
                 bar.update()
                 return row
@@ -217,7 +230,7 @@ class LogRegHead(Head):
         else:
             # The largest C first: those fits take the most iterations, so the progress bar's estimate
             # of the time left is an upper bound from the start instead of growing at the end.
-            jobs = (delayed(_score_one_c)(*score, C, *settings) for C in grid[::-1])
+            jobs = (delayed(_score_one_c)(*score, C, *settings, sample_weight=weight) for C in grid[::-1])
             results = parallel(self.params["n_jobs"], return_as="generator")(jobs)
             fitted = list(tqdm(results, total=len(grid), desc=f"C search ({len(grid)} fits, largest C first)",
                                unit="fit", disable=not progress, file=sys.stderr))
@@ -235,6 +248,8 @@ class LogRegHead(Head):
 
         from pipeline.heads.linear import fit_logistic
 
+        if getattr(train, "targets", None) is not None:
+            raise PipelineError("soft targets are fitted in memory: raise --memory-budget (or drop --stream)")
         scaler = StandardScaler()
         for vectors, _ in train.chunks():
             scaler.partial_fit(vectors)

@@ -79,6 +79,11 @@ class Run(RunRecord):
             raise PipelineError(
                 f"{store.directory} holds features of another fingerprint than run {self.name} was trained on "
                 f"({f.backbone} {f.image_size} px, {f.precision}): use that cache, or train a new head")
+        labelling = self.config.get("labelling")
+        if isinstance(labelling, dict) and labelling.get("file"):  # trained on a labels table: read it through its copy
+            from pipeline.labelling import recorded_labelling
+
+            store = recorded_labelling(self.directory, store, labelling)
         if store.class_names != self.trained_class_names:
             raise PipelineError(f"{store.directory} now has classes {store.class_names}, run {self.name} was trained "
                                 f"on {self.trained_class_names}: train a new head")

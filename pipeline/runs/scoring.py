@@ -43,6 +43,9 @@ def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: 
     for split, data in splits.items():
         proba = predict(split)
         metrics[split] = report.split_metrics(data.labels, proba, class_names)
+        targets = getattr(data, "targets", None)
+        if targets is not None:  # soft targets: the scores against them beside the hard ones
+            metrics[split]["soft"] = report.soft_metrics(targets, proba)
         if ordered:
             metrics[split]["ordinal"] = ordinal_metrics(data.labels, proba, class_names)
         if split == report_split and len(data):

@@ -28,6 +28,7 @@ from pipeline.cache.reader import FeatureView, SplitData, load_fused_splits, loa
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, make_head
+from pipeline.labelling import LabelSpec, labelling_from_table
 from pipeline.runs import REPORTED_SPLIT, Run, RunSummary, score_splits
 
 
@@ -46,6 +47,7 @@ class TrainOptions:
     memory_budget: int | None = None  # bytes; default a quarter of physical memory
     stream: bool = False
     exclude: Path | None = None  # images left out of training: a suspects.csv, or paths or ids one a line
+    labels: LabelSpec | None = None  # a labels table (pipeline/labelling); default the cache's own labels
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -73,14 +75,17 @@ def _dataset_name(store: FeatureStore) -> str:
 
 
 def default_run_name(kind: str, stores: Sequence[FeatureStore], views: Sequence[FeatureView],
-                     params: Mapping[str, Any], seed: int) -> str:
+                     params: Mapping[str, Any], seed: int, labels: str | None = None) -> str:
     """Readable and unique per configuration: the same command replaces its own run. Fused
-    features are named by their backbones joined with +."""
+    features are named by their backbones joined with +; a labels table's digest (`labels`) enters
+    the key, so runs of two labellings stand side by side."""
     parts = [[store.fingerprint.digest(), str(store.directory.resolve()), view.as_dict()]
              for store, view in zip(stores, views)]
     # one cache: the key as before fusion existed, so the same command keeps its run's name
     key = json.dumps([*parts[0], dict(params), seed] if len(parts) == 1 else [*parts, dict(params), seed],
                      sort_keys=True, default=str)
+    if labels is not None:
+        key += labels
     digest = hashlib.sha256(key.encode()).hexdigest()[:6]
     fingerprint, view = stores[0].fingerprint, views[0]
     # the layers read enter the name unless they are the backbone's default (given to extract or
@@ -148,7 +153,8 @@ def read_exclusions(path: Path, data_root: str | None = None) -> Exclusions:
 
     lines = text.splitlines()
     found = Exclusions([], [], {}, 0)
-    if lines and lines[0].split(",")[:2] == ["path", "split"]:  # suspects.csv, duplicates-like tables
+    header = next(csv.reader(lines[:1]), []) if lines else []
+    if "path" in header and ("split" in header or "id" in header):  # suspects.csv, a labels table
         for row in csv.DictReader(lines):
             found.entries += 1
             name, digest = relative(row.get("path") or ""), (row.get("id") or "").strip()
@@ -218,6 +224,13 @@ def check_every_class_trained(labels: np.ndarray, class_names: Sequence[str], wh
 def train_head(options: TrainOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     stores, views = open_features(options.features, options.cache_root, options.layers, options.pooling)
+    labelling = None
+    if options.labels is not None and options.labels.given:
+        labellings = [labelling_from_table(s, options.labels) for s in stores]
+        stores, labelling = [one.apply() for one in labellings], labellings[0]
+        if options.progress:
+            for note in labelling.notes:
+                print(f"note: {note}", file=sys.stderr, flush=True)
     store, view = stores[0], views[0]
     params = dict(options.head_params)
     if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
@@ -226,7 +239,8 @@ def train_head(options: TrainOptions) -> RunSummary:
     trained_labels = store.split_indexes()["train"].labels
     if len(np.unique(trained_labels)) >= 2:  # one class only: load_splits says so
         check_every_class_trained(trained_labels, store.class_names)
-    name = runs.check_run_name(options.name or default_run_name(head.kind, stores, views, head.params, options.seed))
+    name = runs.check_run_name(options.name or default_run_name(head.kind, stores, views, head.params, options.seed,
+                                                                      labelling and labelling.digest()))
     if len(stores) > 1:
         splits = load_fused_splits(stores, views, options.memory_budget)
     else:
@@ -258,6 +272,8 @@ def train_head(options: TrainOptions) -> RunSummary:
     }
     if excluded is not None:
         config["excluded"] = excluded
+    if labelling is not None:
+        config["labelling"] = labelling.record()
     if len(stores) > 1:  # every cache, the first included, with the head's view of it, in input order
         config["fusion"] = [{"features": _features_record(s), "view": v.as_dict()} for s, v in zip(stores, views)]
     # what the head reads, in its input order: checked against config.json's parts whenever it is loaded
@@ -265,6 +281,8 @@ def train_head(options: TrainOptions) -> RunSummary:
                          for s, v in zip(stores, views)]
     with runs.create(options.models, name, "head") as run:
         head.save(run.directory)
+        if labelling is not None:
+            labelling.write(run.directory)
         config = run.write_config(config, store.class_names, store.split_indexes())
         run.write_history(head.history_, head.HISTORY_AXIS)
         run.score(lambda split: head.predict_proba(splits[split]), splits, store.class_names, name,

@@ -1,0 +1,447 @@
+"""A labelling: the labels and splits of a cache's images, kept apart from their features.
+
+The cache holds what the backbone saw (features, content id, path). Labels, splits and groups
+are a table joined to it on the path (or the content id where the table gives one), so changing
+them never touches the backbone:
+
+- the *default* labelling is the one the cache carries: the class folders' names and the splits
+  extract gave them (an unlabelled cache, from a flat folder or a table of paths, has none);
+- a *labels table* (`LabelSpec`) relabels the images it names, over the default: a full table
+  relabels every image, an audit's suspects.csv only those it lists. A row with an empty label
+  makes its image unlabelled (not trained on, not scored; still predicted and audited);
+- soft targets (`--target-column`, a probability in [0, 1] of a binary task) replace the default
+  entirely: the images the table does not name are unlabelled.
+
+Splits: a split column's value where the table gives one; else the split the cache gave the image
+(folder layouts); else the stable rule computed from the content id (so a renamed file keeps its
+split), stratified by class, or from the group where a group column is given (a group's images
+never straddle two splits).
+
+A run records its labelling (labelling.csv, every labelled image with its id, label or target,
+split and group; its digest in config.json), so evaluate and finetune read the labels the run was
+trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import atomic, tables
+from pipeline.cache.store import SPLITS, UNLABELLED, FeatureStore, SplitIndex
+from pipeline.data.dataset import SPLIT_FOLDERS, SplitConfig, assign_splits, split_position
+from pipeline.data.table import Table
+from pipeline.errors import PipelineError
+
+MISSING = ("error", "skip")
+SOFT_CLASSES = ["0", "1"]  # a soft target is the probability of class "1"
+LABELLING_FILE = "labelling.csv"  # a run's copy of its labelling
+EXAMPLES = 3  # paths named in a message
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Where a stage's labels come from: a table (a CSV, TSV or Parquet path, or a dataframe) and
+    which of its columns say what. Without a table, the cache's own labels (its class folders).
+
+    `path`: the column of image paths (relative to the table's folder or the data folder, or
+    absolute); `label`: one class per row (default: the column `label` where the table has one);
+    `target`: a soft target instead, the probability of class "1"; `split`: train / validation
+    (val) / test per row; `group`: images of one group are kept in one split; `missing`: what to
+    do with table rows that name no image of the cache ("error", or "skip" them)."""
+
+    table: Any = None
+    path: str = "path"
+    label: str | None = None
+    target: str | None = None
+    split: str | None = None
+    group: str | None = None
+    missing: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.missing not in MISSING:
+            raise PipelineError(f"--missing {self.missing!r}: choose {' or '.join(MISSING)}")
+        if self.label is not None and self.target is not None:
+            raise PipelineError("--label-column and --target-column: give one (a class per image, or a soft target)")
+        named = {"--label-column": self.label, "--target-column": self.target, "--split-column": self.split,
+                 "--group-column": self.group}
+        if self.table is None:
+            given = [flag for flag, value in named.items() if value is not None]
+            if given or self.missing != "error":
+                raise PipelineError(f"{given[0] if given else '--missing'} reads a labels table: add --labels TABLE")
+        for flag, value in {**named, "--path-column": self.path}.items():
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise PipelineError(f"{flag} takes a column name, not {value!r}")
+
+    @property
+    def given(self) -> bool:
+        return self.table is not None
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records of where its labels came from."""
+        source = "a dataframe" if self.table is not None and not isinstance(self.table, str | Path) else \
+            str(Path(self.table).resolve()) if self.table is not None else None
+        return {"table": source, "path_column": self.path, "label_column": self.label,
+                "target_column": self.target, "split_column": self.split, "group_column": self.group,
+                "missing": self.missing}
+
+
+@dataclass
+class Labelling:
+    """The labels of one cache's rows (in the cache's row order, pipeline/cache/store.CacheRows):
+    class index or UNLABELLED, soft targets where the task is "soft", split and group."""
+
+    store: FeatureStore
+    class_names: list[str]
+    task: str  # "classes" or "soft"
+    labels: np.ndarray
+    splits: list[str | None]
+    groups: list[str | None]
+    targets: np.ndarray | None = None  # (rows, classes) probabilities, soft task only
+    source: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def soft(self) -> bool:
+        return self.task == "soft"
+
+    def split_indexes(self) -> dict[str, SplitIndex]:
+        rows = self.store.rows_index()
+        indexes = {}
+        chosen_split = np.asarray(self.splits, dtype=object)
+        for split in SPLITS:
+            chosen = np.flatnonzero((self.labels != UNLABELLED) & (chosen_split == split))
+            indexes[split] = SplitIndex(self.labels[chosen], [rows.paths[i] for i in chosen], rows.locations[chosen],
+                                        [rows.sha256[i] for i in chosen],
+                                        None if self.targets is None else self.targets[chosen])
+        return indexes
+
+    def apply(self) -> FeatureStore:
+        """The cache seen through this labelling (its shards untouched)."""
+        return self.store.relabelled(self.class_names, self.split_indexes(), self)
+
+    def canonical_rows(self) -> list[list[str]]:
+        """Every labelled image as labelling.csv keeps it, sorted by path."""
+        rows = self.store.rows_index()
+        out = []
+        for i in np.flatnonzero(self.labels != UNLABELLED):
+            value = f"{self.targets[i, 1]:.9g}" if self.soft else self.class_names[self.labels[i]]
+            out.append([rows.paths[i], rows.sha256[i], value, self.splits[i] or "", self.groups[i] or ""])
+        return sorted(out)
+
+    def header(self) -> list[str]:
+        return ["path", "id", "target" if self.soft else "label", "split", "group"]
+
+    def digest(self) -> str:
+        """sha256 of the labelling as labelling.csv keeps it: two runs with the same digest were
+        trained, validated and tested on the same labels."""
+        digest = hashlib.sha256("\x1f".join(self.header()).encode())
+        for row in self.canonical_rows():
+            digest.update(("\x1e" + "\x1f".join(row)).encode())
+        return digest.hexdigest()
+
+    def write(self, directory: Path) -> None:
+        """labelling.csv in `directory` (a run): read back by `recorded_labelling`."""
+        with atomic.replacing(Path(directory) / LABELLING_FILE) as temporary, \
+                open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = tables.writer(handle)
+            writer.writerow(self.header())
+            writer.writerows(self.canonical_rows())
+
+    def record(self) -> dict[str, Any]:
+        """What config.json keeps of the labelling."""
+        return {"digest": self.digest(), "task": self.task, "classes": self.class_names, "counts": self.counts,
+                **({"file": LABELLING_FILE} if self.source.get("table") else {}), "source": self.source}
+
+
+# --- building a labelling ---------------------------------------------------------------------------
+
+
+def default_labelling(store: FeatureStore) -> Labelling:
+    """The labels a cache carries: its class folders and the splits extract gave them."""
+    rows = store.rows_index()
+    labelled = rows.labels != UNLABELLED
+    return Labelling(store, list(store.class_names), "classes", rows.labels.copy(),
+                     [s if ok else None for s, ok in zip(rows.splits, labelled)], [None] * len(rows),
+                     source={"table": None}, counts=_counts(rows.labels, rows.splits))
+
+
+def label_cache(store: FeatureStore, spec: LabelSpec | None, over_default: bool = True) -> FeatureStore:
+    """`store` seen through the labels `spec` names (the store itself where no table is given)."""
+    if spec is None or not spec.given:
+        return store
+    return labelling_from_table(store, spec, over_default).apply()
+
+
+def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: bool = True) -> Labelling:
+    """The labelling of `store` that `spec`'s table gives, over the cache's own labels where
+    `over_default` (a run's recorded labelling is complete: it is read with over_default=False)."""
+    table = Table(spec.table)
+    rows = store.rows_index()
+    soft = spec.target is not None
+    path_column = table.require(spec.path, "--path-column") if spec.path in table.columns or "id" not in \
+        table.columns else None
+    id_column = "id" if "id" in table.columns else None
+    label_column = spec.target or spec.label or ("label" if "label" in table.columns else None)
+    if label_column is None:
+        shown = ", ".join(table.columns[:20])
+        raise PipelineError(f"{table} has no column 'label' (its columns: {shown}): name the column of classes with "
+                            "--label-column, or of soft targets with --target-column")
+    table.require(label_column, "--target-column" if soft else "--label-column")
+    for column, flag in ((spec.split, "--split-column"), (spec.group, "--group-column")):
+        if column is not None:
+            table.require(column, flag)
+    base = over_default and not soft and bool(store.class_names)
+    names: list[str | None] = [store.class_names[label] if base and label != UNLABELLED else None
+                               for label in rows.labels]
+    values: list[float | None] = [None] * len(rows)
+    splits: list[str | None] = [split if base and label != UNLABELLED else None
+                                for split, label in zip(rows.splits, rows.labels)]
+    groups: list[str | None] = [None] * len(rows)
+    resolver = _PathResolver(store, table)
+    set_by: dict[int, tuple[Any, int]] = {}  # row -> (label value, table row)
+    missing: list[str] = []
+    seen_label = False
+    columns = [c for c in (path_column, id_column, label_column, spec.split, spec.group) if c is not None]
+    at = {c: k for k, c in enumerate(columns)}
+    for number, cells in table.rows(columns):
+        name = cells[at[path_column]] if path_column else None
+        digest = cells[at[id_column]] if id_column else None
+        targets = resolver.rows(name, digest)
+        if not targets:
+            if name is not None or digest is not None:
+                missing.append(str(name if name is not None else digest))
+            continue
+        value = cells[at[label_column]]
+        if soft:
+            value = _probability(value, table, number, label_column)
+        else:
+            value = _class_name(value, table, number, label_column)
+        seen_label = seen_label or value is not None
+        split = _split_value(cells[at[spec.split]], table, number, spec.split) if spec.split else None
+        group = _text(cells[at[spec.group]]) if spec.group else None
+        for row in targets:
+            earlier = set_by.get(row)
+            if earlier is not None and earlier[0] != value:
+                raise PipelineError(f"{table} gives {rows.paths[row]} two labels ({earlier[0]!r} on row {earlier[1]}, "
+                                    f"{value!r} on row {number}): keep one row per image")
+            set_by[row] = (value, number)
+            if soft:
+                values[row] = value
+                names[row] = None
+            else:
+                names[row] = value
+            if split is not None:
+                splits[row] = split
+            elif not base or rows.labels[row] == UNLABELLED:
+                splits[row] = None
+            if spec.group:
+                groups[row] = group
+    if missing and spec.missing == "error":
+        raise PipelineError(f"{len(missing)} row(s) of {table} name no image of the cache {store.directory} (e.g. "
+                            f"{', '.join(missing[:EXAMPLES])}): paths are relative to the table's folder or the data "
+                            f"folder {store.data_root}, or absolute; extract those images first, fix the paths, or "
+                            "pass --missing skip")
+    if not set_by:
+        raise PipelineError(f"no row of {table} names an image of the cache {store.directory} (e.g. "
+                            f"{', '.join(missing[:EXAMPLES]) or 'the table is empty'}): paths are relative to the "
+                            f"table's folder or the data folder {store.data_root}, or absolute")
+    if not seen_label:
+        raise PipelineError(f"column {label_column!r} of {table} is empty: every row's label is missing")
+    if soft:
+        class_names = list(SOFT_CLASSES)
+        probability = np.array([np.nan if v is None else v for v in values], np.float64)
+        labels = np.where(np.isnan(probability), UNLABELLED, (probability >= 0.5).astype(np.int32)).astype(np.int32)
+        targets_matrix = np.stack([1 - probability, probability], axis=1)
+        targets_matrix[np.isnan(probability)] = 0.0
+    else:
+        class_names = sorted({n for n in names if n is not None})
+        index = {n: k for k, n in enumerate(class_names)}
+        labels = np.array([UNLABELLED if n is None else index[n] for n in names], np.int32)
+        targets_matrix = None
+    if len(class_names) < 2:
+        raise PipelineError(f"{table} labels its images with one class only ({class_names[0]!r}): a classifier needs "
+                            "at least two")
+    notes: list[str] = []
+    final_splits = _complete_splits(labels, splits, groups, rows.sha256, table, spec)
+    source = spec.describe()
+    if missing:
+        notes.append(f"{len(missing)} row(s) of {table} name no image of the cache and were skipped (--missing skip), "
+                     f"e.g. {', '.join(missing[:EXAMPLES])}")
+    counts = _counts(labels, final_splits) | {"from_table": len(set_by), "missing_skipped": len(missing)}
+    if base:
+        counts["from_cache"] = int(np.sum(labels != UNLABELLED)) - sum(1 for r in set_by if labels[r] != UNLABELLED)
+    labelling = Labelling(store, class_names, "soft" if soft else "classes", labels, final_splits, groups,
+                          targets_matrix, source, counts, notes)
+    return labelling
+
+
+def recorded_labelling(run_directory: Path, store: FeatureStore, recorded: Mapping[str, Any]) -> FeatureStore:
+    """`store` seen through the labelling a run recorded (labelling.csv), checked against its
+    digest: the labels, targets and splits the run was trained, validated and tested on."""
+    path = Path(run_directory) / LABELLING_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: the run was trained on a labels table and keeps its copy there; "
+                            "restore it, or train the run again")
+    soft = recorded.get("task") == "soft"
+    spec = LabelSpec(path, path="path", label=None if soft else "label", target="target" if soft else None,
+                     split="split", group="group")
+    labelling = labelling_from_table(store, spec, over_default=False)
+    if labelling.digest() != recorded.get("digest"):
+        raise PipelineError(f"{path} does not hold the labels the run was trained on (its digest differs from "
+                            "config.json's): restore it, or train the run again")
+    return labelling.apply()
+
+
+# --- the parts --------------------------------------------------------------------------------------
+
+
+class _PathResolver:
+    """Table cells to cache rows: a path as the cache keeps it (relative to the data folder), a
+    path relative to the table's folder or absolute under the data folder; an id (content sha256)
+    where the path names nothing."""
+
+    def __init__(self, store: FeatureStore, table: Table) -> None:
+        rows = store.rows_index()
+        self.by_path: dict[str, list[int]] = {}
+        for i, name in enumerate(rows.paths):
+            self.by_path.setdefault(name, []).append(i)
+        self.by_id: dict[str, list[int]] = {}
+        for i, digest in enumerate(rows.sha256):
+            self.by_id.setdefault(digest, []).append(i)
+        self.root = Path(store.data_root).resolve() if store.data_root else None
+        self.folder = table.folder
+
+    def rows(self, name: Any, digest: Any) -> list[int]:
+        if name is not None:
+            found = self._by_name(str(name))
+            if found:
+                return found
+        if digest is not None:
+            return self.by_id.get(str(digest).lower(), [])
+        return []
+
+    def _by_name(self, name: str) -> list[int]:
+        name = name.replace("\\", "/") if "\\" in name and "/" not in name else name
+        found = self.by_path.get(name.removeprefix("./"))
+        if found or self.root is None:
+            return found or []
+        candidates = [Path(name)] if Path(name).is_absolute() else \
+            ([self.folder / name] if self.folder is not None else [])
+        for candidate in candidates:
+            with contextlib.suppress(ValueError, OSError):
+                relative = Path(_normal(candidate)).relative_to(self.root).as_posix()
+                if relative in self.by_path:
+                    return self.by_path[relative]
+        return []
+
+
+def _normal(path: Path) -> str:
+    import os
+
+    return os.path.normpath(str(path))
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _class_name(value: Any, table: Table, number: int, column: str) -> str | None:
+    """A class name from a cell: text as given, whole numbers without ".0"; no control characters."""
+    name = _text(value)
+    if name is None:
+        return None
+    if any(unicodedata.category(c) == "Cc" for c in name) or "".join(name.splitlines()) != name:
+        raise PipelineError(f"{table} row {number}: the label {name[:40]!r} in column {column!r} holds a line break or "
+                            "a control character: class names are written one per line")
+    return name
+
+
+def _probability(value: Any, table: Table, number: int, column: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{table} row {number}: {value!r} in column {column!r} is not a number: a soft target is "
+                            "a probability from 0 to 1") from None
+    if not 0.0 <= p <= 1.0:  # NaN fails too
+        raise PipelineError(f"{table} row {number}: {value!r} in column {column!r} is outside [0, 1]: a soft target is "
+                            "a probability from 0 to 1")
+    return p
+
+
+def _split_value(value: Any, table: Table, number: int, column: str) -> str | None:
+    text = _text(value)
+    if text is None:
+        return None
+    split = SPLIT_FOLDERS.get(text.lower())
+    if split is None:
+        raise PipelineError(f"{table} row {number}: split {text!r} in column {column!r} is not one of train, "
+                            "validation (or val), test: fix it, or leave the cell empty for the stable rule")
+    return split
+
+
+def _complete_splits(labels: np.ndarray, splits: Sequence[str | None], groups: Sequence[str | None],
+                     ids: Sequence[str], table: Table, spec: LabelSpec) -> list[str | None]:
+    """Every labelled image's split: as given, else by the stable rule (content id or group)."""
+    final = list(splits)
+    config = SplitConfig()
+    labelled = labels != UNLABELLED
+    if spec.group is not None:
+        by_group: dict[str, str] = {}
+        for i in np.flatnonzero(labelled):
+            group = groups[i]
+            if group is not None and final[i] is not None:
+                earlier = by_group.setdefault(group, final[i])
+                if earlier != final[i]:
+                    raise PipelineError(f"group {group!r} (column {spec.group!r} of {table}) has images in {earlier} "
+                                        f"and in {final[i]}: a group's images are kept in one split; fix the split "
+                                        "column")
+        for i in np.flatnonzero(labelled):
+            if final[i] is None:
+                key = groups[i] if groups[i] is not None else ids[i]
+                final[i] = by_group.get(key) or _by_position(split_position(key, config.seed), config)
+                if groups[i] is not None:
+                    by_group[groups[i]] = final[i]
+    else:
+        for label in np.unique(labels[labelled]):
+            members = np.flatnonzero(labels == label)
+            open_ = [i for i in members if final[i] is None]
+            if not open_:
+                continue
+            kept = [final[i] for i in members]
+            chosen = assign_splits([ids[i] for i in members], config, kept)
+            for i, split in zip(members, chosen):
+                final[i] = split
+    present = {final[i] for i in np.flatnonzero(labelled)}
+    for split in ("train", "validation"):
+        if split not in present:
+            why = "the groups fall" if spec.group is not None else "the labelled images fall"
+            raise PipelineError(f"the {split} split is empty: {why} in other splits; label more images or groups, "
+                                f"or give a split column (--split-column)")
+    return [s if ok else None for s, ok in zip(final, labelled)]
+
+
+def _by_position(position: float, config: SplitConfig) -> str:
+    test_cut = config.test_fraction
+    return "test" if position < test_cut else "validation" if position < test_cut + config.validation_fraction \
+        else "train"
+
+
+def _counts(labels: np.ndarray, splits: Sequence[str | None]) -> dict[str, int]:
+    labelled = labels != UNLABELLED
+    counts = {split: int(sum(1 for s, ok in zip(splits, labelled) if ok and s == split)) for split in SPLITS}
+    return counts | {"unlabelled": int(np.sum(~labelled))}
