@@ -235,7 +235,7 @@ class _Extraction:
     def run(self) -> ExtractSummary:
         started = time.perf_counter()
         data, cache_root = Path(self.options.data).resolve(), Path(self.options.cache_root).resolve()
-        if cache_root == data or data in cache_root.parents:
+        if self.options.images is None and (cache_root == data or data in cache_root.parents):
             raise PipelineError(f"--cache {self.options.cache_root} is inside the data folder {self.options.data}: "
                                 "the next scan would take it for a class folder; put the cache elsewhere "
                                 "(default features/)")
