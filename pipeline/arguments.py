@@ -64,10 +64,26 @@ def _is_sources(value: Any) -> bool:
     return isinstance(value, list | tuple) and len(value) > 0 and all(_is_source(v) for v in value)
 
 
+def _is_dataframe(value: Any) -> bool:
+    from pipeline.data.table import is_dataframe
+
+    return is_dataframe(value) and not isinstance(value, bytes | dict)
+
+
+def _is_table(value: Any) -> bool:
+    """A table as the API takes it: a path to a CSV, TSV or Parquet file, or a dataframe."""
+    return _is_path(value) or _is_dataframe(value)
+
+
 INPUTS: dict[str, tuple[Callable[[Any], bool], str]] = {  # main inputs annotated Any, by parameter name
     "features": (_is_sources, "a cache (what extract returned, its directory or its name), a non-empty list of "
                               "them, or None for the latest"),
     "run": (_is_source, "a run (what train_head returned, its directory, or \"best\")"),
+    "data": (_is_table, "an image folder, or a table of image paths (a CSV, TSV or Parquet file, or a dataframe)"),
+    "labels": (lambda v: v is None or _is_table(v), "a labels table (a CSV, TSV or Parquet file, or a dataframe)"),
+    # extract's table of images, or predict's images (which image_targets checks further)
+    "images": (lambda v: v is None or _is_table(v) or (not isinstance(v, bytes | dict) and hasattr(v, "__iter__")),
+               "a table of image paths, or paths of images"),
 }
 
 
