@@ -194,7 +194,7 @@ def test_train_head_on_a_table_records_its_labelling_and_evaluate_reads_it_back(
     assert folder_run.name != run.name  # two labellings, two runs side by side
     # a labelling.csv edited after training is not the run's: refused, not read
     text = (run.directory / "labelling.csv").read_text()
-    (run.directory / "labelling.csv").write_text(text.replace(",x,", ",y,", 1))
+    (run.directory / "labelling.csv").write_text(text.replace(",x\n", ",y\n", 1))
     with pytest.raises(PipelineError, match="does not hold the labels the run was trained on"):
         pipeline.evaluate(run)
 

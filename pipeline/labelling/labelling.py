@@ -64,19 +64,38 @@ class LabelSpec:
     split: str | None = None
     group: str | None = None
     missing: str = "error"
+    separator: str | None = None  # multi-label: the label column holds several labels, split by this
+    columns: tuple[str, ...] | None = None  # multi-label: one 0/1 column per label
 
     def __post_init__(self) -> None:
         if self.missing not in MISSING:
             raise PipelineError(f"--missing {self.missing!r}: choose {' or '.join(MISSING)}")
-        if self.label is not None and self.target is not None:
-            raise PipelineError("--label-column and --target-column: give one (a class per image, or a soft target)")
+        if isinstance(self.columns, str):
+            object.__setattr__(self, "columns", tuple(c.strip() for c in self.columns.split(",") if c.strip()))
+        elif self.columns is not None:
+            object.__setattr__(self, "columns", tuple(self.columns))
+        kinds = [flag for flag, value in (("--label-column", self.label), ("--target-column", self.target),
+                                          ("--label-columns", self.columns)) if value is not None]
+        if len(kinds) > 1:
+            raise PipelineError(f"{' and '.join(kinds)}: give one (a class per image, a soft target, or 0/1 columns "
+                                "of labels)")
+        if self.columns is not None and (len(self.columns) < 2 or len(set(self.columns)) != len(self.columns)):
+            raise PipelineError(f"--label-columns {','.join(self.columns)}: name two or more distinct columns, "
+                                "one 0/1 column per label")
+        if self.separator is not None and (not isinstance(self.separator, str) or not self.separator
+                                           or self.separator.strip() != self.separator):
+            raise PipelineError(f"--label-separator {self.separator!r}: a character (or string) between labels, e.g. ;")
+        if self.separator is not None and (self.target is not None or self.columns is not None):
+            raise PipelineError("--label-separator splits the labels of --label-column: drop --target-column and "
+                                "--label-columns")
         named = {"--label-column": self.label, "--target-column": self.target, "--split-column": self.split,
-                 "--group-column": self.group}
+                 "--group-column": self.group, "--label-separator": self.separator,
+                 "--label-columns": ",".join(self.columns) if self.columns else None}
         if self.table is None:
             given = [flag for flag, value in named.items() if value is not None]
             if given or self.missing != "error":
                 raise PipelineError(f"{given[0] if given else '--missing'} reads a labels table: add --labels TABLE")
-        for flag, value in {**named, "--path-column": self.path}.items():
+        for flag, value in {**named, "--path-column": self.path, "--label-separator": None}.items():
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise PipelineError(f"{flag} takes a column name, not {value!r}")
 
@@ -84,13 +103,18 @@ class LabelSpec:
     def given(self) -> bool:
         return self.table is not None
 
+    @property
+    def multilabel(self) -> bool:
+        return self.separator is not None or self.columns is not None
+
     def describe(self) -> dict[str, Any]:
         """What a run records of where its labels came from."""
         source = "a dataframe" if self.table is not None and not isinstance(self.table, str | Path) else \
             str(Path(self.table).resolve()) if self.table is not None else None
         return {"table": source, "path_column": self.path, "label_column": self.label,
                 "target_column": self.target, "split_column": self.split, "group_column": self.group,
-                "missing": self.missing}
+                "missing": self.missing, "label_separator": self.separator,
+                "label_columns": list(self.columns) if self.columns else None}
 
 
 @dataclass
@@ -128,17 +152,27 @@ class Labelling:
         """The cache seen through this labelling (its shards untouched)."""
         return self.store.relabelled(self.class_names, self.split_indexes(), self)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
     def canonical_rows(self) -> list[list[str]]:
         """Every labelled image as labelling.csv keeps it, sorted by path."""
         rows = self.store.rows_index()
         out = []
         for i in np.flatnonzero(self.labels != UNLABELLED):
-            value = f"{self.targets[i, 1]:.9g}" if self.soft else self.class_names[self.labels[i]]
-            out.append([rows.paths[i], rows.sha256[i], value, self.splits[i] or "", self.groups[i] or ""])
+            if self.multilabel:
+                values = [str(int(v)) for v in self.targets[i]]
+            else:
+                values = [f"{self.targets[i, 1]:.9g}" if self.soft else self.class_names[self.labels[i]]]
+            out.append([rows.paths[i], rows.sha256[i], self.splits[i] or "", self.groups[i] or "", *values])
         return sorted(out)
 
     def header(self) -> list[str]:
-        return ["path", "id", "target" if self.soft else "label", "split", "group"]
+        """path, id, split, group, then the label (`label`), the soft target (`target`), or one 0/1
+        column per label (multi-label)."""
+        return ["path", "id", "split", "group",
+                *(self.class_names if self.multilabel else ["target" if self.soft else "label"])]
 
     def digest(self) -> str:
         """sha256 of the labelling as labelling.csv keeps it: two runs with the same digest were
@@ -186,31 +220,33 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
     `over_default` (a run's recorded labelling is complete: it is read with over_default=False)."""
     table = Table(spec.table)
     rows = store.rows_index()
-    soft = spec.target is not None
+    soft, multilabel = spec.target is not None, spec.multilabel
     path_column = table.require(spec.path, "--path-column") if spec.path in table.columns or "id" not in \
         table.columns else None
     id_column = "id" if "id" in table.columns else None
-    label_column = spec.target or spec.label or ("label" if "label" in table.columns else None)
-    if label_column is None:
-        shown = ", ".join(table.columns[:20])
-        raise PipelineError(f"{table} has no column 'label' (its columns: {shown}): name the column of classes with "
-                            "--label-column, or of soft targets with --target-column")
-    table.require(label_column, "--target-column" if soft else "--label-column")
+    if spec.columns is not None:
+        label_columns = [table.require(column, "--label-columns") for column in spec.columns]
+    else:
+        label_column = spec.target or spec.label or ("label" if "label" in table.columns else None)
+        if label_column is None:
+            shown = ", ".join(table.columns[:20])
+            raise PipelineError(f"{table} has no column 'label' (its columns: {shown}): name the column of classes "
+                                "with --label-column, of soft targets with --target-column, or 0/1 columns of labels "
+                                "with --label-columns")
+        label_columns = [table.require(label_column, "--target-column" if soft else "--label-column")]
     for column, flag in ((spec.split, "--split-column"), (spec.group, "--group-column")):
         if column is not None:
             table.require(column, flag)
-    base = over_default and not soft and bool(store.class_names)
-    names: list[str | None] = [store.class_names[label] if base and label != UNLABELLED else None
-                               for label in rows.labels]
-    values: list[float | None] = [None] * len(rows)
+    base = over_default and not soft and not multilabel and bool(store.class_names)
+    values: list[Any] = [store.class_names[label] if base and label != UNLABELLED else None for label in rows.labels]
     splits: list[str | None] = [split if base and label != UNLABELLED else None
                                 for split, label in zip(rows.splits, rows.labels)]
     groups: list[str | None] = [None] * len(rows)
     resolver = _PathResolver(store, table)
     set_by: dict[int, tuple[Any, int]] = {}  # row -> (label value, table row)
     missing: list[str] = []
-    seen_label = False
-    columns = [c for c in (path_column, id_column, label_column, spec.split, spec.group) if c is not None]
+    seen_label = separated = False
+    columns = [c for c in (path_column, id_column, *label_columns, spec.split, spec.group) if c is not None]
     at = {c: k for k, c in enumerate(columns)}
     for number, cells in table.rows(columns):
         name = cells[at[path_column]] if path_column else None
@@ -220,11 +256,15 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
             if name is not None or digest is not None:
                 missing.append(str(name if name is not None else digest))
             continue
-        value = cells[at[label_column]]
-        if soft:
-            value = _probability(value, table, number, label_column)
+        if spec.columns is not None:
+            value = _flags(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
+        elif soft:
+            value = _probability(cells[at[label_columns[0]]], table, number, label_columns[0])
         else:
-            value = _class_name(value, table, number, label_column)
+            value = _class_name(cells[at[label_columns[0]]], table, number, label_columns[0])
+            if spec.separator is not None and value is not None:
+                separated = separated or spec.separator in value
+                value = tuple(sorted({part.strip() for part in value.split(spec.separator) if part.strip()}))
         seen_label = seen_label or value is not None
         split = _split_value(cells[at[spec.split]], table, number, spec.split) if spec.split else None
         group = _text(cells[at[spec.group]]) if spec.group else None
@@ -234,11 +274,7 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
                 raise PipelineError(f"{table} gives {rows.paths[row]} two labels ({earlier[0]!r} on row {earlier[1]}, "
                                     f"{value!r} on row {number}): keep one row per image")
             set_by[row] = (value, number)
-            if soft:
-                values[row] = value
-                names[row] = None
-            else:
-                names[row] = value
+            values[row] = value
             if split is not None:
                 splits[row] = split
             elif not base or rows.labels[row] == UNLABELLED:
@@ -255,18 +291,41 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
                             f"{', '.join(missing[:EXAMPLES]) or 'the table is empty'}): paths are relative to the "
                             f"table's folder or the data folder {store.data_root}, or absolute")
     if not seen_label:
-        raise PipelineError(f"column {label_column!r} of {table} is empty: every row's label is missing")
+        raise PipelineError(f"column {label_columns[0]!r} of {table} is empty: every row's label is missing")
+    if spec.separator is not None and not separated:
+        raise PipelineError(f"the label separator {spec.separator!r} never occurs in column {label_columns[0]!r} of "
+                            f"{table}: one label per image is --label-column alone")
+    targets_matrix = None
     if soft:
         class_names = list(SOFT_CLASSES)
         probability = np.array([np.nan if v is None else v for v in values], np.float64)
         labels = np.where(np.isnan(probability), UNLABELLED, (probability >= 0.5).astype(np.int32)).astype(np.int32)
         targets_matrix = np.stack([1 - probability, probability], axis=1)
         targets_matrix[np.isnan(probability)] = 0.0
-    else:
-        class_names = sorted({n for n in names if n is not None})
+    elif multilabel:
+        class_names = list(spec.columns) if spec.columns is not None else \
+            sorted({name for v in values if v is not None for name in v})
+        reserved = sorted(set(class_names) & {"path", "id", "split", "group"})
+        if reserved:
+            raise PipelineError(f"{reserved[0]!r} is a label of {table}, and a name labelling.csv keeps for itself: "
+                                "rename the label")
         index = {n: k for k, n in enumerate(class_names)}
-        labels = np.array([UNLABELLED if n is None else index[n] for n in names], np.int32)
-        targets_matrix = None
+        targets_matrix = np.zeros((len(values), len(class_names)), np.float64)
+        for row, value in enumerate(values):
+            for name in value or ():
+                targets_matrix[row, index[name]] = 1.0
+        labelled = np.array([v is not None for v in values])
+        # for the stable split's stratification: the first label of each image's set
+        labels = np.where(labelled, targets_matrix.argmax(axis=1), UNLABELLED).astype(np.int32)
+        for k, name in enumerate(class_names):
+            present = int(targets_matrix[labelled, k].sum())
+            if present == 0 or present == int(labelled.sum()):
+                raise PipelineError(f"label {name!r} is on {'no' if present == 0 else 'every'} labelled image of "
+                                    f"{table}: a label needs images with it and without it")
+    else:
+        class_names = sorted({n for n in values if n is not None})
+        index = {n: k for k, n in enumerate(class_names)}
+        labels = np.array([UNLABELLED if n is None else index[n] for n in values], np.int32)
     if len(class_names) < 2:
         raise PipelineError(f"{table} labels its images with one class only ({class_names[0]!r}): a classifier needs "
                             "at least two")
@@ -279,8 +338,9 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
     counts = _counts(labels, final_splits) | {"from_table": len(set_by), "missing_skipped": len(missing)}
     if base:
         counts["from_cache"] = int(np.sum(labels != UNLABELLED)) - sum(1 for r in set_by if labels[r] != UNLABELLED)
-    labelling = Labelling(store, class_names, "soft" if soft else "classes", labels, final_splits, groups,
-                          targets_matrix, source, counts, notes)
+    task = "soft" if soft else "multilabel" if multilabel else "classes"
+    labelling = Labelling(store, class_names, task, labels, final_splits, groups, targets_matrix, source, counts,
+                          notes)
     return labelling
 
 
@@ -291,9 +351,13 @@ def recorded_labelling(run_directory: Path, store: FeatureStore, recorded: Mappi
     if not path.is_file():
         raise PipelineError(f"{path} is missing: the run was trained on a labels table and keeps its copy there; "
                             "restore it, or train the run again")
-    soft = recorded.get("task") == "soft"
-    spec = LabelSpec(path, path="path", label=None if soft else "label", target="target" if soft else None,
-                     split="split", group="group")
+    task = recorded.get("task")
+    if task == "multilabel":
+        spec = LabelSpec(path, path="path", columns=tuple(recorded.get("classes", ())), split="split", group="group")
+    else:
+        soft = task == "soft"
+        spec = LabelSpec(path, path="path", label=None if soft else "label", target="target" if soft else None,
+                         split="split", group="group")
     labelling = labelling_from_table(store, spec, over_default=False)
     if labelling.digest() != recorded.get("digest"):
         raise PipelineError(f"{path} does not hold the labels the run was trained on (its digest differs from "
@@ -367,6 +431,21 @@ def _class_name(value: Any, table: Table, number: int, column: str) -> str | Non
         raise PipelineError(f"{table} row {number}: the label {name[:40]!r} in column {column!r} holds a line break or "
                             "a control character: class names are written one per line")
     return name
+
+
+def _flags(cells: tuple[Any, ...], table: Table, number: int, columns: Sequence[str]) -> tuple[str, ...] | None:
+    """The labels of one row of 0/1 columns; None (unlabelled) where every cell is empty."""
+    if all(cell is None for cell in cells):
+        return None
+    chosen = []
+    for cell, column in zip(cells, columns):
+        text = "" if cell is None else str(cell).strip().lower()
+        if text in ("1", "1.0", "true", "yes"):
+            chosen.append(column)
+        elif text not in ("0", "0.0", "false", "no"):
+            raise PipelineError(f"{table} row {number}: {cell!r} in column {column!r} is not 0 or 1: a label column "
+                                "says whether the image has that label")
+    return tuple(chosen)
 
 
 def _probability(value: Any, table: Table, number: int, column: str) -> float | None:
