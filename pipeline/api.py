@@ -111,7 +111,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                memory_budget: int | None = None, stream: bool = False, exclude: PathLike | None = None,
                labels: Any = None, label: str | None = None, target: str | None = None,
                split_column: str | None = None, group: str | None = None, path: str = "path",
-               missing: str = "error", assert_accuracy_at_least: float | None = None,
+               missing: str = "error", label_separator: str | None = None, label_columns: Any = None,
+               assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
@@ -150,7 +151,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
             layers=None if layer is None else list(layer), pooling=pooling, seed=seed, head_params=params,
             memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
             exclude=None if exclude is None else Path(exclude), progress=progress,
-            labels=label_spec(labels, label, target, split_column, group, path, missing),
+            labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator,
+                                  label_columns),
         ))
 
     comparison = None
@@ -177,12 +179,15 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
 
 
 def label_spec(labels: Any, label: str | None, target: str | None, split_column: str | None, group: str | None,
-               path: str, missing: str) -> Any:
+               path: str, missing: str, label_separator: str | None = None, label_columns: Any = None) -> Any:
     """Where a stage's labels come from (pipeline/labelling/labelling.LabelSpec): the table `labels`
-    and its columns; None: the cache's own labels (its class folders)."""
+    and its columns (multi-label: `label_separator` between the labels of the label column, or
+    `label_columns`, one 0/1 column a label, a list or "a,b,c"); None: the cache's own labels."""
     from pipeline.labelling import LabelSpec
 
-    spec = LabelSpec(labels, path, label, target, split_column, group, missing)
+    if label_columns is not None and not isinstance(label_columns, str | list | tuple):
+        raise PipelineError(f"--label-columns {label_columns!r}: column names, a list or 'a,b,c'")
+    spec = LabelSpec(labels, path, label, target, split_column, group, missing, label_separator, label_columns)
     return spec if spec.given else None
 
 
@@ -333,7 +338,8 @@ def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,
 def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",
                layer: Sequence[str] | None = None, pooling: str | None = None, labels: Any = None,
                label: str | None = None, target: str | None = None, split_column: str | None = None,
-               group: str | None = None, path: str = "path", missing: str = "error", progress: bool = True) -> Any:
+               group: str | None = None, path: str = "path", missing: str = "error",
+               label_separator: str | None = None, label_columns: Any = None, progress: bool = True) -> Any:
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
     class, label, split and embedding, the cache's fingerprint in the file's metadata; written shard
     by shard; unlabelled images with an empty class. `labels`...: a labels table's classes and
@@ -348,7 +354,8 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
     if len(stores) > 1:
         raise PipelineError("embeddings writes one cache's vectors: name one cache (its rows carry that cache's "
                             "fingerprint)")
-    store = label_cache(stores[0], label_spec(labels, label, target, split_column, group, path, missing))
+    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns)
+    store = label_cache(stores[0], spec)
     return write_embeddings(store, views[0], Path(out), progress)
 
 
@@ -358,7 +365,8 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
           cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
           c_grid: str | None = None, memory_budget: int | None = None, labels: Any = None,
           label: str | None = None, target: str | None = None, split_column: str | None = None,
-          group: str | None = None, path: str = "path", missing: str = "error", progress: bool = True) -> Any:
+          group: str | None = None, path: str = "path", missing: str = "error", label_separator: str | None = None,
+          label_columns: Any = None, progress: bool = True) -> Any:
     """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
     exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or
     several of the same images, fused), into `out` (default models/audit-<cache>). Returns an
@@ -371,7 +379,8 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
         features=features, out=None if out is None else Path(out), models=Path(models), cache_root=Path(cache),
         folds=folds, similarity=similarity, seed=seed, c_grid=c_grid,
         memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress,
-        labels=label_spec(labels, label, target, split_column, group, path, missing)))
+        labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator,
+                                  label_columns)))
     _say(progress, lambda: summaries.audit_text(summary))
     return summary
 

@@ -79,7 +79,8 @@ INPUTS: dict[str, tuple[Callable[[Any], bool], str]] = {  # main inputs annotate
     "features": (_is_sources, "a cache (what extract returned, its directory or its name), a non-empty list of "
                               "them, or None for the latest"),
     "run": (_is_source, "a run (what train_head returned, its directory, or \"best\")"),
-    "data": (lambda v: v is None or _is_table(v), "an image folder, or a table of image paths (a CSV, TSV or Parquet file, or a dataframe)"),
+    "data": (lambda v: v is None or _is_table(v),
+             "an image folder, or a table of image paths (a CSV, TSV or Parquet file, or a dataframe)"),
     "labels": (lambda v: v is None or _is_table(v), "a labels table (a CSV, TSV or Parquet file, or a dataframe)"),
     # extract's table of images, or predict's images (which image_targets checks further)
     "images": (lambda v: v is None or _is_table(v) or (not isinstance(v, bytes | dict) and hasattr(v, "__iter__")),

@@ -96,6 +96,11 @@ def _add_label_flags(command: argparse.ArgumentParser) -> None:
                        help="a soft target instead: the probability (0..1) of class 1 of a binary task, e.g. ELPV's "
                             "defect probability (logreg and dense heads; images the table does not name are "
                             "unlabelled)")
+    group.add_argument("--label-separator", default=None, metavar="SEP",
+                       help="multi-label: the label column holds several labels an image, split by SEP (e.g. ;)")
+    group.add_argument("--label-columns", default=None, metavar="A,B,...",
+                       help="multi-label: one 0/1 column a label (logreg and dense heads: one sigmoid a label, "
+                            "each label's threshold chosen on validation)")
     group.add_argument("--split-column", default=None, metavar="COL",
                        help="train, validation (val) or test per row (default: the cache's split, else a stable "
                             "rule from the content id, stratified by class)")

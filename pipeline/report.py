@@ -101,6 +101,67 @@ def soft_metrics(targets: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
     return figures
 
 
+def multilabel_metrics(targets: np.ndarray, proba: np.ndarray, thresholds: Sequence[float],
+                       class_names: Sequence[str]) -> dict[str, Any]:
+    """Multi-label scores, each label decided at its threshold: exact-match accuracy (every label of
+    the image right; with its 95% Wilson interval) as "accuracy", the share of labels right
+    ("hamming_accuracy"), micro and macro F1, mean average precision (over the labels present),
+    and per label: precision, recall, F1, average precision, images with it."""
+    from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
+
+    truth = np.asarray(targets) >= 0.5
+    if len(truth) == 0:
+        return {"images": 0}
+    said = np.asarray(proba) >= np.asarray(thresholds)[None, :]
+    exact = int(np.sum(np.all(said == truth, axis=1)))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, said, average=None, zero_division=0)
+    present = [k for k in range(truth.shape[1]) if truth[:, k].any()]
+    precisions = {k: float(average_precision_score(truth[:, k], proba[:, k])) for k in present}
+    return {
+        "images": int(len(truth)),
+        "accuracy": exact / len(truth),
+        **dict(zip(("accuracy_ci95_low", "accuracy_ci95_high"), wilson_interval(exact, len(truth)))),
+        "hamming_accuracy": float(np.mean(said == truth)),
+        "micro_f1": float(f1_score(truth, said, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, said, average="macro", zero_division=0)),
+        "mean_average_precision": float(np.mean(list(precisions.values()))) if precisions else float("nan"),
+        "per_label": {name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                             "average_precision": precisions.get(k), "images": int(support[k]),
+                             "threshold": float(thresholds[k])} for k, name in enumerate(class_names)},
+    }
+
+
+def write_multilabel_reports(directory: Path, targets: np.ndarray, proba: np.ndarray, thresholds: Sequence[float],
+                             paths: Sequence[str], class_names: Sequence[str], title: str) -> str:
+    """classification_report.txt (per label, at its threshold) and misclassified.csv (the images
+    whose label set is not exactly right) for one split; returns the text report."""
+    from sklearn.metrics import classification_report
+
+    directory.mkdir(parents=True, exist_ok=True)
+    truth = np.asarray(targets) >= 0.5
+    said = np.asarray(proba) >= np.asarray(thresholds)[None, :]
+    figures = multilabel_metrics(targets, proba, thresholds, class_names)
+    report = classification_report(truth, said, target_names=list(class_names), digits=4, zero_division=0)
+    lines = [f"exact-match accuracy {accuracy_text(figures)}: every label of the image right (95% Wilson interval)",
+             f"labels right {figures['hamming_accuracy']:.2%}, micro F1 {figures['micro_f1']:.4f}, macro F1 "
+             f"{figures['macro_f1']:.4f}, mean average precision {figures['mean_average_precision']:.4f}",
+             "thresholds (chosen on validation): " + ", ".join(f"{name} {t:.3f}" for name, t in
+                                                              zip(class_names, thresholds))]
+    text = f"{report}\n" + "\n".join(lines) + "\n"
+    atomic.write_text(directory / "classification_report.txt", f"{title}\n\n{text}")
+    wrong = np.flatnonzero(np.any(said != truth, axis=1))
+    with atomic.replacing(directory / "misclassified.csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = tables.writer(handle)
+        writer.writerow(["path", "true_labels", "predicted_labels", *[f"probability_{n}" for n in class_names]])
+        for i in wrong:
+            writer.writerow([paths[i], ";".join(n for n, t in zip(class_names, truth[i]) if t),
+                             ";".join(n for n, t in zip(class_names, said[i]) if t),
+                             *[f"{p:.4f}" for p in proba[i]]])
+    for stale in ("confusion_matrix.csv", "confusion_matrix.png", "most_confused.csv"):
+        (directory / stale).unlink(missing_ok=True)
+    return text
+
+
 def _normalised(proba: np.ndarray) -> np.ndarray:
     """float32 softmax outputs sum to one only within float32 rounding; log_loss wants float64 rows."""
     proba = np.asarray(proba, np.float64)

@@ -133,6 +133,8 @@ class SplitData:
         self._view = view
         self._locations = locations
         self.targets = targets  # soft targets (one row of class probabilities an image), where the labelling has them
+        # multi-label: `targets` holds 0/1 a label (not probabilities summing to one)
+        self.multilabel = bool(getattr(getattr(store, "labelling", None), "multilabel", False))
 
     @property
     def in_memory(self) -> bool:
@@ -145,6 +147,7 @@ class SplitData:
                          None if self._locations is None else self._locations[rows],
                          None if self.targets is None else self.targets[rows])
         part.class_names = self.class_names
+        part.multilabel = self.multilabel
         return part
 
     def __len__(self) -> int:

@@ -109,6 +109,9 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
     ARRAY_ONLY: ClassVar[frozenset[str]] = frozenset({"validation_fraction"})  # no train-head flag: the cache splits
     KERAS_FORM: ClassVar[bool] = True  # as_keras() builds it from Keras' layers (False: predicted in NumPy, ONNX only)
     SOFT_TARGETS: ClassVar[bool] = False  # trains on soft targets (Features.targets: class probabilities an image)
+    MULTILABEL: ClassVar[bool] = False  # trains one sigmoid a label on multi-label targets (Features.multilabel)
+    multilabel_: bool = False  # fitted on several labels an image: predict_proba gives one probability a label
+    thresholds_: list[float] | None = None  # multi-label: each label's decision threshold
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -150,7 +153,12 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
         if not is_features(validation):
             raise PipelineError("fit(train, validation): both Features (the cache's splits, or ArrayFeatures)")
         self.check_params()
-        if getattr(X, "targets", None) is not None and not self.SOFT_TARGETS:
+        self.multilabel_ = bool(getattr(X, "multilabel", False))
+        if self.multilabel_ and not self.MULTILABEL:
+            heads = " or ".join(sorted(kind for kind, head in HEADS.items() if head.MULTILABEL))
+            raise PipelineError(f"the {self.kind} head gives one class an image, not several labels: choose "
+                                f"--head {heads} for a multi-label table")
+        if getattr(X, "targets", None) is not None and not self.multilabel_ and not self.SOFT_TARGETS:
             soft = ", ".join(sorted(kind for kind, head in HEADS.items() if head.SOFT_TARGETS))
             raise PipelineError(f"the {self.kind} head trains on classes, not on soft targets (--target-column): "
                                 f"choose --head {soft.replace(', ', ' or ')}, or give classes (--label-column)")
@@ -161,6 +169,10 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
         self.classes_ = np.asarray(self.class_names)
         self.n_features_in_ = X.dimension
         self.history_ = self._fit(X, validation, progress)
+        if self.multilabel_:  # each label's threshold, chosen on validation
+            from pipeline.heads.multilabel import choose_thresholds
+
+            self.thresholds_ = choose_thresholds(self._proba(validation), validation.targets)
         return self
 
     def _fit_arrays(self, X: Any, y: Any, validation: Any, progress: bool) -> Head:  # noqa: N803
@@ -257,6 +269,8 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
         }
         if getattr(self, "input_parts_", None):
             sidecar["input_parts"] = self.input_parts_
+        if self.multilabel_:
+            sidecar |= {"multilabel": True, "thresholds": self.thresholds_}
         sidecar |= self._save_model(Path(directory))
         (Path(directory) / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
 
@@ -279,6 +293,11 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
             head.classes_ = np.asarray(names)
             head.n_features_in_ = dimension
             head.input_parts_ = sidecar.get("input_parts")  # None for heads saved before it was recorded
+            head.multilabel_ = sidecar.get("multilabel", False) is True
+            if head.multilabel_:
+                head.thresholds_ = [float(t) for t in sidecar["thresholds"]]
+                if len(head.thresholds_) != len(names) or not all(0 <= t <= 1 for t in head.thresholds_):
+                    raise ValueError("thresholds")
             head._load_model(Path(directory), sidecar)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PipelineError(f"{sidecar_path} is damaged (missing or wrong {one_line(error)}): train the head "

@@ -39,6 +39,7 @@ class DenseHead(Head):
 
     kind = "dense"
     SOFT_TARGETS = True  # in memory, categorical cross-entropy against the targets
+    MULTILABEL = True  # one sigmoid a label, binary cross-entropy
     HISTORY_AXIS = "epochs"
     RULES = {
         "units": (lambda v: v >= 1, "a positive integer"),
@@ -102,8 +103,8 @@ class DenseHead(Head):
             x = keras.layers.BatchNormalization(name="batch_norm")(x)
         x = keras.layers.ReLU(name="relu")(x)
         x = keras.layers.Dropout(self.params["dropout"], name="dropout")(x)
-        outputs = keras.layers.Dense(len(self.class_names), activation="softmax", name="probabilities",
-                                     dtype="float32")(x)
+        outputs = keras.layers.Dense(len(self.class_names), activation="sigmoid" if self.multilabel_ else "softmax",
+                                     name="probabilities", dtype="float32")(x)
         return keras.Model(inputs, outputs, name="dense_head")
 
     def make_optimizer(self) -> Any:
@@ -142,9 +143,10 @@ class DenseHead(Head):
         self.model_ = self.build(*training_statistics(train))
         soft = getattr(train, "targets", None) is not None
         if soft and (self.params["loss"] == "ordinal" or not (train.in_memory and validation.in_memory)):
-            raise PipelineError("soft targets train the dense head in memory with --loss crossentropy: drop --loss "
-                                "ordinal, --stream (or raise --memory-budget)")
+            raise PipelineError("soft and multi-label targets train the dense head in memory with --loss "
+                                "crossentropy: drop --loss ordinal, --stream (or raise --memory-budget)")
         loss = ordinal_loss(len(self.class_names)) if self.params["loss"] == "ordinal" else \
+            "binary_crossentropy" if self.multilabel_ else \
             "categorical_crossentropy" if soft else "sparse_categorical_crossentropy"
         self.model_.compile(optimizer=self.make_optimizer(), loss=loss, metrics=["accuracy"])
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])

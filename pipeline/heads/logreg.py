@@ -136,6 +136,7 @@ class LogRegHead(Head):
     kind = "logreg"
     HISTORY_AXIS = "C"
     SOFT_TARGETS = True  # in memory: each image once per class, weighted by its probability (soft_rows)
+    MULTILABEL = True  # one binary regression a label, one C for all (chosen on mean validation accuracy)
     RULES = {
         "max_iter": (lambda v: v >= 1, "a positive integer"),
         "tol": (lambda v: 0 < v < math.inf, "a positive number"),
@@ -180,7 +181,9 @@ class LogRegHead(Head):
             print(f"C search: {len(self.grid)} fits (--c-grid {self.DEFAULTS['c_grid']}, the linear-probe protocol); "
                   f"for a quicker first look, --c-grid {QUICK_GRID} ({len(log_grid(QUICK_GRID))} fits, one a decade) "
                   "or --c-search path", file=sys.stderr, flush=True)
-        if train.in_memory and validation.in_memory:
+        if self.multilabel_:
+            rows = self._search_multilabel(train, validation, progress)
+        elif train.in_memory and validation.in_memory:
             rows = self._search_in_memory(train, validation, progress)
         else:
             rows = self._search_streamed(train, validation, progress)
@@ -239,6 +242,48 @@ class LogRegHead(Head):
         best = _best_row(rows)["C"]
         self.model_ = self._pipeline_from(scaler, solutions[best], best)
         return sorted(rows, key=lambda row: row["C"])
+
+    def _search_multilabel(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
+        """One binary logistic regression a label (one-vs-rest) on standardised features, one C for
+        all of them: about one C a decade of the grid, ascending, each label's fit warm-started
+        from the previous C's; the C of the best mean validation accuracy over the labels (ties:
+        the lower mean loss) is the model."""
+        from sklearn.preprocessing import StandardScaler
+        from tqdm import tqdm
+
+        from pipeline.heads.linear import LinearSolution
+
+        if not (train.in_memory and validation.in_memory):
+            raise PipelineError("multi-label heads are fitted in memory: raise --memory-budget (or drop --stream)")
+        scaler = StandardScaler().fit(train.matrix)
+        x = scaler.transform(train.matrix).astype(np.float32)
+        vx = scaler.transform(validation.matrix).astype(np.float32)
+        y, vy = np.asarray(train.targets) >= 0.5, np.asarray(validation.targets) >= 0.5
+        grid = sorted(self.grid)
+        coarse = grid[::max(1, math.ceil(len(grid) / COARSE_STEPS))]
+        settings = (self._sklearn_class_weight(), self.params["max_iter"], self.params["tol"])
+        rows, solutions, previous = [], {}, None
+        bar = tqdm(desc=f"C search ({len(coarse)} values x {y.shape[1]} labels)", total=len(coarse) * y.shape[1],
+                   unit="fit", disable=not progress, file=sys.stderr)
+        for C in coarse:
+            fitted = []
+            for k in range(y.shape[1]):
+                fitted.append(_score_one_c(x, y[:, k].astype(int), vx, vy[:, k].astype(int), 2, C, *settings,
+                                           start=None if previous is None else previous[k]))
+                bar.update()
+            previous = [solution for _, solution in fitted]
+            solutions[C] = previous
+            rows.append({"C": C, **{key: float(np.mean([row[key] for row, _ in fitted]))
+                                    for key in ("train_accuracy", "validation_accuracy", "validation_loss")},
+                         "converged": all(row["converged"] for row, _ in fitted)})
+        bar.close()
+        self.C_ = _best_row(rows)["C"]
+        chosen = solutions[self.C_]
+        self.model_ = self._pipeline_from(scaler, LinearSolution(np.concatenate([s.coef for s in chosen]),
+                                                                 np.concatenate([s.intercept for s in chosen]),
+                                                                 max(s.iterations for s in chosen),
+                                                                 all(s.converged for s in chosen)), self.C_)
+        return rows
 
     def _search_streamed(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
         """The same objective solved by pipeline.heads.linear over shards, C ascending with warm
@@ -300,6 +345,13 @@ class LogRegHead(Head):
 
     def _proba(self, data: Features) -> np.ndarray:
         classes = len(self.class_names)
+        if self.multilabel_:  # one sigmoid a label
+            from pipeline.heads.multilabel import sigmoid
+
+            scaler, model = self.model_[0], self.model_[-1]
+            parts = [sigmoid(scaler.transform(vectors) @ model.coef_.T + model.intercept_)
+                     for vectors, _ in data.chunks()]
+            return np.concatenate(parts) if parts else np.zeros((0, classes))
         parts = [self.model_.predict_proba(vectors) for vectors, _ in data.chunks()]
         return np.concatenate(parts) if parts else np.zeros((0, classes))
 
@@ -319,15 +371,15 @@ class LogRegHead(Head):
         parameters = self.linear_parameters()
         coef = np.asarray(parameters["coef"], np.float64)
         intercept = np.asarray(parameters["intercept"], np.float64)
-        if coef.shape[0] == 1:
+        if coef.shape[0] == 1 and not self.multilabel_:
             coef = np.concatenate([np.zeros_like(coef), coef])
             intercept = np.concatenate([[0.0], intercept])
         mean, scale = np.asarray(parameters["mean"], np.float64), np.asarray(parameters["scale"], np.float64)
         standardise = keras.layers.Normalization(mean=mean.astype(np.float32),
                                                  variance=(scale ** 2).astype(np.float32),
                                                  name="standardise", dtype="float32")
-        dense = keras.layers.Dense(len(self.class_names), activation="softmax", name="logistic_regression",
-                                   dtype="float32")
+        dense = keras.layers.Dense(len(self.class_names), activation="sigmoid" if self.multilabel_ else "softmax",
+                                   name="logistic_regression", dtype="float32")
         layers = keras.Sequential([keras.Input((coef.shape[1],)), standardise, dense],
                                   name="logistic_regression_head")
         dense.set_weights([coef.T.astype(np.float32), intercept.astype(np.float32)])
@@ -363,7 +415,7 @@ class LogRegHead(Head):
         mean, scale, coef, intercept = (arrays[key] for key in ("mean", "scale", "coef", "intercept"))
         classes = len(self.class_names)
         dimension = self.n_features_in_ if self.n_features_in_ is not None else len(mean)
-        rows = 1 if classes == 2 else classes
+        rows = 1 if classes == 2 and not self.multilabel_ else classes
         if (coef.shape != (rows, dimension) or intercept.shape != (rows,) or mean.shape != (dimension,)
                 or scale.shape != (dimension,) or coef.dtype.kind != "f" or not np.isfinite(coef).all()):
             raise PipelineError(f"{path} holds arrays of the wrong shape or type for {classes} classes and "

@@ -122,6 +122,19 @@ class RunRecord:
         return str(self.config["head"].get("params", {}).get("loss", "crossentropy"))
 
     @property
+    def task(self) -> str:
+        """What the run's labels are: "classes" (one an image), "soft" (targets) or "multilabel"."""
+        labelling = self.config.get("labelling")
+        return str(labelling.get("task", "classes")) if isinstance(labelling, dict) else "classes"
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multi-label run's decision threshold of each label (chosen on validation), else None."""
+        if self.task != "multilabel":
+            return None
+        return [float(t) for t in self.config["head"]["thresholds"]]
+
+    @property
     def ordered(self) -> bool:
         """Whether the run's classes are ordered levels (scored with the order's figures too)."""
         return self.loss == "ordinal"

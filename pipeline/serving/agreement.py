@@ -101,6 +101,10 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
         "largest_probability_difference": float(difference.max()),
         "mean_probability_difference": float(difference.mean()),
         "top_class_differs": int(np.sum(predicted.argmax(1) != exported_probabilities.argmax(1))),
+        **({"label_sets_differ": int(np.sum(np.any((predicted >= np.asarray(opened.thresholds))
+                                                   != (exported_probabilities >= np.asarray(opened.thresholds)),
+                                                   axis=1)))}
+           if opened.thresholds is not None else {}),  # multi-label: the decisions at the run's thresholds
     }
 
 

@@ -179,7 +179,10 @@ def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: st
         else {"measured": False, "why": "--check-images 0"})
     seconds = time.perf_counter() - started
     details = _details(opened, fmt, path, quantize, size_bytes, checks, export_precision, run_precision, tta)
-    runs.write_labels(out, class_names)
+    if opened.thresholds is None:
+        runs.write_labels(out, class_names)
+    else:  # multi-label: each label with its decision threshold, tab-separated
+        runs.write_labels(out, [f"{name}\t{t:.6g}" for name, t in zip(class_names, opened.thresholds)])
     details_path = out / DETAILS
     try:
         earlier = atomic.read_json(details_path) if details_path.is_file() else {}
@@ -226,6 +229,11 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
         "kind": config.get("kind"),
         "backbones": [part.fingerprint.backbone for part in opened.parts],  # several: fused features, one input
         "classes": class_names,
+        "task": opened.task,  # classes (softmax), soft (softmax, trained on targets) or multilabel (sigmoids)
+        **({"thresholds": dict(zip(class_names, opened.thresholds)),
+            "decision": "multi-label: an image has every label whose probability is at or above its threshold "
+                        "(chosen on validation); the outputs are one sigmoid probability a label"}
+           if opened.thresholds is not None else {}),
         "labels_file": runs.LABELS_FILE,
         "image_size": size,
         "resize": RESIZE_RULE,

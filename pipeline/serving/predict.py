@@ -58,6 +58,7 @@ class Predictor:
         self.model = opened.classifier(resize=backend.is_tensorflow())
         self.class_names, self.size = opened.class_names, opened.fingerprint.image_size
         self.max_pixels, self.tta = max_pixels, tta
+        self.thresholds = opened.thresholds  # a multi-label run: every label at or above its threshold
 
     def __call__(self, files: list[Path], top_k: int) -> list[Prediction]:
         """Top-k labels of every file, in order; a file that is not a readable image gets an error."""
@@ -71,6 +72,8 @@ class Predictor:
         rows = averaged_by_image(self.model.predict_on_batch, source, self.size, BATCH, self.tta)
         for index, row in rows.items():
             top = np.argsort(-row, kind="stable")[:top_k]
+            if self.thresholds is not None:  # every label at or above its threshold, most probable first
+                top = [i for i in np.argsort(-row, kind="stable") if row[i] >= self.thresholds[i]]
             results[index] = Prediction(results[index].path, [self.class_names[i] for i in top],
                                         [float(row[i]) for i in top])
         for index in sorted(set(range(len(files))) - set(rows)):

@@ -221,6 +221,16 @@ def check_every_class_trained(labels: np.ndarray, class_names: Sequence[str], wh
                             "test, and a head cannot learn it; add training images of it, or remove its folders")
 
 
+def check_every_label_trained(targets: np.ndarray, names: Sequence[str]) -> None:
+    """Every label of a multi-label task has training images with it and without it."""
+    for k, name in enumerate(names):
+        present = int(np.sum(np.asarray(targets)[:, k] >= 0.5))
+        if present in (0, len(targets)):
+            raise PipelineError(f"label {name!r} is on {'no' if present == 0 else 'every'} training image: a label "
+                                "needs training images with it and without it (label more images, or move some "
+                                "between splits)")
+
+
 def train_head(options: TrainOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     stores, views = open_features(options.features, options.cache_root, options.layers, options.pooling)
@@ -236,9 +246,11 @@ def train_head(options: TrainOptions) -> RunSummary:
     if options.head in HEADS and "seed" in HEADS[options.head].DEFAULTS:
         params["seed"] = options.seed
     head = make_head(options.head, store.class_names, params)
-    trained_labels = store.split_indexes()["train"].labels
-    if len(np.unique(trained_labels)) >= 2:  # one class only: load_splits says so
-        check_every_class_trained(trained_labels, store.class_names)
+    trained = store.split_indexes()["train"]
+    if labelling is not None and labelling.multilabel:
+        check_every_label_trained(trained.targets, store.class_names)
+    elif len(np.unique(trained.labels)) >= 2:  # one class only: load_splits says so
+        check_every_class_trained(trained.labels, store.class_names)
     name = runs.check_run_name(options.name or default_run_name(head.kind, stores, views, head.params, options.seed,
                                                                       labelling and labelling.digest()))
     if len(stores) > 1:
@@ -262,7 +274,8 @@ def train_head(options: TrainOptions) -> RunSummary:
     seconds = time.perf_counter() - started
 
     config = {
-        "head": {"kind": head.kind, "params": head.params} | head.outcome(),
+        "head": {"kind": head.kind, "params": head.params} | head.outcome()
+        | ({"thresholds": head.thresholds_} if head.multilabel_ else {}),
         "features": _features_record(store) | {"counts": {split: len(data) for split, data in splits.items()}},
         "view": view.as_dict(),
         "input_dimension": train.dimension,
@@ -286,7 +299,7 @@ def train_head(options: TrainOptions) -> RunSummary:
         config = run.write_config(config, store.class_names, store.split_indexes())
         run.write_history(head.history_, head.HISTORY_AXIS)
         run.score(lambda split: head.predict_proba(splits[split]), splits, store.class_names, name,
-                  ordered=head.params.get("loss") == "ordinal")
+                  ordered=head.params.get("loss") == "ordinal", thresholds=head.thresholds_)
     return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, train.in_memory, config)
 
 
@@ -309,7 +322,7 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
         splits = load_splits(store, opened.view, memory_budget)
     opened.check_same_splits(store.split_indexes(), store.directory)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
-                                 store.class_names, opened.name, split, opened.ordered)
+                                 store.class_names, opened.name, split, opened.ordered, opened.thresholds)
     return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,
                       opened.config)
 
