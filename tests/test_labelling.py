@@ -237,3 +237,18 @@ def test_an_audits_suspects_table_accepts_its_suggestions(cache: FeatureStore, t
     assert labelling.labels[5] != labels[5]
     assert np.array_equal(np.delete(labelling.labels, 5), np.delete(labels, 5))
     assert json.dumps(labelling.record())  # what config.json keeps is JSON
+
+
+def test_embeddings_write_every_image_with_the_labelling_s_class(cache: FeatureStore, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    paths, _, labels = _rows(cache)
+    table = _table(tmp_path / "t.csv", ["path", "label"], [[paths[0], "c"], [paths[1], ""]])
+    written = pipeline.embeddings(cache, tmp_path / "e.parquet", labels=table, progress=False)
+    assert written.rows == len(paths)
+    frame = pq.read_table(written.path).to_pandas().set_index("path")
+    assert frame.loc[paths[0], "class"] == "c"
+    assert frame.loc[paths[1], "class"] == "" and frame.loc[paths[1], "label"] == -1
+    assert frame.loc[paths[1], "split"] == ""
+    assert frame.loc[paths[2], "class"] == cache.class_names[labels[2]]

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.auditing import require
 from pipeline.cache.reader import FeatureView
-from pipeline.cache.store import FeatureStore
+from pipeline.cache.store import UNLABELLED, FeatureStore
 from pipeline.errors import PipelineError
 
 FORMATS = (".parquet", ".npz")
@@ -52,9 +52,25 @@ def metadata(store: FeatureStore, view: FeatureView) -> dict[str, Any]:
 
 
 def _batches(store: FeatureStore, view: FeatureView) -> Iterator[tuple[Any, np.ndarray]]:
-    """(rows, vectors) shard by shard, in shard order."""
+    """(rows, vectors) shard by shard, in shard order, every image of the cache: labelled ones
+    with their label and split (the labelling's where the store was relabelled), unlabelled ones
+    with label -1 and split "" (written with class "")."""
+    relabelled = None
+    if store.labelling is not None:
+        relabelled = {path: (int(label), split) for split, index in store.split_indexes().items()
+                      for path, label in zip(index.paths, index.labels)}
     for rows in store.iter_shards(None, view.layers):
+        if relabelled is not None:
+            given = [relabelled.get(path, (UNLABELLED, "")) for path in rows.paths]
+            rows.labels = np.array([label for label, _ in given], np.int32)
+            rows.splits = [split for _, split in given]
+        else:
+            rows.splits = [split if label != UNLABELLED else "" for split, label in zip(rows.splits, rows.labels)]
         yield rows, view.vectors(rows.features).astype(np.float32)
+
+
+def _class(names: list[str], label: int) -> str:
+    return "" if label == UNLABELLED else names[label]
 
 
 def check_output(out: Path) -> Path:
@@ -95,7 +111,7 @@ def write_embeddings(store: FeatureStore, view: FeatureView, out: Path, progress
     if out.suffix == ".parquet":
         require("pyarrow", "a Parquet file")
     started = time.perf_counter()
-    total = sum(len(index.paths) for index in store.split_indexes().values())
+    total = len(store.rows_index())
     if total == 0:
         raise PipelineError(f"{store.directory} holds no images: nothing to export")
     dimension = view.dimension(store.manifest["feature_shapes"])
@@ -133,7 +149,7 @@ def _write_parquet(path: Path, store: FeatureStore, view: FeatureView, dimension
             embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dimension)
             writer.write_table(pa.table([
                 pa.array(rows.sha256, pa.string()), pa.array(rows.paths, pa.string()),
-                pa.array([names[label] for label in rows.labels], pa.string()),
+                pa.array([_class(names, label) for label in rows.labels], pa.string()),
                 pa.array(rows.labels.astype(np.int32), pa.int32()), pa.array(rows.splits, pa.string()), embedding,
             ], schema=schema))
             bar.update(len(rows))
