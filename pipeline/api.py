@@ -112,7 +112,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                labels: Any = None, label: str | None = None, target: str | None = None,
                split_column: str | None = None, group: str | None = None, path: str = "path",
                missing: str = "error", label_separator: str | None = None, label_columns: Any = None,
-               assert_accuracy_at_least: float | None = None,
+               threshold: Any = None, assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
@@ -125,7 +125,9 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
     accuracy is returned, with `comparison` (every candidate's figures, and the table's path).
     `labels`: a labels table (CSV, TSV, Parquet or a dataframe) joined to the cache by `path` (or
     its `id` column): `label` its column of classes (default "label"), or `target` a soft target
-    (the probability of class "1"); `split_column`, `group` and `missing` as label_spec says."""
+    (the probability of class "1"); `split_column`, `group` and `missing` as label_spec says.
+    `threshold`: a binary task's decision on the probability of its second class, "validation"
+    (the one of the highest validation accuracy) or a probability; recorded, used by predict."""
     backends.select(backend)
     from pipeline.heads import head_parameters
     from pipeline.runs import Run
@@ -152,7 +154,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
             memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
             exclude=None if exclude is None else Path(exclude), progress=progress,
             labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator,
-                                  label_columns),
+                                  label_columns), threshold=threshold,
         ))
 
     comparison = None

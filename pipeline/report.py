@@ -57,7 +57,16 @@ def expected_calibration_error(labels: np.ndarray, proba: np.ndarray, bins: int 
     return float(error)
 
 
-def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+def decisions(proba: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """The class said for each image: the most probable, or for a binary run with a decision
+    `threshold`, class 1 where its probability is at or above it."""
+    if threshold is None:
+        return proba.argmax(axis=1)
+    return (np.asarray(proba)[:, 1] >= threshold).astype(np.int64)
+
+
+def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str],
+                  threshold: float | None = None) -> dict[str, Any]:
     """Accuracy with its 95% Wilson interval, mean per-class accuracy (over classes present), macro
     F1, log loss and expected calibration error."""
     import warnings
@@ -66,7 +75,7 @@ def split_metrics(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[s
 
     if len(labels) == 0:
         return {"images": 0}
-    predicted = proba.argmax(axis=1)
+    predicted = decisions(proba, threshold)
     classes = list(range(len(class_names)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true": intended
@@ -180,7 +189,7 @@ MOST_CONFUSED = 20
 
 
 def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, paths: Sequence[str],
-                        class_names: Sequence[str], title: str) -> str:
+                        class_names: Sequence[str], title: str, threshold: float | None = None) -> str:
     """classification_report.txt, confusion_matrix.csv (always), confusion_matrix.png (up to
     MAX_PICTURE_CLASSES classes), most_confused.csv and misclassified.csv for one split; returns
     the text report for the terminal (the whole per-class table and matrix for a few classes, the
@@ -188,7 +197,7 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     from sklearn.metrics import classification_report
 
     directory.mkdir(parents=True, exist_ok=True)
-    predicted = proba.argmax(axis=1)
+    predicted = decisions(proba, threshold)
     classes = list(range(len(class_names)))
     report = classification_report(labels, predicted, labels=classes, target_names=list(class_names),
                                    digits=4, zero_division=0)
@@ -203,6 +212,9 @@ def write_split_reports(directory: Path, labels: np.ndarray, proba: np.ndarray, 
     interval = {"accuracy": correct / max(len(labels), 1), "accuracy_ci95_low": low, "accuracy_ci95_high": high}
     accuracy_line = (f"accuracy {accuracy_text(interval)}: {correct} of {len(labels)} images; the interval is the "
                      "95% Wilson score interval, how far the figure could move from the split alone\n")
+    if threshold is not None:
+        accuracy_line += (f"decided at the threshold {threshold:.4g} on the probability of {class_names[1]} (chosen on "
+                          "validation)\n")
     report = f"{report}\n{accuracy_line}"
     atomic.write_text(directory / "classification_report.txt", f"{title}\n\n{report}\n{matrix_text}\n{pairs_text}")
     with atomic.replacing(directory / "most_confused.csv") as temporary, open(temporary, "w", newline="") as handle:

@@ -252,3 +252,30 @@ def test_embeddings_write_every_image_with_the_labelling_s_class(cache: FeatureS
     assert frame.loc[paths[1], "class"] == "" and frame.loc[paths[1], "label"] == -1
     assert frame.loc[paths[1], "split"] == ""
     assert frame.loc[paths[2], "class"] == cache.class_names[labels[2]]
+
+
+def test_a_binary_threshold_chosen_on_validation_is_recorded_and_decides(tmp_path: Path) -> None:
+    features, labels, splits = clustered_features(200, 2, seed=4, shape=(6,), separation=1.0)
+    store = FeatureStore(write_feature_cache(tmp_path / "features" / "b", features, labels, splits, ["neg", "pos"],
+                                             pooling="avg"))
+    run = pipeline.train_head(store, threshold="validation", models=tmp_path / "models", progress=False,
+                              **FAST_LOGREG)
+    threshold = run.threshold
+    assert threshold is not None and 0 < threshold < 1 and run.config["head"]["threshold_rule"] == "validation"
+    from pipeline.cache.reader import load_splits
+
+    splits_ = load_splits(run.features(), run.view)
+    head = run.head()
+    for split in ("validation", "test"):
+        p = head.predict_proba(splits_[split])[:, 1]
+        expected = float(np.mean((p >= threshold).astype(int) == splits_[split].labels))
+        assert run.metrics[split]["accuracy"] == pytest.approx(expected)
+    fixed = pipeline.train_head(store, threshold=0.9, models=tmp_path / "models", name="fixed", progress=False,
+                                **FAST_LOGREG)
+    assert fixed.threshold == 0.9
+    with pytest.raises(PipelineError, match="--threshold 2"):
+        pipeline.train_head(store, threshold=2, models=tmp_path / "models", progress=False)
+    three = FeatureStore(write_feature_cache(tmp_path / "features" / "c", *clustered_features(60, 3),
+                                             ["a", "b", "c"]))
+    with pytest.raises(PipelineError, match="applies to a task of two classes"):
+        pipeline.train_head(three, threshold="validation", models=tmp_path / "models", progress=False)

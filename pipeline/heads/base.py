@@ -170,7 +170,7 @@ class Head(ClassifierMixin, BaseEstimator, ABC):
         self.n_features_in_ = X.dimension
         self.history_ = self._fit(X, validation, progress)
         if self.multilabel_:  # each label's threshold, chosen on validation
-            from pipeline.heads.multilabel import choose_thresholds
+            from pipeline.heads.thresholds import choose_thresholds
 
             self.thresholds_ = choose_thresholds(self._proba(validation), validation.targets)
         return self

@@ -346,7 +346,7 @@ class LogRegHead(Head):
     def _proba(self, data: Features) -> np.ndarray:
         classes = len(self.class_names)
         if self.multilabel_:  # one sigmoid a label
-            from pipeline.heads.multilabel import sigmoid
+            from pipeline.heads.thresholds import sigmoid
 
             scaler, model = self.model_[0], self.model_[-1]
             parts = [sigmoid(scaler.transform(vectors) @ model.coef_.T + model.intercept_)

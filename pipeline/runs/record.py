@@ -135,6 +135,13 @@ class RunRecord:
         return [float(t) for t in self.config["head"]["thresholds"]]
 
     @property
+    def threshold(self) -> float | None:
+        """A binary run's decision threshold on the probability of its second class (train-head
+        --threshold), else None: the most probable class."""
+        value = self.config.get("head", {}).get("threshold") if self.kind == "head" else None
+        return None if value is None else float(value)
+
+    @property
     def ordered(self) -> bool:
         """Whether the run's classes are ordered levels (scored with the order's figures too)."""
         return self.loss == "ordinal"

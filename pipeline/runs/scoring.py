@@ -30,14 +30,15 @@ class RunSummary:
 
 def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any],
                  class_names: list[str], title: str, report_split: str = REPORTED_SPLIT,
-                 ordered: bool = False, thresholds: list[float] | None = None) -> tuple[dict[str, Any], str]:
+                 ordered: bool = False, thresholds: list[float] | None = None,
+                 threshold: float | None = None) -> tuple[dict[str, Any], str]:
     """metrics.json for every split (`splits` maps a split to something with labels and paths;
     `predict(split)` gives its probabilities), and the reports of `report_split` (at the top of the
     run directory for the test split, in a subfolder named after any other). `ordered`: the classes
     are ordered levels, and every split's metrics add the order's figures under "ordinal" (each cut
     as a binary classifier, the error in levels: pipeline/heads/ordinal.py). `thresholds`: a
-    multi-label run, each label decided at its threshold (report.multilabel_metrics). Returns the
-    metrics and the report text."""
+    multi-label run, each label decided at its threshold (report.multilabel_metrics); `threshold`:
+    a binary run deciding class 1 at or above it. Returns the metrics and the report text."""
     atomic.remove_abandoned_temporaries(directory)  # e.g. a killed evaluate's .metrics.json.<pid>.tmp
     metrics: dict[str, Any] = {}
     text = ""
@@ -50,7 +51,7 @@ def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: 
                 text = report.write_multilabel_reports(target, data.targets, proba, thresholds, data.paths,
                                                        class_names, f"{title}: {split} split, {len(data)} images")
             continue
-        metrics[split] = report.split_metrics(data.labels, proba, class_names)
+        metrics[split] = report.split_metrics(data.labels, proba, class_names, threshold)
         targets = getattr(data, "targets", None)
         if targets is not None:  # soft targets: the scores against them beside the hard ones
             metrics[split]["soft"] = report.soft_metrics(targets, proba)
@@ -59,7 +60,7 @@ def score_splits(directory: Path, predict: Callable[[str], np.ndarray], splits: 
         if split == report_split and len(data):
             target = directory if split == REPORTED_SPLIT else directory / split
             text = report.write_split_reports(target, data.labels, proba, data.paths, class_names,
-                                              f"{title}: {split} split, {len(data)} images")
+                                              f"{title}: {split} split, {len(data)} images", threshold)
         elif split == report_split:
             text = f"the {split} split has no images: no report for it"
     write_metrics(directory, read_metrics(directory) | metrics)

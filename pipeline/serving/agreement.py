@@ -105,6 +105,9 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
                                                    != (exported_probabilities >= np.asarray(opened.thresholds)),
                                                    axis=1)))}
            if opened.thresholds is not None else {}),  # multi-label: the decisions at the run's thresholds
+        **({"decisions_differ": int(np.sum((predicted[:, 1] >= opened.threshold)
+                                           != (exported_probabilities[:, 1] >= opened.threshold)))}
+           if opened.threshold is not None else {}),  # binary: the class said at the run's threshold
     }
 
 

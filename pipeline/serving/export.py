@@ -234,6 +234,10 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
             "decision": "multi-label: an image has every label whose probability is at or above its threshold "
                         "(chosen on validation); the outputs are one sigmoid probability a label"}
            if opened.thresholds is not None else {}),
+        **({"threshold": opened.threshold,
+            "decision": f"the image is {class_names[1]} where the probability of {class_names[1]} is at or above "
+                        f"the threshold (train-head --threshold), else {class_names[0]}"}
+           if opened.threshold is not None else {}),
         "labels_file": runs.LABELS_FILE,
         "image_size": size,
         "resize": RESIZE_RULE,

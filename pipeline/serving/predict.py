@@ -59,6 +59,7 @@ class Predictor:
         self.class_names, self.size = opened.class_names, opened.fingerprint.image_size
         self.max_pixels, self.tta = max_pixels, tta
         self.thresholds = opened.thresholds  # a multi-label run: every label at or above its threshold
+        self.threshold = opened.threshold  # a binary run deciding its second class at or above it
 
     def __call__(self, files: list[Path], top_k: int) -> list[Prediction]:
         """Top-k labels of every file, in order; a file that is not a readable image gets an error."""
@@ -74,6 +75,8 @@ class Predictor:
             top = np.argsort(-row, kind="stable")[:top_k]
             if self.thresholds is not None:  # every label at or above its threshold, most probable first
                 top = [i for i in np.argsort(-row, kind="stable") if row[i] >= self.thresholds[i]]
+            elif self.threshold is not None:  # the class said first, at the run's threshold
+                top = ([1, 0] if row[1] >= self.threshold else [0, 1])[:top_k]
             results[index] = Prediction(results[index].path, [self.class_names[i] for i in top],
                                         [float(row[i]) for i in top])
         for index in sorted(set(range(len(files))) - set(rows)):

@@ -48,6 +48,7 @@ class TrainOptions:
     stream: bool = False
     exclude: Path | None = None  # images left out of training: a suspects.csv, or paths or ids one a line
     labels: LabelSpec | None = None  # a labels table (pipeline/labelling); default the cache's own labels
+    threshold: str | float | None = None  # binary: "validation" (chosen there) or a probability; None: argmax
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -64,6 +65,15 @@ class TrainOptions:
             raise PipelineError("--layer takes layer names (a list in Python)")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise PipelineError("--memory-budget must be a positive number of MB")
+        if self.threshold is not None and self.threshold != "validation":
+            try:
+                value = float(self.threshold)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if isinstance(self.threshold, bool) or not 0 < value < 1:
+                raise PipelineError(f"--threshold {self.threshold}: validation (chosen on the validation split), or a "
+                                    "probability between 0 and 1")
+            self.threshold = value
         if self.exclude is not None and not Path(self.exclude).is_file():
             raise PipelineError(f"--exclude {self.exclude}: no such file (an audit's suspects.csv, or a list of paths "
                                 "or ids)")
@@ -231,6 +241,18 @@ def check_every_label_trained(targets: np.ndarray, names: Sequence[str]) -> None
                                 "between splits)")
 
 
+def decision_threshold(rule: str | float | None, head: Any, validation: SplitData) -> float | None:
+    """A binary run's decision threshold on the probability of its second class: the given one, or
+    the one of the highest validation accuracy (`rule` "validation"); None: the most probable class."""
+    if rule is None:
+        return None
+    if rule != "validation":
+        return float(rule)
+    from pipeline.heads.thresholds import choose_binary_threshold
+
+    return choose_binary_threshold(head.predict_proba(validation)[:, 1], validation.labels)
+
+
 def train_head(options: TrainOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     stores, views = open_features(options.features, options.cache_root, options.layers, options.pooling)
@@ -247,7 +269,7 @@ def train_head(options: TrainOptions) -> RunSummary:
         params["seed"] = options.seed
     head = make_head(options.head, store.class_names, params)
     trained = store.split_indexes()["train"]
-    if labelling is not None and labelling.multilabel:
+    if labelling is not None and labelling.multilabel:  # noqa: SIM114 - two checks, two kinds of task
         check_every_label_trained(trained.targets, store.class_names)
     elif len(np.unique(trained.labels)) >= 2:  # one class only: load_splits says so
         check_every_class_trained(trained.labels, store.class_names)
@@ -269,13 +291,22 @@ def train_head(options: TrainOptions) -> RunSummary:
             print(f"note: {exclusion_note(excluded)}", file=sys.stderr, flush=True)
     train, validation = splits["train"], splits["validation"]
 
+    multilabel = labelling is not None and labelling.multilabel
+    if options.threshold is not None and (multilabel or len(store.class_names) != 2):
+        raise PipelineError(f"--threshold applies to a task of two classes ({len(store.class_names)} here"
+                            + (", multi-label: each label's threshold is chosen on validation already" if
+                               multilabel else "") + ")")
     started = time.perf_counter()
     head.fit(train, validation, progress=options.progress)
     seconds = time.perf_counter() - started
+    threshold = decision_threshold(options.threshold, head, validation)
 
     config = {
         "head": {"kind": head.kind, "params": head.params} | head.outcome()
-        | ({"thresholds": head.thresholds_} if head.multilabel_ else {}),
+        | ({"thresholds": head.thresholds_} if head.multilabel_ else {})
+        | ({} if threshold is None else {"threshold": threshold, "threshold_rule": str(options.threshold if
+                                                                                      options.threshold == "validation"
+                                                                                      else "given")}),
         "features": _features_record(store) | {"counts": {split: len(data) for split, data in splits.items()}},
         "view": view.as_dict(),
         "input_dimension": train.dimension,
@@ -299,7 +330,7 @@ def train_head(options: TrainOptions) -> RunSummary:
         config = run.write_config(config, store.class_names, store.split_indexes())
         run.write_history(head.history_, head.HISTORY_AXIS)
         run.score(lambda split: head.predict_proba(splits[split]), splits, store.class_names, name,
-                  ordered=head.params.get("loss") == "ordinal", thresholds=head.thresholds_)
+                  ordered=head.params.get("loss") == "ordinal", thresholds=head.thresholds_, threshold=threshold)
     return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, train.in_memory, config)
 
 
@@ -322,7 +353,8 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
         splits = load_splits(store, opened.view, memory_budget)
     opened.check_same_splits(store.split_indexes(), store.directory)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
-                                 store.class_names, opened.name, split, opened.ordered, opened.thresholds)
+                                 store.class_names, opened.name, split, opened.ordered, opened.thresholds,
+                                 opened.threshold)
     return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,
                       opened.config)
 

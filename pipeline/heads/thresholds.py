@@ -1,5 +1,6 @@
-"""Multi-label heads' shared parts: one sigmoid per label, and each label's decision threshold
-chosen on validation (recorded with the head, used by scoring, predict and every export)."""
+"""Decision thresholds chosen on validation: each label's of a multi-label head (one sigmoid a
+label), and a binary run's on the probability of its second class (train-head --threshold
+validation). Recorded with the run; used by scoring, predict and every export's record."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> list[fl
                 best, best_key = float(t), key
         chosen.append(best)
     return chosen
+
+
+def choose_binary_threshold(probability: np.ndarray, truth: np.ndarray) -> float:
+    """The threshold on the probability of class 1 with the highest validation accuracy (ties: the
+    one closest to 0.5)."""
+    p = np.asarray(probability, np.float64)
+    truth = np.asarray(truth) == 1
+    best, best_key = DEFAULT_THRESHOLD, None
+    for t in np.unique(np.concatenate([p, [DEFAULT_THRESHOLD]])):
+        key = (-float(np.mean((p >= t) == truth)) if len(p) else 0.0, abs(t - DEFAULT_THRESHOLD))
+        if best_key is None or key < best_key:
+            best, best_key = float(t), key
+    return best
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
