@@ -209,3 +209,48 @@ def test_a_class_smaller_than_the_folds_is_refused_naming_it() -> None:
     with pytest.raises(PipelineError, match="class b has 3 images, too few for 5 folds.*--folds 2"):
         check_folds(np.array([0] * 10 + [1] * 3), ["a", "b"], 5)
     check_folds(np.array([0] * 10 + [1] * 5), ["a", "b"], 5)
+
+
+def test_suspects_csv_is_a_labels_table_whose_suggestions_relabel_the_planted_mislabels(
+        planted: dict[str, object]) -> None:
+    from pipeline.labelling import LabelSpec, labelling_from_table
+
+    cache, suspects = planted["cache"], planted["audit"].directory / "suspects.csv"
+    labelling = labelling_from_table(cache, LabelSpec(suspects, label="suggested"))
+    rows = cache.rows_index()
+    for name in PLANTED_MISLABELS:
+        look = Path(name).name.split("-")[0]
+        assert labelling.class_names[labelling.labels[rows.paths.index(name)]] == look
+    untouched = [i for i, path in enumerate(rows.paths) if path not in {r["path"] for r in _rows(suspects)}]
+    assert all(labelling.labels[i] == rows.labels[i] for i in untouched)
+
+
+def test_unlabelled_images_are_audited_for_duplicates_and_multilabel_tables_by_cleanlab(
+        planted: dict[str, object]) -> None:
+    root, cache, copies = planted["root"], planted["cache"], planted["copies"]
+    rows = cache.rows_index()
+    table = root / "partial.csv"
+    with open(table, "w", newline="", encoding="utf-8") as handle:  # the test copies lose their labels
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows([copy, ""] for _, copy in copies)
+    summary = api.audit(cache, labels=table, out=root / "audit-partial", progress=False)
+    assert summary.details["unlabelled"] == 3 and summary.details["labelled"] == len(rows.paths) - 3
+    found = {(r["path_a"], r["path_b"]) for r in _rows(summary.directory / "duplicates.csv")}
+    for original, copy in copies:
+        assert (original, copy) in found or (copy, original) in found
+    tags = root / "tags.csv"
+    with open(tags, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "warm", "striped"])
+        for path in rows.paths:
+            warm = path.split("/")[1] == "warm"  # the folder's label: the planted mislabels carry it
+            writer.writerow([path, int(warm), int(not warm)])
+    summary = api.audit(cache, labels=tags, label_columns="warm,striped", out=root / "audit-tags", progress=False)
+    assert summary.details["task"] == "multilabel"
+    suspects = _rows(summary.directory / "suspects.csv")
+    flagged = [r for r in suspects if r["path"] in PLANTED_MISLABELS]
+    assert len(flagged) >= 2, [r["path"] for r in suspects]  # cleanlab's multi-label filter: 2 of 3 here
+    for row in flagged:  # the suggestion is the image's look, as labels of the table's columns
+        assert row["suggested"] == ("warm" if Path(row["path"]).name.startswith("warm") else "striped")
+    assert all(r["label"] in ("warm", "striped") for r in suspects)

@@ -29,7 +29,7 @@ import numpy as np
 from pipeline import atomic, outputs, tables
 from pipeline.auditing import pictures
 from pipeline.auditing.duplicates import Pair, exact_duplicates, near_duplicates
-from pipeline.auditing.labels import label_issues
+from pipeline.auditing.labels import LabelIssues, label_issues
 from pipeline.cache.reader import load_fused_splits, load_splits, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
@@ -86,7 +86,9 @@ class AuditSummary:
 
 @dataclass
 class _Images:
-    """Every labelled image of the audited cache(s), in one order: split by split."""
+    """Every image of the audited cache(s), in one order: the labelled ones split by split, then the
+    unlabelled ones (split ""): label issues are found among the first `labelled`, duplicates among
+    all. `targets`: a multi-label labelling's 0/1 a label (else None)."""
 
     vectors: np.ndarray
     labels: np.ndarray
@@ -95,6 +97,21 @@ class _Images:
     splits: list[str]
     root: Path
     class_names: list[str]
+    labelled: int = 0
+    targets: np.ndarray | None = None
+
+    def given(self, row: int) -> str:
+        """The label(s) of a row as written in the audit's tables: a class, labels joined by ';', or ''."""
+        if row >= self.labelled:
+            return ""
+        if self.targets is not None:
+            return ";".join(name for name, on in zip(self.class_names, self.targets[row]) if on >= 0.5)
+        return self.class_names[self.labels[row]]
+
+    def suggested(self, row: int, proba: np.ndarray) -> str:
+        if self.targets is not None:
+            return ";".join(name for name, p in zip(self.class_names, proba[row]) if p >= 0.5)
+        return self.class_names[int(proba[row].argmax())]
 
 
 def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | None) -> _Images:
@@ -104,27 +121,54 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
             raise PipelineError(f"{each.directory} was extracted with --weights none: neighbours and label errors "
                                 "of random features mean nothing; extract with pretrained weights and audit that")
     indexes = store.split_indexes()
-    if not sum(len(index.paths) for index in indexes.values()):
+    unlabelled = _unlabelled_rows(store) if len(stores) == 1 else None
+    if not sum(len(index.paths) for index in indexes.values()) and (unlabelled is None or not len(unlabelled[0])):
         raise PipelineError(f"{store.directory} holds no images: nothing to audit")
-    if len(stores) > 1:
-        splits = load_fused_splits(stores, views, budget)
-    else:
-        splits = load_splits(store, views[0], budget)
-        if not splits["train"].in_memory:
-            raise PipelineError(f"the audit holds the features in memory, and those of {store.directory} are more "
-                                "than the memory budget: pool them (extract --pooling avg) or raise --memory-budget")
-    present = [split for split in SPLITS if len(splits[split])]
+    splits: dict[str, Any] = {}
+    if store.class_names:
+        if len(stores) > 1:
+            splits = load_fused_splits(stores, views, budget)
+        else:
+            splits = load_splits(store, views[0], budget)
+            if not splits["train"].in_memory:
+                raise PipelineError(f"the audit holds the features in memory, and those of {store.directory} are "
+                                    "more than the memory budget: pool them (extract --pooling avg) or raise "
+                                    "--memory-budget")
+    present = [split for split in SPLITS if split in splits and len(splits[split])]
     for split in present:
         check_feature_values(splits[split].matrix, store.directory)
+    parts = [splits[s].matrix for s in present]
+    paths = [p for s in present for p in splits[s].paths]
+    ids = [d for s in present for d in indexes[s].sha256]
+    labelled = len(paths)
+    if unlabelled is not None and len(unlabelled[0]):
+        rows = unlabelled[0]
+        vectors = views[0].vectors(store.read_rows(store.rows_index().locations[rows], views[0].layers))
+        check_feature_values(vectors, store.directory)
+        parts.append(vectors)
+        paths += unlabelled[1]
+        ids += [store.rows_index().sha256[r] for r in rows]
+    multilabel = bool(getattr(store.labelling, "multilabel", False))
     return _Images(
-        vectors=np.concatenate([splits[s].matrix for s in present]).astype(np.float32),
-        labels=np.concatenate([splits[s].labels for s in present]).astype(np.int64),
-        paths=[p for s in present for p in splits[s].paths],
-        ids=[d for s in present for d in indexes[s].sha256],
-        splits=[s for s in present for _ in splits[s].paths],
+        vectors=np.concatenate(parts).astype(np.float32),
+        labels=np.concatenate([*[splits[s].labels for s in present],
+                               np.full(len(paths) - labelled, -1)]).astype(np.int64),
+        paths=paths,
+        ids=ids,
+        splits=[s for s in present for _ in splits[s].paths] + [""] * (len(paths) - labelled),
         root=Path(store.data_root or ""),
         class_names=list(store.class_names),
+        labelled=labelled,
+        targets=np.concatenate([splits[s].targets for s in present]) if multilabel and present else None,
     )
+
+
+def _unlabelled_rows(store: FeatureStore) -> tuple[np.ndarray, list[str]]:
+    """The cache rows in no split of its labelling (unlabelled images): their row numbers and paths."""
+    labelled = {path for index in store.split_indexes().values() for path in index.paths}
+    every = store.rows_index().paths
+    rows = np.array([i for i, path in enumerate(every) if path not in labelled], np.int64)
+    return rows, [every[i] for i in rows]
 
 
 LARGEST_FEATURE = 1e15  # no backbone's features come near; squares of larger ones overflow float32 statistics
@@ -156,8 +200,12 @@ def run_audit(options: AuditOptions) -> AuditSummary:
                                         what="an earlier audit")
     remove_leftovers(final.parent)  # what a killed audit (or run) left beside it
     images = _load(stores, views, options.memory_budget)
-    found = label_issues(images.vectors, images.labels, images.class_names, options.folds, options.seed,
-                         options.progress, options.c_grid)
+    n = images.labelled
+    if n:
+        found = label_issues(images.vectors[:n], images.labels[:n], images.class_names, options.folds, options.seed,
+                             options.progress, options.c_grid, targets=images.targets)
+    else:  # a cache without labels: duplicates only
+        found = LabelIssues(np.zeros((0, 0)), np.zeros(0, np.int64), np.zeros(0), [])
     exact = exact_duplicates(images.ids)
     near, method = near_duplicates(images.vectors, options.similarity)
     exact_keys = {(p.a, p.b) for p in exact}
@@ -176,8 +224,8 @@ def run_audit(options: AuditOptions) -> AuditSummary:
         top = found.issues[:pictures.SHEET]
         pictures.contact_sheet(
             [images.root / images.paths[r] for r in top],
-            [f"{Path(images.paths[r]).name} ({images.splits[r]})\ngiven {images.class_names[images.labels[r]]}, "
-             f"suggested {images.class_names[int(found.pred_probs[r].argmax())]}" for r in top],
+            [f"{Path(images.paths[r]).name} ({images.splits[r]})\ngiven {images.given(r) or '(none)'}, "
+             f"suggested {images.suggested(r, found.pred_probs) or '(none)'}" for r in top],
             f"Top {len(top)} label suspects of {len(found.issues)} (cleanlab, out-of-fold probabilities)",
             directory / "suspects.png")
         shown = sorted(crossing, key=lambda p: -p.similarity)[:pictures.PAIRS]
@@ -217,38 +265,44 @@ def _write_suspects(path: Path, images: _Images, found: Any) -> None:
     """suspects.csv, in the labels table's form: `--labels suspects.csv` retrains on its `label`
     column as edited, `--label-column suggested` accepts cleanlab's suggestions; either way the
     images it does not list keep their labels."""
-    names = images.class_names
     with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = tables.writer(handle)
         writer.writerow(SUSPECTS_HEADER)
         for row in found.issues:
-            writer.writerow([images.paths[row], images.splits[row], names[images.labels[row]],
-                             names[int(found.pred_probs[row].argmax())], f"{found.quality[row]:.6f}", images.ids[row]])
+            writer.writerow([images.paths[row], images.splits[row], images.given(row),
+                             images.suggested(row, found.pred_probs), f"{found.quality[row]:.6f}", images.ids[row]])
 
 
 def _write_duplicates(path: Path, images: _Images, pairs: Sequence[Pair]) -> None:
-    names = images.class_names
     with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = tables.writer(handle)
         writer.writerow(["path_a", "split_a", "class_a", "path_b", "split_b", "class_b", "similarity", "exact"])
         for p in sorted(pairs, key=lambda p: (not p.exact, -p.similarity)):
-            writer.writerow([images.paths[p.a], images.splits[p.a], names[images.labels[p.a]], images.paths[p.b],
-                             images.splits[p.b], names[images.labels[p.b]], f"{p.similarity:.6f}", p.exact])
+            writer.writerow([images.paths[p.a], images.splits[p.a], images.given(p.a), images.paths[p.b],
+                             images.splits[p.b], images.given(p.b), f"{p.similarity:.6f}", p.exact])
 
 
 def _details(options: AuditOptions, stores: Sequence[FeatureStore], images: _Images, found: Any,
              pairs: Sequence[Pair], crossing: Sequence[Pair], cross_counts: Counter, method: str,
              how: str) -> dict[str, Any]:
     names = images.class_names
-    per_class = {name: {"images": int((images.labels == i).sum()),
-                        "suspects": int(sum(1 for r in found.issues if images.labels[r] == i)),
-                        "in_duplicate_pairs": int(sum(1 for p in pairs if images.labels[p.a] == i
-                                                      or images.labels[p.b] == i))}
+
+    def has(row: int, i: int) -> bool:
+        if row >= images.labelled:
+            return False
+        return bool(images.targets[row, i] >= 0.5) if images.targets is not None else images.labels[row] == i
+
+    per_class = {name: {"images": int(sum(has(r, i) for r in range(images.labelled))),
+                        "suspects": int(sum(1 for r in found.issues if has(r, i))),
+                        "in_duplicate_pairs": int(sum(1 for p in pairs if has(p.a, i) or has(p.b, i)))}
                  for i, name in enumerate(names)}
     return {
         "caches": [str(store.directory.resolve()) for store in stores],
         "backbones": [store.fingerprint.backbone for store in stores],
         "images": len(images.labels),
+        "labelled": images.labelled,
+        "unlabelled": len(images.labels) - images.labelled,
+        "task": "multilabel" if images.targets is not None else "classes",
         "classes": names,
         "label_issues": {
             "method": "cleanlab.filter.find_label_issues on out-of-fold probabilities of a logistic regression "
@@ -261,7 +315,8 @@ def _details(options: AuditOptions, stores: Sequence[FeatureStore], images: _Ima
             "similarity_threshold": options.similarity, "neighbour_search": method,
             "pairs": len(pairs), "exact_pairs": sum(1 for p in pairs if p.exact),
             "cross_split_pairs": len(crossing), "cross_split_by_splits": dict(cross_counts),
-            "exact_under_two_classes": sum(1 for p in pairs if p.exact and images.labels[p.a] != images.labels[p.b]),
+            "exact_under_two_classes": sum(1 for p in pairs if p.exact and max(p.a, p.b) < images.labelled
+                                           and images.given(p.a) != images.given(p.b)),
             "pairs_by_similarity": similarity_bands(pairs, options.similarity),
             "cross_split_by_similarity": similarity_bands(crossing, options.similarity),
         },

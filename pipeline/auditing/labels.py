@@ -104,9 +104,49 @@ def find_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.nd
     return np.asarray(ranked, np.int64), np.asarray(quality, np.float64)
 
 
+def multilabel_issues(x: np.ndarray, targets: np.ndarray, class_names: list[str], folds: int, seed: int,
+                      c_grid: str, progress: bool) -> LabelIssues:
+    """Multi-label: out-of-fold probabilities of the one-vs-rest logistic regression (one sigmoid a
+    label; C chosen in the first fold), ranked by cleanlab's multi-label confident learning
+    (`cleanlab.multilabel_classification`)."""
+    import sys
+
+    from cleanlab.multilabel_classification.filter import find_label_issues as multilabel_filter
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+    from sklearn.model_selection import KFold, train_test_split
+    from tqdm import tqdm
+
+    from pipeline.heads import ArrayFeatures, LogRegHead
+
+    truth = np.asarray(targets) >= 0.5
+    if len(truth) < 2 * folds:
+        raise PipelineError(f"{len(truth)} labelled images are too few for {folds} folds: use --folds 2, or label more")
+    proba = np.zeros(truth.shape)
+    chosen: list[float] = []
+    splitter = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    for number, (kept, held) in enumerate(tqdm(list(splitter.split(x)), desc="label issues: folds",
+                                                 disable=not progress, leave=False, file=sys.stderr)):
+        inner, validation = train_test_split(kept, test_size=0.2, random_state=seed)
+        head = LogRegHead(c_grid=c_grid if number == 0 else repr(chosen[0]), n_jobs=-1)
+        head.fit(ArrayFeatures(x[inner], truth[inner].argmax(1), class_names, truth[inner], multilabel=True),
+                 ArrayFeatures(x[validation], truth[validation].argmax(1), class_names, truth[validation],
+                               multilabel=True), progress=False)
+        proba[held] = head.predict_proba(ArrayFeatures(x[held], truth[held].argmax(1), class_names, truth[held],
+                                                       multilabel=True))
+        chosen.append(float(head.C_))
+    given = [list(np.flatnonzero(row)) for row in truth]
+    issues = multilabel_filter(given, proba, return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(given, proba)
+    return LabelIssues(proba, np.asarray(issues, np.int64), np.asarray(quality, np.float64), chosen)
+
+
 def label_issues(x: np.ndarray, labels: np.ndarray, class_names: list[str], folds: int = 5, seed: int = 0,
-                 progress: bool = True, c_grid: str | None = None, c_per_fold: bool = False) -> LabelIssues:
+                 progress: bool = True, c_grid: str | None = None, c_per_fold: bool = False,
+                 targets: np.ndarray | None = None) -> LabelIssues:
+    """Label issues of one class an image, or (`targets`: 0/1 a label) of several."""
     require("cleanlab", "finding label issues")
+    if targets is not None:
+        return multilabel_issues(x, targets, class_names, folds, seed, c_grid or AUDIT_C_GRID, progress)
     check_folds(labels, class_names, folds)
     proba, chosen = out_of_fold_probabilities(x, labels, class_names, folds, seed, c_grid or AUDIT_C_GRID, progress,
                                               c_per_fold)

@@ -52,6 +52,9 @@ def embedding_map(x: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
     for label, name in enumerate(class_names):
         these = labels[chosen] == label
         axes.scatter(flat[these, 0], flat[these, 1], s=8, alpha=0.6, color=colours(label % colours.N), label=name)
+    unlabelled = labels[chosen] < 0
+    if unlabelled.any():
+        axes.scatter(flat[unlabelled, 0], flat[unlabelled, 1], s=8, alpha=0.4, color="lightgray", label="unlabelled")
     for rows, marker, name in ((suspects, "x", "label suspect"), (cross_split, "o", "cross-split duplicate")):
         rows = [position[r] for r in rows if r in position]
         if rows:

@@ -122,6 +122,11 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     head_run = Run.open(options.source, options.models, kind="head", data=options.data)
     source, config, view = head_run.directory, head_run.config, head_run.view
+    if head_run.task != "classes" or head_run.threshold is not None:
+        what = {"soft": "soft targets", "multilabel": "several labels an image"}.get(head_run.task,
+                                                                                 "a decision threshold")
+        raise PipelineError(f"{head_run.name} was trained on {what}: fine-tuning trains one class an image with the "
+                            "most probable class said; start from a head run of classes (--label-column)")
     store = head_run.features()
     # a cache re-split since the head was trained would put its training images into "test"
     head_run.check_same_splits(store.split_indexes(), store.directory)

@@ -59,11 +59,15 @@ class Features(Protocol):
 class ArrayFeatures:
     """Features from arrays in memory: `ArrayFeatures(x, y)` for a head fitted outside the pipeline."""
 
-    def __init__(self, matrix: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None) -> None:
+    def __init__(self, matrix: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None,
+                 targets: np.ndarray | None = None, multilabel: bool = False) -> None:
+        """`targets`: soft targets (class probabilities an image), or with `multilabel` 0/1 a label."""
         self.matrix = np.asarray(matrix, np.float32).reshape(len(matrix), -1)
         self.labels = np.asarray(labels, np.int32)
         self.dimension = self.matrix.shape[1]
         self.class_names = class_names
+        self.targets = None if targets is None else np.asarray(targets, np.float64)
+        self.multilabel = multilabel
 
     in_memory = True
     shard_rows = 4096

@@ -290,7 +290,7 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
         raise PipelineError(f"no row of {table} names an image of the cache {store.directory} (e.g. "
                             f"{', '.join(missing[:EXAMPLES]) or 'the table is empty'}): paths are relative to the "
                             f"table's folder or the data folder {store.data_root}, or absolute")
-    if not seen_label:
+    if not seen_label and not base:  # over the cache's labels, empty cells only unlabel the images named
         raise PipelineError(f"column {label_columns[0]!r} of {table} is empty: every row's label is missing")
     if spec.separator is not None and not separated:
         raise PipelineError(f"the label separator {spec.separator!r} never occurs in column {label_columns[0]!r} of "

@@ -371,6 +371,9 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     if split not in SPLITS:
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     opened = Run.open(run)
+    if opened.task == "multilabel":
+        raise PipelineError(f"{opened.name} is multi-label: --tta scores runs of one class an image; evaluate it "
+                            "without --tta (its exports take --tta)")
     store = opened.features() if not opened.fused else opened.fused_features()[0]
     opened.check_same_splits(store.split_indexes(), store.directory)
     records = split_images(store)
@@ -391,5 +394,6 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     target = opened.directory / f"tta-{tta}"
     target.mkdir(exist_ok=True)
     metrics, text = score_splits(target, lambda name: probabilities[name], records, opened.class_names,
-                                 f"{opened.name} with test-time views: {tta}", split, opened.ordered)
+                                 f"{opened.name} with test-time views: {tta}", split, opened.ordered,
+                                 threshold=opened.threshold)
     return RunSummary(target, metrics, time.perf_counter() - started, text, True, opened.config)
