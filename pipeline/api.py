@@ -112,7 +112,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                labels: Any = None, label: str | None = None, target: str | None = None,
                split_column: str | None = None, group: str | None = None, path: str = "path",
                missing: str = "error", label_separator: str | None = None, label_columns: Any = None,
-               threshold: Any = None, assert_accuracy_at_least: float | None = None,
+               metrics_by: str | None = None, threshold: Any = None, assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
@@ -154,7 +154,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
             memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
             exclude=None if exclude is None else Path(exclude), progress=progress,
             labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator,
-                                  label_columns), threshold=threshold,
+                                  label_columns, metrics_by), threshold=threshold,
         ))
 
     comparison = None
@@ -181,15 +181,18 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
 
 
 def label_spec(labels: Any, label: str | None, target: str | None, split_column: str | None, group: str | None,
-               path: str, missing: str, label_separator: str | None = None, label_columns: Any = None) -> Any:
+               path: str, missing: str, label_separator: str | None = None, label_columns: Any = None,
+               metrics_by: str | None = None) -> Any:
     """Where a stage's labels come from (pipeline/labelling/labelling.LabelSpec): the table `labels`
     and its columns (multi-label: `label_separator` between the labels of the label column, or
-    `label_columns`, one 0/1 column a label, a list or "a,b,c"); None: the cache's own labels."""
+    `label_columns`, one 0/1 column a label, a list or "a,b,c"); `metrics_by`: a column whose
+    values the run's metrics are also given per (e.g. ELPV's cell type); None: the cache's own labels."""
     from pipeline.labelling import LabelSpec
 
     if label_columns is not None and not isinstance(label_columns, str | list | tuple):
         raise PipelineError(f"--label-columns {label_columns!r}: column names, a list or 'a,b,c'")
-    spec = LabelSpec(labels, path, label, target, split_column, group, missing, label_separator, label_columns)
+    spec = LabelSpec(labels, path, label, target, split_column, group, missing, label_separator, label_columns,
+                     metrics_by)
     return spec if spec.given else None
 
 

@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "suspects.csv, or a file of paths or content-hash ids, one a line")
     train.add_argument("--assert-accuracy-at-least", type=_finite_float, default=None, metavar="X",
                        help="exit non-zero if validation accuracy is below X (0..1), e.g. to gate CI")
+    train.add_argument("--metrics-by", default=None, metavar="COL",
+                       help="--labels' column whose values the metrics are also given per, e.g. a cell type "
+                            "(metrics.json: by_group)")
     train.add_argument("--threshold", default=None, metavar="validation|P",
                        help="two classes: decide the second class at or above this probability of it, or the one "
                             "of the highest validation accuracy (validation); recorded in the run, used by its "

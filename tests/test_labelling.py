@@ -114,7 +114,7 @@ def test_the_stable_split_follows_the_content_id_not_the_name(tmp_path: Path) ->
      "2 row(s) of"),
     (["path", "label"], [["a/img00000.png", "a"], ["a/img00000.png", "b"]], {},
      "two labels ('a' on row 2, 'b' on row 3)"),
-    (["path", "label"], [["a/img00000.png", ""]], {}, "is empty: every row's label is missing"),
+    (["path", "p"], [["a/img00000.png", ""]], {"target": "p"}, "is empty: every row's label is missing"),
     (["path", "p"], [["a/img00000.png", "1.5"]], {"target": "p"}, "'1.5' in column 'p' is outside [0, 1]"),
     (["path", "p"], [["a/img00000.png", "nan"]], {"target": "p"}, "is outside [0, 1]"),
     (["path", "p"], [["a/img00000.png", "high"]], {"target": "p"}, "is not a number"),
@@ -279,3 +279,17 @@ def test_a_binary_threshold_chosen_on_validation_is_recorded_and_decides(tmp_pat
                                              ["a", "b", "c"]))
     with pytest.raises(PipelineError, match="applies to a task of two classes"):
         pipeline.train_head(three, threshold="validation", models=tmp_path / "models", progress=False)
+
+
+def test_metrics_by_a_column_give_each_value_its_figures(cache: FeatureStore, tmp_path: Path) -> None:
+    paths, _, labels = _rows(cache)
+    table = _table(tmp_path / "t.csv", ["path", "label", "kind"],
+                   [[p, cache.class_names[k], "mono" if i % 3 else "poly"] for i, (p, k) in
+                    enumerate(zip(paths, labels))])
+    run = pipeline.train_head(cache, labels=table, metrics_by="kind", models=tmp_path / "models", progress=False,
+                              **FAST_LOGREG)
+    by = run.metrics["test"]["by_group"]
+    assert set(by) == {"mono", "poly"}
+    assert by["mono"]["images"] + by["poly"]["images"] == run.metrics["test"]["images"]
+    again = pipeline.evaluate(run)
+    assert again.metrics["test"]["by_group"] == by

@@ -66,6 +66,7 @@ class LabelSpec:
     missing: str = "error"
     separator: str | None = None  # multi-label: the label column holds several labels, split by this
     columns: tuple[str, ...] | None = None  # multi-label: one 0/1 column per label
+    metrics_by: str | None = None  # a column whose values the run's metrics are also broken down by
 
     def __post_init__(self) -> None:
         if self.missing not in MISSING:
@@ -90,7 +91,8 @@ class LabelSpec:
                                 "--label-columns")
         named = {"--label-column": self.label, "--target-column": self.target, "--split-column": self.split,
                  "--group-column": self.group, "--label-separator": self.separator,
-                 "--label-columns": ",".join(self.columns) if self.columns else None}
+                 "--label-columns": ",".join(self.columns) if self.columns else None,
+                 "--metrics-by": self.metrics_by}
         if self.table is None:
             given = [flag for flag, value in named.items() if value is not None]
             if given or self.missing != "error":
@@ -114,7 +116,7 @@ class LabelSpec:
         return {"table": source, "path_column": self.path, "label_column": self.label,
                 "target_column": self.target, "split_column": self.split, "group_column": self.group,
                 "missing": self.missing, "label_separator": self.separator,
-                "label_columns": list(self.columns) if self.columns else None}
+                "label_columns": list(self.columns) if self.columns else None, "metrics_by": self.metrics_by}
 
 
 @dataclass
@@ -132,6 +134,14 @@ class Labelling:
     source: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    by: list[str | None] | None = None  # --metrics-by: each row's value (metrics per value)
+
+    def metric_groups(self) -> dict[str, str] | None:
+        """path -> the --metrics-by value of each labelled image with one (None without --metrics-by)."""
+        if self.by is None:
+            return None
+        paths = self.store.rows_index().paths
+        return {paths[i]: self.by[i] for i in np.flatnonzero(self.labels != UNLABELLED) if self.by[i] is not None}
 
     @property
     def soft(self) -> bool:
@@ -165,13 +175,14 @@ class Labelling:
                 values = [str(int(v)) for v in self.targets[i]]
             else:
                 values = [f"{self.targets[i, 1]:.9g}" if self.soft else self.class_names[self.labels[i]]]
-            out.append([rows.paths[i], rows.sha256[i], self.splits[i] or "", self.groups[i] or "", *values])
+            by = [] if self.by is None else [self.by[i] or ""]
+            out.append([rows.paths[i], rows.sha256[i], self.splits[i] or "", self.groups[i] or "", *by, *values])
         return sorted(out)
 
     def header(self) -> list[str]:
         """path, id, split, group, then the label (`label`), the soft target (`target`), or one 0/1
         column per label (multi-label)."""
-        return ["path", "id", "split", "group",
+        return ["path", "id", "split", "group", *([] if self.by is None else ["metrics_by"]),
                 *(self.class_names if self.multilabel else ["target" if self.soft else "label"])]
 
     def digest(self) -> str:
@@ -234,9 +245,11 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
                                 "with --label-column, of soft targets with --target-column, or 0/1 columns of labels "
                                 "with --label-columns")
         label_columns = [table.require(label_column, "--target-column" if soft else "--label-column")]
-    for column, flag in ((spec.split, "--split-column"), (spec.group, "--group-column")):
+    for column, flag in ((spec.split, "--split-column"), (spec.group, "--group-column"),
+                         (spec.metrics_by, "--metrics-by")):
         if column is not None:
             table.require(column, flag)
+    by: list[str | None] | None = None if spec.metrics_by is None else [None] * len(rows)
     base = over_default and not soft and not multilabel and bool(store.class_names)
     values: list[Any] = [store.class_names[label] if base and label != UNLABELLED else None for label in rows.labels]
     splits: list[str | None] = [split if base and label != UNLABELLED else None
@@ -246,7 +259,8 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
     set_by: dict[int, tuple[Any, int]] = {}  # row -> (label value, table row)
     missing: list[str] = []
     seen_label = separated = False
-    columns = [c for c in (path_column, id_column, *label_columns, spec.split, spec.group) if c is not None]
+    columns = list(dict.fromkeys(c for c in (path_column, id_column, *label_columns, spec.split, spec.group,
+                                             spec.metrics_by) if c is not None))
     at = {c: k for k, c in enumerate(columns)}
     for number, cells in table.rows(columns):
         name = cells[at[path_column]] if path_column else None
@@ -281,6 +295,8 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
                 splits[row] = None
             if spec.group:
                 groups[row] = group
+            if by is not None:
+                by[row] = _text(cells[at[spec.metrics_by]])
     if missing and spec.missing == "error":
         raise PipelineError(f"{len(missing)} row(s) of {table} name no image of the cache {store.directory} (e.g. "
                             f"{', '.join(missing[:EXAMPLES])}): paths are relative to the table's folder or the data "
@@ -340,7 +356,7 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
         counts["from_cache"] = int(np.sum(labels != UNLABELLED)) - sum(1 for r in set_by if labels[r] != UNLABELLED)
     task = "soft" if soft else "multilabel" if multilabel else "classes"
     labelling = Labelling(store, class_names, task, labels, final_splits, groups, targets_matrix, source, counts,
-                          notes)
+                          notes, by)
     return labelling
 
 
@@ -352,12 +368,14 @@ def recorded_labelling(run_directory: Path, store: FeatureStore, recorded: Mappi
         raise PipelineError(f"{path} is missing: the run was trained on a labels table and keeps its copy there; "
                             "restore it, or train the run again")
     task = recorded.get("task")
+    by = "metrics_by" if recorded.get("source", {}).get("metrics_by") else None
     if task == "multilabel":
-        spec = LabelSpec(path, path="path", columns=tuple(recorded.get("classes", ())), split="split", group="group")
+        spec = LabelSpec(path, path="path", columns=tuple(recorded.get("classes", ())), split="split", group="group",
+                         metrics_by=by)
     else:
         soft = task == "soft"
         spec = LabelSpec(path, path="path", label=None if soft else "label", target="target" if soft else None,
-                         split="split", group="group")
+                         split="split", group="group", metrics_by=by)
     labelling = labelling_from_table(store, spec, over_default=False)
     if labelling.digest() != recorded.get("digest"):
         raise PipelineError(f"{path} does not hold the labels the run was trained on (its digest differs from "

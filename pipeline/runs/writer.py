@@ -52,10 +52,11 @@ class RunWriter:
 
     def score(self, predict: Callable[[str], np.ndarray], splits: Mapping[str, Any], class_names: list[str],
               title: str, report_split: str = REPORTED_SPLIT, ordered: bool = False,
-              thresholds: list[float] | None = None, threshold: float | None = None) -> dict[str, Any]:
+              thresholds: list[float] | None = None, threshold: float | None = None,
+              groups: Mapping[str, str] | None = None) -> dict[str, Any]:
         """metrics.json for every split and the reports of `report_split` (see score_splits)."""
         self.metrics, self.report = score_splits(self.directory, predict, splits, class_names, title, report_split,
-                                                 ordered, thresholds, threshold)
+                                                 ordered, thresholds, threshold, groups)
         return self.metrics
 
     def add_metrics(self, extra: Mapping[str, Any]) -> None:

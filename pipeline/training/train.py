@@ -330,7 +330,8 @@ def train_head(options: TrainOptions) -> RunSummary:
         config = run.write_config(config, store.class_names, store.split_indexes())
         run.write_history(head.history_, head.HISTORY_AXIS)
         run.score(lambda split: head.predict_proba(splits[split]), splits, store.class_names, name,
-                  ordered=head.params.get("loss") == "ordinal", thresholds=head.thresholds_, threshold=threshold)
+                  ordered=head.params.get("loss") == "ordinal", thresholds=head.thresholds_, threshold=threshold,
+                  groups=labelling.metric_groups() if labelling is not None else None)
     return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, train.in_memory, config)
 
 
@@ -354,7 +355,8 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     opened.check_same_splits(store.split_indexes(), store.directory)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
                                  store.class_names, opened.name, split, opened.ordered, opened.thresholds,
-                                 opened.threshold)
+                                 opened.threshold,
+                                 store.labelling.metric_groups() if store.labelling is not None else None)
     return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,
                       opened.config)
 
