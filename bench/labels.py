@@ -11,8 +11,8 @@ table (`--labels TABLE --split-column split`), so re-splitting costs no backbone
 
 - binary, hard labels (`--label-column class`) against soft targets (`--target-column p`), for the
   logistic regression and the dense head; each scored at the threshold 0.5 and at the threshold
-  chosen on validation (the one of highest validation accuracy, read from the run's own validation
-  probabilities), test accuracy per cell type (mono, poly) beside;
+  chosen on validation (train-head --threshold validation's rule, pipeline/heads/thresholds.py, on
+  the run's own validation probabilities), test accuracy per cell type (mono, poly) beside;
 - 4-class: the four levels as classes (logistic regression, dense head) and as ordered levels
   (the dense head with the ordinal loss);
 - the majority class of each task's test split as the baseline.
@@ -104,11 +104,10 @@ def scores(run: object, table: Path, task: str) -> dict:
              for name, data in splits.items()}
     out = {}
     thresholds = {"0.5": 0.5}
-    if task == "binary":
-        candidates = np.unique(np.concatenate([proba["validation"][:, 1], [0.5]]))
-        accuracy = [np.mean((proba["validation"][:, 1] >= t) == truth["validation"]) for t in candidates]
-        best = int(np.argmax(accuracy))  # ties: the lowest threshold of the best accuracy
-        thresholds["validation"] = float(candidates[best])
+    if task == "binary":  # the rule of train-head --threshold validation
+        from pipeline.heads.thresholds import choose_binary_threshold
+
+        thresholds["validation"] = choose_binary_threshold(proba["validation"][:, 1], truth["validation"])
     for name, t in thresholds.items():
         said = (proba["test"][:, 1] >= t) if task == "binary" else proba["test"].argmax(1)
         right = said == truth["test"]
