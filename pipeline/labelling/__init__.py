@@ -6,11 +6,10 @@ from pipeline.labelling.labelling import (
     LABELLING_FILE,
     Labelling,
     LabelSpec,
-    default_labelling,
     label_cache,
     labelling_from_table,
     recorded_labelling,
 )
 
-__all__ = ["LABELLING_FILE", "LabelSpec", "Labelling", "Table", "default_labelling", "is_dataframe", "label_cache",
+__all__ = ["LABELLING_FILE", "LabelSpec", "Labelling", "Table", "is_dataframe", "label_cache",
            "labelling_from_table", "recorded_labelling"]

@@ -122,15 +122,16 @@ class LabelSpec:
 @dataclass
 class Labelling:
     """The labels of one cache's rows (in the cache's row order, pipeline/cache/store.CacheRows):
-    class index or UNLABELLED, soft targets where the task is "soft", split and group."""
+    class index or UNLABELLED, split and group; `targets` where the task is "soft" (class
+    probabilities) or "multilabel" (0/1 a label, `labels` then holding each image's first label)."""
 
     store: FeatureStore
     class_names: list[str]
-    task: str  # "classes" or "soft"
+    task: str  # "classes", "soft" or "multilabel"
     labels: np.ndarray
     splits: list[str | None]
     groups: list[str | None]
-    targets: np.ndarray | None = None  # (rows, classes) probabilities, soft task only
+    targets: np.ndarray | None = None  # (rows, classes): probabilities (soft) or 0/1 (multilabel)
     source: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -208,15 +209,6 @@ class Labelling:
 
 
 # --- building a labelling ---------------------------------------------------------------------------
-
-
-def default_labelling(store: FeatureStore) -> Labelling:
-    """The labels a cache carries: its class folders and the splits extract gave them."""
-    rows = store.rows_index()
-    labelled = rows.labels != UNLABELLED
-    return Labelling(store, list(store.class_names), "classes", rows.labels.copy(),
-                     [s if ok else None for s, ok in zip(rows.splits, labelled)], [None] * len(rows),
-                     source={"table": None}, counts=_counts(rows.labels, rows.splits))
 
 
 def label_cache(store: FeatureStore, spec: LabelSpec | None, over_default: bool = True) -> FeatureStore:
