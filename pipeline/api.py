@@ -161,7 +161,9 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
     if head == "auto":  # every candidate a run; the best on validation chosen
         from pipeline.training.auto import check_candidates, compare_heads, comparison_text
 
-        kinds = check_candidates(candidates, head_params)
+        spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns)
+        task = "classes" if spec is None else "soft" if spec.target else "multilabel" if spec.multilabel else "classes"
+        kinds = check_candidates(candidates, head_params, task)
         comparison = compare_heads(fit, kinds, head_params, Path(models), name, progress)
         summary = comparison.chosen
         _say(progress, lambda: comparison_text(comparison))

@@ -219,6 +219,9 @@ def test_soft_targets_train_logreg_and_dense_and_are_scored_against_the_targets(
     with pytest.raises(PipelineError, match="trains on classes, not on soft targets"):
         pipeline.train_head(store, labels=table, target="defect_probability", head="knn",
                             models=tmp_path / "models", progress=False)
+    auto = pipeline.train_head(store, labels=table, target="defect_probability", head="auto", epochs=3,
+                               models=tmp_path / "models", progress=False, **FAST_LOGREG)
+    assert [row["head"] for row in auto.comparison.rows] == ["logreg", "dense"]  # the heads soft targets train
 
 
 def test_label_flags_without_a_table_and_both_label_and_target_are_refused(cache: FeatureStore) -> None:

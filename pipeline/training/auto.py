@@ -8,6 +8,7 @@ The test split is shown, never used to choose: choosing on it would make its fig
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,11 +33,14 @@ class Comparison:
     path: Path  # the comparison's CSV (its JSON beside it)
 
 
-def check_candidates(candidates: Sequence[str] | str | None, params: Mapping[str, Any]) -> list[str]:
-    """The heads to compare (default CANDIDATES), each known and named once, and every given head
-    parameter applying to at least one of them."""
+def check_candidates(candidates: Sequence[str] | str | None, params: Mapping[str, Any],
+                     task: str = "classes") -> list[str]:
+    """The heads to compare (default CANDIDATES: those of them that take the task's labels, for soft
+    targets and multi-label tables), each known and named once, and every given head parameter
+    applying to at least one of them."""
     if candidates is None:
-        kinds = list(CANDIDATES)
+        kinds = [kind for kind in CANDIDATES if task == "classes" or (task == "soft" and HEADS[kind].SOFT_TARGETS)
+                 or (task == "multilabel" and HEADS[kind].MULTILABEL)]
     else:
         given = [candidates] if isinstance(candidates, str) else list(candidates)
         kinds = [part.strip() for entry in given for part in str(entry).split(",")]  # "a,b" as on the command line
@@ -76,7 +80,8 @@ def compare_heads(train: Callable[[str, dict[str, Any], str | None], RunSummary]
     if not scored:
         raise PipelineError("no candidate has a validation accuracy (the cache has no validation images): --head "
                             "auto chooses on validation; extract with a validation split, or name a head")
-    best = min(scored, key=lambda i: (-rows[i]["validation_accuracy"], rows[i]["validation_loss"], i))
+    loss = [math.inf if row["validation_loss"] is None else row["validation_loss"] for row in rows]
+    best = min(scored, key=lambda i: (-rows[i]["validation_accuracy"], loss[i], i))
     rows[best]["chosen"] = True
     chosen = summaries[best]
     folder = Path(models) / COMPARISONS
