@@ -103,3 +103,17 @@ def test_extract_from_a_table_of_paths(tmp_path: Path, capsys) -> None:
     assert "1 path(s) in column 'file'" in capsys.readouterr().err
     assert main([*args, "--missing", "skip"]) == 0
     assert _json(capsys)["images"] == 10
+
+
+def test_extract_from_a_dataframe_of_absolute_paths_finds_their_folder(tmp_path: Path) -> None:
+    import pandas
+
+    import pipeline
+
+    images = tmp_path / "deep" / "photos"
+    rows = _bright_and_dark(images, 6)
+    frame = pandas.DataFrame({"path": [str(images / path) for path, _ in rows]})
+    cache = pipeline.extract(frame, weights="none", image_size=32, precision="fp32", cache=tmp_path / "features",
+                             progress=False)
+    assert cache.summary.images == 6 and cache.data_root == str(images)
+    assert sorted(cache.rows_index().paths) == [path for path, _ in rows]

@@ -365,16 +365,23 @@ def _record(root: Path, path: Path, label: int, split: str, hashes: HashIndex, r
     return ImageRecord(relative, label, split, digest, size, mtime_ns)
 
 
-def table_root(table: Any, data: Path | None) -> Path:
-    """The folder a table's images are relative to: `data` where given, else the table's own folder."""
+def table_root(table: Any, data: Path | None, path_column: str = "path") -> Path:
+    """The folder a table's images are relative to: `data` where given, else the table's own folder;
+    for a dataframe of absolute paths, the deepest folder that holds them all."""
     from pipeline.data.table import Table, is_dataframe
 
     if data is not None:
         return Path(data)
-    if is_dataframe(table):
-        raise PipelineError("a dataframe of images needs the folder its paths are relative to: pass data=FOLDER "
-                            "(absolute paths: the folder that holds them all)")
-    return Table(table, "--images").folder or Path(".")
+    if not is_dataframe(table):
+        return Table(table, "--images").folder or Path(".")
+    opened = Table(table, "--images")
+    opened.require(path_column, "--path-column")
+    folders = {os.path.dirname(os.path.normpath(str(cell))) for _, (cell,) in opened.rows([path_column])
+               if cell is not None}
+    if not folders or not all(os.path.isabs(folder) for folder in folders):
+        raise PipelineError("a dataframe of relative image paths needs the folder they are relative to: pass "
+                            "data=FOLDER")
+    return Path(os.path.commonpath(sorted(folders)))
 
 
 def scan_table(table_source: Any, path_column: str, root: Path, hashes: HashIndex | None = None,

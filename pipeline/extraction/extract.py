@@ -81,7 +81,7 @@ class ExtractOptions:
         if self.images is not None:
             from pipeline.data.dataset import table_root
 
-            self.data = table_root(self.images, self.data)
+            self.data = table_root(self.images, self.data, self.path_column)
         if self.image_size is not None and not 0 < self.image_size <= MAX_IMAGE_SIZE:
             raise PipelineError(f"--image-size {self.image_size}: use 1 to {MAX_IMAGE_SIZE} pixels (a backbone's "
                                 "activations at larger sizes need tens of GB per batch)")

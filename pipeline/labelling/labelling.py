@@ -249,7 +249,8 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
     groups: list[str | None] = [None] * len(rows)
     resolver = _PathResolver(store, table)
     set_by: dict[int, tuple[Any, int]] = {}  # row -> (label value, table row)
-    missing: list[str] = []
+    missing: list[str] = []  # the first few rows that name no image (a million-row table keeps a count)
+    missing_count = 0
     seen_label = separated = False
     columns = list(dict.fromkeys(c for c in (path_column, id_column, *label_columns, spec.split, spec.group,
                                              spec.metrics_by) if c is not None))
@@ -260,7 +261,9 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
         targets = resolver.rows(name, digest)
         if not targets:
             if name is not None or digest is not None:
-                missing.append(str(name if name is not None else digest))
+                missing_count += 1
+                if len(missing) < EXAMPLES:
+                    missing.append(str(name if name is not None else digest))
             continue
         if spec.columns is not None:
             value = _flags(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
@@ -290,7 +293,7 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
             if by is not None:
                 by[row] = _text(cells[at[spec.metrics_by]])
     if missing and spec.missing == "error":
-        raise PipelineError(f"{len(missing)} row(s) of {table} name no image of the cache {store.directory} (e.g. "
+        raise PipelineError(f"{missing_count} row(s) of {table} name no image of the cache {store.directory} (e.g. "
                             f"{', '.join(missing[:EXAMPLES])}): paths are relative to the table's folder or the data "
                             f"folder {store.data_root}, or absolute; extract those images first, fix the paths, or "
                             "pass --missing skip")
@@ -341,9 +344,9 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
     final_splits = _complete_splits(labels, splits, groups, rows.sha256, table, spec)
     source = spec.describe()
     if missing:
-        notes.append(f"{len(missing)} row(s) of {table} name no image of the cache and were skipped (--missing skip), "
+        notes.append(f"{missing_count} row(s) of {table} name no image of the cache and were skipped (--missing skip), "
                      f"e.g. {', '.join(missing[:EXAMPLES])}")
-    counts = _counts(labels, final_splits) | {"from_table": len(set_by), "missing_skipped": len(missing)}
+    counts = _counts(labels, final_splits) | {"from_table": len(set_by), "missing_skipped": missing_count}
     if base:
         counts["from_cache"] = int(np.sum(labels != UNLABELLED)) - sum(1 for r in set_by if labels[r] != UNLABELLED)
     task = "soft" if soft else "multilabel" if multilabel else "classes"
