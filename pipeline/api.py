@@ -211,20 +211,27 @@ def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
 @checked
 @kept_off
 def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, tta: str = "none",
-             backend: str | None = None) -> Run:
+             labels: Any = None, label: str | None = None, target: str | None = None,
+             split_column: str | None = None, group: str | None = None, path: str = "path", missing: str = "error",
+             label_separator: str | None = None, label_columns: Any = None, backend: str | None = None) -> Run:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
     metrics.json and the reports of `split`. With `tta` (flip, dihedral): any run scored from its
     images, end to end, averaging the test-time views, into RUN/tta-<views>/ (the run's own
-    metrics stay). Returns the run as it now stands."""
+    metrics stay). `labels`...: score against a labels table instead of the labels the run was
+    trained on (see train_head). Returns the run as it now stands."""
     backends.select(backend)
     from pipeline.runs import Run
     from pipeline.training.train import evaluate_run, evaluate_with_views
 
+    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns)
+    if tta != "none" and spec is not None:
+        raise PipelineError("--tta scores a run with the labels it was trained on: drop --labels, or --tta")
     if tta != "none":  # written beside the run's own figures, into RUN/tta-<views>/
         summary = evaluate_with_views(Path(_run_path(run)), tta, split)
         scored = Run.open(summary.directory.parent)
     else:
-        summary = evaluate_run(Path(_run_path(run)), split, None if features is None else Path(features))
+        summary = evaluate_run(Path(_run_path(run)), split, None if features is None else Path(features),
+                               labels=spec)
         scored = Run.open(summary.directory)
     scored.summary = summary
     return scored

@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tta", default="none", choices=("none", "flip", "dihedral"),
                           help="score the run (head or fine-tuned) from its images, averaging test-time views: flip "
                                "(2) or dihedral (8); written to RUN/tta-VIEWS/ (default none: from the cache)")
+    _add_label_flags(evaluate)
     _add_backend(evaluate)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_evaluate)

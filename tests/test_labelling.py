@@ -296,3 +296,18 @@ def test_metrics_by_a_column_give_each_value_its_figures(cache: FeatureStore, tm
     assert by["mono"]["images"] + by["poly"]["images"] == run.metrics["test"]["images"]
     again = pipeline.evaluate(run)
     assert again.metrics["test"]["by_group"] == by
+
+
+def test_evaluate_scores_a_run_against_corrected_labels(cache: FeatureStore, tmp_path: Path) -> None:
+    run = pipeline.train_head(cache, models=tmp_path / "models", progress=False, **FAST_LOGREG)
+    test = cache.split_indexes()["test"]
+    wrong = [[p, cache.class_names[(k + 1) % 3]] for p, k in zip(test.paths[:5], test.labels[:5])]
+    table = _table(tmp_path / "fixes.csv", ["path", "label"], wrong)
+    before = run.metrics["test"]["accuracy"]
+    again = pipeline.evaluate(run, labels=table)
+    assert again.metrics["test"]["accuracy"] == pytest.approx(before - 5 / len(test.paths))  # it was right on all
+    moved = _table(tmp_path / "moved.csv", ["path", "label", "split"],
+                   [[p, cache.class_names[k], "test"] for p, k in zip(cache.split_indexes()["train"].paths[:2],
+                                                                      cache.split_indexes()["train"].labels[:2])])
+    with pytest.raises(PipelineError, match="assigns 2 images to other splits"):
+        pipeline.evaluate(run, labels=moved, split_column="split")

@@ -54,11 +54,13 @@ class Run(RunRecord):
 
     # --- what the run was trained on ----------------------------------------------------------------
 
-    def features(self, features: Path | None = None, cache_root: Path = Path("features")) -> FeatureStore:
+    def features(self, features: Path | None = None, cache_root: Path = Path("features"),
+                 labels: Any = None) -> FeatureStore:
         """The feature cache the run was trained on (or `features`, which must have the same
-        fingerprint and classes)."""
+        fingerprint and classes), seen through the labels it was trained on; with `labels` (a
+        pipeline.labelling.LabelSpec), through that table instead (its classes must be the run's)."""
         self._one_backbone()
-        return self._cache(self.config["features"], self.fingerprint, features, cache_root)
+        return self._cache(self.config["features"], self.fingerprint, features, cache_root, labels)
 
     def fused_features(self, features: Path | None = None, cache_root: Path = Path("features")) -> list[FeatureStore]:
         """The caches a fused run was trained on, in input order."""
@@ -73,20 +75,26 @@ class Run(RunRecord):
                                 "under its head, so it starts from a head run of one backbone (--from RUN); fused "
                                 "runs support runs, evaluate, predict and export")
 
-    def _cache(self, recorded: dict[str, Any], f: Fingerprint, features: Path | None, cache_root: Path) -> FeatureStore:
+    def _cache(self, recorded: dict[str, Any], f: Fingerprint, features: Path | None, cache_root: Path,
+               labels: Any = None) -> FeatureStore:
         store = open_cache(features or Path(recorded["directory"]), cache_root)
         if store.fingerprint.digest() != recorded["fingerprint_digest"]:
             raise PipelineError(
                 f"{store.directory} holds features of another fingerprint than run {self.name} was trained on "
                 f"({f.backbone} {f.image_size} px, {f.precision}): use that cache, or train a new head")
         labelling = self.config.get("labelling")
-        if isinstance(labelling, dict) and labelling.get("file"):  # trained on a labels table: read it through its copy
+        if labels is not None and labels.given:  # another labels table: the run scored against it
+            from pipeline.labelling import label_cache
+
+            store = label_cache(store, labels)
+        elif isinstance(labelling, dict) and labelling.get("file"):  # trained on a labels table: its copy
             from pipeline.labelling import recorded_labelling
 
             store = recorded_labelling(self.directory, store, labelling)
         if store.class_names != self.trained_class_names:
-            raise PipelineError(f"{store.directory} now has classes {store.class_names}, run {self.name} was trained "
-                                f"on {self.trained_class_names}: train a new head")
+            raise PipelineError(f"{store.directory} now has classes {store.class_names}"
+                                + (" (by the labels table)" if labels is not None else "")
+                                + f", run {self.name} was trained on {self.trained_class_names}: train a new head")
         return store
 
     def check_same_splits(self, current: Mapping[str, SplitIndex], cache: Path) -> None:

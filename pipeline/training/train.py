@@ -339,7 +339,10 @@ def train_head(options: TrainOptions) -> RunSummary:
 
 
 def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None = None,
-                 cache_root: Path = Path("features"), memory_budget: int | None = None) -> RunSummary:
+                 cache_root: Path = Path("features"), memory_budget: int | None = None,
+                 labels: LabelSpec | None = None) -> RunSummary:
+    """Score a head run again from its cache, through the labels it was trained on, or through the
+    labels table `labels` (corrected labels: a split that moved images the run trained on is refused)."""
     if split not in SPLITS:
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     opened = Run.open(run)
@@ -347,10 +350,13 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
         raise PipelineError(f"{run} is a {opened.kind} run: evaluate re-scores head runs; its reports are in it")
     head = opened.head()
     if opened.fused:
+        if labels is not None:
+            raise PipelineError(f"{opened.name} fuses features: evaluate it with the labels it was trained on "
+                                "(drop --labels)")
         stores = opened.fused_features(features, cache_root)
         splits, store = load_fused_splits(stores, [part.view for part in opened.parts], memory_budget), stores[0]
     else:
-        store = opened.features(features, cache_root)
+        store = opened.features(features, cache_root, labels)
         splits = load_splits(store, opened.view, memory_budget)
     opened.check_same_splits(store.split_indexes(), store.directory)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
