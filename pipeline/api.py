@@ -112,6 +112,7 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
                labels: Any = None, label: str | None = None, target: str | None = None,
                split_column: str | None = None, group: str | None = None, path: str = "path",
                missing: str = "error", label_separator: str | None = None, label_columns: Any = None,
+               target_columns: Any = None,
                metrics_by: str | None = None, threshold: Any = None, assert_accuracy_at_least: float | None = None,
                backend: str | None = None, progress: bool = True) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
@@ -146,6 +147,8 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
     if isinstance(features, str) and "," in features and not Path(features).exists():
         features = [part.strip() for part in features.split(",")]  # A,B as on the command line
     head_params = {key: value for key, value in given.items() if value is not None}
+    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
+                      metrics_by, target_columns)
 
     def fit(kind: str, params: dict[str, Any], run_name: str | None) -> Any:
         return fit_head(TrainOptions(
@@ -153,16 +156,14 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
             layers=None if layer is None else list(layer), pooling=pooling, seed=seed, head_params=params,
             memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
             exclude=None if exclude is None else Path(exclude), progress=progress,
-            labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator,
-                                  label_columns, metrics_by), threshold=threshold,
+            labels=spec, threshold=threshold,
         ))
 
     comparison = None
     if head == "auto":  # every candidate a run; the best on validation chosen
         from pipeline.training.auto import check_candidates, compare_heads, comparison_text
 
-        spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns)
-        task = "classes" if spec is None else "soft" if spec.target else "multilabel" if spec.multilabel else "classes"
+        task = "classes" if spec is None else "soft" if spec.soft else "multilabel" if spec.multilabel else "classes"
         kinds = check_candidates(candidates, head_params, task)
         comparison = compare_heads(fit, kinds, head_params, Path(models), name, progress)
         summary = comparison.chosen
@@ -184,17 +185,19 @@ def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = 
 
 def label_spec(labels: Any, label: str | None, target: str | None, split_column: str | None, group: str | None,
                path: str, missing: str, label_separator: str | None = None, label_columns: Any = None,
-               metrics_by: str | None = None) -> Any:
+               metrics_by: str | None = None, target_columns: Any = None) -> Any:
     """Where a stage's labels come from (pipeline/labelling/labelling.LabelSpec): the table `labels`
     and its columns (multi-label: `label_separator` between the labels of the label column, or
-    `label_columns`, one 0/1 column a label, a list or "a,b,c"); `metrics_by`: a column whose
+    `label_columns`, one 0/1 column a label, a list or "a,b,c"); `target_columns`: soft targets as
+    one probability column a class (summing to 1); `metrics_by`: a column whose
     values the run's metrics are also given per (e.g. ELPV's cell type); None: the cache's own labels."""
     from pipeline.labelling import LabelSpec
 
-    if label_columns is not None and not isinstance(label_columns, str | list | tuple):
-        raise PipelineError(f"--label-columns {label_columns!r}: column names, a list or 'a,b,c'")
+    for flag, value in (("--label-columns", label_columns), ("--target-columns", target_columns)):
+        if value is not None and not isinstance(value, str | list | tuple):
+            raise PipelineError(f"{flag} {value!r}: column names, a list or 'a,b,c'")
     spec = LabelSpec(labels, path, label, target, split_column, group, missing, label_separator, label_columns,
-                     metrics_by)
+                     metrics_by, target_columns)
     return spec if spec.given else None
 
 
@@ -213,7 +216,8 @@ def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
 def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, tta: str = "none",
              labels: Any = None, label: str | None = None, target: str | None = None,
              split_column: str | None = None, group: str | None = None, path: str = "path", missing: str = "error",
-             label_separator: str | None = None, label_columns: Any = None, backend: str | None = None) -> Run:
+             label_separator: str | None = None, label_columns: Any = None, target_columns: Any = None,
+             backend: str | None = None) -> Run:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
     metrics.json and the reports of `split`. With `tta` (flip, dihedral): any run scored from its
     images, end to end, averaging the test-time views, into RUN/tta-<views>/ (the run's own
@@ -223,7 +227,8 @@ def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None,
     from pipeline.runs import Run
     from pipeline.training.train import evaluate_run, evaluate_with_views
 
-    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns)
+    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
+                      target_columns=target_columns)
     if tta != "none" and spec is not None:
         raise PipelineError("--tta scores a run with the labels it was trained on: drop --labels, or --tta")
     if tta != "none":  # written beside the run's own figures, into RUN/tta-<views>/
@@ -353,7 +358,8 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
                layer: Sequence[str] | None = None, pooling: str | None = None, labels: Any = None,
                label: str | None = None, target: str | None = None, split_column: str | None = None,
                group: str | None = None, path: str = "path", missing: str = "error",
-               label_separator: str | None = None, label_columns: Any = None, progress: bool = True) -> Any:
+               label_separator: str | None = None, label_columns: Any = None, target_columns: Any = None,
+               progress: bool = True) -> Any:
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
     class, label, split and embedding, the cache's fingerprint in the file's metadata; written shard
     by shard; unlabelled images with an empty class. `labels`...: a labels table's classes and
@@ -368,7 +374,8 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
     if len(stores) > 1:
         raise PipelineError("embeddings writes one cache's vectors: name one cache (its rows carry that cache's "
                             "fingerprint)")
-    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns)
+    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
+                      target_columns=target_columns)
     store = label_cache(stores[0], spec)
     return write_embeddings(store, views[0], Path(out), progress)
 
@@ -380,7 +387,7 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
           c_grid: str | None = None, memory_budget: int | None = None, labels: Any = None,
           label: str | None = None, target: str | None = None, split_column: str | None = None,
           group: str | None = None, path: str = "path", missing: str = "error", label_separator: str | None = None,
-          label_columns: Any = None, progress: bool = True) -> Any:
+          label_columns: Any = None, target_columns: Any = None, progress: bool = True) -> Any:
     """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
     exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or
     several of the same images, fused), into `out` (default models/audit-<cache>). Returns an
@@ -393,8 +400,8 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
         features=features, out=None if out is None else Path(out), models=Path(models), cache_root=Path(cache),
         folds=folds, similarity=similarity, seed=seed, c_grid=c_grid,
         memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress,
-        labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator,
-                                  label_columns)))
+        labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
+                          target_columns=target_columns)))
     _say(progress, lambda: summaries.audit_text(summary))
     return summary
 

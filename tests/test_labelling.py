@@ -311,3 +311,17 @@ def test_evaluate_scores_a_run_against_corrected_labels(cache: FeatureStore, tmp
                                                                       cache.split_indexes()["train"].labels[:2])])
     with pytest.raises(PipelineError, match="assigns 2 images to other splits"):
         pipeline.evaluate(run, labels=moved, split_column="split")
+
+
+def test_soft_targets_over_several_classes_from_probability_columns(cache: FeatureStore, tmp_path: Path) -> None:
+    paths, _, labels = _rows(cache)
+    rows = [[p, *[0.8 if k == j else 0.1 for j in range(3)]] for p, k in zip(paths, labels)]
+    table = _table(tmp_path / "soft3.csv", ["path", "a", "b", "c"], rows)
+    run = pipeline.train_head(cache, labels=table, target_columns="a,b,c", models=tmp_path / "models",
+                              progress=False, **FAST_LOGREG)
+    assert run.class_names == ["a", "b", "c"] and run.task == "soft"
+    assert run.metrics["test"]["accuracy"] > 0.9 and "brier" in run.metrics["test"]["soft"]
+    assert pipeline.evaluate(run).metrics["test"]["soft"] == run.metrics["test"]["soft"]
+    bad = _table(tmp_path / "bad.csv", ["path", "a", "b", "c"], [[paths[0], 0.5, 0.4, 0.3]])
+    with pytest.raises(PipelineError, match="sum to 1.2, not 1"):
+        labelling_from_table(cache, LabelSpec(bad, target_columns=("a", "b", "c")))

@@ -67,22 +67,27 @@ class LabelSpec:
     separator: str | None = None  # multi-label: the label column holds several labels, split by this
     columns: tuple[str, ...] | None = None  # multi-label: one 0/1 column per label
     metrics_by: str | None = None  # a column whose values the run's metrics are also broken down by
+    target_columns: tuple[str, ...] | None = None  # soft targets: one probability column a class, summing to 1
 
     def __post_init__(self) -> None:
         if self.missing not in MISSING:
             raise PipelineError(f"--missing {self.missing!r}: choose {' or '.join(MISSING)}")
-        if isinstance(self.columns, str):
-            object.__setattr__(self, "columns", tuple(c.strip() for c in self.columns.split(",") if c.strip()))
-        elif self.columns is not None:
-            object.__setattr__(self, "columns", tuple(self.columns))
+        for name in ("columns", "target_columns"):  # "a,b,c" or a list
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, tuple(c.strip() for c in value.split(",") if c.strip()))
+            elif value is not None:
+                object.__setattr__(self, name, tuple(value))
         kinds = [flag for flag, value in (("--label-column", self.label), ("--target-column", self.target),
-                                          ("--label-columns", self.columns)) if value is not None]
+                                          ("--label-columns", self.columns), ("--target-columns", self.target_columns))
+                 if value is not None]
         if len(kinds) > 1:
             raise PipelineError(f"{' and '.join(kinds)}: give one (a class per image, a soft target, or 0/1 columns "
                                 "of labels)")
-        if self.columns is not None and (len(self.columns) < 2 or len(set(self.columns)) != len(self.columns)):
-            raise PipelineError(f"--label-columns {','.join(self.columns)}: name two or more distinct columns, "
-                                "one 0/1 column per label")
+        for flag, columns in (("--label-columns", self.columns), ("--target-columns", self.target_columns)):
+            if columns is not None and (len(columns) < 2 or len(set(columns)) != len(columns)):
+                raise PipelineError(f"{flag} {','.join(columns)}: name two or more distinct columns, one a "
+                                    + ("label (0/1)" if flag == "--label-columns" else "class (its probability)"))
         if self.separator is not None and (not isinstance(self.separator, str) or not self.separator
                                            or self.separator.strip() != self.separator):
             raise PipelineError(f"--label-separator {self.separator!r}: a character (or string) between labels, e.g. ;")
@@ -92,7 +97,8 @@ class LabelSpec:
         named = {"--label-column": self.label, "--target-column": self.target, "--split-column": self.split,
                  "--group-column": self.group, "--label-separator": self.separator,
                  "--label-columns": ",".join(self.columns) if self.columns else None,
-                 "--metrics-by": self.metrics_by}
+                 "--metrics-by": self.metrics_by,
+                 "--target-columns": ",".join(self.target_columns) if self.target_columns else None}
         if self.table is None:
             given = [flag for flag, value in named.items() if value is not None]
             if given or self.missing != "error":
@@ -109,6 +115,10 @@ class LabelSpec:
     def multilabel(self) -> bool:
         return self.separator is not None or self.columns is not None
 
+    @property
+    def soft(self) -> bool:
+        return self.target is not None or self.target_columns is not None
+
     def describe(self) -> dict[str, Any]:
         """What a run records of where its labels came from."""
         source = "a dataframe" if self.table is not None and not isinstance(self.table, str | Path) else \
@@ -116,7 +126,8 @@ class LabelSpec:
         return {"table": source, "path_column": self.path, "label_column": self.label,
                 "target_column": self.target, "split_column": self.split, "group_column": self.group,
                 "missing": self.missing, "label_separator": self.separator,
-                "label_columns": list(self.columns) if self.columns else None, "metrics_by": self.metrics_by}
+                "label_columns": list(self.columns) if self.columns else None, "metrics_by": self.metrics_by,
+                "target_columns": list(self.target_columns) if self.target_columns else None}
 
 
 @dataclass
@@ -174,6 +185,8 @@ class Labelling:
         for i in np.flatnonzero(self.labels != UNLABELLED):
             if self.multilabel:
                 values = [str(int(v)) for v in self.targets[i]]
+            elif self.soft and len(self.class_names) > 2:
+                values = [f"{v:.9g}" for v in self.targets[i]]
             else:
                 values = [f"{self.targets[i, 1]:.9g}" if self.soft else self.class_names[self.labels[i]]]
             by = [] if self.by is None else [self.by[i] or ""]
@@ -183,8 +196,9 @@ class Labelling:
     def header(self) -> list[str]:
         """path, id, split, group, then the label (`label`), the soft target (`target`), or one 0/1
         column per label (multi-label)."""
+        columns = self.multilabel or (self.soft and len(self.class_names) > 2)  # one column a class or label
         return ["path", "id", "split", "group", *([] if self.by is None else ["metrics_by"]),
-                *(self.class_names if self.multilabel else ["target" if self.soft else "label"])]
+                *(self.class_names if columns else ["target" if self.soft else "label"])]
 
     def digest(self) -> str:
         """sha256 of the labelling as labelling.csv keeps it: two runs with the same digest were
@@ -223,12 +237,13 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
     `over_default` (a run's recorded labelling is complete: it is read with over_default=False)."""
     table = Table(spec.table)
     rows = store.rows_index()
-    soft, multilabel = spec.target is not None, spec.multilabel
+    soft, multilabel = spec.soft, spec.multilabel
     path_column = table.require(spec.path, "--path-column") if spec.path in table.columns or "id" not in \
         table.columns else None
     id_column = "id" if "id" in table.columns else None
-    if spec.columns is not None:
-        label_columns = [table.require(column, "--label-columns") for column in spec.columns]
+    if spec.columns is not None or spec.target_columns is not None:
+        flag = "--label-columns" if spec.columns is not None else "--target-columns"
+        label_columns = [table.require(column, flag) for column in (spec.columns or spec.target_columns)]
     else:
         label_column = spec.target or spec.label or ("label" if "label" in table.columns else None)
         if label_column is None:
@@ -267,6 +282,8 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
             continue
         if spec.columns is not None:
             value = _flags(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
+        elif spec.target_columns is not None:
+            value = _distribution(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
         elif soft:
             value = _probability(cells[at[label_columns[0]]], table, number, label_columns[0])
         else:
@@ -307,7 +324,11 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
         raise PipelineError(f"the label separator {spec.separator!r} never occurs in column {label_columns[0]!r} of "
                             f"{table}: one label per image is --label-column alone")
     targets_matrix = None
-    if soft:
+    if spec.target_columns is not None:  # a probability column a class
+        class_names = list(spec.target_columns)
+        targets_matrix = np.array([v if v is not None else (0.0,) * len(class_names) for v in values], np.float64)
+        labels = np.array([UNLABELLED if v is None else int(np.argmax(v)) for v in values], np.int32)
+    elif soft:
         class_names = list(SOFT_CLASSES)
         probability = np.array([np.nan if v is None else v for v in values], np.float64)
         labels = np.where(np.isnan(probability), UNLABELLED, (probability >= 0.5).astype(np.int32)).astype(np.int32)
@@ -364,9 +385,11 @@ def recorded_labelling(run_directory: Path, store: FeatureStore, recorded: Mappi
                             "restore it, or train the run again")
     task = recorded.get("task")
     by = "metrics_by" if recorded.get("source", {}).get("metrics_by") else None
+    classes = tuple(recorded.get("classes", ()))
     if task == "multilabel":
-        spec = LabelSpec(path, path="path", columns=tuple(recorded.get("classes", ())), split="split", group="group",
-                         metrics_by=by)
+        spec = LabelSpec(path, path="path", columns=classes, split="split", group="group", metrics_by=by)
+    elif task == "soft" and len(classes) > 2:
+        spec = LabelSpec(path, path="path", target_columns=classes, split="split", group="group", metrics_by=by)
     else:
         soft = task == "soft"
         spec = LabelSpec(path, path="path", label=None if soft else "label", target="target" if soft else None,
@@ -459,6 +482,24 @@ def _flags(cells: tuple[Any, ...], table: Table, number: int, columns: Sequence[
             raise PipelineError(f"{table} row {number}: {cell!r} in column {column!r} is not 0 or 1: a label column "
                                 "says whether the image has that label")
     return tuple(chosen)
+
+
+def _distribution(cells: tuple[Any, ...], table: Table, number: int,
+                  columns: Sequence[str]) -> tuple[float, ...] | None:
+    """One row of per-class probabilities: each in [0, 1], summing to 1 (within 1e-3, then
+    normalised); None (unlabelled) where every cell is empty."""
+    if all(cell is None for cell in cells):
+        return None
+    if any(cell is None for cell in cells):
+        empty = columns[[cell is None for cell in cells].index(True)]
+        raise PipelineError(f"{table} row {number}: column {empty!r} is empty and others are not: give every class's "
+                            "probability, or none (unlabelled)")
+    values = [_probability(cell, table, number, column) for cell, column in zip(cells, columns)]
+    total = sum(values)
+    if abs(total - 1.0) > 1e-3:
+        raise PipelineError(f"{table} row {number}: the probabilities of {', '.join(columns)} sum to {total:.4g}, not "
+                            "1: soft targets are a distribution over the classes")
+    return tuple(v / total for v in values)
 
 
 def _probability(value: Any, table: Table, number: int, column: str) -> float | None:
