@@ -325,3 +325,30 @@ def test_soft_targets_over_several_classes_from_probability_columns(cache: Featu
     bad = _table(tmp_path / "bad.csv", ["path", "a", "b", "c"], [[paths[0], 0.5, 0.4, 0.3]])
     with pytest.raises(PipelineError, match="sum to 1.2, not 1"):
         labelling_from_table(cache, LabelSpec(bad, target_columns=("a", "b", "c")))
+
+
+def test_the_command_line_takes_every_labels_flag(cache: FeatureStore, tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    paths, _, labels = _rows(cache)
+    table = _table(tmp_path / "t.csv", ["file", "kind", "tags", "p", "part", "batch", "cell"],
+                   [[p, cache.class_names[k], f"{cache.class_names[k]};{'odd' if i % 2 else 'even'}",
+                     "0.9" if k == 0 else "0.1", "", f"b{i // 10}", "mono" if i % 2 else "poly"]
+                    for i, (p, k) in enumerate(zip(paths, labels))])
+    common = ["train-head", "--features", str(cache.directory), "--models", str(tmp_path / "models"), "--labels",
+              str(table), "--path-column", "file", "--c-grid", "1e-2:1e1:4", "--no-progress", "--json"]
+    assert main([*common, "--label-column", "kind", "--group-column", "batch", "--metrics-by", "cell"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert set(run["metrics"]["test"]["by_group"]) <= {"mono", "poly"}
+    assert main([*common, "--target-column", "p", "--threshold", "validation"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    config = json.loads((Path(run["run"]) / "config.json").read_text())
+    assert "soft" in run["metrics"]["test"] and config["head"]["threshold_rule"] == "validation"
+    assert main([*common, "--label-column", "tags", "--label-separator", ";"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    config = json.loads((Path(run["run"]) / "config.json").read_text())
+    assert config["labelling"]["task"] == "multilabel" and "macro_f1" in run["metrics"]["test"]
+    assert main([*common, "--label-column", "kind", "--split-column", "part", "--missing", "skip"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--label-column", "nothing"]) == 1
+    assert "has no column 'nothing'" in capsys.readouterr().err

@@ -12,10 +12,10 @@ them never touches the backbone:
 - soft targets (`--target-column`, a probability in [0, 1] of a binary task) replace the default
   entirely: the images the table does not name are unlabelled.
 
-Splits: a split column's value where the table gives one; else the split the cache gave the image
-(folder layouts); else the stable rule computed from the content id (so a renamed file keeps its
-split), stratified by class, or from the group where a group column is given (a group's images
-never straddle two splits).
+Splits: a split column's value where the table gives one; else, without a group column, the split
+the cache gave the image (folder layouts); else the stable rule computed from the content id (so a
+renamed file keeps its split), stratified by class, or from the group where a group column is
+given (a group's images never straddle two splits).
 
 A run records its labelling (labelling.csv, every labelled image with its id, label or target,
 split and group; its digest in config.json), so evaluate and finetune read the labels the run was
@@ -303,8 +303,8 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
             values[row] = value
             if split is not None:
                 splits[row] = split
-            elif not base or rows.labels[row] == UNLABELLED:
-                splits[row] = None
+            elif not base or rows.labels[row] == UNLABELLED or spec.group is not None:
+                splits[row] = None  # the stable rule (by group where groups are given)
             if spec.group:
                 groups[row] = group
             if by is not None:
