@@ -81,7 +81,9 @@ INPUTS: dict[str, tuple[Callable[[Any], bool], str]] = {  # main inputs annotate
     "run": (_is_source, "a run (what train_head returned, its directory, or \"best\")"),
     "data": (lambda v: v is None or _is_table(v),
              "an image folder, or a table of image paths (a CSV, TSV or Parquet file, or a dataframe)"),
-    "labels": (lambda v: v is None or _is_table(v), "a labels table (a CSV, TSV or Parquet file, or a dataframe)"),
+    "labels": (lambda v: v is None or _is_table(v) or (isinstance(v, list | tuple) and len(v) > 0
+                                                      and all(_is_table(t) for t in v)),
+               "a labels table (a CSV, TSV or Parquet file, or a dataframe), or a list of them"),
     # extract's table of images, or predict's images (which image_targets checks further)
     "images": (lambda v: v is None or _is_table(v) or (not isinstance(v, bytes | dict) and hasattr(v, "__iter__")),
                "a table of image paths, or paths of images"),

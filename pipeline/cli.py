@@ -85,11 +85,12 @@ def _add_label_flags(command: argparse.ArgumentParser) -> None:
     """The labels-table flags, the same for every command that reads labels (docs/formats.md: The
     labelling table)."""
     group = command.add_argument_group("labels from a table (default: the cache's class folders)")
-    group.add_argument("--labels", default=None, metavar="TABLE",
+    group.add_argument("--labels", default=None, action="append", metavar="TABLE",
                        help="a CSV, TSV or Parquet table of images and labels, joined to the cache by path (relative "
                             "to the table's folder or the data folder, or absolute) or by an id column (content "
                             "sha256); it relabels the images it names (an audit's suspects.csv too), others keep the "
-                            "cache's labels; a row with an empty label makes its image unlabelled")
+                            "cache's labels; a row with an empty label makes its image unlabelled. Given again, each "
+                            "table relabels over the ones before (labels.csv, then suggestions.csv filled in)")
     group.add_argument("--label-column", dest="label", default=None, metavar="COL",
                        help="the table's column of classes, one a row (default: label)")
     group.add_argument("--target-column", dest="target", default=None, metavar="COL",

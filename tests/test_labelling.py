@@ -352,3 +352,15 @@ def test_the_command_line_takes_every_labels_flag(cache: FeatureStore, tmp_path:
     capsys.readouterr()
     assert main([*common, "--label-column", "nothing"]) == 1
     assert "has no column 'nothing'" in capsys.readouterr().err
+
+
+def test_several_tables_relabel_in_order(cache: FeatureStore, tmp_path: Path) -> None:
+    paths, _, labels = _rows(cache)
+    first = _table(tmp_path / "first.csv", ["path", "label"], [[p, "x"] for p in paths[:60]] +
+                   [[p, "y"] for p in paths[60:]])
+    second = _table(tmp_path / "second.csv", ["path", "label"], [[paths[0], "y"]])
+    labelling = labelling_from_table(cache, LabelSpec([first, second]), over_default=False)
+    assert labelling.class_names[labelling.labels[0]] == "y" and labelling.class_names[labelling.labels[1]] == "x"
+    run = pipeline.train_head(cache, labels=[first, second], models=tmp_path / "models", progress=False,
+                              **FAST_LOGREG)
+    assert run.config["labelling"]["source"]["table"] == [str(first.resolve()), str(second.resolve())]

@@ -112,6 +112,13 @@ class LabelSpec:
         return self.table is not None
 
     @property
+    def tables(self) -> tuple[Any, ...]:
+        """The tables, in order: each relabels the images it names (a later one over an earlier)."""
+        if self.table is None:
+            return ()
+        return tuple(self.table) if isinstance(self.table, list | tuple) else (self.table,)
+
+    @property
     def multilabel(self) -> bool:
         return self.separator is not None or self.columns is not None
 
@@ -121,9 +128,9 @@ class LabelSpec:
 
     def describe(self) -> dict[str, Any]:
         """What a run records of where its labels came from."""
-        source = "a dataframe" if self.table is not None and not isinstance(self.table, str | Path) else \
-            str(Path(self.table).resolve()) if self.table is not None else None
-        return {"table": source, "path_column": self.path, "label_column": self.label,
+        names = ["a dataframe" if not isinstance(t, str | Path) else str(Path(t).resolve()) for t in self.tables]
+        return {"table": None if not names else names[0] if len(names) == 1 else names,
+                "path_column": self.path, "label_column": self.label,
                 "target_column": self.target, "split_column": self.split, "group_column": self.group,
                 "missing": self.missing, "label_separator": self.separator,
                 "label_columns": list(self.columns) if self.columns else None, "metrics_by": self.metrics_by,
@@ -235,89 +242,75 @@ def label_cache(store: FeatureStore, spec: LabelSpec | None, over_default: bool 
 def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: bool = True) -> Labelling:
     """The labelling of `store` that `spec`'s table gives, over the cache's own labels where
     `over_default` (a run's recorded labelling is complete: it is read with over_default=False)."""
-    table = Table(spec.table)
     rows = store.rows_index()
     soft, multilabel = spec.soft, spec.multilabel
-    path_column = table.require(spec.path, "--path-column") if spec.path in table.columns or "id" not in \
-        table.columns else None
-    id_column = "id" if "id" in table.columns else None
-    if spec.columns is not None or spec.target_columns is not None:
-        flag = "--label-columns" if spec.columns is not None else "--target-columns"
-        label_columns = [table.require(column, flag) for column in (spec.columns or spec.target_columns)]
-    else:
-        label_column = spec.target or spec.label or ("label" if "label" in table.columns else None)
-        if label_column is None:
-            shown = ", ".join(table.columns[:20])
-            raise PipelineError(f"{table} has no column 'label' (its columns: {shown}): name the column of classes "
-                                "with --label-column, of soft targets with --target-column, or 0/1 columns of labels "
-                                "with --label-columns")
-        label_columns = [table.require(label_column, "--target-column" if soft else "--label-column")]
-    for column, flag in ((spec.split, "--split-column"), (spec.group, "--group-column"),
-                         (spec.metrics_by, "--metrics-by")):
-        if column is not None:
-            table.require(column, flag)
     by: list[str | None] | None = None if spec.metrics_by is None else [None] * len(rows)
     base = over_default and not soft and not multilabel and bool(store.class_names)
     values: list[Any] = [store.class_names[label] if base and label != UNLABELLED else None for label in rows.labels]
     splits: list[str | None] = [split if base and label != UNLABELLED else None
                                 for split, label in zip(rows.splits, rows.labels)]
     groups: list[str | None] = [None] * len(rows)
-    resolver = _PathResolver(store, table)
-    set_by: dict[int, tuple[Any, int]] = {}  # row -> (label value, table row)
+    named: set[int] = set()  # rows some table names
     missing: list[str] = []  # the first few rows that name no image (a million-row table keeps a count)
     missing_count = 0
     seen_label = separated = False
-    columns = list(dict.fromkeys(c for c in (path_column, id_column, *label_columns, spec.split, spec.group,
-                                             spec.metrics_by) if c is not None))
-    at = {c: k for k, c in enumerate(columns)}
-    for number, cells in table.rows(columns):
-        name = cells[at[path_column]] if path_column else None
-        digest = cells[at[id_column]] if id_column else None
-        targets = resolver.rows(name, digest)
-        if not targets:
-            if name is not None or digest is not None:
-                missing_count += 1
-                if len(missing) < EXAMPLES:
-                    missing.append(str(name if name is not None else digest))
-            continue
-        if spec.columns is not None:
-            value = _flags(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
-        elif spec.target_columns is not None:
-            value = _distribution(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
-        elif soft:
-            value = _probability(cells[at[label_columns[0]]], table, number, label_columns[0])
-        else:
-            value = _class_name(cells[at[label_columns[0]]], table, number, label_columns[0])
-            if spec.separator is not None and value is not None:
-                separated = separated or spec.separator in value
-                value = tuple(sorted({part.strip() for part in value.split(spec.separator) if part.strip()}))
-        seen_label = seen_label or value is not None
-        split = _split_value(cells[at[spec.split]], table, number, spec.split) if spec.split else None
-        group = _text(cells[at[spec.group]]) if spec.group else None
-        for row in targets:
-            earlier = set_by.get(row)
-            if earlier is not None and earlier[0] != value:
-                raise PipelineError(f"{table} gives {rows.paths[row]} two labels ({earlier[0]!r} on row {earlier[1]}, "
-                                    f"{value!r} on row {number}): keep one row per image")
-            set_by[row] = (value, number)
-            values[row] = value
-            if split is not None:
-                splits[row] = split
-            elif not base or rows.labels[row] == UNLABELLED or spec.group is not None:
-                splits[row] = None  # the stable rule (by group where groups are given)
-            if spec.group:
-                groups[row] = group
-            if by is not None:
-                by[row] = _text(cells[at[spec.metrics_by]])
-    if missing and spec.missing == "error":
-        raise PipelineError(f"{missing_count} row(s) of {table} name no image of the cache {store.directory} (e.g. "
-                            f"{', '.join(missing[:EXAMPLES])}): paths are relative to the table's folder or the data "
-                            f"folder {store.data_root}, or absolute; extract those images first, fix the paths, or "
-                            "pass --missing skip")
-    if not set_by:
-        raise PipelineError(f"no row of {table} names an image of the cache {store.directory} (e.g. "
-                            f"{', '.join(missing[:EXAMPLES]) or 'the table is empty'}): paths are relative to the "
-                            f"table's folder or the data folder {store.data_root}, or absolute")
+    for table in (Table(source) for source in spec.tables):  # each relabels what it names, in order
+        path_column, id_column, label_columns = _columns(table, spec)
+        resolver = _PathResolver(store, table)
+        set_by: dict[int, tuple[Any, int]] = {}  # row -> (label value, table row)
+        skipped = missing_count
+        columns = list(dict.fromkeys(c for c in (path_column, id_column, *label_columns, spec.split, spec.group,
+                                                 spec.metrics_by) if c is not None))
+        at = {c: k for k, c in enumerate(columns)}
+        for number, cells in table.rows(columns):
+            name = cells[at[path_column]] if path_column else None
+            digest = cells[at[id_column]] if id_column else None
+            targets = resolver.rows(name, digest)
+            if not targets:
+                if name is not None or digest is not None:
+                    missing_count += 1
+                    if len(missing) < EXAMPLES:
+                        missing.append(str(name if name is not None else digest))
+                continue
+            if spec.columns is not None:
+                value = _flags(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
+            elif spec.target_columns is not None:
+                value = _distribution(tuple(cells[at[c]] for c in label_columns), table, number, label_columns)
+            elif soft:
+                value = _probability(cells[at[label_columns[0]]], table, number, label_columns[0])
+            else:
+                value = _class_name(cells[at[label_columns[0]]], table, number, label_columns[0])
+                if spec.separator is not None and value is not None:
+                    separated = separated or spec.separator in value
+                    value = tuple(sorted({part.strip() for part in value.split(spec.separator) if part.strip()}))
+            seen_label = seen_label or value is not None
+            split = _split_value(cells[at[spec.split]], table, number, spec.split) if spec.split else None
+            group = _text(cells[at[spec.group]]) if spec.group else None
+            for row in targets:
+                earlier = set_by.get(row)
+                if earlier is not None and earlier[0] != value:
+                    raise PipelineError(f"{table} gives {rows.paths[row]} two labels ({earlier[0]!r} on row "
+                                        f"{earlier[1]}, {value!r} on row {number}): keep one row per image")
+                set_by[row] = (value, number)
+                values[row] = value
+                if split is not None:
+                    splits[row] = split
+                elif not base or rows.labels[row] == UNLABELLED or spec.group is not None:
+                    splits[row] = None  # the stable rule (by group where groups are given)
+                if spec.group:
+                    groups[row] = group
+                if by is not None:
+                    by[row] = _text(cells[at[spec.metrics_by]])
+        if missing_count > skipped and spec.missing == "error":
+            raise PipelineError(f"{missing_count - skipped} row(s) of {table} name no image of the cache "
+                                f"{store.directory} (e.g. {', '.join(missing[:EXAMPLES])}): paths are relative to the "
+                                f"table's folder or the data folder {store.data_root}, or absolute; extract those "
+                                "images first, fix the paths, or pass --missing skip")
+        if not set_by:
+            raise PipelineError(f"no row of {table} names an image of the cache {store.directory} (e.g. "
+                                f"{', '.join(missing[:EXAMPLES]) or 'the table is empty'}): paths are relative to the "
+                                f"table's folder or the data folder {store.data_root}, or absolute")
+        named |= set(set_by)
     if not seen_label and not base:  # over the cache's labels, empty cells only unlabel the images named
         raise PipelineError(f"column {label_columns[0]!r} of {table} is empty: every row's label is missing")
     if spec.separator is not None and not separated:
@@ -367,13 +360,37 @@ def labelling_from_table(store: FeatureStore, spec: LabelSpec, over_default: boo
     if missing:
         notes.append(f"{missing_count} row(s) of {table} name no image of the cache and were skipped (--missing skip), "
                      f"e.g. {', '.join(missing[:EXAMPLES])}")
-    counts = _counts(labels, final_splits) | {"from_table": len(set_by), "missing_skipped": missing_count}
+    counts = _counts(labels, final_splits) | {"from_table": len(named), "missing_skipped": missing_count}
     if base:
-        counts["from_cache"] = int(np.sum(labels != UNLABELLED)) - sum(1 for r in set_by if labels[r] != UNLABELLED)
+        counts["from_cache"] = int(np.sum(labels != UNLABELLED)) - sum(1 for r in named if labels[r] != UNLABELLED)
     task = "soft" if soft else "multilabel" if multilabel else "classes"
     labelling = Labelling(store, class_names, task, labels, final_splits, groups, targets_matrix, source, counts,
                           notes, by)
     return labelling
+
+
+def _columns(table: Table, spec: LabelSpec) -> tuple[str | None, str | None, list[str]]:
+    """The table's path column (None where it gives ids only), id column and label column(s),
+    each checked to be there (one line naming the columns there are)."""
+    path_column = table.require(spec.path, "--path-column") if spec.path in table.columns or "id" not in \
+        table.columns else None
+    id_column = "id" if "id" in table.columns else None
+    if spec.columns is not None or spec.target_columns is not None:
+        flag = "--label-columns" if spec.columns is not None else "--target-columns"
+        label_columns = [table.require(column, flag) for column in (spec.columns or spec.target_columns)]
+    else:
+        label_column = spec.target or spec.label or ("label" if "label" in table.columns else None)
+        if label_column is None:
+            shown = ", ".join(table.columns[:20])
+            raise PipelineError(f"{table} has no column 'label' (its columns: {shown}): name the column of classes "
+                                "with --label-column, of soft targets with --target-column, or 0/1 columns of labels "
+                                "with --label-columns")
+        label_columns = [table.require(label_column, "--target-column" if spec.soft else "--label-column")]
+    for column, flag in ((spec.split, "--split-column"), (spec.group, "--group-column"),
+                         (spec.metrics_by, "--metrics-by")):
+        if column is not None:
+            table.require(column, flag)
+    return path_column, id_column, label_columns
 
 
 def recorded_labelling(run_directory: Path, store: FeatureStore, recorded: Mapping[str, Any]) -> FeatureStore:
