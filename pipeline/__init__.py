@@ -30,6 +30,7 @@ from pipeline.api import (
     list_runs,
     open_run,
     predict,
+    suggest,
     train_head,
 )
 from pipeline.errors import PipelineError
@@ -51,10 +52,12 @@ _LAZY = {
     "make_head": "pipeline.heads",
     "Prediction": "pipeline.serving.predict",
     "ExportSummary": "pipeline.serving.export",
+    "LabelSpec": "pipeline.labelling",
 }
 
 __all__ = [
-    "extract", "train_head", "evaluate", "finetune", "predict", "export", "embeddings", "audit", "list_runs",
+    "extract", "train_head", "evaluate", "finetune", "predict", "export", "embeddings", "audit", "suggest",
+    "list_runs",
     "list_caches", "open_run", "list_backbones", "PipelineError", *_LAZY, "__version__",
 ]
 

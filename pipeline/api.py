@@ -407,6 +407,37 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
 
 
 @checked
+@kept_off
+def suggest(features: Any = None, *, model: Any = None, budget: int = 50, out: PathLike | None = None,
+            cache: PathLike = "features", models: PathLike = "models", progress: bool = True) -> Any:
+    """What to label next: the cache's unlabelled images ranked by the head run `model`'s
+    uncertainty and by diversity in the feature space (or by diversity alone without a run), the
+    first `budget` of them; `out` (a CSV) is a labels table to fill in and give back to train_head
+    as a second `labels` table. `features`: a cache of the run's fingerprint (default: the run's
+    own, through its labels). Returns Suggestions: `path`, `rows`, `seconds`, `details`."""
+    from pipeline.auditing.suggest import suggest as rank
+    from pipeline.cache.reader import open_cache
+    from pipeline.runs import Run
+
+    if out is not None and Path(out).suffix.lower() != ".csv":
+        raise PipelineError(f"--out {out}: suggest writes a CSV table (FILE.csv)")
+    if out is not None and not Path(out).parent.is_dir():
+        raise PipelineError(f"--out {out}: the folder {Path(out).parent} does not exist")
+    run = None if model is None else Run.open(_run_path(model), Path(models), kind="head")
+    if run is not None and features is None:
+        store = run.features(cache_root=Path(cache))  # the run's cache, through the labels it was trained on
+    else:
+        store = open_cache(None if features is None else Path(features), Path(cache))
+        if run is not None and store.fingerprint.digest() != run.fingerprint.digest():
+            raise PipelineError(f"{store.directory} holds features of another fingerprint than run {run.name} "
+                                "(another backbone, size, layer or precision): give a cache extracted as the run's "
+                                "was")
+    found = rank(store, run, budget, None if out is None else Path(out), progress)
+    _say(progress, lambda: summaries.suggest_text(found))
+    return found
+
+
+@checked
 def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> list[dict[str, Any]]:
     """Every finished run under `models` (of the image folder `data` if given) as a row, best
     validation accuracy first; a damaged run is listed with its `problem`."""

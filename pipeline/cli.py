@@ -315,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.set_defaults(handler=_audit)
 
+    nextup = commands.add_parser("suggest", help="what to label next: unlabelled images ranked by a run's "
+                                                 "uncertainty and by diversity")
+    nextup.add_argument("--features", type=Path, default=None,
+                        help="a cache of the run's fingerprint (default: the run's own)")
+    nextup.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
+    nextup.add_argument("--model", default=None,
+                        help="a head run (its uncertainty ranks the images); none: by diversity alone")
+    nextup.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
+    nextup.add_argument("--budget", type=_positive_int, default=50, help="how many images to suggest (50)")
+    nextup.add_argument("--out", type=Path, default=None,
+                        help="FILE.csv: the suggestions as a labels table to fill in and give back with --labels")
+    nextup.add_argument("--no-progress", action="store_true", help="no progress output")
+    nextup.add_argument("--json", action="store_true", help="print the suggestions as JSON")
+    nextup.set_defaults(handler=_suggest)
+
     runs = commands.add_parser("runs", help="every run side by side, best validation accuracy first")
     runs.add_argument("--models", type=Path, default=Path("models"))
     runs.add_argument("--data", type=Path, default=None, help="only the runs trained on this image folder")
@@ -579,6 +594,16 @@ def _audit(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     print(summaries.audit_text(summary))
+    return 0
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    found = api.suggest(args.features, **_flags(args, api.suggest, "features"))
+    if args.json:
+        print(json.dumps({"path": None if found.path is None else str(found.path), "rows": found.rows,
+                          "seconds": round(found.seconds, 2)} | found.details, indent=2))
+        return 0
+    print(summaries.suggest_text(found))
     return 0
 
 

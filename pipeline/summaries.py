@@ -126,3 +126,17 @@ def _split_counts(cache: Any) -> dict[str, int]:
     except (OSError, ValueError, AttributeError):
         return {}
     return {split: int(n) for split, n in counts.items() if isinstance(n, int)} if isinstance(counts, dict) else {}
+
+
+def suggest_text(found: Any) -> str:
+    """suggest's summary: what was ranked, how, and where the table is."""
+    details = found.details
+    lines = [f"suggested {len(found.rows)} of {details['unlabelled']} unlabelled images ({details['labelled']} "
+             f"labelled) by {details['how']}, in {found.seconds:.1f} s"]
+    lines += [f"note: {note}" for note in details["notes"]]
+    for row in found.rows[:10]:
+        lines.append(f"  {row['rank']:>3}. {row['path']}  guess {row['guess'] or '-'}  score {row['score']:.3f}")
+    if found.path is not None:
+        lines.append(f"table: {found.path} (fill in its {details['label_column']!r} column, then train-head --labels "
+                     f"TABLE --labels {found.path}: no backbone pass)")
+    return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline  # noqa: I001 - conftest is the tests' own module
+import pipeline
 from conftest import FAST_LOGREG, clustered_features, write_feature_cache
 from pipeline.cache.store import FeatureStore
 from pipeline.errors import PipelineError
