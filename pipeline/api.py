@@ -290,13 +290,17 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
 @kept_off
 def predict(run: Any, images: Any, *, top: int = 3, models: PathLike = "models",
             data: PathLike | None = None, output: PathLike | None = None, max_megapixels: float = 128,
-            tta: str = "none", backend: str | None = None) -> list[Prediction] | Iterator[Prediction]:
+            tta: str = "none", unknown: str = "flag",
+            backend: str | None = None) -> list[Prediction] | Iterator[Prediction]:
     """The `top` labels of every image (files, or folders searched for images) with any run (a Run,
     its directory, or "best"): one Prediction per image, in order, with `labels`, `probabilities`
     and, for a file that is not a readable image, `error`. `images`: one path, a list (or tuple)
     of paths, answered with a list; or any other iterable of paths (a generator), answered with a
     generator that yields each Prediction in order as its chunk of 256 paths is done, in flat
-    memory. `output`: also write FILE.csv or .json (a stream is then collected to write it)."""
+    memory. `output`: also write FILE.csv or .json (a stream is then collected to write it). A head
+    run also answers `unknown_score` (the cosine distance of the image's features to the nearest
+    training image) and `unknown` (beyond the run's recorded threshold, which flags 5% of its
+    validation images); `unknown="reject"` gives an unknown image no labels."""
     backends.select(backend)
     from pipeline.serving.predict import Predictor, check_output, image_files, predict_stream, write_predictions
 
@@ -306,7 +310,7 @@ def predict(run: Any, images: Any, *, top: int = 3, models: PathLike = "models",
         check_output(Path(output))  # before the work, not after
     targets = image_targets(images)
     predictor = Predictor(_run_path(run), Path(models), None if data is None else Path(data),
-                          _max_pixels(max_megapixels), tta)
+                          _max_pixels(max_megapixels), tta, unknown)
     if not isinstance(targets, list | tuple):  # a stream: answered as one
         streamed = predict_stream(predictor, (_checked_path(t) for t in targets), top)
         if output is None:

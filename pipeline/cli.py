@@ -438,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     guess.add_argument("--max-megapixels", type=_positive_float, default=128,
                        help="images of more decoded pixels than this many millions (10^6) get an error instead of a "
                             "prediction (default 128)")
+    guess.add_argument("--unknown", default="flag", choices=("flag", "reject"),
+                       help="an image farther from the run's training images than the run's recorded threshold (5%% "
+                            "of its validation images are): flag it and keep its labels (default), or reject it "
+                            "(no labels); head runs")
     guess.add_argument("--tta", default="none", choices=("none", "flip", "dihedral"),
                        help="average the probabilities over test-time views: flip (2) or dihedral (8, for images "
                             "without an up); default none")

@@ -117,3 +117,31 @@ def test_extract_from_a_dataframe_of_absolute_paths_finds_their_folder(tmp_path:
                              progress=False)
     assert cache.summary.images == 6 and cache.data_root == str(images)
     assert sorted(cache.rows_index().paths) == [path for path, _ in rows]
+
+
+def test_predict_flags_images_unlike_the_training_images_as_unknown(tmp_path: Path) -> None:
+    """Trained on bright and dark cells; striped images, a held-out kind, are farther from every
+    training image than the run's recorded threshold (which flags 5% of its validation images)."""
+    import pipeline
+
+    images = tmp_path / "cells"
+    rows = _bright_and_dark(images, 60)
+    _write(images / "labels.csv", ["path", "label"], rows)
+    cache = pipeline.extract(images, weights="none", image_size=32, precision="fp32", pooling="avg",
+                             cache=tmp_path / "features", progress=False)
+    run = pipeline.train_head(cache, labels=images / "labels.csv", models=tmp_path / "models", progress=False,
+                              c_grid="1e-2:1e2:5")
+    recorded = run.config["unknown"]
+    assert recorded["false_rejection_rate"] == 0.05 and recorded["threshold"] > 0
+    strange = tmp_path / "strange"
+    strange.mkdir()
+    for i in range(6):
+        pixels = np.zeros((36, 36, 3), np.uint8)
+        pixels[:, (i % 3)::3] = (255, 0, 255)
+        Image.fromarray(pixels).save(strange / f"stripes{i}.png")
+    answers = pipeline.predict(run, sorted(strange.iterdir()))
+    assert all(a.unknown for a in answers) and all(a.unknown_score > recorded["threshold"] for a in answers)
+    known = pipeline.predict(run, [images / path for path, _ in rows[:20]])
+    assert sum(a.unknown for a in known) <= 3  # training images themselves: near 0
+    rejected = pipeline.predict(run, sorted(strange.iterdir())[:1], unknown="reject")
+    assert rejected[0].labels == [] and rejected[0].unknown

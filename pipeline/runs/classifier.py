@@ -118,11 +118,12 @@ def build_classifier(fingerprint: Fingerprint, weights: ResolvedWeights, view: F
 
 
 def build_fused_classifier(parts: Sequence[ClassifierPart], head: Head, precision: str | None = None,
-                           resize: bool = True) -> tuple[keras.Model, list[keras.Model]]:
+                           resize: bool = True, with_features: bool = False) -> tuple[keras.Model, list[keras.Model]]:
     """(classifier, its backbones): every part's backbone on one input, resized once (the parts
     share an image size), each normalised as its weights want; their feature vectors
     concatenated in the parts' order (the order the head was trained on) into the head. Layers of
-    a part after the first carry its backbone's name as a prefix."""
+    a part after the first carry its backbone's name as a prefix. `with_features`: the output is the
+    probabilities followed by the head's input vector, in one row (predict's unknown scores)."""
     if resize and not backend.is_tensorflow():
         raise PipelineError("a classifier that resizes its input (area interpolation) needs the tensorflow backend: "
                             "feed images already squashed by the pipeline's image path instead")
@@ -145,8 +146,12 @@ def build_fused_classifier(parts: Sequence[ClassifierPart], head: Head, precisio
         backbones.append(backbone)
     vector = vectors[0] if len(vectors) == 1 else keras.layers.Concatenate(name="fused_features")(vectors)
     if not head.KERAS_FORM:
-        return FeaturesThenHead(keras.Model(pixels, vector, name="features"), head), backbones
+        return FeaturesThenHead(keras.Model(pixels, vector, name="features"), head, with_features), backbones
     probabilities = head.as_keras()(vector)
+    if with_features:
+        flat = keras.layers.Flatten(name="features_out")(vector)
+        both = keras.layers.Concatenate(name="probabilities_and_features")([probabilities, flat])
+        return keras.Model(pixels, both, name="classifier_with_features"), backbones
     return keras.Model(pixels, probabilities, name="classifier"), backbones
 
 
@@ -157,13 +162,15 @@ class FeaturesThenHead:
     (`predict_on_batch`, calling it, `output_shape`); it cannot be saved, fine-tuned or converted
     as one model (export --format onnx joins the two graphs instead)."""
 
-    def __init__(self, features: keras.Model, head: Head) -> None:
-        self.features, self.head = features, head
+    def __init__(self, features: keras.Model, head: Head, with_features: bool = False) -> None:
+        self.features, self.head, self.with_features = features, head, with_features
         self.output_shape = (None, len(head.class_names))
 
     def predict_on_batch(self, pixels: Any) -> np.ndarray:
         vectors = np.asarray(self.features.predict_on_batch(pixels), np.float32)
-        return self.head.predict_proba(vectors.reshape(len(vectors), -1)).astype(np.float32)
+        vectors = vectors.reshape(len(vectors), -1)
+        probabilities = self.head.predict_proba(vectors).astype(np.float32)
+        return np.concatenate([probabilities, vectors], axis=1) if self.with_features else probabilities
 
     def __call__(self, pixels: Any, training: bool = False) -> np.ndarray:
         return self.predict_on_batch(np.asarray(pixels, np.float32))

@@ -141,11 +141,22 @@ class Run(RunRecord):
                     "features would be fed to the wrong weights; restore config.json, or train the head again")
         return head
 
-    def classifier(self, precision: str | None = None, resize: bool = True) -> Any:
+    def unknowns(self) -> Any:
+        """What a training image's distance looks like in this run's feature space (runs/novelty.py),
+        or None: a fine-tuned run (its features moved), or a run made before it was recorded."""
+        recorded = self.config.get("unknown")
+        if self.kind != "head" or not isinstance(recorded, dict):
+            return None
+        from pipeline.runs import novelty
+
+        return novelty.load(self.directory, recorded)
+
+    def classifier(self, precision: str | None = None, resize: bool = True, with_features: bool = False) -> Any:
         """The run as one Keras model, pixels 0..255 -> probabilities: a head run's backbone
         rebuilt with its head on top (at `precision`, default the features'), a fine-tuned run's
         saved model (in float32 when `precision` is fp32). `resize=False`: images arrive already
-        squashed to the run's size (head runs)."""
+        squashed to the run's size (head runs). `with_features` (head runs): each output row is the
+        probabilities followed by the head's input vector."""
         from pipeline.runs import classifier
 
         if self.kind == "finetune":
@@ -153,9 +164,9 @@ class Run(RunRecord):
         else:
             parts = [classifier.ClassifierPart(fingerprint, classifier.weights_for(fingerprint, _weights_path(record)),
                                                view) for fingerprint, view, record in self.parts]
-            model, _ = classifier.build_fused_classifier(parts, self.head(), precision, resize)
+            model, _ = classifier.build_fused_classifier(parts, self.head(), precision, resize, with_features)
         outputs = model.output_shape[-1]
-        if outputs != len(self.class_names):
+        if outputs != len(self.class_names) and not with_features:
             raise PipelineError(f"{self.directory / LABELS_FILE} lists {len(self.class_names)} classes, the "
                                 f"model has {outputs} outputs: restore labels.txt, or train the run again")
         return model

@@ -16,6 +16,7 @@ from pipeline.images.formats import DEFAULT_MAX_PIXELS
 from pipeline.runs import Run
 
 BATCH = 32
+UNKNOWN = ("flag", "reject")  # an image beyond the run's training images: flagged with its labels, or no labels
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Prediction:
     labels: list[str]
     probabilities: list[float]
     error: str | None = None
+    unknown: bool | None = None  # beyond the run's recorded distance to its training images (None: not measured)
+    unknown_score: float | None = None  # cosine distance to the nearest training image
 
 
 def image_files(targets: list[Path]) -> list[Path]:
@@ -45,7 +48,7 @@ class Predictor:
     for any number of calls on lists of files."""
 
     def __init__(self, run: Path, models: Path = Path("models"), data: Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none") -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none", unknown: str = "flag") -> None:
         from pipeline.finetuning.views import view_transforms
 
         view_transforms(tta)  # an unknown name is refused before any work
@@ -55,7 +58,11 @@ class Predictor:
                                        "TensorFlow's Keras has)")
         # At the precision the features had. On TensorFlow the model resizes inside (as exported);
         # elsewhere the pipeline's image path has squashed the images already.
-        self.model = opened.classifier(resize=backend.is_tensorflow())
+        if unknown not in UNKNOWN:
+            raise PipelineError(f"--unknown {unknown!r}: choose {' or '.join(UNKNOWN)}")
+        self.unknowns = opened.unknowns()  # None: a fine-tuned run, or one made before unknowns were recorded
+        self.unknown = unknown
+        self.model = opened.classifier(resize=backend.is_tensorflow(), with_features=self.unknowns is not None)
         self.class_names, self.size = opened.class_names, opened.fingerprint.image_size
         self.max_pixels, self.tta = max_pixels, tta
         self.thresholds = opened.thresholds  # a multi-label run: every label at or above its threshold
@@ -71,7 +78,14 @@ class Predictor:
             return results
         source = EncodedImages(files, self.max_pixels)
         rows = averaged_by_image(self.model.predict_on_batch, source, self.size, BATCH, self.tta)
-        for index, row in rows.items():
+        classes = len(self.class_names)
+        scores = {}
+        if self.unknowns is not None and rows:
+            order = sorted(rows)
+            distances = self.unknowns.scores(np.stack([rows[i][classes:] for i in order]))
+            scores = dict(zip(order, distances.tolist()))
+        for index, full in rows.items():
+            row = full[:classes]
             top = np.argsort(-row, kind="stable")[:top_k]
             if self.thresholds is not None:  # every label at or above its threshold, most probable first
                 top = [i for i in np.argsort(-row, kind="stable") if row[i] >= self.thresholds[i]]
@@ -79,6 +93,11 @@ class Predictor:
                 top = ([1, 0] if row[1] >= self.threshold else [0, 1])[:top_k]
             results[index] = Prediction(results[index].path, [self.class_names[i] for i in top],
                                         [float(row[i]) for i in top])
+            if index in scores:
+                results[index].unknown_score = float(scores[index])
+                results[index].unknown = bool(scores[index] > self.unknowns.threshold)
+                if results[index].unknown and self.unknown == "reject":  # no class said for an unknown image
+                    results[index].labels, results[index].probabilities = [], []
         for index in sorted(set(range(len(files))) - set(rows)):
             try:
                 reason = f"not a readable image: {source.failure_reason(index, self.size)}"
@@ -89,12 +108,13 @@ class Predictor:
 
 
 def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models"),
-            data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none") -> list[Prediction]:
+            data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none",
+            unknown: str = "flag") -> list[Prediction]:
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
     among the runs of this data folder. `tta`: average the probabilities over test-time views
     (flip: 2, dihedral: 8; pipeline/finetuning/views.py)."""
-    predictor = Predictor(run, models, data, max_pixels, tta)
+    predictor = Predictor(run, models, data, max_pixels, tta, unknown)
     files = image_files(targets)
     if not files:
         raise PipelineError(f"no images found in {', '.join(map(str, targets))}")
@@ -142,10 +162,13 @@ def write_predictions(results: list[Prediction], output: Path) -> None:
     with atomic.replacing(output) as temporary, \
             open(temporary, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
         writer = tables.writer(handle)
-        writer.writerow(["path", *[f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")], "error"])
+        writer.writerow(["path", *[f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")], "error",
+                         "unknown", "unknown_score"])
         for r in results:
             cells = [c for label, p in zip(r.labels, r.probabilities) for c in (label, f"{p:.6f}")]
-            writer.writerow([r.path, *cells, *[""] * (2 * k - len(cells)), r.error or ""])
+            writer.writerow([r.path, *cells, *[""] * (2 * k - len(cells)), r.error or "",
+                             "" if r.unknown is None else str(r.unknown).lower(),
+                             "" if r.unknown_score is None else f"{r.unknown_score:.6f}"])
 
 
 def predictions_table(results: list[Prediction]) -> str:
@@ -154,5 +177,7 @@ def predictions_table(results: list[Prediction]) -> str:
         if r.error:
             lines.append(f"{r.path}  error: {r.error}")
         else:
-            lines.append(f"{r.path}  " + "  ".join(f"{label} {p:.4f}" for label, p in zip(r.labels, r.probabilities)))
+            flag = "" if not r.unknown else f"  UNKNOWN (distance {r.unknown_score:.3f})"
+            lines.append(f"{r.path}  " + "  ".join(f"{label} {p:.4f}" for label, p in zip(r.labels, r.probabilities))
+                         + flag)
     return "\n".join(lines).encode("utf-8", "backslashreplace").decode()  # an error may quote a non-UTF-8 name

@@ -29,7 +29,7 @@ from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, make_head
 from pipeline.labelling import LabelSpec, labelling_from_table
-from pipeline.runs import REPORTED_SPLIT, Run, RunSummary, score_splits
+from pipeline.runs import REPORTED_SPLIT, Run, RunSummary, novelty, score_splits
 
 
 @dataclass
@@ -300,6 +300,7 @@ def train_head(options: TrainOptions) -> RunSummary:
     head.fit(train, validation, progress=options.progress)
     seconds = time.perf_counter() - started
     threshold = decision_threshold(options.threshold, head, validation)
+    unknowns = novelty.fit(train, validation)  # what a training image's distance looks like: predict's unknowns
 
     config = {
         "head": {"kind": head.kind, "params": head.params} | head.outcome()
@@ -325,6 +326,8 @@ def train_head(options: TrainOptions) -> RunSummary:
                          for s, v in zip(stores, views)]
     with runs.create(options.models, name, "head") as run:
         head.save(run.directory)
+        if unknowns is not None:
+            config["unknown"] = unknowns.save(run.directory)
         if labelling is not None:
             labelling.write(run.directory)
         config = run.write_config(config, store.class_names, store.split_indexes())
