@@ -165,6 +165,9 @@ def test_the_readme_python_section_runs_as_written(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "data" / "elpv", per_class=8, classes=("defective", "functional"))
     (tmp_path / "data" / "elpv" / "defective" / "img000.png").rename(tmp_path / "data" / "elpv" / "defective" /
                                                                      "cell0001.png")
+    images = sorted((tmp_path / "data" / "elpv").rglob("*.png"))  # the demo-data table the README reads labels from
+    (tmp_path / "data" / "elpv" / "elpv_labels.csv").write_text(
+        "file,class\n" + "".join(f"{p.parent.name}/{p.name},{p.parent.name}\n" for p in images))
     fast = code.replace('backbone="efficientnet_lite0"',
                         'backbone="efficientnet_lite0", weights="none", image_size=48, precision="fp32"')
     assert fast != code, "the README's extract line names its backbone as the test expects"
