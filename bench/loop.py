@@ -69,14 +69,15 @@ def elpv_truth(classing: str) -> tuple[Path, dict[str, str]]:
 
 
 def synthetic_truth(work: Path) -> tuple[Path, dict[str, str]]:
-    """Six clusters of 64 values, 300 images each but one of 60 (the rare class), in one cache."""
+    """Six overlapping clusters of 64 values (centres 0.35 standard deviations apart per value), 300
+    images each but one of 60 (the rare class), in one unlabelled cache."""
     from pipeline import atomic
     from pipeline.cache import store
 
-    directory = work / "synthetic-cache"
+    directory = work / "synthetic-cache-2"
     rng = np.random.default_rng(0)
     sizes = [300, 300, 300, 300, 300, 60]
-    centres = rng.normal(size=(6, 64)) * 1.2
+    centres = rng.normal(size=(6, 64)) * 0.35
     labels = np.concatenate([np.full(n, k) for k, n in enumerate(sizes)])
     features = (centres[labels] + rng.normal(size=(len(labels), 64))).astype(np.float32)
     paths = [f"images/img{i:05d}.png" for i in range(len(labels))]
@@ -161,25 +162,29 @@ def loop_suite(results: dict, seeds: list[int], rounds: int) -> None:
 
 
 def unknowns_suite(results: dict) -> None:
-    """Each ELPV level held out in turn (4class cache)."""
+    """Each ELPV level held out in turn (4class cache), and each class of the synthetic set."""
+    done = {(r.get("set", "elpv4"), r["held_out"]) for r in results.setdefault("unknowns", [])}
+    for name, (cache, truth) in (("elpv4", elpv_truth("4class")), ("synthetic", synthetic_truth(WORK))):
+        _held_out_rows(results, name, cache, truth, done)
+
+
+def _held_out_rows(results: dict, name: str, cache: Path, truth: dict[str, str], done: set) -> None:
     from sklearn.metrics import roc_auc_score
 
     import pipeline
     from pipeline.cache.reader import load_splits
     from pipeline.heads import ArrayFeatures
 
-    done = {r["held_out"] for r in results.setdefault("unknowns", [])}
-    cache, truth = elpv_truth("4class")
     levels = sorted(set(truth.values()))
     pool, validation, test = fixed_splits(truth, 0)
     for held in levels:
-        if held in done:
+        if (name, held) in done:
             continue
         rows = [(p, truth[p] if truth[p] != held else "", split) for paths, split in
                 ((pool, "train"), (validation, "validation"), (test, "test")) for p in paths]  # held out: unlabelled
-        table = _write_table(WORK / f"unknowns-{held}.csv", rows)
+        table = _write_table(WORK / f"unknowns-{name}-{held}.csv", rows)
         run = pipeline.train_head(cache, labels=table, split_column="split", models=WORK / "models",
-                                  name=f"without-{held}", progress=False, **FAST)
+                                  name=f"{name}-without-{held}", progress=False, **FAST)
         unknowns = run.unknowns()
         store = run.features()
         known = load_splits(store, run.view)["test"]
@@ -192,14 +197,14 @@ def unknowns_suite(results: dict) -> None:
         proba = np.concatenate([head.predict_proba(ArrayFeatures(v, np.zeros(len(v), np.int32), run.class_names))
                                 for v in (known_vectors, held_vectors)])
         truth_unknown = np.concatenate([np.zeros(len(known_vectors)), np.ones(len(held_vectors))])
-        row = {"held_out": held, "known_test": len(known_vectors), "held_out_test": len(held_vectors),
+        row = {"set": name, "held_out": held, "known_test": len(known_vectors), "held_out_test": len(held_vectors),
                "auroc_distance": float(roc_auc_score(truth_unknown, distance)),
                "auroc_max_probability": float(roc_auc_score(truth_unknown, 1 - proba.max(axis=1))),
                "threshold": unknowns.threshold,
                "flagged_held_out": float(np.mean(distance[truth_unknown == 1] > unknowns.threshold)),
                "flagged_known": float(np.mean(distance[truth_unknown == 0] > unknowns.threshold))}
         results["unknowns"].append(row)
-        print(f"held out {held}: AUROC distance {row['auroc_distance']:.3f}, max-probability "
+        print(f"{name}: held out {held}: AUROC distance {row['auroc_distance']:.3f}, max-probability "
               f"{row['auroc_max_probability']:.3f}; flagged {row['flagged_held_out']:.1%} held out, "
               f"{row['flagged_known']:.1%} known", flush=True)
         _save(results)
@@ -224,10 +229,11 @@ def summary(results: dict) -> str:
         lines.append(markdown_table(["round", "labels (suggest)", "test accuracy (suggest)", "labels (random)",
                                      "test accuracy (random)"], table))
     if results.get("unknowns"):
-        lines.append("\nunknowns (ELPV 4-class, one level held out)\n")
+        lines.append("\nunknowns (one class held out)\n")
         lines.append(markdown_table(
-            ["held out", "AUROC distance", "AUROC 1 - max probability", "flagged: held out", "flagged: known"],
-            [[r["held_out"], f"{r['auroc_distance']:.3f}", f"{r['auroc_max_probability']:.3f}",
+            ["set", "held out", "AUROC distance", "AUROC 1 - max probability", "flagged: held out",
+             "flagged: known"],
+            [[r.get("set", "elpv4"), r["held_out"], f"{r['auroc_distance']:.3f}", f"{r['auroc_max_probability']:.3f}",
               f"{r['flagged_held_out']:.1%}", f"{r['flagged_known']:.1%}"] for r in results["unknowns"]]))
     return "\n".join(lines)
 

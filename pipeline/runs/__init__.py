@@ -7,7 +7,8 @@ turned into a model.
 - listing.py: every run side by side, and the best;
 - run.py: `Run`, a record with behaviour (its caches, its head, its model);
 - scoring.py: metrics and reports of a run's splits;
-- classifier.py: a run as one Keras model from pixels to probabilities.
+- classifier.py: a run as one Keras model from pixels to probabilities;
+- novelty.py: how far an image is from a head run's training images (predict's unknowns).
 """
 
 from pipeline.runs.files import (
