@@ -80,7 +80,7 @@ class Predictor:
         rows = averaged_by_image(self.model.predict_on_batch, source, self.size, BATCH, self.tta)
         classes = len(self.class_names)
         scores = {}
-        if self.unknowns is not None and rows:
+        if self.unknowns is not None and rows and len(next(iter(rows.values()))) > classes:  # features follow
             order = sorted(rows)
             distances = self.unknowns.scores(np.stack([rows[i][classes:] for i in order]))
             scores = dict(zip(order, distances.tolist()))
