@@ -7,19 +7,21 @@ them never touches the backbone:
 - the *default* labelling is the one the cache carries: the class folders' names and the splits
   extract gave them (an unlabelled cache, from a flat folder or a table of paths, has none);
 - a *labels table* (`LabelSpec`) relabels the images it names, over the default: a full table
-  relabels every image, an audit's suspects.csv only those it lists. A row with an empty label
-  makes its image unlabelled (not trained on, not scored; still predicted and audited);
-- soft targets (`--target-column`, a probability in [0, 1] of a binary task) replace the default
-  entirely: the images the table does not name are unlabelled.
+  relabels every image, an audit's suspects.csv only those it lists; several tables relabel in
+  turn. A row with an empty label makes its image unlabelled (not trained on, not scored; still
+  predicted and audited);
+- soft targets (`--target-column`, the probability of class "1" of a binary task, or
+  `--target-columns`, one probability column a class) and multi-label tables (`--label-separator`,
+  `--label-columns`) replace the default entirely: the images the tables do not name are unlabelled.
 
 Splits: a split column's value where the table gives one; else, without a group column, the split
 the cache gave the image (folder layouts); else the stable rule computed from the content id (so a
 renamed file keeps its split), stratified by class, or from the group where a group column is
 given (a group's images never straddle two splits).
 
-A run records its labelling (labelling.csv, every labelled image with its id, label or target,
-split and group; its digest in config.json), so evaluate and finetune read the labels the run was
-trained on.
+A run records its labelling (labelling.csv, every labelled image with its id, split, group and
+label, target or 0/1 a label; its digest in config.json), so evaluate and finetune read the labels
+the run was trained on.
 """
 
 from __future__ import annotations
