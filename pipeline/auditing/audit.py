@@ -121,8 +121,8 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
             raise PipelineError(f"{each.directory} was extracted with --weights none: neighbours and label errors "
                                 "of random features mean nothing; extract with pretrained weights and audit that")
     indexes = store.split_indexes()
-    unlabelled = _unlabelled_rows(store) if len(stores) == 1 else None
-    if not sum(len(index.paths) for index in indexes.values()) and (unlabelled is None or not len(unlabelled[0])):
+    unlabelled = np.flatnonzero(~store.labelled_rows()) if len(stores) == 1 else None
+    if not sum(len(index.paths) for index in indexes.values()) and (unlabelled is None or not len(unlabelled)):
         raise PipelineError(f"{store.directory} holds no images: nothing to audit")
     splits: dict[str, Any] = {}
     if store.class_names:
@@ -141,13 +141,13 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
     paths = [p for s in present for p in splits[s].paths]
     ids = [d for s in present for d in indexes[s].sha256]
     labelled = len(paths)
-    if unlabelled is not None and len(unlabelled[0]):
-        rows = unlabelled[0]
-        vectors = views[0].vectors(store.read_rows(store.rows_index().locations[rows], views[0].layers))
+    if unlabelled is not None and len(unlabelled):
+        every = store.rows_index()
+        vectors = views[0].vectors(store.read_rows(every.locations[unlabelled], views[0].layers))
         check_feature_values(vectors, store.directory)
         parts.append(vectors)
-        paths += unlabelled[1]
-        ids += [store.rows_index().sha256[r] for r in rows]
+        paths += [every.paths[r] for r in unlabelled]
+        ids += [every.sha256[r] for r in unlabelled]
     multilabel = bool(getattr(store.labelling, "multilabel", False))
     return _Images(
         vectors=np.concatenate(parts).astype(np.float32),
@@ -161,14 +161,6 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
         labelled=labelled,
         targets=np.concatenate([splits[s].targets for s in present]) if multilabel and present else None,
     )
-
-
-def _unlabelled_rows(store: FeatureStore) -> tuple[np.ndarray, list[str]]:
-    """The cache rows in no split of its labelling (unlabelled images): their row numbers and paths."""
-    labelled = {path for index in store.split_indexes().values() for path in index.paths}
-    every = store.rows_index().paths
-    rows = np.array([i for i, path in enumerate(every) if path not in labelled], np.int64)
-    return rows, [every[i] for i in rows]
 
 
 LARGEST_FEATURE = 1e15  # no backbone's features come near; squares of larger ones overflow float32 statistics

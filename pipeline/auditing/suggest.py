@@ -25,6 +25,7 @@ import numpy as np
 from pipeline import atomic, tables
 from pipeline.cache.store import FeatureStore
 from pipeline.errors import PipelineError
+from pipeline.runs.novelty import unit
 
 CANDIDATES_PER_SUGGESTION = 10  # the uncertain pool the diversity step chooses from, as a multiple of the budget
 
@@ -37,18 +38,6 @@ class Suggestions:
     rows: list[dict[str, Any]]
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
-
-
-def _unlabelled(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
-    """(rows of the cache in no split: unlabelled, rows in a split: labelled), cache row numbers."""
-    labelled = {path for index in store.split_indexes().values() for path in index.paths}
-    every = store.rows_index().paths
-    flags = np.array([path in labelled for path in every], bool)
-    return np.flatnonzero(~flags), np.flatnonzero(flags)
-
-
-def _normalised(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def uncertainty(proba: np.ndarray, thresholds: list[float] | None = None) -> np.ndarray:
@@ -84,7 +73,8 @@ def suggest(store: FeatureStore, run: Any, budget: int, out: Path | None, progre
     started = time.perf_counter()
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise PipelineError(f"--budget {budget}: a positive whole number of images to suggest")
-    pool, labelled = _unlabelled(store)
+    labelled_flags = store.labelled_rows()
+    pool, labelled = np.flatnonzero(~labelled_flags), np.flatnonzero(labelled_flags)
     if not len(pool):
         raise PipelineError(f"{store.directory} has no unlabelled images ({len(labelled)} labelled): nothing to "
                             "suggest; extract new images into it (a flat folder or a table of paths)")
@@ -109,11 +99,11 @@ def suggest(store: FeatureStore, run: Any, budget: int, out: Path | None, progre
         notes.append(("no head run" if run is None else "no labelled images") + ": the suggestions are ranked by "
                      "diversity alone (the images least like each other and the labelled ones)")
     candidates = np.argsort(-weights, kind="stable")[:min(len(pool), CANDIDATES_PER_SUGGESTION * budget)]
-    unit = _normalised(vectors[candidates])
+    unit_vectors = unit(vectors[candidates])
     anchors = None
     if len(labelled):
-        anchors = _normalised(view.vectors(store.read_rows(locations[labelled], view.layers)))
-    picked = [int(candidates[i]) for i in weighted_k_center(unit, weights[candidates], budget, anchors)]
+        anchors = unit(view.vectors(store.read_rows(locations[labelled], view.layers)))
+    picked = [int(candidates[i]) for i in weighted_k_center(unit_vectors, weights[candidates], budget, anchors)]
     rows_index = store.rows_index()
     label_column = _label_column(run)
     rows = []

@@ -545,12 +545,16 @@ class FeatureStore:
                                          else np.zeros((0, 2), np.int64))
         return self._rows_index
 
+    def labelled_rows(self) -> np.ndarray:
+        """Whether each cache row (rows_index order) is in a split: labelled, by the cache or by the
+        labelling that relabelled it."""
+        labelled = {path for index in self.split_indexes().values() for path in index.paths}
+        return np.array([path in labelled for path in self.rows_index().paths], bool)
+
     @property
     def unlabelled(self) -> int:
         """How many images have no label (in the cache, or in the labelling that relabelled it)."""
-        if self.labelling is not None:
-            return int(self.labelling.counts.get("unlabelled", 0))
-        return int(np.sum(self.rows_index().labels == UNLABELLED))
+        return int(np.sum(~self.labelled_rows()))
 
     def relabelled(self, class_names: Sequence[str], indexes: Mapping[str, SplitIndex], labelling: Any) -> FeatureStore:
         """This cache seen through a labelling: the same features and rows, with `class_names` and
