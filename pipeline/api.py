@@ -442,6 +442,43 @@ def suggest(features: Any = None, *, model: Any = None, budget: int = 50, out: P
 
 
 @checked
+@kept_off
+def report_page(model: Any = None, *, audit: PathLike | None = None, out: PathLike | None = None,
+                split: str = "test", thumbnails: str = "auto", screenshot: PathLike | None = None,
+                models: PathLike = "models", cache: PathLike = "features", progress: bool = True) -> Any:
+    """One offline HTML page (the `report` command) of the run `model` and/or the audit folder
+    `audit`: metrics with intervals, the confusion matrix of `split` whose cells open their images,
+    the errors, the unknowns, what to label next, the audit's suspects and cross-split pairs, the
+    2-D map. `out` defaults to report.html in the run's folder (else the audit's); `thumbnails`:
+    "embed" (in the page), "folder" (beside it, linked relative to it) or "auto" (embedded up to
+    2,000 images). `screenshot` (FILE.png): the page as headless Chromium shows it (the browser
+    extra). Returns a ReportSummary: `path`, `images`, `missing`, `thumbnails`, `sections`,
+    `screenshot`."""
+    from pipeline.pages.report import make_report
+    from pipeline.runs import Run
+
+    if model is None and audit is None:
+        raise PipelineError("report needs a run (--model RUN) or an audit (--audit DIR), or both")
+    if screenshot is not None:
+        from pipeline.pages.browser import unavailable
+
+        if Path(screenshot).suffix.lower() != ".png":
+            raise PipelineError(f"--screenshot {screenshot}: the picture is a PNG file (FILE.png)")
+        if unavailable() is not None:  # before any work
+            raise PipelineError(f"--screenshot needs a headless browser: {unavailable()}")
+    run = None if model is None else Run.open(_run_path(model), Path(models))
+    found = make_report(run, None if audit is None else Path(audit), None if out is None else Path(out), split,
+                        thumbnails, Path(cache), progress)
+    if screenshot is not None:
+        from pipeline.pages.browser import screenshot as picture
+
+        found.console_errors = picture(found.path, Path(screenshot))
+        found.screenshot = Path(screenshot)
+    _say(progress, lambda: summaries.report_text(found))
+    return found
+
+
+@checked
 def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> list[dict[str, Any]]:
     """Every finished run under `models` (of the image folder `data` if given) as a row, best
     validation accuracy first; a damaged run is listed with its `problem`."""

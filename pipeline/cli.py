@@ -26,6 +26,7 @@ from pipeline.chatter import library_warnings_quiet, native_chatter_filtered
 from pipeline.errors import PipelineError, speak_as_command_line
 from pipeline.finetuning.examples import Augmentation
 from pipeline.heads import HEADS
+from pipeline.pages.thumbnails import MODES as THUMBNAIL_MODES
 
 
 def _cache_list(value: str) -> list[Path]:
@@ -330,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     nextup.add_argument("--json", action="store_true", help="print the suggestions as JSON")
     nextup.set_defaults(handler=_suggest)
 
+    page = commands.add_parser("report", help="one offline HTML page of a run and/or an audit: metrics, the "
+                                              "confusion matrix's images, errors, suspects, unknowns, the map")
+    page.add_argument("--model", default=None, help="a run directory, or best")
+    page.add_argument("--audit", type=Path, default=None, help="an audit's folder (made by audit)")
+    page.add_argument("--out", type=Path, default=None,
+                      help="FILE.html (default: report.html in the run's folder, else in the audit's)")
+    page.add_argument("--split", default="test",
+                      help="the split whose images the matrix opens: train, validation, test (test)")
+    page.add_argument("--thumbnails", choices=THUMBNAIL_MODES, default="auto",
+                      help="embed: in the page; folder: beside it (FILE_files/), linked relative to it; auto: "
+                           "embedded up to 2,000 images (auto)")
+    page.add_argument("--screenshot", type=Path, default=None, metavar="FILE.png",
+                      help="also a picture of the page in headless Chromium (the [browser] extra)")
+    page.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
+    page.add_argument("--cache", type=Path, default=Path("features"), help="cache root (default features/)")
+    page.add_argument("--no-progress", action="store_true", help="no progress bar")
+    page.add_argument("--json", action="store_true", help="print the summary as JSON")
+    page.set_defaults(handler=_report)
+
     runs = commands.add_parser("runs", help="every run side by side, best validation accuracy first")
     runs.add_argument("--models", type=Path, default=Path("models"))
     runs.add_argument("--data", type=Path, default=None, help="only the runs trained on this image folder")
@@ -608,6 +628,19 @@ def _suggest(args: argparse.Namespace) -> int:
                           "seconds": round(found.seconds, 2)} | found.details, indent=2))
         return 0
     print(summaries.suggest_text(found))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    found = api.report_page(args.model, **_flags(args, api.report_page, "model"))
+    if args.json:
+        print(json.dumps({"path": str(found.path), "images": found.images, "missing": found.missing,
+                          "thumbnails": found.thumbnails, "sections": found.sections, "notes": found.notes,
+                          "screenshot": None if found.screenshot is None else str(found.screenshot),
+                          "console_errors": found.console_errors,
+                          "seconds": round(found.seconds, 2)}, indent=2))
+        return 0
+    print(summaries.report_text(found))
     return 0
 
 

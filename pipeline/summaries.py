@@ -140,3 +140,18 @@ def suggest_text(found: Any) -> str:
         lines.append(f"table: {found.path} (fill in its {details['label_column']!r} column, then train-head --labels "
                      f"TABLE --labels {found.path}: no backbone pass)")
     return "\n".join(lines)
+
+
+def report_text(found: Any) -> str:
+    """report's summary: the page, what it shows, what is missing."""
+    kept = "in the page" if found.thumbnails == "embed" else f"in {found.path.parent / (found.path.stem + '_files')}"
+    lines = [f"report: {found.path} ({found.images} images, thumbnails {kept}; "
+             f"{', '.join(found.sections) or 'no sections'}) in {found.seconds:.1f} s"]
+    if found.missing:
+        lines.append(f"  {len(found.missing)} images are missing (e.g. {found.missing[0]}): the page lists them")
+    lines += [f"note: {note}" for note in found.notes]
+    if found.screenshot is not None:
+        lines.append(f"screenshot: {found.screenshot}" + (f" (the browser's console: {found.console_errors[0]})"
+                                                          if found.console_errors else ""))
+    lines.append(f"open it in a browser: {found.path.resolve().as_uri()}")
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ them by, written whole into one folder:
     pred_probs.npy    (images, classes) out-of-fold probabilities, columns in class order, rows as ids.txt
     ids.txt           the content sha256 of each row of pred_probs.npy
     duplicates.csv    path_a,split_a,class_a,path_b,split_b,class_b,similarity,exact
+    map.csv           path,split,label,x,y,id: the 2-D map's points (the report page draws them)
     map.png, suspects.png, duplicates.png
     audit.json        the summary: suspects, duplicate pairs, cross-split pairs, per class
 
@@ -38,6 +39,7 @@ from pipeline.runs.files import remove_leftovers
 
 SUSPECTS = "suspects.csv"
 DUPLICATES = "duplicates.csv"
+MAP = "map.csv"  # the map's points: what the report page draws
 SUMMARY = "audit.json"
 # Re-encoded copies of small synthetic images sit at 0.986 (tests/test_audit.py); on ELPV's look-alike cells
 # 0.98 gives 4,358 pairs, 0.99 772, 0.995 58 (bench/RESULTS.md): raise it for data of near-identical images.
@@ -210,9 +212,11 @@ def run_audit(options: AuditOptions) -> AuditSummary:
         np.save(directory / "pred_probs.npy", found.pred_probs.astype(np.float32), allow_pickle=False)
         atomic.write_text(directory / "ids.txt", "".join(f"{i}\n" for i in images.ids))
         _write_duplicates(directory / DUPLICATES, images, pairs)
-        how = pictures.embedding_map(images.vectors, images.labels, images.class_names, found.issues[:200],
-                                     sorted({r for p in crossing for r in (p.a, p.b)}), directory / "map.png",
-                                     options.seed)
+        marked_suspects, marked_pairs = found.issues[:200], sorted({r for p in crossing for r in (p.a, p.b)})
+        layout = pictures.map_layout(images.vectors, [*marked_suspects, *marked_pairs], options.seed)
+        how = pictures.embedding_map(layout, images.labels, images.class_names, marked_suspects, marked_pairs,
+                                     directory / "map.png")
+        _write_map(directory / MAP, images, layout)
         top = found.issues[:pictures.SHEET]
         pictures.contact_sheet(
             [images.root / images.paths[r] for r in top],
@@ -274,6 +278,15 @@ def _write_duplicates(path: Path, images: _Images, pairs: Sequence[Pair]) -> Non
                              images.splits[p.b], images.given(p.b), f"{p.similarity:.6f}", p.exact])
 
 
+def _write_map(path: Path, images: _Images, layout: pictures.MapLayout) -> None:
+    with atomic.replacing(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = tables.writer(handle)
+        writer.writerow(["path", "split", "label", "x", "y", "id"])
+        for row, (x, y) in zip(layout.rows, layout.xy):
+            writer.writerow([images.paths[row], images.splits[row], images.given(row), f"{x:.4f}", f"{y:.4f}",
+                             images.ids[row]])
+
+
 def _details(options: AuditOptions, stores: Sequence[FeatureStore], images: _Images, found: Any,
              pairs: Sequence[Pair], crossing: Sequence[Pair], cross_counts: Counter, method: str,
              how: str) -> dict[str, Any]:
@@ -290,6 +303,7 @@ def _details(options: AuditOptions, stores: Sequence[FeatureStore], images: _Ima
                  for i, name in enumerate(names)}
     return {
         "caches": [str(store.directory.resolve()) for store in stores],
+        "data_root": stores[0].data_root,  # where the images' paths are relative to (the report page's thumbnails)
         "backbones": [store.fingerprint.backbone for store in stores],
         "images": len(images.labels),
         "labelled": images.labelled,

@@ -7,6 +7,7 @@ expects."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +72,10 @@ def out_of_fold_probabilities(x: np.ndarray, labels: np.ndarray, class_names: li
     for number, (kept, held) in enumerate(bar):
         started = time.perf_counter()
         counts = np.bincount(labels[kept], minlength=classes)
-        stratify = labels[kept] if counts[counts > 0].min() >= 2 else None
+        present, held_out = int(np.sum(counts > 0)), math.ceil(0.2 * len(kept))
+        # stratified where every class can be in both parts (scikit-learn refuses otherwise): a small cache's folds
+        stratify = labels[kept] if counts[counts > 0].min() >= 2 and min(held_out, len(kept) - held_out) >= present \
+            else None
         inner, validation = train_test_split(kept, test_size=0.2, random_state=seed, stratify=stratify)
         grid = c_grid if number == 0 or c_per_fold else repr(chosen[0])
         head = LogRegHead(c_grid=grid, n_jobs=-1)

@@ -6,6 +6,7 @@ pairs side by side."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,29 @@ def _save(figure: Any, path: Path) -> None:
     pyplot().close(figure)
 
 
-@serialised
-def embedding_map(x: np.ndarray, labels: np.ndarray, class_names: Sequence[str], suspects: Sequence[int],
-                  cross_split: Sequence[int], path: Path, seed: int = 0) -> str:
-    """map.png; returns how the map was made."""
+@dataclass
+class MapLayout:
+    """The 2-D map's points: `rows` of the input (every marked one, a sample of the rest) and
+    their coordinates `xy`, and how they were made."""
+
+    rows: np.ndarray
+    xy: np.ndarray
+    how: str
+
+
+def map_layout(x: np.ndarray, marked: Sequence[int], seed: int = 0) -> MapLayout:
+    """PCA to 50 dimensions, then t-SNE, of every row in `marked` and a sample of the others (at most
+    MAP_POINTS in all): the picture's points and the report page's."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    plt = pyplot()
     rng = np.random.default_rng(seed)
-    marked = np.unique(np.concatenate([np.asarray(suspects, np.int64), np.asarray(cross_split, np.int64)]))
+    marked = np.unique(np.asarray(marked, np.int64))
     rest = np.setdiff1d(np.arange(len(x)), marked)
     room = max(0, MAP_POINTS - len(marked))
     chosen = np.sort(np.concatenate([marked, rng.choice(rest, min(room, len(rest)), replace=False)])).astype(np.int64)
+    if not len(chosen):
+        return MapLayout(chosen, np.zeros((0, 2), np.float32), "no images")
     points = x[chosen]
     reduced = PCA(n_components=min(50, points.shape[1], len(points)), random_state=seed).fit_transform(points)
     if len(points) > 3:
@@ -46,6 +57,16 @@ def embedding_map(x: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
         how = f"PCA to {reduced.shape[1]} dimensions, then t-SNE, of {len(points)} images"
     else:
         flat, how = np.pad(reduced[:, :2], ((0, 0), (0, max(0, 2 - reduced.shape[1])))), "PCA"
+    return MapLayout(chosen, np.asarray(flat, np.float32), how)
+
+
+@serialised
+def embedding_map(layout: MapLayout, labels: np.ndarray, class_names: Sequence[str], suspects: Sequence[int],
+                  cross_split: Sequence[int], path: Path) -> str:
+    """map.png of `layout` (map_layout's points), coloured by class, suspects and cross-split
+    duplicates marked; returns how the map was made."""
+    plt = pyplot()
+    chosen, flat, how = layout.rows, layout.xy, layout.how
     position = {row: i for i, row in enumerate(chosen)}
     figure, axes = plt.subplots(figsize=(9, 7.5))
     colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")

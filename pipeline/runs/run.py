@@ -69,6 +69,24 @@ class Run(RunRecord):
                                 "trained on (drop --features)")
         return [self._cache(record, fingerprint, None, cache_root) for fingerprint, _, record in self.parts]
 
+    def cached_splits(self, features: Path | None = None, cache_root: Path = Path("features"),
+                      memory_budget: int | None = None, labels: Any = None) -> tuple[FeatureStore, dict[str, Any]]:
+        """(its cache, the head's inputs of every split) of a head run, one cache or several fused,
+        checked against the splits the run was trained with; `labels` as in features()."""
+        from pipeline.cache.reader import load_fused_splits, load_splits
+
+        if self.fused:
+            if labels is not None:
+                raise PipelineError(f"{self.name} fuses features: it is read with the labels it was trained on "
+                                    "(drop --labels)")
+            stores = self.fused_features(features, cache_root)
+            splits, store = load_fused_splits(stores, [part.view for part in self.parts], memory_budget), stores[0]
+        else:
+            store = self.features(features, cache_root, labels)
+            splits = load_splits(store, self.view, memory_budget)
+        self.check_same_splits(store.split_indexes(), store.directory)
+        return store, splits
+
     def _one_backbone(self) -> None:
         if self.fused:
             raise PipelineError(f"{self.name} fuses the features of {self.backbones}: fine-tuning trains one backbone "

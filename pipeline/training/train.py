@@ -352,16 +352,7 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     if opened.kind != "head":
         raise PipelineError(f"{run} is a {opened.kind} run: evaluate re-scores head runs; its reports are in it")
     head = opened.head()
-    if opened.fused:
-        if labels is not None:
-            raise PipelineError(f"{opened.name} fuses features: evaluate it with the labels it was trained on "
-                                "(drop --labels)")
-        stores = opened.fused_features(features, cache_root)
-        splits, store = load_fused_splits(stores, [part.view for part in opened.parts], memory_budget), stores[0]
-    else:
-        store = opened.features(features, cache_root, labels)
-        splits = load_splits(store, opened.view, memory_budget)
-    opened.check_same_splits(store.split_indexes(), store.directory)
+    store, splits = opened.cached_splits(features, cache_root, memory_budget, labels)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
                                  store.class_names, opened.name, split, opened.ordered, opened.thresholds,
                                  opened.threshold,
