@@ -67,12 +67,12 @@ test-all: setup
 # Baseline and pipeline side by side, printing ratios; figures recorded in bench/RESULTS.md.
 bench: setup
 	$(PY) run_pipeline.py demo-data --out data/elpv
-	$(PY) bench/extract.py
-	$(PY) bench/heads.py
-	$(PY) bench/finetune.py
-	$(PY) bench/accuracy.py
-	$(PY) bench/accuracy.py --suite vgg16 --finetune-epochs 3
-	$(PY) bench/export.py --models bench/work/models/binary
+	$(PY) -m bench.extract
+	$(PY) -m bench.heads
+	$(PY) -m bench.finetune
+	$(PY) -m bench.accuracy
+	$(PY) -m bench.accuracy --suite vgg16 --finetune-epochs 3
+	$(PY) -m bench.export --models bench/work/models/binary
 
 # Keras and its small dependencies (the one list: bench/gpu-wheels.txt) for a GPU machine that has
 # JAX (Python 3.12) but no Keras and no package index: bench/gpu.py installs them from bench/wheels

@@ -1,6 +1,6 @@
 """ELPV accuracy over 5 split seeds, through the pipeline's own commands.
 
-    .venv/bin/python bench/accuracy.py [--suite backbones|heads|vgg16|finetune|ordinal] [--task binary 4class]
+    .venv/bin/python -m bench.accuracy [--suite backbones|heads|vgg16|finetune|ordinal] [--task binary 4class]
                                        [--seeds 0 1 2 3 4] [--finetune-epochs N] [--quick]
                                        [--recipes NAME ...] [--protocols 75/25 70/15/15]
 
@@ -56,7 +56,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402

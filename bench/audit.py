@@ -1,8 +1,8 @@
 """The audit at scale and on ELPV.
 
-    .venv/bin/python bench/audit.py --suite scale [--rows 100000] [--export-rows 1000000] [--dimension 1280]
-    .venv/bin/python bench/audit.py --suite elpv [--data data/elpv] [--seeds 5]
-    .venv/bin/python bench/audit.py --suite speed --baseline DIR [--rows 13000 --dimension 1900]
+    .venv/bin/python -m bench.audit --suite scale [--rows 100000] [--export-rows 1000000] [--dimension 1280]
+    .venv/bin/python -m bench.audit --suite elpv [--data data/elpv] [--seeds 5]
+    .venv/bin/python -m bench.audit --suite speed --baseline DIR [--rows 13000 --dimension 1900]
 
 speed: the audit's label issues (the folds, most of its time) of today's code against a checkout
 of an earlier version (--baseline, e.g. `git worktree add /tmp/base <commit>`), on the same
@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402

@@ -1,7 +1,7 @@
 """`extract` on the TensorFlow and the JAX backend, side by side on the same images, alternating
 rounds, each on a fresh cache in its own process (a process runs one backend):
 
-    .venv/bin/python bench/backends.py [--data data/elpv] [--images 512] [--image-size 150]
+    .venv/bin/python -m bench.backends [--data data/elpv] [--images 512] [--image-size 150]
                                        [--precision fp32] [--rounds 2]
 
 Prints new images/s of the extraction loop once the backbone is warm (after the first batch) and
@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_model, markdown_table  # noqa: E402
 from bench.extract import subset_folder  # noqa: E402

@@ -1,7 +1,7 @@
 """Exported models side by side on the test split: size, load time, predictions/s, and the largest
 difference to `predict` (the run at its own precision) and to the float32 model.
 
-    .venv/bin/python bench/export.py [--model best] [--models models] [--images 0 (all)]
+    .venv/bin/python -m bench.export [--model best] [--models models] [--images 0 (all)]
 
 For each format (keras, savedmodel, tflite float, tflite quantised, onnx float32, onnx int8) the
 run is exported into a temporary folder, loaded in this process (load time), and run on the run's
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402

@@ -1,6 +1,6 @@
 """Extraction speed and memory: the backbone alone, the seeds' loop and `extract`, side by side.
 
-    .venv/bin/python bench/extract.py [--data data/elpv] [--images 512] [--sizes 150 224]
+    .venv/bin/python -m bench.extract [--data data/elpv] [--images 512] [--sizes 150 224]
                                       [--precision fp32 bf16] [--skip-memory] [--skip-accuracy]
 
 On the same images, batch size and precision, for VGG16 at each size:
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402

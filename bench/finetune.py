@@ -1,6 +1,6 @@
 """Fine-tuning seconds per epoch: end to end on images against `finetune --cached`, side by side.
 
-    .venv/bin/python bench/finetune.py [--data data/elpv] [--images 512] [--sizes 150 300]
+    .venv/bin/python -m bench.finetune [--data data/elpv] [--images 512] [--sizes 150 300]
                                        [--unfreeze block5 block4] [--epochs 2]
 
 On the same images, head, batch (16) and precision (bf16 features, mixed bfloat16 training), for
@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import machine_line, markdown_table  # noqa: E402

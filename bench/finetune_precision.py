@@ -1,6 +1,6 @@
 """Fine-tuning EfficientNet-Lite0 in mixed bfloat16 against float32, side by side on one CPU.
 
-    .venv/bin/python bench/finetune_precision.py [--work bench/work] [--epochs 3]
+    .venv/bin/python -m bench.finetune_precision [--work bench/work] [--epochs 3]
 
 The same head run (the finetune suite's logistic regression on Lite0's 224 px cache, ELPV binary,
 75/25, split seed 0; made by `bench/accuracy.py --suite finetune` if it is not there), the same
@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import accuracy_finetune as suite  # noqa: E402

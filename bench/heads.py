@@ -1,9 +1,9 @@
 """Head training from the feature cache against the seeds' way, one epoch each on the same images;
 and the heads' own searches, today's against the new defaults.
 
-    .venv/bin/python bench/heads.py [--data data/elpv] [--image-size 150]
-    .venv/bin/python bench/heads.py --suite search [--sizes 10000x2000,100000x1280]
-    .venv/bin/python bench/heads.py --suite scale [--scale-sizes 2500,5000,10000,20000,100000]
+    .venv/bin/python -m bench.heads [--data data/elpv] [--image-size 150]
+    .venv/bin/python -m bench.heads --suite search [--sizes 10000x2000,100000x1280]
+    .venv/bin/python -m bench.heads --suite scale [--scale-sizes 2500,5000,10000,20000,100000]
 
 scale: the SVM and nearest-neighbour heads on synthetic features of 1,280 values (EfficientNet-Lite0's
 width; 4 Gaussian classes, 5% of labels flipped) at growing training sizes: one fit of one setting
@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402

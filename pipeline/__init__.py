@@ -17,7 +17,6 @@ chosen (KERAS_BACKEND, or `backend=` on the first stage function called). The cl
 on first use.
 """
 
-from pipeline._moved import install as _keep_old_import_paths
 from pipeline.api import (
     audit,
     embeddings,
@@ -36,8 +35,7 @@ from pipeline.api import (
 )
 from pipeline.errors import PipelineError
 
-_keep_old_import_paths()
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # name -> module that defines it, imported when the name is first used (PEP 562)
 _LAZY = {

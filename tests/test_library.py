@@ -233,21 +233,15 @@ def test_the_readme_is_for_users_and_its_links_hold() -> None:
             assert (page.parent / target).exists(), f"{page.name} links to {target}"
 
 
-def test_the_old_import_paths_still_work_for_a_release_and_say_where_things_moved() -> None:
+def test_the_import_paths_of_0_1_are_gone_and_import_pipeline_installs_no_finder() -> None:
+    """0.2 kept 0.1's module paths for one release through a sys.meta_path finder; 0.3 drops both."""
     import importlib
-    import warnings
+    import sys
 
-    from pipeline._moved import MOVED
-
-    for old, new in MOVED.items():
-        if "ray" in old:
-            continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            module = importlib.import_module(old)
-        assert module is importlib.import_module(new)
-        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught) or \
-            old in __import__("sys").modules
+    assert not any(type(finder).__module__.startswith("pipeline") for finder in sys.meta_path)
+    for old in ("pipeline.classifier", "pipeline.store", "pipeline.reader", "pipeline.dataset", "pipeline.fitting"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
     from pipeline.images import EncodedImages, resize_like_extract  # names of the old pipeline/images.py
     from pipeline.images.decode_tf import resize_like_extract as moved
     from pipeline.images.reading import EncodedImages as reading
