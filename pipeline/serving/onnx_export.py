@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic
+from pipeline.backbone.onnx_graph import OPSET, frozen_to_onnx, quiet_loggers, session
 from pipeline.errors import PipelineError
 
 TOLERANCE = 1e-4  # largest probability difference to the run's own model, float32
@@ -39,9 +40,6 @@ def squash(pixels: np.ndarray, size: int) -> np.ndarray:
     return resize(pixels, size)[None]
 
 
-OPSET = 17  # ONNX Runtime, OpenVINO and TensorRT all read it; tf2onnx's well-tested range
-
-
 def write_onnx(resized: Any, size: int, path: Path, head: Any = None) -> dict[str, Any]:
     """The classifier (already without its resize) as ONNX at `path`; returns what export.json
     records of the graph. `head`: a head with no Keras form (the sklearn head), `resized` then
@@ -54,8 +52,6 @@ def write_onnx(resized: Any, size: int, path: Path, head: Any = None) -> dict[st
     Keras calls, directly."""
     import onnx
     import tensorflow as tf
-    import tf2onnx
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="pixels"),)
 
@@ -63,16 +59,13 @@ def write_onnx(resized: Any, size: int, path: Path, head: Any = None) -> dict[st
     def serve(pixels: Any) -> Any:
         return tf.cast(resized(pixels, training=False), tf.float32)
 
-    with _quiet_loggers("tensorflow", "tf2onnx"):  # TF1-API deprecation notes from the conversion
-        frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
-    with atomic.replacing(path, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()), _quiet_loggers("tensorflow", "tf2onnx"):
-        tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=["pixels:0"],
-                                       output_names=[t.name for t in frozen.outputs], opset=OPSET,
-                                       output_path=str(temporary))
-        named_batch_dimension(temporary)
-        if head is not None:
-            join_head(temporary, head)
+    frozen_to_onnx(serve, "pixels", path)
+    if head is not None:
+        try:
+            join_head(path, head)
+        except BaseException:
+            path.unlink(missing_ok=True)  # never a graph that stops at the feature vector
+            raise
     try:
         graph = onnx.load(str(path))
         onnx.checker.check_model(graph)
@@ -109,52 +102,6 @@ def join_head(path: Path, head: Any) -> None:
     onnx.save(joined, str(path))
 
 
-def named_batch_dimension(path: Path) -> None:
-    """The graph's first (batch) dimension named `batch` on its inputs and outputs, where tf2onnx
-    leaves a generated name (`unk__651`)."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path))
-    except Exception:  # noqa: BLE001 - a graph onnx cannot read is refused by the check after this, in one line
-        return
-    for value in (*graph.graph.input, *graph.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_param = "batch"
-    onnx.save(graph, str(path))
-
-
-@contextlib.contextmanager
-def _quiet_loggers(*names: str) -> Any:
-    import logging
-
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def session(path: Path) -> Any:
-    """An ONNX Runtime session on `path`; a graph the runtime refuses is one line (and the caller
-    removes the file)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types (Fail, InvalidGraph, ...)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise PipelineError(f"ONNX Runtime refuses the exported graph {path.name} ({first}): nothing was "
-                            "exported; report it with the run's backbone") from None
-
-
 def run_session(runtime: Any, pixels: np.ndarray) -> np.ndarray:
     name = runtime.get_inputs()[0].name
     return np.asarray(runtime.run(None, {name: pixels})[0], np.float64)
@@ -183,7 +130,7 @@ def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with atomic.replacing(target, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()), \
-            _quiet_loggers("", "onnxruntime"):  # its "consider pre-processing" advice is for static quantisation
+            quiet_loggers("", "onnxruntime"):  # its "consider pre-processing" advice is for static quantisation
         quantize_dynamic(str(source), str(temporary), weight_type=QuantType.QInt8)
 
 
