@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="feature layer(s), comma-separated (default: the backbone's own: " + "; ".join(
                              f"{','.join(spec.default_layers)} for {name}" for name, spec in BACKBONES.items())
                          + "); `inspect --backbone NAME` lists them")
-    extract.add_argument("--precision", default=None, choices=("fp32", "bf16", "mixed"),
-                         help="default: mixed on a GPU, bf16 on a CPU with bf16 hardware, else fp32")
+    extract.add_argument("--precision", default=None, choices=("fp32", "bf16", "mixed", "int8"),
+                         help="default: mixed on a GPU, bf16 on a CPU with bf16 hardware, else fp32; int8: the "
+                              "backbone quantised and run by ONNX Runtime, calibrated on the data's training images")
     extract.add_argument("--weights", default="imagenet",
                          help="imagenet (default: each backbone's first entry), a source or tag ("
                               + "; ".join(entry.describe() for spec in BACKBONES.values() for entry in spec.weights)

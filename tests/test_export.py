@@ -506,15 +506,29 @@ def test_int8_onnx_is_measured_on_validation_and_refused_past_its_threshold(expo
 
     monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 0.0)
     monkeypatch.setattr(onnx_export, "INT8_MAX_ACCURACY_DROP", 1.0)
+    monkeypatch.setattr(onnx_export, "INT8_MIN_SPEEDUP", 0.0)  # 32 px random weights: speed is not the point here
+    monkeypatch.setattr("pipeline.backbone.int8.MIN_CALIBRATION", 4)  # the fixture's run has a few training images
     summary = export_run(exported_runs["logreg"], "onnx", tmp_path / "int8", quantize=True)
     assert summary.path.name == "model-int8.onnx" and (tmp_path / "int8" / "model.onnx").is_file()
     measured = json.loads((tmp_path / "int8" / "export.json").read_text())["formats"]["model-int8.onnx"]["int8"]
     assert measured["images"] > 0 and 0 <= measured["top_class_agreement"] <= 1
     assert {"accuracy_float32", "accuracy_int8", "largest_probability_difference"} <= set(measured)
+    assert measured["images_per_second"]["float32"] > 0 and measured["images_per_second"]["int8"] > 0
+    assert measured["calibration"]["calibration_images"] > 0 and "static" in measured["calibration"]["method"]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "int8" / "model-int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node)  # static: activations quantised too
+    assert not any(node.op_type == "ConvInteger" for node in graph.graph.node)  # not the dynamic path
     monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 1.01)  # nothing can pass
     with pytest.raises(PipelineError, match="int8 loses too much"):
         export_run(exported_runs["logreg"], "onnx", tmp_path / "strict", quantize=True)
     assert not (tmp_path / "strict" / "model-int8.onnx").exists()
+    monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(onnx_export, "INT8_MIN_SPEEDUP", 1000.0)  # int8 not faster: refused with both figures
+    with pytest.raises(PipelineError, match=r"int8 is not faster than float32 on this machine \([\d.]+ against [\d.]+"):
+        export_run(exported_runs["logreg"], "onnx", tmp_path / "slow", quantize=True)
+    assert not (tmp_path / "slow" / "model-int8.onnx").exists()
 
 
 def test_a_damaged_onnx_graph_is_refused_in_one_line(exported_runs: dict[str, Path], tmp_path: Path,

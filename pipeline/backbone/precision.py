@@ -11,7 +11,7 @@ import keras
 from pipeline import backend
 from pipeline.errors import PipelineError
 
-PRECISIONS = ("fp32", "bf16", "mixed")
+PRECISIONS = ("fp32", "bf16", "mixed", "int8")  # int8: extract only, by ONNX Runtime (int8.py)
 
 
 def gpu_available() -> bool:
@@ -59,6 +59,7 @@ _POLICIES = {
     "bf16": "bfloat16",
     "mixed-fp16": "mixed_float16",
     "mixed-bf16": "mixed_bfloat16",
+    "int8": "float32",  # the float model an int8 cache's quantised backbone came from (predict, export, finetune)
 }
 
 

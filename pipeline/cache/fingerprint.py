@@ -28,14 +28,18 @@ class Fingerprint:
     tensorflow: str  # TensorFlow's major.minor where it computed the features, else "none"
     backend: str = "tensorflow"  # the Keras backend that computed them: "tensorflow" or "jax-<major.minor>"
     decoder: str = "tensorflow"  # what decoded the images: TensorFlow, or Pillow with its libjpeg
+    calibration: str = "none"  # int8: the rule that chose the images calibrating the quantised backbone
 
     def as_dict(self) -> dict[str, Any]:
-        """Every field, except `backend` and `decoder` where both are TensorFlow: caches made
-        before those fields existed keep their digest (and so their directory)."""
+        """Every field, except `backend` and `decoder` where both are TensorFlow, and `calibration`
+        where there is none: caches made before those fields existed keep their digest (and so
+        their directory)."""
         values = asdict(self)
         values["layers"] = list(self.layers)
         if self.backend == "tensorflow" and self.decoder == "tensorflow":
             del values["backend"], values["decoder"]
+        if self.calibration == "none":
+            del values["calibration"]
         return values
 
     @classmethod

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import atomic, backend
-from pipeline.backbone.network import FeatureExtractor, build_backbone
+from pipeline.backbone import int8
+from pipeline.backbone.network import FeatureExtractor, build_backbone, preprocess
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.precision import resolve_precision
 from pipeline.backbone.registry import BackboneSpec, get_backbone
@@ -38,7 +39,7 @@ from pipeline.extraction.plan import ShardWriter, add_sibling_sources, copy_cach
 from pipeline.extraction.ray_engine import BackboneRecipe, RayCluster, RayEngine
 from pipeline.images import decode_tf
 from pipeline.images.formats import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, image_dimensions
-from pipeline.images.reading import decoder_identity
+from pipeline.images.reading import EncodedImages, decoder_identity
 
 DEFAULT_SHARD_SIZE = 1024
 ENGINES = ("local", "ray")
@@ -176,9 +177,14 @@ class _Extraction:
             raise PipelineError("--engine ray runs on the tensorflow backend: use --engine local with --backend "
                                 f"{backend.current()}, or --backend tensorflow")
         self.precision = resolve_precision(options.precision, gpu=bool(cluster.gpus) if cluster else None)
+        self.int8_notes: list[str] = []
+        if self.precision == "int8":
+            self._check_int8(options)
         self.weights: ResolvedWeights = self.spec.resolve_weights(options.weights, options.preprocessing)
         backend.exact_float32(self.precision)
         library, version = backend.identity()
+        if self.precision == "int8":  # computed by ONNX Runtime from the float graph TensorFlow converted
+            library, runtime = "onnxruntime", int8.runtime_identity()
         self.fingerprint = Fingerprint(
             backbone=self.spec.name,
             weights_source=self.weights.source,
@@ -189,14 +195,17 @@ class _Extraction:
             layers=self.layers,
             pooling=self.pooling,
             precision=self.precision,
-            tensorflow=version if library == "tensorflow" else "none",
-            backend=library if library == "tensorflow" else f"{library}-{version}",
+            tensorflow=version if library in ("tensorflow", "onnxruntime") else "none",
+            backend=library if library == "tensorflow" else runtime if library == "onnxruntime" else
+            f"{library}-{version}",
             decoder=decoder_identity(),
+            calibration=int8.CALIBRATION_RULE if self.precision == "int8" else "none",
         )
         batches_per_shard = -(-options.shard_size // options.batch_size)
         # Shards hold whole batches, so a resumed run feeds the backbone the same batches.
         self.shard_size = batches_per_shard * options.batch_size
         self.extractor: FeatureExtractor | None = None
+        self.scanned: tuple[Path, ScannedDataset] | None = None  # the cache and its images, once scanned (int8)
         self.engine: Engine
         if cluster is None:
             self.engine = LocalEngine(self.feature_extractor, self.image_size, self.weights.preprocessing,
@@ -218,11 +227,46 @@ class _Extraction:
         directory = Path(self.options.cache_root) / cache_directory_name(earlier, self.options.data)
         return directory if (directory / store.MANIFEST_NAME).is_file() else None
 
+    def _check_int8(self, options: ExtractOptions) -> None:
+        """int8 runs here, on ONNX Runtime, from a graph TensorFlow converts: refused in one line
+        elsewhere, or for a backbone and size whose heads failed the certificate."""
+        if options.engine == "ray":
+            raise PipelineError("--precision int8 runs the quantised backbone on ONNX Runtime in this process: use "
+                                "--engine local (or --precision bf16/fp32 on Ray)")
+        if not backend.is_tensorflow():
+            raise PipelineError(f"--precision int8 converts the backbone with TensorFlow (tf2onnx), not "
+                                f"{backend.current()}: use --backend tensorflow (the int8 graph then runs on ONNX "
+                                "Runtime)")
+        int8.require_runtime()
+        self.int8_notes = int8.check_offered(self.spec.name, self.image_size)
+
     def feature_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
-            backbone = build_backbone(self.spec, self.image_size, self.precision, self.weights)
-            self.extractor = FeatureExtractor(backbone, self.layers, self.pooling)
+            if self.precision == "int8":
+                self.extractor = self._int8_extractor()
+            else:
+                backbone = build_backbone(self.spec, self.image_size, self.precision, self.weights)
+                self.extractor = FeatureExtractor(backbone, self.layers, self.pooling)
         return self.extractor
+
+    def _int8_extractor(self) -> Any:
+        """The cache's quantised backbone (pipeline/backbone/int8.py), calibrated on its own images."""
+        if self.scanned is None:
+            raise PipelineError("an int8 backbone is calibrated on a scanned dataset")  # not reached by a user
+        directory, dataset = self.scanned
+
+        def float_extractor() -> FeatureExtractor:
+            backbone = build_backbone(self.spec, self.image_size, "fp32", self.weights)
+            return FeatureExtractor(backbone, self.layers, self.pooling)
+
+        def pixels(files: list[Path]) -> Any:
+            source = EncodedImages(files, self.max_pixels)
+            mode = self.weights.preprocessing
+            for _, batch in source.batches(self.image_size, self.options.batch_size, lambda x: preprocess(x, mode)):
+                yield np.asarray(batch, np.float32)
+
+        return int8.prepare(directory, float_extractor, self.image_size, dataset.records, dataset.root, pixels,
+                            self.options.progress)
 
     def backbone_weights(self) -> list[np.ndarray]:
         """The backbone's weights as arrays, for workers that build it themselves (the Ray engine)."""
@@ -259,6 +303,8 @@ class _Extraction:
         self.small_note = small_image_note(dataset, self.image_size, self.spec)
         if self.small_note:
             self.early_notes.append(self.small_note)
+        self.early_notes += self.int8_notes
+        self.scanned = (directory, dataset)
         if self.options.progress:
             for note in self.early_notes:
                 print(f"note: {note}", file=sys.stderr, flush=True)
@@ -303,7 +349,8 @@ class _Extraction:
             first = earlier_failures[0]
             raise strict_error(dataset.root / first["path"], first["reason"])
         plan = plan_update(dataset, shards, {(s["path"], s["sha256"]) for s in earlier_failures})
-        add_sibling_sources(plan, directory, self.fingerprint)
+        if self.precision != "int8":  # another int8 cache's rows come from another quantisation
+            add_sibling_sources(plan, directory, self.fingerprint)
         writer = ShardWriter(directory, dataset.class_names, self.fingerprint)
         copy_cached(plan, self.layers, self.shard_size, writer)
         self.engine_result = self.engine.run(plan.extract, dataset.root, writer)
@@ -350,6 +397,8 @@ class _Extraction:
             "same_bytes_in_several_classes": same_bytes_in_several_classes(dataset),
             "last_run": summary.as_dict() | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         }
+        if self.precision == "int8":
+            manifest["int8"] = int8.describe(directory)
         atomic.write_json(directory / store.MANIFEST_NAME, manifest)
 
     def feature_shapes(self, shards: Sequence[ShardIndex]) -> dict[str, tuple[int, ...]]:

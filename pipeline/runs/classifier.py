@@ -27,7 +27,8 @@ from pipeline.cache.reader import FeatureView
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
 
-TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16"}
+TRAINING_POLICY = {"fp32": "fp32", "bf16": "mixed-bf16", "mixed-bf16": "mixed-bf16", "mixed-fp16": "mixed-fp16",
+                   "int8": "fp32"}  # int8 caches: fine-tuning trains the float backbone the graph was quantised from
 
 
 def weights_for(fingerprint: Fingerprint, recorded_path: str | None) -> ResolvedWeights:

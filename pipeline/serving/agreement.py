@@ -53,10 +53,10 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
     where the caller has it built already."""
     from pipeline.finetuning.views import averaged
     from pipeline.images.reading import EncodedImages
-    from pipeline.serving.export import validation_images
+    from pipeline.serving.export import run_images
 
     try:
-        validation = validation_images(opened)
+        validation = run_images(opened, "validation")
     except PipelineError as error:
         return {"measured": False, "why": str(error)}
     files, labels = list(validation.files)[:limit], np.asarray(validation.labels)[:limit]

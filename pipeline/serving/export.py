@@ -292,10 +292,11 @@ def _onnx(opened: Run, model: Any, resized: keras.Model, size: int, out: Path,
         checks: dict[str, Any] = {"onnx": graph,
                                   "largest_difference_to_predict": onnx_export.check_onnx(path, model, size)}
         if quantize:
-            onnx_export.quantize_int8(path, int8)
             written.append(int8)
-            validation = validation_images(opened)
-            checks["int8"] = onnx_export.int8_agreement(path, int8, validation.files, validation.labels, size)
+            calibration = onnx_export.quantize_int8(path, int8, run_images(opened, "train").files, size)
+            validation = run_images(opened, "validation")
+            checks["int8"] = onnx_export.int8_agreement(path, int8, validation.files, validation.labels, size) | {
+                "calibration": calibration}
             path = int8
     except BaseException:  # nothing of a failed export is left in --out without its export.json
         for each in written:
@@ -304,12 +305,13 @@ def _onnx(opened: Run, model: Any, resized: keras.Model, size: int, out: Path,
     return path, checks
 
 
-def validation_images(opened: Run) -> Any:
-    """The run's validation images (files and labels), for measuring an export."""
+def run_images(opened: Run, split: str = "validation") -> Any:
+    """The run's images of `split` (files and labels): validation measures an export, train
+    calibrates an int8 one."""
     from pipeline.cache.reader import split_images
 
     store = opened.features() if not opened.fused else opened.fused_features()[0]
-    return split_images(store)["validation"]
+    return split_images(store)[split]
 
 
 # --- SavedModel ------------------------------------------------------------------------------------

@@ -5,22 +5,22 @@ takes images already squashed to N x N by extract's rule, which ONNX cannot hold
 every input size (its Resize has no area mode): docs/commands.md gives the rule in NumPy.
 
 Checked at export: ONNX Runtime's probabilities against the run's own model (what `predict`
-computes) on images of several sizes, refused in one line past 1e-4. `--quantize`: int8 weights
-by ONNX Runtime's dynamic quantization, its agreement with float32 on the run's validation images
-measured, printed and recorded; refused past the documented threshold.
+computes) on images of several sizes, refused in one line past 1e-4. `--quantize`: the graph
+statically quantised (int8 weights per channel and uint8 activations, ranges calibrated on the
+run's training images: pipeline/backbone/int8.py's format), its agreement with float32 and both
+graphs' speed on the run's validation images measured, printed and recorded; refused past the
+documented thresholds, or where int8 is not faster than float32 on this machine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import atomic
-from pipeline.backbone.onnx_graph import OPSET, frozen_to_onnx, quiet_loggers, session
+from pipeline.backbone.onnx_graph import OPSET, frozen_to_onnx, session
 from pipeline.errors import PipelineError
 
 TOLERANCE = 1e-4  # largest probability difference to the run's own model, float32
@@ -28,6 +28,7 @@ INT8_MAX_ACCURACY_DROP = 0.02  # int8 refused when validation accuracy falls by 
 # ... or when it agrees with float32 on fewer than 99% of the top classes (on ELPV an int8 model that
 # agreed on 98.05% of the validation images agreed on 94% of the test images: bench/RESULTS.md)
 INT8_MIN_AGREEMENT = 0.99
+INT8_MIN_SPEEDUP = 1.0  # ... or when it is not faster than the float32 graph on this machine
 CHECK_SHAPES = ((37, 61), (300, 200), (16, 16))  # larger, smaller and mixed against any N
 
 
@@ -126,45 +127,83 @@ def check_onnx(path: Path, model: Any, size: int) -> float:
     return largest
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_int8(source: Path, target: Path, training_files: list[str], size: int) -> dict[str, Any]:
+    """`source` statically quantised into `target` (QDQ, uint8 activations and int8 weights per channel:
+    pipeline/backbone/int8.py's format), its activation ranges calibrated on up to
+    CALIBRATION_IMAGES of the run's training images (evenly spaced), squashed as predict does."""
+    from PIL import Image
 
-    with atomic.replacing(target, suffix=".onnx") as temporary, contextlib.redirect_stdout(io.StringIO()), \
-            quiet_loggers("", "onnxruntime"):  # its "consider pre-processing" advice is for static quantisation
-        quantize_dynamic(str(source), str(temporary), weight_type=QuantType.QInt8)
+    from pipeline.backbone.int8 import CALIBRATION_IMAGES, MIN_CALIBRATION, quantise
+
+    if len(training_files) < MIN_CALIBRATION:
+        raise PipelineError(f"--quantize calibrates on the run's training images and it has {len(training_files)}: "
+                            f"it needs at least {MIN_CALIBRATION}")
+    step = max(1, len(training_files) // CALIBRATION_IMAGES)
+    chosen = training_files[::step][:CALIBRATION_IMAGES]
+
+    def batches() -> Any:
+        for start in range(0, len(chosen), 16):
+            pixels = []
+            for file in chosen[start:start + 16]:
+                try:
+                    with Image.open(file) as image:
+                        pixels.append(squash(np.asarray(image.convert("RGB")), size)[0])
+                except (OSError, ValueError):
+                    continue  # a training image gone since: calibrated on the others
+            if pixels:
+                yield np.stack(pixels)
+
+    used = quantise(source, target, batches())
+    return {"method": "static: QDQ, uint8 activations and int8 weights per channel (U8S8), min-max ranges",
+            "calibration_images": used, "calibrated_on": "the run's training images, evenly spaced"}
 
 
 def int8_agreement(fp32: Path, int8: Path, images: Any, labels: np.ndarray, size: int,
                    limit: int = 256) -> dict[str, Any]:
-    """int8 against float32 on up to `limit` validation images, one image a call (dynamic
-    quantisation computes its activation scales per call: a batch would share them): both
-    accuracies, top-class agreement, the largest probability difference; refused past the
-    thresholds."""
+    """int8 against float32 on up to `limit` validation images (batches of 16: static ranges do
+    not depend on the batch): both accuracies, top-class agreement, the largest probability
+    difference, and both graphs' images/s on this machine; refused past the thresholds, or where
+    int8 is not faster than float32 here (INT8_MIN_SPEEDUP)."""
     from PIL import Image
 
     chosen = np.arange(len(labels))[:limit]
     if not len(chosen):
         raise PipelineError("--quantize measures int8 against float32 on the run's validation images, and it has none")
     full, small = session(fp32), session(int8)
-    p32, p8 = [], []
+    pixels = []
     for i in chosen:
         with Image.open(images[i]) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        squashed = squash(pixels, size)
-        p32.append(run_session(full, squashed)[0])
-        p8.append(run_session(small, squashed)[0])
-    p32, p8, truth = np.asarray(p32), np.asarray(p8), labels[chosen]
+            pixels.append(squash(np.asarray(image.convert("RGB")), size)[0])
+    pixels = np.stack(pixels).astype(np.float32)
+    seconds = {"float32": 0.0, "int8": 0.0}
+    outputs: dict[str, list[np.ndarray]] = {"float32": [], "int8": []}
+    run_session(full, pixels[:16])  # warm-up: each session plans its kernels on the first call
+    run_session(small, pixels[:16])
+    for start in range(0, len(pixels), 16):
+        batch = pixels[start:start + 16]
+        for name, runtime in (("float32", full), ("int8", small)):
+            started = time.perf_counter()
+            outputs[name].append(run_session(runtime, batch))
+            seconds[name] += time.perf_counter() - started
+    p32, p8, truth = np.concatenate(outputs["float32"]), np.concatenate(outputs["int8"]), labels[chosen]
+    rates = {name: round(len(pixels) / max(value, 1e-9), 2) for name, value in seconds.items()}
     found = {"images": len(chosen), "accuracy_float32": float(np.mean(p32.argmax(1) == truth)),
              "accuracy_int8": float(np.mean(p8.argmax(1) == truth)),
              "top_class_agreement": float(np.mean(p32.argmax(1) == p8.argmax(1))),
              "largest_probability_difference": float(np.abs(p32 - p8).max()),
-             "measured": "one image per call (dynamic quantisation: a batch shares its activation scales)",
+             "images_per_second": rates, "speedup": round(rates["int8"] / max(rates["float32"], 1e-9), 2),
+             "measured": "batches of 16 validation images, ONNX Runtime on this machine's CPU, after one warm-up call",
              "thresholds": {"accuracy_drop_at_most": INT8_MAX_ACCURACY_DROP,
-                            "agreement_at_least": INT8_MIN_AGREEMENT}}
+                            "agreement_at_least": INT8_MIN_AGREEMENT, "speedup_at_least": INT8_MIN_SPEEDUP}}
     drop = found["accuracy_float32"] - found["accuracy_int8"]
     if drop > INT8_MAX_ACCURACY_DROP or found["top_class_agreement"] < INT8_MIN_AGREEMENT:
         int8.unlink(missing_ok=True)
         raise PipelineError(f"int8 loses too much on the validation images: accuracy {found['accuracy_float32']:.2%} "
                             f"-> {found['accuracy_int8']:.2%}, top class agreeing on "
                             f"{found['top_class_agreement']:.1%}: not exported (export float32 instead)")
+    if found["speedup"] < INT8_MIN_SPEEDUP:
+        int8.unlink(missing_ok=True)
+        raise PipelineError(f"int8 is not faster than float32 on this machine ({rates['int8']} against "
+                            f"{rates['float32']} images/s on the validation images): not exported (export float32 "
+                            "instead; int8 pays on CPUs with VNNI or AMX)")
     return found
