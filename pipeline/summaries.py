@@ -107,6 +107,10 @@ def export_text(summary: Any) -> str:
               f"(float32) -> {agreement['accuracy_int8']:.2%}, top class agreeing on "
               f"{agreement['top_class_agreement']:.1%}, largest probability difference "
               f"{agreement['largest_probability_difference']:.3f}")
+        if "images_per_second" in agreement:
+            rates = agreement["images_per_second"]
+            say(f"  int8 speed on this machine: {rates['int8']} images/s against float32's {rates['float32']} "
+                f"({agreement['speedup']}x)")
     if "largest_difference_to_keras_float32" in summary.details["format"]:
         say(f"  checked with the TFLite interpreter: largest probability difference to the Keras model "
               f"{summary.details['format']['largest_difference_to_keras_float32']:.2e}")

@@ -9,8 +9,9 @@ difference and the number of images whose top class differs. The run's own valid
 
 Each format is fed what it takes: the `.keras` model and ONNX and TFLite the pixels of the
 pipeline's image path (already N x N, so the `.keras` model's own resize is the identity), the
-SavedModel the files' encoded bytes (its own decoding and resize). Quantised TFLite and ONNX models
-are fed one image a call (dynamic quantisation computes its scales per call).
+SavedModel the files' encoded bytes (its own decoding and resize). A quantised TFLite model is fed
+one image a call (dynamic-range quantisation computes its scales per call); the static int8 ONNX
+graph takes batches (its ranges are fixed at calibration).
 """
 
 from __future__ import annotations

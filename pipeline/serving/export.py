@@ -172,7 +172,7 @@ def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: st
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     size_bytes = sum(f.stat().st_size for f in files if f.is_file())
     checks["agreement_with_predict"] = (
-        agreement.measure(opened, fmt, path, size, one_image_per_call=quantize, limit=check_images,
+        agreement.measure(opened, fmt, path, size, one_image_per_call=quantize and fmt == "tflite", limit=check_images,
                           reference=classifier if export_precision == run_precision else None, tta=tta,
                           progress=progress)
         if check_images
@@ -263,7 +263,8 @@ def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int,
                                    "(transposes and flips in Keras' own layers)")
                                 + ", as predict --tta does; one backbone pass per view"},
             "precision": ("float32 weights, dynamic-range int8 quantised" if quantize and fmt == "tflite" else
-                          "int8 weights (ONNX Runtime dynamic quantisation), float32 input and output"
+                          "static int8 (ONNX Runtime QDQ: uint8 activations, int8 weights per channel; the head "
+                          "and the pixel-reading convolutions in float), float32 input and output"
                           if quantize else "float32" if export_precision == "fp32" else
                           f"{export_precision}, as the run (Keras dtype policy {keras_policy(export_precision)})"),
             "run_precision": run_precision,
