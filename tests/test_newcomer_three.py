@@ -142,7 +142,7 @@ def test_the_onnx_batch_dimension_is_named(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from pipeline.serving.onnx_export import named_batch_dimension
+    from pipeline.backbone.onnx_graph import named_batch_dimension
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ("unk__651", 4))],

@@ -441,22 +441,28 @@ def test_libjpegs_improper_call_line_is_chatter() -> None:
     assert not is_chatter("error: 1 of 2 files could not be read as images")
 
 
-def test_dynamic_quantisation_prints_no_pre_processing_advice(tmp_path: Path, capfd, caplog) -> None:
+def test_int8_quantisation_prints_no_pre_processing_advice(tmp_path: Path, capfd, caplog) -> None:
+    """The export's static int8 (calibrated on training images) says nothing of ONNX Runtime's
+    pre-processing advice; a convolution over NHWC pixels, as the exported graphs take them."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
+    from conftest import write_image
     from pipeline.serving.onnx_export import quantize_int8
 
-    weight = helper.make_tensor("w", TensorProto.FLOAT, (4, 3), np.random.default_rng(0).normal(size=12).tolist())
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 4))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 3))], [weight])
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, (4, 3, 3, 3), rng.normal(size=108).tolist())
+    nodes = [helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ("batch", 8, 8, 3))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ("batch", 4, 8, 8))], [weight])
     source = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
-    quantize_int8(source, tmp_path / "model-int8.onnx")
+    files = [str(write_image(tmp_path / "train" / f"{i}.png", seed=i, size=12)) for i in range(32)]
+    found = quantize_int8(source, tmp_path / "model-int8.onnx", files, 8)
     captured = capfd.readouterr()
     assert "pre-processing" not in captured.out + captured.err + caplog.text
-    assert (tmp_path / "model-int8.onnx").is_file()
+    assert (tmp_path / "model-int8.onnx").is_file() and found["calibration_images"] == 32
 
 
 def test_a_dead_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path: Path) -> None:

@@ -315,6 +315,11 @@ def run_images(opened: Run, split: str = "validation") -> Any:
     return split_images(store)[split]
 
 
+def validation_images(opened: Run) -> Any:
+    """The run's validation images (the name of earlier releases)."""
+    return run_images(opened, "validation")
+
+
 # --- SavedModel ------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbone.onnx_graph import OPSET, frozen_to_onnx, session
+from pipeline.backbone.onnx_graph import (
+    OPSET,
+    frozen_to_onnx,
+    named_batch_dimension,  # noqa: F401 - moved there; importable here as before
+    session,
+)
 from pipeline.errors import PipelineError
 
 TOLERANCE = 1e-4  # largest probability difference to the run's own model, float32
