@@ -457,15 +457,14 @@ def report_page(model: Any = None, *, audit: PathLike | None = None, out: PathLi
     from pipeline.pages.report import make_report
     from pipeline.runs import Run
 
-    if model is None and audit is None:
-        raise PipelineError("report needs a run (--model RUN) or an audit (--audit DIR), or both")
     if screenshot is not None:
         from pipeline.pages.browser import unavailable
 
         if Path(screenshot).suffix.lower() != ".png":
             raise PipelineError(f"--screenshot {screenshot}: the picture is a PNG file (FILE.png)")
-        if unavailable() is not None:  # before any work
-            raise PipelineError(f"--screenshot needs a headless browser: {unavailable()}")
+        missing = unavailable()
+        if missing is not None:  # before any work
+            raise PipelineError(f"--screenshot needs a headless browser: {missing}")
     run = None if model is None else Run.open(_run_path(model), Path(models))
     found = make_report(run, None if audit is None else Path(audit), None if out is None else Path(out), split,
                         thumbnails, Path(cache), progress)
