@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.examples import Augmentation
 from pipeline.finetuning.finetune import FinetuneOptions, finetune
-from pipeline.finetuning.views import averaged, view_transforms
+from pipeline.images.views import averaged, view_transforms
 from pipeline.runs import Run
 from pipeline.serving.predict import predict
 from pipeline.training.train import TrainOptions, train_head

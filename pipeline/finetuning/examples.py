@@ -83,7 +83,7 @@ class Augmentation:
 
         layers: list[Any] = []
         if self.flip == "dihedral":
-            from pipeline.finetuning.views import random_transpose_layer
+            from pipeline.images.views import random_transpose_layer
 
             layers.append(random_transpose_layer(seed))
         # Two layers for both axes: Keras' RandomFlip("horizontal_and_vertical") draws one coin per
@@ -297,7 +297,7 @@ class ImageExamples:
         images = self.batches(split).map(lambda x, y: x)
         if tta == "none":
             return np.asarray(self.model.predict(images, verbose=0), np.float64)
-        from pipeline.finetuning.views import averaged
+        from pipeline.images.views import averaged
 
         return np.concatenate([averaged(self.model.predict_on_batch, np.asarray(batch), tta) for batch in images])
 

@@ -37,7 +37,7 @@ import tensorflow as tf
 from pipeline import atomic, outputs, runs
 from pipeline.backbone.precision import keras_policy
 from pipeline.errors import PipelineError, require_module
-from pipeline.finetuning.views import view_steps, with_averaged_views
+from pipeline.images.views import view_steps, with_averaged_views
 from pipeline.runs import Run
 from pipeline.serving import agreement
 
@@ -147,7 +147,7 @@ def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: st
               file=sys.stderr, flush=True)
     size = fingerprint.image_size
     # the served model (pixels of any size in): with --tta, averaging the views in Keras' own
-    # layers (pipeline/finetuning/views.py); the SavedModel applies them as TensorFlow ops
+    # layers (pipeline/images/views.py); the SavedModel applies them as TensorFlow ops
     model = with_averaged_views(classifier, tta, size)
     if fmt == "keras":
         path = out / "model.keras"

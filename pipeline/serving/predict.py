@@ -49,7 +49,7 @@ class Predictor:
 
     def __init__(self, run: Path, models: Path = Path("models"), data: Path | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none", unknown: str = "flag") -> None:
-        from pipeline.finetuning.views import view_transforms
+        from pipeline.images.views import view_transforms
 
         view_transforms(tta)  # an unknown name is refused before any work
         opened = Run.open(run, models, data=data)
@@ -70,7 +70,7 @@ class Predictor:
 
     def __call__(self, files: list[Path], top_k: int) -> list[Prediction]:
         """Top-k labels of every file, in order; a file that is not a readable image gets an error."""
-        from pipeline.finetuning.views import averaged_by_image
+        from pipeline.images.views import averaged_by_image
         from pipeline.images.reading import EncodedImages
 
         results = [Prediction(printable(path), [], []) for path in files]
@@ -113,7 +113,7 @@ def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path(
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
     among the runs of this data folder. `tta`: average the probabilities over test-time views
-    (flip: 2, dihedral: 8; pipeline/finetuning/views.py)."""
+    (flip: 2, dihedral: 8; pipeline/images/views.py)."""
     predictor = Predictor(run, models, data, max_pixels, tta, unknown)
     files = image_files(targets)
     if not files:

@@ -363,10 +363,10 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
 
 def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> RunSummary:
     """Any run (head or fine-tuned) scored from its images end to end, its probabilities averaged
-    over the test-time views of `tta` (pipeline/finetuning/views.py), into RUN/tta-<views>/:
+    over the test-time views of `tta` (pipeline/images/views.py), into RUN/tta-<views>/:
     metrics.json and the reports of `split`. The run's own metrics are left as they are."""
     from pipeline.cache.reader import split_images
-    from pipeline.finetuning.views import averaged_by_image, view_transforms
+    from pipeline.images.views import averaged_by_image, view_transforms
     from pipeline.images.reading import EncodedImages
 
     view_transforms(tta)  # refuses an unknown name before any work
