@@ -31,9 +31,9 @@ from pipeline.finetuning.examples import (
     TrainingData,
     cached_activations,
 )
-from pipeline.images.views import TTA
 from pipeline.heads.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
 from pipeline.heads.ordinal import check_loss, describe_order
+from pipeline.images.views import TTA
 from pipeline.runs import Run, RunSummary
 from pipeline.runs.classifier import TRAINING_POLICY, top_model
 

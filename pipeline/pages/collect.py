@@ -146,8 +146,8 @@ def _predicted_from_images(run: Any, store: FeatureStore, split: str, progress: 
     """(paths, labels, probabilities) of a fine-tuned run's `split`, predicted from its images;
     (None, the reason, None) where they cannot be read."""
     from pipeline.cache.reader import split_images
-    from pipeline.images.views import averaged_by_image
     from pipeline.images.reading import EncodedImages
+    from pipeline.images.views import averaged_by_image
 
     try:
         images = split_images(store)[split]

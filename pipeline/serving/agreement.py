@@ -52,8 +52,8 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
     export's views), on up to `limit` of the run's validation images. Never fails the export:
     where the images cannot be read, says why. `reference`: the run's model at its own precision,
     where the caller has it built already."""
-    from pipeline.images.views import averaged
     from pipeline.images.reading import EncodedImages
+    from pipeline.images.views import averaged
     from pipeline.serving.export import run_images
 
     try:

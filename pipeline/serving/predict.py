@@ -70,8 +70,8 @@ class Predictor:
 
     def __call__(self, files: list[Path], top_k: int) -> list[Prediction]:
         """Top-k labels of every file, in order; a file that is not a readable image gets an error."""
-        from pipeline.images.views import averaged_by_image
         from pipeline.images.reading import EncodedImages
+        from pipeline.images.views import averaged_by_image
 
         results = [Prediction(printable(path), [], []) for path in files]
         if not files:

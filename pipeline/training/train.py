@@ -366,8 +366,8 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     over the test-time views of `tta` (pipeline/images/views.py), into RUN/tta-<views>/:
     metrics.json and the reports of `split`. The run's own metrics are left as they are."""
     from pipeline.cache.reader import split_images
-    from pipeline.images.views import averaged_by_image, view_transforms
     from pipeline.images.reading import EncodedImages
+    from pipeline.images.views import averaged_by_image, view_transforms
 
     view_transforms(tta)  # refuses an unknown name before any work
     if split not in SPLITS:
