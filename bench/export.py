@@ -31,7 +31,8 @@ from bench.common import machine_line, markdown_table  # noqa: E402
 from pipeline.cache.reader import split_images  # noqa: E402
 from pipeline.images.decode_tf import decode_and_resize  # noqa: E402
 from pipeline.runs import Run  # noqa: E402
-from pipeline.serving.export import export_run, tflite_interpreter  # noqa: E402
+from pipeline.serving.export import export_run  # noqa: E402
+from pipeline.serving.formats.tflite import interpreter as tflite_interpreter  # noqa: E402
 from pipeline.serving.predict import predict  # noqa: E402
 
 BATCH = 32
@@ -84,7 +85,7 @@ def main() -> None:
                 started = time.perf_counter()
                 got = np.concatenate([serve(images=tf.constant(b))["probabilities"].numpy() for b in batches(encoded)])
             elif fmt == "onnx":
-                from pipeline.serving.onnx_export import run_session, session
+                from pipeline.serving.formats.onnx import run_session, session
 
                 runtime = session(summary.path)
                 loaded = time.perf_counter() - started

@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError, speak_as_command_line
 from pipeline.finetuning.examples import Augmentation
 from pipeline.heads import HEADS
 from pipeline.pages.thumbnails import MODES as THUMBNAIL_MODES
+from pipeline.serving.formats import NAMES as EXPORT_FORMATS
 
 
 def _cache_list(value: str) -> list[Path]:
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     ship.add_argument("--model", required=True, help="a run directory, e.g. models/NAME, or best")
     ship.add_argument("--models", type=Path, default=Path("models"), help="where --model best looks")
     ship.add_argument("--data", type=Path, default=None, help="--model best: among the runs of this image folder")
-    ship.add_argument("--format", default="savedmodel", choices=("keras", "savedmodel", "tflite", "onnx"),
+    ship.add_argument("--format", default="savedmodel", choices=EXPORT_FORMATS,
                       help="keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile; onnx: "
                            "for ONNX Runtime, OpenVINO, TensorRT, Triton")
     ship.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/)")

@@ -489,11 +489,12 @@ def test_onnx_exports_reproduce_predict_with_onnx_runtime_alone(exported_runs: d
 def test_an_onnx_export_that_disagrees_with_the_run_is_refused_and_removed(exported_runs: dict[str, Path],
                                                                           tmp_path: Path, monkeypatch) -> None:
     """The check at export time: the graph of another run's model (a mismatched export) is caught."""
-    from pipeline.runs import Run
-    from pipeline.serving import export as exporting
+    import keras
+
+    from pipeline.runs import Run, classifier
 
     other = Run.open(exported_runs["dense"]).classifier("fp32")
-    monkeypatch.setattr(exporting, "without_resize", lambda model: exporting.keras.Model(
+    monkeypatch.setattr(classifier, "without_resize", lambda model: keras.Model(
         next(layer for layer in other.layers if layer.name.startswith("normalise_")).input, other.output))
     with pytest.raises(PipelineError, match="disagrees with the run's model"):
         export_run(exported_runs["logreg"], "onnx", tmp_path / "out")
@@ -502,7 +503,7 @@ def test_an_onnx_export_that_disagrees_with_the_run_is_refused_and_removed(expor
 
 def test_int8_onnx_is_measured_on_validation_and_refused_past_its_threshold(exported_runs: dict[str, Path],
                                                                           tmp_path: Path, monkeypatch) -> None:
-    from pipeline.serving import onnx_export
+    from pipeline.serving.formats import onnx as onnx_export
 
     monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 0.0)
     monkeypatch.setattr(onnx_export, "INT8_MAX_ACCURACY_DROP", 1.0)

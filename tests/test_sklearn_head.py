@@ -143,7 +143,7 @@ def test_predict_and_an_onnx_export_that_agrees_and_the_other_formats_refused(he
     classifier = run.classifier()
     from PIL import Image
 
-    from pipeline.serving.onnx_export import squash
+    from pipeline.serving.formats.onnx import squash
 
     pixels = np.concatenate([squash(np.asarray(Image.open(f).convert("RGB")), run.fingerprint.image_size)
                              for f in files])

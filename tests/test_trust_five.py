@@ -448,7 +448,7 @@ def test_int8_quantisation_prints_no_pre_processing_advice(tmp_path: Path, capfd
     from onnx import TensorProto, helper
 
     from conftest import write_image
-    from pipeline.serving.onnx_export import quantize_int8
+    from pipeline.serving.formats.onnx import quantize_int8
 
     rng = np.random.default_rng(0)
     weight = helper.make_tensor("w", TensorProto.FLOAT, (4, 3, 3, 3), rng.normal(size=108).tolist())

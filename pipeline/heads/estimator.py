@@ -18,7 +18,7 @@ probabilities by sigmoid calibration of their decision function, out of fold on 
 
 There is no Keras form: predict and evaluate run the backbone in Keras and this head in NumPy
 (pipeline/runs/classifier.py, FeaturesThenHead), and the one export is ONNX, the head converted by
-skl2onnx and joined to the backbone's graph (pipeline/serving/onnx_export.py).
+skl2onnx and joined to the backbone's graph (pipeline/serving/formats/onnx.py).
 """
 
 from __future__ import annotations

@@ -241,3 +241,17 @@ def top_model(classifier: keras.Model, backbone: keras.Model, below: str, view: 
     vector = feature_vector([outputs[name] for name in view.layers], view)
     head = classifier.layers[-1]  # the head, a Keras model, is the classifier's last layer
     return keras.Model(maps, head(vector), name=f"classifier_above_{below}")
+
+
+def without_resize(model: keras.Model) -> keras.Model:
+    """The classifier from images already at its size: the part after its resize."""
+    normalise = next(layer for layer in model.layers if layer.name.startswith("normalise_"))
+    return keras.Model(normalise.input, model.output, name="classifier_resized_input")
+
+
+def from_squashed(model: keras.Model, tta: str, size: int) -> keras.Model:
+    """The classifier from N x N pixels already squashed (the form TFLite and ONNX take), with
+    `tta`'s views averaged inside."""
+    from pipeline.images.views import with_averaged_views
+
+    return with_averaged_views(without_resize(model), tta, size, resize=False)

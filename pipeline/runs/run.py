@@ -87,6 +87,15 @@ class Run(RunRecord):
         self.check_same_splits(store.split_indexes(), store.directory)
         return store, splits
 
+    def split_images(self, split: str = "validation") -> Any:
+        """The run's images of `split` (their files and labels) from the cache it was trained on
+        (the first of a fused run's: every part holds the same images): validation measures an
+        export, train calibrates an int8 one."""
+        from pipeline.cache.reader import split_images
+
+        store = self.fused_features()[0] if self.fused else self.features()
+        return split_images(store)[split]
+
     def _one_backbone(self) -> None:
         if self.fused:
             raise PipelineError(f"{self.name} fuses the features of {self.backbones}: fine-tuning trains one backbone "

@@ -17,7 +17,6 @@ graph takes batches (its ranges are fixed at calibration).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,37 +26,18 @@ from pipeline.errors import PipelineError
 DEFAULT_IMAGES = 500  # at most this many of the run's validation images, in split order
 BATCH = 32
 
-# Formats that can compute in the run's precision when it is not float32, and why the others cannot.
-RUN_PRECISION = {
-    "keras": None,  # the model keeps the run's dtype policies (Keras restores them on load)
-    "savedmodel": None,  # TensorFlow computes bfloat16 on CPUs (oneDNN) and float16 on GPUs
-    "tflite": "TFLite has no bfloat16 arithmetic: its kernels are float32 (or int8 with --quantize)",
-    "onnx": "ONNX Runtime's CPU kernels have no bfloat16 convolutions: the graph is float32 (or int8 with --quantize)",
-}
-
-
-def check_precision(fmt: str, precision: str, run_precision: str) -> None:
-    """--precision run is refused, in one line, for the formats that cannot compute in the run's
-    precision (where that is not float32 anyway)."""
-    if precision == "run" and run_precision != "fp32" and RUN_PRECISION[fmt] is not None:
-        raise PipelineError(f"--precision run: the run computed in {run_precision} and {RUN_PRECISION[fmt]}; "
-                            "export in float32 (the default: its agreement with predict is measured and recorded), "
-                            "or choose --format keras or savedmodel")
-
-
-def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bool = False,
+def measure(opened: Any, exported: Callable[[np.ndarray, list[str]], np.ndarray], size: int,
             limit: int = DEFAULT_IMAGES, reference: Any = None, tta: str = "none",
             progress: bool = False) -> dict[str, Any]:
-    """The exported model at `path` against `predict` with the run (`predict --tta` with the
-    export's views), on up to `limit` of the run's validation images. Never fails the export:
-    where the images cannot be read, says why. `reference`: the run's model at its own precision,
-    where the caller has it built already."""
+    """The exported model (`exported`: its format's loader, pixels and files to probabilities)
+    against `predict` with the run (`predict --tta` with the export's views), on up to `limit` of
+    the run's validation images. Never fails the export: where the images cannot be read, says
+    why. `reference`: the run's model at its own precision, where the caller has it built already."""
     from pipeline.images.reading import EncodedImages
     from pipeline.images.views import averaged
-    from pipeline.serving.export import run_images
 
     try:
-        validation = run_images(opened, "validation")
+        validation = opened.split_images("validation")
     except PipelineError as error:
         return {"measured": False, "why": str(error)}
     files, labels = list(validation.files)[:limit], np.asarray(validation.labels)[:limit]
@@ -71,7 +51,6 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
 
     from pipeline.errors import option
 
-    exported = _exported_model(fmt, path, one_image_per_call)
     source = EncodedImages(files)
     kept, ours, theirs = [], [], []
     bar = tqdm(total=len(files), unit="img", leave=False, disable=not progress, file=sys.stderr,
@@ -110,42 +89,6 @@ def measure(opened: Any, fmt: str, path: Path, size: int, one_image_per_call: bo
                                            != (exported_probabilities[:, 1] >= opened.threshold)))}
            if opened.threshold is not None else {}),  # binary: the class said at the run's threshold
     }
-
-
-def _exported_model(fmt: str, path: Path, one_image_per_call: bool) -> Callable[[np.ndarray, list[str]], np.ndarray]:
-    """(pixels N x N, the files) -> probabilities, from the file as written."""
-    if fmt == "keras":
-        from pipeline.artefacts import load_keras_model
-
-        model = load_keras_model(path, "export again")
-        return lambda pixels, files: model.predict_on_batch(pixels)
-    if fmt == "savedmodel":
-        import tensorflow as tf
-
-        serving = tf.saved_model.load(str(path)).signatures["serving_default"]
-        return lambda pixels, files: serving(images=tf.constant([Path(f).read_bytes() for f in files]))[
-            "probabilities"].numpy()
-    if fmt == "tflite":
-        from pipeline.serving.export import tflite_interpreter
-
-        interpreter = tflite_interpreter(path.read_bytes())
-        given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-
-        def one_by_one(pixels: np.ndarray, files: list[str]) -> np.ndarray:
-            rows = []
-            for image in pixels:
-                interpreter.set_tensor(given["index"], image[None])
-                interpreter.invoke()
-                rows.append(interpreter.get_tensor(taken["index"])[0].copy())
-            return np.stack(rows)
-
-        return one_by_one
-    from pipeline.serving import onnx_export
-
-    runtime = onnx_export.session(path)
-    if one_image_per_call:
-        return lambda pixels, files: np.concatenate([onnx_export.run_session(runtime, image[None]) for image in pixels])
-    return lambda pixels, files: onnx_export.run_session(runtime, pixels)
 
 
 def describe(agreement: dict[str, Any], export_precision: str, run_precision: str) -> str:

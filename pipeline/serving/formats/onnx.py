@@ -1,4 +1,4 @@
-"""A run as ONNX, for ONNX Runtime, OpenVINO, TensorRT or Triton: one graph from float32 RGB pixels
+"""--format onnx: a run as ONNX, for ONNX Runtime, OpenVINO, TensorRT or Triton: one graph from float32 RGB pixels
 (0..255) of the model's N x N to class probabilities, converted by tf2onnx (the converter of
 Keras' own ONNX export on the TensorFlow backend) from the frozen serving function. The graph
 takes images already squashed to N x N by extract's rule, which ONNX cannot hold exactly for
@@ -23,11 +23,18 @@ import numpy as np
 from pipeline.backbone.onnx_graph import (
     OPSET,
     frozen_to_onnx,
-    named_batch_dimension,  # noqa: F401 - moved there; importable here as before
     session,
 )
 from pipeline.errors import PipelineError
+from pipeline.serving.formats import RESIZE_RULE, Job
 
+QUANTIZE = True
+QUANTIZED_PRECISION = ("static int8 (ONNX Runtime QDQ: uint8 activations, int8 weights per channel; the head and the "
+                       "pixel-reading convolutions in float), float32 input and output")
+SCIKIT_LEARN_HEADS = True  # the estimator's own graph (skl2onnx) joined after the backbone's
+RUN_PRECISION = ("ONNX Runtime's CPU kernels have no bfloat16 convolutions: the graph is float32 (or int8 with "
+                 "--quantize)")
+MODULES = ("onnx", "onnxruntime", "tf2onnx")  # what writing it needs (the `onnx` extra), checked before any work
 TOLERANCE = 1e-4  # largest probability difference to the run's own model, float32
 INT8_MAX_ACCURACY_DROP = 0.02  # int8 refused when validation accuracy falls by more than 2 points
 # ... or when it agrees with float32 on fewer than 99% of the top classes (on ELPV an int8 model that
@@ -216,3 +223,53 @@ def int8_agreement(fp32: Path, int8: Path, images: Any, labels: np.ndarray, size
                             f"{rates['float32']} images/s on the validation images): not exported (export float32 "
                             "instead; int8 pays on CPUs with VNNI or AMX)")
     return found
+
+
+def describe_input(size: int) -> str:
+    return (f"float32 RGB pixels 0..255, shape (batch, {size}, {size}, 3), already {RESIZE_RULE} with N = {size} "
+            "(ONNX's Resize has no area mode; docs/commands.md gives the rule in NumPy)")
+
+
+def required_modules(keras_form: bool) -> tuple[str, ...]:
+    """The modules writing the graph needs: a head with no Keras form is converted by skl2onnx too."""
+    return MODULES + (() if keras_form else ("skl2onnx",))
+
+
+def save(job: Job) -> tuple[Path, dict[str, Any]]:
+    """model.onnx (float32), checked against the run's own model; with --quantize, model-int8.onnx
+    beside it, measured against float32 on the run's validation images. A head with no Keras form:
+    its own ONNX graph (Head.as_onnx) joined after the backbone's (pixels to features)."""
+    from pipeline.runs import classifier
+
+    head = None if job.run.keras_form else job.classifier.head
+    if head is None:
+        model, resized = job.served, classifier.from_squashed(job.classifier, job.tta, job.size)
+    else:
+        model, resized = job.classifier, classifier.without_resize(job.classifier.features)
+    path, int8 = job.out / "model.onnx", job.out / "model-int8.onnx"
+    written = []
+    try:
+        graph = write_onnx(resized, job.size, path, head)
+        written.append(path)
+        checks: dict[str, Any] = {"onnx": graph, "largest_difference_to_predict": check_onnx(path, model, job.size)}
+        if job.quantize:
+            written.append(int8)
+            calibration = quantize_int8(path, int8, job.run.split_images("train").files, job.size)
+            validation = job.run.split_images("validation")
+            checks["int8"] = int8_agreement(path, int8, validation.files, validation.labels, job.size) | {
+                "calibration": calibration}
+            path = int8
+    except BaseException:  # nothing of a failed export is left in --out without its export.json
+        for each in written:
+            each.unlink(missing_ok=True)
+        raise
+    return path, checks
+
+
+def loader(path: Path, one_image_per_call: bool = False) -> Any:
+    """(pixels N x N, their files) -> probabilities by ONNX Runtime; the static int8 graph takes
+    batches (its ranges are fixed at calibration)."""
+    runtime = session(path)
+    if one_image_per_call:
+        return lambda pixels, files: np.concatenate([run_session(runtime, image[None]) for image in pixels])
+    return lambda pixels, files: run_session(runtime, pixels)
