@@ -194,6 +194,12 @@ def main() -> None:
     results["runtime"] = runtime_identity()
     print(results["machine"], flush=True)
     precisions = ["fp32", *(["bf16"] if cpu_has_bf16() else []), "int8"]
+    # a configuration being certified again is taken out of the shipped certificate first: extract
+    # refuses one that failed before, and this run measures it afresh
+    shipped = json.loads(CERTIFICATE.read_text()) if CERTIFICATE.is_file() else {}
+    again = [c for c in args.configs if "certificate" not in results.get("rows", {}).get(c, {})]
+    if any(c in shipped for c in again):
+        CERTIFICATE.write_text(json.dumps({k: v for k, v in shipped.items() if k not in again}, indent=1) + "\n")
     for config in args.configs:
         backbone, size = config.split(":")[0], int(config.split(":")[1])
         row = results.setdefault("rows", {}).setdefault(config, {"cpu": cpu_model(), "flags": flags})
@@ -224,6 +230,7 @@ def main() -> None:
         "cpu": row["cpu"], "flags": row["flags"], "runtime": results["runtime"], "dataset": "ELPV (2,624 images)",
         "c_grid": C_GRID, "reference_bf16": row.get("reference_bf16")}
         for config, row in results["rows"].items() if "certificate" in row}
+    certificate = {k: v for k, v in shipped.items() if k not in certificate and k not in again} | certificate
     CERTIFICATE.write_text(json.dumps(certificate, indent=1) + "\n")
     table = []
     for config, row in results["rows"].items():

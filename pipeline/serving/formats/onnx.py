@@ -169,7 +169,8 @@ def quantize_int8(source: Path, target: Path, training_files: list[str], size: i
                 yield np.stack(pixels)
 
     used = quantise(source, target, batches(), operators=QUANTISED_OPERATORS)
-    return {"method": "static: QDQ, uint8 activations and int8 weights per channel (U8S8), min-max ranges; the "
+    return {"method": "static: QDQ, uint8 activations and int8 weights per channel (U8S8), moving-average min-max "
+                      "ranges; the "
                       "convolutions only (the head and the pixel-reading convolutions in float)",
             "calibration_images": used, "calibrated_on": "the run's training images, evenly spaced"}
 
