@@ -72,9 +72,14 @@ class Run(RunRecord):
     def cached_splits(self, features: Path | None = None, cache_root: Path = Path("features"),
                       memory_budget: int | None = None, labels: Any = None) -> tuple[FeatureStore, dict[str, Any]]:
         """(its cache, the head's inputs of every split) of a head run, one cache or several fused,
-        checked against the splits the run was trained with; `labels` as in features()."""
+        checked against the splits the run was trained with; `labels` as in features(). A
+        fine-tuned run is refused: its backbone moved, so the cache holds no features of it."""
         from pipeline.cache.reader import load_fused_splits, load_splits
 
+        if self.kind != "head":
+            raise PipelineError(f"{self.directory} is a {self.kind} run: its backbone was trained, so the cached "
+                                "features are not its own; re-scoring from the cache is for head runs (its reports "
+                                "are in it; --tta scores it from its images)")
         if self.fused:
             if labels is not None:
                 raise PipelineError(f"{self.name} fuses features: it is read with the labels it was trained on "
@@ -91,10 +96,17 @@ class Run(RunRecord):
         """The run's images of `split` (their files and labels) from the cache it was trained on
         (the first of a fused run's: every part holds the same images): validation measures an
         export, train calibrates an int8 one."""
+        return self.images(checked=False)[split]
+
+    def images(self, checked: bool = True) -> dict[str, Any]:
+        """The run's images of every split (files and labels) from the cache it was trained on,
+        `checked` against the splits the run was trained with (to score the run from them)."""
         from pipeline.cache.reader import split_images
 
         store = self.fused_features()[0] if self.fused else self.features()
-        return split_images(store)[split]
+        if checked:
+            self.check_same_splits(store.split_indexes(), store.directory)
+        return split_images(store)
 
     def _one_backbone(self) -> None:
         if self.fused:
@@ -181,13 +193,19 @@ class Run(RunRecord):
     def classifier(self, precision: str | None = None, resize: bool = True, with_features: bool = False) -> Any:
         """The run as one Keras model, pixels 0..255 -> probabilities: a head run's backbone
         rebuilt with its head on top (at `precision`, default the features'), a fine-tuned run's
-        saved model (in float32 when `precision` is fp32). `resize=False`: images arrive already
-        squashed to the run's size (head runs). `with_features` (head runs): each output row is the
-        probabilities followed by the head's input vector."""
+        saved model (in float32 when `precision` is fp32; TensorFlow's Keras only, said in one line
+        elsewhere). `resize=False`: images arrive already squashed to the run's size. `with_features`:
+        each output row is the probabilities followed by the head's input vector (head runs; a
+        fine-tuned run's features moved with its backbone, so it gives the probabilities alone)."""
+        from pipeline import backend
         from pipeline.runs import classifier
 
         if self.kind == "finetune":
+            backend.require_tensorflow("a fine-tuned run (its model.keras resizes by area, which only TensorFlow's "
+                                       "Keras has)")
             model = classifier.load_finetuned(self.directory / MODEL_FILE, float32=precision == "fp32")
+            model = model if resize else classifier.without_resize(model)
+            with_features = False
         else:
             parts = [classifier.ClassifierPart(fingerprint, classifier.weights_for(fingerprint, _weights_path(record)),
                                                view) for fingerprint, view, record in self.parts]

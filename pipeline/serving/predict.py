@@ -53,9 +53,6 @@ class Predictor:
 
         view_transforms(tta)  # an unknown name is refused before any work
         opened = Run.open(run, models, data=data)
-        if opened.kind == "finetune":
-            backend.require_tensorflow("predict with a fine-tuned run (its model.keras resizes by area, which only "
-                                       "TensorFlow's Keras has)")
         # At the precision the features had. On TensorFlow the model resizes inside (as exported);
         # elsewhere the pipeline's image path has squashed the images already.
         if unknown not in UNKNOWN:

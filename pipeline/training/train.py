@@ -349,10 +349,8 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     if split not in SPLITS:
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     opened = Run.open(run)
-    if opened.kind != "head":
-        raise PipelineError(f"{run} is a {opened.kind} run: evaluate re-scores head runs; its reports are in it")
-    head = opened.head()
     store, splits = opened.cached_splits(features, cache_root, memory_budget, labels)
+    head = opened.head()
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
                                  store.class_names, opened.name, split, opened.ordered, opened.thresholds,
                                  opened.threshold,
@@ -365,7 +363,6 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     """Any run (head or fine-tuned) scored from its images end to end, its probabilities averaged
     over the test-time views of `tta` (pipeline/images/views.py), into RUN/tta-<views>/:
     metrics.json and the reports of `split`. The run's own metrics are left as they are."""
-    from pipeline.cache.reader import split_images
     from pipeline.images.reading import EncodedImages
     from pipeline.images.views import averaged_by_image, view_transforms
 
@@ -376,9 +373,7 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
     if opened.task == "multilabel":
         raise PipelineError(f"{opened.name} is multi-label: --tta scores runs of one class an image; evaluate it "
                             "without --tta (its exports take --tta)")
-    store = opened.features() if not opened.fused else opened.fused_features()[0]
-    opened.check_same_splits(store.split_indexes(), store.directory)
-    records = split_images(store)
+    records = opened.images()
     model = opened.classifier()
     size = opened.fingerprint.image_size
     started = time.perf_counter()
