@@ -1,10 +1,13 @@
 """The stages as Python functions: the front door (`import pipeline`) and what the command line calls.
 
 Each function takes its main input positionally and the command's flags as keyword arguments
-with the same names in snake_case and the same defaults (`--image-size` is `image_size`,
-`--no-progress` is `progress=False`); the command line passes its parsed flags straight through,
-so both are checked by the same code: the options' own constructors (ExtractOptions,
-TrainOptions, FinetuneOptions, Augmentation) and the stage functions behind them.
+(`--image-size` is `image_size`, `--no-progress` is `progress=False`). Each keyword is declared
+once, here, in the signature: its name, type and default, and in its annotation an Option with its
+help, choices and rule (pipeline/options.py). The command line builds its flags from these
+declarations (pipeline/cli/flags.py) and passes its parsed flags straight through, docs/flags.md
+is generated from them, and both are checked by the same code: the annotations (arguments.py),
+the options' own constructors (ExtractOptions, TrainOptions, FinetuneOptions, Augmentation) and
+the stage functions behind them. A new option is one keyword argument here.
 
     cache = extract("data/elpv", backbone="efficientnet_lite0")
     run = train_head(cache, head="logreg")
@@ -15,10 +18,9 @@ Errors a user can cause are `PipelineError` with a one-line message.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pipeline import backend as backends
 from pipeline import summaries
@@ -26,6 +28,46 @@ from pipeline.arguments import check_image_target, checked, image_targets
 from pipeline.chatter import kept_off
 from pipeline.errors import PipelineError, spoken_by_command_line
 from pipeline.images.formats import MEGAPIXEL
+from pipeline.options import (  # noqa: F401 - the declarations the signatures below are annotated with
+    TABLE_GROUP,
+    TTA_CHOICES,
+    AmongRunsOf,
+    Backend,
+    Cache,
+    GroupColumn,
+    LabelColumn,
+    LabelColumns,
+    Labels,
+    LabelSeparator,
+    LabelsMissing,
+    LabelsPath,
+    Layers,
+    MemoryBudget,
+    Option,
+    PathLike,
+    Progress,
+    ProgressOutput,
+    Seed,
+    SplitColumn,
+    TargetColumn,
+    TargetColumns,
+    WhereBestLooks,
+    backbone_help,
+    backend_option,
+    export_formats,
+    flip_help,
+    flips,
+    heads_help,
+    image_size_help,
+    layer_help,
+    missing_rows,
+    path_column,
+    poolings,
+    preprocessings,
+    thumbnail_modes,
+    unfreeze_help,
+    weights_help,
+)
 
 if TYPE_CHECKING:
     from pipeline.cache.store import FeatureStore
@@ -33,7 +75,9 @@ if TYPE_CHECKING:
     from pipeline.serving.export import ExportSummary
     from pipeline.serving.predict import Prediction
 
-PathLike = str | os.PathLike
+DENSE, LOGREG, KNN = "dense head", "logreg head", "knn head"  # train-head's sections of --help
+SVM, GENERIC = "svm head (--c-grid too: 1e-1:1e2:4)", "sklearn head: any scikit-learn classifier"
+RECIPE = "the recipe"  # finetune's
 
 
 def _say(progress: bool, text: Any) -> None:
@@ -56,14 +100,56 @@ def _max_pixels(max_megapixels: float) -> int:
 
 @checked
 @kept_off
-def extract(data: Any = None, *, images: Any = None, path: str = "path", missing: str = "error",
-            backbone: str = "vgg16", image_size: int | None = None, pooling: str | None = None,
-            layer: Sequence[str] | None = None, precision: str | None = None, weights: str = "imagenet",
-            preprocessing: str | None = None, batch_size: int = 32, shard_size: int = 1024,
-            cache: PathLike = "features", val_fraction: float | None = None, test_fraction: float | None = None,
-            split_seed: int = 0, rehash: bool = False, strict: bool = False, max_megapixels: float = 128,
-            engine: str = "local", ray_address: str | None = None, workers: int | None = None,
-            backend: str | None = None, progress: bool = True) -> FeatureStore:
+def extract(
+    data: Annotated[Any, Option(
+        "DIR/<class>/<image> or DIR/{train,validation|val,test}/<class>/<image>; a folder of images without class "
+        "folders is extracted unlabelled; with --images, the folder the table's paths are relative to (default: the "
+        "table's folder)", rule="path")] = None, *,
+    images: Annotated[Any, Option(
+        "a CSV, TSV or Parquet table with a column of image paths; labels come at train-head (--labels TABLE, the "
+        "same file)", metavar="TABLE", group=TABLE_GROUP)] = None,
+    path: Annotated[str, path_column("--images", TABLE_GROUP)] = "path",
+    missing: Annotated[str, missing_rows("--images", TABLE_GROUP)] = "error",
+    backbone: Annotated[str, Option(backbone_help())] = "vgg16",
+    image_size: Annotated[int | None, Option(image_size_help(), rule="positive")] = None,
+    pooling: Annotated[str | None, Option(
+        "none keeps the full feature map (default; avg for the EfficientNet-Lite backbones, whose default layers are "
+        "four)", choices=poolings())] = None,
+    layer: Annotated[Sequence[str] | None, Option(layer_help(), rule="names", metavar="NAME[,NAME...]")] = None,
+    precision: Annotated[str | None, Option(
+        "default: mixed on a GPU, bf16 on a CPU with bf16 hardware, else fp32; int8: the backbone quantised and run "
+        "by ONNX Runtime, calibrated on the data's training images", choices=("fp32", "bf16", "mixed", "int8"))] = None,
+    weights: Annotated[str, Option(weights_help())] = "imagenet",
+    preprocessing: Annotated[str | None, Option(
+        "override the preprocessing that follows from --weights (for a weights file)",
+        choices=preprocessings())] = None,
+    batch_size: Annotated[int, Option(rule="positive")] = 32,
+    shard_size: Annotated[int, Option("images per HDF5 shard", rule="positive")] = 1024,
+    cache: Cache = "features",
+    val_fraction: Annotated[float | None, Option(
+        "validation share of each class (default 0.15): of DIR/<class>/, or carved out of train/ where a split "
+        "layout has no validation folder")] = None,
+    test_fraction: Annotated[float | None, Option(
+        "test share of each class (default 0.15): of DIR/<class>/, or carved out of train/ where a split layout has "
+        "no test folder")] = None,
+    split_seed: Annotated[int, Option("for the splits chosen by file name")] = 0,
+    rehash: Annotated[bool, Option("hash every file again instead of trusting remembered size and mtime")] = False,
+    strict: Annotated[bool, Option(
+        "stop at the first file that cannot be decoded (default: skip and list it)")] = False,
+    max_megapixels: Annotated[float, Option(
+        "images of more decoded pixels than this many millions (10^6) are held back with an error, never decoded "
+        "(default 128)", rule="positive_float")] = 128,
+    engine: Annotated[str, Option(
+        "local: this process (default); ray: Ray Data across processes, nodes and GPUs",
+        choices=("local", "ray"))] = "local",
+    ray_address: Annotated[str | None, Option(
+        "--engine ray: join this running cluster (default: a local instance for the command)",
+        metavar="auto|HOST:PORT")] = None,
+    workers: Annotated[int | None, Option(
+        "--engine ray: backbone workers (default: one per GPU, else one per node)", rule="positive")] = None,
+    backend: Annotated[str | None, backend_option("; images decode with Pillow on jax")] = None,
+    progress: Progress = True,
+) -> FeatureStore:
     """Stage one: bring the feature cache of the image folder `data` up to date (every new or
     changed image through the frozen backbone once) and return it, opened: a FeatureStore with its
     `path`, `fingerprint`, `class_names` and the run's `summary` (images, new, reused, skipped,
@@ -97,24 +183,90 @@ def extract(data: Any = None, *, images: Any = None, path: str = "path", missing
 
 @checked
 @kept_off
-def train_head(features: Any = None, *, head: str = "logreg", cache: PathLike = "features",
-               models: PathLike = "models", name: str | None = None, layer: Sequence[str] | None = None,
-               pooling: str | None = None, seed: int = 0, class_weight: str | None = None,
-               units: int | None = None, dropout: float | None = None, batch_norm: bool | None = None,
-               optimizer: str | None = None, lr: float | None = None, epochs: int | None = None,
-               batch_size: int | None = None, patience: int | None = None, loss: str | None = None,
-               c_grid: str | None = None, c_search: str | None = None, max_iter: int | None = None,
-               n_jobs: int | None = None, kernel: str | None = None, gamma_grid: str | None = None,
-               rbf_limit: int | None = None, k_grid: str | None = None, weighting: str | None = None,
-               estimator: str | None = None, estimator_params: Mapping[str, Any] | str | None = None,
-               trust_module: str | None = None, candidates: Sequence[str] | None = None,
-               memory_budget: int | None = None, stream: bool = False, exclude: PathLike | None = None,
-               labels: Any = None, label: str | None = None, target: str | None = None,
-               split_column: str | None = None, group: str | None = None, path: str = "path",
-               missing: str = "error", label_separator: str | None = None, label_columns: Any = None,
-               target_columns: Any = None,
-               metrics_by: str | None = None, threshold: Any = None, assert_accuracy_at_least: float | None = None,
-               backend: str | None = None, progress: bool = True) -> Run:
+def train_head(
+    features: Annotated[Any, Option(
+        "a cache directory from extract, or its name under --cache (default: the latest); several, comma-separated "
+        "(A,B), fuse their features: the same images, one image size, other backbones", rule="caches")] = None, *,
+    head: Annotated[str, Option(heads_help())] = "logreg",
+    candidates: Annotated[Sequence[str] | None, Option(
+        "--head auto: the heads to fit and compare, each kept as a run, the best on validation chosen (default "
+        "logreg,svm,knn,dense)", metavar="HEAD[,HEAD...]", rule="text")] = None,
+    cache: Cache = "features",
+    models: Annotated[PathLike, Option("runs root (default models/)", rule="path")] = "models",
+    name: Annotated[str | None, Option("run name (default: from dataset, head, features, settings)")] = None,
+    layer: Layers = None,
+    pooling: Annotated[str | None, Option(
+        "pool spatial features at read time (default: as extracted; none flattens)", choices=poolings())] = None,
+    seed: Seed = 0,
+    class_weight: Annotated[str | None, Option(
+        "weigh classes inversely to their frequency (default none)", choices=("none", "balanced"))] = None,
+    units: Annotated[int | None, Option("hidden units (256)", rule="positive", group=DENSE)] = None,
+    dropout: Annotated[float | None, Option("dropout rate (0.5)", group=DENSE)] = None,
+    batch_norm: Annotated[bool | None, Option("BatchNormalization after Dense", group=DENSE)] = None,
+    optimizer: Annotated[str | None, Option("rmsprop (default), adam or sgd", group=DENSE)] = None,
+    lr: Annotated[float | None, Option("learning rate (1e-3)", group=DENSE)] = None,
+    epochs: Annotated[int | None, Option("at most this many epochs (50)", rule="positive", group=DENSE)] = None,
+    batch_size: Annotated[int | None, Option("(32)", rule="positive", group=DENSE)] = None,
+    patience: Annotated[int | None, Option(
+        "epochs without validation accuracy improvement before stopping (4)", rule="positive", group=DENSE)] = None,
+    loss: Annotated[str | None, Option(
+        "crossentropy (default), or ordinal: the classes, in their sorted order, are ordered levels (ELPV's "
+        "defect-0.00 .. defect-1.00): the mean cross-entropy of every cut 'at or above level k'; metrics.json adds "
+        "each cut's accuracy and the error in levels", choices=("crossentropy", "ordinal"), group=DENSE)] = None,
+    c_grid: Annotated[str | None, Option(
+        "log-spaced C values, or C1,C2,... (1e-6:1e5:45; --c-search path fits about 15 of them, grid all 45)",
+        metavar="LOW:HIGH:COUNT", group=LOGREG)] = None,
+    c_search: Annotated[str | None, Option(
+        "path (default): C ascending, warm-started, about one a decade, stopped three decades after validation stops "
+        "improving, then refined between the best's neighbours; grid: every C of --c-grid (grids of 12 values or "
+        "fewer are always fitted whole)", choices=("path", "grid"), group=LOGREG)] = None,
+    max_iter: Annotated[int | None, Option("L-BFGS iterations per fit (1000)", rule="positive", group=LOGREG)] = None,
+    n_jobs: Annotated[int | None, Option("parallel fits (-1: all cores)", group=LOGREG)] = None,
+    kernel: Annotated[str | None, Option(
+        "auto (default): rbf up to --rbf-limit training images, linear above", choices=("auto", "rbf", "linear"),
+        group=SVM)] = None,
+    gamma_grid: Annotated[str | None, Option(
+        "the RBF kernel's widths to try, as multiples of 1/features (0.25,1,4)", metavar="G1,G2,...",
+        group=SVM)] = None,
+    rbf_limit: Annotated[int | None, Option(
+        "training images up to which auto uses the RBF kernel (5000: bench/RESULTS.md says why)", rule="positive",
+        metavar="N", group=SVM)] = None,
+    k_grid: Annotated[str | None, Option("neighbours to try (1,3,5,10,20)", metavar="K1,K2,...", group=KNN)] = None,
+    weighting: Annotated[str | None, Option(
+        "votes uniform, or weighted by 1/cosine distance; search (default) tries both",
+        choices=("search", "uniform", "distance"), group=KNN)] = None,
+    estimator: Annotated[str | None, Option(
+        "the classifier's class, e.g. sklearn.ensemble.HistGradientBoostingClassifier (default "
+        "sklearn.linear_model.LogisticRegression)", metavar="DOTTED.NAME", group=GENERIC)] = None,
+    estimator_params: Annotated[Mapping[str, Any] | str | None, Option(
+        "the estimator's parameters as a JSON object, e.g. '{\"max_iter\": 200}'", metavar="JSON", flag="--params",
+        rule="text", group=GENERIC)] = None,
+    trust_module: Annotated[str | None, Option(
+        "import estimators from these modules outside scikit-learn (importing runs their code; loading the run later "
+        "needs BOTTLENECK_PIPELINE_TRUST=MODULE)", metavar="MODULE[,MODULE...]", group=GENERIC)] = None,
+    memory_budget: Annotated[int | None, Option(
+        "read features into memory up to this size, stream by shard above (default: a quarter of physical memory)",
+        rule="positive", metavar="MB")] = None,
+    stream: Annotated[bool, Option("stream features by shard even when they fit")] = False,
+    exclude: Annotated[PathLike | None, Option(
+        "leave these images out of training (never out of validation or test): an audit's suspects.csv, or a file of "
+        "paths or content-hash ids, one a line", rule="path", metavar="FILE")] = None,
+    assert_accuracy_at_least: Annotated[float | None, Option(
+        "exit non-zero if validation accuracy is below X (0..1), e.g. to gate CI", metavar="X")] = None,
+    metrics_by: Annotated[str | None, Option(
+        "--labels' column whose values the metrics are also given per, e.g. a cell type (metrics.json: by_group)",
+        metavar="COL")] = None,
+    threshold: Annotated[Any, Option(
+        "two classes: decide the second class at or above this probability of it, or the one of the highest "
+        "validation accuracy (validation); recorded in the run, used by its metrics, predict and export.json "
+        "(default: the most probable class)", metavar="validation|P", rule="text")] = None,
+    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
+    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
+    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
+    target_columns: TargetColumns = None,
+    backend: Backend = None,
+    progress: ProgressOutput = True,
+) -> Run:
     """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
     list of caches of the same images to fuse. Head parameters left at None take the head's
@@ -213,11 +365,20 @@ def check_accuracy_at_least(run: Run, threshold: float | None) -> None:
 
 @checked
 @kept_off
-def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None, tta: str = "none",
-             labels: Any = None, label: str | None = None, target: str | None = None,
-             split_column: str | None = None, group: str | None = None, path: str = "path", missing: str = "error",
-             label_separator: str | None = None, label_columns: Any = None, target_columns: Any = None,
-             backend: str | None = None) -> Run:
+def evaluate(
+    run: Annotated[Any, Option("a run directory, e.g. models/NAME", flag="--model", rule="path", required=True)], *,
+    split: Annotated[str, Option("whose reports to write: train, validation, test")] = "test",
+    features: Annotated[PathLike | None, Option(
+        "the cache to read (default: the one the run was trained on)", rule="path")] = None,
+    tta: Annotated[str, Option(
+        "score the run (head or fine-tuned) from its images, averaging test-time views: flip (2) or dihedral (8); "
+        "written to RUN/tta-VIEWS/ (default none: from the cache)", choices=TTA_CHOICES)] = "none",
+    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
+    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
+    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
+    target_columns: TargetColumns = None,
+    backend: Backend = None,
+) -> Run:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
     metrics.json and the reports of `split`. With `tta` (flip, dihedral): any run scored from its
     images, end to end, averaging the test-time views, into RUN/tta-<views>/ (the run's own
@@ -244,16 +405,68 @@ def evaluate(run: Any, *, split: str = "test", features: PathLike | None = None,
 
 @checked
 @kept_off
-def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike | None = None,
-             name: str | None = None, unfreeze: str | None = None, epochs: int = 3, lr: float = 1e-4,
-             momentum: float = 0.9, clipnorm: float = 1.0, batch_size: int = 16, patience: int = 3,
-             precision: str | None = None, augment: str = "default", flip: str | None = None,
-             rotation: float = 0.0, zoom: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
-             brightness: float = 0.0, saturation: float = 0.0,
-             cached: bool = False, cache: PathLike | None = None, seed: int = 0, optimizer: str = "sgd",
-             weight_decay: float = 0.0, schedule: str = "plateau", warmup_epochs: float = 0.0,
-             label_smoothing: float = 0.0, loss: str | None = None, lr_decay: float = 1.0, head_epochs: int = 0,
-             tta: str = "none", backend: str | None = None, progress: bool = True) -> Run:
+def finetune(
+    run: Annotated[Any, Option(
+        "a head run directory, or best (highest validation accuracy; default)", flag="--from")] = "best", *,
+    models: Annotated[PathLike, Option(rule="path")] = "models",
+    data: Annotated[PathLike | None, Option(
+        "--from best: choose among the head runs of this image folder (needed where runs of several folders stand "
+        "side by side)", rule="path")] = None,
+    name: Annotated[str | None, Option("run name (default: <head run>-finetuned-<unfreeze>)")] = None,
+    unfreeze: Annotated[str | None, Option(unfreeze_help())] = None,
+    epochs: Annotated[int, Option("(3: CPUs are slow; more on a GPU)", rule="positive")] = 3,
+    lr: Annotated[float, Option("learning rate (1e-4) of the head and the top unfrozen block")] = 1e-4,
+    momentum: Annotated[float, Option()] = 0.9,
+    clipnorm: Annotated[float, Option("clip gradients to this norm (0: off; default 1)")] = 1.0,
+    batch_size: Annotated[int, Option(rule="positive")] = 16,
+    patience: Annotated[int, Option(
+        "epochs without validation accuracy improvement before stopping (3)", rule="positive")] = 3,
+    precision: Annotated[str | None, Option(
+        "default: as the features were extracted (bf16 trains in mixed bfloat16)",
+        choices=("fp32", "mixed-bf16", "mixed-fp16"))] = None,
+    augment: Annotated[str, Option("none switches every augmentation off", choices=("default", "none"))] = "default",
+    flip: Annotated[str | None, Option(flip_help(), choices=flips())] = None,
+    rotation: Annotated[float, Option("fraction of a full turn, e.g. 0.05 (default 0: off)")] = 0.0,
+    zoom: Annotated[float, Option("e.g. 0.1 (default 0: off)")] = 0.0,
+    translation: Annotated[float, Option("e.g. 0.05 (default 0: off)")] = 0.0,
+    contrast: Annotated[float, Option("e.g. 0.1 (default 0: off)")] = 0.0,
+    brightness: Annotated[float, Option(
+        "photos: scale each image's pixels by a factor from [1-B, 1+B], e.g. 0.2 (default 0: off)")] = 0.0,
+    saturation: Annotated[float, Option(
+        "photos: scale each image's colour saturation by a factor from [1-S, 1+S], e.g. 0.2 (default 0: off; gray "
+        "images stay gray)")] = 0.0,
+    cached: Annotated[bool, Option(
+        "train on cached activations of the layer below --unfreeze (e.g. block4_pool for block5; extract them with "
+        "--layer NAME --pooling none): no pass through the frozen blocks per epoch; augmentation flips the cached "
+        "maps")] = False,
+    cache: Annotated[PathLike | None, Option(
+        "--cached: where to look for that cache (default: beside the head's cache)", rule="path")] = None,
+    seed: Seed = 0,
+    optimizer: Annotated[str, Option(
+        "sgd with --momentum (default), or adamw (decoupled --weight-decay)", choices=("sgd", "adamw"),
+        group=RECIPE)] = "sgd",
+    weight_decay: Annotated[float, Option("(default 0)", group=RECIPE)] = 0.0,
+    schedule: Annotated[str, Option(
+        "plateau: halve the rate when validation loss stalls (default); cosine: a linear warm-up over "
+        "--warmup-epochs, then a cosine decay to 0 at the last epoch", choices=("plateau", "cosine"),
+        group=RECIPE)] = "plateau",
+    warmup_epochs: Annotated[float, Option("with --schedule cosine (default 0)", group=RECIPE)] = 0.0,
+    label_smoothing: Annotated[float, Option("e.g. 0.1 (default 0: off)", group=RECIPE)] = 0.0,
+    loss: Annotated[str | None, Option(
+        "ordinal: the classes, in their sorted order, are ordered levels (see train-head --loss); default: the head "
+        "run's loss", choices=("crossentropy", "ordinal"), group=RECIPE)] = None,
+    lr_decay: Annotated[float, Option(
+        "discriminative rates: each block below the top unfrozen one learns at this factor of the one above (e.g. "
+        "0.5; default 1: one rate)", group=RECIPE)] = 1.0,
+    head_epochs: Annotated[int, Option(
+        "of --epochs, train the head alone first (the backbone frozen), then unfreeze (default 0)",
+        group=RECIPE)] = 0,
+    tta: Annotated[str, Option(
+        "score the run averaging test-time views: flip (2) or dihedral (8, for images without an up); default none",
+        choices=TTA_CHOICES, group=RECIPE)] = "none",
+    backend: Annotated[str | None, backend_option("; fine-tuning runs on tensorflow")] = None,
+    progress: Annotated[bool, Option(flag="--no-progress", negated=True)] = True,
+) -> Run:
     """Stage three: put a head run (a Run, its directory, or "best") back on its backbone, unfreeze
     from `unfreeze` (default the top block), train end to end with augmentation, and return the
     fine-tuned Run. `augment="none"` switches every augmentation off; `flip`, `rotation`, `zoom`,
@@ -288,10 +501,27 @@ def finetune(run: Any = "best", *, models: PathLike = "models", data: PathLike |
 
 @checked
 @kept_off
-def predict(run: Any, images: Any, *, top: int = 3, models: PathLike = "models",
-            data: PathLike | None = None, output: PathLike | None = None, max_megapixels: float = 128,
-            tta: str = "none", unknown: str = "flag",
-            backend: str | None = None) -> list[Prediction] | Iterator[Prediction]:
+def predict(
+    run: Annotated[Any, Option(
+        "a run directory, e.g. models/NAME, or best (highest validation accuracy)", flag="--model", rule="path",
+        required=True)],
+    images: Annotated[Any, Option(rule="path", positional=True, metavar="IMAGE_OR_DIR")], *,
+    top: Annotated[int, Option("labels per image (3)", rule="positive")] = 3,
+    models: WhereBestLooks = "models",
+    data: AmongRunsOf = None,
+    output: Annotated[PathLike | None, Option("also write FILE.csv or FILE.json", rule="path")] = None,
+    max_megapixels: Annotated[float, Option(
+        "images of more decoded pixels than this many millions (10^6) get an error instead of a prediction (default "
+        "128)", rule="positive_float")] = 128,
+    unknown: Annotated[str, Option(
+        "an image farther from the run's training images than the run's recorded threshold (5%% of its validation "
+        "images are): flag it and keep its labels (default), or reject it (no labels); head runs",
+        choices=("flag", "reject"))] = "flag",
+    tta: Annotated[str, Option(
+        "average the probabilities over test-time views: flip (2) or dihedral (8, for images without an up); "
+        "default none", choices=TTA_CHOICES)] = "none",
+    backend: Annotated[str | None, backend_option("; images decode with Pillow on jax")] = None,
+) -> list[Prediction] | Iterator[Prediction]:
     """The `top` labels of every image (files, or folders searched for images) with any run (a Run,
     its directory, or "best"): one Prediction per image, in order, with `labels`, `probabilities`
     and, for a file that is not a readable image, `error`. `images`: one path, a list (or tuple)
@@ -335,10 +565,32 @@ def _checked_path(target: Any) -> Path:
 
 @checked
 @kept_off
-def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,  # noqa: A002 - the flag's name
-           quantize: bool = False, precision: str = "float32", check_images: int = 500, tta: str = "none",
-           models: PathLike = "models", data: PathLike | None = None, backend: str | None = None,
-           progress: bool = True) -> ExportSummary:
+def export(
+    run: Annotated[Any, Option("a run directory, e.g. models/NAME, or best", flag="--model", required=True)],
+    format: Annotated[str, Option(  # noqa: A002 - the flag's name
+        "keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile; onnx: for ONNX Runtime, "
+        "OpenVINO, TensorRT, Triton", choices=export_formats())] = "savedmodel",
+    out: Annotated[PathLike | None, Option("output folder (default: RUN/export/)", rule="path")] = None, *,
+    quantize: Annotated[bool, Option(
+        "tflite: dynamic-range int8 weights; onnx: int8 weights (ONNX Runtime), measured against float32 on the "
+        "run's validation images and refused past the documented threshold")] = False,
+    precision: Annotated[str, Option(
+        "float32: runs anywhere (default); run: computes in the run's precision (bf16 when extract chose it), as "
+        "predict does: keras and savedmodel only (TFLite and ONNX Runtime have no bfloat16 kernels)",
+        choices=("float32", "run"))] = "float32",
+    check_images: Annotated[int, Option(
+        "measure the export against predict on up to N of the run's validation images (accuracy, largest "
+        "probability difference), printed and recorded in export.json (default 500; 0: skip)", rule="non_negative",
+        metavar="N")] = 500,
+    tta: Annotated[str, Option(
+        "average test-time views inside the model, as predict --tta does: flip (2 passes) or dihedral (8, for images "
+        "without an up); every format, not with --quantize (default none)", choices=TTA_CHOICES)] = "none",
+    models: WhereBestLooks = "models",
+    data: AmongRunsOf = None,
+    backend: Annotated[str | None, backend_option(
+        "; SavedModel and TFLite are TensorFlow formats: export runs on tensorflow")] = None,
+    progress: ProgressOutput = True,
+) -> ExportSummary:
     """Write a run (a Run, its directory, or "best") as a model that needs no pipeline: `format`
     keras, savedmodel, tflite or onnx, into `out` (default RUN/export/), with labels.txt and
     export.json beside it. `precision`: float32 (runs anywhere) or run (the run's own: keras and
@@ -358,12 +610,24 @@ def export(run: Any, format: str = "savedmodel", out: PathLike | None = None, *,
 
 @checked
 @kept_off
-def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, cache: PathLike = "features",
-               layer: Sequence[str] | None = None, pooling: str | None = None, labels: Any = None,
-               label: str | None = None, target: str | None = None, split_column: str | None = None,
-               group: str | None = None, path: str = "path", missing: str = "error",
-               label_separator: str | None = None, label_columns: Any = None, target_columns: Any = None,
-               progress: bool = True) -> Any:
+def embeddings(
+    features: Annotated[Any, Option(
+        "a cache directory, or its name under --cache (default: the latest)", rule="caches")] = None,
+    out: Annotated[PathLike, Option(
+        "FILE.parquet (default embeddings.parquet) or FILE.npz (with FILE.json beside it)",
+        rule="path")] = "embeddings.parquet", *,
+    cache: Cache = "features",
+    layer: Annotated[Sequence[str] | None, Option(
+        "cached layer(s) to write, concatenated (default: all the cache holds)", rule="names",
+        metavar="NAME[,NAME...]")] = None,
+    pooling: Annotated[str | None, Option(
+        "pool spatial features (default: as extracted; none flattens)", choices=poolings())] = None,
+    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
+    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
+    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
+    target_columns: TargetColumns = None,
+    progress: Progress = True,
+) -> Any:
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
     class, label, split and embedding, the cache's fingerprint in the file's metadata; written shard
     by shard; unlabelled images with an empty class. `labels`...: a labels table's classes and
@@ -386,12 +650,29 @@ def embeddings(features: Any = None, out: PathLike = "embeddings.parquet", *, ca
 
 @checked
 @kept_off
-def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike = "models",
-          cache: PathLike = "features", folds: int = 5, similarity: float = 0.98, seed: int = 0,
-          c_grid: str | None = None, memory_budget: int | None = None, labels: Any = None,
-          label: str | None = None, target: str | None = None, split_column: str | None = None,
-          group: str | None = None, path: str = "path", missing: str = "error", label_separator: str | None = None,
-          label_columns: Any = None, target_columns: Any = None, progress: bool = True) -> Any:
+def audit(
+    features: Annotated[Any, Option(
+        "a cache directory, or its name under --cache (default: the latest); several (A,B): their features fused",
+        rule="caches")] = None, *,
+    cache: Cache = "features",
+    out: Annotated[PathLike | None, Option(
+        "the audit's folder (default: models/audit-<cache directory name>)", rule="path")] = None,
+    models: Annotated[PathLike, Option("where the default folder goes", rule="path")] = "models",
+    folds: Annotated[int, Option("stratified folds for the out-of-fold probabilities (5)", rule="positive")] = 5,
+    c_grid: Annotated[str | None, Option(
+        "the C values the first fold searches (1e-2:1e2:5); the other folds fit the C it chose. One value (e.g. 1.0) "
+        "is quickest", metavar="LOW:HIGH:COUNT")] = None,
+    similarity: Annotated[float, Option(
+        "cosine similarity from which two images count as near-duplicates (0.98; see docs/commands.md, "
+        "audit)")] = 0.98,
+    seed: Seed = 0,
+    memory_budget: MemoryBudget = None,
+    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
+    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
+    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
+    target_columns: TargetColumns = None,
+    progress: Progress = True,
+) -> Any:
     """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
     exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or
     several of the same images, fused), into `out` (default models/audit-<cache>). Returns an
@@ -412,8 +693,17 @@ def audit(features: Any = None, *, out: PathLike | None = None, models: PathLike
 
 @checked
 @kept_off
-def suggest(features: Any = None, *, model: Any = None, budget: int = 50, out: PathLike | None = None,
-            cache: PathLike = "features", models: PathLike = "models", progress: bool = True) -> Any:
+def suggest(
+    features: Annotated[Any, Option("a cache of the run's fingerprint (default: the run's own)", rule="path")] = None,
+    *,
+    cache: Cache = "features",
+    model: Annotated[Any, Option("a head run (its uncertainty ranks the images); none: by diversity alone")] = None,
+    models: WhereBestLooks = "models",
+    budget: Annotated[int, Option("how many images to suggest (50)", rule="positive")] = 50,
+    out: Annotated[PathLike | None, Option(
+        "FILE.csv: the suggestions as a labels table to fill in and give back with --labels", rule="path")] = None,
+    progress: ProgressOutput = True,
+) -> Any:
     """What to label next: the cache's unlabelled images ranked by the head run `model`'s
     uncertainty and by diversity in the feature space (or by diversity alone without a run), the
     first `budget` of them; `out` (a CSV) is a labels table to fill in and give back to train_head
@@ -443,9 +733,22 @@ def suggest(features: Any = None, *, model: Any = None, budget: int = 50, out: P
 
 @checked
 @kept_off
-def report_page(model: Any = None, *, audit: PathLike | None = None, out: PathLike | None = None,
-                split: str = "test", thumbnails: str = "auto", screenshot: PathLike | None = None,
-                models: PathLike = "models", cache: PathLike = "features", progress: bool = True) -> Any:
+def report_page(
+    model: Annotated[Any, Option("a run directory, or best")] = None, *,
+    audit: Annotated[PathLike | None, Option("an audit's folder (made by audit)", rule="path")] = None,
+    out: Annotated[PathLike | None, Option(
+        "FILE.html (default: report.html in the run's folder, else in the audit's)", rule="path")] = None,
+    split: Annotated[str, Option("the split whose images the matrix opens: train, validation, test (test)")] = "test",
+    thumbnails: Annotated[str, Option(
+        "embed: in the page; folder: beside it (FILE_files/), linked relative to it; auto: embedded up to 2,000 "
+        "images (auto)", choices=thumbnail_modes())] = "auto",
+    screenshot: Annotated[PathLike | None, Option(
+        "also a picture of the page in headless Chromium (the [browser] extra)", rule="path",
+        metavar="FILE.png")] = None,
+    models: WhereBestLooks = "models",
+    cache: Cache = "features",
+    progress: Progress = True,
+) -> Any:
     """One offline HTML page (the `report` command) of the run `model` and/or the audit folder
     `audit`: metrics with intervals, the confusion matrix of `split` whose cells open their images,
     the errors, the unknowns, what to label next, the audit's suspects and cross-split pairs, the
@@ -478,7 +781,10 @@ def report_page(model: Any = None, *, audit: PathLike | None = None, out: PathLi
 
 
 @checked
-def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> list[dict[str, Any]]:
+def list_runs(
+    models: Annotated[PathLike, Option(rule="path")] = "models", *,
+    data: Annotated[PathLike | None, Option("only the runs trained on this image folder", rule="path")] = None,
+) -> list[dict[str, Any]]:
     """Every finished run under `models` (of the image folder `data` if given) as a row, best
     validation accuracy first; a damaged run is listed with its `problem`."""
     from pipeline.runs import list_runs as rows
@@ -487,7 +793,7 @@ def list_runs(models: PathLike = "models", *, data: PathLike | None = None) -> l
 
 
 @checked
-def list_caches(cache: PathLike = "features") -> list[dict[str, Any]]:
+def list_caches(cache: Cache = "features") -> list[dict[str, Any]]:
     """Every feature cache under `cache`, newest first (the one train_head takes by default), as a
     row: name, directory, backbone, image_size, layers, pooling, precision, data, images, updated."""
     from pipeline.cache.catalogue import cache_rows

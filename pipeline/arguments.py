@@ -3,7 +3,8 @@ PipelineError of one line naming the flag, as the command line says it, never a 
 deep inside.
 
 `checked` wraps a public function of pipeline/api.py. Each parameter's annotation is its
-declaration: `int` (a whole number, not a bool), `float` (a finite number), `str`, `bool`,
+declaration (pipeline/options.py; an Annotated type's Option is the command line's business):
+`int` (a whole number, not a bool), `float` (a finite number), `str`, `bool`,
 `PathLike` (a str or os.PathLike path, not bytes, not empty), `Sequence[str]` (a list of names; one
 name alone is taken as a list of one), `X | None` (also None), and for the main inputs, which take
 several kinds of things, `Any` with a rule named in INPUTS. Values in range are the options' own
@@ -117,6 +118,44 @@ def _check(name: str, annotation: str, value: Any, function: str) -> Any:
     return value
 
 
+def kind_text(annotation: Any) -> str:
+    """An evaluated annotation as the kinds `_check` knows, "int | None", "PathLike", "Sequence[str]":
+    Annotated's extras dropped; `str | os.PathLike` is PathLike; anything else is "?" (left to the
+    function)."""
+    import collections.abc
+    import types
+    import typing
+
+    if annotation is inspect.Parameter.empty:
+        return "?"
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = annotation.__origin__
+    if isinstance(annotation, str):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+    else:
+        members = (annotation,)
+    names = []
+    for member in members:
+        if typing.get_origin(member) is typing.Annotated:
+            member = member.__origin__
+        if member is os.PathLike or typing.get_origin(member) is os.PathLike:
+            names = [name for name in names if name != "str"] + ["PathLike"]
+        elif member is type(None):
+            names.append("None")
+        elif member is Any:
+            names.append("Any")
+        elif member in (int, float, str, bool):
+            if not (member is str and "PathLike" in names):
+                names.append(member.__name__)
+        elif typing.get_origin(member) is collections.abc.Sequence and typing.get_args(member) == (str,):
+            names.append("Sequence[str]")
+        else:
+            names.append("?")
+    return " | ".join(names)
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -124,7 +163,10 @@ def _shown(value: Any) -> str:
 
 def checked(function: F) -> F:
     """`function` with its arguments checked against its signature's annotations first."""
+    from pipeline.options import declarations
+
     signature = inspect.signature(function)
+    kinds: dict[str, str] = {}
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -132,10 +174,11 @@ def checked(function: F) -> F:
             bound = signature.bind(*args, **kwargs)
         except TypeError as error:
             raise PipelineError(f"{function.__name__}(): {error}") from None
+        if not kinds:  # evaluated on the first call: the annotations name what the module imports later
+            kinds.update({declared.name: kind_text(declared.annotation) for declared in declarations(function)})
         for name, value in list(bound.arguments.items()):
-            annotation = signature.parameters[name].annotation
-            if isinstance(annotation, str):
-                bound.arguments[name] = _check(name, annotation, value, function.__name__)
+            if "?" not in kinds[name].split(" | "):
+                bound.arguments[name] = _check(name, kinds[name], value, function.__name__)
         return function(*bound.args, **bound.kwargs)
 
     return wrapper  # type: ignore[return-value]

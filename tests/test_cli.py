@@ -147,14 +147,14 @@ def test_a_read_only_models_folder_is_named_not_the_probe(tmp_path: Path) -> Non
 
 
 def test_a_pipeline_error_buried_in_a_keras_error_comes_out_as_one_line(monkeypatch, capsys) -> None:
-    import pipeline.cli as cli
+    from pipeline.cli.commands import train_head
 
     def buried(args):
         raise RuntimeError("Graph execution error:\n\nDetected at node PyFunc defined at (most recent call last):\n"
                            "  File ...\npipeline.errors.PipelineError: features/x/shard-00001.h5 changed while it was "
                            "being read: rerun when the extract has finished\n\t [[{{node PyFunc}}]]")
 
-    monkeypatch.setattr(cli, "_train_head", buried)
+    monkeypatch.setattr(train_head, "run", buried)
     assert main(["train-head"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == ("error: features/x/shard-00001.h5 changed while it was being read: rerun when the extract has "

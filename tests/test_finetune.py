@@ -165,7 +165,7 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
     assert "learning_rate" in (summary.directory / "history.csv").read_text().splitlines()[0]
     assert any(r["name"] == summary.directory.name and r["kind"] == "finetune" for r in list_runs(models))
     assert config["head_run_accuracy"]["test"] == head_test["accuracy"], "the head run's own figure, kept beside"
-    from pipeline.cli import _head_run_figure
+    from pipeline.cli.commands.finetune import head_run_figure as _head_run_figure
     from pipeline.report import runs_table
 
     assert "scored from its cached features" in _head_run_figure(config)

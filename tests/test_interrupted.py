@@ -85,13 +85,13 @@ def test_reader_refuses_a_cache_whose_run_was_interrupted(tmp_path: Path) -> Non
     (["extract", "--data", "d"], "finished shards are kept"),
 ])
 def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, command: list[str], expected: str) -> None:
-    import pipeline.cli as cli
+    from pipeline.cli.commands import evaluate, extract, train_head
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    handlers = {"train-head": "_train_head", "evaluate": "_evaluate", "extract": "_extract"}
-    monkeypatch.setattr(cli, handlers[command[0]], interrupted)
+    handlers = {"train-head": train_head, "evaluate": evaluate, "extract": extract}
+    monkeypatch.setattr(handlers[command[0]], "run", interrupted)
     assert main(command) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted: ") and expected in err and len(err.splitlines()) == 1

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 
@@ -20,6 +21,7 @@ from conftest import ROOT, make_image_folder
 from pipeline import api
 from pipeline.cli import build_parser, main
 from pipeline.errors import PipelineError
+from pipeline.options import Option, PathLike
 
 STAGES = {  # subcommand -> (function, its positional inputs as the command names them)
     "extract": (api.extract, {"data": "data"}),
@@ -96,6 +98,37 @@ def test_every_flag_is_a_keyword_of_its_stage_function_with_the_same_default(com
         assert parameters["progress"].default is True and args.no_progress is False
     for name in positional:
         assert parameters[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, (command, name)
+
+
+def test_a_new_option_is_one_keyword_and_appears_in_the_command_line_the_api_and_the_flag_tables(
+        monkeypatch, capsys) -> None:
+    """Issue 40: an option is declared once, in its stage function's signature; the command line's
+    flag (name, default, help, rule), the API's check and docs/flags.md's row all come from it."""
+    from pipeline.arguments import checked
+    from pipeline.cli import flag_tables
+    from pipeline.cli.commands import runs
+
+    seen: dict[str, object] = {}
+
+    @checked
+    def list_runs(models: Annotated[PathLike, Option(rule="path")] = "models", *,
+                  data: Annotated[PathLike | None, Option("only the runs of this image folder", rule="path")] = None,
+                  newest: Annotated[int, Option("only the N newest runs", rule="positive", metavar="N")] = 10,
+                  ) -> list[dict[str, object]]:
+        seen.update(models=models, newest=newest)
+        return []
+
+    monkeypatch.setattr(runs, "DECLARED", list_runs)
+    monkeypatch.setattr(api, "list_runs", list_runs)
+    newest = next(a for a in _subcommand(build_parser(), "runs")._actions if a.dest == "newest")
+    assert newest.option_strings == ["--newest"] and newest.default == 10 and newest.help == "only the N newest runs"
+    assert main(["runs", "--newest", "3"]) == 0 and seen["newest"] == 3
+    with pytest.raises(SystemExit):  # the rule: a positive whole number
+        build_parser().parse_args(["runs", "--newest", "0"])
+    with pytest.raises(PipelineError, match=r"--newest 'three': must be a whole number"):
+        list_runs(newest="three")
+    assert "| `--newest N` | `10` | only the N newest runs |" in flag_tables()
+    capsys.readouterr()
 
 
 def test_options_are_checked_in_their_constructors_with_the_commands_words(tmp_path: Path, capsys) -> None:

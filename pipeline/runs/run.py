@@ -167,7 +167,9 @@ class Run(RunRecord):
         from pipeline.heads import Head
 
         if self.kind != "head":
-            raise PipelineError(f"{self.directory} is a {self.kind} run: it has no separate head")
+            raise PipelineError(f"{self.directory} is a {self.kind} run: it has no separate head (its backbone was "
+                                "trained with it; its reports are in it, and evaluate --tta scores it from its "
+                                "images)")
         head = Head.load(self.directory)
         recorded = head.input_parts_
         if recorded is not None:

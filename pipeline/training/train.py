@@ -349,8 +349,8 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     if split not in SPLITS:
         raise PipelineError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     opened = Run.open(run)
-    store, splits = opened.cached_splits(features, cache_root, memory_budget, labels)
     head = opened.head()
+    store, splits = opened.cached_splits(features, cache_root, memory_budget, labels)
     metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
                                  store.class_names, opened.name, split, opened.ordered, opened.thresholds,
                                  opened.threshold,
