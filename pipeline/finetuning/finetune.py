@@ -31,7 +31,15 @@ from pipeline.finetuning.examples import (
     TrainingData,
     cached_activations,
 )
-from pipeline.heads.fitting import EpochTimer, KeepBest, epoch_estimate, fit, fit_verbosity, history_rows
+from pipeline.heads.fitting import (
+    EpochTimer,
+    KeepBest,
+    epoch_estimate,
+    fit,
+    fit_verbosity,
+    history_rows,
+    training_callbacks,
+)
 from pipeline.heads.ordinal import check_loss, describe_order
 from pipeline.images.views import TTA
 from pipeline.runs import Run, RunSummary
@@ -119,9 +127,43 @@ class FinetuneOptions:
 
 
 def finetune(options: FinetuneOptions) -> RunSummary:
+    """Fine-tune in its phases, each a function below: prepare (the head run, its cache, the
+    classifier, what it trains on, the test split scored before), head_only (--head-epochs: the
+    backbone still frozen), unfrozen (the rest, from the unfreeze point up), record (every split
+    scored, the run written whole)."""
     runs.check_writable(options.models)  # before the work, not after
+    setup = prepare(options)
+    training = Training(setup, options)
+    training.head_only()
+    training.unfrozen()
+    return record(setup, training, options)
+
+
+@dataclass
+class Setup:
+    """What fine-tuning starts from: the head run, its cache, the classifier and its backbone, the
+    unfreeze point, the examples and the model they train, the loss, the test split scored before."""
+
+    head_run: Run
+    store: Any
+    precision: str
+    loss_name: str
+    model: Any
+    backbone: Any
+    unfreeze_point: str
+    name: str
+    data: TrainingData
+    test_before: dict[str, Any]
+    per_image: float  # seconds a test image took to score: the epoch estimate's rate
+
+    @property
+    def target(self) -> Any:
+        """The model trained: the classifier, or its part above the cached layer."""
+        return self.data.model
+
+
+def prepare(options: FinetuneOptions) -> Setup:
     head_run = Run.open(options.source, options.models, kind="head", data=options.data)
-    source, config, view = head_run.directory, head_run.config, head_run.view
     if head_run.task != "classes" or head_run.threshold is not None:
         what = {"soft": "soft targets", "multilabel": "several labels an image"}.get(head_run.task,
                                                                                  "a decision threshold")
@@ -130,7 +172,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     store = head_run.features()
     # a cache re-split since the head was trained would put its training images into "test"
     head_run.check_same_splits(store.split_indexes(), store.directory)
-    fingerprint = store.fingerprint
+    fingerprint, view = store.fingerprint, head_run.view
     precision = options.precision or TRAINING_POLICY[fingerprint.precision]
     loss_name = options.loss or head_run.loss
     check_loss(loss_name, len(store.class_names))
@@ -142,99 +184,127 @@ def finetune(options: FinetuneOptions) -> RunSummary:
     unfreeze_point = choose_unfreeze(backbone, options.unfreeze, get_backbone(fingerprint.backbone).default_unfreeze,
                                      view.layers)
     suffix = "-cached" if options.cached else ""
-    name = runs.check_run_name(options.name or f"{source.name}-finetuned-{unfreeze_point}{suffix}")
+    name = runs.check_run_name(options.name or f"{head_run.directory.name}-finetuned-{unfreeze_point}{suffix}")
     below = layer_below(backbone, unfreeze_point) if options.cached else None
     data: TrainingData
-    augmentation, batch_size, seed = options.augmentation, options.batch_size, options.seed
     if below is not None:
         activations = cached_activations(store, below, options.cache_root)
-        data = CachedActivationExamples(activations, below, top_model(model, backbone, below, view), batch_size,
-                                        augmentation, seed)
+        data = CachedActivationExamples(activations, below, top_model(model, backbone, below, view),
+                                        options.batch_size, options.augmentation, options.seed)
     else:
-        data = ImageExamples(split_images(store), model, fingerprint.image_size, batch_size, augmentation, seed)
-    target = data.model  # the model trained: the classifier, or its part above the cached layer
-
-    def say(message: str) -> None:  # one line on stderr per step that runs long without Keras' progress output
-        if options.progress:
-            print(message, file=sys.stderr, flush=True)
-
-    say(f"scoring the test split before fine-tuning ({len(data.records['test'])} images)")
+        data = ImageExamples(split_images(store), model, fingerprint.image_size, options.batch_size,
+                             options.augmentation, options.seed)
+    _say(options, f"scoring the test split before fine-tuning ({len(data.records['test'])} images)")
     scoring = time.perf_counter()
     before = data.predict("test", options.tta)
     test_before = report.split_metrics(data.records["test"].labels, before, store.class_names)
     per_image = (time.perf_counter() - scoring) / max(1, len(data.records["test"]))
-    spec = get_backbone(fingerprint.backbone)
-    steps_per_epoch = recipe.steps(len(data.records["train"]), batch_size)
     if loss_name == "ordinal":
-        say(f"ordinal loss: {describe_order(store.class_names)}")
-    loss = recipe.loss(len(store.class_names), options.label_smoothing, loss_name)
+        _say(options, f"ordinal loss: {describe_order(store.class_names)}")
+    return Setup(head_run, store, precision, loss_name, model, backbone, unfreeze_point, name, data, test_before,
+                 per_image)
 
-    def compile_phase(epochs: int, factors: dict[str, float], schedule: str, warmup: float) -> None:
-        """A fresh optimizer for the trainable flags as they are now (Keras needs a compile after
-        they change)."""
-        target.compile(optimizer=recipe.optimizer(options.optimizer, options.lr, options.momentum, options.clipnorm,
-                                                  options.weight_decay, schedule, warmup, epochs, steps_per_epoch,
-                                                  factors),
-                       loss=loss, metrics=["accuracy"])
 
-    # phase 1 (with --head-epochs): the head alone, the backbone still frozen as built
-    trained_layers: list[str] = []
-    factors: dict[str, float] = {}
-    if not options.head_epochs:
-        trained_layers = unfreeze(backbone, unfreeze_point, view.layers)  # the head's layers train already
-        factors = recipe.block_rate_factors(backbone, spec.blocks, trained_layers, options.lr_decay)
-    compile_phase(options.epochs, factors, "plateau" if options.head_epochs else options.schedule,
-                  options.warmup_epochs)
-    train, validation = data.training_batches(), data.batches("validation")
-    say(f"scoring the validation split before fine-tuning ({len(data.records['validation'])} images)")
-    initial_loss, initial_accuracy = target.evaluate(validation, verbose=0)
-    say(epoch_estimate(per_image, len(data.records["train"]), len(data.records["validation"]), options.epochs))
-    keep_best = KeepBest(float(initial_accuracy), float(initial_loss))
-    timer = EpochTimer()
+def _say(options: FinetuneOptions, message: str) -> None:
+    """One line on stderr per step that runs long without Keras' progress output."""
+    if options.progress:
+        print(message, file=sys.stderr, flush=True)
 
-    def callbacks(schedule: str) -> list[Any]:
-        stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=options.patience)
-        found = [timer, keep_best, stopping, recipe.RateLogger()]
-        if schedule == "plateau":
-            found.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                                           patience=max(1, options.patience // 2), min_lr=1e-7))
-        return found
 
-    verbose = fit_verbosity(options.progress)
-    started = time.perf_counter()
-    rows: list[dict[str, float]] = []
-    if options.head_epochs:
-        history = fit(target, train, validation_data=validation, epochs=options.head_epochs,
-                      callbacks=callbacks("plateau"), shuffle=False, verbose=verbose)
-        rows = history_rows(history)
-        trained_layers = unfreeze(backbone, unfreeze_point, view.layers)
-        factors = recipe.block_rate_factors(backbone, spec.blocks, trained_layers, options.lr_decay)
-        compile_phase(options.epochs - options.head_epochs, factors, options.schedule, options.warmup_epochs)
-    history = fit(target, train, validation_data=validation, initial_epoch=options.head_epochs,
-                  epochs=options.epochs, callbacks=callbacks(options.schedule), shuffle=False, verbose=verbose)
-    rows += [row | {"epoch": row["epoch"] + options.head_epochs} for row in history_rows(history)]
-    seconds = time.perf_counter() - started
+class Training:
+    """The two training phases over one model, one optimizer recipe and one record of epochs: the
+    head alone (--head-epochs, the backbone frozen as built), then the backbone unfrozen from the
+    unfreeze point up. Keras needs a compile after trainable flags change, so each phase compiles
+    a fresh optimizer."""
 
-    say(f"scoring every split{'' if options.tta == 'none' else f' (test-time views: {options.tta})'}")
+    def __init__(self, setup: Setup, options: FinetuneOptions) -> None:
+        self.setup, self.options = setup, options
+        data, spec = setup.data, get_backbone(setup.store.fingerprint.backbone)
+        self.blocks = spec.blocks
+        self.steps_per_epoch = recipe.steps(len(data.records["train"]), options.batch_size)
+        self.loss = recipe.loss(len(setup.store.class_names), options.label_smoothing, setup.loss_name)
+        self.trained_layers: list[str] = []
+        factors: dict[str, float] = {}
+        if not options.head_epochs:  # one phase: unfrozen from the start (the head's layers train already)
+            factors = self._unfreeze()
+        self._compile(options.epochs, factors, "plateau" if options.head_epochs else options.schedule,
+                      options.warmup_epochs)
+        self.train, self.validation = data.training_batches(), data.batches("validation")
+        _say(options, f"scoring the validation split before fine-tuning ({len(data.records['validation'])} images)")
+        self.initial_loss, self.initial_accuracy = setup.target.evaluate(self.validation, verbose=0)
+        _say(options, epoch_estimate(setup.per_image, len(data.records["train"]), len(data.records["validation"]),
+                                     options.epochs))
+        self.keep_best = KeepBest(float(self.initial_accuracy), float(self.initial_loss))
+        self.timer = EpochTimer()
+        self.verbose = fit_verbosity(options.progress)
+        self.rows: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def _unfreeze(self) -> dict[str, float]:
+        setup = self.setup
+        self.trained_layers = unfreeze(setup.backbone, setup.unfreeze_point, setup.head_run.view.layers)
+        return recipe.block_rate_factors(setup.backbone, self.blocks, self.trained_layers, self.options.lr_decay)
+
+    def _compile(self, epochs: int, factors: dict[str, float], schedule: str, warmup: float) -> None:
+        o = self.options
+        self.setup.target.compile(
+            optimizer=recipe.optimizer(o.optimizer, o.lr, o.momentum, o.clipnorm, o.weight_decay, schedule, warmup,
+                                       epochs, self.steps_per_epoch, factors),
+            loss=self.loss, metrics=["accuracy"])
+
+    def _callbacks(self, schedule: str) -> list[Any]:
+        patience = self.options.patience
+        plateau = (max(1, patience // 2), 1e-7) if schedule == "plateau" else None
+        return [self.timer, *training_callbacks(self.keep_best, patience, plateau,
+                                                before_plateau=[recipe.RateLogger()])]
+
+    def head_only(self) -> None:
+        """Phase one (--head-epochs): the head alone; then unfreeze and compile for phase two."""
+        o = self.options
+        if not o.head_epochs:
+            return
+        started = time.perf_counter()
+        history = fit(self.setup.target, self.train, validation_data=self.validation, epochs=o.head_epochs,
+                      callbacks=self._callbacks("plateau"), shuffle=False, verbose=self.verbose)
+        self.rows = history_rows(history)
+        self._compile(o.epochs - o.head_epochs, self._unfreeze(), o.schedule, o.warmup_epochs)
+        self.seconds += time.perf_counter() - started
+
+    def unfrozen(self) -> None:
+        """Phase two: the backbone unfrozen from the unfreeze point up, to --epochs in all."""
+        o = self.options
+        started = time.perf_counter()
+        history = fit(self.setup.target, self.train, validation_data=self.validation, initial_epoch=o.head_epochs,
+                      epochs=o.epochs, callbacks=self._callbacks(o.schedule), shuffle=False, verbose=self.verbose)
+        self.rows += [row | {"epoch": row["epoch"] + o.head_epochs} for row in history_rows(history)]
+        self.seconds += time.perf_counter() - started
+
+
+def record(setup: Setup, training: Training, options: FinetuneOptions) -> RunSummary:
+    """Every split scored (validation and test with the test-time views), and the run written whole."""
+    data, store, head_run, name = setup.data, setup.store, setup.head_run, setup.name
+    rows, seconds, keep_best, timer = training.rows, training.seconds, training.keep_best, training.timer
+    _say(options, f"scoring every split{'' if options.tta == 'none' else f' (test-time views: {options.tta})'}")
     # the views are averaged for validation and test; the train split (its score a diagnostic, never a
     # choice) is scored once, as eight views of every training image would cost eight scoring passes
     probabilities = {split: data.predict(split, "none" if split == "train" else options.tta) for split in SPLITS}
     train_images = len(data.records["train"])
+    config = head_run.config
     run_config = {
-        "from": str(source.resolve()),
+        "from": str(head_run.directory.resolve()),
         "head": config["head"],
         "features": config["features"],
         "view": config["view"],
         "finetune": {
-            "unfreeze": unfreeze_point, "trained_layers": trained_layers, "epochs": options.epochs,
+            "unfreeze": setup.unfreeze_point, "trained_layers": training.trained_layers, "epochs": options.epochs,
             "epochs_run": len(rows), "kept_epoch": keep_best.best_epoch,
-            "validation_before": {"accuracy": float(initial_accuracy), "loss": float(initial_loss)},
+            "validation_before": {"accuracy": float(training.initial_accuracy), "loss": float(training.initial_loss)},
             "optimizer": options.optimizer, "lr": options.lr, "momentum": options.momentum,
             "weight_decay": options.weight_decay, "clipnorm": options.clipnorm, "schedule": options.schedule,
-            "warmup_epochs": options.warmup_epochs, "label_smoothing": options.label_smoothing, "loss": loss_name,
-            "lr_decay": options.lr_decay, "head_epochs": options.head_epochs, "tta": options.tta,
-            "tta_splits": [] if options.tta == "none" else ["validation", "test"],
-            "batch_size": options.batch_size, "patience": options.patience, "precision": precision,
+            "warmup_epochs": options.warmup_epochs, "label_smoothing": options.label_smoothing,
+            "loss": setup.loss_name, "lr_decay": options.lr_decay, "head_epochs": options.head_epochs,
+            "tta": options.tta, "tta_splits": [] if options.tta == "none" else ["validation", "test"],
+            "batch_size": options.batch_size, "patience": options.patience, "precision": setup.precision,
             "augmentation": vars(options.augmentation) | data.augmentation_note(),
             # every BatchNormalization layer, in unfrozen blocks too: frozen, so it runs in inference
             # mode on its ImageNet statistics (batches of 16 are too small to estimate new ones)
@@ -243,7 +313,7 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         },
         # scored end to end from pixels by the model fine-tuning starts from; the head run's own
         # figures (from its cached features) differ by the features' rounding and precision
-        "test_before_finetune": test_before,
+        "test_before_finetune": setup.test_before,
         "head_run_accuracy": {split: head_run.metrics.get(split, {}).get("accuracy")
                               for split in ("validation", "test")},
         "seed": options.seed,
@@ -253,18 +323,19 @@ def finetune(options: FinetuneOptions) -> RunSummary:
         "images_per_second": round(train_images * len(rows) / seconds, 2) if seconds else None,
     }
     with runs.create(options.models, name, "finetune") as run:
-        # the whole classifier (its layers above `below` were trained), without its optimizer: it
-        # loads in a Keras that has never seen this package
-        uncompiled(model).save(run.directory / runs.MODEL_FILE)
+        # the whole classifier (its layers above the cached layer were trained), without its optimizer:
+        # it loads in a Keras that has never seen this package
+        uncompiled(setup.model).save(run.directory / runs.MODEL_FILE)
         run_config = run.write_config(run_config, store.class_names, store.split_indexes())
         # epoch 0: the model before fine-tuning, on validation (the kept epoch may be it)
-        start = {"epoch": 0, "val_loss": float(initial_loss), "val_accuracy": float(initial_accuracy)}
+        start = {"epoch": 0, "val_loss": float(training.initial_loss), "val_accuracy": float(training.initial_accuracy)}
         run.write_history([start, *rows], "epochs")
         views = "" if options.tta == "none" else f"; scored with test-time views: {options.tta}"
-        title = f"{name} (fine-tuned from {unfreeze_point}; augmentation: {options.augmentation.describe()}{views})"
+        title = (f"{name} (fine-tuned from {setup.unfreeze_point}; augmentation: "
+                 f"{options.augmentation.describe()}{views})")
         run.score(lambda split: probabilities[split], data.records, store.class_names, title,
-                  ordered=loss_name == "ordinal")
-        run.add_metrics({"test_before_finetune": test_before})
+                  ordered=setup.loss_name == "ordinal")
+        run.add_metrics({"test_before_finetune": setup.test_before})
     return RunSummary(Path(options.models) / name, run.metrics, seconds, run.report, True, run_config)
 
 

@@ -133,9 +133,8 @@ class DenseHead(Head):
         return StreamedExamples(chunks, len(data), int(self.params["batch_size"]))
 
     def _fit(self, train: Features, validation: Features, progress: bool) -> list[dict[str, float]]:
-        import keras
 
-        from pipeline.heads.fitting import KeepBest, fit, fit_verbosity, history_rows
+        from pipeline.heads.fitting import KeepBest, fit, fit_verbosity, history_rows, training_callbacks
 
         check_loss(self.params["loss"], len(self.class_names))
         if progress and self.params["loss"] == "ordinal":
@@ -151,12 +150,7 @@ class DenseHead(Head):
         self.model_.compile(optimizer=self.make_optimizer(), loss=loss, metrics=["accuracy"])
         weights = class_weights(train.labels, len(self.class_names), self.params["class_weight"])
         patience = int(self.params["patience"])
-        callbacks = [
-            KeepBest(),  # the epoch of the best validation accuracy, what the run reports
-            keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3),
-                                              min_lr=1e-6),
-        ]
+        callbacks = training_callbacks(KeepBest(), patience, plateau=(max(1, patience // 3), 1e-6))
         verbose = fit_verbosity(progress)
         common = dict(epochs=int(self.params["epochs"]), callbacks=callbacks, verbose=verbose,
                       class_weight=None if self.params["class_weight"] == "none" else dict(enumerate(weights)))

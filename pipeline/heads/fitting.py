@@ -5,6 +5,8 @@
   that it runs on any Keras backend and Keras knows an epoch's length (the dense head on streamed
   features, `finetune --cached` on cached activations);
 - `KeepBest`: end a fit with the weights of its best epoch by validation accuracy;
+- `training_callbacks`: the one set of callbacks both trainings use (KeepBest, early stopping on
+  validation accuracy, the rate halved on a validation-loss plateau);
 - `fit_verbosity`: Keras' progress output (a bar on a terminal, a line per epoch elsewhere);
 - `history_rows`: a fit's History as one row per epoch, for the run's history.csv and config;
 - `EpochTimer` and `epoch_estimate`: what an epoch took, and what one will take, said before it runs.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -107,6 +109,21 @@ class KeepBest(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.model.set_weights(self.best_weights)
+
+
+def training_callbacks(keep_best: KeepBest, patience: int, plateau: tuple[int, float] | None = None,
+                       before_plateau: Sequence[Any] = ()) -> list[Any]:
+    """The callbacks every Keras training here shares (the dense head's and fine-tuning's): the
+    epoch of the best validation accuracy kept (`keep_best`, what the run reports), early stopping
+    on validation accuracy after `patience` epochs without a gain, and with `plateau` (its patience
+    and lowest rate) the rate halved when validation loss stalls, after `before_plateau` (callbacks
+    that log the rate of the epoch that ended)."""
+    found = [keep_best, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
+             *before_plateau]
+    if plateau is not None:
+        found.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=plateau[0],
+                                                       min_lr=plateau[1]))
+    return found
 
 
 def fit(model: Any, train: Any, **options: Any) -> Any:
