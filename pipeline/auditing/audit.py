@@ -31,7 +31,7 @@ from pipeline import atomic, outputs, tables
 from pipeline.auditing import pictures
 from pipeline.auditing.duplicates import Pair, exact_duplicates, near_duplicates
 from pipeline.auditing.labels import LabelIssues, label_issues
-from pipeline.cache.reader import load_fused_splits, load_splits, open_features
+from pipeline.cache.reader import load_head_inputs, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.labelling import label_cache
@@ -128,14 +128,11 @@ def _load(stores: Sequence[FeatureStore], views: Sequence[Any], budget: int | No
         raise PipelineError(f"{store.directory} holds no images: nothing to audit")
     splits: dict[str, Any] = {}
     if store.class_names:
-        if len(stores) > 1:
-            splits = load_fused_splits(stores, views, budget)
-        else:
-            splits = load_splits(store, views[0], budget)
-            if not splits["train"].in_memory:
-                raise PipelineError(f"the audit holds the features in memory, and those of {store.directory} are "
-                                    "more than the memory budget: pool them (extract --pooling avg) or raise "
-                                    "--memory-budget")
+        splits = load_head_inputs(stores, views, budget)
+        if not splits["train"].in_memory:
+            raise PipelineError(f"the audit holds the features in memory, and those of {store.directory} are "
+                                "more than the memory budget: pool them (extract --pooling avg) or raise "
+                                "--memory-budget")
     present = [split for split in SPLITS if split in splits and len(splits[split])]
     for split in present:
         check_feature_values(splits[split].matrix, store.directory)

@@ -339,6 +339,17 @@ def _content_keys(store: FeatureStore, split: str) -> list[tuple[str, int]]:
     return keys  # type: ignore[return-value]
 
 
+def load_head_inputs(stores: Sequence[FeatureStore], views: Sequence[FeatureView], memory_budget: int | None = None,
+                     stream: bool = False) -> dict[str, SplitData]:
+    """A head's inputs of every split from its parts: the caches it reads, always a list (one, or
+    several of the same images fused side by side, each through its own view)."""
+    if len(stores) != len(views) or not stores:
+        raise ValueError("one view for each cache, and at least one cache")
+    if len(stores) == 1:
+        return load_splits(stores[0], views[0], memory_budget, stream)
+    return load_fused_splits(stores, views, memory_budget)
+
+
 def load_fused_splits(stores: Sequence[FeatureStore], views: Sequence[FeatureView],
                       memory_budget: int | None = None) -> dict[str, SplitData]:
     """Train, validation and test inputs from several caches of the same images: each cache's

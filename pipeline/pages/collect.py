@@ -111,7 +111,7 @@ def run_sections(page: PageData, run: Any, split: str, cache_root: Path,
         if store.unlabelled and not run.fused:
             suggestion_section(page, run, store)
         return store, splits
-    store = run.features(cache_root=cache_root) if not run.fused else run.fused_features(cache_root=cache_root)[0]
+    store = run.caches(cache_root=cache_root)[0]
     page.images.root = Path(store.data_root) if store.data_root else None
     paths, truth, proba = _predicted_from_images(run, store, split, progress)
     if paths is None:

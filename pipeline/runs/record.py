@@ -122,6 +122,11 @@ class RunRecord:
         return str(self.config["head"].get("params", {}).get("loss", "crossentropy"))
 
     @property
+    def precision(self) -> str:
+        """The precision the run computed in: its fine-tuning's, else its features'."""
+        return self.config.get("finetune", {}).get("precision") or self.fingerprint.precision
+
+    @property
     def task(self) -> str:
         """What the run's labels are: "classes" (one an image), "soft" (targets) or "multilabel"."""
         labelling = self.config.get("labelling")

@@ -74,23 +74,28 @@ class Run(RunRecord):
         """(its cache, the head's inputs of every split) of a head run, one cache or several fused,
         checked against the splits the run was trained with; `labels` as in features(). A
         fine-tuned run is refused: its backbone moved, so the cache holds no features of it."""
-        from pipeline.cache.reader import load_fused_splits, load_splits
+        from pipeline.cache.reader import load_head_inputs
 
         if self.kind != "head":
             raise PipelineError(f"{self.directory} is a {self.kind} run: its backbone was trained, so the cached "
                                 "features are not its own; re-scoring from the cache is for head runs (its reports "
                                 "are in it; --tta scores it from its images)")
-        if self.fused:
-            if labels is not None:
-                raise PipelineError(f"{self.name} fuses features: it is read with the labels it was trained on "
-                                    "(drop --labels)")
-            stores = self.fused_features(features, cache_root)
-            splits, store = load_fused_splits(stores, [part.view for part in self.parts], memory_budget), stores[0]
-        else:
-            store = self.features(features, cache_root, labels)
-            splits = load_splits(store, self.view, memory_budget)
-        self.check_same_splits(store.split_indexes(), store.directory)
-        return store, splits
+        stores = self.caches(features, cache_root, labels)
+        splits = load_head_inputs(stores, [part.view for part in self.parts], memory_budget)
+        self.check_same_splits(stores[0].split_indexes(), stores[0].directory)
+        return stores[0], splits
+
+    def caches(self, features: Path | None = None, cache_root: Path = Path("features"),
+               labels: Any = None) -> list[FeatureStore]:
+        """The caches the run's head reads, one a part, in its input order (one, or several fused),
+        each checked against what the run recorded; `features` and `labels` as in features() (a
+        fused run reads the caches and labels it was trained on)."""
+        if not self.fused:
+            return [self.features(features, cache_root, labels)]
+        if labels is not None:
+            raise PipelineError(f"{self.name} fuses features: it is read with the labels it was trained on "
+                                "(drop --labels)")
+        return self.fused_features(features, cache_root)
 
     def split_images(self, split: str = "validation") -> Any:
         """The run's images of `split` (their files and labels) from the cache it was trained on
@@ -103,7 +108,7 @@ class Run(RunRecord):
         `checked` against the splits the run was trained with (to score the run from them)."""
         from pipeline.cache.reader import split_images
 
-        store = self.fused_features()[0] if self.fused else self.features()
+        store = self.caches()[0]
         if checked:
             self.check_same_splits(store.split_indexes(), store.directory)
         return split_images(store)

@@ -72,7 +72,7 @@ def export_run(run: str | Path, fmt: str, out: Path | None = None, quantize: boo
         if quantize or tta != "none":
             raise PipelineError(f"{opened.name} has a scikit-learn head: its ONNX export is float32 with one view "
                                 "(no --quantize, no --tta)")
-    run_precision = run_precision_of(opened)
+    run_precision = opened.precision
     if precision == "run" and run_precision != "fp32" and module.RUN_PRECISION is not None:
         raise PipelineError(f"--precision run: the run computed in {run_precision} and {module.RUN_PRECISION}; "
                             "export in float32 (the default: its agreement with predict is measured and recorded), "
@@ -162,11 +162,6 @@ def _export_into(opened: Run, fmt: str, out: Path, quantize: bool, precision: st
     listed[path.name] = details.pop("format_details")
     atomic.write_json(details_path, details | {"formats": listed})
     return ExportSummary(path, fmt, size_bytes, seconds, details | {"format": listed[path.name]})
-
-
-def run_precision_of(opened: Run) -> str:
-    """The precision the run computed in: its fine-tuning's, else its features'."""
-    return opened.config.get("finetune", {}).get("precision") or opened.fingerprint.precision
 
 
 def _details(opened: Run, fmt: str, path: Path, quantize: bool, size_bytes: int, checks: dict[str, Any],

@@ -24,7 +24,7 @@ from pipeline import runs, tables
 from pipeline.atomic import one_line
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.registry import BACKBONES
-from pipeline.cache.reader import FeatureView, SplitData, load_fused_splits, load_splits, open_features
+from pipeline.cache.reader import FeatureView, SplitData, load_head_inputs, open_features
 from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, make_head
@@ -275,10 +275,7 @@ def train_head(options: TrainOptions) -> RunSummary:
         check_every_class_trained(trained.labels, store.class_names)
     name = runs.check_run_name(options.name or default_run_name(head.kind, stores, views, head.params, options.seed,
                                                                       labelling and labelling.digest()))
-    if len(stores) > 1:
-        splits = load_fused_splits(stores, views, options.memory_budget)
-    else:
-        splits = load_splits(store, view, options.memory_budget, options.stream)
+    splits = load_head_inputs(stores, views, options.memory_budget, options.stream)
     excluded = None
     if options.exclude is not None:
         indexes = store.split_indexes()
