@@ -61,9 +61,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from bench.common import machine_line, markdown_table  # noqa: E402
+from bench.elpv import export  # noqa: E402
 from pipeline.backbone.registry import BACKBONES  # noqa: E402
 from pipeline.data.dataset import SplitConfig  # noqa: E402
-from pipeline.data.demo import export_elpv  # noqa: E402
 from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
 from pipeline.training.train import TrainOptions, train_head  # noqa: E402
 
@@ -160,12 +160,6 @@ HEAD_CONFIGS = [Config(LITE[0], head, "avg") for head in ("logreg", "dense", "sv
 # task): the 4-class task runs the Lite models and their fusions only (VGG16's 4-class figure is
 # --suite vgg16's, at 150 px)
 SKIPPED = {"4class": {VGG}}
-
-
-def export(task: str, work: Path) -> Path:
-    data = work / "data" / f"elpv-{task}"
-    export_elpv(data, task)
-    return data
 
 
 def extract(features: Features, data: Path, cache: Path, seed: int, protocol: SplitConfig = PROTOCOL) -> Path:

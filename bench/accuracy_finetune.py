@@ -16,8 +16,6 @@ in seed order), `validation`, `seeds`, and every recipe's rows with seconds per 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine_line, markdown_table
+from bench.elpv import load, majority, save
 from pipeline.data.dataset import SplitConfig
 from pipeline.extraction.extract import ExtractOptions, extract_features
 from pipeline.training.train import TrainOptions, train_head
@@ -130,25 +129,6 @@ class Views:
 
 # sgd-top-block trained on flips both ways: its runs with the mirror averaged in
 VIEWS = [Views("sgd-top-block", "flip")]
-
-
-def majority(data: Path) -> float:
-    """The largest class's share of the images (what always answering it scores)."""
-    counts = [sum(1 for p in folder.iterdir() if p.is_file()) for folder in data.iterdir() if folder.is_dir()]
-    return max(counts) / sum(counts)
-
-
-def load(out: Path) -> dict:
-    if out.is_file():
-        return json.loads(out.read_text())
-    return {"rows": []}
-
-
-def save(out: Path, state: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    temporary.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(temporary, out)
 
 
 def _done(state: dict, task: str, protocol: str, recipe: str, seed: int) -> dict | None:
@@ -271,7 +251,7 @@ def report(results: dict) -> str:
 
 def run(work: Path, tasks: list[str], seeds: list[int], out: Path, recipes: list[str] | None = None,
         protocols: list[str] | None = None) -> dict:
-    from bench.accuracy import export
+    from bench.elpv import export
 
     state = load(out)
     state["machine"] = machine_line()

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.accuracy_finetune import PROTOCOLS, load, majority, save
+from bench.accuracy_finetune import PROTOCOLS
 from bench.common import machine_line, markdown_table
+from bench.elpv import load, majority, save
 from pipeline.cache.reader import load_splits
 from pipeline.extraction.extract import ExtractOptions, extract_features
 from pipeline.heads.ordinal import ordinal_metrics
@@ -139,7 +140,7 @@ def report(results: dict, majorities: dict[str, float]) -> str:
 
 
 def run(work: Path, seeds: list[int], out: Path, protocols: list[str] | None = None) -> dict:
-    from bench.accuracy import export
+    from bench.elpv import export
 
     state = load(out)
     state["machine"] = machine_line()

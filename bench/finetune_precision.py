@@ -29,7 +29,7 @@ TASK, PROTOCOL, SEED = "binary", "75/25", 0
 
 
 def measure(work: Path, epochs: int) -> dict:
-    from bench.accuracy import export
+    from bench.elpv import export
     from pipeline import api
 
     data = export(TASK, work)

@@ -64,7 +64,7 @@ def load_keras_model(path: Path, way_out: str) -> Any:
     refused, not run. Every failure is one line naming the file."""
     import keras
 
-    import pipeline.heads.knn_layer  # noqa: F401 - registers this package's one layer (an exported kNN head)
+    import pipeline.keras_layers  # noqa: F401 - registers this package's one layer (an exported kNN head)
 
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)

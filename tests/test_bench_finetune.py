@@ -42,7 +42,7 @@ def _fake(monkeypatch: pytest.MonkeyPatch, calls: list[tuple]) -> None:
     monkeypatch.setattr(suite, "views_row", views_row)
     monkeypatch.setattr(suite, "split_cache", split_cache)
     monkeypatch.setattr(suite, "finetune_row", finetune_row)
-    monkeypatch.setattr("bench.accuracy.export", lambda task, work: _data(work, task))
+    monkeypatch.setattr("bench.elpv.export", lambda task, work: _data(work, task))
 
 
 def _data(work: Path, task: str) -> Path:

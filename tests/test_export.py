@@ -366,7 +366,7 @@ def test_the_keras_resize_switch_is_exact_at_every_size(n: int) -> None:
     import keras
 
     from pipeline.images.decode_tf import resize_like_extract
-    from pipeline.runs.classifier import resize_like_extract_layers
+    from pipeline.images.keras_resize import resize_like_extract_layers
 
     pixels = keras.Input((None, None, 3))
     model = keras.Model(pixels, resize_like_extract_layers(pixels, n))

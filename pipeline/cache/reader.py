@@ -9,7 +9,6 @@ labels and paths are in memory and the vectors come in the same order.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backbone.pooling import POOLINGS, pool
+from pipeline.cache.memory import default_memory_budget
 from pipeline.cache.store import FeatureStore, find_caches
 from pipeline.errors import PipelineError, command
-
-DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the features of all splits together
 
 
 def latest_cache(cache_root: Path) -> Path:
@@ -212,17 +210,6 @@ def split_images(store: FeatureStore) -> dict[str, SplitImages]:
             )
         records[split] = SplitImages(files, index.labels, index.paths)
     return records
-
-
-def physical_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
-def default_memory_budget() -> int:
-    return int(physical_memory_bytes() * DEFAULT_MEMORY_FRACTION)
 
 
 def load_splits(store: FeatureStore, view: FeatureView, memory_budget: int | None = None,

@@ -27,6 +27,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.atomic import one_line
 from pipeline.cache.fingerprint import Fingerprint
+from pipeline.cache.memory import default_memory_budget
 from pipeline.errors import PipelineError, command
 
 FORMAT_VERSION = 1
@@ -498,8 +499,6 @@ class FeatureStore:
 
     def _check_fits_memory(self, path: Path, rows: int, layers: Sequence[str]) -> None:
         """A shard is read whole: refuse, before reading, one whose features exceed the memory budget."""
-        from pipeline.cache.reader import default_memory_budget
-
         values = sum(int(np.prod(self.feature_shapes.get(name, (1,)), dtype=np.int64)) for name in layers)
         needed, budget = rows * values * 4, default_memory_budget()
         if needed > budget:

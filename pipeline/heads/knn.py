@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.heads.base import SIDECAR, Features, Head
 from pipeline.heads.logreg import _best_row, _c_row
 
-EPSILON = 1e-6  # distance weights 1 / (distance + EPSILON), here and in knn_layer.NeighbourVotes
+EPSILON = 1e-6  # distance weights 1 / (distance + EPSILON), here and in keras_layers.NeighbourVotes (given it)
 WEIGHTINGS = ("uniform", "distance")
 
 
@@ -115,7 +115,7 @@ class KNNHead(Head):
     def as_keras(self) -> Any:
         import keras
 
-        from pipeline.heads.knn_layer import NeighbourVotes
+        from pipeline.keras_layers import NeighbourVotes
 
         classes = len(self.class_names)
         inputs = keras.Input((self.vectors_.shape[1],), name="features")
@@ -123,7 +123,7 @@ class KNNHead(Head):
         similar = keras.layers.Dense(len(self.vectors_), use_bias=False, name="similarity", dtype="float32")
         similarity = similar(unit)
         similar.set_weights([self.vectors_.T.astype(np.float32)])
-        votes = NeighbourVotes(self.k_, self.weighting_, classes, name="probabilities", dtype="float32")
+        votes = NeighbourVotes(self.k_, self.weighting_, classes, EPSILON, name="probabilities", dtype="float32")
         outputs = votes(similarity)
         votes.set_weights([np.eye(classes, dtype=np.float32)[self.labels_]])
         return keras.Model(inputs, outputs, name="knn_head")

@@ -113,7 +113,7 @@ def with_averaged_views(model: Any, tta: str, image_size: int, resize: bool = Tr
     n = image_size
     pixels = keras.Input((None, None, 3) if resize else (n, n, 3), name="pixels", dtype="float32")
     if resize:
-        from pipeline.runs.classifier import resize_like_extract_layers
+        from pipeline.images.keras_resize import resize_like_extract_layers
 
         square = resize_like_extract_layers(pixels, n)
     else:

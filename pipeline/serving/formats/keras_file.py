@@ -1,7 +1,7 @@
 """--format keras: a `.keras` file built from Keras' own layers only, so `keras.models.load_model(path)`
 opens it in a Python that has never seen this package. Pixels 0..255 (RGB, uint8 or float) of any
 size in, probabilities out; resized inside exactly as extract does (area when both sides shrink,
-bilinear otherwise: classifier.resize_like_extract_layers), normalised inside. The model keeps the
+bilinear otherwise: images/keras_resize.py), normalised inside. The model keeps the
 run's dtype policies, so `--precision run` computes as the run did."""
 
 from __future__ import annotations
