@@ -406,7 +406,7 @@ def test_a_bad_c_grid_fails_in_one_line_before_the_features_are_read(tmp_path: P
 
     features, labels, splits = clustered_features(60, 3, seed=2)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
-    monkeypatch.setattr(train_module, "load_splits", lambda *a, **k: pytest.fail("features read"))
+    monkeypatch.setattr(train_module, "load_head_inputs", lambda *a, **k: pytest.fail("features read"))
     assert main(["train-head", "--features", str(cache), "--models", str(tmp_path / "m"),
                  "--c-grid", "1e-6:1e5:100000000"]) == 1
     err = capsys.readouterr().err.strip()
