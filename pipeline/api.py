@@ -30,7 +30,6 @@ from pipeline.errors import PipelineError, spoken_by_command_line
 from pipeline.images.formats import MEGAPIXEL
 from pipeline.options import (  # noqa: F401 - the declarations the signatures below are annotated with
     TABLE_GROUP,
-    TTA_CHOICES,
     AmongRunsOf,
     Backend,
     Cache,
@@ -65,6 +64,7 @@ from pipeline.options import (  # noqa: F401 - the declarations the signatures b
     poolings,
     preprocessings,
     thumbnail_modes,
+    tta_choices,
     unfreeze_help,
     weights_help,
 )
@@ -372,7 +372,7 @@ def evaluate(
         "the cache to read (default: the one the run was trained on)", rule="path")] = None,
     tta: Annotated[str, Option(
         "score the run (head or fine-tuned) from its images, averaging test-time views: flip (2) or dihedral (8); "
-        "written to RUN/tta-VIEWS/ (default none: from the cache)", choices=TTA_CHOICES)] = "none",
+        "written to RUN/tta-VIEWS/ (default none: from the cache)", choices=tta_choices())] = "none",
     labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
     label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
     group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
@@ -463,7 +463,7 @@ def finetune(
         group=RECIPE)] = 0,
     tta: Annotated[str, Option(
         "score the run averaging test-time views: flip (2) or dihedral (8, for images without an up); default none",
-        choices=TTA_CHOICES, group=RECIPE)] = "none",
+        choices=tta_choices(), group=RECIPE)] = "none",
     backend: Annotated[str | None, backend_option("; fine-tuning runs on tensorflow")] = None,
     progress: Annotated[bool, Option(flag="--no-progress", negated=True)] = True,
 ) -> Run:
@@ -519,7 +519,7 @@ def predict(
         choices=("flag", "reject"))] = "flag",
     tta: Annotated[str, Option(
         "average the probabilities over test-time views: flip (2) or dihedral (8, for images without an up); "
-        "default none", choices=TTA_CHOICES)] = "none",
+        "default none", choices=tta_choices())] = "none",
     backend: Annotated[str | None, backend_option("; images decode with Pillow on jax")] = None,
 ) -> list[Prediction] | Iterator[Prediction]:
     """The `top` labels of every image (files, or folders searched for images) with any run (a Run,
@@ -584,7 +584,7 @@ def export(
         metavar="N")] = 500,
     tta: Annotated[str, Option(
         "average test-time views inside the model, as predict --tta does: flip (2 passes) or dihedral (8, for images "
-        "without an up); every format, not with --quantize (default none)", choices=TTA_CHOICES)] = "none",
+        "without an up); every format, not with --quantize (default none)", choices=tta_choices())] = "none",
     models: WhereBestLooks = "models",
     data: AmongRunsOf = None,
     backend: Annotated[str | None, backend_option(

@@ -121,7 +121,6 @@ AmongRunsOf = Annotated[PathLike | None, Option("--model best: among the runs of
 MemoryBudget = Annotated[int | None, Option("the features are held in memory up to this size (default: a quarter "
                                               "of memory)", rule="positive", metavar="MB")]
 
-TTA_CHOICES = ("none", "flip", "dihedral")  # pipeline/images/views.py TTA (kept free of NumPy here)
 
 # The labels-table flags, the same for every command that reads labels (docs/formats.md: The labelling table)
 Labels = Annotated[Any, Option(
@@ -221,6 +220,12 @@ def flip_help() -> str:
 
     return (f"default {Augmentation().flip} (horizontal_and_vertical for data with no up, such as solar cells); with "
             "--cached none (flipping cached maps measured harmful for flattened heads: see README)")
+
+
+def tta_choices() -> tuple[str, ...]:
+    from pipeline.images.views import TTA
+
+    return tuple(TTA)
 
 
 def thumbnail_modes() -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import argparse
 import inspect
 import keyword
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +96,12 @@ def _reader(declared: Declared) -> Callable[[str], Any] | None:
     return BY_KIND.get(kinds[0]) if len(kinds) == 1 else None
 
 
-def add_declared(parser: argparse.ArgumentParser, function: Callable[..., Any], skip: Iterable[str] = ()) -> None:
+def add_declared(parser: argparse.ArgumentParser, function: Callable[..., Any]) -> None:
     """Every keyword of `function` that the command line has, as a flag of `parser`, in signature order."""
     sections: dict[str, Any] = {}
-    skipped = set(skip)
     for declared in declarations(function):
         option = declared.option or Option()
-        if declared.name in skipped or not option.command_line:
+        if not option.command_line:
             continue
         target = parser if option.group is None else sections.setdefault(
             option.group, parser.add_argument_group(option.group))
@@ -139,9 +138,9 @@ def add_option(target: Any, declared: Declared) -> None:
     target.add_argument(flag, dest=destination(declared), help=option.help, **extra)
 
 
-def add_flag(target: Any, name: str, option: Option, default: Any = False) -> None:
-    """A flag of the command line alone (--json), declared once above."""
-    target.add_argument("--" + name.replace("_", "-"), action="store_true", default=default, help=option.help)
+def add_flag(target: Any, name: str, option: Option) -> None:
+    """A switch of the command line alone (--json), declared once above."""
+    target.add_argument("--" + name.replace("_", "-"), action="store_true", help=option.help)
 
 
 def stage_keywords(args: argparse.Namespace, function: Callable[..., Any], *positional: str) -> dict[str, Any]:

@@ -106,12 +106,19 @@ class Run(RunRecord):
     def images(self, checked: bool = True) -> dict[str, Any]:
         """The run's images of every split (files and labels) from the cache it was trained on,
         `checked` against the splits the run was trained with (to score the run from them)."""
+        store, found = self._images_of_cache
+        if checked:
+            self.check_same_splits(store.split_indexes(), store.directory)
+        return found
+
+    @cached_property
+    def _images_of_cache(self) -> tuple[FeatureStore, dict[str, Any]]:
+        """(the cache, its images of every split), looked up once a Run: an int8 export asks for the
+        training images, then the validation images twice (its own check and the agreement check)."""
         from pipeline.cache.reader import split_images
 
         store = self.caches()[0]
-        if checked:
-            self.check_same_splits(store.split_indexes(), store.directory)
-        return split_images(store)
+        return store, split_images(store)
 
     def _one_backbone(self) -> None:
         if self.fused:
