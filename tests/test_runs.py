@@ -657,3 +657,45 @@ def test_best_chooses_among_one_data_folders_runs_and_runs_shows_the_folder(tmp_
                                                                             str(tmp_path / "subset")}
     assert main(["predict", "--model", "best", "--models", str(models), str(tmp_path)]) == 1
     assert "--data DIR" in capsys.readouterr().err
+
+
+def test_evaluate_is_staged_by_the_run_writer_and_an_interrupt_leaves_the_scores_as_they_were(
+        head_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate scores a finished run in a staging folder inside it and moves the files in when
+    complete: stopped half-way (after the reports, before the metrics), the run's metrics.json
+    and reports are the earlier ones, byte for byte, and nothing is left behind; a killed
+    evaluate's staging folder is removed by the next."""
+    from pipeline import report
+    from pipeline.runs import writer
+    from pipeline.training.train import evaluate_run
+
+    run = head_run["run"]
+    evaluate_run(run)
+    split_reports = report.write_split_reports
+    before = {path.relative_to(run): path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    abandoned = run / f".{writer.RESCORING}.tmp-{dead_pid()}-0badcafe"
+    abandoned.mkdir()
+    (abandoned / "metrics.json").write_text("{}")
+
+    scored, split_metrics = [], report.split_metrics
+
+    def second_split_interrupted(*args, **kwargs):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(args)
+        return split_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(report, "split_metrics", second_split_interrupted)
+    reports = []
+    monkeypatch.setattr(report, "write_split_reports",
+                        lambda *args, **kwargs: reports.append(args[0]) or split_reports(*args, **kwargs))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(run, "train")  # the train split first: its reports written, then stopped
+    assert reports and writer.RESCORING in str(reports[0]), "the reports were written, into the staging folder"
+    after = {path.relative_to(run): path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    assert after == before, "an interrupted evaluate changed nothing in the run"
+    assert not abandoned.exists(), "a dead evaluate's staging folder is removed by the next"
+    monkeypatch.undo()
+    evaluate_run(run, "validation")
+    assert (run / "validation" / "classification_report.txt").is_file()
+    assert not [path for path in run.iterdir() if path.name.startswith(".")]

@@ -3,10 +3,15 @@ stages the run, and on leaving the block renames it in whole (pipeline/runs/file
 `RunWriter` it yields stamps every config with `format_version`, `name`, `kind` and `created`,
 writes labels.txt and splits.csv beside it, the history, and scores the splits (metrics.json, the
 reports). Stage two and stage three add only their own parts: the model and their config keys.
+
+A finished run is scored again (evaluate) through `rescoring(run)`, staged the same way: the new
+metrics and reports are written in a hidden folder inside the run and moved in when complete.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import report
+from pipeline import atomic, report
 from pipeline.cache.store import SplitIndex
 from pipeline.errors import PipelineError
 from pipeline.runs import files
@@ -75,3 +80,43 @@ def create(models: Path, name: str, kind: str) -> Iterator[RunWriter]:
     files.check_run_name(name)
     with files.staged(Path(models) / name) as directory:
         yield RunWriter(directory, name, kind)
+
+
+RESCORING = "rescoring"  # the staging folder's name: RUN/.rescoring.tmp-<pid>-<random>
+
+
+@contextmanager
+def rescoring(run: Path, into: str = "") -> Iterator[Path]:
+    """Score a finished run again: yields a hidden staging folder inside `run` holding the metrics
+    of `run/into` (the run itself by default; "tta-flip" for its test-time views), to
+    score into (score_splits merges the new splits' metrics into it). When the block ends without
+    an error, the staged files are moved into `run/into`, metrics.json last, each file replaced in
+    one rename; on an error or an interrupt the staging folder goes and the run's scores stay as
+    they were. A killed evaluate's staging folder is removed by the next one. Nothing else in the
+    run (its config, model, labels, split record) is touched."""
+    run = Path(run)
+    destination = run / into if into else run
+    files.remove_leftovers(run)
+    atomic.remove_abandoned_temporaries(destination)  # e.g. a killed older evaluate's .metrics.json.<pid>.tmp
+    staging = run / f".{RESCORING}.tmp-{atomic.staging_token()}"
+    try:
+        staging.mkdir()
+        earlier = files.read_metrics(destination)
+        if earlier:
+            files.write_metrics(staging, earlier)
+        yield staging
+        _move_in(staging, destination)
+    except OSError as error:
+        raise atomic.write_error(destination, error, "the run's earlier scores were kept") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(staging: Path, destination: Path) -> None:
+    """Every file under `staging` to the same place under `destination`, metrics.json last."""
+    staged = sorted((path for path in staging.rglob("*") if path.is_file()),
+                    key=lambda path: (path.relative_to(staging) == Path(files.METRICS), str(path)))
+    for path in staged:
+        target = destination / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)

@@ -29,7 +29,7 @@ from pipeline.cache.store import SPLITS, FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, make_head
 from pipeline.labelling import LabelSpec, labelling_from_table
-from pipeline.runs import REPORTED_SPLIT, Run, RunSummary, novelty, score_splits
+from pipeline.runs import REPORTED_SPLIT, Run, RunSummary, novelty, rescoring, score_splits
 
 
 @dataclass
@@ -348,10 +348,11 @@ def evaluate_run(run: Path, split: str = REPORTED_SPLIT, features: Path | None =
     opened = Run.open(run)
     head = opened.head()
     store, splits = opened.cached_splits(features, cache_root, memory_budget, labels)
-    metrics, text = score_splits(opened.directory, lambda name: head.predict_proba(splits[name]), splits,
-                                 store.class_names, opened.name, split, opened.ordered, opened.thresholds,
-                                 opened.threshold,
-                                 store.labelling.metric_groups() if store.labelling is not None else None)
+    with rescoring(opened.directory) as staging:
+        metrics, text = score_splits(staging, lambda name: head.predict_proba(splits[name]), splits,
+                                     store.class_names, opened.name, split, opened.ordered, opened.thresholds,
+                                     opened.threshold,
+                                     store.labelling.metric_groups() if store.labelling is not None else None)
     return RunSummary(opened.directory, metrics, opened.config.get("seconds", 0.0), text, splits["train"].in_memory,
                       opened.config)
 
@@ -386,8 +387,8 @@ def evaluate_with_views(run: Path, tta: str, split: str = REPORTED_SPLIT) -> Run
         probabilities[name] = np.stack([rows[i] for i in range(len(images.files))]) if rows else \
             np.zeros((0, len(opened.class_names)))
     target = opened.directory / f"tta-{tta}"
-    target.mkdir(exist_ok=True)
-    metrics, text = score_splits(target, lambda name: probabilities[name], records, opened.class_names,
-                                 f"{opened.name} with test-time views: {tta}", split, opened.ordered,
-                                 threshold=opened.threshold)
+    with rescoring(opened.directory, target.name) as staging:
+        metrics, text = score_splits(staging, lambda name: probabilities[name], records, opened.class_names,
+                                     f"{opened.name} with test-time views: {tta}", split, opened.ordered,
+                                     threshold=opened.threshold)
     return RunSummary(target, metrics, time.perf_counter() - started, text, True, opened.config)
