@@ -53,18 +53,13 @@ from pipeline.options import (  # noqa: F401 - the declarations the signatures b
     WhereBestLooks,
     backbone_help,
     backend_option,
-    export_formats,
+    defined,
     flip_help,
-    flips,
     heads_help,
     image_size_help,
     layer_help,
     missing_rows,
     path_column,
-    poolings,
-    preprocessings,
-    thumbnail_modes,
-    tta_choices,
     unfreeze_help,
     weights_help,
 )
@@ -114,15 +109,16 @@ def extract(
     image_size: Annotated[int | None, Option(image_size_help(), rule="positive")] = None,
     pooling: Annotated[str | None, Option(
         "none keeps the full feature map (default; avg for the EfficientNet-Lite backbones, whose default layers are "
-        "four)", choices=poolings())] = None,
+        "four)", choices=defined("backbone.pooling:POOLINGS"))] = None,
     layer: Annotated[Sequence[str] | None, Option(layer_help(), rule="names", metavar="NAME[,NAME...]")] = None,
     precision: Annotated[str | None, Option(
         "default: mixed on a GPU, bf16 on a CPU with bf16 hardware, else fp32; int8: the backbone quantised and run "
-        "by ONNX Runtime, calibrated on the data's training images", choices=("fp32", "bf16", "mixed", "int8"))] = None,
+        "by ONNX Runtime, calibrated on the data's training images",
+        choices=defined("backbone.precision:PRECISIONS"))] = None,
     weights: Annotated[str, Option(weights_help())] = "imagenet",
     preprocessing: Annotated[str | None, Option(
         "override the preprocessing that follows from --weights (for a weights file)",
-        choices=preprocessings())] = None,
+        choices=defined("backbone.registry:PREPROCESSING"))] = None,
     batch_size: Annotated[int, Option(rule="positive")] = 32,
     shard_size: Annotated[int, Option("images per HDF5 shard", rule="positive")] = 1024,
     cache: Cache = "features",
@@ -141,7 +137,7 @@ def extract(
         "(default 128)", rule="positive_float")] = 128,
     engine: Annotated[str, Option(
         "local: this process (default); ray: Ray Data across processes, nodes and GPUs",
-        choices=("local", "ray"))] = "local",
+        choices=defined("extraction.engine:ENGINES"))] = "local",
     ray_address: Annotated[str | None, Option(
         "--engine ray: join this running cluster (default: a local instance for the command)",
         metavar="auto|HOST:PORT")] = None,
@@ -196,10 +192,12 @@ def train_head(
     name: Annotated[str | None, Option("run name (default: from dataset, head, features, settings)")] = None,
     layer: Layers = None,
     pooling: Annotated[str | None, Option(
-        "pool spatial features at read time (default: as extracted; none flattens)", choices=poolings())] = None,
+        "pool spatial features at read time (default: as extracted; none flattens)",
+        choices=defined("backbone.pooling:POOLINGS"))] = None,
     seed: Seed = 0,
     class_weight: Annotated[str | None, Option(
-        "weigh classes inversely to their frequency (default none)", choices=("none", "balanced"))] = None,
+        "weigh classes inversely to their frequency (default none)",
+        choices=defined("heads.base:CLASS_WEIGHTS"))] = None,
     units: Annotated[int | None, Option("hidden units (256)", rule="positive", group=DENSE)] = None,
     dropout: Annotated[float | None, Option("dropout rate (0.5)", group=DENSE)] = None,
     batch_norm: Annotated[bool | None, Option("BatchNormalization after Dense", group=DENSE)] = None,
@@ -212,18 +210,18 @@ def train_head(
     loss: Annotated[str | None, Option(
         "crossentropy (default), or ordinal: the classes, in their sorted order, are ordered levels (ELPV's "
         "defect-0.00 .. defect-1.00): the mean cross-entropy of every cut 'at or above level k'; metrics.json adds "
-        "each cut's accuracy and the error in levels", choices=("crossentropy", "ordinal"), group=DENSE)] = None,
+        "each cut's accuracy and the error in levels", choices=defined("heads.ordinal:LOSSES"), group=DENSE)] = None,
     c_grid: Annotated[str | None, Option(
         "log-spaced C values, or C1,C2,... (1e-6:1e5:45; --c-search path fits about 15 of them, grid all 45)",
         metavar="LOW:HIGH:COUNT", group=LOGREG)] = None,
     c_search: Annotated[str | None, Option(
         "path (default): C ascending, warm-started, about one a decade, stopped three decades after validation stops "
         "improving, then refined between the best's neighbours; grid: every C of --c-grid (grids of 12 values or "
-        "fewer are always fitted whole)", choices=("path", "grid"), group=LOGREG)] = None,
+        "fewer are always fitted whole)", choices=defined("heads.logreg:C_SEARCHES"), group=LOGREG)] = None,
     max_iter: Annotated[int | None, Option("L-BFGS iterations per fit (1000)", rule="positive", group=LOGREG)] = None,
     n_jobs: Annotated[int | None, Option("parallel fits (-1: all cores)", group=LOGREG)] = None,
     kernel: Annotated[str | None, Option(
-        "auto (default): rbf up to --rbf-limit training images, linear above", choices=("auto", "rbf", "linear"),
+        "auto (default): rbf up to --rbf-limit training images, linear above", choices=defined("heads.svm:KERNELS"),
         group=SVM)] = None,
     gamma_grid: Annotated[str | None, Option(
         "the RBF kernel's widths to try, as multiples of 1/features (0.25,1,4)", metavar="G1,G2,...",
@@ -234,7 +232,7 @@ def train_head(
     k_grid: Annotated[str | None, Option("neighbours to try (1,3,5,10,20)", metavar="K1,K2,...", group=KNN)] = None,
     weighting: Annotated[str | None, Option(
         "votes uniform, or weighted by 1/cosine distance; search (default) tries both",
-        choices=("search", "uniform", "distance"), group=KNN)] = None,
+        choices=defined("heads.knn:WEIGHTING_CHOICES"), group=KNN)] = None,
     estimator: Annotated[str | None, Option(
         "the classifier's class, e.g. sklearn.ensemble.HistGradientBoostingClassifier (default "
         "sklearn.linear_model.LogisticRegression)", metavar="DOTTED.NAME", group=GENERIC)] = None,
@@ -372,7 +370,7 @@ def evaluate(
         "the cache to read (default: the one the run was trained on)", rule="path")] = None,
     tta: Annotated[str, Option(
         "score the run (head or fine-tuned) from its images, averaging test-time views: flip (2) or dihedral (8); "
-        "written to RUN/tta-VIEWS/ (default none: from the cache)", choices=tta_choices())] = "none",
+        "written to RUN/tta-VIEWS/ (default none: from the cache)", choices=defined("images.views:TTA"))] = "none",
     labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
     label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
     group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
@@ -423,9 +421,11 @@ def finetune(
         "epochs without validation accuracy improvement before stopping (3)", rule="positive")] = 3,
     precision: Annotated[str | None, Option(
         "default: as the features were extracted (bf16 trains in mixed bfloat16)",
-        choices=("fp32", "mixed-bf16", "mixed-fp16"))] = None,
-    augment: Annotated[str, Option("none switches every augmentation off", choices=("default", "none"))] = "default",
-    flip: Annotated[str | None, Option(flip_help(), choices=flips())] = None,
+        choices=defined("backbone.precision:TRAINING_PRECISIONS"))] = None,
+    augment: Annotated[str, Option(
+        "none switches every augmentation off",
+        choices=defined("finetuning.examples:AUGMENT"))] = "default",
+    flip: Annotated[str | None, Option(flip_help(), choices=defined("finetuning.examples:Augmentation.FLIPS"))] = None,
     rotation: Annotated[float, Option("fraction of a full turn, e.g. 0.05 (default 0: off)")] = 0.0,
     zoom: Annotated[float, Option("e.g. 0.1 (default 0: off)")] = 0.0,
     translation: Annotated[float, Option("e.g. 0.05 (default 0: off)")] = 0.0,
@@ -443,18 +443,19 @@ def finetune(
         "--cached: where to look for that cache (default: beside the head's cache)", rule="path")] = None,
     seed: Seed = 0,
     optimizer: Annotated[str, Option(
-        "sgd with --momentum (default), or adamw (decoupled --weight-decay)", choices=("sgd", "adamw"),
+        "sgd with --momentum (default), or adamw (decoupled --weight-decay)",
+        choices=defined("finetuning.recipe:OPTIMIZERS"),
         group=RECIPE)] = "sgd",
     weight_decay: Annotated[float, Option("(default 0)", group=RECIPE)] = 0.0,
     schedule: Annotated[str, Option(
         "plateau: halve the rate when validation loss stalls (default); cosine: a linear warm-up over "
-        "--warmup-epochs, then a cosine decay to 0 at the last epoch", choices=("plateau", "cosine"),
+        "--warmup-epochs, then a cosine decay to 0 at the last epoch", choices=defined("finetuning.recipe:SCHEDULES"),
         group=RECIPE)] = "plateau",
     warmup_epochs: Annotated[float, Option("with --schedule cosine (default 0)", group=RECIPE)] = 0.0,
     label_smoothing: Annotated[float, Option("e.g. 0.1 (default 0: off)", group=RECIPE)] = 0.0,
     loss: Annotated[str | None, Option(
         "ordinal: the classes, in their sorted order, are ordered levels (see train-head --loss); default: the head "
-        "run's loss", choices=("crossentropy", "ordinal"), group=RECIPE)] = None,
+        "run's loss", choices=defined("heads.ordinal:LOSSES"), group=RECIPE)] = None,
     lr_decay: Annotated[float, Option(
         "discriminative rates: each block below the top unfrozen one learns at this factor of the one above (e.g. "
         "0.5; default 1: one rate)", group=RECIPE)] = 1.0,
@@ -463,7 +464,7 @@ def finetune(
         group=RECIPE)] = 0,
     tta: Annotated[str, Option(
         "score the run averaging test-time views: flip (2) or dihedral (8, for images without an up); default none",
-        choices=tta_choices(), group=RECIPE)] = "none",
+        choices=defined("images.views:TTA"), group=RECIPE)] = "none",
     backend: Annotated[str | None, backend_option("; fine-tuning runs on tensorflow")] = None,
     progress: Annotated[bool, Option(flag="--no-progress", negated=True)] = True,
 ) -> Run:
@@ -477,13 +478,13 @@ def finetune(
     scored (pipeline/finetuning/recipe.py, views.py, pipeline/heads/ordinal.py)."""
     backends.select(backend)
     backends.require_tensorflow("finetune (its image pipeline is tf.data)")
-    from pipeline.finetuning.examples import Augmentation
+    from pipeline.finetuning.examples import AUGMENT, Augmentation
     from pipeline.finetuning.finetune import FinetuneOptions
     from pipeline.finetuning.finetune import finetune as tune
     from pipeline.runs import Run
 
-    if augment not in ("default", "none"):
-        raise PipelineError(f"--augment {augment!r}: choose default or none")
+    if augment not in AUGMENT:
+        raise PipelineError(f"--augment {augment!r}: choose {' or '.join(AUGMENT)}")
     augmentation = Augmentation.off() if augment == "none" else Augmentation(
         flip or Augmentation.default(cached).flip, rotation, zoom, translation, contrast, brightness, saturation)
     summary = tune(FinetuneOptions(
@@ -516,10 +517,10 @@ def predict(
     unknown: Annotated[str, Option(
         "an image farther from the run's training images than the run's recorded threshold (5%% of its validation "
         "images are): flag it and keep its labels (default), or reject it (no labels); head runs",
-        choices=("flag", "reject"))] = "flag",
+        choices=defined("serving.predict:UNKNOWN"))] = "flag",
     tta: Annotated[str, Option(
         "average the probabilities over test-time views: flip (2) or dihedral (8, for images without an up); "
-        "default none", choices=tta_choices())] = "none",
+        "default none", choices=defined("images.views:TTA"))] = "none",
     backend: Annotated[str | None, backend_option("; images decode with Pillow on jax")] = None,
 ) -> list[Prediction] | Iterator[Prediction]:
     """The `top` labels of every image (files, or folders searched for images) with any run (a Run,
@@ -569,7 +570,7 @@ def export(
     run: Annotated[Any, Option("a run directory, e.g. models/NAME, or best", flag="--model", required=True)],
     format: Annotated[str, Option(  # noqa: A002 - the flag's name
         "keras: one .keras file; savedmodel: for TF Serving (default); tflite: for mobile; onnx: for ONNX Runtime, "
-        "OpenVINO, TensorRT, Triton", choices=export_formats())] = "savedmodel",
+        "OpenVINO, TensorRT, Triton", choices=defined("serving.formats:NAMES"))] = "savedmodel",
     out: Annotated[PathLike | None, Option("output folder (default: RUN/export/)", rule="path")] = None, *,
     quantize: Annotated[bool, Option(
         "tflite: dynamic-range int8 weights; onnx: int8 weights (ONNX Runtime), measured against float32 on the "
@@ -577,14 +578,15 @@ def export(
     precision: Annotated[str, Option(
         "float32: runs anywhere (default); run: computes in the run's precision (bf16 when extract chose it), as "
         "predict does: keras and savedmodel only (TFLite and ONNX Runtime have no bfloat16 kernels)",
-        choices=("float32", "run"))] = "float32",
+        choices=defined("serving.formats:PRECISIONS"))] = "float32",
     check_images: Annotated[int, Option(
         "measure the export against predict on up to N of the run's validation images (accuracy, largest "
         "probability difference), printed and recorded in export.json (default 500; 0: skip)", rule="non_negative",
         metavar="N")] = 500,
     tta: Annotated[str, Option(
         "average test-time views inside the model, as predict --tta does: flip (2 passes) or dihedral (8, for images "
-        "without an up); every format, not with --quantize (default none)", choices=tta_choices())] = "none",
+        "without an up); every format, not with --quantize (default none)",
+        choices=defined("images.views:TTA"))] = "none",
     models: WhereBestLooks = "models",
     data: AmongRunsOf = None,
     backend: Annotated[str | None, backend_option(
@@ -621,7 +623,8 @@ def embeddings(
         "cached layer(s) to write, concatenated (default: all the cache holds)", rule="names",
         metavar="NAME[,NAME...]")] = None,
     pooling: Annotated[str | None, Option(
-        "pool spatial features (default: as extracted; none flattens)", choices=poolings())] = None,
+        "pool spatial features (default: as extracted; none flattens)",
+        choices=defined("backbone.pooling:POOLINGS"))] = None,
     labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
     label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
     group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
@@ -741,7 +744,7 @@ def report_page(
     split: Annotated[str, Option("the split whose images the matrix opens: train, validation, test (test)")] = "test",
     thumbnails: Annotated[str, Option(
         "embed: in the page; folder: beside it (FILE_files/), linked relative to it; auto: embedded up to 2,000 "
-        "images (auto)", choices=thumbnail_modes())] = "auto",
+        "images (auto)", choices=defined("pages.thumbnails:MODES"))] = "auto",
     screenshot: Annotated[PathLike | None, Option(
         "also a picture of the page in headless Chromium (the [browser] extra)", rule="path",
         metavar="FILE.png")] = None,

@@ -88,16 +88,29 @@ def declarations(function: Any) -> list[Declared]:
     return found
 
 
+def defined(where: str) -> tuple[str, ...]:
+    """The choices the library defines at `where`, "module:NAME" below pipeline/ ("heads.svm:KERNELS";
+    NAME may be "Class.CONSTANT", or a registry whose keys are the choices). Read when a signature's
+    annotations are evaluated (the command line built, an API call checked), not when pipeline is
+    imported; every module named this way imports no Keras, so --help chooses no backend."""
+    import importlib
+
+    module, name = where.split(":")
+    value: Any = importlib.import_module(f"pipeline.{module}")
+    for part in name.split("."):
+        value = getattr(value, part)
+    return tuple(value)
+
+
 # --- shared by several commands (each declared here once) -------------------------------------------
 
 LABELS_GROUP = "labels from a table (default: the cache's class folders)"
 TABLE_GROUP = "images from a table instead of a folder scan (extracted unlabelled)"
-BACKENDS = ("tensorflow", "jax")
 BACKEND_HELP = "the Keras backend (default: KERAS_BACKEND if set, else tensorflow)"
 
 
 def backend_option(note: str = "") -> Option:
-    return Option(BACKEND_HELP + note, choices=BACKENDS)
+    return Option(BACKEND_HELP + note, choices=defined("backend:BACKENDS"))
 
 
 def path_column(table: str, group: str) -> Option:
@@ -105,8 +118,8 @@ def path_column(table: str, group: str) -> Option:
 
 
 def missing_rows(table: str, group: str) -> Option:
-    return Option(f"rows of {table} that name no image: error (default) or skip them", choices=("error", "skip"),
-                  group=group)
+    return Option(f"rows of {table} that name no image: error (default) or skip them",
+                  choices=defined("labelling.labelling:MISSING"), group=group)
 
 
 Cache = Annotated[PathLike, Option("cache root (default features/)", rule="path")]
@@ -155,6 +168,7 @@ LabelsMissing = Annotated[str, missing_rows("--labels", LABELS_GROUP)]
 # --- help and choices read from the library's own registries, when a declaration is evaluated ----------
 
 
+
 def _backbones() -> Any:
     from pipeline.backbone.registry import BACKBONES
 
@@ -189,18 +203,6 @@ def unfreeze_help() -> str:
         f"{spec.default_unfreeze} for {name}" for name, spec in _backbones().items()) + "); see `inspect`")
 
 
-def poolings() -> tuple[str, ...]:
-    from pipeline.backbone.pooling import POOLINGS
-
-    return tuple(POOLINGS)
-
-
-def preprocessings() -> tuple[str, ...]:
-    from pipeline.backbone.registry import PREPROCESSING
-
-    return tuple(PREPROCESSING)
-
-
 def heads_help() -> str:
     from pipeline.heads import HEADS
 
@@ -209,32 +211,8 @@ def heads_help() -> str:
             "--estimator, --params); auto fits every --candidates head and keeps the best on validation")
 
 
-def flips() -> tuple[str, ...]:
-    from pipeline.finetuning.examples import Augmentation
-
-    return tuple(Augmentation.FLIPS)
-
-
 def flip_help() -> str:
     from pipeline.finetuning.examples import Augmentation
 
     return (f"default {Augmentation().flip} (horizontal_and_vertical for data with no up, such as solar cells); with "
             "--cached none (flipping cached maps measured harmful for flattened heads: see README)")
-
-
-def tta_choices() -> tuple[str, ...]:
-    from pipeline.images.views import TTA
-
-    return tuple(TTA)
-
-
-def thumbnail_modes() -> tuple[str, ...]:
-    from pipeline.pages.thumbnails import MODES
-
-    return tuple(MODES)
-
-
-def export_formats() -> tuple[str, ...]:
-    from pipeline.serving.formats import NAMES
-
-    return NAMES

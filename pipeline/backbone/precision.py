@@ -1,4 +1,5 @@
-"""Numeric precision of the backbone: what the hardware offers and the Keras dtype policy for it."""
+"""Numeric precision of the backbone: what the hardware offers and the Keras dtype policy for it.
+Imports no Keras until a policy is set: the command line's choices read PRECISIONS."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import keras
-
 from pipeline import backend
 from pipeline.errors import PipelineError
 
 PRECISIONS = ("fp32", "bf16", "mixed", "int8")  # int8: extract only, by ONNX Runtime (int8.py)
+TRAINING_PRECISIONS = ("fp32", "mixed-bf16", "mixed-fp16")  # what finetune trains in (--precision)
 
 
 def gpu_available() -> bool:
@@ -70,6 +70,8 @@ def keras_policy(precision: str) -> str:
 @contextlib.contextmanager
 def dtype_policy(precision: str) -> Iterator[None]:
     """Build layers under the policy of `precision`, restoring the global policy afterwards."""
+    import keras
+
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(keras_policy(precision))
     try:

@@ -15,6 +15,8 @@ from pipeline.data.dataset import ImageRecord
 from pipeline.errors import PipelineError
 from pipeline.extraction.plan import ShardWriter
 
+ENGINES = ("local", "ray")  # local_engine.py and ray_engine.py
+
 
 @dataclass
 class EngineResult:

@@ -33,16 +33,16 @@ from pipeline.cache.fingerprint import Fingerprint, cache_directory_name
 from pipeline.cache.store import SPLITS, ShardIndex
 from pipeline.data.dataset import UNLABELLED_LAYOUTS, HashIndex, ScannedDataset, SplitConfig, scan_dataset, scan_table
 from pipeline.errors import PipelineError
-from pipeline.extraction.engine import Engine, EngineResult, strict_error
+from pipeline.extraction.engine import ENGINES, Engine, EngineResult, strict_error
 from pipeline.extraction.local_engine import LocalEngine
 from pipeline.extraction.plan import ShardWriter, add_sibling_sources, copy_cached, plan_update, rewrite_changed
 from pipeline.extraction.ray_engine import BackboneRecipe, RayCluster, RayEngine
 from pipeline.images import decode_tf
 from pipeline.images.formats import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, RESIZE_METHOD, image_dimensions
 from pipeline.images.reading import EncodedImages, decoder_identity
+from pipeline.labelling.labelling import MISSING
 
 DEFAULT_SHARD_SIZE = 1024
-ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -73,8 +73,8 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         """The one check of extract's options, for the command line and Python alike."""
         get_backbone(self.backbone)  # an unknown name: one line listing the known ones
-        if self.missing not in ("error", "skip"):
-            raise PipelineError(f"--missing {self.missing!r}: choose error or skip")
+        if self.missing not in MISSING:
+            raise PipelineError(f"--missing {self.missing!r}: choose {' or '.join(MISSING)}")
         if self.images is None and self.data is None:
             raise PipelineError("extract needs --data DIR (an image folder), or --images TABLE (a table of paths)")
         if self.images is None and (self.path_column != "path" or self.missing != "error"):

@@ -26,6 +26,9 @@ from pipeline.images.decode_tf import labelled_batches
 if TYPE_CHECKING:
     import keras
 
+AUGMENT = ("default", "none")  # --augment: the flags' augmentation, or none at all
+
+
 @dataclass
 class Augmentation:
     """Keras preprocessing layers applied to training batches only; zero switches one off.

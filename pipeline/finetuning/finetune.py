@@ -34,6 +34,7 @@ from pipeline.finetuning.examples import (
 from pipeline.heads.fitting import (
     EpochTimer,
     KeepBest,
+    RateLogger,
     epoch_estimate,
     fit,
     fit_verbosity,
@@ -256,7 +257,7 @@ class Training:
         patience = self.options.patience
         plateau = (max(1, patience // 2), 1e-7) if schedule == "plateau" else None
         return [self.timer, *training_callbacks(self.keep_best, patience, plateau,
-                                                before_plateau=[recipe.RateLogger()])]
+                                                before_plateau=[RateLogger()])]
 
     def head_only(self) -> None:
         """Phase one (--head-epochs): the head alone; then unfreeze and compile for phase two."""

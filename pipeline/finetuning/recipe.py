@@ -9,19 +9,20 @@
 - `--label-smoothing S`: the targets are 1 - S on the class and S / classes spread over all.
 
 The rate of each variable is its block's factor times the schedule's rate, applied in the
-optimizer's update step (`rated`), so the schedule and the factors compose.
+optimizer's update step (`rated`), so the schedule and the factors compose. Keras is imported where
+it is used: the command line's choices read OPTIMIZERS and SCHEDULES from here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
-
-from pipeline.backbone.blocks import unfreeze_index
 from pipeline.heads.ordinal import ordinal_loss
+
+if TYPE_CHECKING:
+    import keras
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("plateau", "cosine")
@@ -32,6 +33,8 @@ def block_rate_factors(backbone: keras.Model, blocks: Sequence[str], trained: Se
     """variable path -> its learning-rate factor, for the trained layers of the backbone: decay^k
     where k counts the unfreeze points (the registry's blocks) above the layer's own. Variables
     missing here (the head's) learn at the full rate."""
+    from pipeline.backbone.blocks import unfreeze_index
+
     if decay == 1.0:
         return {}
     starts = sorted({unfreeze_index(backbone, block) for block in blocks if _has_block(backbone, block)})
@@ -53,6 +56,8 @@ def _has_block(backbone: keras.Model, block: str) -> bool:
 def optimizer(name: str, lr: float, momentum: float, clipnorm: float, weight_decay: float, schedule: str,
               warmup_epochs: float, epochs: int, steps_per_epoch: int, factors: dict[str, float]) -> Any:
     """A fresh Keras optimizer as the recipe says (`factors`: block_rate_factors)."""
+    import keras
+
     rate: Any = lr
     if schedule == "cosine":
         warmup = int(round(warmup_epochs * steps_per_epoch))
@@ -97,6 +102,8 @@ def loss(classes: int, label_smoothing: float, kind: str = "crossentropy") -> An
         return "sparse_categorical_crossentropy"
 
     def smoothed_crossentropy(labels: Any, probabilities: Any) -> Any:
+        import keras
+
         onehot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(labels, (-1,)), "int32"), classes)
         return keras.losses.categorical_crossentropy(onehot, probabilities, label_smoothing=label_smoothing)
 
@@ -105,11 +112,3 @@ def loss(classes: int, label_smoothing: float, kind: str = "crossentropy") -> An
 
 def steps(examples: int, batch_size: int) -> int:
     return max(1, math.ceil(examples / batch_size))
-
-
-class RateLogger(keras.callbacks.Callback):
-    """Puts the optimizer's current learning rate into every epoch's logs (a schedule's, too)."""
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is not None and "learning_rate" not in logs:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))

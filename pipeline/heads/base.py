@@ -81,6 +81,9 @@ class ArrayFeatures:
             yield self.matrix[block], self.labels[block]
 
 
+CLASS_WEIGHTS = ("none", "balanced")  # --class-weight: scikit-learn's "balanced", or every class weighing 1
+
+
 def class_weights(labels: np.ndarray, classes: int, mode: str | None) -> np.ndarray:
     """Weight per class: ones, or scikit-learn's "balanced" n / (classes present * count); a class
     absent from the labels keeps weight 1."""

@@ -153,6 +153,14 @@ def history_rows(history: Any) -> list[dict[str, float]]:
             for i in range(epochs)]
 
 
+class RateLogger(keras.callbacks.Callback):
+    """Puts the optimizer's current learning rate into every epoch's logs (a schedule's, too)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None and "learning_rate" not in logs:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Seconds of every epoch (training and validation), the first one holding the tracing."""
 

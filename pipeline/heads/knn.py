@@ -25,6 +25,7 @@ from pipeline.heads.logreg import _best_row, _c_row
 
 EPSILON = 1e-6  # distance weights 1 / (distance + EPSILON), here and in keras_layers.NeighbourVotes (given it)
 WEIGHTINGS = ("uniform", "distance")
+WEIGHTING_CHOICES = ("search", *WEIGHTINGS)  # --weighting; search tries both
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -52,7 +53,7 @@ class KNNHead(Head):
 
     kind = "knn"
     HISTORY_AXIS = "k"
-    RULES = {"weighting": (lambda v: v in ("search", *WEIGHTINGS), "search, uniform or distance")}
+    RULES = {"weighting": (lambda v: v in WEIGHTING_CHOICES, "search, uniform or distance")}
     MODEL_FILE = "head.npz"
 
     def __init__(self, *, k_grid: str = "1,3,5,10,20", weighting: str = "search",

@@ -129,6 +129,9 @@ def _best_row(rows: list[dict[str, float]]) -> dict[str, float]:
     return min(rows, key=lambda r: (-r["validation_accuracy"], r["validation_loss"], r["C"]))
 
 
+C_SEARCHES = ("path", "grid")  # --c-search: the warm-started path, or every C of the grid
+
+
 class LogRegHead(Head):
     """StandardScaler + multinomial LogisticRegression (L-BFGS), C chosen on the validation split
     from a log grid (the linear-probe protocol), fits in parallel, then refit at the chosen C."""
@@ -141,7 +144,7 @@ class LogRegHead(Head):
         "max_iter": (lambda v: v >= 1, "a positive integer"),
         "tol": (lambda v: 0 < v < math.inf, "a positive number"),
         "n_jobs": (lambda v: v != 0, "a number of parallel fits, or -1 for all cores (not 0)"),
-        "c_search": (lambda v: v in ("path", "grid"), "path (warm-started, stops where validation stops "
+        "c_search": (lambda v: v in C_SEARCHES, "path (warm-started, stops where validation stops "
                                                       "improving) or grid (every C)"),
     }
     MODEL_FILE = "head.joblib"

@@ -70,6 +70,9 @@ def _platt(decision: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return float(model.coef_[0, 0]), float(model.intercept_[0])
 
 
+KERNELS = ("auto", "rbf", "linear")  # --kernel; auto: rbf up to rbf_limit training images, linear above
+
+
 class SVMHead(Head):
     """Standardised features -> one support-vector machine per class (RBF or linear) -> Platt
     probabilities. C and gamma (multiples of 1 / features, scikit-learn's "scale" on standardised
@@ -78,7 +81,7 @@ class SVMHead(Head):
     kind = "svm"
     HISTORY_AXIS = "C"
     RULES = {
-        "kernel": (lambda v: v in ("auto", "rbf", "linear"), "auto, rbf or linear"),
+        "kernel": (lambda v: v in KERNELS, "auto, rbf or linear"),
         "rbf_limit": (lambda v: v >= 1, "a positive number of training images"),
     }
     MODEL_FILE = "head.npz"

@@ -31,10 +31,9 @@ from pipeline.images.views import view_steps, with_averaged_views
 from pipeline.runs import Run
 from pipeline.serving import agreement, formats
 from pipeline.serving.formats import NAMES as FORMATS
-from pipeline.serving.formats import RESIZE_RULE
+from pipeline.serving.formats import PRECISIONS, RESIZE_RULE
 
 DETAILS = "export.json"
-PRECISIONS = ("float32", "run")
 
 
 @dataclass

@@ -6,7 +6,7 @@ import argparse
 from typing import Annotated
 
 from pipeline.cli.flags import add_declared
-from pipeline.options import Option, PathLike
+from pipeline.options import Option, PathLike, defined
 
 NAME = "demo-data"
 HELP = "export the ELPV solar-cell images into DIR/<class>/"
@@ -15,7 +15,7 @@ INTERRUPTED = "rerun the command to finish exporting the images"
 
 def images(out: Annotated[PathLike, Option(rule="path")] = "data/elpv",
            classes: Annotated[str, Option("binary: functional (p<0.5) vs defective; 4class: p = 0, 1/3, 2/3, 1",
-                                          choices=("binary", "4class"))] = "binary") -> dict[str, int]:
+                                          choices=defined("data.demo:CLASSINGS"))] = "binary") -> dict[str, int]:
     """ELPV's images written into `out`/<class>/: the class counts."""
     from pathlib import Path
 

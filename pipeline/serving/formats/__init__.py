@@ -20,6 +20,7 @@ from typing import Any
 
 MODULES = {"keras": "keras_file", "savedmodel": "saved_model", "tflite": "tflite", "onnx": "onnx"}
 NAMES = tuple(MODULES)
+PRECISIONS = ("float32", "run")  # --precision: float32 runs anywhere; run: the run's own (bf16), where a format can
 RESIZE_RULE = "squashed to N x N: area interpolation when both sides shrink, bilinear otherwise"
 OUTPUT = "probabilities (batch, {classes}) float32, in the order of labels.txt"  # unless a format says otherwise
 VIEWS_HOW = "(transposes and flips in Keras' own layers)"  # unless a format says otherwise
