@@ -40,7 +40,9 @@ __version__ = "0.3.0"
 # name -> module that defines it, imported when the name is first used (PEP 562)
 _LAZY = {
     "Run": "pipeline.runs",
+    "RunResult": "pipeline.runs",
     "FeatureStore": "pipeline.cache.store",
+    "ExtractedCache": "pipeline.extraction.extract",
     "Head": "pipeline.heads",
     "LogRegHead": "pipeline.heads",
     "DenseHead": "pipeline.heads",

@@ -65,8 +65,8 @@ from pipeline.options import (  # noqa: F401 - the declarations the signatures b
 )
 
 if TYPE_CHECKING:
-    from pipeline.cache.store import FeatureStore
-    from pipeline.runs import Run
+    from pipeline.extraction.extract import ExtractedCache
+    from pipeline.runs import Run, RunResult
     from pipeline.serving.export import ExportSummary
     from pipeline.serving.predict import Prediction
 
@@ -145,22 +145,21 @@ def extract(
         "--engine ray: backbone workers (default: one per GPU, else one per node)", rule="positive")] = None,
     backend: Annotated[str | None, backend_option("; images decode with Pillow on jax")] = None,
     progress: Progress = True,
-) -> FeatureStore:
+) -> ExtractedCache:
     """Stage one: bring the feature cache of the image folder `data` up to date (every new or
-    changed image through the frozen backbone once) and return it, opened: a FeatureStore with its
-    `path`, `fingerprint`, `class_names` and the run's `summary` (images, new, reused, skipped,
-    seconds, notes). A folder without class folders is extracted unlabelled. `images`: a table of
-    image paths instead (a CSV, TSV or Parquet file, or a dataframe; its column `path`), relative to
-    `data` where given, else to the table's folder; also accepted as `data` itself. `missing`:
-    "skip" goes on past paths that are not image files."""
+    changed image through the frozen backbone once) and return it, opened: an ExtractedCache (a
+    FeatureStore with its `path`, `fingerprint`, `class_names`) with this extract's `summary`
+    (images, new, reused, skipped, seconds, notes). A folder without class folders is extracted
+    unlabelled. `images`: a table of image paths instead (a CSV, TSV or Parquet file, or a
+    dataframe; its column `path`), relative to `data` where given, else to the table's folder;
+    also accepted as `data` itself. `missing`: "skip" goes on past paths that are not image files."""
     from pipeline.labelling import is_dataframe
 
     if images is None and data is not None and (is_dataframe(data) or Path(data).is_file()):
         images, data = data, None  # extract(table) as extract(images=table)
     backends.select(backend)
-    from pipeline.cache.store import FeatureStore
     from pipeline.data.dataset import SplitConfig
-    from pipeline.extraction.extract import ExtractOptions, extract_features
+    from pipeline.extraction.extract import ExtractedCache, ExtractOptions, extract_features
 
     summary = extract_features(ExtractOptions(
         data=None if data is None else Path(data), images=images, path_column=path, missing=missing,
@@ -171,10 +170,8 @@ def extract(
         max_pixels=_max_pixels(max_megapixels), progress=progress, engine=engine, ray_address=ray_address,
         workers=workers,
     ))
-    store = FeatureStore(summary.cache_dir)
-    store.summary = summary
     _say(progress, lambda: summaries.extract_text(summary))
-    return store
+    return ExtractedCache(summary)
 
 
 @checked
@@ -264,8 +261,9 @@ def train_head(
     target_columns: TargetColumns = None,
     backend: Backend = None,
     progress: ProgressOutput = True,
-) -> Run:
-    """Stage two: fit a head on cached features and return the finished Run. `features`: a cache
+) -> RunResult:
+    """Stage two: fit a head on cached features and return the finished run: a RunResult (a Run, with
+    this fit's `summary`). `features`: a cache
     (what `extract` returned, its directory, or its name under `cache`; default the latest), or a
     list of caches of the same images to fuse. Head parameters left at None take the head's
     defaults; `memory_budget` is in MB. `exclude`: a file of images to leave out of training (an
@@ -281,7 +279,7 @@ def train_head(
     (the one of the highest validation accuracy) or a probability; recorded, used by predict."""
     backends.select(backend)
     from pipeline.heads import head_parameters
-    from pipeline.runs import Run
+    from pipeline.runs import RunResult
     from pipeline.training.train import TrainOptions
     from pipeline.training.train import train_head as fit_head
 
@@ -322,9 +320,7 @@ def train_head(
         if candidates is not None:
             raise PipelineError("--candidates applies to --head auto only")
         summary = fit(head, head_params, name)
-    run = Run.open(summary.directory)
-    run.summary = summary
-    run.comparison = comparison  # --head auto: every candidate's figures (None otherwise)
+    run = RunResult.of(summary.directory, summary, comparison)  # --head auto: every candidate's figures
     if comparison is None:
         headline = (f"trained {summary.config['head']['kind']} head: {summary.seconds:.1f} s fitting "
                     f"({summary.config['read']})")
@@ -376,14 +372,15 @@ def evaluate(
     group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
     target_columns: TargetColumns = None,
     backend: Backend = None,
-) -> Run:
+) -> RunResult:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
     metrics.json and the reports of `split`. With `tta` (flip, dihedral): any run scored from its
     images, end to end, averaging the test-time views, into RUN/tta-<views>/ (the run's own
     metrics stay). `labels`...: score against a labels table instead of the labels the run was
-    trained on (see train_head). Returns the run as it now stands."""
+    trained on (see train_head). Returns the run as it now stands, with this scoring's `summary`
+    (a RunResult)."""
     backends.select(backend)
-    from pipeline.runs import Run
+    from pipeline.runs import RunResult
     from pipeline.training.train import evaluate_run, evaluate_with_views
 
     spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
@@ -392,13 +389,9 @@ def evaluate(
         raise PipelineError("--tta scores a run with the labels it was trained on: drop --labels, or --tta")
     if tta != "none":  # written beside the run's own figures, into RUN/tta-<views>/
         summary = evaluate_with_views(Path(_run_path(run)), tta, split)
-        scored = Run.open(summary.directory.parent)
-    else:
-        summary = evaluate_run(Path(_run_path(run)), split, None if features is None else Path(features),
-                               labels=spec)
-        scored = Run.open(summary.directory)
-    scored.summary = summary
-    return scored
+        return RunResult.of(summary.directory.parent, summary)
+    summary = evaluate_run(Path(_run_path(run)), split, None if features is None else Path(features), labels=spec)
+    return RunResult.of(summary.directory, summary)
 
 
 @checked
@@ -467,10 +460,11 @@ def finetune(
         choices=defined("images.views:TTA"), group=RECIPE)] = "none",
     backend: Annotated[str | None, backend_option("; fine-tuning runs on tensorflow")] = None,
     progress: Annotated[bool, Option(flag="--no-progress", negated=True)] = True,
-) -> Run:
+) -> RunResult:
     """Stage three: put a head run (a Run, its directory, or "best") back on its backbone, unfreeze
     from `unfreeze` (default the top block), train end to end with augmentation, and return the
-    fine-tuned Run. `augment="none"` switches every augmentation off; `flip`, `rotation`, `zoom`,
+    fine-tuned run (a RunResult: the Run, with this training's `summary`). `augment="none"` switches
+    every augmentation off; `flip`, `rotation`, `zoom`,
     `translation`, `contrast`, `brightness` and `saturation` choose it (Augmentation). The recipe: `optimizer` sgd
     or adamw, `schedule` plateau or cosine (with `warmup_epochs`), `lr_decay` per block below the
     top one, `label_smoothing`, `head_epochs` of the head alone first; `loss` crossentropy or
@@ -481,7 +475,7 @@ def finetune(
     from pipeline.finetuning.examples import AUGMENT, Augmentation
     from pipeline.finetuning.finetune import FinetuneOptions
     from pipeline.finetuning.finetune import finetune as tune
-    from pipeline.runs import Run
+    from pipeline.runs import RunResult
 
     if augment not in AUGMENT:
         raise PipelineError(f"--augment {augment!r}: choose {' or '.join(AUGMENT)}")
@@ -495,9 +489,7 @@ def finetune(
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, loss=loss, lr_decay=lr_decay, head_epochs=head_epochs, tta=tta,
     ))
-    tuned = Run.open(summary.directory)
-    tuned.summary = summary
-    return tuned
+    return RunResult.of(summary.directory, summary)
 
 
 @checked

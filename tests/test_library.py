@@ -161,11 +161,15 @@ def library_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 def test_extract_returns_the_cache_that_train_head_takes(library_run: dict[str, object]) -> None:
     cache, run = library_run["cache"], library_run["run"]
-    assert isinstance(cache, pipeline.FeatureStore)
+    assert isinstance(cache, pipeline.ExtractedCache) and isinstance(cache, pipeline.FeatureStore)
     assert cache.path.is_dir() and cache.fingerprint.image_size == 48 and cache.fingerprint.pooling == "avg"
     assert cache.summary.images == 16 and cache.summary.new == 16 and cache.class_names == ["cats", "dogs"]
-    assert isinstance(run, pipeline.Run) and run.kind == "head"
+    assert isinstance(run, pipeline.RunResult) and isinstance(run, pipeline.Run) and run.kind == "head"
     assert 0 <= run.metrics["test"]["accuracy"] <= 1
+    assert run.summary.metrics["test"] == run.metrics["test"] and run.summary.directory == run.directory
+    assert run.comparison is None  # one head, not auto
+    opened = pipeline.open_run(run.directory)
+    assert not isinstance(opened, pipeline.RunResult) and not hasattr(opened, "summary")  # no stage ran
     assert run.features().directory == cache.directory
     again = pipeline.train_head(str(cache.path), head="logreg", models=library_run["root"] / "models",
                                 c_grid="1e-2:1e2:5", progress=False)
@@ -182,7 +186,8 @@ def test_predict_export_evaluate_and_list_runs_take_the_run(library_run: dict[st
     assert exported.path == tmp_path / "out" / "model.keras" and exported.path.is_file() and exported.bytes > 0
     assert json.loads((tmp_path / "out" / "export.json").read_text())["parts"][0]["fingerprint"]["image_size"] == 48
     scored = pipeline.evaluate(run, split="validation")
-    assert isinstance(scored, pipeline.Run) and scored.metrics["validation"] == run.metrics["validation"]
+    assert isinstance(scored, pipeline.RunResult) and scored.metrics["validation"] == run.metrics["validation"]
+    assert scored.summary.metrics["validation"] == run.metrics["validation"]
     [row] = pipeline.list_runs(library_run["root"] / "models")
     assert row["name"] == run.name and row["kind"] == "head"
 

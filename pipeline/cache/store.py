@@ -444,8 +444,6 @@ class FeatureStore:
                 from None
         self._check_shards_match_manifest(listed)
 
-    summary: Any = None  # what the extract run that returned this cache did (pipeline.extract sets it)
-
     @property
     def path(self) -> Path:
         return self.directory

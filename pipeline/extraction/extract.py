@@ -30,7 +30,7 @@ from pipeline.backbone.registry import BackboneSpec, get_backbone
 from pipeline.backbone.weights import ResolvedWeights
 from pipeline.cache import store
 from pipeline.cache.fingerprint import Fingerprint, cache_directory_name
-from pipeline.cache.store import SPLITS, ShardIndex
+from pipeline.cache.store import SPLITS, FeatureStore, ShardIndex
 from pipeline.data.dataset import UNLABELLED_LAYOUTS, HashIndex, ScannedDataset, SplitConfig, scan_dataset, scan_table
 from pipeline.errors import PipelineError
 from pipeline.extraction.engine import ENGINES, Engine, EngineResult, strict_error
@@ -162,6 +162,15 @@ class ExtractSummary:
             "notes": self.notes,
         }
 
+
+
+class ExtractedCache(FeatureStore):
+    """What extract returns: the cache as it now stands (a FeatureStore, passed on to train_head as it
+    is), with `summary`, what this extract did (images new, cached, failed; seconds; throughput)."""
+
+    def __init__(self, summary: ExtractSummary) -> None:
+        super().__init__(summary.cache_dir)
+        self.summary = summary
 
 class _Extraction:
     """One run of stage one over one cache directory."""

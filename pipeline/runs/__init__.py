@@ -31,13 +31,14 @@ from pipeline.runs.files import (
 )
 from pipeline.runs.listing import best_run, list_runs, resolve
 from pipeline.runs.record import FORMAT_VERSION, KINDS, Part, RunRecord
-from pipeline.runs.run import Run
+from pipeline.runs.run import Run, RunResult
 from pipeline.runs.scoring import REPORTED_SPLIT, RunSummary, score_splits
 from pipeline.runs.writer import RunWriter, create, rescoring
 
 __all__ = [
     "CONFIG", "FORMAT_VERSION", "KINDS", "LABELS_FILE", "METRICS", "MODEL_FILE", "REPORTED_SPLIT", "SPLIT_RECORD",
-    "Part", "Run", "RunRecord", "RunSummary", "RunWriter", "best_run", "check_run_name", "check_writable", "create",
+    "Part", "Run", "RunRecord", "RunResult", "RunSummary", "RunWriter", "best_run", "check_run_name", "check_writable",
+    "create",
     "list_runs", "read_config", "read_labels", "read_metrics", "read_split_record", "remove_leftovers", "rescoring",
     "resolve", "score_splits", "staged", "write_config", "write_labels", "write_metrics",
 ]

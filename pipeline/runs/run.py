@@ -8,6 +8,8 @@ record and metrics, and:
   place that turns a run into a model and the only place that tells a head run from a
   fine-tuned one (`trainable_classifier` gives a head run's with its backbone, to fine-tune);
 - `check_same_splits()`: refuses a cache that moved images between splits since the run was made.
+
+`RunResult` is what a stage returns: the Run, with the stage's summary.
 """
 
 from __future__ import annotations
@@ -24,13 +26,11 @@ from pipeline.errors import PipelineError
 from pipeline.runs.files import LABELS_FILE, MODEL_FILE, read_split_record
 from pipeline.runs.listing import resolve
 from pipeline.runs.record import RunRecord
+from pipeline.runs.scoring import RunSummary
 
 
 class Run(RunRecord):
     """A finished run directory, read once and checked (see the module docstring)."""
-
-    summary: Any = None  # what the command that returned this run left (pipeline.train_head sets it)
-    comparison: Any = None  # train_head(head="auto"): every candidate's figures (pipeline/training/auto.py)
 
     @classmethod
     def open(cls, run: str | Path, models: Path = Path("models"), kind: str | None = None,
@@ -247,3 +247,22 @@ class Run(RunRecord):
 
 def _weights_path(features: dict[str, Any]) -> str | None:
     return features.get("weights", {}).get("path")
+
+
+class RunResult(Run):
+    """What a stage that makes or scores a run returns (train_head, finetune, evaluate): the run as it
+    now stands, with the stage's own figures: `summary` (a RunSummary: the metrics it measured, its
+    seconds, its report's text, where it wrote them) and, from train_head(head="auto"), `comparison`
+    (every candidate's figures, pipeline/training/auto.py; None otherwise). A RunResult is a Run:
+    it is passed on to predict, finetune or export as it is."""
+
+    summary: RunSummary
+    comparison: Any = None
+
+    @classmethod
+    def of(cls, directory: Path, summary: RunSummary, comparison: Any = None) -> RunResult:
+        result = cls.read(directory)
+        assert isinstance(result, RunResult)
+        result.summary = summary
+        result.comparison = comparison
+        return result
