@@ -17,6 +17,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # saw a Ray test killed for memory other tests held (22.5 of 23.5 GB). Off in the tests (a local
 # instance's raylet inherits this environment); the kernel's own limit still holds.
 os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+# TensorFlow in each test worker, and in the commands its tests start, computes on one thread: `-n
+# auto` runs a worker more than there are cores, and each worker's TensorFlow kept pools of a thread
+# a core; they waited on each other (five heavy files: 162 s with the pools, 150 s without, on a
+# 2-core AMD EPYC, side by side).
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image_folder, tiny_options, write_image
+from conftest import SHALLOW, make_image_folder, tiny_options, write_image
 from pipeline.backbone import int8
 from pipeline.cache.store import FeatureStore
 from pipeline.cli import main
@@ -26,7 +26,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _features(cache: Path) -> dict[str, np.ndarray]:
     rows = FeatureStore(cache).read()
-    return {path: rows.features["block5_pool"][i] for i, path in enumerate(rows.paths)}
+    return {path: rows.features[SHALLOW[0]][i] for i, path in enumerate(rows.paths)}
 
 
 def test_the_quantised_graph_gives_the_float_features_closely(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_the_quantised_graph_gives_the_float_features_closely(tmp_path: Path) ->
 
     spec = get_backbone("vgg16")
     extractor = FeatureExtractor(build_backbone(spec, 32, "fp32", spec.resolve_weights("none", None)),
-                                 ("block4_pool", "block5_pool"), "avg")
+                                 ("block2_pool", "block3_pool"), "avg")
     rng = np.random.default_rng(0)
     pixels = rng.normal(0, 1, (48, 32, 32, 3)).astype(np.float32)
     int8.float_graph(extractor, 32, tmp_path / "fp32.onnx")
@@ -55,8 +55,8 @@ def test_the_quantised_graph_gives_the_float_features_closely(tmp_path: Path) ->
 def int8_cache(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("int8")
     data = make_image_folder(root / "data", per_class=30, classes=("a", "b"))
-    summary = extract_features(tiny_options(data, root / "features", precision="int8"))
-    fp32 = extract_features(tiny_options(data, root / "features", precision="fp32"))
+    summary = extract_features(tiny_options(data, root / "features", precision="int8", layers=SHALLOW))
+    fp32 = extract_features(tiny_options(data, root / "features", precision="fp32", layers=SHALLOW))
     return {"root": root, "data": data, "cache": summary.cache_dir, "summary": summary, "fp32": fp32.cache_dir}
 
 
@@ -90,16 +90,16 @@ def test_a_continued_int8_cache_keeps_its_quantisation(int8_cache: dict, tmp_pat
     def weights_and_ranges(path: Path) -> list[np.ndarray]:  # in graph order (node names carry Keras' counters)
         return [numpy_helper.to_array(tensor) for tensor in onnx.load(str(path)).graph.initializer]
 
-    first = extract_features(tiny_options(data, tmp_path / "features", precision="int8")).cache_dir
+    first = extract_features(tiny_options(data, tmp_path / "features", precision="int8", layers=SHALLOW)).cache_dir
     graph = (first / int8.MODEL_FILE).read_bytes()
     original = weights_and_ranges(first / int8.MODEL_FILE)
     write_image(data / "a" / "new.png", seed=4242)
-    again = extract_features(tiny_options(data, tmp_path / "features", precision="int8"))
+    again = extract_features(tiny_options(data, tmp_path / "features", precision="int8", layers=SHALLOW))
     assert again.cache_dir == first and again.new == 1
     assert (first / int8.MODEL_FILE).read_bytes() == graph  # loaded, not calibrated again
     (first / int8.MODEL_FILE).unlink()  # lost: quantised again from the recorded images, the same quantisation
     write_image(data / "b" / "newer.png", seed=4243)
-    assert extract_features(tiny_options(data, tmp_path / "features", precision="int8")).new == 1
+    assert extract_features(tiny_options(data, tmp_path / "features", precision="int8", layers=SHALLOW)).new == 1
     again = weights_and_ranges(first / int8.MODEL_FILE)
     assert len(again) == len(original) and all(np.array_equal(a, b) for a, b in zip(original, again))
 
@@ -114,11 +114,11 @@ def test_a_calibration_killed_halfway_leaves_nothing(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(int8, "quantise", killed)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(tiny_options(data, tmp_path / "features", precision="int8"))
+        extract_features(tiny_options(data, tmp_path / "features", precision="int8", layers=SHALLOW))
     leftovers = [p for p in (tmp_path / "features").rglob("*") if "int8" in p.name or p.suffix == ".onnx"]
     assert not [p for p in leftovers if p.is_file()]
     monkeypatch.setattr(int8, "quantise", real)
-    summary = extract_features(tiny_options(data, tmp_path / "features", precision="int8"))
+    summary = extract_features(tiny_options(data, tmp_path / "features", precision="int8", layers=SHALLOW))
     assert (summary.cache_dir / int8.MODEL_FILE).is_file() and summary.new == 60
 
 
@@ -128,7 +128,7 @@ def test_a_calibration_killed_halfway_leaves_nothing(tmp_path: Path, monkeypatch
 def test_int8_where_it_cannot_run_is_one_line(tmp_path: Path, overrides: dict, message: str) -> None:
     data = make_image_folder(tmp_path / "data", per_class=20, classes=("a", "b"))
     with pytest.raises(PipelineError, match=message):
-        extract_features(tiny_options(data, tmp_path / "features", precision="int8", **overrides))
+        extract_features(tiny_options(data, tmp_path / "features", precision="int8", layers=SHALLOW, **overrides))
 
 
 def test_too_few_images_to_calibrate_says_how_many(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -146,7 +146,7 @@ def test_a_backbone_that_failed_its_certificate_is_not_offered(tmp_path: Path, m
                                                                    "agreement_percent": 97.0}})
     data = make_image_folder(tmp_path / "data", per_class=20, classes=("a", "b"))
     with pytest.raises(PipelineError, match=r"not offered in int8.*1\.2 points.*97\.0%.*--precision bf16 or fp32"):
-        extract_features(tiny_options(data, tmp_path / "features", precision="int8"))
+        extract_features(tiny_options(data, tmp_path / "features", precision="int8", layers=SHALLOW))
 
 
 def test_a_cpu_without_int8_instructions_is_told_what_to_expect(monkeypatch) -> None:
