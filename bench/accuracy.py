@@ -65,7 +65,7 @@ from bench.elpv import export  # noqa: E402
 from pipeline.backbone.registry import BACKBONES  # noqa: E402
 from pipeline.data.dataset import SplitConfig  # noqa: E402
 from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.training.train import TrainOptions, train_head  # noqa: E402
+from pipeline.training.train import TrainOptions, run_training  # noqa: E402
 
 PROTOCOL = SplitConfig(validation_fraction=0.125, test_fraction=0.25, seed=0)
 PROTOCOLS = {"75/25 (Deitsch)": PROTOCOL, "70/15/15 (project)": SplitConfig(validation_fraction=0.15,
@@ -191,7 +191,7 @@ def evaluate(config: Config, cache_dir: Path | list[Path], models: Path, seed: i
     started = time.perf_counter()
     key = config.label() + (f" {protocol}" if protocol and protocol != next(iter(PROTOCOLS)) else "")
     name = f"{config.head}-{hashlib.sha256(key.encode()).hexdigest()[:8]}-split{seed}"
-    run = train_head(TrainOptions(
+    run = run_training(TrainOptions(
         head=config.head, features=cache_dir, models=models, pooling=config.pooling, name=name,
         layers=list(config.layers) if config.layers else None, head_params=dict(config.params), progress=False,
     ))
@@ -228,12 +228,13 @@ def summarise(rows: list[dict]) -> dict:
 def _finetune_row(source: Path, models: Path, epochs: int, cached: bool, seed: int, name: str,
                   flips: bool = True) -> dict:
     from pipeline.finetuning.examples import Augmentation
-    from pipeline.finetuning.finetune import FinetuneOptions, finetune
+    from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
 
     started = time.perf_counter()
-    tuned = finetune(FinetuneOptions(source=str(source), models=models, epochs=epochs, patience=epochs, cached=cached,
-                                     progress=False, name=name,
-                                     augmentation=Augmentation() if flips else Augmentation.off()))
+    tuned = run_finetuning(FinetuneOptions(source=str(source), models=models, epochs=epochs, patience=epochs,
+                                           cached=cached,
+                                          progress=False, name=name,
+                                          augmentation=Augmentation() if flips else Augmentation.off()))
     return {
         "split_seed": seed, "epochs": epochs, "epochs_run": tuned.config["finetune"]["epochs_run"],
         "kept_epoch": tuned.config["finetune"]["kept_epoch"],

@@ -26,7 +26,7 @@ from bench.common import machine_line, markdown_table
 from bench.elpv import load, majority, save
 from pipeline.data.dataset import SplitConfig
 from pipeline.extraction.extract import ExtractOptions, extract_features
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.training.train import TrainOptions, run_training
 
 PROTOCOLS = {"75/25": SplitConfig(validation_fraction=0.125, test_fraction=0.25, seed=0),
              "70/15/15": SplitConfig(validation_fraction=0.15, test_fraction=0.15, seed=0)}
@@ -154,8 +154,8 @@ def head_row(data: Path, work: Path, task: str, protocol: str, seed: int,
     started = time.perf_counter()
     cache = split_cache(data, work, protocol, seed, start.image_size)
     directory = start.directory(work, task, protocol, seed)
-    run = train_head(TrainOptions(head=start.head, features=cache, models=directory.parent, name=directory.name,
-                                  head_params=dict(HEADS[start.head][1]), progress=False))
+    run = run_training(TrainOptions(head=start.head, features=cache, models=directory.parent, name=directory.name,
+                                    head_params=dict(HEADS[start.head][1]), progress=False))
     return {"task": task, "protocol": protocol, "recipe": start.name, "image_size": start.image_size,
             "head": start.head, "split_seed": seed, "validation_accuracy": run.metrics["validation"]["accuracy"],
             "test_accuracy": run.metrics["test"]["accuracy"], "seconds": round(time.perf_counter() - started, 1),

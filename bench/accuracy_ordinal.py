@@ -29,7 +29,7 @@ from pipeline.cache.reader import load_splits
 from pipeline.extraction.extract import ExtractOptions, extract_features
 from pipeline.heads.ordinal import ordinal_metrics
 from pipeline.runs import Run
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.training.train import TrainOptions, run_training
 
 BACKBONE = "efficientnet_lite0"
 HEADS = {  # name: (head, parameters)
@@ -68,8 +68,8 @@ def rows_for(protocol: str, seed: int, data4: Path, data2: Path, work: Path, sta
         if _row(state, protocol, seed, name):
             continue
         started = time.perf_counter()
-        run = train_head(TrainOptions(head=kind, features=cache, models=models, progress=False, head_params=params,
-                                      name=f"4class-{tag}-{name.replace(', ', '-').replace(' ', '-')}"))
+        run = run_training(TrainOptions(head=kind, features=cache, models=models, progress=False, head_params=params,
+                                        name=f"4class-{tag}-{name.replace(', ', '-').replace(' ', '-')}"))
         row = {"protocol": protocol, "split_seed": seed, "head": name,
                "validation_accuracy": run.metrics["validation"]["accuracy"],
                "test_accuracy": run.metrics["test"]["accuracy"], **_scored(run.directory),
@@ -78,8 +78,8 @@ def rows_for(protocol: str, seed: int, data4: Path, data2: Path, work: Path, sta
     if not _row(state, protocol, seed, BINARY_HEAD):
         cache2 = _cache(data2, work, protocol, seed)
         started = time.perf_counter()
-        run = train_head(TrainOptions(head="dense", features=cache2, models=models, progress=False,
-                                      name=f"binary-{tag}-dense"))
+        run = run_training(TrainOptions(head="dense", features=cache2, models=models, progress=False,
+                                        name=f"binary-{tag}-dense"))
         _append(state, out, {"protocol": protocol, "split_seed": seed, "head": BINARY_HEAD,
                              "validation_accuracy": run.metrics["validation"]["accuracy"],
                              "test_accuracy": run.metrics["test"]["accuracy"],

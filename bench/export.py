@@ -33,7 +33,7 @@ from pipeline.images.decode_tf import decode_and_resize  # noqa: E402
 from pipeline.runs import Run  # noqa: E402
 from pipeline.serving.export import export_run  # noqa: E402
 from pipeline.serving.formats.tflite import interpreter as tflite_interpreter  # noqa: E402
-from pipeline.serving.predict import predict  # noqa: E402
+from pipeline.serving.predict import predict_files  # noqa: E402
 
 BATCH = 32
 
@@ -59,7 +59,7 @@ def main() -> None:
     size = store.fingerprint.image_size
     print(f"run {run.name} ({config['kind']}, computed in {store.fingerprint.precision}); {len(files)} test images")
 
-    rows = predict(run, [Path(f) for f in files], top_k=len(class_names))
+    rows = predict_files(run, [Path(f) for f in files], top_k=len(class_names))
     at_run_precision = np.array([[r.probabilities[r.labels.index(c)] for c in class_names] for r in rows])
     resized = [decode_and_resize(tf.constant(f), size).numpy() for f in files]
     reference = opened.classifier("fp32")

@@ -134,14 +134,14 @@ def speed_table(data: Path, images: int, sizes: list[int], precisions: list[str]
 
 def accuracy_fp32_vs_bf16(data: Path, work: Path) -> dict[str, float]:
     """The same default logistic-regression head on fp32 and bf16 features of the whole folder."""
-    from pipeline.training.train import TrainOptions, train_head
+    from pipeline.training.train import TrainOptions, run_training
 
     accuracy = {}
     for precision in ("fp32", "bf16"):
         cache = extract_features(ExtractOptions(data=data, precision=precision, cache_root=work / "features",
                                                 progress=sys.stderr.isatty())).cache_dir
-        run = train_head(TrainOptions(head="logreg", features=cache, models=work / "models", pooling="avg",
-                                      progress=False))
+        run = run_training(TrainOptions(head="logreg", features=cache, models=work / "models", pooling="avg",
+                                        progress=False))
         accuracy[precision] = run.metrics["test"]["accuracy"]
     return accuracy
 

@@ -26,8 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench.common import machine_line, markdown_table  # noqa: E402
 from bench.extract import subset_folder  # noqa: E402
 from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa: E402
-from pipeline.finetuning.finetune import FinetuneOptions, finetune  # noqa: E402
-from pipeline.training.train import TrainOptions, train_head  # noqa: E402
+from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning  # noqa: E402
+from pipeline.training.train import TrainOptions, run_training  # noqa: E402
 
 BELOW = {"block5": "block4_pool", "block4": "block3_pool"}
 
@@ -38,15 +38,16 @@ def measure(folder: Path, work: Path, size: int, unfreeze_points: list[str], epo
     summary = extract_features(ExtractOptions(data=folder, image_size=size, layers=layers, precision="bf16",
                                               cache_root=work / "features", progress=False))
     extracted = time.perf_counter() - started
-    head = train_head(TrainOptions(head="dense", features=summary.cache_dir, models=work / "models",
-                                   layers=["block5_pool"], head_params={"epochs": 5}, progress=False)).directory
+    head = run_training(TrainOptions(head="dense", features=summary.cache_dir, models=work / "models",
+                                     layers=["block5_pool"], head_params={"epochs": 5}, progress=False)).directory
     rows = []
     for point in unfreeze_points:
         seconds = {}
         for cached in (False, True):
-            run = finetune(FinetuneOptions(source=str(head), models=work / "models", unfreeze=point, epochs=epochs,
-                                           patience=epochs, cached=cached, progress=False,
-                                           name=f"{head.name}-{point}-{'cached' if cached else 'images'}"))
+            run = run_finetuning(FinetuneOptions(source=str(head), models=work / "models", unfreeze=point,
+                                                 epochs=epochs,
+                                                patience=epochs, cached=cached, progress=False,
+                                                name=f"{head.name}-{point}-{'cached' if cached else 'images'}"))
             seconds[cached] = run.config["seconds_per_epoch"]
         trained = "block5" if point == "block5" else "block4+5"
         rows.append([f"vgg16 {size}px", trained, BELOW[point], f"{seconds[False]:.1f}", f"{seconds[True]:.1f}",

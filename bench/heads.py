@@ -50,7 +50,7 @@ from pipeline.extraction.extract import ExtractOptions, extract_features  # noqa
 from pipeline.heads import DenseHead, training_statistics  # noqa: E402
 from pipeline.images.decode_tf import labelled_batches  # noqa: E402
 from pipeline.runs.classifier import image_input, weights_for  # noqa: E402
-from pipeline.training.train import TrainOptions, train_head  # noqa: E402
+from pipeline.training.train import TrainOptions, run_training  # noqa: E402
 
 
 def seeds_epoch(store: FeatureStore, head: DenseHead, dimension: int) -> float:
@@ -275,7 +275,7 @@ def main() -> None:
     head = DenseHead()
     read, ours, dimension = pipeline_epoch(store, head)
     theirs = seeds_epoch(store, head, dimension)
-    logreg = train_head(TrainOptions(head="logreg", features=cache, models=args.work / "models", progress=False))
+    logreg = run_training(TrainOptions(head="logreg", features=cache, models=args.work / "models", progress=False))
     images = len(split_images(store)["train"].files)
     precision = store.fingerprint.precision
     rows = [

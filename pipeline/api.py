@@ -280,8 +280,7 @@ def train_head(
     backends.select(backend)
     from pipeline.heads import head_parameters
     from pipeline.runs import RunResult
-    from pipeline.training.train import TrainOptions
-    from pipeline.training.train import train_head as fit_head
+    from pipeline.training.train import TrainOptions, run_training
 
     given = {"class_weight": class_weight, "units": units, "dropout": dropout, "batch_norm": batch_norm,
              "optimizer": optimizer, "lr": lr, "epochs": epochs, "batch_size": batch_size, "patience": patience,
@@ -299,7 +298,7 @@ def train_head(
                       metrics_by, target_columns)
 
     def fit(kind: str, params: dict[str, Any], run_name: str | None) -> Any:
-        return fit_head(TrainOptions(
+        return run_training(TrainOptions(
             head=kind, features=features, cache_root=Path(cache), models=Path(models), name=run_name,
             layers=None if layer is None else list(layer), pooling=pooling, seed=seed, head_params=params,
             memory_budget=None if memory_budget is None else int(memory_budget) << 20, stream=stream,
@@ -473,15 +472,14 @@ def finetune(
     backends.select(backend)
     backends.require_tensorflow("finetune (its image pipeline is tf.data)")
     from pipeline.finetuning.examples import AUGMENT, Augmentation
-    from pipeline.finetuning.finetune import FinetuneOptions
-    from pipeline.finetuning.finetune import finetune as tune
+    from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
     from pipeline.runs import RunResult
 
     if augment not in AUGMENT:
         raise PipelineError(f"--augment {augment!r}: choose {' or '.join(AUGMENT)}")
     augmentation = Augmentation.off() if augment == "none" else Augmentation(
         flip or Augmentation.default(cached).flip, rotation, zoom, translation, contrast, brightness, saturation)
-    summary = tune(FinetuneOptions(
+    summary = run_finetuning(FinetuneOptions(
         source=_run_path(run), models=Path(models), name=name, unfreeze=unfreeze, epochs=epochs, lr=lr,
         momentum=momentum, clipnorm=clipnorm, batch_size=batch_size, patience=patience, augmentation=augmentation,
         precision=precision, seed=seed, progress=progress, cached=cached,

@@ -138,14 +138,14 @@ def head_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     logistic-regression run on it named "run": one per test module that asks for it. Tests that
     change the run work on a copy, or restore what they change."""
     from pipeline.extraction.extract import extract_features
-    from pipeline.training.train import TrainOptions, train_head
+    from pipeline.training.train import TrainOptions, run_training
 
     root = tmp_path_factory.mktemp("head-run")
     data = make_image_folder(root / "data", per_class=6, classes=tuple(THREE_CLASSES))
     cache = extract_features(tiny_options(data, root / "features")).cache_dir
     models = root / "models"
-    run = train_head(TrainOptions(head="logreg", features=cache, models=models, name="run", head_params=FAST_LOGREG,
-                                  progress=False)).directory
+    run = run_training(TrainOptions(head="logreg", features=cache, models=models, name="run", head_params=FAST_LOGREG,
+                                    progress=False)).directory
     return {"root": root, "data": data, "cache": cache, "models": models, "run": run}
 
 

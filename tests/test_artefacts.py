@@ -12,7 +12,7 @@ from pathlib import Path
 from commandline import one_error_line, run_cli
 from conftest import THREE_CLASSES, clustered_features, write_feature_cache
 from pipeline.cli import main
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.training.train import TrainOptions, run_training
 
 
 class _Payload:
@@ -52,8 +52,8 @@ def test_a_keras_file_with_a_lambda_layer_is_refused_in_one_line(tmp_path: Path)
 
     features, labels, splits = clustered_features(120, 3, seed=1)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
-    run = train_head(TrainOptions(head="dense", features=cache, models=tmp_path / "models", progress=False,
-                                  head_params={"epochs": 1})).directory
+    run = run_training(TrainOptions(head="dense", features=cache, models=tmp_path / "models", progress=False,
+                                    head_params={"epochs": 1})).directory
     marker = tmp_path / "lambda-ran"
     inputs = keras.Input((features[0].size,))
     command = f"touch {marker}"

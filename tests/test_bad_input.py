@@ -325,12 +325,12 @@ def test_two_extracts_at_once_on_the_same_cache(tmp_path: Path) -> None:
 
 
 def test_a_run_with_a_missing_or_damaged_file(tmp_path: Path, capsys) -> None:
-    from pipeline.training.train import TrainOptions, train_head
+    from pipeline.training.train import TrainOptions, run_training
 
     data = make_image_folder(tmp_path / "data", per_class=6)
     cache = extract_features(tiny_options(data, tmp_path / "features")).cache_dir
-    run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models",
-                                  head_params={"c_grid": "0.1,1", "n_jobs": 1}, progress=False)).directory
+    run = run_training(TrainOptions(head="logreg", features=cache, models=tmp_path / "models",
+                                    head_params={"c_grid": "0.1,1", "n_jobs": 1}, progress=False)).directory
     (run / "head.joblib").write_bytes(b"not a pickle")
     (run / "head.npz").unlink()
     assert main(["evaluate", "--model", str(run), "--features", str(cache)]) == 1

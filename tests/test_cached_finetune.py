@@ -19,12 +19,12 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.examples import Augmentation, activation_batches, cached_activations
-from pipeline.finetuning.finetune import FinetuneOptions, finetune
+from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
 from pipeline.images.decode_tf import labelled_batches
 from pipeline.runs import Run, list_runs, read_config
 from pipeline.runs.classifier import top_model
-from pipeline.serving.predict import predict
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.serving.predict import predict_files
+from pipeline.training.train import TrainOptions, run_training
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cached-finetune")
     data = make_image_folder(root / "data", per_class=10)
     head_cache = extract_features(tiny_options(data, root / "features")).cache_dir
-    run = train_head(TrainOptions(head="dense", features=head_cache, models=root / "models",
-                                  head_params={"epochs": 3}, progress=False)).directory
-    logreg = train_head(TrainOptions(head="logreg", features=head_cache, models=root / "models",
-                                     head_params={"c_grid": "1", "n_jobs": 1}, progress=False)).directory
+    run = run_training(TrainOptions(head="dense", features=head_cache, models=root / "models",
+                                    head_params={"epochs": 3}, progress=False)).directory
+    logreg = run_training(TrainOptions(head="logreg", features=head_cache, models=root / "models",
+                                       head_params={"c_grid": "1", "n_jobs": 1}, progress=False)).directory
     return {"root": root, "data": data, "head_cache": head_cache, "run": run, "logreg": logreg,
             "models": root / "models"}
 
@@ -66,8 +66,8 @@ def test_a_missing_layer_is_one_line_with_the_extract_command_that_adds_it(
 
 def test_cached_finetune_is_an_ordinary_run_whose_model_reproduces_the_cached_path(setup: dict[str, Path]) -> None:
     activations = _add_block4_cache(setup)
-    summary = finetune(FinetuneOptions(source=str(setup["run"]), models=setup["models"], epochs=2, batch_size=4,
-                                       lr=0.01, progress=False, cached=True))
+    summary = run_finetuning(FinetuneOptions(source=str(setup["run"]), models=setup["models"], epochs=2, batch_size=4,
+                                            lr=0.01, progress=False, cached=True))
     config = read_config(summary.directory)
     tuned = config["finetune"]
     assert config["kind"] == "finetune" and tuned["trained_on"]["layer"] == "block4_pool"
@@ -93,7 +93,7 @@ def test_cached_finetune_is_an_ordinary_run_whose_model_reproduces_the_cached_pa
     accuracy = np.mean(cached.argmax(axis=1) == test.labels)
     assert summary.metrics["test"]["accuracy"] == pytest.approx(accuracy)
     # predict and export take it like any fine-tuned run
-    results = predict(summary.directory, [setup["data"] / p for p in test.paths[:3]], top_k=1)
+    results = predict_files(summary.directory, [setup["data"] / p for p in test.paths[:3]], top_k=1)
     assert all(r.error is None for r in results)
     from pipeline.serving.export import export_run
 
@@ -154,9 +154,9 @@ def test_cached_finetune_refuses_augmentation_that_needs_images(setup: dict[str,
 
 def test_cached_finetune_records_its_augmentation_and_its_speed(setup: dict[str, Path]) -> None:
     _add_block4_cache(setup)
-    summary = finetune(FinetuneOptions(source=str(setup["run"]), models=setup["models"], name="cached-flips",
-                                       epochs=1, batch_size=4, progress=False, cached=True,
-                                       augmentation=Augmentation(flip="horizontal")))
+    summary = run_finetuning(FinetuneOptions(source=str(setup["run"]), models=setup["models"], name="cached-flips",
+                                            epochs=1, batch_size=4, progress=False, cached=True,
+                                            augmentation=Augmentation(flip="horizontal")))
     tuned = json.loads((summary.directory / "config.json").read_text())
     assert tuned["finetune"]["augmentation"]["flip"] == "horizontal"
     assert tuned["seconds_per_epoch"] > 0

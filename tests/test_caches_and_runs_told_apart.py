@@ -86,16 +86,16 @@ def test_train_head_says_which_cache_it_took_and_runs_show_layers_kind_and_calib
 
 
 def test_the_whole_c_grid_offers_a_quicker_first_look(two_caches: dict[str, Path], capsys) -> None:
-    from pipeline.training.train import TrainOptions, train_head
+    from pipeline.training.train import TrainOptions, run_training
 
     models = two_caches["root"] / "models-c"
-    train_head(TrainOptions(head="logreg", features=two_caches["default"], models=models,
-                            head_params={"n_jobs": 1, "c_search": "grid"}))
+    run_training(TrainOptions(head="logreg", features=two_caches["default"], models=models,
+                              head_params={"n_jobs": 1, "c_search": "grid"}))
     err = capsys.readouterr().err
     assert "C search: 45 fits" in err and "--c-grid 1e-4:1e2:7 (7 fits, one a decade)" in err
     assert "--c-search path" in err
-    train_head(TrainOptions(head="logreg", features=two_caches["default"], models=models, head_params={"n_jobs": 1}))
+    run_training(TrainOptions(head="logreg", features=two_caches["default"], models=models, head_params={"n_jobs": 1}))
     err = capsys.readouterr().err  # the default walks the path: no advice needed, its bar says so
     assert "C path" in err and "quicker first look" not in err
-    train_head(TrainOptions(head="logreg", features=two_caches["default"], models=models, head_params=FAST_LOGREG))
+    run_training(TrainOptions(head="logreg", features=two_caches["default"], models=models, head_params=FAST_LOGREG))
     assert "quicker first look" not in capsys.readouterr().err

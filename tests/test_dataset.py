@@ -15,7 +15,7 @@ from pipeline.cli import main
 from pipeline.data.dataset import SplitConfig, scan_dataset, split_position
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.training.train import TrainOptions, run_training
 
 
 def _splits(root: Path, config: SplitConfig = SplitConfig()) -> dict[str, str]:
@@ -189,6 +189,6 @@ def test_a_fraction_that_a_split_folder_overrides_is_refused_not_ignored(tmp_pat
 def test_a_tiny_extract_with_a_carved_split_trains_a_head(tmp_path: Path) -> None:
     root = train_test_folder(tmp_path / "data", train=10, test=2, size=16)
     summary = extract_features(tiny_options(root, tmp_path / "c", splits=SplitConfig.from_flags(None, None, 0)))
-    run = train_head(TrainOptions(features=summary.cache_dir, models=tmp_path / "m", head_params=FAST_LOGREG,
-                                  progress=False))
+    run = run_training(TrainOptions(features=summary.cache_dir, models=tmp_path / "m", head_params=FAST_LOGREG,
+                                    progress=False))
     assert run.metrics["validation"]["images"] >= 2 and run.metrics["test"]["images"] == 4

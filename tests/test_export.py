@@ -18,10 +18,10 @@ from conftest import SHALLOW, THREE_CLASSES, clustered_features, make_image_fold
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, finetune
+from pipeline.finetuning.finetune import Augmentation, FinetuneOptions, run_finetuning
 from pipeline.serving.export import export_run
-from pipeline.serving.predict import predict
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.serving.predict import predict_files
+from pipeline.training.train import TrainOptions, run_training
 
 CLASSES = ["cats", "dogs", "owls"]
 
@@ -83,7 +83,7 @@ def _load_elsewhere(folder: Path, jobs: list[tuple[str, Path, list[str]]]) -> li
 
 
 def _predicted(run: Path, files: list[str], class_names: list[str], tta: str = "none") -> np.ndarray:
-    rows = predict(run, [Path(f) for f in files], top_k=len(class_names), tta=tta)
+    rows = predict_files(run, [Path(f) for f in files], top_k=len(class_names), tta=tta)
     proba = np.zeros((len(rows), len(class_names)))
     for i, row in enumerate(rows):
         for label, p in zip(row.labels, row.probabilities):
@@ -99,11 +99,11 @@ def exported_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     models = root / "models"
     found = {"root": root, "data": data, "models": models}
     for kind, params in (("logreg", {"c_grid": "0.01,0.1,1", "n_jobs": 1}), ("dense", {"epochs": 3})):
-        found[kind] = train_head(TrainOptions(head=kind, features=cache, models=models, head_params=params,
-                                              progress=False)).directory
-    found["finetune"] = finetune(FinetuneOptions(source=str(found["dense"]), models=models, epochs=1, batch_size=4,
-                                                 unfreeze="block3",
-                                                 augmentation=Augmentation.off(), progress=False)).directory
+        found[kind] = run_training(TrainOptions(head=kind, features=cache, models=models, head_params=params,
+                                                progress=False)).directory
+    found["finetune"] = run_finetuning(FinetuneOptions(source=str(found["dense"]), models=models, epochs=1,
+                                                       batch_size=4, unfreeze="block3",
+                                                       augmentation=Augmentation.off(), progress=False)).directory
     return found
 
 
@@ -237,8 +237,8 @@ def bf16_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bf16")
     data = make_image_folder(root / "data", per_class=8)
     cache = extract_features(tiny_options(data, root / "features", precision="bf16", layers=SHALLOW)).cache_dir
-    return train_head(TrainOptions(head="logreg", features=cache, models=root / "models", progress=False,
-                                   head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
+    return run_training(TrainOptions(head="logreg", features=cache, models=root / "models", progress=False,
+                                     head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
 
 
 def test_a_bf16_run_is_exported_in_float32_and_says_how_far_it_is_from_predict(bf16_run: Path, capsys) -> None:
@@ -328,8 +328,8 @@ def test_heads_train_on_any_feature_scale(tmp_path: Path, scale: float, head: st
     features, labels, splits = clustered_features(300, 3, seed=11, separation=1.5)
     cache = write_feature_cache(tmp_path / "cache", features * scale, labels, splits, CLASSES)
     params = {"epochs": 30} if head == "dense" else {"c_grid": "1e-3:1e2:6", "n_jobs": 1}
-    summary = train_head(TrainOptions(head=head, features=cache, models=tmp_path / "models", head_params=params,
-                                      progress=False))
+    summary = run_training(TrainOptions(head=head, features=cache, models=tmp_path / "models", head_params=params,
+                                        progress=False))
     assert summary.metrics["train"]["accuracy"] > 0.95
     assert summary.metrics["test"]["accuracy"] > 0.9
 
@@ -454,8 +454,8 @@ def fused_run(exported_runs: dict[str, Path]) -> Path:
                                          pooling="avg")).cache_dir
     vgg = extract_features(tiny_options(exported_runs["data"], root / "features", pooling="avg",
                                         layers=SHALLOW)).cache_dir
-    return train_head(TrainOptions(head="logreg", features=[lite, vgg], models=exported_runs["models"],
-                                   head_params={"c_grid": "0.1,1", "n_jobs": 1}, progress=False)).directory
+    return run_training(TrainOptions(head="logreg", features=[lite, vgg], models=exported_runs["models"],
+                                     head_params={"c_grid": "0.1,1", "n_jobs": 1}, progress=False)).directory
 
 
 @pytest.mark.parametrize("run", list(LARGE))

@@ -18,11 +18,11 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.examples import Augmentation
-from pipeline.finetuning.finetune import FinetuneOptions, finetune
+from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
 from pipeline.runs import Run, list_runs
 from pipeline.runs.classifier import build_classifier, weights_for
-from pipeline.serving.predict import predict
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.serving.predict import predict_files
+from pipeline.training.train import TrainOptions, run_training
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def head_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for pooling in ("none", "avg"):
         cache = extract_features(tiny_options(data, root / "features", pooling=pooling)).cache_dir
         for kind, params in (("logreg", {"c_grid": "0.01,0.1,1", "n_jobs": 1}), ("dense", {"epochs": 3})):
-            run = train_head(TrainOptions(head=kind, features=cache, models=root / "models", head_params=params,
-                                          progress=False))
+            run = run_training(TrainOptions(head=kind, features=cache, models=root / "models", head_params=params,
+                                            progress=False))
             runs[f"{kind}-{pooling}"] = run.directory
     return runs
 
@@ -140,9 +140,10 @@ def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them() -> No
 
 def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs: dict[str, Path], capsys) -> None:
     models = head_runs["models"]
-    summary = finetune(FinetuneOptions(source=str(head_runs["logreg-none"]), models=models, epochs=2, batch_size=4,
-                                       progress=True,
-                                       augmentation=Augmentation(rotation=0.1, brightness=0.1, saturation=0.2)))
+    summary = run_finetuning(FinetuneOptions(source=str(head_runs["logreg-none"]), models=models, epochs=2,
+                                             batch_size=4,
+                                            progress=True,
+                                            augmentation=Augmentation(rotation=0.1, brightness=0.1, saturation=0.2)))
     said = capsys.readouterr().err
     assert "scoring the test split before fine-tuning" in said and "an epoch on this machine" in said, said
     report = (summary.directory / "classification_report.txt").read_text().splitlines()[0]
@@ -177,7 +178,7 @@ def test_finetune_leaves_a_complete_run_and_predict_matches_its_report(head_runs
     head_run = Run.open(head_runs["logreg-none"])
     store, view = head_run.features(), head_run.view
     test = load_splits(store, view)["test"]
-    results = predict(summary.directory, [head_runs["data"] / p for p in test.paths], top_k=2)
+    results = predict_files(summary.directory, [head_runs["data"] / p for p in test.paths], top_k=2)
     wrong = {Path(r.path).relative_to(head_runs["data"]).as_posix(): r for r in results
              if r.labels[0] != Path(r.path).parent.name}
     assert set(wrong) == {row["path"] for row in misclassified}
@@ -193,7 +194,7 @@ def test_predict_with_a_head_run_matches_the_cached_features(head_runs: dict[str
     store, view = opened.features(), opened.view
     test = load_splits(store, view)["test"]
     expected = opened.head().predict_proba(test)
-    results = predict(run, [head_runs["data"] / p for p in test.paths], top_k=2)
+    results = predict_files(run, [head_runs["data"] / p for p in test.paths], top_k=2)
     classes = store.class_names
     for result, row in zip(results, expected):
         got = dict(zip(result.labels, result.probabilities))
@@ -265,7 +266,7 @@ def test_flips_default_to_horizontal_in_the_api_and_on_the_command_line(monkeypa
         seen.append(options)
         raise PipelineError("captured")
 
-    monkeypatch.setattr(finetune_module, "finetune", capture)
+    monkeypatch.setattr(finetune_module, "run_finetuning", capture)
     assert main(["finetune", "--from", "x"]) == 1
     assert main(["finetune", "--from", "x", "--cached"]) == 1
     assert [o.augmentation for o in seen] == [FinetuneOptions().augmentation,
@@ -291,7 +292,7 @@ def test_heads_and_fine_tuning_stop_on_what_runs_are_chosen_by(head_runs: dict[s
     validation loss, which stopped a head while its accuracy still climbed)."""
     import keras
 
-    from pipeline.training.train import TrainOptions, train_head
+    from pipeline.training.train import TrainOptions, run_training
 
     watched = []
 
@@ -302,8 +303,9 @@ def test_heads_and_fine_tuning_stop_on_what_runs_are_chosen_by(head_runs: dict[s
 
     monkeypatch.setattr(keras.callbacks, "EarlyStopping", Watching)
     head_run = Run.open(head_runs["logreg-none"])
-    train_head(TrainOptions(head="dense", features=head_run.features().directory, models=tmp_path / "models",
-                            head_params={"epochs": 2}, progress=False))
-    finetune(FinetuneOptions(source=str(head_runs["logreg-none"]), models=tmp_path / "models", epochs=1, batch_size=4,
-                             augmentation=Augmentation.off(), progress=False))
+    run_training(TrainOptions(head="dense", features=head_run.features().directory, models=tmp_path / "models",
+                              head_params={"epochs": 2}, progress=False))
+    run_finetuning(FinetuneOptions(source=str(head_runs["logreg-none"]), models=tmp_path / "models", epochs=1,
+                                   batch_size=4,
+                                  augmentation=Augmentation.off(), progress=False))
     assert watched == [("val_accuracy", "max"), ("val_accuracy", "max")]

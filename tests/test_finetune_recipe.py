@@ -20,11 +20,11 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.examples import Augmentation
-from pipeline.finetuning.finetune import FinetuneOptions, finetune
+from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
 from pipeline.images.views import averaged, view_transforms
 from pipeline.runs import Run
-from pipeline.serving.predict import predict
-from pipeline.training.train import TrainOptions, train_head
+from pipeline.serving.predict import predict_files
+from pipeline.training.train import TrainOptions, run_training
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def lite_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = make_image_folder(root / "data", per_class=8)
     cache = extract_features(tiny_options(data, root / "features", backbone="efficientnet_lite0",
                                           pooling="avg")).cache_dir
-    run = train_head(TrainOptions(head="logreg", features=cache, models=root / "models", progress=False,
-                                  head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
+    run = run_training(TrainOptions(head="logreg", features=cache, models=root / "models", progress=False,
+                                    head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
     return {"root": root, "data": data, "run": run, "models": root / "models"}
 
 
@@ -158,7 +158,7 @@ def test_lite_fine_tunes_end_to_end_with_the_whole_recipe(lite_head: dict[str, P
     before = Run.open(lite_head["run"]).trainable_classifier("fp32")[1]
     bn_before = {layer.name: [np.array(w) for w in layer.non_trainable_weights] for layer in before.layers
                  if isinstance(layer, keras.layers.BatchNormalization) and layer.name.startswith("block7")}
-    summary = finetune(FinetuneOptions(
+    summary = run_finetuning(FinetuneOptions(
         source=str(lite_head["run"]), models=tmp_path / "models", unfreeze="block6a", epochs=3, batch_size=4,
         lr=1e-3, optimizer="adamw", weight_decay=0.01, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1,
         lr_decay=0.5, head_epochs=1, tta="dihedral", augmentation=Augmentation("dihedral"), precision="fp32",
@@ -197,8 +197,8 @@ def test_lite_fine_tunes_end_to_end_with_the_whole_recipe(lite_head: dict[str, P
 
 def test_predict_and_evaluate_average_the_views(lite_head: dict[str, Path], tmp_path: Path, capsys) -> None:
     files = sorted(lite_head["data"].rglob("*.png"))[:5]
-    plain = predict(lite_head["run"], files, top_k=2)
-    viewed = predict(lite_head["run"], files, top_k=2, tta="dihedral")
+    plain = predict_files(lite_head["run"], files, top_k=2)
+    viewed = predict_files(lite_head["run"], files, top_k=2, tta="dihedral")
     model = Run.open(lite_head["run"]).classifier()
     from pipeline.images.reading import EncodedImages
 

@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.heads import Head, LogRegHead, make_head
 from pipeline.heads.logreg import MAX_GRID, log_grid
-from pipeline.training.train import TrainOptions, evaluate_run, train_head
+from pipeline.training.train import TrainOptions, evaluate_run, run_training
 
 CLASSES = ["ant", "bee", "cat"]
 FAST_DENSE = {"epochs": 40, "units": 32, "patience": 5}
@@ -49,20 +49,20 @@ def _options(cache: Path, models: Path, head: str, **overrides) -> TrainOptions:
 @pytest.mark.parametrize("head", ["logreg", "dense"])
 def test_heads_learn_a_known_separation_and_stay_at_chance_on_shuffled_labels(
         tmp_path: Path, separable_cache: Path, head: str) -> None:
-    run = train_head(_options(separable_cache, tmp_path / "models", head))
+    run = run_training(_options(separable_cache, tmp_path / "models", head))
     assert run.metrics["test"]["accuracy"] >= 0.95
     assert run.metrics["validation"]["accuracy"] >= 0.95
 
     features, labels, splits = clustered_features(450, len(CLASSES), seed=1)
     shuffled = np.random.default_rng(7).permutation(labels)
     noise = write_feature_cache(tmp_path / "features" / "shuffled", features, shuffled, splits, CLASSES)
-    chance = train_head(_options(noise, tmp_path / "models", head))
+    chance = run_training(_options(noise, tmp_path / "models", head))
     assert chance.metrics["test"]["accuracy"] < 0.5  # chance is 1/3 with 90 test images
 
 
 def test_a_run_directory_holds_every_report(tmp_path: Path, separable_cache: Path) -> None:
     for head in ("dense", "logreg"):
-        run = train_head(_options(separable_cache, tmp_path / "models", head))
+        run = run_training(_options(separable_cache, tmp_path / "models", head))
         names = {p.name for p in run.directory.iterdir()}
         assert {"config.json", "labels.txt", "metrics.json", "classification_report.txt", "confusion_matrix.csv",
                 "confusion_matrix.png", "history.csv", "curves.png", "misclassified.csv", "head.json"} <= names
@@ -127,9 +127,9 @@ def test_streamed_and_in_memory_logistic_regression_agree(tmp_path: Path, classe
     features, labels, splits = clustered_features(400, len(classes), seed=3, separation=0.4)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, classes, shard_size=48)
     params = {"c_grid": "1e-3:1e1:9", "n_jobs": 1, "tol": 1e-8}
-    in_memory = train_head(_options(cache, tmp_path / "models", "logreg", name="memory", head_params=params))
-    streamed = train_head(_options(cache, tmp_path / "models", "logreg", name="streamed", head_params=params,
-                                   stream=True))
+    in_memory = run_training(_options(cache, tmp_path / "models", "logreg", name="memory", head_params=params))
+    streamed = run_training(_options(cache, tmp_path / "models", "logreg", name="streamed", head_params=params,
+                                     stream=True))
     assert in_memory.in_memory and not streamed.in_memory
     assert streamed.config["head"]["chosen_C"] == in_memory.config["head"]["chosen_C"]
     memory_head, streamed_head = Head.load(in_memory.directory), Head.load(streamed.directory)
@@ -147,7 +147,7 @@ def test_streamed_and_in_memory_logistic_regression_agree(tmp_path: Path, classe
 
 
 def test_streamed_dense_head_learns_and_a_small_memory_budget_streams(tmp_path: Path, separable_cache: Path) -> None:
-    run = train_head(_options(separable_cache, tmp_path / "models", "dense", memory_budget=1024))
+    run = run_training(_options(separable_cache, tmp_path / "models", "dense", memory_budget=1024))
     assert not run.in_memory and run.config["read"] == "streamed by shard"
     assert run.metrics["test"]["accuracy"] >= 0.95
 
@@ -209,8 +209,8 @@ def test_the_backbone_refusal_catches_a_command_that_builds_one(tmp_path: Path, 
     so its passing means something."""
     data = make_image_folder(tmp_path / "data", per_class=4)
     cache = extract_features(tiny_options(data, tmp_path / "features", pooling="avg")).cache_dir
-    run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models", progress=False,
-                                  head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
+    run = run_training(TrainOptions(head="logreg", features=cache, models=tmp_path / "models", progress=False,
+                                    head_params={"c_grid": "0.1,1", "n_jobs": 1})).directory
     _refuse_backbones(monkeypatch)
     with pytest.raises(AssertionError, match="must not touch the backbone"):
         extract_features(tiny_options(make_image_folder(tmp_path / "other", per_class=3), tmp_path / "features"))
@@ -243,8 +243,8 @@ def test_a_head_run_builds_and_calls_no_backbone(tmp_path: Path, monkeypatch: py
 
 def test_runs_table_and_evaluate(tmp_path: Path, separable_cache: Path, capsys: pytest.CaptureFixture) -> None:
     models = tmp_path / "models"
-    dense = train_head(_options(separable_cache, models, "dense", name="the-dense"))
-    logreg = train_head(_options(separable_cache, models, "logreg", name="the-logreg"))
+    dense = run_training(_options(separable_cache, models, "dense", name="the-dense"))
+    logreg = run_training(_options(separable_cache, models, "logreg", name="the-logreg"))
     rows = runs.list_runs(models)
     assert [r["name"] for r in rows] == sorted(
         ["the-dense", "the-logreg"], key=lambda n: -{"the-dense": dense, "the-logreg": logreg}[n]
@@ -267,7 +267,7 @@ def test_runs_table_and_evaluate(tmp_path: Path, separable_cache: Path, capsys: 
 
 
 def test_evaluate_refuses_a_cache_of_another_fingerprint(tmp_path: Path, separable_cache: Path) -> None:
-    run = train_head(_options(separable_cache, tmp_path / "models", "logreg"))
+    run = run_training(_options(separable_cache, tmp_path / "models", "logreg"))
     features, labels, splits = clustered_features(450, len(CLASSES), seed=1, shape=(8,))
     other = write_feature_cache(tmp_path / "other", features, labels, splits, CLASSES, pooling="avg")
     with pytest.raises(PipelineError, match="another fingerprint"):
@@ -318,7 +318,7 @@ def test_clear_errors(tmp_path: Path, separable_cache: Path, capsys: pytest.Capt
                                         ["test" if s == "validation" else s for s in splits], ["a", "b"])
     _one_line_error(capsys, [*train, "--features", str(no_validation)], "validation split")
     _one_line_error(capsys, ["evaluate", "--model", str(tmp_path / "models" / "nothing")], "does not exist")
-    run = train_head(_options(separable_cache, tmp_path / "models", "logreg", name="broken"))
+    run = run_training(_options(separable_cache, tmp_path / "models", "logreg", name="broken"))
     (run.directory / "head.json").unlink()
     _one_line_error(capsys, ["evaluate", "--model", str(run.directory)], "head.json is missing")
 

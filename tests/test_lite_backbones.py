@@ -29,11 +29,11 @@ from pipeline.cache.reader import load_fused_splits
 from pipeline.cache.store import FeatureStore
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
-from pipeline.finetuning.finetune import FinetuneOptions, finetune
+from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
 from pipeline.runs import Run, list_runs
 from pipeline.serving.export import export_run
-from pipeline.serving.predict import predict
-from pipeline.training.train import TrainOptions, evaluate_run, train_head
+from pipeline.serving.predict import predict_files
+from pipeline.training.train import TrainOptions, evaluate_run, run_training
 
 LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 BELL_COTE, PALACE, DAISY = 442, 698, 985  # ImageNet-1k class indices
@@ -181,13 +181,13 @@ def test_a_lite_backbone_runs_every_command(lite_run: dict[str, Path]) -> None:
                                             layers=("block6d_out",), pooling="none", weights="imagenet")).cache_dir
     store = FeatureStore(spatial)
     assert store.manifest["feature_shapes"]["block6d_out"] == [2, 2, 192]
-    head = train_head(TrainOptions(head="logreg", features=spatial, models=models, name="lite-spatial",
-                                   progress=False))
-    tuned = finetune(FinetuneOptions(source=str(head.directory), models=models, epochs=1, unfreeze="block6a",
-                                     progress=False, name="lite-tuned"))
+    head = run_training(TrainOptions(head="logreg", features=spatial, models=models, name="lite-spatial",
+                                     progress=False))
+    tuned = run_finetuning(FinetuneOptions(source=str(head.directory), models=models, epochs=1, unfreeze="block6a",
+                                          progress=False, name="lite-tuned"))
     assert tuned.config["finetune"]["trained_layers"][0].startswith("block6a_")
     for run in (head.directory, tuned.directory):
-        predicted = predict(run, [data / "cats"], models=models)
+        predicted = predict_files(run, [data / "cats"], models=models)
         assert len(predicted) == 8 and all(p.error is None for p in predicted)
     exported = export_run(head.directory, "tflite", root / "lite-tflite", models=models)
     assert exported.details["format"]["largest_difference_to_keras_float32"] < 1e-4
@@ -199,7 +199,7 @@ def test_fused_features_train_one_head_and_one_model(lite_run: dict[str, Path]) 
     predict and export work on it; fine-tuning says in one line what it supports."""
     models, data = lite_run["models"], lite_run["data"]
     caches = [lite_run["efficientnet_lite0"], lite_run["vgg16"]]
-    summary = train_head(TrainOptions(head="logreg", features=caches, models=models, progress=False))
+    summary = run_training(TrainOptions(head="logreg", features=caches, models=models, progress=False))
     run = Run.open(summary.directory)
     assert run.fused and run.backbones == "efficientnet_lite0+vgg16"
     assert summary.config["input_dimension"] == 1904 + 1024
@@ -219,36 +219,36 @@ def test_fused_features_train_one_head_and_one_model(lite_run: dict[str, Path]) 
 
     again = evaluate_run(summary.directory)
     assert again.metrics["test"]["accuracy"] == summary.metrics["test"]["accuracy"]
-    assert all(p.error is None for p in predict(summary.directory, [data / "dogs"], models=models))
+    assert all(p.error is None for p in predict_files(summary.directory, [data / "dogs"], models=models))
     exported = export_run(summary.directory, "tflite", lite_run["root"] / "fused-tflite", models=models)
     assert exported.details["backbones"] == ["efficientnet_lite0", "vgg16"]
     with pytest.raises(PipelineError, match="fuses the features of efficientnet_lite0\\+vgg16: fine-tuning trains one"):
-        finetune(FinetuneOptions(source=str(summary.directory), models=models, epochs=1, progress=False))
+        run_finetuning(FinetuneOptions(source=str(summary.directory), models=models, epochs=1, progress=False))
 
 
 def test_fusion_refuses_caches_that_do_not_join(lite_run: dict[str, Path], tmp_path: Path) -> None:
     root, models = lite_run["root"], lite_run["models"]
     lite = lite_run["efficientnet_lite0"]
     with pytest.raises(PipelineError, match="two caches of efficientnet_lite0"):
-        train_head(TrainOptions(features=[lite, lite], models=models, progress=False))
+        run_training(TrainOptions(features=[lite, lite], models=models, progress=False))
     larger = extract_features(tiny_options(lite_run["data"], root / "features", backbone="vgg16", image_size=96,
                                            pooling="avg")).cache_dir
     with pytest.raises(PipelineError, match="share one image size .*efficientnet_lite0 64 px, vgg16 96 px"):
-        train_head(TrainOptions(features=[lite, larger], models=models, progress=False))
+        run_training(TrainOptions(features=[lite, larger], models=models, progress=False))
     other_images = make_image_folder(tmp_path / "data", per_class=8, seed=7)
     elsewhere = extract_features(tiny_options(other_images, tmp_path / "features", image_size=64,
                                               pooling="avg")).cache_dir  # VGG16, other images of the same names
     with pytest.raises(PipelineError, match="splits of the fused caches hold different images"):
-        train_head(TrainOptions(features=[lite, elsewhere], models=models, progress=False))
+        run_training(TrainOptions(features=[lite, elsewhere], models=models, progress=False))
     fewer = tmp_path / "fewer"
     shutil.copytree(lite_run["data"], fewer)
     (fewer / "cats" / "img000.png").unlink()
     partial = extract_features(tiny_options(fewer, tmp_path / "features", image_size=64, pooling="avg")).cache_dir
     with pytest.raises(PipelineError, match="hold different images .* only"):
-        train_head(TrainOptions(features=[lite, partial], models=models, progress=False))
+        run_training(TrainOptions(features=[lite, partial], models=models, progress=False))
     with pytest.raises(PipelineError, match="--layer applies to one cache"):
-        train_head(TrainOptions(features=[lite, lite_run["vgg16"]], layers=["block5_pool"], models=models,
-                                progress=False))
+        run_training(TrainOptions(features=[lite, lite_run["vgg16"]], layers=["block5_pool"], models=models,
+                                  progress=False))
 
 
 class _Storage:

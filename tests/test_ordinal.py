@@ -15,7 +15,7 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.heads.ordinal import cumulative, ordinal_loss, ordinal_metrics
 from pipeline.runs import Run
-from pipeline.training.train import TrainOptions, evaluate_run, train_head
+from pipeline.training.train import TrainOptions, evaluate_run, run_training
 
 LEVELS = ["level-0", "level-1", "level-2", "level-3"]
 
@@ -72,9 +72,9 @@ def _ordered_cache(directory: Path, n: int = 240) -> Path:
 
 def test_a_dense_head_trains_on_the_ordinal_loss_and_is_scored_with_the_order(tmp_path: Path, capsys) -> None:
     cache = _ordered_cache(tmp_path / "features" / "ordered")
-    summary = train_head(TrainOptions(head="dense", features=cache, models=tmp_path / "models",
-                                      head_params={"loss": "ordinal", "epochs": 100, "units": 32, "lr": 0.01,
-                                                   "patience": 30}))
+    summary = run_training(TrainOptions(head="dense", features=cache, models=tmp_path / "models",
+                                        head_params={"loss": "ordinal", "epochs": 100, "units": 32, "lr": 0.01,
+                                                     "patience": 30}))
     assert "the classes as ordered levels, lowest first (their sorted names): level-0 < level-1" in \
         capsys.readouterr().err
     run = Run.open(summary.directory)
@@ -100,8 +100,8 @@ def test_the_ordinal_loss_is_refused_where_it_does_not_apply(tmp_path: Path, cap
     cache = write_feature_cache(tmp_path / "features" / "two", rng.normal(size=(60, 1, 1, 4)).astype(np.float32),
                                 labels, ["train", "train", "train", "validation", "test"] * 12, ["no", "yes"])
     with pytest.raises(PipelineError, match="loss ordinal needs three or more ordered classes; these are 2"):
-        train_head(TrainOptions(head="dense", features=cache, models=tmp_path / "models",
-                                head_params={"loss": "ordinal"}, progress=False))
+        run_training(TrainOptions(head="dense", features=cache, models=tmp_path / "models",
+                                  head_params={"loss": "ordinal"}, progress=False))
     assert main(["train-head", "--head", "logreg", "--features", str(cache), "--models", str(tmp_path / "m"),
                  "--loss", "ordinal"]) != 0
     assert "--loss does not apply to --head logreg" in capsys.readouterr().err
@@ -111,14 +111,14 @@ def test_the_ordinal_loss_is_refused_where_it_does_not_apply(tmp_path: Path, cap
 def test_fine_tuning_takes_the_head_runs_ordinal_loss(tmp_path: Path) -> None:
     from pipeline.extraction.extract import extract_features
     from pipeline.finetuning.examples import Augmentation
-    from pipeline.finetuning.finetune import FinetuneOptions, finetune
+    from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
 
     data = make_image_folder(tmp_path / "data", per_class=6, classes=tuple(LEVELS[:3]))
     cache = extract_features(tiny_options(data, tmp_path / "features")).cache_dir
-    head = train_head(TrainOptions(head="dense", features=cache, models=tmp_path / "models", progress=False,
-                                   head_params={"loss": "ordinal", "epochs": 2})).directory
-    tuned = finetune(FinetuneOptions(source=str(head), models=tmp_path / "models", epochs=1, batch_size=4,
-                                     augmentation=Augmentation.off(), progress=False))
+    head = run_training(TrainOptions(head="dense", features=cache, models=tmp_path / "models", progress=False,
+                                     head_params={"loss": "ordinal", "epochs": 2})).directory
+    tuned = run_finetuning(FinetuneOptions(source=str(head), models=tmp_path / "models", epochs=1, batch_size=4,
+                                          augmentation=Augmentation.off(), progress=False))
     run = Run.open(tuned.directory)
     assert run.config["finetune"]["loss"] == "ordinal" and run.ordered
     assert set(run.metrics["test"]["ordinal"]["cuts"]) == {">= level-1", ">= level-2"}

@@ -32,7 +32,7 @@ from pipeline.data.dataset import SplitConfig, split_position
 from pipeline.errors import PipelineError
 from pipeline.extraction.extract import extract_features
 from pipeline.runs import FORMAT_VERSION, Run, list_runs
-from pipeline.training.train import TrainOptions, evaluate_run, train_head
+from pipeline.training.train import TrainOptions, evaluate_run, run_training
 
 
 def _copy_run(source: Path, target: Path) -> Path:
@@ -223,8 +223,8 @@ _SHAPES = {"a list": [1, 2], "missing keys": {"unexpected": 1}, "wrong types": N
 def _head_run(tmp_path: Path, name: str) -> Path:
     features, labels, splits = clustered_features(120, 3, seed=2)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
-    return train_head(TrainOptions(features=cache, models=tmp_path / "models", name=name, head_params=FAST_LOGREG,
-                                   progress=False)).directory
+    return run_training(TrainOptions(features=cache, models=tmp_path / "models", name=name, head_params=FAST_LOGREG,
+                                     progress=False)).directory
 
 
 _HOLDER = """
@@ -247,8 +247,8 @@ def test_staging_directories_are_never_listed_or_chosen_and_dead_ones_are_remove
     features, labels, splits = clustered_features(120, 3, seed=2)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
     models = tmp_path / "models"
-    real = train_head(TrainOptions(head="logreg", features=cache, models=models, name="real",
-                                   head_params=FAST_LOGREG, progress=False)).directory
+    real = run_training(TrainOptions(head="logreg", features=cache, models=models, name="real",
+                                     head_params=FAST_LOGREG, progress=False)).directory
     # A run killed after its staging directory was complete, before the rename: a perfect copy
     # with a better validation accuracy, under the staging name of a process that is gone.
     leftover = models / f".ghost.tmp-{dead_pid()}"
@@ -266,8 +266,8 @@ def test_staging_directories_are_never_listed_or_chosen_and_dead_ones_are_remove
     with pytest.raises(PipelineError, match="staging directory"):
         runs.read_config(leftover)
 
-    train_head(TrainOptions(head="logreg", features=cache, models=models, name="next",
-                            head_params=FAST_LOGREG, progress=False))
+    run_training(TrainOptions(head="logreg", features=cache, models=models, name="next",
+                              head_params=FAST_LOGREG, progress=False))
     assert not leftover.exists(), "the next run removes a dead process's leftovers"
     assert live.exists(), "a live process's staging directory is left alone"
 
@@ -278,8 +278,8 @@ def test_a_killed_evaluate_leaves_no_empty_metrics_and_evaluate_recovers(tmp_pat
 
     features, labels, splits = clustered_features(120, 3, seed=3)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
-    run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models",
-                                  head_params=FAST_LOGREG, progress=False)).directory
+    run = run_training(TrainOptions(head="logreg", features=cache, models=tmp_path / "models",
+                                    head_params=FAST_LOGREG, progress=False)).directory
     rng = np.random.default_rng(5)
     killed = 0
     for _ in range(4):  # SIGKILL evaluate at random moments while it writes its reports
@@ -309,8 +309,8 @@ def test_every_file_a_run_writes_is_renamed_into_place(tmp_path: Path, monkeypat
     the new one, never an empty or half one."""
     features, labels, splits = clustered_features(120, 3, seed=4)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
-    run = train_head(TrainOptions(head="logreg", features=cache, models=tmp_path / "models",
-                                  head_params=FAST_LOGREG, progress=False)).directory
+    run = run_training(TrainOptions(head="logreg", features=cache, models=tmp_path / "models",
+                                    head_params=FAST_LOGREG, progress=False)).directory
     opened: list[str] = []
 
     def record(event: str, args: tuple) -> None:
@@ -343,11 +343,11 @@ def test_every_file_a_run_writes_is_renamed_into_place(tmp_path: Path, monkeypat
     image_cache = extract_features(tiny_options(data, tmp_path / "image-cache")).cache_dir
     _AUDIT_HOOKS.append(record_runs)
     try:
-        head = train_head(TrainOptions(head="logreg", features=image_cache, models=models, name="watched",
-                                       head_params=FAST_LOGREG, progress=False)).directory
-        from pipeline.finetuning.finetune import FinetuneOptions, finetune
+        head = run_training(TrainOptions(head="logreg", features=image_cache, models=models, name="watched",
+                                         head_params=FAST_LOGREG, progress=False)).directory
+        from pipeline.finetuning.finetune import FinetuneOptions, run_finetuning
 
-        finetune(FinetuneOptions(source=str(head), models=models, epochs=1, batch_size=4, progress=False))
+        run_finetuning(FinetuneOptions(source=str(head), models=models, epochs=1, batch_size=4, progress=False))
     finally:
         _AUDIT_HOOKS.remove(record_runs)
     staged = {path.parts[0] for path in written}
@@ -593,8 +593,8 @@ def test_a_training_image_renamed_into_the_test_split_is_never_scored_as_a_test_
     data = make_image_folder(tmp_path / "data", per_class=8)
     config = SplitConfig(0.2, 0.2, 0)
     cache = extract_features(tiny_options(data, tmp_path / "c", splits=config)).cache_dir
-    run = train_head(TrainOptions(features=cache, models=tmp_path / "m", head_params=FAST_LOGREG,
-                                  progress=False)).directory
+    run = run_training(TrainOptions(features=cache, models=tmp_path / "m", head_params=FAST_LOGREG,
+                                    progress=False)).directory
     from pipeline.cache.store import FeatureStore
 
     trained = FeatureStore(cache).split_indexes()["train"].paths[0]
@@ -638,10 +638,10 @@ def test_a_run_name_with_a_newline_stays_on_its_row_of_the_runs_table() -> None:
 
 def test_best_chooses_among_one_data_folders_runs_and_runs_shows_the_folder(tmp_path: Path, capsys) -> None:
     models = tmp_path / "models"
-    full = train_head(TrainOptions(features=_cache_of(tmp_path, "full", 1), models=models, name="full",
-                                   head_params=FAST_LOGREG, progress=False))
-    subset = train_head(TrainOptions(features=_cache_of(tmp_path, "subset", 2), models=models, name="subset",
+    full = run_training(TrainOptions(features=_cache_of(tmp_path, "full", 1), models=models, name="full",
                                      head_params=FAST_LOGREG, progress=False))
+    subset = run_training(TrainOptions(features=_cache_of(tmp_path, "subset", 2), models=models, name="subset",
+                                       head_params=FAST_LOGREG, progress=False))
     assert full.config["features"]["data"] == str(tmp_path / "full")
     with pytest.raises(PipelineError, match="trained on 2 data folders.*--data DIR"):
         runs.best_run(models)

@@ -14,7 +14,7 @@ import pytest
 from sklearn.utils.estimator_checks import check_estimator
 
 from commandline import run_cli
-from conftest import pooled_cluster_cache
+from conftest import SHALLOW, pooled_cluster_cache, tiny_options
 from pipeline import api
 from pipeline.errors import PipelineError
 from pipeline.heads import EstimatorHead, Head
@@ -132,7 +132,11 @@ def test_a_hostile_saved_head_runs_nothing(cache: Path, tmp_path: Path) -> None:
 
 def test_predict_and_an_onnx_export_that_agrees_and_the_other_formats_refused(head_run: dict[str, Path],
                                                                               tmp_path: Path) -> None:
-    run = api.train_head(head_run["cache"], head="sklearn", estimator="sklearn.ensemble.RandomForestClassifier",
+    from pipeline.extraction.extract import extract_features
+
+    # VGG16 read at block3_pool (conftest.SHALLOW): the joined graph's conversion in seconds, not tens
+    shallow = extract_features(tiny_options(head_run["data"], tmp_path / "features", layers=SHALLOW)).cache_dir
+    run = api.train_head(shallow, head="sklearn", estimator="sklearn.ensemble.RandomForestClassifier",
                          estimator_params={"n_estimators": 10}, models=tmp_path / "models", name="forest",
                          progress=False)
     files = sorted(head_run["data"].rglob("*.png"))[:4]

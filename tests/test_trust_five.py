@@ -391,6 +391,17 @@ def test_a_graph_onnx_runtime_refuses_is_one_line_and_leaves_nothing(head_run: d
     def refuse(*args, **kwargs):
         raise onnxruntime.capi.onnxruntime_pybind11_state.Fail("[ONNXRuntimeError] : 1 : FAIL : Load model failed")
 
+    import onnx
+    import tf2onnx
+    from onnx import TensorProto, helper
+
+    def stand_in(*args, **kwargs) -> None:  # a valid graph where the converter's was to go: not converting
+        pixels = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 32, 32, 3])
+        same = helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 32, 32, 3])
+        graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["out"])], "stand-in", [pixels], [same])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), kwargs["output_path"])
+
+    monkeypatch.setattr(tf2onnx.convert, "from_graph_def", stand_in)
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
     out = tmp_path / "onnx"
     with pytest.raises(PipelineError, match="ONNX Runtime refuses the exported graph"):

@@ -127,7 +127,7 @@ class FinetuneOptions:
                                 "or fine-tune without --cached)")
 
 
-def finetune(options: FinetuneOptions) -> RunSummary:
+def run_finetuning(options: FinetuneOptions) -> RunSummary:
     """Fine-tune in its phases, each a function below: prepare (the head run, its cache, the
     classifier, what it trains on, the test split scored before), head_only (--head-epochs: the
     backbone still frozen), unfrozen (the rest, from the unfreeze point up), record (every split

@@ -104,9 +104,9 @@ class Predictor:
         return results
 
 
-def predict(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models"),
-            data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none",
-            unknown: str = "flag") -> list[Prediction]:
+def predict_files(run: Path, targets: list[Path], top_k: int = 3, models: Path = Path("models"),
+                  data: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none",
+                  unknown: str = "flag") -> list[Prediction]:
     """Top-k labels of every image, decoded and resized as extract does (the shared image path);
     a file that is not a readable image gets an error instead. `data`: where `run` is `best`, choose
     among the runs of this data folder. `tta`: average the probabilities over test-time views

@@ -253,7 +253,7 @@ def decision_threshold(rule: str | float | None, head: Any, validation: SplitDat
     return choose_binary_threshold(head.predict_proba(validation)[:, 1], validation.labels)
 
 
-def train_head(options: TrainOptions) -> RunSummary:
+def run_training(options: TrainOptions) -> RunSummary:
     runs.check_writable(options.models)  # before the work, not after
     stores, views = open_features(options.features, options.cache_root, options.layers, options.pooling)
     labelling = None
