@@ -101,7 +101,7 @@ def test_colour_changes_scale_brightness_and_saturation_within_their_ranges_and_
 
 def test_colour_changes_are_flags_of_finetune_and_refused_with_cached(monkeypatch) -> None:
     seen = {}
-    monkeypatch.setattr("pipeline.finetuning.finetune.finetune",
+    monkeypatch.setattr("pipeline.finetuning.finetune.run_finetuning",
                         lambda options: seen.setdefault("options", options) and (_ for _ in ()).throw(SystemExit(0)))
     with pytest.raises(SystemExit):
         main(["finetune", "--from", "somewhere", "--brightness", "0.2", "--saturation", "0.3"])
