@@ -185,6 +185,16 @@ def _run(*args: str, without_tensorflow: bool = False, env: dict | None = None) 
     return result
 
 
+def _in_this_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """The command on the TensorFlow backend, run by this test process (which imported TensorFlow
+    already), as _run reports it: the reference side of a comparison needs no fresh Python (one is
+    seconds of CPU); the JAX side always gets one, where TensorFlow cannot be imported."""
+    capsys.readouterr()
+    code = main(list(args))
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(["run_pipeline.py", *args], code, said.out, said.err)
+
+
 def _rows(cache: Path) -> dict[str, np.ndarray]:
     rows = {}
     for shard in sorted(cache.glob("shard-*.h5")):
@@ -202,7 +212,8 @@ def _cache_of(output: str) -> Path:
 
 @pytest.mark.parametrize("backbone,size,pooling", [("vgg16", 32, "none"), ("resnet50", 64, "avg")])
 def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_path: Path, backbone: str,
-                                                                               size: int, pooling: str) -> None:
+                                                                               size: int, pooling: str,
+                                                                               capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=5)
     write_image(data / "cats" / "big.png", seed=99, size=90)  # shrinks: area
     write_image(data / "dogs" / "small.png", seed=98, size=20, channels=1)  # grows, gray: bilinear
@@ -213,7 +224,7 @@ def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_
               "--batch-size", "4", "--no-progress", "--json"]
     on_jax = _run(*common, "--backend", "jax", without_tensorflow=True)
     assert on_jax.returncode == 0, on_jax.stderr[-2000:]
-    on_tf = _run(*common, "--backend", "tensorflow")
+    on_tf = _in_this_process(capsys, *common, "--backend", "tensorflow")
     assert on_tf.returncode == 0, on_tf.stderr[-2000:]
     jax_cache, tf_cache = _cache_of(on_jax.stdout), _cache_of(on_tf.stdout)
     assert jax_cache != tf_cache  # the fingerprint names the backend: never one cache for both
@@ -229,7 +240,8 @@ def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_
     assert again.returncode == 0 and json.loads(again.stdout)["new"] == 0
 
 
-def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp_path: Path) -> None:
+def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=6)
     write_image(data / "dogs" / "small.png", seed=97, size=24)
     cache, models = tmp_path / "cache", tmp_path / "models"
@@ -242,8 +254,9 @@ def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp
     outputs = {}
     for name, hidden in (("jax", True), ("tensorflow", False)):
         target = tmp_path / f"{name}.json"
-        result = _run("predict", "--model", "best", "--models", str(models), str(data), "--output", str(target),
-                      "--backend", name, without_tensorflow=hidden)
+        command = ["predict", "--model", "best", "--models", str(models), str(data), "--output", str(target),
+                   "--backend", name]
+        result = _run(*command, without_tensorflow=True) if hidden else _in_this_process(capsys, *command)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[name] = {row["path"]: dict(zip(row["labels"], row["probabilities"]))
                          for row in json.loads(target.read_text())}
@@ -367,7 +380,7 @@ def test_the_pixel_limit_counts_every_gif_frame_decoded() -> None:
     assert checked_before_decoding(_gif_bomb(), 10**6)[0] == "skipped"
 
 
-def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path) -> None:
+def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
     for name, (encoded, _) in _rule_corpus().items():
         kind = name.split()[0]
@@ -376,7 +389,8 @@ def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path) -> Non
               "--image-size", "32", "--precision", "fp32", "--batch-size", "4", "--no-progress", "--json"]
     caches = {}
     for backend, hidden in (("jax", True), ("tensorflow", False)):
-        result = _run(*common, "--backend", backend, without_tensorflow=hidden)
+        command = [*common, "--backend", backend]
+        result = _run(*command, without_tensorflow=True) if hidden else _in_this_process(capsys, *command)
         assert result.returncode == 0, result.stderr[-2000:]
         caches[backend] = _cache_of(result.stdout)
     skipped = {backend: sorted((s["path"], s["reason"]) for s in
