@@ -163,7 +163,6 @@ class ExtractSummary:
         }
 
 
-
 class ExtractedCache(FeatureStore):
     """What extract returns: the cache as it now stands (a FeatureStore, passed on to train_head as it
     is), with `summary`, what this extract did (images new, cached, failed; seconds; throughput)."""
@@ -171,6 +170,7 @@ class ExtractedCache(FeatureStore):
     def __init__(self, summary: ExtractSummary) -> None:
         super().__init__(summary.cache_dir)
         self.summary = summary
+
 
 class _Extraction:
     """One run of stage one over one cache directory."""
