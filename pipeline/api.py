@@ -7,7 +7,9 @@ help, choices and rule (pipeline/options.py). The command line builds its flags 
 declarations (pipeline/cli/flags.py) and passes its parsed flags straight through, docs/flags.md
 is generated from them, and both are checked by the same code: the annotations (arguments.py),
 the options' own constructors (ExtractOptions, TrainOptions, FinetuneOptions, Augmentation) and
-the stage functions behind them. A new option is one keyword argument here.
+the stage functions behind them. A new option is one keyword argument here. The labels-table
+keywords, the same for every stage that reads labels, are one keyword group, `**table:
+Unpack[LabelsTable]` (pipeline/options.py): spelled out in each stage's signature and flags.
 
     cache = extract("data/elpv", backbone="efficientnet_lite0")
     run = train_head(cache, head="logreg")
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Unpack
 
 from pipeline import backend as backends
 from pipeline import summaries
@@ -33,13 +35,7 @@ from pipeline.options import (  # noqa: F401 - the declarations the signatures b
     AmongRunsOf,
     Backend,
     Cache,
-    GroupColumn,
-    LabelColumn,
-    LabelColumns,
-    Labels,
-    LabelSeparator,
-    LabelsMissing,
-    LabelsPath,
+    LabelsTable,
     Layers,
     MemoryBudget,
     Option,
@@ -47,9 +43,6 @@ from pipeline.options import (  # noqa: F401 - the declarations the signatures b
     Progress,
     ProgressOutput,
     Seed,
-    SplitColumn,
-    TargetColumn,
-    TargetColumns,
     WhereBestLooks,
     backbone_help,
     backend_option,
@@ -62,6 +55,7 @@ from pipeline.options import (  # noqa: F401 - the declarations the signatures b
     path_column,
     unfreeze_help,
     weights_help,
+    with_defaults,
 )
 
 if TYPE_CHECKING:
@@ -255,12 +249,9 @@ def train_head(
         "two classes: decide the second class at or above this probability of it, or the one of the highest "
         "validation accuracy (validation); recorded in the run, used by its metrics, predict and export.json "
         "(default: the most probable class)", metavar="validation|P", rule="text")] = None,
-    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
-    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
-    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
-    target_columns: TargetColumns = None,
     backend: Backend = None,
     progress: ProgressOutput = True,
+    **table: Unpack[LabelsTable],
 ) -> RunResult:
     """Stage two: fit a head on cached features and return the finished run: a RunResult (a Run, with
     this fit's `summary`). `features`: a cache
@@ -294,8 +285,7 @@ def train_head(
     if isinstance(features, str) and "," in features and not Path(features).exists():
         features = [part.strip() for part in features.split(",")]  # A,B as on the command line
     head_params = {key: value for key, value in given.items() if value is not None}
-    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
-                      metrics_by, target_columns)
+    spec = label_spec(table, metrics_by)
 
     def fit(kind: str, params: dict[str, Any], run_name: str | None) -> Any:
         return run_training(TrainOptions(
@@ -328,21 +318,22 @@ def train_head(
     return run
 
 
-def label_spec(labels: Any, label: str | None, target: str | None, split_column: str | None, group: str | None,
-               path: str, missing: str, label_separator: str | None = None, label_columns: Any = None,
-               metrics_by: str | None = None, target_columns: Any = None) -> Any:
-    """Where a stage's labels come from (pipeline/labelling/labelling.LabelSpec): the table `labels`
-    and its columns (multi-label: `label_separator` between the labels of the label column, or
-    `label_columns`, one 0/1 column a label, a list or "a,b,c"); `target_columns`: soft targets as
-    one probability column a class (summing to 1); `metrics_by`: a column whose
-    values the run's metrics are also given per (e.g. ELPV's cell type); None: the cache's own labels."""
+def label_spec(table: Mapping[str, Any], metrics_by: str | None = None) -> Any:
+    """Where a stage's labels come from (pipeline/labelling/labelling.LabelSpec), read from the
+    labels-table keywords a stage received (`table`, pipeline/options.LabelsTable): the table
+    `labels` and its columns (multi-label: `label_separator` between the labels of the label column,
+    or `label_columns`, one 0/1 column a label, a list or "a,b,c"); `target_columns`: soft targets
+    as one probability column a class (summing to 1); `metrics_by`: a column whose values the run's
+    metrics are also given per (e.g. ELPV's cell type); None: the cache's own labels."""
     from pipeline.labelling import LabelSpec
 
-    for flag, value in (("--label-columns", label_columns), ("--target-columns", target_columns)):
+    given = with_defaults(LabelsTable, table)
+    for flag, value in (("--label-columns", given["label_columns"]), ("--target-columns", given["target_columns"])):
         if value is not None and not isinstance(value, str | list | tuple):
             raise PipelineError(f"{flag} {value!r}: column names, a list or 'a,b,c'")
-    spec = LabelSpec(labels, path, label, target, split_column, group, missing, label_separator, label_columns,
-                     metrics_by, target_columns)
+    spec = LabelSpec(given["labels"], given["path"], given["label"], given["target"], given["split_column"],
+                     given["group"], given["missing"], given["label_separator"], given["label_columns"], metrics_by,
+                     given["target_columns"])
     return spec if spec.given else None
 
 
@@ -366,11 +357,8 @@ def evaluate(
     tta: Annotated[str, Option(
         "score the run (head or fine-tuned) from its images, averaging test-time views: flip (2) or dihedral (8); "
         "written to RUN/tta-VIEWS/ (default none: from the cache)", choices=defined("images.views:TTA"))] = "none",
-    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
-    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
-    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
-    target_columns: TargetColumns = None,
     backend: Backend = None,
+    **table: Unpack[LabelsTable],
 ) -> RunResult:
     """Score a head run again from its cache (or `features`, a cache of the same fingerprint):
     metrics.json and the reports of `split`. With `tta` (flip, dihedral): any run scored from its
@@ -382,8 +370,7 @@ def evaluate(
     from pipeline.runs import RunResult
     from pipeline.training.train import evaluate_run, evaluate_with_views
 
-    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
-                      target_columns=target_columns)
+    spec = label_spec(table)
     if tta != "none" and spec is not None:
         raise PipelineError("--tta scores a run with the labels it was trained on: drop --labels, or --tta")
     if tta != "none":  # written beside the run's own figures, into RUN/tta-<views>/
@@ -615,11 +602,8 @@ def embeddings(
     pooling: Annotated[str | None, Option(
         "pool spatial features (default: as extracted; none flattens)",
         choices=defined("backbone.pooling:POOLINGS"))] = None,
-    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
-    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
-    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
-    target_columns: TargetColumns = None,
     progress: Progress = True,
+    **table: Unpack[LabelsTable],
 ) -> Any:
     """Every image of a cache as a row of `out` (.parquet or .npz) with its content-hash id, path,
     class, label, split and embedding, the cache's fingerprint in the file's metadata; written shard
@@ -635,8 +619,7 @@ def embeddings(
     if len(stores) > 1:
         raise PipelineError("embeddings writes one cache's vectors: name one cache (its rows carry that cache's "
                             "fingerprint)")
-    spec = label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
-                      target_columns=target_columns)
+    spec = label_spec(table)
     store = label_cache(stores[0], spec)
     return write_embeddings(store, views[0], Path(out), progress)
 
@@ -660,11 +643,8 @@ def audit(
         "audit)")] = 0.98,
     seed: Seed = 0,
     memory_budget: MemoryBudget = None,
-    labels: Labels = None, label: LabelColumn = None, target: TargetColumn = None,
-    label_separator: LabelSeparator = None, label_columns: LabelColumns = None, split_column: SplitColumn = None,
-    group: GroupColumn = None, path: LabelsPath = "path", missing: LabelsMissing = "error",
-    target_columns: TargetColumns = None,
     progress: Progress = True,
+    **table: Unpack[LabelsTable],
 ) -> Any:
     """Label suspects (out-of-fold probabilities of the logistic regression, ranked by cleanlab),
     exact and near duplicates (cross-split pairs flagged) and their pictures, for a cache (or
@@ -678,8 +658,7 @@ def audit(
         features=features, out=None if out is None else Path(out), models=Path(models), cache_root=Path(cache),
         folds=folds, similarity=similarity, seed=seed, c_grid=c_grid,
         memory_budget=None if memory_budget is None else int(memory_budget) << 20, progress=progress,
-        labels=label_spec(labels, label, target, split_column, group, path, missing, label_separator, label_columns,
-                          target_columns=target_columns)))
+        labels=label_spec(table)))
     _say(progress, lambda: summaries.audit_text(summary))
     return summary
 

@@ -162,10 +162,12 @@ def _shown(value: Any) -> str:
 
 
 def checked(function: F) -> F:
-    """`function` with its arguments checked against its signature's annotations first."""
-    from pipeline.options import declarations
+    """`function` with its arguments checked against its signature's annotations first. Its keyword
+    group (`**table: Unpack[LabelsTable]`) is spelled out in the signature it shows and binds: a
+    keyword that is none of its members is refused like any unknown keyword."""
+    from pipeline.options import declarations, signature_of
 
-    signature = inspect.signature(function)
+    signature = signature_of(function)
     kinds: dict[str, str] = {}
 
     @functools.wraps(function)
@@ -181,6 +183,7 @@ def checked(function: F) -> F:
                 bound.arguments[name] = _check(name, kinds[name], value, function.__name__)
         return function(*bound.args, **bound.kwargs)
 
+    wrapper.__signature__ = signature  # type: ignore[attr-defined] - help() and inspect.signature show every keyword
     return wrapper  # type: ignore[return-value]
 
 

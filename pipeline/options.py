@@ -4,8 +4,10 @@ A keyword argument's name, type and default are the parameter's; its help, choic
 own constants), command-line reading rule, metavar, section of --help and command-line name are an
 `Option` in its annotation, `Annotated[int, Option("...", rule="positive")]`, the way scikit-learn
 declares `_parameter_constraints` beside the parameters. Options several commands share are declared
-here once, as annotated types (`Cache`, `Models`, `Progress`, the labels-table flags, ...), as git
-declares its OPT__* options once for every builtin.
+here once, as annotated types (`Cache`, `Models`, `Progress`, ...), as git declares its OPT__*
+options once for every builtin. A group of keywords several stages take together is a TypedDict the
+stages take as `**table: Unpack[LabelsTable]` (PEP 692): its members are those stages' keywords,
+spelled out in their signatures (`signature_of`), checked and made flags like any other.
 
 From these declarations:
 - the command line builds every command's flags (pipeline/cli/flags.py): `--name-with-dashes`
@@ -19,10 +21,12 @@ This module imports nothing heavy: the command line's --help reads it before any
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 PathLike = str | os.PathLike  # a str or os.PathLike path (arguments.py: not bytes, not empty)
 
@@ -46,6 +50,7 @@ class Option:
     positional: bool = False  # a positional argument of the command line, one or more (predict's images)
     negated: bool = False  # a True default switched off by the flag: progress=True is --no-progress
     command_line: bool = True  # False: a keyword of Python only
+    default: Any = None  # a keyword group's member's default (a TypedDict holds no values); a parameter's is its own
 
     def __post_init__(self) -> None:
         if self.rule is not None and self.rule not in RULES:
@@ -71,21 +76,61 @@ class Declared:
     positional: bool  # the API takes it by position too
 
 
-def declarations(function: Any) -> list[Declared]:
-    """The parameters of `function` (a stage of pipeline/api.py), their annotations evaluated in the
-    function's own module (the annotations are strings there: `from __future__ import annotations`),
-    in signature order."""
-    import inspect
+def keyword_group(annotation: Any, namespace: Mapping[str, Any]) -> list[Declared] | None:
+    """The members of a keyword group, `**table: Unpack[LabelsTable]` (the annotation as written, or
+    evaluated), as keywords with their defaults; None where the annotation names no group."""
+    if isinstance(annotation, str):
+        if not annotation.startswith("Unpack["):
+            return None
+        annotation = eval(annotation, dict(namespace))  # noqa: S307 - our own source's annotations
+    if typing.get_origin(annotation) is not typing.Unpack:
+        return None
+    (group,) = typing.get_args(annotation)
+    members = []
+    for name, hint in typing.get_type_hints(group, include_extras=True).items():
+        option = option_of(hint)
+        members.append(Declared(name, None if option is None else option.default, hint, option, False))
+    return members
 
+
+def signature_of(function: Any) -> inspect.Signature:
+    """`function`'s signature with its keyword group spelled out: the members of `**table:
+    Unpack[LabelsTable]` as keyword-only parameters with their defaults, where the group stood (what
+    `help()` and `inspect.signature` show of a stage: pipeline/arguments.checked sets it)."""
     function = inspect.unwrap(function)
+    signature = inspect.signature(function)
+    parameters = []
+    for parameter in signature.parameters.values():
+        members = None
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            members = keyword_group(parameter.annotation, function.__globals__)
+        if members is None:
+            parameters.append(parameter)
+            continue
+        parameters += [inspect.Parameter(member.name, inspect.Parameter.KEYWORD_ONLY, default=member.default,
+                                         annotation=member.annotation) for member in members]
+    return signature.replace(parameters=parameters)
+
+
+def declarations(function: Any) -> list[Declared]:
+    """The keyword arguments of `function` (a stage of pipeline/api.py), a keyword group's members
+    included, their annotations evaluated in the function's own module (the annotations are strings
+    there: `from __future__ import annotations`), in signature order."""
+    globals_ = inspect.unwrap(function).__globals__
     found = []
-    for name, parameter in inspect.signature(function).parameters.items():
+    for name, parameter in signature_of(function).parameters.items():
         annotation = parameter.annotation
         if isinstance(annotation, str):
-            annotation = eval(annotation, function.__globals__)  # noqa: S307 - our own source's annotations
+            annotation = eval(annotation, globals_)  # noqa: S307 - our own source's annotations
         found.append(Declared(name, parameter.default, annotation, option_of(annotation),
                               parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD))
     return found
+
+
+def with_defaults(group: type, given: Mapping[str, Any]) -> dict[str, Any]:
+    """A keyword group's values as a stage received them (`table`), its defaults filled in."""
+    members = keyword_group(typing.Unpack[group], {}) or []
+    return {member.name: given.get(member.name, member.default) for member in members}
 
 
 def defined(where: str) -> tuple[str, ...]:
@@ -113,13 +158,14 @@ def backend_option(note: str = "") -> Option:
     return Option(BACKEND_HELP + note, choices=defined("backend:BACKENDS"))
 
 
-def path_column(table: str, group: str) -> Option:
-    return Option(f"{table}'s column of image paths (default: path)", metavar="COL", flag="--path-column", group=group)
+def path_column(table: str, group: str, default: str | None = None) -> Option:
+    return Option(f"{table}'s column of image paths (default: path)", metavar="COL", flag="--path-column", group=group,
+                  default=default)
 
 
-def missing_rows(table: str, group: str) -> Option:
+def missing_rows(table: str, group: str, default: str | None = None) -> Option:
     return Option(f"rows of {table} that name no image: error (default) or skip them",
-                  choices=defined("labelling.labelling:MISSING"), group=group)
+                  choices=defined("labelling.labelling:MISSING"), group=group, default=default)
 
 
 Cache = Annotated[PathLike, Option("cache root (default features/)", rule="path")]
@@ -161,8 +207,25 @@ SplitColumn = Annotated[str | None, Option(
 GroupColumn = Annotated[str | None, Option(
     "images of one group (a patient, a module, a cell type) are kept in one split", metavar="COL",
     flag="--group-column", group=LABELS_GROUP)]
-LabelsPath = Annotated[str, path_column("--labels", LABELS_GROUP)]
-LabelsMissing = Annotated[str, missing_rows("--labels", LABELS_GROUP)]
+LabelsPath = Annotated[str, path_column("--labels", LABELS_GROUP, default="path")]
+LabelsMissing = Annotated[str, missing_rows("--labels", LABELS_GROUP, default="error")]
+
+
+class LabelsTable(TypedDict, total=False):
+    """The labels-table keywords, declared once for every stage that reads labels (train_head,
+    evaluate, embeddings, audit), which takes them as `**table: Unpack[LabelsTable]` and reads them
+    with `with_defaults(LabelsTable, table)`; a new one is a member here (and its use in LabelSpec)."""
+
+    labels: Labels
+    label: LabelColumn
+    target: TargetColumn
+    label_separator: LabelSeparator
+    label_columns: LabelColumns
+    split_column: SplitColumn
+    group: GroupColumn
+    path: LabelsPath
+    missing: LabelsMissing
+    target_columns: TargetColumns
 
 
 # --- help and choices read from the library's own registries, when a declaration is evaluated ----------

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Unpack
 
 import pytest
 
@@ -21,7 +21,7 @@ from conftest import ROOT, make_image_folder
 from pipeline import api
 from pipeline.cli import build_parser, main
 from pipeline.errors import PipelineError
-from pipeline.options import Option, PathLike
+from pipeline.options import LABELS_GROUP, LabelsTable, Option, PathLike, declarations, with_defaults
 
 STAGES = {  # subcommand -> (function, its positional inputs as the command names them)
     "extract": (api.extract, {"data": "data"}),
@@ -38,6 +38,10 @@ STAGES = {  # subcommand -> (function, its positional inputs as the command name
 MINIMAL = {"extract": ["--data", "d"], "evaluate": ["--model", "m"], "predict": ["--model", "m", "x.png"],
            "export": ["--model", "m"]}
 COMMAND_ONLY = {"json", "debug", "handler", "command", "no_progress"}
+
+
+class WiderTable(LabelsTable, total=False):  # the labels-table keywords with one more (a test of the group)
+    weight_column: Annotated[str | None, Option("a column of sample weights", metavar="COL", group=LABELS_GROUP)]
 
 
 def test_the_front_door_names_every_stage_and_class() -> None:
@@ -128,6 +132,46 @@ def test_a_new_option_is_one_keyword_and_appears_in_the_command_line_the_api_and
     with pytest.raises(PipelineError, match=r"--newest 'three': must be a whole number"):
         list_runs(newest="three")
     assert "| `--newest N` | `10` | only the N newest runs |" in flag_tables()
+    capsys.readouterr()
+
+
+def test_the_labels_table_keywords_are_one_group_every_labelled_stage_takes(monkeypatch, capsys) -> None:
+    """Issue 40: the labels-table keywords are declared once (options.LabelsTable) and taken by every
+    stage that reads labels as `**table`: each stage shows them in its signature and flags, refuses
+    a keyword outside them, and a new member appears in a stage's signature, flags, API check and
+    docs/flags.md rows without touching the stage."""
+    from pipeline.arguments import checked
+    from pipeline.cli import flag_tables
+    from pipeline.cli.commands import runs
+
+    members = list(LabelsTable.__annotations__)
+    for function in (api.train_head, api.evaluate, api.embeddings, api.audit):
+        own = inspect.signature(inspect.unwrap(function)).parameters  # as written: the group, not its members
+        assert own["table"].kind is inspect.Parameter.VAR_KEYWORD and not set(members) & set(own), function
+        shown = inspect.signature(function).parameters  # as help() shows it: every member, with its default
+        assert [name for name in shown if name in members] == members
+        assert shown["path"].default == "path" and shown["missing"].default == "error"
+        assert shown["labels"].default is None
+        assert [d.name for d in declarations(function)][-len(members):] == members
+    with pytest.raises(PipelineError, match=r"^evaluate\(\): got an unexpected keyword argument 'lable'$"):
+        pipeline.evaluate("models/none", lable="cls")
+
+    seen: dict[str, object] = {}
+
+    @checked
+    def list_runs(models: Annotated[PathLike, Option(rule="path")] = "models",
+                  **table: Unpack[WiderTable]) -> list[dict[str, object]]:
+        seen.update(with_defaults(WiderTable, table))
+        return []
+
+    monkeypatch.setattr(runs, "DECLARED", list_runs)
+    monkeypatch.setattr(api, "list_runs", list_runs)
+    assert main(["runs", "--weight-column", "w", "--label-column", "cls"]) == 0
+    assert seen["weight_column"] == "w" and seen["label"] == "cls" and seen["path"] == "path"
+    with pytest.raises(PipelineError, match=r"--weight-column 3: must be a string"):
+        list_runs(weight_column=3)
+    assert "weight_column" in inspect.signature(list_runs).parameters
+    assert "| `--weight-column COL` |  | a column of sample weights |" in flag_tables()
     capsys.readouterr()
 
 
