@@ -122,7 +122,7 @@ def test_decode_threads_each_call_blas_in_their_own_thread(tmp_path: Path, monke
     """Several decode threads each starting OpenBLAS's whole pool oversubscribed a 16-core machine
     (bench/RESULTS.md, GPU: 3x slower); one decode thread keeps the pool."""
     import numpy as np
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from pipeline.images import reading
 
@@ -134,9 +134,12 @@ def test_decode_threads_each_call_blas_in_their_own_thread(tmp_path: Path, monke
         seen.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
         return x
 
-    batches = list(reading.EncodedImages(files)._threaded_batches(32, 2, transform, workers=2))
-    assert sum(len(indices) for indices, _ in batches) == 3 and seen and set(seen) == {1}
-    outside = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-    with reading.one_blas_thread_each(1):  # one decode thread: BLAS's pool is left as it is
-        assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == outside
+    with threadpool_limits(limits=2, user_api="blas"):  # a pool of two, as on a machine of two cores (the
+        # test workers run BLAS on one thread: conftest.py)
+        batches = list(reading.EncodedImages(files)._threaded_batches(32, 2, transform, workers=2))
+        assert sum(len(indices) for indices, _ in batches) == 3 and seen and set(seen) == {1}
+        outside = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert outside and set(outside) == {2}
+        with reading.one_blas_thread_each(1):  # one decode thread: BLAS's pool is left as it is
+            assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == outside
     assert np.isfinite(batches[0][1]).all()
