@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -177,12 +178,37 @@ def test_a_cache_of_the_fast_jpeg_decoding_is_not_continued(tmp_path: Path, caps
     assert old.is_dir(), "the old cache is left as it was"
 
 
-def _run(*args: str, without_tensorflow: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    program = [str(WITHOUT_TF)] if without_tensorflow else [str(ROOT / "run_pipeline.py")]
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line in a fresh Python, TensorFlow importable."""
     environment = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | (env or {})
-    result = subprocess.run([sys.executable, *program, *args], cwd=ROOT, capture_output=True, text=True,
-                            env=environment, timeout=600)
-    return result
+    return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, env=environment, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def on_jax(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
+    """The JAX side of the module's comparisons: command lines run in one Python where `import
+    tensorflow` raises (tests/without_tensorflow.py --serve: one JAX import for the module, not
+    one a command), each checked afterwards to have imported no TensorFlow; reported as a
+    finished process (exit code, stdout, stderr). KERAS_BACKEND is unset unless a call sets it."""
+    log = tmp_path_factory.mktemp("jax-python") / "native-stderr.log"  # XLA's own lines: never read, never full
+    environment = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    with log.open("w") as native:
+        server = subprocess.Popen([sys.executable, str(WITHOUT_TF), "--serve"], cwd=ROOT, env=environment,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=native, text=True)
+
+        def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+            server.stdin.write(json.dumps({"argv": list(args), "env": env or {}}) + "\n")
+            server.stdin.flush()
+            reply = server.stdout.readline()
+            assert reply, f"the JAX Python ended: {log.read_text()[-2000:]}"
+            answer = json.loads(reply)
+            return subprocess.CompletedProcess([str(WITHOUT_TF), *args], answer["rc"], answer["stdout"],
+                                               answer["stderr"])
+
+        yield run
+        server.stdin.close()
+        server.wait(timeout=120)
 
 
 def _in_this_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
@@ -211,7 +237,7 @@ def _cache_of(output: str) -> Path:
 
 
 @pytest.mark.parametrize("backbone,size,pooling", [("vgg16", 32, "none"), ("resnet50", 64, "avg")])
-def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_path: Path, backbone: str,
+def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_path: Path, on_jax, backbone: str,
                                                                                size: int, pooling: str,
                                                                                capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=5)
@@ -222,11 +248,11 @@ def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_
     common = ["extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--backbone", backbone,
               "--weights", "none", "--image-size", str(size), "--pooling", pooling, "--precision", "fp32",
               "--batch-size", "4", "--no-progress", "--json"]
-    on_jax = _run(*common, "--backend", "jax", without_tensorflow=True)
-    assert on_jax.returncode == 0, on_jax.stderr[-2000:]
+    jax_side = on_jax(*common, "--backend", "jax")
+    assert jax_side.returncode == 0, jax_side.stderr[-2000:]
     on_tf = _in_this_process(capsys, *common, "--backend", "tensorflow")
     assert on_tf.returncode == 0, on_tf.stderr[-2000:]
-    jax_cache, tf_cache = _cache_of(on_jax.stdout), _cache_of(on_tf.stdout)
+    jax_cache, tf_cache = _cache_of(jax_side.stdout), _cache_of(on_tf.stdout)
     assert jax_cache != tf_cache  # the fingerprint names the backend: never one cache for both
     fingerprint = json.loads((jax_cache / "manifest.json").read_text())["fingerprint"]
     assert fingerprint["backend"].startswith("jax-") and fingerprint["decoder"].startswith("pillow-")
@@ -236,27 +262,27 @@ def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_
         scale = np.abs(theirs[path]).max()
         assert np.abs(ours[path] - theirs[path]).max() <= 1e-4 * scale, path
     # a rerun on the same backend continues its own cache: nothing new
-    again = _run(*common, "--backend", "jax", without_tensorflow=True)
+    again = on_jax(*common, "--backend", "jax")
     assert again.returncode == 0 and json.loads(again.stdout)["new"] == 0
 
 
-def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp_path: Path,
+def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp_path: Path, on_jax,
                                                                              capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=6)
     write_image(data / "dogs" / "small.png", seed=97, size=24)
     cache, models = tmp_path / "cache", tmp_path / "models"
-    extracted = _run("extract", "--data", str(data), "--cache", str(cache), "--weights", "none", "--image-size", "32",
-                     "--precision", "fp32", "--backend", "jax", "--no-progress", "--json", without_tensorflow=True)
+    extracted = on_jax("extract", "--data", str(data), "--cache", str(cache), "--weights", "none", "--image-size", "32",
+                       "--precision", "fp32", "--backend", "jax", "--no-progress", "--json")
     assert extracted.returncode == 0, extracted.stderr[-2000:]
-    trained = _run("train-head", "--head", "logreg", "--features", str(_cache_of(extracted.stdout)), "--models",
-                   str(models), "--backend", "jax", "--no-progress", "--c-grid", "0.01,1", without_tensorflow=True)
+    trained = on_jax("train-head", "--head", "logreg", "--features", str(_cache_of(extracted.stdout)), "--models",
+                     str(models), "--backend", "jax", "--no-progress", "--c-grid", "0.01,1")
     assert trained.returncode == 0, trained.stderr[-2000:]
     outputs = {}
     for name, hidden in (("jax", True), ("tensorflow", False)):
         target = tmp_path / f"{name}.json"
         command = ["predict", "--model", "best", "--models", str(models), str(data), "--output", str(target),
                    "--backend", name]
-        result = _run(*command, without_tensorflow=True) if hidden else _in_this_process(capsys, *command)
+        result = on_jax(*command) if hidden else _in_this_process(capsys, *command)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[name] = {row["path"]: dict(zip(row["labels"], row["probabilities"]))
                          for row in json.loads(target.read_text())}
@@ -266,7 +292,7 @@ def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp
             assert outputs["jax"][path][label] == pytest.approx(p, abs=1e-4)
 
 
-def test_failures_follow_the_same_rules_on_jax(tmp_path: Path) -> None:
+def test_failures_follow_the_same_rules_on_jax(tmp_path: Path, on_jax) -> None:
     """A damaged image is skipped with a reason; an image whose header (read by Pillow where the
     parser cannot: a WebP in a .png file) announces too many pixels is held back, never decoded,
     with one line; the rest is kept. KERAS_BACKEND chooses the backend when --backend is absent."""
@@ -276,11 +302,11 @@ def test_failures_follow_the_same_rules_on_jax(tmp_path: Path) -> None:
     (data / "dogs" / "webp-in-disguise.png").write_bytes(_encoded(big, "WEBP", lossless=True))
     common = ["extract", "--data", str(data), "--cache", str(tmp_path / "cache"), "--weights", "none",
               "--image-size", "32", "--precision", "fp32", "--no-progress"]
-    held = _run(*common, "--max-megapixels", "1", without_tensorflow=True, env={"KERAS_BACKEND": "jax"})
+    held = on_jax(*common, "--max-megapixels", "1", env={"KERAS_BACKEND": "jax"})
     assert held.returncode == 1
     errors = [line for line in held.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "1100 x 1200 pixels" in errors[0], held.stderr[-1500:]
-    rerun = _run(*common, "--json", without_tensorflow=True, env={"KERAS_BACKEND": "jax"})
+    rerun = on_jax(*common, "--json", env={"KERAS_BACKEND": "jax"})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout)
     assert (summary["new"], summary["skipped"], summary["images"]) == (1, 1, 7)  # the six were kept
@@ -288,10 +314,10 @@ def test_failures_follow_the_same_rules_on_jax(tmp_path: Path) -> None:
     assert "jax" in json.loads((_cache_of(rerun.stdout) / "manifest.json").read_text())["fingerprint"]["backend"]
 
 
-def test_commands_that_need_tensorflow_say_so_in_one_line(tmp_path: Path) -> None:
+def test_commands_that_need_tensorflow_say_so_in_one_line(tmp_path: Path, on_jax) -> None:
     for command in (["export", "--model", "best", "--models", str(tmp_path), "--backend", "jax"],
                     ["finetune", "--from", "best", "--models", str(tmp_path), "--backend", "jax"]):
-        result = _run(*command, without_tensorflow=True)
+        result = on_jax(*command)
         assert result.returncode == 1
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "--backend tensorflow" in errors[0], result.stderr
@@ -380,7 +406,8 @@ def test_the_pixel_limit_counts_every_gif_frame_decoded() -> None:
     assert checked_before_decoding(_gif_bomb(), 10**6)[0] == "skipped"
 
 
-def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path, on_jax,
+                                                           capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
     for name, (encoded, _) in _rule_corpus().items():
         kind = name.split()[0]
@@ -390,7 +417,7 @@ def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path, capsys
     caches = {}
     for backend, hidden in (("jax", True), ("tensorflow", False)):
         command = [*common, "--backend", backend]
-        result = _run(*command, without_tensorflow=True) if hidden else _in_this_process(capsys, *command)
+        result = on_jax(*command) if hidden else _in_this_process(capsys, *command)
         assert result.returncode == 0, result.stderr[-2000:]
         caches[backend] = _cache_of(result.stdout)
     skipped = {backend: sorted((s["path"], s["reason"]) for s in
