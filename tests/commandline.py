@@ -1,10 +1,12 @@
-"""The command line as a user meets it: run in a fresh process, and its one-line errors."""
+"""The command line as a user meets it: run in a fresh process (`run_cli`), or by the test's own
+process (`in_process`) where a fresh one is not what a test is about; and its one-line errors."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -13,6 +15,23 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`python run_pipeline.py ARGS` in a fresh process."""
     return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=cwd,
                           capture_output=True, text=True)
+
+
+def in_process(capsys: Any, *args: str) -> subprocess.CompletedProcess:
+    """The command line run by this test's process (`pipeline.cli.main`, TensorFlow already imported
+    here), reported as `run_cli` reports a fresh one: the exit code and what Python printed (`capsys`,
+    the test's fixture). For what a command does and says; a fresh Python (seconds of CPU to import
+    TensorFlow) stays for what only a fresh one shows: native libraries' lines on the real stderr,
+    start-up, signals, several processes at once."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as stop:  # argparse's refusals
+        code = stop.code if isinstance(stop.code, int) else 1
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(["run_pipeline.py", *args], code, said.out, said.err)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -25,6 +25,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from commandline import in_process
 from conftest import ROOT, make_image_folder, write_image
 from pipeline.cache.fingerprint import Fingerprint
 from pipeline.cli import main
@@ -211,16 +212,6 @@ def on_jax(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., s
         server.wait(timeout=120)
 
 
-def _in_this_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
-    """The command on the TensorFlow backend, run by this test process (which imported TensorFlow
-    already), as _run reports it: the reference side of a comparison needs no fresh Python (one is
-    seconds of CPU); the JAX side always gets one, where TensorFlow cannot be imported."""
-    capsys.readouterr()
-    code = main(list(args))
-    said = capsys.readouterr()
-    return subprocess.CompletedProcess(["run_pipeline.py", *args], code, said.out, said.err)
-
-
 def _rows(cache: Path) -> dict[str, np.ndarray]:
     rows = {}
     for shard in sorted(cache.glob("shard-*.h5")):
@@ -250,7 +241,7 @@ def test_jax_extract_equals_tensorflow_extract_without_importing_tensorflow(tmp_
               "--batch-size", "4", "--no-progress", "--json"]
     jax_side = on_jax(*common, "--backend", "jax")
     assert jax_side.returncode == 0, jax_side.stderr[-2000:]
-    on_tf = _in_this_process(capsys, *common, "--backend", "tensorflow")
+    on_tf = in_process(capsys, *common, "--backend", "tensorflow")
     assert on_tf.returncode == 0, on_tf.stderr[-2000:]
     jax_cache, tf_cache = _cache_of(jax_side.stdout), _cache_of(on_tf.stdout)
     assert jax_cache != tf_cache  # the fingerprint names the backend: never one cache for both
@@ -282,7 +273,7 @@ def test_jax_predict_matches_tensorflow_predict_without_importing_tensorflow(tmp
         target = tmp_path / f"{name}.json"
         command = ["predict", "--model", "best", "--models", str(models), str(data), "--output", str(target),
                    "--backend", name]
-        result = on_jax(*command) if hidden else _in_this_process(capsys, *command)
+        result = on_jax(*command) if hidden else in_process(capsys, *command)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[name] = {row["path"]: dict(zip(row["labels"], row["probabilities"]))
                          for row in json.loads(target.read_text())}
@@ -417,7 +408,7 @@ def test_the_rule_corpus_gives_one_cache_on_both_backends(tmp_path: Path, on_jax
     caches = {}
     for backend, hidden in (("jax", True), ("tensorflow", False)):
         command = [*common, "--backend", backend]
-        result = on_jax(*command) if hidden else _in_this_process(capsys, *command)
+        result = on_jax(*command) if hidden else in_process(capsys, *command)
         assert result.returncode == 0, result.stderr[-2000:]
         caches[backend] = _cache_of(result.stdout)
     skipped = {backend: sorted((s["path"], s["reason"]) for s in
