@@ -9,7 +9,7 @@ import pickle
 import shutil
 from pathlib import Path
 
-from commandline import one_error_line, run_cli
+from commandline import in_process, one_error_line
 from conftest import THREE_CLASSES, clustered_features, write_feature_cache
 from pipeline.cli import main
 from pipeline.training.train import TrainOptions, run_training
@@ -47,7 +47,7 @@ def test_a_hostile_pickle_with_a_matching_checksum_never_runs(head_run: dict[str
     shutil.rmtree(models / "tuned")
 
 
-def test_a_keras_file_with_a_lambda_layer_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_keras_file_with_a_lambda_layer_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
     import keras
 
     features, labels, splits = clustered_features(120, 3, seed=1)
@@ -63,6 +63,6 @@ def test_a_keras_file_with_a_lambda_layer_is_refused_in_one_line(tmp_path: Path)
     sidecar["files"]["head.keras"] = hashlib.sha256((run / "head.keras").read_bytes()).hexdigest()
     (run / "head.json").write_text(json.dumps(sidecar))
     marker.unlink(missing_ok=True)  # building the model above ran it once, here
-    line = one_error_line(run_cli("evaluate", "--model", str(run)))
+    line = one_error_line(in_process(capsys, "evaluate", "--model", str(run)))
     assert "head.keras" in line and "Python code" in line
     assert not marker.exists()

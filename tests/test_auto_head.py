@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from commandline import run_cli
+from commandline import in_process
 from conftest import pooled_cluster_cache
 from pipeline import api
 from pipeline.errors import PipelineError
@@ -44,14 +44,14 @@ def test_auto_keeps_every_candidate_and_returns_the_best_on_validation(cache: Pa
     assert {Path(row["run"]).name for row in rows} <= listed and "comparisons" not in listed
 
 
-def test_the_command_line_compares_the_default_heads_and_prints_the_table(cache: Path, tmp_path: Path) -> None:
-    result = run_cli("train-head", "--features", str(cache), "--models", str(tmp_path), "--head", "auto",
+def test_the_command_line_compares_the_default_heads_and_prints_the_table(cache: Path, tmp_path: Path, capsys) -> None:
+    result = in_process(capsys, "train-head", "--features", str(cache), "--models", str(tmp_path), "--head", "auto",
                      "--epochs", "3", "--c-grid", "1e-1:1e1:3", "--no-progress")
     assert result.returncode == 0, result.stderr
     for kind in ("logreg", "svm", "knn", "dense"):
         assert f" {kind} " in result.stdout
     assert "chosen:" in result.stdout and "[" in result.stdout  # the intervals
-    result = run_cli("train-head", "--features", str(cache), "--models", str(tmp_path), "--head", "auto",
+    result = in_process(capsys, "train-head", "--features", str(cache), "--models", str(tmp_path), "--head", "auto",
                      "--candidates", "logreg,knn", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

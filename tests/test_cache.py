@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from commandline import one_error_line, run_cli
+from commandline import in_process, one_error_line
 from conftest import ROOT, THREE_CLASSES, clustered_features, make_image_folder, tiny_options, write_feature_cache
 from pipeline.cache import store
 from pipeline.cache.reader import FeatureView, load_splits
@@ -38,7 +38,7 @@ def test_a_reader_of_a_cache_being_rewritten_stops_with_a_clear_message(tmp_path
 
 
 @pytest.mark.parametrize("damage", ["shape", "nan", "strings", "labels", "splits"])
-def test_a_shard_with_damaged_content_is_refused_naming_the_file(tmp_path: Path, damage: str) -> None:
+def test_a_shard_with_damaged_content_is_refused_naming_the_file(tmp_path: Path, damage: str, capsys) -> None:
     features, labels, splits = clustered_features(120, 3, seed=6)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES, shard_size=60)
     shard = store.shard_paths(cache)[1]
@@ -61,7 +61,8 @@ def test_a_shard_with_damaged_content_is_refused_naming_the_file(tmp_path: Path,
             del handle["splits"]
             handle.create_dataset("splits", data=np.array([b"holdout"] * rows, dtype=object),
                                   dtype=h5py.string_dtype())
-    result = run_cli("train-head", "--head", "logreg", "--features", str(cache), "--models", str(tmp_path / "m"),
+    result = in_process(capsys, "train-head", "--head", "logreg", "--features", str(cache), "--models",
+                        str(tmp_path / "m"),
                   "--c-grid", "1", "--n-jobs", "1", "--no-progress")
     line = one_error_line(result)
     assert shard.name in line and "damaged" in line and "delete it and rerun extract" in line

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from commandline import one_error_line, run_cli
+from commandline import in_process, one_error_line, run_cli
 from conftest import ROOT, THREE_CLASSES, clustered_features, make_image_folder, write_feature_cache
 from pipeline import atomic, runs
 from pipeline.cli import main
@@ -67,20 +67,21 @@ def test_stderr_carries_only_the_pipelines_own_lines(tmp_path: Path) -> None:
     assert "I0000" in noisy.stderr or "cuda" in noisy.stderr, "--debug shows TensorFlow's lines"
 
 
-def test_predict_output_into_a_missing_folder_fails_before_the_work(head_run: dict[str, Path]) -> None:
+def test_predict_output_into_a_missing_folder_fails_before_the_work(head_run: dict[str, Path], capsys) -> None:
     image = str(next((head_run["data"] / "cats").glob("*.png")))
     missing = head_run["root"] / "nowhere" / "predictions.csv"
-    line = one_error_line(run_cli("predict", "--model", str(head_run["run"]), image, "--output", str(missing)))
+    line = one_error_line(in_process(capsys, "predict", "--model", str(head_run["run"]), image, "--output",
+                                     str(missing)))
     assert "does not exist" in line and str(missing.parent) in line
 
 
-def test_os_failures_a_user_can_cause_are_one_line(tmp_path: Path) -> None:
+def test_os_failures_a_user_can_cause_are_one_line(tmp_path: Path, capsys) -> None:
     features, labels, splits = clustered_features(60, 3, seed=7)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     for models in (a_file, a_file / "models"):
-        line = one_error_line(run_cli("train-head", "--features", str(cache), "--models", str(models),
+        line = one_error_line(in_process(capsys, "train-head", "--features", str(cache), "--models", str(models),
                                     "--c-grid", "1", "--n-jobs", "1", "--no-progress"))
         assert "cannot save runs in" in line
     read_only = tmp_path / "read-only"
@@ -88,21 +89,22 @@ def test_os_failures_a_user_can_cause_are_one_line(tmp_path: Path) -> None:
     read_only.chmod(0o555)
     try:
         if not os.access(read_only, os.W_OK):  # root writes anywhere: then this case cannot be built
-            line = one_error_line(run_cli("train-head", "--features", str(cache), "--models", str(read_only / "m"),
+            line = one_error_line(in_process(capsys, "train-head", "--features", str(cache), "--models",
+                                             str(read_only / "m"),
                                         "--c-grid", "1", "--n-jobs", "1", "--no-progress"))
             assert "Permission denied" in line
     finally:
         read_only.chmod(0o755)
-    line = one_error_line(run_cli("train-head", "--features", str(cache), "--models", str(tmp_path / "m"),
+    line = one_error_line(in_process(capsys, "train-head", "--features", str(cache), "--models", str(tmp_path / "m"),
                                 "--name", "x" * 300, "--c-grid", "1", "--n-jobs", "1", "--no-progress"))
     assert "too long" in line
 
 
-def test_a_cache_root_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+def test_a_cache_root_that_cannot_be_created_is_one_line(tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
-    line = one_error_line(run_cli("extract", "--data", str(data), "--cache", str(a_file / "features"),
+    line = one_error_line(in_process(capsys, "extract", "--data", str(data), "--cache", str(a_file / "features"),
                                 "--weights", "none", "--image-size", "32", "--no-progress"))
     assert str(a_file) in line and "Not a directory" in line
 

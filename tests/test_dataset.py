@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from commandline import one_error_line, run_cli
+from commandline import in_process, one_error_line
 from conftest import FAST_LOGREG, make_image_folder, tiny_options, train_test_folder, write_image
 from pipeline.cli import main
 from pipeline.data.dataset import SplitConfig, scan_dataset, split_position
@@ -91,18 +91,19 @@ def test_content_hash_identifies_bytes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flag", ["--val-fraction", "--test-fraction"])
-def test_fractions_must_be_finite(tmp_path: Path, flag: str) -> None:
+def test_fractions_must_be_finite(tmp_path: Path, flag: str, capsys) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
-    result = run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), flag, "nan")
+    result = in_process(capsys, "extract", "--data", str(data), "--cache", str(tmp_path / "c"), flag, "nan")
     assert result.returncode != 0 and "finite" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(PipelineError, match="finite"):
         extract_features(tiny_options(data, tmp_path / "c", splits=SplitConfig(float("nan"), 0.2, 0)))
 
 
-def test_a_class_folder_with_a_control_character_is_refused_by_name(tmp_path: Path) -> None:
+def test_a_class_folder_with_a_control_character_is_refused_by_name(tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
     (data / "dogs").rename(data / "dogs\nand wolves")
-    line = one_error_line(run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+    line = one_error_line(in_process(capsys, "extract", "--data", str(data), "--cache", str(tmp_path / "c"),
+                                     "--weights", "none",
                                 "--image-size", "32", "--no-progress"))
     assert "dogs\\nand wolves" in line and "control character" in line
 

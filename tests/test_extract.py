@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from commandline import one_error_line, run_cli
+from commandline import in_process, one_error_line
 from conftest import assert_features_close, make_image_folder, tiny_options, train_test_folder, write_image
 from pipeline import artefacts
 from pipeline.backbone import network as backbones
@@ -422,20 +422,21 @@ def test_resource_failures_are_errors_not_skipped_images(tmp_path: Path, monkeyp
     assert (summary.new, summary.images, summary.skipped) == (1, 8, [])
 
 
-def test_image_size_and_pixel_count_are_bounded(tmp_path: Path) -> None:
+def test_image_size_and_pixel_count_are_bounded(tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "data", per_class=3)
-    line = one_error_line(run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+    line = one_error_line(in_process(capsys, "extract", "--data", str(data), "--cache", str(tmp_path / "c"),
+                                     "--weights", "none",
                                 "--image-size", "100000", "--no-progress"))
     assert "--image-size 100000" in line
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
     write_image(data / "cats" / "big.png", seed=5, size=1200)
-    result = run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+    result = in_process(capsys, "extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
                   "--image-size", "32", "--precision", "fp32", "--no-progress", "--max-megapixels", "1")
     line = one_error_line(result)
     assert "big.png is 1200 x 1200 pixels" in line and "--max-megapixels" in line
     manifest = json.loads(next((tmp_path / "c").glob("*/manifest.json")).read_text())
     assert sum(manifest["counts"].values()) == 6 and manifest["skipped"] == []
-    result = run_cli("extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
+    result = in_process(capsys, "extract", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "none",
                   "--image-size", "32", "--precision", "fp32", "--no-progress")
     assert result.returncode == 0 and "1 new, 6 reused" in result.stdout
 

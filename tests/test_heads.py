@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from commandline import run_cli
+from commandline import in_process
 from conftest import (
     FAST_LOGREG,
     THREE_CLASSES,
@@ -354,7 +354,7 @@ def test_a_head_learns_its_class_names_from_the_features() -> None:
     assert list(head.classes_) == names and head.predict_proba(validation).shape == (len(validation), 3)
 
 
-def test_reports_stay_fast_and_readable_at_hundreds_of_classes(tmp_path: Path) -> None:
+def test_reports_stay_fast_and_readable_at_hundreds_of_classes(tmp_path: Path, capsys) -> None:
 
     classes = [f"class{i:03d}" for i in range(200)]
     labels = np.repeat(np.arange(200), 3)
@@ -363,7 +363,8 @@ def test_reports_stay_fast_and_readable_at_hundreds_of_classes(tmp_path: Path) -
     splits = np.array(["train", "validation", "test"] * 200)
     cache = write_feature_cache(tmp_path / "cache", features, labels, list(splits), classes, shard_size=256)
     started = time.perf_counter()
-    result = run_cli("train-head", "--head", "logreg", "--features", str(cache), "--models", str(tmp_path / "m"),
+    result = in_process(capsys, "train-head", "--head", "logreg", "--features", str(cache), "--models",
+                        str(tmp_path / "m"),
                   "--name", "many", "--c-grid", "0.1,1", "--n-jobs", "1", "--no-progress")
     took = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
@@ -373,7 +374,8 @@ def test_reports_stay_fast_and_readable_at_hundreds_of_classes(tmp_path: Path) -
     assert (run / "most_confused.csv").is_file()
     assert len(result.stdout.splitlines()) < 60, "the terminal gets a summary, not 200 rows"
     printed = float(result.stdout.split("head: ")[1].split(" s in all")[0])
-    assert printed <= took and printed > 0.5 * took - 3, (printed, took)  # the command's own time
+    # the command's own time (printed to a tenth of a second)
+    assert printed - 0.05 <= took and printed > 0.5 * took - 3, (printed, took)
 
 
 @pytest.mark.parametrize("grid", ["inf", "1e-3,inf", "nan,1", "1:0:5", "0:1:3", "1e-6:1e5:0", "-1:1:3",

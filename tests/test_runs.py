@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from commandline import dead_pid, one_error_line, run_cli
+from commandline import dead_pid, in_process, one_error_line
 from conftest import (
     FAST_LOGREG,
     ROOT,
@@ -243,7 +243,7 @@ _RECORDING = True
 sys.addaudithook(lambda event, args: [hook(event, args) for hook in _AUDIT_HOOKS])
 
 
-def test_staging_directories_are_never_listed_or_chosen_and_dead_ones_are_removed(tmp_path: Path) -> None:
+def test_staging_directories_are_never_listed_or_chosen_and_dead_ones_are_removed(tmp_path: Path, capsys) -> None:
     features, labels, splits = clustered_features(120, 3, seed=2)
     cache = write_feature_cache(tmp_path / "cache", features, labels, splits, THREE_CLASSES)
     models = tmp_path / "models"
@@ -261,7 +261,7 @@ def test_staging_directories_are_never_listed_or_chosen_and_dead_ones_are_remove
 
     assert [row["name"] for row in runs.list_runs(models)] == ["real"]
     assert runs.best_run(models) == real
-    result = run_cli("runs", "--models", str(models), "--json")
+    result = in_process(capsys, "runs", "--models", str(models), "--json")
     assert [row["name"] for row in json.loads(result.stdout)] == ["real"]
     with pytest.raises(PipelineError, match="staging directory"):
         runs.read_config(leftover)
@@ -369,26 +369,26 @@ def _a_head_run(tmp_path: Path) -> tuple[Path, list[str]]:
     return models, common
 
 
-def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Path) -> None:
+def test_evaluate_refuses_a_cache_that_was_re_split_since_training(tmp_path: Path, capsys) -> None:
     models, common = _a_head_run(tmp_path)
     before = (models / "run" / "metrics.json").read_text()
     assert (models / "run" / runs.SPLIT_RECORD).is_file()
     assert main(["extract", *common, "--val-fraction", "0.05", "--test-fraction", "0.6"]) == 0
-    result = run_cli("evaluate", "--model", str(models / "run"))
+    result = in_process(capsys, "evaluate", "--model", str(models / "run"))
     line = one_error_line(result)
     assert "other splits than run run was trained with" in line
     assert (models / "run" / "metrics.json").read_text() == before, "the run's metrics are untouched"
-    result = run_cli("evaluate", "--model", str(models / "run"), "--tta", "flip")  # scored from images: the same
+    result = in_process(capsys, "evaluate", "--model", str(models / "run"), "--tta", "flip")  # from images: the same
     assert "other splits than run run was trained with" in one_error_line(result)
     assert not (models / "run" / "tta-flip").exists()
     assert main(["extract", *common]) == 0  # the split the run was trained with: evaluate works again
     assert main(["evaluate", "--model", str(models / "run")]) == 0
 
 
-def test_finetune_refuses_a_cache_that_was_re_split_since_the_head_was_trained(tmp_path: Path) -> None:
+def test_finetune_refuses_a_cache_that_was_re_split_since_the_head_was_trained(tmp_path: Path, capsys) -> None:
     models, common = _a_head_run(tmp_path)
     assert main(["extract", *common, "--split-seed", "7"]) == 0  # the same images, dealt into other splits
-    result = run_cli("finetune", "--from", str(models / "run"), "--models", str(models), "--epochs", "1",
+    result = in_process(capsys, "finetune", "--from", str(models / "run"), "--models", str(models), "--epochs", "1",
                      "--batch-size", "4", "--no-progress")
     line = one_error_line(result)
     assert "other splits than run run was trained with" in line

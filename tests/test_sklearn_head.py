@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import check_estimator
 
-from commandline import run_cli
+from commandline import in_process
 from conftest import SHALLOW, pooled_cluster_cache, tiny_options
 from pipeline import api
 from pipeline.errors import PipelineError
@@ -57,8 +57,8 @@ def test_a_classifier_without_probabilities_is_calibrated(cache: Path, tmp_path:
     assert run.metrics["test"]["accuracy"] > 0.9
 
 
-def test_the_command_line_takes_the_estimator_and_json_parameters(cache: Path, tmp_path: Path) -> None:
-    result = run_cli("train-head", "--features", str(cache), "--models", str(tmp_path), "--head", "sklearn",
+def test_the_command_line_takes_the_estimator_and_json_parameters(cache: Path, tmp_path: Path, capsys) -> None:
+    result = in_process(capsys, "train-head", "--features", str(cache), "--models", str(tmp_path), "--head", "sklearn",
                      "--estimator", "sklearn.neighbors.KNeighborsClassifier", "--params", '{"n_neighbors": 7}',
                      "--name", "knn7", "--json")
     assert result.returncode == 0, result.stderr
