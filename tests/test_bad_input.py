@@ -230,10 +230,13 @@ def test_a_full_disk_leaves_no_partial_shard_and_earlier_shards_intact(tmp_path:
     assert resumed.reused == 8 and resumed.new == 16
 
 
+def _extract_args(data: Path, cache: Path, *extra: str) -> list[str]:
+    return ["extract", "--data", str(data), "--cache", str(cache), "--weights", "none", "--precision", "fp32",
+            "--image-size", "64", "--batch-size", "4", "--shard-size", "4", "--no-progress", *extra]
+
+
 def _extract_process(data: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "run_pipeline.py"), "extract", "--data", str(data), "--cache", str(cache),
-               "--weights", "none", "--precision", "fp32", "--image-size", "64", "--batch-size", "4",
-               "--shard-size", "4", "--no-progress", *extra]
+    command = [sys.executable, str(ROOT / "run_pipeline.py"), *_extract_args(data, cache, *extra)]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -301,14 +304,13 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_pat
 
 def test_two_extracts_at_once_on_the_same_cache(tmp_path: Path) -> None:
     """A second extract while another holds the cache's lock stops with a message and writes
-    nothing; the lock is held by this test itself, so the two runs certainly overlap."""
+    nothing; the lock is held by this test itself, so the two runs certainly overlap (the second
+    runs in a process of its own: a lock is not taken against its own holder)."""
     from pipeline.cache.store import exclusive_lock
 
     data = make_image_folder(tmp_path / "data", per_class=4)
     cache = tmp_path / "cache"
-    first = _extract_process(data, cache)
-    first.communicate(timeout=300)
-    assert first.returncode == 0
+    assert main(_extract_args(data, cache)) == 0  # the first extract, by this process
     directory = next(cache.iterdir())
     before = sorted(p.name for p in directory.iterdir())
     write_image(data / "cats" / "new.png", seed=77)
@@ -317,9 +319,7 @@ def test_two_extracts_at_once_on_the_same_cache(tmp_path: Path) -> None:
         _, err = second.communicate(timeout=300)
         assert second.returncode == 1 and "another extract is writing" in err.strip().splitlines()[-1]
         assert sorted(p.name for p in directory.iterdir()) == before, "the refused run wrote nothing"
-    third = _extract_process(data, cache)  # the lock released: the same command now runs
-    third.communicate(timeout=300)
-    assert third.returncode == 0
+    assert main(_extract_args(data, cache)) == 0  # the lock released: the same command now runs
     rows = FeatureStore(directory).read()
     assert len(rows.paths) == len(set(rows.paths)) == 9  # nothing written twice or lost
 
