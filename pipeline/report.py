@@ -330,7 +330,12 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
     else:  # a search: one row per setting of the head's axis (C for logreg and svm, k for knn)
         panels = [("accuracy", ["train_accuracy", "validation_accuracy"]), ("validation loss", ["validation_loss"])]
         x_key, x_label, log_x = kind, "C (inverse regularisation)" if kind == "C" else kind, kind == "C"
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    width, height = 4.2 * len(panels), 3.4  # inches
+    figure, axes = plt.subplots(1, len(panels), figsize=(width, height))
+    # Margins fixed in inches (the titles, axis labels and tick labels are short and known): half
+    # the drawing time of tight_layout, which draws the figure twice; a run draws this on every fit.
+    figure.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.6 / height, top=1 - 0.35 / height,
+                           wspace=0.85 * len(panels) / (width - 0.9))
     x = [row[x_key] for row in rows]
     for ax, (title, keys) in zip(np.atleast_1d(axes), panels):
         for key in keys:
@@ -340,13 +345,23 @@ def write_history(directory: Path, rows: Sequence[dict[str, Any]], kind: str) ->
         ax.set_title(title)
         ax.set_xlabel(x_label)
         if log_x:
-            ax.set_xscale("log")
+            _plain_log_scale(ax, "x")
         if title == "learning rate":
-            ax.set_yscale("log")
+            _plain_log_scale(ax, "y")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    figure.tight_layout()
     _save_figure(figure, directory / "curves.png")
+
+
+def _plain_log_scale(ax: Any, which: str) -> None:
+    """A log scale on the axes' `which` ("x" or "y") axis, labelled 0.001, 0.01, ..., 1e+06 (numbers,
+    not typeset powers of ten: no mathtext to lay out), its minor ticks unlabelled."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 # --- all runs side by side ------------------------------------------------------------------------
