@@ -46,7 +46,7 @@ def _kill_after_shards(command: list[str], cache: Path, shards: int) -> int:
 
 
 def test_sigkill_then_rerun_completes_with_identical_features(tmp_path: Path) -> None:
-    data = make_image_folder(tmp_path / "data", per_class=100)  # 50 shards: time to kill it mid-run
+    data = make_image_folder(tmp_path / "data", per_class=40)  # 20 shards: time to kill it mid-run
     killed_cache, clean_cache = tmp_path / "killed", tmp_path / "clean"
 
     shards_at_kill = _kill_after_shards(_extract_command(data, killed_cache), killed_cache, shards=3)
@@ -60,7 +60,7 @@ def test_sigkill_then_rerun_completes_with_identical_features(tmp_path: Path) ->
     resumed = extract_features(tiny_options(data, killed_cache, **options))
     clean = extract_features(tiny_options(data, clean_cache, **options))
 
-    assert resumed.new == 200 - 4 * shards_at_kill and resumed.reused == 4 * shards_at_kill
+    assert resumed.new == 80 - 4 * shards_at_kill and resumed.reused == 4 * shards_at_kill
     assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
     a, b = FeatureStore(resumed.cache_dir).read(), FeatureStore(clean.cache_dir).read()
     order_a, order_b = np.argsort(a.paths), np.argsort(b.paths)
