@@ -120,6 +120,9 @@ def _release_keras_state() -> Iterator[None]:
     yield
     keras = sys.modules.get("keras")
     if keras is not None and _resident_bytes() > RELEASE_ABOVE_BYTES:
+        network = sys.modules.get("pipeline.backbone.network")
+        if network is not None:
+            network.forget_kept_extractor()
         keras.backend.clear_session()
         gc.collect()
 

@@ -33,12 +33,51 @@ def _forbid_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the backbone was built although the cache holds every image")
 
     monkeypatch.setattr(extract, "build_backbone", refuse)
+    monkeypatch.setattr(extract, "take_kept_extractor", refuse)  # nor an earlier extract's taken
 
 
 def _by_path(store: FeatureStore) -> dict[str, np.ndarray]:
     everything = store.read()
     layer = store.layers[0]
     return dict(zip(everything.paths, everything.features[layer]))
+
+
+def test_the_next_extract_of_the_same_backbone_reuses_the_kept_extractor(tmp_path: Path, monkeypatch) -> None:
+    """A process keeps the extractor its last extract built: the next extract of the same backbone
+    (another folder here) builds none and gives the features a fresh build gives; other settings
+    build their own; an extract running holds it alone (taken out, put back when it ends)."""
+    from pipeline.backbone import network
+
+    network.forget_kept_extractor()
+    built: list[int] = []
+    original = extract.build_backbone
+
+    def counting(*args, **kwargs):  # noqa: ANN202 - build_backbone's own signature
+        built.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "build_backbone", counting)
+    first = make_image_folder(tmp_path / "first", per_class=3)
+    second = make_image_folder(tmp_path / "second", per_class=4, seed=1)
+    extract_features(tiny_options(first, tmp_path / "cache"))
+    again = extract_features(tiny_options(second, tmp_path / "cache"))
+    assert built == [32], "the second folder's extract built no backbone"
+    assert (again.new, again.backbone_images) == (8, 8)  # its own pass, counted from its own start
+    network.forget_kept_extractor()
+    fresh = extract_features(tiny_options(second, tmp_path / "fresh"))
+    assert built == [32, 32]
+    kept, rebuilt = _by_path(FeatureStore(again.cache_dir)), _by_path(FeatureStore(fresh.cache_dir))
+    assert kept.keys() == rebuilt.keys()
+    for path in kept:
+        np.testing.assert_array_equal(kept[path], rebuilt[path])
+    extract_features(tiny_options(first, tmp_path / "cache", image_size=48))
+    assert built == [32, 32, 48], "another size is another network"
+
+    run = extract._Extraction(tiny_options(first, tmp_path / "other", image_size=48))
+    taken = run.feature_extractor()
+    assert network.take_kept_extractor(run.extractor_key) is None, "while a run holds it, no one else gets it"
+    run._keep_extractor()
+    assert network.take_kept_extractor(run.extractor_key) is taken
 
 
 def test_cache_holds_every_image_with_labels_splits_and_features(image_folder: Path, tmp_path: Path) -> None:

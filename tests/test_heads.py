@@ -201,6 +201,7 @@ def _refuse_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (backbones, extract, classifier):
         monkeypatch.setattr(module, "build_backbone", refuse)
     monkeypatch.setattr(extract, "FeatureExtractor", refuse)
+    monkeypatch.setattr(extract, "take_kept_extractor", refuse)  # an earlier extract's, kept by the process
 
 
 def test_the_backbone_refusal_catches_a_command_that_builds_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

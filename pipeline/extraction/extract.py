@@ -8,6 +8,7 @@ that runs the backbone (pipeline/extraction/local_engine.py), and the manifest, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import statistics
@@ -23,7 +24,14 @@ import numpy as np
 
 from pipeline import atomic, backend
 from pipeline.backbone import int8
-from pipeline.backbone.network import FeatureExtractor, build_backbone, preprocess
+from pipeline.backbone.network import (
+    FeatureExtractor,
+    build_backbone,
+    extractor_key,
+    keep_extractor,
+    preprocess,
+    take_kept_extractor,
+)
 from pipeline.backbone.pooling import POOLINGS
 from pipeline.backbone.precision import resolve_precision
 from pipeline.backbone.registry import BackboneSpec, get_backbone
@@ -214,6 +222,8 @@ class _Extraction:
         # Shards hold whole batches, so a resumed run feeds the backbone the same batches.
         self.shard_size = batches_per_shard * options.batch_size
         self.extractor: FeatureExtractor | None = None
+        self.extractor_key = extractor_key(self.spec, self.image_size, self.precision, self.weights, self.layers,
+                                           self.pooling)
         self.scanned: tuple[Path, ScannedDataset] | None = None  # the cache and its images, once scanned (int8)
         self.engine: Engine
         if cluster is None:
@@ -253,10 +263,17 @@ class _Extraction:
         if self.extractor is None:
             if self.precision == "int8":
                 self.extractor = self._int8_extractor()
-            else:
-                backbone = build_backbone(self.spec, self.image_size, self.precision, self.weights)
-                self.extractor = FeatureExtractor(backbone, self.layers, self.pooling)
+            else:  # the one the last extract of this backbone kept, else built (network.keep_extractor)
+                self.extractor = take_kept_extractor(self.extractor_key)
+                if self.extractor is None:
+                    backbone = build_backbone(self.spec, self.image_size, self.precision, self.weights)
+                    self.extractor = FeatureExtractor(backbone, self.layers, self.pooling)
         return self.extractor
+
+    def _keep_extractor(self) -> None:
+        """The run's extractor kept for the process's next extract of this backbone."""
+        if self.extractor is not None and self.precision != "int8":
+            keep_extractor(self.extractor_key, self.extractor)
 
     def _int8_extractor(self) -> Any:
         """The cache's quantised backbone (pipeline/backbone/int8.py), calibrated on its own images."""
@@ -319,7 +336,8 @@ class _Extraction:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         created = not directory.exists()
         try:
-            with store.exclusive_lock(directory):
+            with store.exclusive_lock(directory), contextlib.ExitStack() as finished:
+                finished.callback(self._keep_extractor)
                 summary = self._update(directory, dataset, hashes, started)
                 for record in self.engine_result.changed:
                     hashes.forget(record.path)  # read again next time: the row has the new bytes' hash
