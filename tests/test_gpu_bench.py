@@ -71,7 +71,11 @@ def gpu_machine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _bench(gpu_machine: dict[str, Path], *args: str) -> subprocess.CompletedProcess:
-    environment = {"PATH": "/usr/bin:/bin", "HOME": str(gpu_machine["root"]), "JAX_PLATFORMS": "cpu"}
+    # JAX's persistent compilation cache, shared by the module's runs: the benchmark and the crash
+    # runs compile the same networks at the same sizes (what they measure is asserted positive only)
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(gpu_machine["root"]), "JAX_PLATFORMS": "cpu",
+                   "JAX_COMPILATION_CACHE_DIR": str(gpu_machine["root"] / "jax-cache"),
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     return subprocess.run([str(gpu_machine["python"]), str(ROOT / "tests" / "without_tensorflow.py"),
                            str(ROOT / "bench" / "gpu.py"), "--backend", "jax", "--wheels", str(gpu_machine["wheels"]),
                            "--work", str(gpu_machine["root"] / "work"), *args],
