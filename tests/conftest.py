@@ -159,16 +159,19 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def head_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def head_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small cache (three classes, six images each, VGG16 with random weights at 32 px) and a
     logistic-regression run on it named "run": one per test module that asks for it. Tests that
-    change the run work on a copy, or restore what they change."""
+    change the run work on a copy, or restore what they change. A module whose tests convert or
+    export the run, and do not fine-tune it, sets HEAD_RUN_LAYERS = SHALLOW: its run reads VGG16
+    at block3_pool (a TFLite conversion of it 2.7 s against 5.2)."""
     from pipeline.extraction.extract import extract_features
     from pipeline.training.train import TrainOptions, run_training
 
     root = tmp_path_factory.mktemp("head-run")
     data = make_image_folder(root / "data", per_class=6, classes=tuple(THREE_CLASSES))
-    cache = extract_features(tiny_options(data, root / "features")).cache_dir
+    layers = getattr(request.module, "HEAD_RUN_LAYERS", None)
+    cache = extract_features(tiny_options(data, root / "features", layers=layers)).cache_dir
     models = root / "models"
     run = run_training(TrainOptions(head="logreg", features=cache, models=models, name="run", head_params=FAST_LOGREG,
                                     progress=False)).directory

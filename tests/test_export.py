@@ -24,6 +24,7 @@ from pipeline.serving.predict import predict_files
 from pipeline.training.train import TrainOptions, run_training
 
 CLASSES = ["cats", "dogs", "owls"]
+HEAD_RUN_LAYERS = SHALLOW  # conftest.head_run: its tests export the run and never fine-tune it
 
 # Runs with `python -I` (no current folder, no PYTHONPATH) from a folder outside the project, with
 # `import pipeline` made to fail (the dev venv has the project installed editable): it cannot import

@@ -16,10 +16,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from conftest import pooled_cluster_cache
+from conftest import SHALLOW, pooled_cluster_cache
 from pipeline import api
 from pipeline.errors import PipelineError
 from pipeline.heads import DenseHead, Head, KNNHead, LogRegHead, SVMHead
+
+HEAD_RUN_LAYERS = SHALLOW  # conftest.head_run: its tests export the run and never fine-tune it
 
 QUICK = {
     "logreg": lambda: LogRegHead(c_grid="1e-2:1e2:3", n_jobs=1),

@@ -19,6 +19,8 @@ from pipeline import api
 from pipeline.errors import PipelineError
 from pipeline.heads import EstimatorHead, Head
 
+HEAD_RUN_LAYERS = SHALLOW  # conftest.head_run: its tests export the run and never fine-tune it
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -22,11 +22,19 @@ import numpy as np
 import pytest
 
 from commandline import dead_pid
-from conftest import FAST_LOGREG, clustered_features, make_image_folder, tiny_options, write_feature_cache
+from conftest import (
+    FAST_LOGREG,
+    SHALLOW,
+    clustered_features,
+    make_image_folder,
+    tiny_options,
+    write_feature_cache,
+)
 from pipeline import api
 from pipeline.cache import store
 from pipeline.errors import PipelineError
 
+HEAD_RUN_LAYERS = SHALLOW  # conftest.head_run: its tests export the run and never fine-tune it
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 NUMBER = "0123456789."
 
