@@ -21,6 +21,7 @@ This module imports nothing heavy: the command line's --help reads it before any
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import typing
@@ -86,11 +87,17 @@ def keyword_group(annotation: Any, namespace: Mapping[str, Any]) -> list[Declare
     if typing.get_origin(annotation) is not typing.Unpack:
         return None
     (group,) = typing.get_args(annotation)
+    return list(group_members(group))
+
+
+@functools.cache
+def group_members(group: type) -> tuple[Declared, ...]:
+    """A keyword group's (a TypedDict's) members, each with its Option and the default it holds."""
     members = []
     for name, hint in typing.get_type_hints(group, include_extras=True).items():
         option = option_of(hint)
         members.append(Declared(name, None if option is None else option.default, hint, option, False))
-    return members
+    return tuple(members)
 
 
 def signature_of(function: Any) -> inspect.Signature:
@@ -129,8 +136,7 @@ def declarations(function: Any) -> list[Declared]:
 
 def with_defaults(group: type, given: Mapping[str, Any]) -> dict[str, Any]:
     """A keyword group's values as a stage received them (`table`), its defaults filled in."""
-    members = keyword_group(typing.Unpack[group], {}) or []
-    return {member.name: given.get(member.name, member.default) for member in members}
+    return {member.name: given.get(member.name, member.default) for member in group_members(group)}
 
 
 def defined(where: str) -> tuple[str, ...]:

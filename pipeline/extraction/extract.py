@@ -8,7 +8,6 @@ that runs the backbone (pipeline/extraction/local_engine.py), and the manifest, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shutil
 import statistics
@@ -336,8 +335,7 @@ class _Extraction:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         created = not directory.exists()
         try:
-            with store.exclusive_lock(directory), contextlib.ExitStack() as finished:
-                finished.callback(self._keep_extractor)
+            with store.exclusive_lock(directory):
                 summary = self._update(directory, dataset, hashes, started)
                 for record in self.engine_result.changed:
                     hashes.forget(record.path)  # read again next time: the row has the new bytes' hash
@@ -348,6 +346,8 @@ class _Extraction:
             if created and not store.shard_paths(directory):
                 shutil.rmtree(directory, ignore_errors=True)  # leave no empty cache behind
             raise
+        finally:
+            self._keep_extractor()
         held_back = self.engine_result.held_back
         if held_back:
             more = f" ({len(held_back) - 1} more images like it)" if len(held_back) > 1 else ""
