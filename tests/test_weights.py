@@ -168,3 +168,39 @@ def test_keras_imagenet_weights_are_taken_from_the_keras_cache(tmp_path: Path, m
     assert (weights.source, weights.preprocessing, weights.path) == ("keras", "caffe", cached)
     np.testing.assert_array_equal(model.get_layer("conv5_block3_3_conv").get_weights()[0],
                                   donor.get_layer("conv5_block3_3_conv").get_weights()[0])
+
+
+def test_kernels_are_left_undrawn_only_while_this_thread_constructs_a_backbone() -> None:
+    """build_backbone replaces every kernel at once, so Keras' draws are skipped while it
+    constructs (on JAX each kernel shape compiled a random-number program); another thread's
+    layers, and layers built outside the scope, are drawn as usual; the network is the same."""
+    import threading
+
+    from pipeline.backbone.network import kernels_left_undrawn
+    from pipeline.backbone.weights import initialise_randomly
+
+    def kernel() -> np.ndarray:
+        layer = keras.layers.Dense(8)
+        layer.build((None, 16))
+        return np.asarray(layer.kernel)
+
+    elsewhere: list[np.ndarray] = []
+    with kernels_left_undrawn():
+        assert not kernel().any()
+        other = threading.Thread(target=lambda: elsewhere.append(kernel()))
+        other.start()
+        other.join()
+        with kernels_left_undrawn():  # nested: still undrawn, and still after the inner one ends
+            assert not kernel().any()
+        assert not kernel().any()
+    assert elsewhere[0].any() and kernel().any()
+    from pipeline.backbone.precision import dtype_policy
+
+    spec = get_backbone("vgg16")
+    built = build_backbone(spec, 32, "bf16", spec.resolve_weights("none"))
+    with dtype_policy("bf16"):
+        reference = spec.constructor(include_top=False, weights=None, input_shape=(32, 32, 3))
+    initialise_randomly(reference)
+    assert str(built.weights[0].dtype) == "bfloat16" and any(np.asarray(v).any() for v in built.weights)
+    for ours, theirs in zip(built.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours).astype(np.float32), np.asarray(theirs).astype(np.float32))
