@@ -83,7 +83,8 @@ def _no_ray_left() -> None:
         ray.shutdown()
 
 
-def test_ray_engine_gives_the_local_engines_rows_and_leaves_no_ray_behind(tmp_path: Path) -> None:
+def test_ray_engine_gives_the_local_engines_rows_and_leaves_no_ray_behind(tmp_path: Path, monkeypatch) -> None:
+    real_init = ray.init
     data = make_image_folder(tmp_path / "data", per_class=9)
     write_image(data / "cats" / "gray.png", seed=5, channels=1)
     (data / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -104,9 +105,13 @@ def test_ray_engine_gives_the_local_engines_rows_and_leaves_no_ray_behind(tmp_pa
     while set(ray_processes()) - before and time.time() < deadline:
         time.sleep(0.5)
     assert not set(ray_processes()) - before
-    # the driver read no image bytes on the first run, yet the hash index learned every hash
+    # the driver read no image bytes on the first run, yet the hash index learned every hash; and
+    # with nothing new to compute (and the precision named) no Ray instance is started at all
+    started = []
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: started.append(kwargs) or real_init(*args, **kwargs))
     again = extract_features(tiny_options(data, tmp_path / "ray", engine="ray"))
     assert (again.new, again.backbone_batches, again.reused) == (0, 0, 19)
+    assert not started and not ray.is_initialized()
 
 
 def test_incremental_update_on_the_ray_engine(tmp_path: Path) -> None:
@@ -262,6 +267,40 @@ def test_more_ray_workers_than_the_cluster_can_feed_are_refused(workers: int, cp
         engine.actor_options(_Cluster(cpus, gpus))
 
 
+class _WatchedCluster:
+    """A cluster that counts the looks at its GPUs (a look starts a deferred instance)."""
+
+    def __init__(self, gpus: int) -> None:
+        self.looks, self._gpus = 0, gpus
+
+    @property
+    def gpus(self) -> int:
+        self.looks += 1
+        return self._gpus
+
+
+@pytest.mark.parametrize("precision, gpus, looks, resolved", [
+    ("fp32", 1, False, "fp32"), ("bf16", 1, False, "bf16"), ("mixed", 1, True, "mixed-fp16"),
+    ("mixed", 0, True, "mixed-bf16"), (None, 1, True, "mixed-fp16")])
+def test_only_a_precision_the_clusters_gpus_decide_looks_at_them(tmp_path: Path, precision: str | None, gpus: int,
+                                                                   looks: bool, resolved: str) -> None:
+    """The Ray engine's cluster is started on first use: a named float precision needs no look at
+    its GPUs, so an extract with nothing new starts no instance."""
+    from pipeline.extraction.extract import _Extraction
+
+    cluster = _WatchedCluster(gpus)
+    extraction = _Extraction(tiny_options(tmp_path, tmp_path / "cache", engine="ray", precision=precision), cluster)
+    assert (bool(cluster.looks), extraction.precision) == (looks, resolved)
+
+
+def test_a_deferred_cluster_starts_on_first_use_and_only_then_shuts_down() -> None:
+    from pipeline.extraction.ray_engine import RayCluster
+
+    with RayCluster(deferred=True) as cluster:
+        assert not ray.is_initialized() and not cluster.started
+    assert not ray.is_initialized()
+
+
 def test_ray_workers_the_cluster_can_feed_are_taken() -> None:
     from pipeline.extraction.ray_engine import RayEngine
 
@@ -326,7 +365,7 @@ def test_ray_workers_import_the_package_the_driver_runs_and_nothing_inside_it(tm
         "    import pipeline\n"
         "    return {'file': pipeline.__file__, 'path': sys.path,\n"
         "            'errors': getattr(importlib.util.find_spec('errors'), 'origin', None)}\n"
-        "with RayCluster(num_cpus=1):\n"
+        "with RayCluster(num_cpus=1):  # started on entering\n"
         "    print('WORKER ' + json.dumps(ray.get(where.remote())))\n"
     )
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {

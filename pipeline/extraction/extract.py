@@ -192,7 +192,9 @@ class _Extraction:
         if options.engine == "ray" and not backend.is_tensorflow():
             raise PipelineError("--engine ray runs on the tensorflow backend: use --engine local with --backend "
                                 f"{backend.current()}, or --backend tensorflow")
-        self.precision = resolve_precision(options.precision, gpu=bool(cluster.gpus) if cluster else None)
+        # the cluster's GPUs (a look that starts it) decide only what the default and `mixed` mean
+        on_cluster_gpus = bool(cluster.gpus) if cluster and options.precision in (None, "mixed") else None
+        self.precision = resolve_precision(options.precision, gpu=on_cluster_gpus)
         self.int8_notes: list[str] = []
         if self.precision == "int8":
             self._check_int8(options)
@@ -231,7 +233,7 @@ class _Extraction:
                                       options.progress)
         else:
             self.engine = RayEngine(self.backbone_weights, self.backbone_recipe, self.image_size, self.shard_size,
-                                    self.max_pixels, options.workers, options.strict, options.progress)
+                                    self.max_pixels, options.workers, options.strict, options.progress, cluster)
         self.engine_result = EngineResult()
         self.small_note: str | None = None
         self.early_notes: list[str] = []  # said before the backbone pass, and again in the summary
@@ -526,6 +528,6 @@ def _typical_side(dataset: ScannedDataset) -> int | None:
 def extract_features(options: ExtractOptions) -> ExtractSummary:
     """Bring the cache for (options' fingerprint, data folder) up to date and summarise the run."""
     if options.engine == "ray":
-        with RayCluster(options.ray_address) as cluster:
+        with RayCluster(options.ray_address, deferred=True) as cluster:  # started when there is work
             return _Extraction(options, cluster).run()
     return _Extraction(options).run()

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,14 @@ def _worker_env() -> dict[str, str]:
 @dataclass
 class RayCluster:
     """A Ray instance for one command: a local one started and shut down with it (address None),
-    or a running cluster joined (`auto` or HOST:PORT) and left as it was."""
+    or a running cluster joined (`auto` or HOST:PORT) and left as it was. Started on entering, or,
+    `deferred`, on first use: an extract with nothing new to compute, whose precision needs no
+    look at the cluster's GPUs, then starts none (a local instance costs seconds of CPU)."""
 
     address: str | None = None
     num_cpus: int | None = None  # a local instance's CPUs (default: all)
+    deferred: bool = False
+    started: bool = field(default=False, init=False)  # by this object: shut down on leaving
 
     def __enter__(self) -> RayCluster:
         try:
@@ -70,6 +74,14 @@ class RayCluster:
             raise PipelineError(f"--engine ray needs ray[data] ({error}): {install_hint('ray')}") from None
         if self.address is not None:
             check_address(self.address)
+        return self if self.deferred else self.start()
+
+    def start(self) -> RayCluster:
+        """Start or join the instance, unless this process is already connected to one."""
+        import ray
+
+        if self.started or ray.is_initialized():
+            return self
         options: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                                        configure_logging=True)
         try:
@@ -84,17 +96,21 @@ class RayCluster:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
             raise PipelineError(f"could not start or join {where}: {atomic.one_line(error)[:200]} (check "
                                 "--ray-address, or `ray status` on the head node)") from None
+        self.started = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import ray
+        if self.started:
+            import ray
 
-        ray.shutdown()  # a local instance stops with its processes; a joined cluster keeps running
+            ray.shutdown()  # a local instance stops with its processes; a joined cluster keeps running
+            self.started = False
 
     @property
     def resources(self) -> dict[str, float]:
         import ray
 
+        self.start()
         return ray.cluster_resources()
 
     @property
@@ -105,6 +121,7 @@ class RayCluster:
     def nodes(self) -> int:
         import ray
 
+        self.start()
         return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
@@ -375,6 +392,7 @@ class RayEngine:
     workers: int | None = None  # backbone actors (default: one per GPU, else one per node)
     strict: bool = False
     progress: bool = True
+    cluster: RayCluster | None = None  # the command's instance: started here, when there is work for it
 
     def actor_options(self, cluster: RayCluster) -> tuple[int, dict[str, Any]]:
         """How many backbone actors, and what each holds. Each holds a CPU, and the decode tasks need
@@ -410,7 +428,7 @@ class RayEngine:
         recipe = self.recipe(weights_checksum(arrays))
         units = cut_units(records, self.shard_size)
         rows = unit_rows(units, writer)
-        cluster = RayCluster()
+        cluster = (self.cluster or RayCluster()).start()
         workers, actor_options = self.actor_options(cluster)
         attempts = ray.remote(AttemptCounter).options(num_cpus=0).remote()
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
