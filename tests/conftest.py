@@ -28,10 +28,39 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 # CPU-s with the pools, 49.7 without, the same wall time, 2-core AMD EPYC).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# glibc's malloc gives freed memory back to the kernel at once (above 128 KiB at the heap's top) and
+# serves large blocks by mmap: TensorFlow's tensors, allocated and freed batch after batch, then
+# fault in fresh zeroed pages each time. The test workers (and the commands they start) keep up to
+# 1 GiB of freed memory for reuse instead, and serve blocks up to 32 MiB from the heap; the release
+# past 4 GiB below still trims. The whole suite, one run after the other on a 2-core AMD EPYC: 40.1
+# million page faults and 144 s of system CPU before, 26.5 million and 116 s after; 8:30 -> 8:06.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=268435456:"
+                                        "glibc.malloc.mmap_threshold=33554432")
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+def _keep_freed_memory_for_reuse() -> None:
+    """GLIBC_TUNABLES' malloc settings for this process too (glibc read its environment before
+    they were there) with mallopt."""
+    import ctypes
+    import ctypes.util
+
+    codes = {"trim_threshold": -1, "top_pad": -2, "mmap_threshold": -3}  # malloc.h's M_TRIM_THRESHOLD, ...
+    settings = dict(item.removeprefix("glibc.malloc.").split("=", 1) for item in
+                    os.environ["GLIBC_TUNABLES"].split(":") if item.startswith("glibc.malloc.") and "=" in item)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        for name, value in settings.items():
+            if name in codes and value.isdigit():
+                libc.mallopt(codes[name], int(value))
+    except (OSError, AttributeError):  # not glibc: its own allocator as it is
+        pass
+
+
+_keep_freed_memory_for_reuse()
 
 ROOT = Path(__file__).resolve().parent.parent
 THREE_CLASSES = ["birds", "cats", "dogs"]  # sorted, as the pipeline names classes
