@@ -236,10 +236,13 @@ def test_predict_export_evaluate_and_list_runs_take_the_run(library_run: dict[st
     assert row["name"] == run.name and row["kind"] == "head"
 
 
-def test_the_readme_python_section_runs_as_written(tmp_path: Path) -> None:
-    """The README's "From Python" code, run as written in a fresh Python, in a folder holding a
-    small image folder under data/elpv (with real weights where the README names them: the
-    example is run with random weights and a small image size, swapped in the one marked line)."""
+def test_the_readme_python_section_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's "From Python" code, run as written, as a script's top level, from a folder
+    holding a small image folder under data/elpv (with real weights where the README names them:
+    the example is run with random weights and a small image size, swapped in the one marked
+    line). In this Python: a fresh one would add only TensorFlow's import, and importing the
+    package without it is a test of its own."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## From Python", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
@@ -253,9 +256,10 @@ def test_the_readme_python_section_runs_as_written(tmp_path: Path) -> None:
     fast = code.replace('backbone="efficientnet_lite0"',
                         'backbone="efficientnet_lite0", weights="none", image_size=48, precision="fp32"')
     assert fast != code, "the README's extract line names its backbone as the test expects"
-    out = subprocess.run([sys.executable, "-c", fast], capture_output=True, text=True, cwd=tmp_path,
-                         env=os.environ | {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(fast, str(ROOT / "README.md"), "exec"), {"__name__": "__main__"})  # noqa: S102 - the README's own code
+    printed = capsys.readouterr().out
+    assert "images" in printed and "out" in printed
     assert (tmp_path / "out").is_dir() and list((tmp_path / "models").iterdir())
 
 
