@@ -293,7 +293,7 @@ def test_only_a_precision_the_clusters_gpus_decide_looks_at_them(tmp_path: Path,
     assert (bool(cluster.looks), extraction.precision) == (looks, resolved)
 
 
-def test_a_deferred_cluster_starts_on_first_use_and_only_then_shuts_down() -> None:
+def test_a_deferred_cluster_starts_nothing_until_it_is_used() -> None:
     from pipeline.extraction.ray_engine import RayCluster
 
     with RayCluster(deferred=True) as cluster:
