@@ -45,18 +45,22 @@ from PIL import Image
 def _keep_freed_memory_for_reuse() -> None:
     """GLIBC_TUNABLES' malloc settings for this process too (glibc read its environment before
     they were there) with mallopt."""
-    import ctypes
-    import ctypes.util
-
     codes = {"trim_threshold": -1, "top_pad": -2, "mmap_threshold": -3}  # malloc.h's M_TRIM_THRESHOLD, ...
     settings = dict(item.removeprefix("glibc.malloc.").split("=", 1) for item in
                     os.environ["GLIBC_TUNABLES"].split(":") if item.startswith("glibc.malloc.") and "=" in item)
+    for name, value in settings.items():
+        if name in codes and value.isdigit():
+            _glibc_malloc("mallopt", codes[name], int(value))
+
+
+def _glibc_malloc(function: str, *arguments: int) -> None:
+    """Call one of glibc's malloc functions (elsewhere, another allocator as it is: nothing)."""
+    import ctypes
+    import ctypes.util
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        for name, value in settings.items():
-            if name in codes and value.isdigit():
-                libc.mallopt(codes[name], int(value))
-    except (OSError, AttributeError):  # not glibc: its own allocator as it is
+        getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)(*arguments)
+    except (OSError, AttributeError):
         pass
 
 
@@ -159,19 +163,8 @@ def _release_keras_state() -> Iterator[None]:
             network.forget_kept_extractor()
         keras.backend.clear_session()
         gc.collect()
-        _give_back_freed_memory()
+        _glibc_malloc("malloc_trim", 0)  # freed heap pages back to the system
         _release["above"] = max(RELEASE_ABOVE_BYTES, _resident_bytes() + RELEASE_AGAIN_AFTER_BYTES)
-
-
-def _give_back_freed_memory() -> None:
-    """glibc's malloc_trim: freed heap pages back to the system (elsewhere: nothing)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _resident_bytes() -> int:

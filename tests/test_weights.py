@@ -177,6 +177,7 @@ def test_kernels_are_left_undrawn_only_while_this_thread_constructs_a_backbone()
     import threading
 
     from pipeline.backbone.network import kernels_left_undrawn
+    from pipeline.backbone.precision import dtype_policy
     from pipeline.backbone.weights import initialise_randomly
 
     def kernel() -> np.ndarray:
@@ -194,8 +195,6 @@ def test_kernels_are_left_undrawn_only_while_this_thread_constructs_a_backbone()
             assert not kernel().any()
         assert not kernel().any()
     assert elsewhere[0].any() and kernel().any()
-    from pipeline.backbone.precision import dtype_policy
-
     spec = get_backbone("vgg16")
     built = build_backbone(spec, 32, "bf16", spec.resolve_weights("none"))
     with dtype_policy("bf16"):

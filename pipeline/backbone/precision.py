@@ -4,7 +4,7 @@ Imports no Keras until a policy is set: the command line's choices read PRECISIO
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline import backend
@@ -28,29 +28,37 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def default_precision(gpu: bool | None = None) -> str:
+GpuAnswer = bool | Callable[[], bool] | None  # where the backbone runs: said, asked when it matters, or this process
+
+
+def _on_gpu(gpu: GpuAnswer) -> bool:
+    return gpu_available() if gpu is None else gpu() if callable(gpu) else gpu
+
+
+def default_precision(gpu: GpuAnswer = None) -> str:
     """The fastest choice that keeps features usable: mixed float16 on a GPU, bfloat16 on a CPU
     with bf16 hardware (about 7x faster than float32 for VGG16 on AMX), float32 otherwise.
     `gpu`: whether the backbone runs on GPUs (default: whether this process sees one)."""
-    if gpu_available() if gpu is None else gpu:
+    if _on_gpu(gpu):
         return "mixed"
     if cpu_has_bf16():
         return "bf16"
     return "fp32"
 
 
-def resolve_precision(requested: str | None, gpu: bool | None = None) -> str:
+def resolve_precision(requested: str | None, gpu: GpuAnswer = None) -> str:
     """Turn the user's choice into the name recorded in the fingerprint.
 
     `mixed` means float16 compute on a GPU and bfloat16 compute on a CPU (float32 weights in both),
     so it resolves to `mixed-fp16` or `mixed-bf16`: the two give different features. `gpu` says
-    where the backbone runs when that is not this process (the Ray engine's actors).
+    where the backbone runs when that is not this process (the Ray engine's actors); a function
+    is asked only where the answer decides (the default and `mixed`): asking a Ray cluster starts it.
     """
     precision = requested or default_precision(gpu)
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "mixed":
-        return "mixed-fp16" if (gpu_available() if gpu is None else gpu) else "mixed-bf16"
+        return "mixed-fp16" if _on_gpu(gpu) else "mixed-bf16"
     return precision
 
 

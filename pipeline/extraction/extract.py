@@ -192,9 +192,7 @@ class _Extraction:
         if options.engine == "ray" and not backend.is_tensorflow():
             raise PipelineError("--engine ray runs on the tensorflow backend: use --engine local with --backend "
                                 f"{backend.current()}, or --backend tensorflow")
-        # the cluster's GPUs (a look that starts it) decide only what the default and `mixed` mean
-        on_cluster_gpus = bool(cluster.gpus) if cluster and options.precision in (None, "mixed") else None
-        self.precision = resolve_precision(options.precision, gpu=on_cluster_gpus)
+        self.precision = resolve_precision(options.precision, gpu=(lambda: bool(cluster.gpus)) if cluster else None)
         self.int8_notes: list[str] = []
         if self.precision == "int8":
             self._check_int8(options)
